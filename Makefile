@@ -1,0 +1,46 @@
+# make setup | make test | make models | make run   (see README.md)
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+DING := /usr/share/trans/de-en
+RUN_DIR := runs/de-en-bahdanau
+
+.PHONY: setup test lint models run clean
+
+setup: $(STAMP) $(DING)
+
+# torch goes first and alone, pinned, so that nothing later resolves a newer (CUDA) build.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e '.[train,dev]'
+	touch $@
+
+$(DING):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq trans-de-en
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+# Rebuilds the bundled translation model from scratch (about an hour of training on a 2-core CPU).
+models: setup
+	rm -rf $(RUN_DIR)
+	$(VENV)/bin/attn-train translation --data ding --out $(RUN_DIR) --max-minutes 60 --valid-every 1500
+	$(VENV)/bin/attn-train evaluate $(RUN_DIR)/best.pt --split test --out $(RUN_DIR)/eval-test.json
+	$(VENV)/bin/attn-export $(RUN_DIR)/best.pt --out models/de-en-bahdanau/1 --int8 --parity-sentences 500 \
+		--metrics $(RUN_DIR)/eval-test.json --force
+
+run: setup
+	@echo "The gRPC server is not there yet: models/ holds the exported models it will serve."
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

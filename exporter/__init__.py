@@ -1,0 +1,1 @@
+"""Checkpoint → ONNX graphs + manifest, refused unless the graphs reproduce PyTorch."""

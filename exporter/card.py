@@ -1,0 +1,94 @@
+"""The model card (``README.md`` beside the manifest): how the model was made and what it measures."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import sentencepiece as spm
+
+from exporter.parity import OnnxGreedy
+from server.artifacts import Manifest, Tokenizer
+from server.artifacts.alignment import align_words, token_words, words
+from training.data.corpus import Pair
+
+
+def _example(onnx: OnnxGreedy, tokenizer: Tokenizer, source: str) -> list[str]:
+    src_tokens = tokenizer.encode(source)
+    ids = [t.id for t in src_tokens][:127] + [tokenizer.eos_id]
+    tokens, attention = onnx([ids])
+    text, tgt_tokens = tokenizer.decode(tokens[0])
+    src_words, tgt_words = words(source), words(text)
+    alignments = align_words(attention[0], token_words(source, src_tokens), token_words(text, tgt_tokens))
+    lines = [f"- **{source}** → **{text}**", ""]
+    for a in alignments:
+        s0, s1 = src_words[a.source_word]
+        t0, t1 = tgt_words[a.target_word]
+        lines.append(f"  - `{text[t0:t1]}` ← `{source[s0:s1]}` ({a.weight:.2f})")
+    lines.append("")
+    return lines
+
+
+def _scores_table(evaluation: dict[str, Any]) -> list[str]:
+    rows = [("whole test split", evaluation["all"]), ("full sentences", evaluation["sentences"]),
+            ("phrases", evaluation["phrases"])]
+    rows += [(f"source {k} words", v) for k, v in evaluation["by_source_words"].items()]
+    lines = ["| subset | sources | BLEU | chrF |", "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {r['count']} | {r['bleu']} | {r['chrf']} |" for name, r in rows]
+    return lines
+
+
+def write(
+    directory: Path, manifest: Manifest, onnx: OnnxGreedy, sp: spm.SentencePieceProcessor,
+    pairs: Sequence[Pair], command: str,
+) -> None:
+    tokenizer = Tokenizer((directory / manifest.tokenizer["file"]).read_bytes())
+    t = manifest.training
+    progress, data = t["progress"], t["data"]
+    lines = [
+        f"# {manifest.name} version {manifest.version}",
+        "",
+        f"{manifest.languages['source']}→{manifest.languages['target']} translation: bidirectional-GRU encoder, GRU "
+        f"decoder with {manifest.attention['type']} attention (embeddings {t['model_config']['emb_dim']}, hidden "
+        f"{t['model_config']['hidden_dim']}, joint SentencePiece vocabulary {manifest.vocab_size}).",
+        "",
+        "## How it was made",
+        "",
+        f"- Export command: `{command}`" if command else "- Exported with `attn-export`.",
+        f"- Training: `attn-train translation` with {t['config']}",
+        f"- Data: `{data['corpus']}`, hash `{data['hash']}`, splits {data['sizes']} (full sentences "
+        f"{data['sentences']}).",
+        f"- Training time: {progress['elapsed_s'] / 60:.1f} min, {progress['step']} steps, "
+        f"{progress['target_tokens']:,} target tokens, {progress['epoch']} full epochs, on {t['hardware']}.",
+        f"- Best checkpoint (by validation loss): {t['best']}",
+        "",
+        "## Scores",
+        "",
+    ]
+    evaluation = manifest.metrics.get("evaluation")
+    if evaluation:
+        lines += [f"Greedy decoding, measured by `attn-train evaluate` on the {evaluation['split']} split "
+                  f"({evaluation['pairs']} pairs, references grouped by source):", ""]
+        lines += _scores_table(evaluation) + [""]
+    else:
+        lines += ["No evaluation file was given to the exporter.", ""]
+    p = manifest.parity
+    lines += [
+        f"Parity with PyTorch on {p['sentences']} held-out sentences: {p['identical_greedy_tokens']} identical greedy "
+        f"token sequences, largest attention difference {p['max_attention_abs_diff']} (tolerance "
+        f"{p['attention_tolerance']}).",
+        "",
+    ]
+    if "int8" in manifest.variants:
+        m = manifest.metrics
+        lines += [f"int8 variant (dynamic quantisation): BLEU {m['parity_bleu_int8']} vs fp32 {m['parity_bleu_fp32']}"
+                  f" on the parity sentences ({m['int8_bleu_delta']:+}).", ""]
+    lines += ["## Examples with their word alignments", "",
+              "Each target word with the source word that receives most of its attention, and that share.", ""]
+    for pair in [p for p in pairs if p.sentence][:3] or list(pairs)[:3]:
+        lines += _example(onnx, tokenizer, pair.source)
+    sizes = sorted((f.name, f.stat().st_size) for f in directory.iterdir() if f.is_file())
+    lines += ["## Files", ""] + [f"- `{name}`: {size / 1e6:.2f} MB" for name, size in sizes]
+    lines.append(f"- total: {sum(s for _, s in sizes) / 1e6:.2f} MB")
+    (directory / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -1,0 +1,48 @@
+"""``attn-export CHECKPOINT --out models/NAME/VERSION``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+from exporter.export import ExportOptions, ParityError, export
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="attn-export", description=__doc__)
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--out", type=Path, required=True, help="models/NAME/VERSION")
+    parser.add_argument("--name", help="model name (default: the parent folder of --out)")
+    parser.add_argument("--parity-sentences", type=int, default=500)
+    parser.add_argument("--int8", action="store_true", help="also write a dynamically quantised int8 variant")
+    parser.add_argument("--metrics", type=Path, help="evaluation JSON from `attn-train evaluate` for the card")
+    parser.add_argument("--source-language", default="de")
+    parser.add_argument("--target-language", default="en")
+    parser.add_argument("--force", action="store_true", help="replace an existing model directory")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    options = ExportOptions(
+        name=args.name or args.out.parent.name,
+        version=args.out.name,
+        parity_sentences=args.parity_sentences,
+        int8=args.int8,
+        source_language=args.source_language,
+        target_language=args.target_language,
+        metrics_file=args.metrics,
+        force=args.force,
+        command=shlex.join(["attn-export", *(argv if argv is not None else sys.argv[1:])]),
+    )
+    try:
+        manifest = export(args.checkpoint, args.out, options)
+    except (ParityError, FileExistsError) as exc:
+        print(f"attn-export: {exc}", file=sys.stderr)
+        return 1
+    print(f"exported {manifest.name}/{manifest.version} to {args.out}: parity {manifest.parity}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The serving process: settings, model registry, runtimes, search, servicers, metrics. Never imports torch."""

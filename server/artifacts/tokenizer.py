@@ -1,0 +1,72 @@
+"""SentencePiece tokenization that keeps every token's character span in the original text.
+
+Shared by the exporter and the server (it needs only ``sentencepiece``). SentencePiece reports UTF-8 *byte*
+offsets; the API speaks in Python string (code point) offsets, so both directions are converted here once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sentencepiece as spm
+
+
+@dataclass(frozen=True)
+class Token:
+    """One subword: its vocabulary id, its piece (``▁`` marks a word start) and its span ``text[start:end]``."""
+
+    id: int
+    piece: str
+    start: int
+    end: int
+
+
+def _char_offsets(text: str) -> list[int]:
+    """Map every UTF-8 byte offset of ``text`` (and its end) to a code point offset."""
+    table = []
+    for index, char in enumerate(text):
+        table.extend([index] * len(char.encode("utf-8")))
+    table.append(len(text))
+    return table
+
+
+def _tokens(proto: Any, text: str) -> list[Token]:
+    table = _char_offsets(text)
+    return [Token(p.id, p.piece, table[p.begin], table[p.end]) for p in proto.pieces]
+
+
+class Tokenizer:
+    """A trained SentencePiece model with the special ids the models use."""
+
+    def __init__(self, model_proto: bytes) -> None:
+        self.processor = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.pad_id = self.processor.pad_id()
+        self.unk_id = self.processor.unk_id()
+        self.bos_id = self.processor.bos_id()
+        self.eos_id = self.processor.eos_id()
+
+    @classmethod
+    def load(cls, path: Path) -> Tokenizer:
+        return cls(Path(path).read_bytes())
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.processor.get_piece_size())
+
+    def encode_ids(self, text: str) -> list[int]:
+        return list(self.processor.encode(text))
+
+    def encode(self, text: str) -> list[Token]:
+        """Tokens of ``text`` with spans into ``text`` itself (not into a normalised copy)."""
+        return _tokens(self.processor.encode(text, return_type="proto"), text)
+
+    def decode(self, ids: list[int]) -> tuple[str, list[Token]]:
+        """The detokenized text of ``ids`` (specials dropped) and each token's span in that text."""
+        kept = [i for i in ids if i not in (self.pad_id, self.bos_id, self.eos_id)]
+        proto = self.processor.decode(kept, return_type="proto")
+        return proto.text, _tokens(proto, proto.text)
+
+    def piece(self, token_id: int) -> str:
+        return str(self.processor.id_to_piece(token_id))

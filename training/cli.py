@@ -1,0 +1,71 @@
+"""``attn-train``: train a model, or evaluate a checkpoint on a split."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+from training.train import TrainConfig
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, so the dataclass stays the single description of a run."""
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            kind = {"int": int, "float": float, "str": str}[str(f.type)]
+            parser.add_argument(flag, type=kind, default=f.default)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="attn-train", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    tr = sub.add_parser("translation", help="train an attention encoder-decoder on a parallel corpus")
+    _add_config_flags(tr)
+    tr.add_argument("--resume", type=Path, help="continue from a last.pt/best.pt checkpoint")
+    ev = sub.add_parser("evaluate", help="BLEU and chrF of a checkpoint on a split, overall and by length")
+    ev.add_argument("checkpoint", type=Path)
+    ev.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    ev.add_argument("--data", help="corpus (default: the one the checkpoint was trained on)")
+    ev.add_argument("--out", type=Path, help="write the results as JSON here")
+    ev.add_argument("--limit", type=int, default=0, help="evaluate only the first N pairs")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    if args.command == "translation":
+        from training.train import train
+
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+        best = train(cfg, args.resume)
+        print(f"best checkpoint: {best}")
+        return 0
+
+    import sentencepiece as spm
+
+    from training import checkpoint
+    from training.data.corpus import load_corpus, split
+    from training.evaluate import evaluate, write_json
+
+    payload = checkpoint.load(args.checkpoint)
+    model = checkpoint.build_model(payload)
+    sp = spm.SentencePieceProcessor(model_proto=bytes(payload["tokenizer"]))
+    pairs = split(load_corpus(args.data or payload["data"]["corpus"]))[args.split]
+    if args.limit:
+        pairs = pairs[: args.limit]
+    result = {"checkpoint": str(args.checkpoint), "split": args.split, "pairs": len(pairs), **evaluate(model, sp, pairs)}
+    if args.out:
+        write_json(result, args.out)
+    json.dump({k: v for k, v in result.items() if k != "examples"}, sys.stdout, indent=2, ensure_ascii=False)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

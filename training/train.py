@@ -1,0 +1,304 @@
+"""The translation training loop: token batches, Adam, periodic validation, best/last checkpoints, resume, DDP.
+
+Run under ``torchrun --nproc-per-node N`` for several processes (gloo on CPU, NCCL on CUDA): every process builds
+the same batches and takes every N-th one; gradients are averaged by DistributedDataParallel.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import sentencepiece as spm
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from training import checkpoint
+from training.batching import Example, collate, make_batches
+from training.data.corpus import Pair, data_hash, load_corpus, split
+from training.evaluate import group_references, score, translate
+from training.models.rnn import Seq2Seq, Seq2SeqConfig
+from training.tokenizer import BOS_ID, EOS_ID, PAD_ID, train_tokenizer
+
+log = logging.getLogger("attn.train")
+
+
+@dataclass
+class TrainConfig:
+    data: str = "ding"
+    out: str = "runs/de-en-bahdanau"
+    vocab_size: int = 8000
+    emb_dim: int = 128
+    hidden_dim: int = 256
+    attn_dim: int = 256
+    dropout: float = 0.1
+    max_tokens: int = 3000  # padded tokens per batch (per process)
+    max_source_tokens: int = 64  # longer training pairs are skipped
+    lr: float = 1e-3
+    clip: float = 1.0
+    epochs: int = 10
+    max_steps: int = 0  # 0 = no limit
+    max_target_tokens: int = 0  # stop after this many target tokens (all processes together); 0 = no limit
+    max_minutes: float = 0.0  # 0 = no limit
+    valid_every: int = 1000
+    valid_bleu_sample: int = 300
+    seed: int = 1
+    device: str = "auto"
+    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    target_tokens: int = 0
+    elapsed_s: float = 0.0
+
+
+def _distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def _device(name: str, rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+        return torch.device("cuda", rank % torch.cuda.device_count())
+    return torch.device(name)
+
+
+def _tokenizer(cfg: TrainConfig, train_pairs: list[Pair], rank: int, world: int, resume: dict | None) -> bytes:
+    """Trained on rank 0 and shared through a file, so every process has byte-identical vocabularies."""
+    if resume is not None:
+        return bytes(resume["tokenizer"])
+    path = Path(cfg.out) / "spm.model"
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(train_tokenizer(train_pairs, cfg.vocab_size, cfg.seed))
+    if world > 1:
+        dist.barrier()
+    return path.read_bytes()
+
+
+def _examples(pairs: list[Pair], sp: spm.SentencePieceProcessor, max_len: int) -> list[Example]:
+    examples = []
+    for p in pairs:
+        src = sp.encode(p.source) + [EOS_ID]
+        tgt = [BOS_ID] + sp.encode(p.target) + [EOS_ID]
+        if len(src) <= max_len and len(tgt) <= 2 * max_len:
+            examples.append(Example(src, tgt))
+    return examples
+
+
+@torch.no_grad()
+def _valid_loss(model: Seq2Seq, examples: list[Example], device: torch.device, max_tokens: int) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for idx in make_batches(examples, max_tokens, seed=0, epoch=0):
+        src, lengths, tgt = (t.to(device) for t in collate([examples[i] for i in idx], PAD_ID))
+        logits, _ = model(src, lengths, tgt[:, :-1])
+        total += nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(), tgt[:, 1:].flatten(), ignore_index=PAD_ID, reduction="sum"
+        ).item()
+        count += int((tgt[:, 1:] != PAD_ID).sum())
+    model.train()
+    return total / max(count, 1)
+
+
+def _validate(
+    model: Seq2Seq, sp: spm.SentencePieceProcessor, valid: list[Pair], examples: list[Example], cfg: TrainConfig,
+    device: torch.device,
+) -> dict[str, float]:
+    loss = _valid_loss(model, examples, device, cfg.max_tokens)
+    # A fixed sample that over-weights full sentences: phrases alone say little about sentence translation.
+    rng = random.Random(cfg.seed)
+    sentences = [p for p in valid if p.sentence]
+    sample = rng.sample(sentences, min(len(sentences), cfg.valid_bleu_sample // 2))
+    sample += rng.sample(valid, min(len(valid), cfg.valid_bleu_sample - len(sample)))
+    sources, references, _ = group_references(sample)
+    bleu = score(translate(model, sp, sources), references)
+    model.train()
+    return {"valid_loss": round(loss, 4), "valid_bleu": bleu["bleu"], "valid_chrf": bleu["chrf"]}
+
+
+def _should_stop(cfg: TrainConfig, progress: Progress, world: int) -> bool:
+    stop = (
+        (cfg.max_steps and progress.step >= cfg.max_steps)
+        or (cfg.max_target_tokens and progress.target_tokens >= cfg.max_target_tokens)
+        or (cfg.max_minutes and progress.elapsed_s >= cfg.max_minutes * 60)
+        or progress.epoch >= cfg.epochs
+    )
+    if world > 1:  # wall clocks differ between processes: agree, or one would wait forever in all_reduce
+        flag = torch.tensor([1.0 if stop else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stop = bool(flag.item())
+    return bool(stop)
+
+
+def train(cfg: TrainConfig, resume_path: Path | None = None) -> Path:
+    """Train and return the path of the best checkpoint."""
+    rank, world = _distributed()
+    device = _device(cfg.device, rank)
+    resume = checkpoint.load(resume_path) if resume_path else None
+    if resume is not None:
+        # The run continues as configured; only budgets given anew on the command line extend it.
+        budgets = {k: v for k, v in asdict(cfg).items() if k.startswith("max_") and k != "max_tokens" and v}
+        cfg = TrainConfig(**{**resume["train_config"], **budgets})
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+
+    pairs = load_corpus(cfg.data)
+    splits = split(pairs)
+    sp_bytes = _tokenizer(cfg, splits["train"], rank, world, resume)
+    sp = spm.SentencePieceProcessor(model_proto=sp_bytes)
+    train_examples = _examples(splits["train"], sp, cfg.max_source_tokens)
+    valid_examples = _examples(splits["valid"], sp, cfg.max_source_tokens)
+    if not train_examples:
+        raise ValueError(f"no training pairs left from {cfg.data!r}")
+
+    model_cfg = Seq2SeqConfig(
+        vocab_size=sp.get_piece_size(), emb_dim=cfg.emb_dim, hidden_dim=cfg.hidden_dim, attn_dim=cfg.attn_dim,
+        dropout=cfg.dropout, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+    )
+    model = Seq2Seq(model_cfg).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    progress = Progress()
+    best = {"valid_loss": float("inf")}
+    history: list[dict[str, Any]] = []
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        progress = Progress(**resume["progress"])
+        best = resume["best"]
+        history = resume["history"]
+    ddp: nn.Module = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    use_amp = cfg.amp and device.type == "cuda"
+
+    data_info = {
+        "corpus": cfg.data,
+        "hash": data_hash(pairs),
+        "sizes": {name: len(v) for name, v in splits.items()},
+        "sentences": {name: sum(p.sentence for p in v) for name, v in splits.items()},
+        "train_examples": len(train_examples),
+    }
+
+    def payload() -> dict[str, Any]:
+        return {
+            "kind": "translation",
+            "model_config": asdict(model_cfg),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "tokenizer": sp_bytes,
+            "train_config": asdict(cfg),
+            "data": data_info,
+            "progress": asdict(progress),
+            "best": best,
+            "history": history,
+            "hardware": f"{world}x {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
+            f" ({os.cpu_count()} cores)",
+        }
+
+    if rank == 0:
+        log.info(
+            "training on %s ×%d: %d train examples, %d valid, vocab %d, %d parameters",
+            device, world, len(train_examples), len(valid_examples), model_cfg.vocab_size,
+            sum(p.numel() for p in model.parameters()),
+        )
+    bar_total = cfg.max_steps or None
+    bar = tqdm(total=bar_total, initial=progress.step, disable=rank != 0, dynamic_ncols=True, unit="step")
+    model.train()
+    started = time.monotonic() - progress.elapsed_s
+    window_tokens, window_start = 0, time.monotonic()
+    while not _should_stop(cfg, progress, world):
+        batches = make_batches(train_examples, cfg.max_tokens, cfg.seed, progress.epoch)
+        batches = batches[: len(batches) - len(batches) % world] if world > 1 else batches
+        while progress.batch_in_epoch < len(batches):
+            idx = batches[progress.batch_in_epoch + rank]
+            src, lengths, tgt = (t.to(device) for t in collate([train_examples[i] for i in idx], PAD_ID))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                logits, _ = ddp(src, lengths, tgt[:, :-1])
+                loss = nn.functional.cross_entropy(
+                    logits.flatten(0, 1).float(), tgt[:, 1:].flatten(), ignore_index=PAD_ID
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            optimizer.step()
+
+            tokens = int((tgt[:, 1:] != PAD_ID).sum()) * world
+            progress.step += 1
+            progress.batch_in_epoch += world
+            progress.target_tokens += tokens
+            progress.elapsed_s = time.monotonic() - started
+            window_tokens += tokens
+            bar.update(1)
+            if progress.step % 10 == 0:
+                now = time.monotonic()
+                rate = window_tokens / max(now - window_start, 1e-6)
+                bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:,.0f}", epoch=progress.epoch,
+                                eta=_eta(cfg, progress, rate, len(batches), world))
+                window_tokens, window_start = 0, now
+            if progress.step % cfg.valid_every == 0:
+                _checkpoint(rank, world, cfg, model, sp, splits["valid"], valid_examples, device, progress, best,
+                            history, payload, out)
+            if _should_stop(cfg, progress, world):
+                break
+        else:
+            progress.epoch += 1
+            progress.batch_in_epoch = 0
+    bar.close()
+    _checkpoint(rank, world, cfg, model, sp, splits["valid"], valid_examples, device, progress, best, history,
+                payload, out)
+    if world > 1:
+        dist.barrier()
+    return out / "best.pt"
+
+
+def _eta(cfg: TrainConfig, progress: Progress, tokens_per_s: float, batches_per_epoch: int, world: int) -> str:
+    """Seconds left under the tightest of the configured budgets, as h:mm:ss."""
+    left = []
+    per_step = progress.elapsed_s / max(progress.step, 1)
+    if cfg.max_steps:
+        left.append((cfg.max_steps - progress.step) * per_step)
+    if cfg.max_target_tokens and tokens_per_s > 0:
+        left.append((cfg.max_target_tokens - progress.target_tokens) / tokens_per_s)
+    if cfg.max_minutes:
+        left.append(cfg.max_minutes * 60 - progress.elapsed_s)
+    steps_per_epoch = batches_per_epoch / world
+    remaining_epochs = cfg.epochs - progress.epoch - progress.batch_in_epoch / max(batches_per_epoch, 1)
+    left.append(remaining_epochs * steps_per_epoch * per_step)
+    seconds = max(0, int(min(left)))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def _checkpoint(
+    rank: int, world: int, cfg: TrainConfig, model: Seq2Seq, sp: spm.SentencePieceProcessor, valid: list[Pair],
+    valid_examples: list[Example], device: torch.device, progress: Progress, best: dict[str, Any],
+    history: list[dict[str, Any]], payload: Any, out: Path,
+) -> None:
+    """Validate and write last.pt (and best.pt on a new best valid loss) on rank 0; others wait."""
+    if rank == 0:
+        metrics = _validate(model, sp, valid, valid_examples, cfg, device) if valid_examples else {}
+        entry = {"step": progress.step, "epoch": progress.epoch, "target_tokens": progress.target_tokens,
+                 "elapsed_s": round(progress.elapsed_s, 1), **metrics}
+        history.append(entry)
+        log.info("validation %s", entry)
+        if metrics.get("valid_loss", float("inf")) <= best["valid_loss"] or not valid_examples:
+            best.clear()
+            best.update({**entry, "valid_loss": metrics.get("valid_loss", float("inf"))})
+            checkpoint.save(out / "best.pt", payload())
+        checkpoint.save(out / "last.pt", payload())
+    if world > 1:
+        dist.barrier()
