@@ -34,13 +34,22 @@ lint: setup
 # Rebuilds the bundled translation model from scratch (about an hour of training on a 2-core CPU).
 models: setup
 	rm -rf $(RUN_DIR)
-	$(VENV)/bin/attn-train translation --data ding --out $(RUN_DIR) --max-minutes 60 --valid-every 1500
+	$(VENV)/bin/attn-train translation --data ding --out $(RUN_DIR) --max-minutes 75 --threads 1 --valid-every 1500
 	$(VENV)/bin/attn-train evaluate $(RUN_DIR)/best.pt --split test --out $(RUN_DIR)/eval-test.json
 	$(VENV)/bin/attn-export $(RUN_DIR)/best.pt --out models/de-en-bahdanau/1 --int8 --parity-sentences 500 \
 		--metrics $(RUN_DIR)/eval-test.json --force
 
+# Serves the bundled models (models/, or ATTN_MODELS_DIR) on localhost:50051, metrics on :9464; Ctrl-C drains.
 run: setup
-	@echo "The gRPC server is not there yet: models/ holds the exported models it will serve."
+	@models="$${ATTN_MODELS_DIR:-models}"; \
+	if ! ls "$$models"/*/*/manifest.json >/dev/null 2>&1; then \
+		echo "No exported model under $$models/ (<name>/<version>/manifest.json): run 'make models' first," \
+			"or point ATTN_MODELS_DIR at a models directory."; exit 1; fi; \
+	echo "Serving $$models on localhost:$${ATTN_PORT:-50051} (metrics: http://localhost:$${ATTN_METRICS_PORT:-9464}/metrics)."; \
+	echo "Once it logs 'ready', in another shell:"; \
+	echo "  $(VENV)/bin/attn translate \"Ich hoffe, es geht dir gut.\""; \
+	echo "  $(VENV)/bin/attn models"; \
+	ATTN_MODELS_DIR="$$models" ATTN_LOG_FORMAT="$${ATTN_LOG_FORMAT:-text}" exec $(VENV)/bin/attn-serve
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -24,6 +24,11 @@ from training import checkpoint
 from training.batching import Example, collate, make_batches
 from training.data.corpus import Pair, data_hash, load_corpus, split
 from training.evaluate import group_references, score, translate
+from training.loop import Progress, save_checkpoints
+from training.loop import device_for as _device
+from training.loop import distributed as _distributed
+from training.loop import eta as _eta
+from training.loop import should_stop as _should_stop
 from training.models.rnn import Seq2Seq, Seq2SeqConfig
 from training.tokenizer import BOS_ID, EOS_ID, PAD_ID, train_tokenizer
 
@@ -52,31 +57,7 @@ class TrainConfig:
     seed: int = 1
     device: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
-
-
-@dataclass
-class Progress:
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    target_tokens: int = 0
-    elapsed_s: float = 0.0
-
-
-def _distributed() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
-
-
-def _device(name: str, rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        torch.cuda.set_device(rank % torch.cuda.device_count())
-        return torch.device("cuda", rank % torch.cuda.device_count())
-    return torch.device(name)
+    threads: int = 0  # CPU threads for torch; 0 = torch's default. 1 keeps a run steady on a shared machine.
 
 
 def _tokenizer(cfg: TrainConfig, train_pairs: list[Pair], rank: int, world: int, resume: dict | None) -> bytes:
@@ -133,20 +114,6 @@ def _validate(
     return {"valid_loss": round(loss, 4), "valid_bleu": bleu["bleu"], "valid_chrf": bleu["chrf"]}
 
 
-def _should_stop(cfg: TrainConfig, progress: Progress, world: int) -> bool:
-    stop = (
-        (cfg.max_steps and progress.step >= cfg.max_steps)
-        or (cfg.max_target_tokens and progress.target_tokens >= cfg.max_target_tokens)
-        or (cfg.max_minutes and progress.elapsed_s >= cfg.max_minutes * 60)
-        or progress.epoch >= cfg.epochs
-    )
-    if world > 1:  # wall clocks differ between processes: agree, or one would wait forever in all_reduce
-        flag = torch.tensor([1.0 if stop else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        stop = bool(flag.item())
-    return bool(stop)
-
-
 def train(cfg: TrainConfig, resume_path: Path | None = None) -> Path:
     """Train and return the path of the best checkpoint."""
     rank, world = _distributed()
@@ -157,6 +124,8 @@ def train(cfg: TrainConfig, resume_path: Path | None = None) -> Path:
         budgets = {k: v for k, v in asdict(cfg).items() if k.startswith("max_") and k != "max_tokens" and v}
         cfg = TrainConfig(**{**resume["train_config"], **budgets})
     torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
 
     pairs = load_corpus(cfg.data)
@@ -266,39 +235,14 @@ def train(cfg: TrainConfig, resume_path: Path | None = None) -> Path:
     return out / "best.pt"
 
 
-def _eta(cfg: TrainConfig, progress: Progress, tokens_per_s: float, batches_per_epoch: int, world: int) -> str:
-    """Seconds left under the tightest of the configured budgets, as h:mm:ss."""
-    left = []
-    per_step = progress.elapsed_s / max(progress.step, 1)
-    if cfg.max_steps:
-        left.append((cfg.max_steps - progress.step) * per_step)
-    if cfg.max_target_tokens and tokens_per_s > 0:
-        left.append((cfg.max_target_tokens - progress.target_tokens) / tokens_per_s)
-    if cfg.max_minutes:
-        left.append(cfg.max_minutes * 60 - progress.elapsed_s)
-    steps_per_epoch = batches_per_epoch / world
-    remaining_epochs = cfg.epochs - progress.epoch - progress.batch_in_epoch / max(batches_per_epoch, 1)
-    left.append(remaining_epochs * steps_per_epoch * per_step)
-    seconds = max(0, int(min(left)))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
 def _checkpoint(
     rank: int, world: int, cfg: TrainConfig, model: Seq2Seq, sp: spm.SentencePieceProcessor, valid: list[Pair],
     valid_examples: list[Example], device: torch.device, progress: Progress, best: dict[str, Any],
     history: list[dict[str, Any]], payload: Any, out: Path,
 ) -> None:
     """Validate and write last.pt (and best.pt on a new best valid loss) on rank 0; others wait."""
-    if rank == 0:
-        metrics = _validate(model, sp, valid, valid_examples, cfg, device) if valid_examples else {}
-        entry = {"step": progress.step, "epoch": progress.epoch, "target_tokens": progress.target_tokens,
-                 "elapsed_s": round(progress.elapsed_s, 1), **metrics}
-        history.append(entry)
-        log.info("validation %s", entry)
-        if metrics.get("valid_loss", float("inf")) <= best["valid_loss"] or not valid_examples:
-            best.clear()
-            best.update({**entry, "valid_loss": metrics.get("valid_loss", float("inf"))})
-            checkpoint.save(out / "best.pt", payload())
-        checkpoint.save(out / "last.pt", payload())
-    if world > 1:
-        dist.barrier()
+
+    def validate() -> dict[str, float]:
+        return _validate(model, sp, valid, valid_examples, cfg, device) if valid_examples else {}
+
+    save_checkpoints(rank, world, validate, progress, best, history, payload, out)

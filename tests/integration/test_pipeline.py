@@ -1,0 +1,112 @@
+"""Train → evaluate → export on the Ding fixture, as `make models` does on the full corpus."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+
+from exporter import export as export_module
+from exporter.export import ExportOptions, ParityError, export
+from exporter.parity import ParityReport
+from server.artifacts import Manifest
+from tests.conftest import DING_SAMPLE
+from training import checkpoint
+from training.cli import main as train_main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_checkpoint_holds_state_dict_config_and_tokenizer(tiny_checkpoint: Path) -> None:
+    payload = checkpoint.load(tiny_checkpoint)
+    assert set(payload) >= {"model", "model_config", "train_config", "tokenizer", "data", "progress"}
+    assert all(isinstance(v, torch.Tensor) for v in payload["model"].values())
+    assert payload["model_config"]["vocab_size"] > 0
+    assert payload["data"]["hash"] and payload["data"]["sizes"]["test"] > 0
+    model = checkpoint.build_model(payload)
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_export_writes_a_valid_manifest_and_passes_parity(models_dir: Path) -> None:
+    directory = models_dir / "tiny-de-en" / "1"
+    manifest = Manifest.load(directory)
+    assert manifest.family == "translation" and manifest.attention["type"] == "bahdanau"
+    assert manifest.parity["passed"] and manifest.parity["sentences"] > 0
+    assert manifest.parity["identical_greedy_tokens"] == manifest.parity["sentences"]
+    assert manifest.parity["max_attention_abs_diff"] <= 1e-4
+    assert manifest.training["data"]["hash"]
+    assert "int8_bleu_delta" in manifest.metrics and "int8" in manifest.variants
+    for name in ("encoder.onnx", "decoder_step.onnx", "encoder.int8.onnx", "decoder_step.int8.onnx"):
+        onnx.checker.check_model(str(directory / name))
+    graph = onnx.load(str(directory / "decoder_step.onnx")).graph
+    assert [o.name for o in graph.output] == ["log_probs", "next_state", "attention"]
+    # Dynamic batch and length axes.
+    mask = next(i for i in graph.input if i.name == "src_mask")
+    assert [d.dim_param for d in mask.type.tensor_type.shape.dim] == ["batch", "src_len"]
+    assert (directory / "README.md").read_text().count("←") >= 1
+
+
+def test_export_refuses_to_write_when_parity_fails(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def failing(*args: object, **kwargs: object) -> ParityReport:
+        return ParityReport(sentences=3, identical_tokens=2, max_attention_diff=0.5)
+
+    monkeypatch.setattr(export_module, "check", failing)
+    out = tmp_path / "m" / "1"
+    with pytest.raises(ParityError):
+        export(tiny_checkpoint, out, ExportOptions(name="m", parity_sentences=5))
+    assert not out.exists()
+    assert not list((tmp_path / "m").iterdir())  # no staging directory left behind either
+
+
+def test_manifest_validation_names_the_problem(models_dir: Path, tmp_path: Path) -> None:
+    data = json.loads((models_dir / "tiny-de-en" / "1" / "manifest.json").read_text())
+    data["decoder"]["state"] = {"state": "no_such_output"}
+    from server.artifacts import ManifestError
+
+    with pytest.raises(ManifestError, match="no_such_output"):
+        Manifest.from_dict(data)
+
+
+def test_evaluate_command_writes_buckets(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "eval.json"
+    assert train_main(["evaluate", str(tiny_checkpoint), "--split", "test", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert {"all", "sentences", "phrases", "by_source_words"} <= set(result)
+    assert list(result["by_source_words"]) == ["1-3", "4-7", "8-12", "13-20", "21+"]
+    assert result["all"]["count"] == result["sentences"]["count"] + result["phrases"]["count"] > 0
+    assert 0 <= result["all"]["bleu"] <= 100 and 0 <= result["all"]["chrf"] <= 100
+
+
+def test_resume_continues_from_the_last_checkpoint(tiny_checkpoint: Path) -> None:
+    last = tiny_checkpoint.parent / "last.pt"
+    before = checkpoint.load(last)["progress"]["step"]
+    assert train_main(["translation", "--resume", str(last), "--max-steps", str(before + 5)]) == 0
+    after = checkpoint.load(last)
+    assert after["progress"]["step"] == before + 5
+    assert len(after["history"]) == len(checkpoint.load(last)["history"])
+
+
+def test_two_process_torchrun_on_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "training.cli", "translation", "--data", f"ding:{DING_SAMPLE}", "--out", str(out),
+        "--vocab-size", "400", "--emb-dim", "16", "--hidden-dim", "16", "--attn-dim", "16",
+        "--max-steps", "6", "--valid-every", "1000", "--valid-bleu-sample", "10", "--device", "cpu",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    payload = checkpoint.load(out / "last.pt")
+    assert payload["progress"]["step"] == 6
+    assert payload["hardware"].startswith("2x cpu")
+    # Each step consumed one batch per process.
+    assert payload["progress"]["batch_in_epoch"] == 12
