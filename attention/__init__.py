@@ -1,0 +1,1 @@
+"""Generated Python code of the ``attention.v1`` protocol (see ``proto/generate.py``)."""

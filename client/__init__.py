@@ -1,0 +1,1 @@
+"""Command-line client (``attn``) for the attention server; talks to it over gRPC only."""

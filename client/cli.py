@@ -1,0 +1,112 @@
+"""``attn``: translate with alignments, or list the served models.
+
+    attn translate "Ich hoffe, es geht dir gut." [--beam 4] [--nbest 2] [--json] [--heatmap out.png]
+    attn models
+    attn health      (exit status 0 when the server reports SERVING: for container health checks)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from attention.v1 import attention_pb2 as pb
+from attention.v1 import attention_pb2_grpc as pb_grpc
+from client import render
+
+DETAILS = {"full": pb.ATTENTION_DETAIL_FULL, "words": pb.ATTENTION_DETAIL_WORDS, "none": pb.ATTENTION_DETAIL_NONE}
+MAX_MESSAGE_BYTES = 256 * 2**20
+
+
+def parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--target", default=os.environ.get("ATTN_TARGET", "localhost:50051"),
+                        help="server host:port [ATTN_TARGET, default localhost:50051]")
+    common.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds (default 60)")
+    common.add_argument("--json", action="store_true", help="print the response as JSON")
+    top = argparse.ArgumentParser(prog="attn", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    commands = top.add_subparsers(dest="command", required=True)
+    t = commands.add_parser("translate", parents=[common], help="translate texts and show the alignment")
+    t.add_argument("texts", nargs="+", help="texts to translate (one batch)")
+    t.add_argument("--model", default="", help="model name (default: the server's default)")
+    t.add_argument("--version", default="", help="model version (default: the highest)")
+    t.add_argument("--beam", type=int, default=0, help="beam size (default: the server's; 1 = greedy)")
+    t.add_argument("--nbest", type=int, default=0, help="hypotheses per text (default 1)")
+    t.add_argument("--max-output-tokens", type=int, default=0, help="token budget per output (default: model's)")
+    t.add_argument("--length-penalty", type=float, default=None, help="length penalty alpha (default 1.0)")
+    t.add_argument("--attention", choices=DETAILS, default="full", help="attention detail (default full)")
+    t.add_argument("--heatmap", type=Path, help="write the best hypothesis's attention matrix to this PNG")
+    commands.add_parser("models", parents=[common], help="list the served models")
+    commands.add_parser("health", parents=[common], help="exit 0 if the server is SERVING, 1 otherwise")
+    return top
+
+
+def _channel(target: str) -> grpc.Channel:
+    return grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+
+
+def translate(args: argparse.Namespace, stub: pb_grpc.AttentionServiceStub) -> int:
+    if args.heatmap and args.attention != "full":
+        raise SystemExit("attn: --heatmap needs --attention full")
+    options = pb.DecodingOptions(beam_size=args.beam, nbest=args.nbest, max_output_tokens=args.max_output_tokens,
+                                 attention=DETAILS[args.attention])
+    if args.length_penalty is not None:
+        options.length_penalty = args.length_penalty
+    request = pb.TranslateRequest(model=args.model, version=args.version, texts=args.texts, options=options)
+    response = stub.Translate(request, timeout=args.timeout)
+    if args.json:
+        print(json_format.MessageToJson(response, preserving_proto_field_name=True, ensure_ascii=False))
+    else:
+        print(render.translation(response, args.texts))
+    if args.heatmap:
+        from client import heatmap
+
+        for i, result in enumerate(response.translations):
+            path = args.heatmap if len(response.translations) == 1 else args.heatmap.with_stem(
+                f"{args.heatmap.stem}-{i + 1}")
+            heatmap.draw(result, result.hypotheses[0], path)
+            print(f"heatmap written to {path}", file=sys.stderr)
+    return 0
+
+
+def models(args: argparse.Namespace, stub: pb_grpc.AttentionServiceStub) -> int:
+    response = stub.ListModels(pb.ListModelsRequest(), timeout=args.timeout)
+    if args.json:
+        print(json_format.MessageToJson(response, preserving_proto_field_name=True, ensure_ascii=False))
+    else:
+        print(render.models(response))
+    return 0
+
+
+def health(args: argparse.Namespace, channel: grpc.Channel) -> int:
+    stub: Any = health_pb2_grpc.HealthStub(channel)  # the typeshed stub lacks the methods
+    response = stub.Check(health_pb2.HealthCheckRequest(), timeout=args.timeout)
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+    print(json.dumps({"status": status}) if args.json else status)
+    return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    with _channel(args.target) as channel:
+        stub = pb_grpc.AttentionServiceStub(channel)
+        try:
+            if args.command == "health":
+                return health(args, channel)
+            return translate(args, stub) if args.command == "translate" else models(args, stub)
+        except grpc.RpcError as exc:
+            print(f"attn: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+            return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

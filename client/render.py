@@ -1,0 +1,61 @@
+"""Readable text views of Translate and ListModels responses."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from attention.v1 import attention_pb2 as pb
+
+MIN_WEIGHT = 0.1  # source words below this share of a target word's attention are not listed
+MAX_SOURCES = 3
+
+
+def matrix(m: pb.Matrix) -> np.ndarray:
+    """A ``Matrix`` message as a (rows, cols) array."""
+    return np.asarray(m.values, dtype=np.float32).reshape(m.rows, m.cols)
+
+
+def alignment_lines(source_words: Sequence[pb.Word], hypothesis: pb.Hypothesis) -> list[str]:
+    """Each target word with the source words it attends to (at least MIN_WEIGHT of it, at most MAX_SOURCES)."""
+    if hypothesis.word_attention.rows == 0:
+        return []
+    weights = matrix(hypothesis.word_attention)
+    width = max((len(w.text) for w in hypothesis.words), default=0)
+    lines = []
+    for i, word in enumerate(hypothesis.words):
+        order = np.argsort(-weights[i], kind="stable")[:MAX_SOURCES]
+        picked = [j for j in order if weights[i, j] >= MIN_WEIGHT] or list(order[:1])
+        attended = " · ".join(f"{source_words[j].text} {weights[i, j]:.2f}" for j in picked)
+        lines.append(f"  {word.text:<{width}}  ← {attended}")
+    return lines
+
+
+def translation(response: pb.TranslateResponse, texts: Sequence[str]) -> str:
+    out = []
+    for text, result in zip(texts, response.translations, strict=True):
+        out.append(text)
+        for rank, hyp in enumerate(result.hypotheses, 1):
+            prefix = "→" if len(result.hypotheses) == 1 else f"{rank}."
+            note = ", truncated" if hyp.truncated else ""
+            out.append(f"{prefix} {hyp.text}    (score {hyp.score:.3f}{note})")
+            lines = alignment_lines(result.source_words, hyp)
+            if lines:
+                out.append("  alignment (target word ← source words it attends to, share of its attention):")
+                out.extend(lines)
+        out.append("")
+    uniform = " — uniform attention by construction: the weights say nothing" if response.attention_uniform else ""
+    out.append(f"[{response.model}/{response.version}{uniform}]")
+    return "\n".join(out)
+
+
+def models(response: pb.ListModelsResponse) -> str:
+    rows = [("MODEL", "VERSION", "FAMILY", "LANGUAGES", "ATTENTION", "DEVICE", "VARIANT", "READY", "DEFAULT")]
+    for m in response.models:
+        languages = f"{m.source_language}→{m.target_language}" if m.source_language else m.target_language
+        attention = m.attention_type + (" (uniform)" if m.attention_uniform else "")
+        rows.append((m.name, m.version, m.family, languages, attention, m.device, m.variant,
+                     "yes" if m.ready else "no", "*" if m.is_default else ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

@@ -1,0 +1,116 @@
+"""Proto messages ⇄ domain objects. Requests are validated here, completely, before any model code sees them."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from attention.v1 import attention_pb2 as pb
+from server.artifacts import Token
+from server.errors import InvalidInput
+from server.settings import Settings
+from server.translation import DecodeOptions, Result, Source, Target, TranslationModel
+
+FULL, WORDS, NONE = pb.ATTENTION_DETAIL_FULL, pb.ATTENTION_DETAIL_WORDS, pb.ATTENTION_DETAIL_NONE
+DEFAULT_LENGTH_PENALTY = 1.0
+MAX_LENGTH_PENALTY = 10.0
+
+
+@dataclass
+class TranslateJob:
+    sources: list[Source]
+    options: DecodeOptions
+    detail: int
+
+
+def check_texts(texts: Sequence[str], settings: Settings) -> None:
+    """The model-independent limits on ``texts``."""
+    if not texts:
+        raise InvalidInput("texts is empty: send at least one text")
+    if len(texts) > settings.max_texts:
+        raise InvalidInput(f"{len(texts)} texts in one request; the limit is {settings.max_texts}")
+    for i, text in enumerate(texts):
+        if len(text) > settings.max_text_chars:
+            raise InvalidInput(f"texts[{i}] has {len(text)} characters; the limit is {settings.max_text_chars}")
+
+
+def decode_options(options: pb.DecodingOptions, settings: Settings, max_target_tokens: int) -> tuple[
+        DecodeOptions, int]:
+    beam = options.beam_size or settings.default_beam_size
+    if beam > settings.max_beam_size:
+        raise InvalidInput(f"beam_size {beam} is larger than the limit of {settings.max_beam_size}")
+    nbest = options.nbest or 1
+    if nbest > beam:
+        raise InvalidInput(f"nbest {nbest} is larger than beam_size {beam}: a beam of {beam} yields at most {beam}")
+    if options.max_output_tokens >= max_target_tokens:
+        raise InvalidInput(
+            f"max_output_tokens {options.max_output_tokens} exceeds the model's limit of {max_target_tokens - 1}"
+        )
+    alpha = options.length_penalty if options.HasField("length_penalty") else DEFAULT_LENGTH_PENALTY
+    if not (math.isfinite(alpha) and 0.0 <= alpha <= MAX_LENGTH_PENALTY):
+        raise InvalidInput(f"length_penalty {alpha} must be a finite number between 0 and {MAX_LENGTH_PENALTY:g}")
+    if options.attention not in pb.AttentionDetail.values():
+        raise InvalidInput(f"attention detail {options.attention} is not a known AttentionDetail value")
+    detail = options.attention or FULL
+    return DecodeOptions(beam, nbest, options.max_output_tokens, float(alpha), detail != NONE), detail
+
+
+def translate_job(request: pb.TranslateRequest, model: TranslationModel, settings: Settings) -> TranslateJob:
+    check_texts(request.texts, settings)
+    options, detail = decode_options(request.options, settings, model.max_target_tokens)
+    return TranslateJob(model.prepare(list(request.texts)), options, detail)
+
+
+# -- responses ---------------------------------------------------------------------------------------------------
+
+
+def _tokens(tokens: Sequence[Token], token_words: Sequence[int], eos_id: int) -> list[pb.Token]:
+    return [pb.Token(id=t.id, piece=t.piece, start=t.start, end=t.end, special=t.id == eos_id, word=w)
+            for t, w in zip(tokens, token_words, strict=True)]
+
+
+def _words(text: str, spans: Sequence[tuple[int, int]]) -> list[pb.Word]:
+    return [pb.Word(text=text[s:e], start=s, end=e) for s, e in spans]
+
+
+def matrix(values: np.ndarray) -> pb.Matrix:
+    rows, cols = values.shape
+    return pb.Matrix(rows=rows, cols=cols, values=values.astype(np.float32).ravel().tolist())
+
+
+def _hypothesis(target: Target, detail: int, eos_id: int) -> pb.Hypothesis:
+    hyp = pb.Hypothesis(
+        text=target.text, score=target.score, log_prob=target.log_prob,
+        tokens=_tokens(target.tokens, target.token_words, eos_id), words=_words(target.text, target.words),
+        truncated=target.truncated,
+    )
+    if detail == FULL:
+        hyp.attention.CopyFrom(matrix(target.attention))
+    if detail in (FULL, WORDS) and target.word_attention is not None:
+        hyp.word_attention.CopyFrom(matrix(target.word_attention))
+        hyp.alignments.extend(
+            pb.WordAlignment(source_word=a.source_word, target_word=a.target_word, weight=a.weight)
+            for a in target.alignments
+        )
+    return hyp
+
+
+def translate_response(model: TranslationModel, job: TranslateJob, results: list[Result]) -> pb.TranslateResponse:
+    info = model.info()
+    response = pb.TranslateResponse(model=model.name, version=model.version,
+                                    attention_uniform=info["attention_uniform"])
+    for result in results:
+        source = result.source
+        response.translations.append(pb.Translation(
+            source_tokens=_tokens(source.tokens, source.token_words, model.eos_id),
+            source_words=_words(source.text, source.words),
+            hypotheses=[_hypothesis(t, job.detail, model.eos_id) for t in result.hypotheses],
+        ))
+    return response
+
+
+def model_info(info: dict[str, object], ready: bool, is_default: bool) -> pb.ModelInfo:
+    return pb.ModelInfo(ready=ready, is_default=is_default, **info)  # type: ignore[arg-type]

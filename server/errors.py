@@ -1,0 +1,60 @@
+"""The server's exception hierarchy and the one place where exceptions become gRPC status codes.
+
+Code below the transport raises these; only :func:`to_status` knows about gRPC. The message of a
+:class:`ServiceError` goes to the client as is, so it must say what was wrong without leaking internals; any other
+exception is a bug and reaches the client only as a generic ``INTERNAL`` with the request id (the traceback goes to
+the log).
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ServiceError(Exception):
+    """An error whose message is meant for the client."""
+
+    code = grpc.StatusCode.UNKNOWN
+
+
+class InvalidInput(ServiceError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class ModelNotFound(ServiceError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class Overloaded(ServiceError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class NotReady(ServiceError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class ShuttingDown(ServiceError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(ServiceError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Cancelled(ServiceError):
+    code = grpc.StatusCode.CANCELLED
+
+
+class Unimplemented(ServiceError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class StartupError(RuntimeError):
+    """The server cannot start (bad models directory, unusable device); the message is for the operator."""
+
+
+def to_status(exc: BaseException, request_id: str) -> tuple[grpc.StatusCode, str]:
+    """The status code and client-facing message for ``exc``."""
+    if isinstance(exc, ServiceError):
+        return exc.code, str(exc)
+    return grpc.StatusCode.INTERNAL, f"internal error (request id {request_id}); the server log has the details"

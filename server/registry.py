@@ -1,0 +1,124 @@
+"""The models a server answers with: found under ``<models_dir>/<name>/<version>/manifest.json``, validated,
+loaded onto the chosen device and warmed up before the server reports ready.
+
+A model family is served by the runtime class registered for it in :data:`RUNTIMES`; families without one are
+skipped with a log line (captioning registers its runtime when it lands). A manifest that fails validation stops the
+start-up with a message naming the file: serving a model set other than the one asked for is worse than not serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from server.artifacts import Manifest, ManifestError
+from server.device import Device
+from server.errors import ModelNotFound, NotReady, StartupError
+from server.logs import event
+from server.translation import TranslationModel
+
+log = logging.getLogger("attn.registry")
+
+
+class Runtime(Protocol):
+    family: str
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def version(self) -> str: ...
+
+    def info(self) -> dict[str, Any]: ...
+
+    def warm_up(self) -> float: ...
+
+
+RuntimeFactory = Callable[[Path, Manifest, Device, str, int], Runtime]
+RUNTIMES: dict[str, RuntimeFactory] = {"translation": TranslationModel}
+
+
+def _version_key(version: str) -> tuple[int, int | str]:
+    """Numeric versions sort numerically and after non-numeric ones: "10" is newer than "9"."""
+    return (1, int(version)) if version.isdigit() else (0, version)
+
+
+def discover(models_dir: Path) -> list[Path]:
+    """Every ``<name>/<version>`` folder holding a manifest; hidden folders (the exporter's staging) are skipped."""
+    if not models_dir.is_dir():
+        raise StartupError(f"models directory {models_dir} does not exist")
+    found = []
+    for name_dir in sorted(p for p in models_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for version_dir in sorted(p for p in name_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if (version_dir / "manifest.json").is_file():
+                found.append(version_dir)
+            else:
+                event(log, "model_skipped", level=logging.WARNING, path=str(version_dir), reason="no manifest.json")
+    return found
+
+
+class Registry:
+    def __init__(self, models_dir: Path, device: Device, default_model: str = "", variant: str = "",
+                 threads: int = 0) -> None:
+        self.models_dir, self.device = Path(models_dir), device
+        self.requested_default, self.variant, self.threads = default_model, variant, threads
+        self.default_model = ""
+        self._models: dict[tuple[str, str], Runtime] = {}
+        self._ready = threading.Event()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def load(self) -> None:
+        """Loads and warms every model (blocking: run it off the event loop). Raises :class:`StartupError`."""
+        for directory in discover(self.models_dir):
+            try:
+                manifest = Manifest.load(directory)
+            except ManifestError as exc:
+                raise StartupError(f"invalid model {directory}: {exc}") from exc
+            if (manifest.name, manifest.version) != (directory.parent.name, directory.name):
+                raise StartupError(f"{directory}: the manifest says {manifest.name}/{manifest.version}")
+            factory = RUNTIMES.get(manifest.family)
+            if factory is None:
+                event(log, "model_skipped", level=logging.WARNING, path=str(directory),
+                      reason=f"no runtime for family {manifest.family!r} yet")
+                continue
+            try:
+                model = factory(directory, manifest, self.device, self.variant, self.threads)
+            except ManifestError as exc:
+                raise StartupError(f"invalid model {directory}: {exc}") from exc
+            model.warm_up()
+            self._models[(model.name, model.version)] = model
+            event(log, "model_loaded", model=model.name, version=model.version, family=model.family,
+                  device=self.device.name, variant=self.variant or "fp32")
+        if not self._models:
+            raise StartupError(f"no servable model under {self.models_dir} (expected <name>/<version>/manifest.json)")
+        names = sorted({name for name, _ in self._models})
+        if self.requested_default and self.requested_default not in names:
+            raise StartupError(f"default model {self.requested_default!r} is not among the loaded models {names}")
+        self.default_model = self.requested_default or names[0]
+        self._ready.set()
+
+    def get(self, name: str = "", version: str = "") -> Runtime:
+        """The model version a request names (empty name: the default; empty version: the highest)."""
+        if not self.ready:
+            raise NotReady("the server is still loading its models; retry shortly")
+        name = name or self.default_model
+        versions = sorted((v for n, v in self._models if n == name), key=_version_key)
+        if not versions:
+            raise ModelNotFound(f"model {name!r} is not loaded; loaded models: {', '.join(self.names())}")
+        if not version:
+            return self._models[(name, versions[-1])]
+        if (name, version) not in self._models:
+            raise ModelNotFound(f"model {name!r} has no version {version!r}; loaded versions: {', '.join(versions)}")
+        return self._models[(name, version)]
+
+    def names(self) -> list[str]:
+        return sorted({name for name, _ in self._models})
+
+    def models(self) -> list[Runtime]:
+        return [self._models[key] for key in sorted(self._models, key=lambda k: (k[0], _version_key(k[1])))]

@@ -1,0 +1,142 @@
+"""The ``attention.v1.AttentionService`` servicer: proto in, domain call, proto out. Nothing else lives here.
+
+:func:`rpc` wraps every method once: request id, structured log line, metrics, and the conversion of exceptions into
+status codes (through :func:`server.errors.to_status`, the only place that knows the mapping).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+
+from attention.v1 import attention_pb2 as pb
+from attention.v1 import attention_pb2_grpc as pb_grpc
+from server import codec, logs
+from server.errors import InvalidInput, ShuttingDown, Unimplemented, to_status
+from server.metrics import Metrics
+from server.registry import Registry
+from server.scheduler import Scheduler, Ticket
+from server.settings import Settings
+from server.translation import Result, TranslationModel
+
+log = logging.getLogger("attn.rpc")
+
+REQUEST_ID_KEY = "x-request-id"
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+@dataclass
+class Call:
+    """Per-call facts the wrapper logs and counts; handlers fill in the model once they know it."""
+
+    rpc: str
+    request_id: str
+    model: str = ""
+    version: str = ""
+    fields: dict[str, Any] | None = None
+
+
+def _request_id(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str) and _REQUEST_ID.fullmatch(value):
+            return value
+    return uuid.uuid4().hex[:16]
+
+
+def rpc(name: str) -> Callable[
+    [Callable[[Any, Req, grpc.aio.ServicerContext, Call], Awaitable[Resp]]],
+    Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]],
+]:
+    def decorate(handler: Callable[[Any, Req, grpc.aio.ServicerContext, Call], Awaitable[Resp]]) -> Callable[
+            [Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]:
+        @functools.wraps(handler)
+        async def wrapper(self: AttentionServicer, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+            call = Call(name, _request_id(context))
+            token = logs.request_id.set(call.request_id)
+            started = time.monotonic()
+            code, error, internal = grpc.StatusCode.OK, "", False
+            self.metrics.inflight.labels(name).inc()
+            logs.event(log, "rpc_received", level=logging.DEBUG, rpc=name)
+            context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
+            try:
+                if self.shutting_down():
+                    raise ShuttingDown("the server is shutting down; retry on another instance")
+                return await handler(self, request, context, call)
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as exc:
+                code, message = to_status(exc, call.request_id)
+                internal = code == grpc.StatusCode.INTERNAL
+                error = str(exc) or type(exc).__name__
+                if internal:  # the traceback goes to the log, never to the client
+                    logs.event(log, "rpc_internal_error", level=logging.ERROR, exc_info=True, rpc=name)
+                await context.abort(code, message, trailing_metadata=((REQUEST_ID_KEY, call.request_id),))
+                raise  # unreachable: abort raises
+            finally:
+                seconds = time.monotonic() - started
+                self.metrics.inflight.labels(name).dec()
+                self.metrics.observe(name, call.model, call.version, code.name, seconds)
+                fields = {**(call.fields or {}), **({"error": error} if error else {})}
+                logs.event(log, "rpc", level=logging.ERROR if internal else logging.INFO, rpc=name,
+                           model=call.model, version=call.version, code=code.name, seconds=round(seconds, 4),
+                           **fields)
+                logs.request_id.reset(token)
+
+        return wrapper
+
+    return decorate
+
+
+class AttentionServicer(pb_grpc.AttentionServiceServicer):
+    def __init__(self, registry: Registry, scheduler: Scheduler, settings: Settings, metrics: Metrics,
+                 shutting_down: Callable[[], bool]) -> None:
+        self.registry, self.scheduler, self.settings, self.metrics = registry, scheduler, settings, metrics
+        self.shutting_down = shutting_down
+
+    @rpc("Translate")
+    async def Translate(self, request: pb.TranslateRequest, context: grpc.aio.ServicerContext,
+                        call: Call) -> pb.TranslateResponse:
+        model = self.registry.get(request.model, request.version)
+        if not isinstance(model, TranslationModel):
+            raise InvalidInput(f"model {model.name!r} is a {model.family} model; Translate needs a translation model")
+        call.model, call.version = model.name, model.version
+        job = codec.translate_job(request, model, self.settings)
+        call.fields = {"texts": len(job.sources), "beam_size": job.options.beam_size}
+
+        def work(ticket: Ticket) -> list[Result]:
+            ticket.check()  # it may have waited for a worker past its deadline
+            return model.translate(job.sources, job.options, ticket.check)
+
+        results = await self.scheduler.run(work, timeout=context.time_remaining())
+        source_tokens = sum(len(r.source.tokens) for r in results)
+        target_tokens = sum(len(h.tokens) for r in results for h in r.hypotheses)
+        self.metrics.count_tokens(model.name, model.version, source_tokens, target_tokens)
+        call.fields.update(source_tokens=source_tokens, target_tokens=target_tokens)
+        return codec.translate_response(model, job, results)
+
+    @rpc("Caption")
+    async def Caption(self, request: pb.CaptionRequest, context: grpc.aio.ServicerContext,
+                      call: Call) -> pb.CaptionResponse:
+        raise Unimplemented("Caption is not implemented yet: this server has no captioning runtime")
+
+    @rpc("ListModels")
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext,
+                         call: Call) -> pb.ListModelsResponse:
+        ready = self.registry.ready
+        return pb.ListModelsResponse(models=[
+            codec.model_info(m.info(), ready, ready and m.name == self.registry.default_model)
+            for m in self.registry.models()
+        ])

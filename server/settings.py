@@ -1,0 +1,111 @@
+"""Server settings: one dataclass, filled from command-line flags, then ``ATTN_*`` environment variables, then defaults.
+
+Every field documents itself (``help``); ``attn-serve --help`` and the README's settings table are generated from
+the same metadata, so they cannot drift apart (a test checks the README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+DEVICES = ("auto", "cpu", "cuda")
+LOG_FORMATS = ("json", "text")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _setting(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = _setting("0.0.0.0", "Address the gRPC and metrics servers listen on ('[::]' for IPv6 as well).")
+    port: int = _setting(50051, "gRPC port; 0 picks a free port (logged in the 'listening' line).")
+    metrics_port: int = _setting(9464, "Prometheus /metrics HTTP port; 0 picks a free port, -1 turns metrics off.")
+    models_dir: str = _setting("models", "Folder holding the model directories NAME/VERSION/manifest.json.")
+    default_model: str = _setting("", "Model used when a request names none; empty: the only (or first) model.")
+    device: str = _setting("auto", "Where ONNX Runtime runs: cuda if usable (auto), or force cpu / cuda.", DEVICES)
+    variant: str = _setting("", "Graph variant from the manifest, e.g. int8; empty serves the fp32 graphs.")
+    ort_threads: int = _setting(0, "ONNX Runtime intra-op threads per session; 0 lets ONNX Runtime decide.")
+    workers: int = _setting(2, "Requests computed at the same time (threads running ONNX Runtime).")
+    max_inflight: int = _setting(64, "Requests admitted at once (running plus waiting); more get RESOURCE_EXHAUSTED.")
+    max_texts: int = _setting(32, "Most texts in one Translate request.")
+    max_text_chars: int = _setting(2000, "Most characters in one text.")
+    default_beam_size: int = _setting(4, "Beam size when a request leaves it at 0 (1 = greedy).")
+    max_beam_size: int = _setting(16, "Largest beam size a request may ask for.")
+    max_receive_bytes: int = _setting(16 * 2**20, "Largest request message accepted, in bytes.")
+    max_send_bytes: int = _setting(256 * 2**20, "Largest response message sent, in bytes (attention matrices add up).")
+    grace_seconds: float = _setting(30.0, "On SIGTERM/SIGINT: how long in-flight requests may take to finish.")
+    log_level: str = _setting("INFO", "Log level: DEBUG, INFO, WARNING or ERROR.", LOG_LEVELS)
+    log_format: str = _setting("json", "Log lines as JSON objects (json) or key=value text (text).", LOG_FORMATS)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            choices = f.metadata["choices"]
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name} must be one of {', '.join(choices)}, not {getattr(self, f.name)!r}")
+        for name in ("workers", "max_inflight", "max_texts", "max_text_chars", "default_beam_size", "max_beam_size",
+                     "max_receive_bytes", "max_send_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.default_beam_size > self.max_beam_size:
+            raise ValueError(f"default_beam_size {self.default_beam_size} exceeds max_beam_size {self.max_beam_size}")
+        if self.port < 0 or self.ort_threads < 0 or self.grace_seconds < 0:
+            raise ValueError("port, ort_threads and grace_seconds must not be negative")
+
+    @staticmethod
+    def env_name(name: str) -> str:
+        return "ATTN_" + name.upper()
+
+    @classmethod
+    def from_sources(cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+        """Flags win over environment variables, which win over the defaults."""
+        parser = cls.parser()
+        args = parser.parse_args(argv)
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            flag_value = getattr(args, f.name)
+            if flag_value is not None:
+                values[f.name] = flag_value
+            elif cls.env_name(f.name) in environ:
+                raw = environ[cls.env_name(f.name)]
+                try:
+                    values[f.name] = _convert(f.default, raw)
+                except ValueError:
+                    parser.error(f"{cls.env_name(f.name)}={raw!r} is not a valid {type(f.default).__name__}")
+        try:
+            return cls(**values)
+        except ValueError as exc:
+            parser.error(str(exc))
+            raise  # unreachable: parser.error exits
+
+    @classmethod
+    def parser(cls) -> argparse.ArgumentParser:
+        parser = argparse.ArgumentParser(
+            prog="attn-serve", description="Serve exported attention models over gRPC.",
+            epilog="Every flag can also be set by the environment variable shown in brackets.",
+        )
+        for f in fields(cls):
+            assert f.default is not MISSING
+            parser.add_argument(
+                "--" + f.name.replace("_", "-"), type=type(f.default), default=None, choices=f.metadata["choices"],
+                help=f"{f.metadata['help']} [{cls.env_name(f.name)}, default {f.default!r}]",
+            )
+        return parser
+
+    @classmethod
+    def table(cls) -> list[tuple[str, str, str, str]]:
+        """(environment variable, flag, default, meaning) for every setting: the README's table."""
+        return [(cls.env_name(f.name), "--" + f.name.replace("_", "-"), str(f.default) if f.default != "" else '""',
+                 f.metadata["help"]) for f in fields(cls)]
+
+
+def _convert(default: Any, raw: str) -> Any:
+    if isinstance(default, bool):
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    return type(default)(raw)

@@ -1,0 +1,222 @@
+"""A translation model on ONNX Runtime: tokenize, encode, search over the decoder step, label the attention.
+
+Everything graph-specific comes from the manifest's :class:`DecoderBinding` (which encoder outputs are static
+decoder inputs, which are recurrent state and which output replaces them), so a model family that only renames
+tensors or adds state entries needs no code here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from server import search
+from server.artifacts import GraphSpec, Manifest, ManifestError, Token, Tokenizer
+from server.artifacts.alignment import WordAlignment, align_words, token_words, word_matrix, words
+from server.device import Device, session
+from server.errors import InvalidInput
+from server.logs import event
+
+log = logging.getLogger("attn.model")
+
+EOS_PIECE = "</s>"
+WARM_UP_TEXT = "Hallo Welt, wie geht es dir?"
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    beam_size: int = 1
+    nbest: int = 1
+    max_output_tokens: int = 0  # 0: the model's budget for each input
+    length_penalty: float = 1.0
+    word_alignments: bool = True  # compute word matrices and alignments
+
+
+@dataclass
+class Source:
+    text: str
+    tokens: list[Token]  # ending with the EOS token (empty span at the end of the text)
+    words: list[tuple[int, int]]
+    token_words: list[int]  # per token (EOS included, as -1)
+
+
+@dataclass
+class Target:
+    text: str
+    tokens: list[Token]  # ending with EOS
+    words: list[tuple[int, int]]
+    token_words: list[int]
+    score: float
+    log_prob: float
+    attention: np.ndarray  # (len(tokens), len(source.tokens)), float32
+    truncated: bool
+    word_attention: np.ndarray | None = None  # (len(words), len(source.words))
+    alignments: list[WordAlignment] = field(default_factory=list)
+
+
+@dataclass
+class Result:
+    source: Source
+    hypotheses: list[Target]
+
+
+def _encoder_inputs(spec: GraphSpec) -> tuple[str, str | None]:
+    """The (batch, src_len) ids input and the optional (batch,) lengths input of the encoder graph."""
+    ids = [t.name for t in spec.inputs if len(t.shape) == 2 and t.dtype == "int64"]
+    lengths = [t.name for t in spec.inputs if len(t.shape) == 1 and t.dtype == "int64"]
+    if len(ids) != 1 or len(lengths) > 1 or len(spec.inputs) != len(ids) + len(lengths):
+        raise ManifestError(f"{spec.file}: expected inputs (batch, src_len) ids and optionally (batch,) lengths")
+    return ids[0], (lengths[0] if lengths else None)
+
+
+class TranslationModel:
+    family = "translation"
+
+    def __init__(self, directory: Path, manifest: Manifest, device: Device, variant: str = "", threads: int = 0):
+        self.directory, self.manifest, self.device = directory, manifest, device
+        self.variant = variant or "fp32"
+        files = {"encoder": manifest.encoder.file, "decoder_step": manifest.decoder_step.file}
+        if variant:
+            if variant not in manifest.variants:
+                raise ManifestError(f"{directory}: no variant {variant!r} (has {sorted(manifest.variants)})")
+            files.update(manifest.variants[variant])
+        self.tokenizer = Tokenizer.load(directory / manifest.tokenizer["file"])
+        self.encoder: ort.InferenceSession = session(directory / files["encoder"], device, threads)
+        self.decoder: ort.InferenceSession = session(directory / files["decoder_step"], device, threads)
+        self._ids_input, self._lengths_input = _encoder_inputs(manifest.encoder)
+        binding = manifest.decoder
+        self._state_inputs = list(binding.state)
+        self._outputs = [binding.log_probs_output, binding.attention_output, *binding.state.values()]
+        dtypes = {t.name: t.dtype for t in manifest.decoder_step.inputs}
+        self._token_dtype = np.dtype(dtypes[binding.token_input])
+        self._mask_dtype = np.dtype(dtypes[binding.mask_input])
+        ids = manifest.special_ids
+        self.pad_id, self.bos_id, self.eos_id = ids["pad"], ids["bos"], ids["eos"]
+        self.banned = sorted({self.pad_id, self.bos_id} - {self.eos_id})  # never generated
+        self.max_source_tokens = int(manifest.limits["max_source_tokens"])
+        self.max_target_tokens = int(manifest.limits["max_target_tokens"])
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    def info(self) -> dict[str, Any]:
+        m = self.manifest
+        return {
+            "name": m.name, "version": m.version, "family": m.family, "architecture": m.architecture,
+            "source_language": m.languages.get("source", ""), "target_language": m.languages.get("target", ""),
+            "attention_type": str(m.attention.get("type", "")), "attention_uniform": bool(m.attention.get("uniform")),
+            "max_source_tokens": self.max_source_tokens, "max_target_tokens": self.max_target_tokens,
+            "variant": self.variant, "device": self.device.name,
+        }
+
+    # -- input -------------------------------------------------------------------------------------------------
+
+    def prepare(self, texts: list[str]) -> list[Source]:
+        """Tokenizes and checks every text against the model's limits; raises :class:`InvalidInput`."""
+        sources = []
+        for i, text in enumerate(texts):
+            if not text.strip():
+                raise InvalidInput(f"texts[{i}] is empty or only whitespace")
+            tokens = self.tokenizer.encode(text)
+            if len(tokens) + 1 > self.max_source_tokens:
+                raise InvalidInput(
+                    f"texts[{i}] has {len(tokens)} tokens; model {self.name} accepts at most "
+                    f"{self.max_source_tokens - 1} (plus end of sentence)"
+                )
+            tokens.append(Token(self.eos_id, EOS_PIECE, len(text), len(text)))
+            sources.append(Source(text, tokens, words(text), token_words(text, tokens[:-1]) + [-1]))
+        return sources
+
+    def budget(self, source: Source, max_output_tokens: int) -> int:
+        """Decoder steps for one source, EOS included: 2 * source tokens + 10, capped by the manifest."""
+        steps = min(2 * len(source.tokens) + 10, self.max_target_tokens)
+        return min(steps, max_output_tokens + 1) if max_output_tokens else steps
+
+    # -- graphs --------------------------------------------------------------------------------------------------
+
+    def encode(self, sources: list[Source]) -> tuple[search.State, search.State]:
+        """(initial decoder state, static decoder inputs) for a batch of sources, one row each."""
+        lengths = np.array([len(s.tokens) for s in sources], dtype=np.int64)
+        ids = np.full((len(sources), int(lengths.max())), self.pad_id, dtype=np.int64)
+        for row, s in enumerate(sources):
+            ids[row, : len(s.tokens)] = [t.id for t in s.tokens]
+        feeds = {self._ids_input: ids}
+        if self._lengths_input:
+            feeds[self._lengths_input] = lengths
+        binding = self.manifest.decoder
+        wanted = [*binding.static_inputs, *self._state_inputs]
+        outputs = dict(zip(wanted, self.encoder.run(wanted, feeds), strict=True))
+        mask = (np.arange(ids.shape[1])[None, :] < lengths[:, None]).astype(self._mask_dtype)
+        static = {name: outputs[name] for name in binding.static_inputs}
+        static[binding.mask_input] = mask
+        return {name: outputs[name] for name in self._state_inputs}, static
+
+    def step(self, tokens: np.ndarray, state: search.State, static: search.State) -> tuple[
+            np.ndarray, np.ndarray, search.State]:
+        feeds = {self.manifest.decoder.token_input: tokens.astype(self._token_dtype), **static, **state}
+        log_probs, attention, *new_state = self.decoder.run(self._outputs, feeds)
+        return log_probs, attention, dict(zip(self._state_inputs, new_state, strict=True))
+
+    # -- translation ---------------------------------------------------------------------------------------------
+
+    def translate(self, sources: list[Source], options: DecodeOptions, check: search.Check | None = None) -> list[
+            Result]:
+        state, static = self.encode(sources)
+        budgets = [self.budget(s, options.max_output_tokens) for s in sources]
+        if options.beam_size == 1:
+            found = [[h] for h in search.greedy_search(
+                self.step, state, static, bos=self.bos_id, eos=self.eos_id, max_steps=budgets,
+                alpha=options.length_penalty, banned=self.banned, check=check,
+            )]
+        else:
+            found = search.beam_search(
+                self.step, state, static, bos=self.bos_id, eos=self.eos_id, max_steps=budgets,
+                beam_size=options.beam_size, nbest=options.nbest, alpha=options.length_penalty,
+                banned=self.banned, check=check,
+            )
+        return [Result(s, [self._target(s, h, options) for h in hyps]) for s, hyps in zip(sources, found)]
+
+    def force(self, sources: list[Source], targets: list[list[int]]) -> list[tuple[float, np.ndarray]]:
+        """Log-probability and attention of given target ids (EOS included): the reference for beam search."""
+        state, static = self.encode(sources)
+        out = search.forced_decode(self.step, state, static, bos=self.bos_id, targets=targets)
+        return [(lp, rows[:, : len(s.tokens)]) for s, (lp, rows) in zip(sources, out)]
+
+    def _target(self, source: Source, hyp: search.Hypothesis, options: DecodeOptions) -> Target:
+        text, tokens = self.tokenizer.decode(hyp.tokens)
+        tokens = [*tokens, Token(self.eos_id, EOS_PIECE, len(text), len(text))]
+        target = Target(
+            text, tokens, words(text), token_words(text, tokens[:-1]) + [-1], hyp.score, hyp.log_prob,
+            hyp.attention[:, : len(source.tokens)], hyp.truncated,
+        )
+        if len(target.tokens) != len(hyp.tokens):
+            raise RuntimeError(f"detokenized {len(target.tokens)} tokens for {len(hyp.tokens)} ids: {hyp.tokens}")
+        if options.word_alignments:
+            matrix = word_matrix(target.attention, source.token_words[:-1], target.token_words[:-1])
+            shaped = np.zeros((len(target.words), len(source.words)), dtype=np.float32)
+            rows, cols = min(matrix.shape[0], shaped.shape[0]), min(matrix.shape[1], shaped.shape[1])
+            shaped[:rows, :cols] = matrix[:rows, :cols]
+            target.word_attention = shaped
+            target.alignments = align_words(target.attention, source.token_words[:-1], target.token_words[:-1])
+        return target
+
+    def warm_up(self) -> float:
+        """Runs every graph once (greedy and beam) so the first request pays no lazy initialisation."""
+        started = time.monotonic()
+        sources = self.prepare([WARM_UP_TEXT])
+        self.translate(sources, DecodeOptions(beam_size=1))
+        self.translate(sources * 2, DecodeOptions(beam_size=2, nbest=2, max_output_tokens=8))
+        seconds = time.monotonic() - started
+        event(log, "model_warm", model=self.name, version=self.version, seconds=round(seconds, 3))
+        return seconds

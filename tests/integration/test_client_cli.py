@@ -1,0 +1,62 @@
+"""``attn`` against a real server: the readable view, --json, --heatmap, models, and errors."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from client.cli import main
+from tests.integration.serving import RunningServer
+
+TEXT = "Ich hoffe, es geht dir gut."
+
+
+def _target(running: RunningServer) -> list[str]:
+    return ["--target", f"127.0.0.1:{running.port}"]
+
+
+def test_translate_prints_the_translation_and_its_alignment(running: RunningServer,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["translate", TEXT, "--beam", "4", "--nbest", "2", *_target(running)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == TEXT
+    assert out[1].startswith("1. ") and any(line.startswith("2. ") for line in out)
+    assert any(line.startswith("  alignment (target word ← source words") for line in out)
+    arrows = [line for line in out if re.match(r"  \S+ +← ", line)]  # "  hope  ← hoffe, 0.77 · Ich 0.12"
+    assert arrows and all(any(re.search(rf"{re.escape(word)} [01]\.\d\d", line) for word in TEXT.split())
+                          for line in arrows)
+    assert out[-1] == "[tiny-de-en/1]"
+
+
+def test_translate_json(running: RunningServer, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["translate", TEXT, "Guten Morgen.", "--json", "--beam", "1", *_target(running)]) == 0
+    response = json.loads(capsys.readouterr().out)
+    assert response["model"] == "tiny-de-en" and len(response["translations"]) == 2
+    assert response["translations"][0]["source_tokens"][-1]["piece"] == "</s>"
+
+
+def test_heatmap(running: RunningServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "attention.png"
+    assert main(["translate", TEXT, "--heatmap", str(path), *_target(running)]) == 0
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "heatmap written" in capsys.readouterr().err
+
+
+def test_models(running: RunningServer, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models", *_target(running)]) == 0
+    header, row = capsys.readouterr().out.splitlines()
+    assert header.split()[:3] == ["MODEL", "VERSION", "FAMILY"]
+    assert row.split()[:4] == ["tiny-de-en", "1", "translation", "de→en"] and row.endswith("*")
+
+
+def test_errors_are_reported_with_their_code(running: RunningServer, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["translate", "   ", *_target(running)]) == 1
+    assert capsys.readouterr().err.strip() == "attn: INVALID_ARGUMENT: texts[0] is empty or only whitespace"
+
+
+def test_health(running: RunningServer, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["health", *_target(running)]) == 0
+    assert capsys.readouterr().out.strip() == "SERVING"

@@ -1,0 +1,121 @@
+"""Every failure reaches the client as the right status code with a message that says what was wrong."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from attention.v1 import attention_pb2 as pb
+from server.translation import TranslationModel
+from tests.integration.serving import RunningServer, settings
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _error(call: object, request: object, **kwargs: object) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as error:
+        call(request, timeout=30, **kwargs)  # type: ignore[operator]
+    return error.value
+
+
+@pytest.mark.parametrize(("request_", "code", "message"), [
+    (pb.TranslateRequest(texts=[""]), INVALID, "texts[0] is empty or only whitespace"),
+    (pb.TranslateRequest(texts=["Hallo", " \t "]), INVALID, "texts[1] is empty or only whitespace"),
+    (pb.TranslateRequest(texts=[]), INVALID, "texts is empty"),
+    (pb.TranslateRequest(texts=["Hallo"] * 33), INVALID, "33 texts in one request; the limit is 32"),
+    (pb.TranslateRequest(texts=["x" * 2001]), INVALID, "texts[0] has 2001 characters; the limit is 2000"),
+    (pb.TranslateRequest(texts=["Hallo Welt " * 30]), INVALID, "tokens; model tiny-de-en accepts at most 127"),
+    (pb.TranslateRequest(texts=["Hallo"], options=pb.DecodingOptions(beam_size=17)), INVALID,
+     "beam_size 17 is larger than the limit of 16"),
+    (pb.TranslateRequest(texts=["Hallo"], options=pb.DecodingOptions(beam_size=2, nbest=3)), INVALID,
+     "nbest 3 is larger than beam_size 2"),
+    (pb.TranslateRequest(texts=["Hallo"], options=pb.DecodingOptions(max_output_tokens=1000)), INVALID,
+     "max_output_tokens 1000 exceeds the model's limit of 265"),
+    (pb.TranslateRequest(texts=["Hallo"], options=pb.DecodingOptions(length_penalty=float("inf"))), INVALID,
+     "length_penalty inf must be a finite number"),
+    (pb.TranslateRequest(model="nope", texts=["Hallo"]), grpc.StatusCode.NOT_FOUND,
+     "model 'nope' is not loaded; loaded models: tiny-de-en"),
+    (pb.TranslateRequest(model="tiny-de-en", version="7", texts=["Hallo"]), grpc.StatusCode.NOT_FOUND,
+     "model 'tiny-de-en' has no version '7'; loaded versions: 1"),
+])
+def test_error_codes_and_messages(running: RunningServer, request_: pb.TranslateRequest, code: grpc.StatusCode,
+                                  message: str) -> None:
+    error = _error(running.stub.Translate, request_)
+    assert error.code() == code
+    assert message in error.details()
+
+
+def test_unexpected_error_is_internal_with_request_id_only(running: RunningServer,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    assert running.server.registry is not None
+    model = running.server.registry.get()
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("/secret/path/encoder.onnx exploded")
+
+    monkeypatch.setattr(model, "translate", broken)
+    error = _error(running.stub.Translate, pb.TranslateRequest(texts=["Hallo"]),
+                   metadata=[("x-request-id", "req-42")])
+    assert error.code() == grpc.StatusCode.INTERNAL
+    assert "req-42" in error.details() and "secret" not in error.details()
+
+
+@pytest.fixture()
+def one_slot_server(models_dir: Path) -> Iterator[RunningServer]:
+    server = RunningServer(settings(models_dir, max_inflight=1, workers=1))
+    yield server
+    server.close()
+
+
+def test_overload_is_resource_exhausted(one_slot_server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert one_slot_server.server.registry is not None
+    model = one_slot_server.server.registry.get()
+    assert isinstance(model, TranslationModel)
+    entered, release = threading.Event(), threading.Event()
+    original = model.translate
+
+    def blocking(*args: object, **kwargs: object) -> object:
+        entered.set()
+        assert release.wait(30)
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(model, "translate", blocking)
+    first = one_slot_server.stub.Translate.future(pb.TranslateRequest(texts=["Hallo"]), timeout=60)
+    assert entered.wait(30)
+    error = _error(one_slot_server.stub.Translate, pb.TranslateRequest(texts=["Hallo"]))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "in flight" in error.details()
+    release.set()
+    assert first.result(timeout=60).translations
+
+
+def test_deadline_stops_the_search(one_slot_server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call whose deadline passes stops computing at the next decoder step and frees its worker."""
+    assert one_slot_server.server.registry is not None
+    model = one_slot_server.server.registry.get()
+    assert isinstance(model, TranslationModel)
+    original = model.step
+    release = threading.Event()
+    calls = []
+
+    def endless_step(tokens: Any, state: Any, static: Any) -> Any:
+        calls.append(1)
+        assert release.wait(30)
+        log_probs, attention, new_state = original(tokens, state, static)
+        log_probs[:, model.eos_id] = -np.inf  # left alone, the search would run to its full budget
+        return log_probs, attention, new_state
+
+    monkeypatch.setattr(model, "step", endless_step)
+    with pytest.raises(grpc.RpcError) as error:
+        one_slot_server.stub.Translate(pb.TranslateRequest(texts=["Hallo Welt"]), timeout=0.5)
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    monkeypatch.setattr(model, "step", original)
+    release.set()
+    # One worker: this runs only once the expired call has left it, and then the expired call made no more steps.
+    assert one_slot_server.stub.Translate(pb.TranslateRequest(texts=["Hallo"]), timeout=30).translations
+    assert len(calls) == 1

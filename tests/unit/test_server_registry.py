@@ -1,0 +1,67 @@
+"""Model discovery and lookup (the loading of real models is covered by the integration tests)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server.device import CPU, Device
+from server.errors import ModelNotFound, NotReady, StartupError
+from server.registry import Registry, discover
+
+CPU_DEVICE = Device("cpu", [CPU], "test")
+
+
+class FakeModel:
+    family = "translation"
+
+    def __init__(self, name: str, version: str) -> None:
+        self.name, self.version = name, version
+
+    def info(self) -> dict[str, Any]:
+        return {}
+
+    def warm_up(self) -> float:
+        return 0.0
+
+
+def test_discover_skips_hidden_folders_and_folders_without_manifest(tmp_path: Path) -> None:
+    for folder in ("a/1", "a/.2.staging", ".b/1", "c/1"):
+        (tmp_path / folder).mkdir(parents=True)
+    for folder in ("a/1", "a/.2.staging", ".b/1"):
+        (tmp_path / folder / "manifest.json").write_text("{}")
+    assert discover(tmp_path) == [tmp_path / "a" / "1"]
+
+
+def test_missing_models_dir_and_invalid_manifest_stop_the_start(tmp_path: Path) -> None:
+    with pytest.raises(StartupError, match="does not exist"):
+        Registry(tmp_path / "nope", CPU_DEVICE).load()
+    (tmp_path / "m" / "1").mkdir(parents=True)
+    (tmp_path / "m" / "1" / "manifest.json").write_text("{not json")
+    with pytest.raises(StartupError, match=r"invalid model .*m/1.*not valid JSON"):
+        Registry(tmp_path, CPU_DEVICE).load()
+
+
+def test_empty_models_dir(tmp_path: Path) -> None:
+    with pytest.raises(StartupError, match="no servable model"):
+        Registry(tmp_path, CPU_DEVICE).load()
+
+
+def test_lookup_defaults_and_versions(tmp_path: Path) -> None:
+    registry = Registry(tmp_path, CPU_DEVICE)
+    with pytest.raises(NotReady):
+        registry.get()
+    for name, version in [("b", "2"), ("b", "10"), ("a", "1")]:
+        registry._models[(name, version)] = FakeModel(name, version)
+    registry.default_model = "b"
+    registry._ready.set()
+    assert (registry.get().name, registry.get().version) == ("b", "10")  # numeric order: 10 is newer than 2
+    assert registry.get("b", "2").version == "2"
+    assert registry.get("a").version == "1"
+    with pytest.raises(ModelNotFound, match="model 'c' is not loaded; loaded models: a, b"):
+        registry.get("c")
+    with pytest.raises(ModelNotFound, match="model 'b' has no version '3'; loaded versions: 2, 10"):
+        registry.get("b", "3")
+    assert [(m.name, m.version) for m in registry.models()] == [("a", "1"), ("b", "2"), ("b", "10")]

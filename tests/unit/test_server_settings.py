@@ -1,0 +1,53 @@
+"""Settings from flags, ``ATTN_*`` variables and defaults; every setting documented in the README."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.settings import Settings
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_defaults() -> None:
+    s = Settings.from_sources([], environ={})
+    assert (s.port, s.metrics_port, s.models_dir, s.device) == (50051, 9464, "models", "auto")
+
+
+def test_environment_then_flags() -> None:
+    env = {"ATTN_PORT": "6000", "ATTN_METRICS_PORT": "-1", "ATTN_MODELS_DIR": "/m", "ATTN_GRACE_SECONDS": "2.5"}
+    s = Settings.from_sources([], environ=env)
+    assert (s.port, s.metrics_port, s.models_dir, s.grace_seconds) == (6000, -1, "/m", 2.5)
+    s = Settings.from_sources(["--port", "7000", "--device", "cpu"], environ=env)
+    assert (s.port, s.device, s.models_dir) == (7000, "cpu", "/m")
+
+
+@pytest.mark.parametrize(("argv", "env", "message"), [
+    (["--device", "tpu"], {}, "invalid choice"),
+    ([], {"ATTN_DEVICE": "tpu"}, "device must be one of"),
+    ([], {"ATTN_PORT": "fifty"}, "ATTN_PORT='fifty' is not a valid int"),
+    (["--max-texts", "0"], {}, "max_texts must be at least 1"),
+    (["--default-beam-size", "8", "--max-beam-size", "4"], {}, "exceeds max_beam_size"),
+])
+def test_bad_settings_exit_with_a_message(argv: list[str], env: dict[str, str], message: str,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        Settings.from_sources(argv, environ=env)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_readme_documents_every_setting() -> None:
+    readme = README.read_text(encoding="utf-8")
+    for env, flag, _, _ in Settings.table():
+        assert f"`{env}`" in readme and f"`{flag}`" in readme, f"{env} is missing from the README's settings table"
+
+
+def test_readme_documents_every_metric() -> None:
+    from server.metrics import DESCRIPTIONS
+
+    readme = README.read_text(encoding="utf-8")
+    for name, kind, _, _ in DESCRIPTIONS:
+        assert f"| `{name}` | {kind} |" in readme, f"{name} is missing from the README's metrics table"
