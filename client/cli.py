@@ -1,6 +1,7 @@
-"""``attn``: translate with alignments, or list the served models.
+"""``attn``: translate with alignments, caption images with their attention maps, or list the served models.
 
     attn translate "Ich hoffe, es geht dir gut." [--beam 4] [--nbest 2] [--json] [--heatmap out.png]
+    attn caption image.png [--beam 3] [--json] [--overlay out.png]
     attn models
     attn health      (exit status 0 when the server reports SERVING: for container health checks)
 """
@@ -21,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from attention.v1 import attention_pb2 as pb
 from attention.v1 import attention_pb2_grpc as pb_grpc
-from client import render
+from client import caption, render
 
 DETAILS = {"full": pb.ATTENTION_DETAIL_FULL, "words": pb.ATTENTION_DETAIL_WORDS, "none": pb.ATTENTION_DETAIL_NONE}
 MAX_MESSAGE_BYTES = 256 * 2**20
@@ -45,6 +46,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--length-penalty", type=float, default=None, help="length penalty alpha (default 1.0)")
     t.add_argument("--attention", choices=DETAILS, default="full", help="attention detail (default full)")
     t.add_argument("--heatmap", type=Path, help="write the best hypothesis's attention matrix to this PNG")
+    caption.add_parser(commands, common, DETAILS)
     commands.add_parser("models", parents=[common], help="list the served models")
     commands.add_parser("health", parents=[common], help="exit 0 if the server is SERVING, 1 otherwise")
     return top
@@ -102,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             if args.command == "health":
                 return health(args, channel)
+            if args.command == "caption":
+                return caption.caption(args, stub, DETAILS)
             return translate(args, stub) if args.command == "translate" else models(args, stub)
         except grpc.RpcError as exc:
             print(f"attn: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]

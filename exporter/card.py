@@ -39,6 +39,21 @@ def _scores_table(evaluation: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _architecture(manifest: Manifest) -> str:
+    c, a = manifest.training["model_config"], manifest.attention
+    vocab = f"joint SentencePiece vocabulary {manifest.vocab_size}"
+    if manifest.architecture == "transformer":
+        head = "mean over heads" if a["head"] == "mean" else f"head {a['head']}"
+        return (f"Transformer, {c['encoder_layers']}+{c['decoder_layers']} layers, d_model {c['d_model']}, "
+                f"{c['heads']} heads, feed-forward {c['ff_dim']}, {vocab}. The alignment served is the "
+                f"cross-attention of decoder layer {a['layer']} ({head}); every layer and head is in the step "
+                f"output `{a['all_heads_output']}`.")
+    what = "no attention (the context is the last encoder states; the served matrix is uniform)" \
+        if a.get("uniform") else f"{a['type']} attention"
+    return (f"bidirectional-GRU encoder, GRU decoder with {what} (embeddings {c['emb_dim']}, hidden "
+            f"{c['hidden_dim']}, {vocab}).")
+
+
 def write(
     directory: Path, manifest: Manifest, onnx: OnnxGreedy, sp: spm.SentencePieceProcessor,
     pairs: Sequence[Pair], command: str,
@@ -49,9 +64,7 @@ def write(
     lines = [
         f"# {manifest.name} version {manifest.version}",
         "",
-        f"{manifest.languages['source']}→{manifest.languages['target']} translation: bidirectional-GRU encoder, GRU "
-        f"decoder with {manifest.attention['type']} attention (embeddings {t['model_config']['emb_dim']}, hidden "
-        f"{t['model_config']['hidden_dim']}, joint SentencePiece vocabulary {manifest.vocab_size}).",
+        f"{manifest.languages['source']}→{manifest.languages['target']} translation: {_architecture(manifest)}",
         "",
         "## How it was made",
         "",

@@ -1,4 +1,4 @@
-"""``attn-export CHECKPOINT --out models/NAME/VERSION``."""
+"""``attn-export CHECKPOINT --out models/NAME/VERSION``: translation or captioning, as the checkpoint says."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import shlex
 import sys
 from pathlib import Path
 
+from exporter.caption_export import CaptionExportOptions, export_captioner
 from exporter.export import ExportOptions, ParityError, export
+from training import checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,9 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source-language", default="de")
     parser.add_argument("--target-language", default="en")
     parser.add_argument("--force", action="store_true", help="replace an existing model directory")
+    parser.add_argument("--overlays", type=Path, help="captioning: write two example attention overlays here (docs/)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    options = ExportOptions(
+    captioning = checkpoint.load(args.checkpoint, kind=None)["kind"] == "captioning"
+    options = (CaptionExportOptions if captioning else ExportOptions)(
         name=args.name or args.out.parent.name,
         version=args.out.name,
         parity_sentences=args.parity_sentences,
@@ -35,9 +39,14 @@ def main(argv: list[str] | None = None) -> int:
         force=args.force,
         command=shlex.join(["attn-export", *(argv if argv is not None else sys.argv[1:])]),
     )
+    if isinstance(options, CaptionExportOptions):
+        options.overlays = args.overlays
     try:
-        manifest = export(args.checkpoint, args.out, options)
-    except (ParityError, FileExistsError) as exc:
+        if captioning:
+            manifest = export_captioner(args.checkpoint, args.out, options)
+        else:
+            manifest = export(args.checkpoint, args.out, options)
+    except (ParityError, FileExistsError, ValueError) as exc:
         print(f"attn-export: {exc}", file=sys.stderr)
         return 1
     print(f"exported {manifest.name}/{manifest.version} to {args.out}: parity {manifest.parity}")

@@ -18,13 +18,22 @@ import onnx
 import sentencepiece as spm
 
 from exporter import card
-from exporter.graphs import ENCODER_INPUTS, decoder_inputs, decoder_outputs, encoder_outputs, export_graphs
+from exporter.graphs import (
+    ENCODER_INPUTS,
+    decoder_binding,
+    decoder_inputs,
+    decoder_outputs,
+    encoder_outputs,
+    export_graphs,
+)
 from exporter.parity import OnnxGreedy, ParityReport, check
-from server.artifacts import DecoderBinding, GraphSpec, Manifest
+from exporter.quantize import quantize
+from server.artifacts import GraphSpec, Manifest
 from training import checkpoint
+from training.checkpoint import TranslationModel
 from training.data.corpus import Pair, load_corpus, split
 from training.evaluate import group_references, score
-from training.models.rnn import Seq2Seq
+from training.models.transformer import Transformer
 
 EXPORTER_VERSION = "0.1.0"
 log = logging.getLogger("attn.export")
@@ -72,24 +81,52 @@ def _bleu(onnx: OnnxGreedy, sp: spm.SentencePieceProcessor, sources: list[list[i
     return score(hypotheses, references)["bleu"]
 
 
-def _manifest(model: Seq2Seq, payload: dict[str, Any], options: ExportOptions, parity: ParityReport) -> Manifest:
+def attention_info(model: TranslationModel) -> dict[str, Any]:
+    """The manifest's ``attention`` section: what the served alignment is, so that clients can read it right."""
+    if isinstance(model, Transformer):
+        t = model.cfg
+        return {
+            "type": "multihead", "uniform": False, "query": "current target position (cross-attention)",
+            "layer": model.align_layer, "head": "mean" if t.align_head < 0 else t.align_head,
+            "layers": t.decoder_layers, "heads": t.heads,
+            # (batch, layers, heads, src_len): every layer's and head's cross-attention, for per-request selection
+            "all_heads_output": "cross_attention",
+        }
+    cfg = model.cfg
+    name = cfg.attention
+    if name == "bahdanau":
+        return {"type": "bahdanau", "uniform": False, "query": "previous decoder state"}
+    if name == "none":
+        # Rows are 1/len(source): the model has no alignment. Clients should not draw conclusions from them.
+        return {"type": "none", "uniform": True, "query": "none", "context": "last encoder states"}
+    info: dict[str, Any] = {
+        "type": name, "uniform": False, "query": "current decoder state", "input_feeding": cfg.input_feeding,
+    }
+    if name.startswith("luong-"):
+        return {**info, "scope": "global", "score": name.removeprefix("luong-")}
+    info |= {"scope": "local", "score": cfg.local_score, "window": cfg.window, "renormalised": True}
+    if name == "local-m":
+        return {**info, "center": "p_t = min(t, S - 1)"}
+    return {**info, "center": "p_t = S * sigmoid(v_p . tanh(W_p h_t))", "sigma": cfg.window / 2}
+
+
+def _manifest(
+    model: TranslationModel, payload: dict[str, Any], options: ExportOptions, parity: ParityReport
+) -> Manifest:
     cfg = model.cfg
     return Manifest(
         name=options.name,
         version=options.version,
         family="translation",
-        architecture="rnn",
-        attention={"type": cfg.attention, "uniform": False, "query": "previous decoder state"},
+        architecture="transformer" if isinstance(model, Transformer) else "rnn",
+        attention=attention_info(model),
         languages={"source": options.source_language, "target": options.target_language},
         tokenizer={"type": "sentencepiece", "file": "spm.model"},
         special_ids={"pad": cfg.pad_id, "unk": 1, "bos": cfg.bos_id, "eos": cfg.eos_id},
         vocab_size=cfg.vocab_size,
         encoder=GraphSpec("encoder.onnx", ENCODER_INPUTS, encoder_outputs(model)),
         decoder_step=GraphSpec("decoder_step.onnx", decoder_inputs(model), decoder_outputs(model)),
-        decoder=DecoderBinding(
-            token_input="prev_token", mask_input="src_mask", static_inputs=["memory", "keys"],
-            state={"state": "next_state"}, log_probs_output="log_probs", attention_output="attention",
-        ),
+        decoder=decoder_binding(model),
         limits={"max_source_tokens": 128, "max_target_tokens": 266},
         training={
             "data": payload["data"],
@@ -125,7 +162,8 @@ def export(checkpoint_path: Path, out: Path, options: ExportOptions) -> Manifest
         pairs = held_out_pairs(payload, options.parity_sentences)
         sources = [sp.encode(p.source)[:127] + [model.cfg.eos_id] for p in pairs]
         ids = model.cfg.bos_id, model.cfg.eos_id, model.cfg.pad_id
-        onnx_fp32 = OnnxGreedy.load(staging / "encoder.onnx", staging / "decoder_step.onnx", *ids)
+        binding = decoder_binding(model)
+        onnx_fp32 = OnnxGreedy.load(staging / "encoder.onnx", staging / "decoder_step.onnx", binding, *ids)
         report = check(model, onnx_fp32, sources)
         log.info("parity: %s", report.as_dict())
         if not report.passed:
@@ -154,16 +192,13 @@ def _quantize(
     staging: Path, manifest: Manifest, onnx_fp32: OnnxGreedy, sp: spm.SentencePieceProcessor,
     sources: list[list[int]], pairs: list[Pair], ids: tuple[int, int, int],
 ) -> None:
-    """Dynamic int8 weights for MatMul/Gemm/GRU; records its BLEU beside fp32 on the same parity sentences."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
+    """Dynamic int8 weights (exporter/quantize.py); records its BLEU beside fp32 on the same parity sentences."""
     files = {}
     for graph in ("encoder", "decoder_step"):
-        target = f"{graph}.int8.onnx"
-        quantize_dynamic(str(staging / f"{graph}.onnx"), str(staging / target), weight_type=QuantType.QInt8)
-        files[graph] = target
+        files[graph] = f"{graph}.int8.onnx"
+        quantize(staging / f"{graph}.onnx", staging / files[graph])
     manifest.variants["int8"] = files
-    onnx_int8 = OnnxGreedy.load(staging / files["encoder"], staging / files["decoder_step"], *ids)
+    onnx_int8 = OnnxGreedy.load(staging / files["encoder"], staging / files["decoder_step"], onnx_fp32.binding, *ids)
     bleu = _bleu(onnx_int8, sp, sources, pairs)
     manifest.metrics["parity_bleu_int8"] = bleu
     manifest.metrics["int8_bleu_delta"] = round(bleu - manifest.metrics["parity_bleu_fp32"], 2)

@@ -1,7 +1,9 @@
 """Parity of the exported graphs with PyTorch: identical greedy tokens, attention within a tolerance.
 
 The ONNX side is driven the way the server drives it (encoder once, then decoder steps over numpy arrays) but by a
-loop of its own: the exporter does not depend on the server's search code, only on the manifest schema.
+loop of its own: the exporter does not depend on the server's search code, only on the manifest schema. Like the
+server, the loop knows no tensor names: the manifest's :class:`DecoderBinding` says which encoder outputs are static
+decoder inputs, which are the initial state, and which step output replaces each state entry.
 """
 
 from __future__ import annotations
@@ -9,14 +11,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import torch
 
+from server.artifacts import DecoderBinding
 from training.batching import pad
 from training.evaluate import max_target_len
-from training.models.rnn import Seq2Seq
 
 ATTENTION_TOLERANCE = 1e-4
 
@@ -27,33 +30,42 @@ class OnnxGreedy:
 
     encoder: ort.InferenceSession
     decoder: ort.InferenceSession
+    binding: DecoderBinding
     bos_id: int
     eos_id: int
     pad_id: int
 
     @classmethod
-    def load(cls, encoder: Path, decoder: Path, bos_id: int, eos_id: int, pad_id: int) -> OnnxGreedy:
+    def load(
+        cls, encoder: Path, decoder: Path, binding: DecoderBinding, bos_id: int, eos_id: int, pad_id: int,
+        threads: int = 0,
+    ) -> OnnxGreedy:
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        options.intra_op_num_threads = threads
         providers = ["CPUExecutionProvider"]
         return cls(
             ort.InferenceSession(str(encoder), options, providers=providers),
             ort.InferenceSession(str(decoder), options, providers=providers),
-            bos_id, eos_id, pad_id,
+            binding, bos_id, eos_id, pad_id,
         )
 
     def __call__(self, batch: Sequence[Sequence[int]]) -> tuple[list[list[int]], list[np.ndarray]]:
+        bind = self.binding
         src = pad(batch, self.pad_id).numpy()
         lengths = np.array([len(s) for s in batch], dtype=np.int64)
-        memory, keys, state = self.encoder.run(None, {"src_ids": src, "src_lengths": lengths})
-        mask = src != self.pad_id
+        wanted = [*bind.static_inputs, *bind.state]
+        encoded = dict(zip(wanted, self.encoder.run(wanted, {"src_ids": src, "src_lengths": lengths})))
+        static = {name: encoded[name] for name in bind.static_inputs}
+        static[bind.mask_input] = src != self.pad_id
+        state = {name: encoded[name] for name in bind.state}
+        fetch = [bind.log_probs_output, bind.attention_output, *bind.state.values()]
         token = np.full(len(batch), self.bos_id, dtype=np.int64)
         done = np.zeros(len(batch), dtype=bool)
         steps, rows = [], []
         for _ in range(max_target_len(src.shape[1])):
-            log_probs, state, weights = self.decoder.run(
-                None, {"prev_token": token, "state": state, "memory": memory, "keys": keys, "src_mask": mask}
-            )
+            log_probs, weights, *next_state = self.decoder.run(fetch, {bind.token_input: token, **state, **static})
+            state = dict(zip(bind.state, next_state))
             token = log_probs.argmax(-1).astype(np.int64)
             steps.append(token)
             rows.append(weights)
@@ -91,7 +103,7 @@ class ParityReport:
         }
 
 
-def check(model: Seq2Seq, onnx: OnnxGreedy, sources: Sequence[Sequence[int]], batch_size: int = 64) -> ParityReport:
+def check(model: Any, onnx: OnnxGreedy, sources: Sequence[Sequence[int]], batch_size: int = 64) -> ParityReport:
     """Greedy-decode ``sources`` (token ids ending in EOS) both ways and compare."""
     report = ParityReport()
     model.eval()

@@ -10,7 +10,10 @@ import numpy as np
 
 from attention.v1 import attention_pb2 as pb
 from server.artifacts import Token
+from server.artifacts.alignment import token_words
+from server.captioning import CaptionModel, CaptionResult
 from server.errors import InvalidInput
+from server.imaging import ImageError, ImageLimits
 from server.settings import Settings
 from server.translation import DecodeOptions, Result, Source, Target, TranslationModel
 
@@ -114,3 +117,41 @@ def translate_response(model: TranslationModel, job: TranslateJob, results: list
 
 def model_info(info: dict[str, object], ready: bool, is_default: bool) -> pb.ModelInfo:
     return pb.ModelInfo(ready=ready, is_default=is_default, **info)  # type: ignore[arg-type]
+
+
+# -- Caption -----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CaptionJob:
+    image: bytes  # decoded in the worker (server.imaging), not on the event loop
+    limits: ImageLimits
+    options: DecodeOptions
+    detail: int
+
+
+def caption_job(request: pb.CaptionRequest, model: CaptionModel, settings: Settings) -> CaptionJob:
+    """Validates the options and the encoded size; the header and pixel checks come with decoding."""
+    limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+    if len(request.image) > limits.max_bytes:
+        raise ImageError(f"image is {len(request.image)} bytes; the limit is {limits.max_bytes} bytes "
+                         "(max_image_bytes)")
+    options, detail = decode_options(request.options, settings, model.max_target_tokens)
+    return CaptionJob(request.image, limits, options, detail)
+
+
+def caption_response(model: CaptionModel, job: CaptionJob, result: CaptionResult) -> pb.CaptionResponse:
+    response = pb.CaptionResponse(
+        model=model.name, version=model.version, image_size=pb.ImageSize(width=result.width, height=result.height),
+        grid=pb.Grid(height=result.grid[0], width=result.grid[1]),
+    )
+    for hyp in result.hypotheses:
+        caption = pb.CaptionHypothesis(
+            text=hyp.text, score=hyp.score, log_prob=hyp.log_prob, truncated=hyp.truncated,
+            tokens=_tokens(hyp.tokens, token_words(hyp.text, hyp.tokens[:-1]) + [-1], model.eos_id),
+        )
+        if job.detail in (FULL, WORDS):
+            caption.attention.CopyFrom(matrix(hyp.attention))
+            caption.peak_boxes.extend(pb.Box(x0=x0, y0=y0, x1=x1, y1=y1) for x0, y0, x1, y1 in hyp.peak_boxes)
+        response.hypotheses.append(caption)
+    return response

@@ -2,7 +2,7 @@
 loaded onto the chosen device and warmed up before the server reports ready.
 
 A model family is served by the runtime class registered for it in :data:`RUNTIMES`; families without one are
-skipped with a log line (captioning registers its runtime when it lands). A manifest that fails validation stops the
+skipped with a log line. A manifest that fails validation stops the
 start-up with a message naming the file: serving a model set other than the one asked for is worse than not serving.
 """
 
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from server.artifacts import Manifest, ManifestError
+from server.captioning import CaptionModel
 from server.device import Device
 from server.errors import ModelNotFound, NotReady, StartupError
 from server.logs import event
@@ -38,7 +39,7 @@ class Runtime(Protocol):
 
 
 RuntimeFactory = Callable[[Path, Manifest, Device, str, int], Runtime]
-RUNTIMES: dict[str, RuntimeFactory] = {"translation": TranslationModel}
+RUNTIMES: dict[str, RuntimeFactory] = {"translation": TranslationModel, "captioning": CaptionModel}
 
 
 def _version_key(version: str) -> tuple[int, int | str]:
@@ -116,6 +117,22 @@ class Registry:
         if (name, version) not in self._models:
             raise ModelNotFound(f"model {name!r} has no version {version!r}; loaded versions: {', '.join(versions)}")
         return self._models[(name, version)]
+
+    def default_for(self, family: str) -> str:
+        """The model a request for ``family`` gets when it names none: the default model if it is of that family,
+        else the first loaded model of the family by name; empty if none is loaded (``get`` then explains)."""
+        families = {name: model.family for (name, _), model in self._models.items()}
+        if families.get(self.default_model) == family:
+            return self.default_model
+        return next((name for name in sorted(families) if families[name] == family), "")
+
+    def get_for(self, family: str, name: str = "", version: str = "") -> Runtime:
+        """Like :meth:`get` for a request of ``family``: an empty name picks that family's default model."""
+        if not name and self.ready:
+            name = self.default_for(family)
+            if not name:
+                raise ModelNotFound(f"no {family} model is loaded; loaded models: {', '.join(self.names())}")
+        return self.get(name, version)
 
     def names(self) -> list[str]:
         return sorted({name for name, _ in self._models})

@@ -21,7 +21,9 @@ import grpc
 from attention.v1 import attention_pb2 as pb
 from attention.v1 import attention_pb2_grpc as pb_grpc
 from server import codec, logs
-from server.errors import InvalidInput, ShuttingDown, Unimplemented, to_status
+from server.captioning import CaptionModel, CaptionResult
+from server.errors import InvalidInput, ShuttingDown, to_status
+from server.imaging import decode
 from server.metrics import Metrics
 from server.registry import Registry
 from server.scheduler import Scheduler, Ticket
@@ -109,7 +111,7 @@ class AttentionServicer(pb_grpc.AttentionServiceServicer):
     @rpc("Translate")
     async def Translate(self, request: pb.TranslateRequest, context: grpc.aio.ServicerContext,
                         call: Call) -> pb.TranslateResponse:
-        model = self.registry.get(request.model, request.version)
+        model = self.registry.get_for("translation", request.model, request.version)
         if not isinstance(model, TranslationModel):
             raise InvalidInput(f"model {model.name!r} is a {model.family} model; Translate needs a translation model")
         call.model, call.version = model.name, model.version
@@ -130,7 +132,23 @@ class AttentionServicer(pb_grpc.AttentionServiceServicer):
     @rpc("Caption")
     async def Caption(self, request: pb.CaptionRequest, context: grpc.aio.ServicerContext,
                       call: Call) -> pb.CaptionResponse:
-        raise Unimplemented("Caption is not implemented yet: this server has no captioning runtime")
+        model = self.registry.get_for("captioning", request.model, request.version)
+        if not isinstance(model, CaptionModel):
+            raise InvalidInput(f"model {model.name!r} is a {model.family} model; Caption needs a captioning model")
+        call.model, call.version = model.name, model.version
+        job = codec.caption_job(request, model, self.settings)
+        call.fields = {"image_bytes": len(job.image), "beam_size": job.options.beam_size}
+
+        def work(ticket: Ticket) -> CaptionResult:
+            ticket.check()
+            image = decode(job.image, job.limits)  # header and pixel limits before any pixel is decoded
+            return model.caption([image], job.options, ticket.check)[0]
+
+        result = await self.scheduler.run(work, timeout=context.time_remaining())
+        target_tokens = sum(len(h.tokens) for h in result.hypotheses)
+        self.metrics.count_tokens(model.name, model.version, 0, target_tokens)
+        call.fields.update(width=result.width, height=result.height, target_tokens=target_tokens)
+        return codec.caption_response(model, job, result)
 
     @rpc("ListModels")
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext,

@@ -37,6 +37,9 @@ class Settings:
     max_text_chars: int = _setting(2000, "Most characters in one text.")
     default_beam_size: int = _setting(4, "Beam size when a request leaves it at 0 (1 = greedy).")
     max_beam_size: int = _setting(16, "Largest beam size a request may ask for.")
+    max_image_bytes: int = _setting(10 * 2**20, "Largest encoded image a Caption request may send, in bytes.")
+    max_image_pixels: int = _setting(40_000_000, "Largest image (width × height, read from its header before "
+                                     "decoding) a Caption request may send.")
     max_receive_bytes: int = _setting(16 * 2**20, "Largest request message accepted, in bytes.")
     max_send_bytes: int = _setting(256 * 2**20, "Largest response message sent, in bytes (attention matrices add up).")
     grace_seconds: float = _setting(30.0, "On SIGTERM/SIGINT: how long in-flight requests may take to finish.")
@@ -49,7 +52,7 @@ class Settings:
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"{f.name} must be one of {', '.join(choices)}, not {getattr(self, f.name)!r}")
         for name in ("workers", "max_inflight", "max_texts", "max_text_chars", "default_beam_size", "max_beam_size",
-                     "max_receive_bytes", "max_send_bytes"):
+                     "max_receive_bytes", "max_send_bytes", "max_image_bytes", "max_image_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
         if self.default_beam_size > self.max_beam_size:

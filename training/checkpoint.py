@@ -1,4 +1,11 @@
-"""Checkpoints: state_dicts, config dataclasses as dicts, and the tokenizer model bytes. Never pickled modules."""
+"""Checkpoints: state_dicts, config dataclasses as dicts, and the tokenizer model bytes. Never pickled modules.
+
+``kind`` says which model family a checkpoint holds: ``translation`` (:class:`Seq2Seq` or :class:`Transformer`, as
+``arch`` says) or ``captioning`` (:class:`ShowAttendTell`).
+
+Translation checkpoints written before ``arch`` existed are RNN ones, and their model configs lack the fields added
+for the Luong and no-attention variants: the defaults of those fields mean the Bahdanau model they hold.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,13 @@ from typing import Any
 
 import torch
 
+from training.models.caption import ShowAttendTell, ShowAttendTellConfig
 from training.models.rnn import Seq2Seq, Seq2SeqConfig
+from training.models.transformer import Transformer, TransformerConfig
+
+KINDS = ("translation", "captioning")
+ARCHS = ("rnn", "transformer")
+TranslationModel = Seq2Seq | Transformer
 
 
 def save(path: Path, payload: dict[str, Any]) -> None:
@@ -19,15 +32,34 @@ def save(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def load(path: Path) -> dict[str, Any]:
+def load(path: Path, kind: str | None = "translation") -> dict[str, Any]:
+    """The payload of a checkpoint of ``kind`` (any known kind when ``kind`` is None)."""
     payload: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
-    if payload.get("kind") != "translation":
-        raise ValueError(f"{path} is not a translation checkpoint (kind={payload.get('kind')!r})")
+    found = payload.get("kind")
+    if (kind is None and found not in KINDS) or (kind is not None and found != kind):
+        raise ValueError(f"{path} is not a {kind or ' or '.join(KINDS)} checkpoint (kind={found!r})")
     return payload
 
 
-def build_model(payload: dict[str, Any]) -> Seq2Seq:
-    model = Seq2Seq(Seq2SeqConfig(**payload["model_config"]))
+def new_model(arch: str, model_config: dict[str, Any]) -> TranslationModel:
+    """An untrained translation model of ``arch`` from its config as a dict."""
+    if arch == "rnn":
+        return Seq2Seq(Seq2SeqConfig(**model_config))
+    if arch == "transformer":
+        return Transformer(TransformerConfig(**model_config))
+    raise ValueError(f"unknown architecture {arch!r} (choose from {ARCHS})")
+
+
+def build_model(payload: dict[str, Any]) -> TranslationModel:
+    """The trained translation model of a checkpoint, in eval mode."""
+    model = new_model(payload.get("arch", "rnn"), payload["model_config"])
+    model.load_state_dict(payload["model"])
+    model.eval()
+    return model
+
+
+def build_captioner(payload: dict[str, Any]) -> ShowAttendTell:
+    model = ShowAttendTell(ShowAttendTellConfig(**payload["model_config"]))
     model.load_state_dict(payload["model"])
     model.eval()
     return model

@@ -9,12 +9,13 @@ import logging
 import sys
 from pathlib import Path
 
+from training.caption_train import CaptionTrainConfig
 from training.train import TrainConfig
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field, so the dataclass stays the single description of a run."""
-    for f in dataclasses.fields(TrainConfig):
+def _add_config_flags(parser: argparse.ArgumentParser, config: type = TrainConfig) -> None:
+    """One flag per config field, so the dataclass stays the single description of a run."""
+    for f in dataclasses.fields(config):
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
@@ -29,12 +30,16 @@ def main(argv: list[str] | None = None) -> int:
     tr = sub.add_parser("translation", help="train an attention encoder-decoder on a parallel corpus")
     _add_config_flags(tr)
     tr.add_argument("--resume", type=Path, help="continue from a last.pt/best.pt checkpoint")
-    ev = sub.add_parser("evaluate", help="BLEU and chrF of a checkpoint on a split, overall and by length")
+    cap = sub.add_parser("caption", help="train a Show-Attend-Tell image captioner (scenes, Flickr8k or COCO layout)")
+    _add_config_flags(cap, CaptionTrainConfig)
+    cap.add_argument("--resume", type=Path, help="continue from a last.pt/best.pt checkpoint")
+    ev = sub.add_parser("evaluate", help="BLEU and chrF of a translation checkpoint on a split, overall and by "
+                        "length; BLEU-1..4 and attention correctness of a captioning checkpoint")
     ev.add_argument("checkpoint", type=Path)
     ev.add_argument("--split", default="test", choices=["train", "valid", "test"])
     ev.add_argument("--data", help="corpus (default: the one the checkpoint was trained on)")
     ev.add_argument("--out", type=Path, help="write the results as JSON here")
-    ev.add_argument("--limit", type=int, default=0, help="evaluate only the first N pairs")
+    ev.add_argument("--limit", type=int, default=0, help="evaluate only the first N pairs (images)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
@@ -47,9 +52,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"best checkpoint: {best}")
         return 0
 
+    if args.command == "caption":
+        from training.caption_train import train as train_captioner
+
+        names = {f.name for f in dataclasses.fields(CaptionTrainConfig)}
+        best = train_captioner(CaptionTrainConfig(**{k: v for k, v in vars(args).items() if k in names}), args.resume)
+        print(f"best checkpoint: {best}")
+        return 0
+
     import sentencepiece as spm
 
     from training import checkpoint
+
+    if checkpoint.load(args.checkpoint, kind=None)["kind"] == "captioning":
+        return _evaluate_captioner(args)
     from training.data.corpus import load_corpus, split
     from training.evaluate import evaluate, write_json
 
@@ -59,7 +75,33 @@ def main(argv: list[str] | None = None) -> int:
     pairs = split(load_corpus(args.data or payload["data"]["corpus"]))[args.split]
     if args.limit:
         pairs = pairs[: args.limit]
-    result = {"checkpoint": str(args.checkpoint), "split": args.split, "pairs": len(pairs), **evaluate(model, sp, pairs)}
+    result = {"checkpoint": str(args.checkpoint), "split": args.split, "pairs": len(pairs),
+              **evaluate(model, sp, pairs)}
+    if args.out:
+        write_json(result, args.out)
+    json.dump({k: v for k, v in result.items() if k != "examples"}, sys.stdout, indent=2, ensure_ascii=False)
+    print()
+    return 0
+
+
+def _evaluate_captioner(args: argparse.Namespace) -> int:
+    import sentencepiece as spm
+
+    from training import checkpoint
+    from training.caption_eval import evaluate
+    from training.data.captions import load_caption_data
+    from training.evaluate import write_json
+
+    payload = checkpoint.load(args.checkpoint, kind="captioning")
+    model = checkpoint.build_captioner(payload)
+    sp = spm.SentencePieceProcessor(model_proto=bytes(payload["tokenizer"]))
+    cfg = payload["train_config"]
+    sizes = {"train": cfg["train_images"], "valid": cfg["valid_images"], "test": cfg["test_images"]}
+    if args.limit:
+        sizes[args.split] = min(sizes[args.split], args.limit)
+    data = load_caption_data(args.data or cfg["data"], cfg["image_size"], sizes, cfg["scene_seed"], [args.split])
+    images = data[args.split].subset(args.limit) if args.limit else data[args.split]
+    result = {"checkpoint": str(args.checkpoint), "split": args.split, **evaluate(model, sp, images)}
     if args.out:
         write_json(result, args.out)
     json.dump({k: v for k, v in result.items() if k != "examples"}, sys.stdout, indent=2, ensure_ascii=False)

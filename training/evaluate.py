@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import sacrebleu
 import sentencepiece as spm
 import torch
 
 from training.batching import pad
 from training.data.corpus import Pair
-from training.models.rnn import Seq2Seq
+
+if TYPE_CHECKING:
+    from training.checkpoint import TranslationModel
 
 # Source-length buckets in words, as in Bahdanau et al. (2015) Figure 2.
 BUCKETS: list[tuple[int, int | None]] = [(1, 3), (4, 7), (8, 12), (13, 20), (21, None)]
@@ -30,7 +33,7 @@ def max_target_len(src_len: int) -> int:
 
 @torch.no_grad()
 def translate(
-    model: Seq2Seq,
+    model: TranslationModel,
     sp: spm.SentencePieceProcessor,
     sources: Sequence[str],
     batch_size: int = 128,
@@ -76,9 +79,16 @@ def group_references(pairs: Sequence[Pair]) -> tuple[list[str], list[list[str]],
     return sources, [refs[s] for s in sources], [sentence[s] for s in sources]
 
 
-def evaluate(model: Seq2Seq, sp: spm.SentencePieceProcessor, pairs: Sequence[Pair]) -> dict[str, Any]:
+def evaluate(model: TranslationModel, sp: spm.SentencePieceProcessor, pairs: Sequence[Pair]) -> dict[str, Any]:
     sources, references, is_sentence = group_references(pairs)
-    hypotheses = translate(model, sp, sources)
+    return score_subsets(sources, translate(model, sp, sources), references, is_sentence)
+
+
+def score_subsets(
+    sources: Sequence[str], hypotheses: Sequence[str], references: Sequence[Sequence[str]],
+    is_sentence: Sequence[bool],
+) -> dict[str, Any]:
+    """BLEU and chrF overall, on full sentences, on phrases and by source length in words (grouped sources)."""
 
     def subset(keep: Sequence[bool]) -> dict[str, float]:
         return score(
@@ -102,6 +112,22 @@ def evaluate(model: Seq2Seq, sp: spm.SentencePieceProcessor, pairs: Sequence[Pai
         ][:10],
     }
     return result
+
+
+def attention_entropy(rows: Sequence[np.ndarray]) -> dict[str, float]:
+    """Mean entropy (nats) of attention rows over their real source tokens, and the mean of entropy / log(src_len)
+    (1 = uniform, 0 = all weight on one token; rows over a single token are left out of that ratio)."""
+    entropies, ratios = [], []
+    for matrix in rows:
+        p = np.clip(np.asarray(matrix, dtype=np.float64), 1e-12, 1.0)
+        h = -(p * np.log(p)).sum(-1)  # (target tokens,)
+        entropies.extend(h.tolist())
+        if p.shape[-1] > 1:
+            ratios.extend((h / np.log(p.shape[-1])).tolist())
+    return {
+        "mean_entropy": round(float(np.mean(entropies)), 4) if entropies else 0.0,
+        "mean_normalised_entropy": round(float(np.mean(ratios)), 4) if ratios else 0.0,
+    }
 
 
 def write_json(result: dict[str, Any], path: Path) -> None:

@@ -10,7 +10,7 @@ import logging
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from training import checkpoint
 from training.batching import Example, collate, make_batches
+from training.checkpoint import TranslationModel
 from training.data.corpus import Pair, data_hash, load_corpus, split
 from training.evaluate import group_references, score, translate
 from training.loop import Progress, save_checkpoints
@@ -29,7 +30,8 @@ from training.loop import device_for as _device
 from training.loop import distributed as _distributed
 from training.loop import eta as _eta
 from training.loop import should_stop as _should_stop
-from training.models.rnn import Seq2Seq, Seq2SeqConfig
+from training.models.rnn import ATTENTIONS, Seq2SeqConfig
+from training.models.transformer import TransformerConfig
 from training.tokenizer import BOS_ID, EOS_ID, PAD_ID, train_tokenizer
 
 log = logging.getLogger("attn.train")
@@ -44,6 +46,17 @@ class TrainConfig:
     hidden_dim: int = 256
     attn_dim: int = 256
     dropout: float = 0.1
+    # The model: `--arch rnn --attention bahdanau` is the RNNsearch model the project started with.
+    arch: str = "rnn"  # rnn | transformer (d_model = emb_dim)
+    attention: str = "bahdanau"  # rnn: bahdanau|luong-dot|luong-general|luong-concat|local-m|local-p|none
+    input_feeding: bool = True  # Luong variants: h̃_{t-1} is an input of step t
+    window: int = 10  # local-m/local-p: half-width D of the window [p_t - D, p_t + D]
+    layers: int = 3  # transformer: encoder layers and decoder layers (each)
+    heads: int = 4  # transformer: attention heads
+    ff_dim: int = 0  # transformer: feed-forward size; 0 = 4 * emb_dim
+    align_layer: int = -1  # transformer: decoder layer whose cross-attention is served; -1 = the last
+    align_head: int = -1  # transformer: the served head; -1 = the mean over heads
+    warmup_steps: int = 0  # linear learning-rate warm-up over this many steps; 0 = none
     max_tokens: int = 3000  # padded tokens per batch (per process)
     max_source_tokens: int = 64  # longer training pairs are skipped
     lr: float = 1e-3
@@ -83,8 +96,29 @@ def _examples(pairs: list[Pair], sp: spm.SentencePieceProcessor, max_len: int) -
     return examples
 
 
+def model_config(cfg: TrainConfig, vocab_size: int) -> Seq2SeqConfig | TransformerConfig:
+    """The model config of a run: the fields of ``cfg`` that describe the network."""
+    ids = {"pad_id": PAD_ID, "bos_id": BOS_ID, "eos_id": EOS_ID}
+    if cfg.arch == "transformer":
+        if cfg.attention not in ("bahdanau", "multihead"):  # bahdanau: the flag's default, left as it was
+            raise ValueError(f"--arch transformer has multi-head attention, not {cfg.attention!r}")
+        return TransformerConfig(
+            vocab_size=vocab_size, d_model=cfg.emb_dim, heads=cfg.heads, encoder_layers=cfg.layers,
+            decoder_layers=cfg.layers, ff_dim=cfg.ff_dim or 4 * cfg.emb_dim, dropout=cfg.dropout,
+            align_layer=cfg.align_layer, align_head=cfg.align_head, **ids,
+        )
+    if cfg.arch != "rnn":
+        raise ValueError(f"unknown --arch {cfg.arch!r} (choose from {checkpoint.ARCHS})")
+    if cfg.attention not in ATTENTIONS:
+        raise ValueError(f"unknown --attention {cfg.attention!r} (choose from {ATTENTIONS})")
+    return Seq2SeqConfig(
+        vocab_size=vocab_size, emb_dim=cfg.emb_dim, hidden_dim=cfg.hidden_dim, attn_dim=cfg.attn_dim,
+        dropout=cfg.dropout, attention=cfg.attention, input_feeding=cfg.input_feeding, window=cfg.window, **ids,
+    )
+
+
 @torch.no_grad()
-def _valid_loss(model: Seq2Seq, examples: list[Example], device: torch.device, max_tokens: int) -> float:
+def _valid_loss(model: TranslationModel, examples: list[Example], device: torch.device, max_tokens: int) -> float:
     model.eval()
     total, count = 0.0, 0
     for idx in make_batches(examples, max_tokens, seed=0, epoch=0):
@@ -99,8 +133,8 @@ def _valid_loss(model: Seq2Seq, examples: list[Example], device: torch.device, m
 
 
 def _validate(
-    model: Seq2Seq, sp: spm.SentencePieceProcessor, valid: list[Pair], examples: list[Example], cfg: TrainConfig,
-    device: torch.device,
+    model: TranslationModel, sp: spm.SentencePieceProcessor, valid: list[Pair], examples: list[Example],
+    cfg: TrainConfig, device: torch.device,
 ) -> dict[str, float]:
     loss = _valid_loss(model, examples, device, cfg.max_tokens)
     # A fixed sample that over-weights full sentences: phrases alone say little about sentence translation.
@@ -123,6 +157,9 @@ def train(cfg: TrainConfig, resume_path: Path | None = None) -> Path:
         # The run continues as configured; only budgets given anew on the command line extend it.
         budgets = {k: v for k, v in asdict(cfg).items() if k.startswith("max_") and k != "max_tokens" and v}
         cfg = TrainConfig(**{**resume["train_config"], **budgets})
+    if cfg.arch == "transformer" and cfg.attention == "bahdanau":
+        cfg = replace(cfg, attention="multihead")  # what the run is, in its saved config
+    model_config(cfg, cfg.vocab_size)  # an unknown --arch or --attention fails now, not after the tokenizer
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -137,11 +174,8 @@ def train(cfg: TrainConfig, resume_path: Path | None = None) -> Path:
     if not train_examples:
         raise ValueError(f"no training pairs left from {cfg.data!r}")
 
-    model_cfg = Seq2SeqConfig(
-        vocab_size=sp.get_piece_size(), emb_dim=cfg.emb_dim, hidden_dim=cfg.hidden_dim, attn_dim=cfg.attn_dim,
-        dropout=cfg.dropout, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-    )
-    model = Seq2Seq(model_cfg).to(device)
+    model_cfg = model_config(cfg, sp.get_piece_size())
+    model = checkpoint.new_model(cfg.arch, asdict(model_cfg)).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     progress = Progress()
     best = {"valid_loss": float("inf")}
@@ -166,6 +200,7 @@ def train(cfg: TrainConfig, resume_path: Path | None = None) -> Path:
     def payload() -> dict[str, Any]:
         return {
             "kind": "translation",
+            "arch": cfg.arch,
             "model_config": asdict(model_cfg),
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
@@ -203,6 +238,9 @@ def train(cfg: TrainConfig, resume_path: Path | None = None) -> Path:
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.warmup_steps:
+                for group in optimizer.param_groups:
+                    group["lr"] = cfg.lr * min(1.0, (progress.step + 1) / cfg.warmup_steps)
             nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
             optimizer.step()
 
@@ -236,7 +274,7 @@ def train(cfg: TrainConfig, resume_path: Path | None = None) -> Path:
 
 
 def _checkpoint(
-    rank: int, world: int, cfg: TrainConfig, model: Seq2Seq, sp: spm.SentencePieceProcessor, valid: list[Pair],
+    rank: int, world: int, cfg: TrainConfig, model: TranslationModel, sp: spm.SentencePieceProcessor, valid: list[Pair],
     valid_examples: list[Example], device: torch.device, progress: Progress, best: dict[str, Any],
     history: list[dict[str, Any]], payload: Any, out: Path,
 ) -> None:

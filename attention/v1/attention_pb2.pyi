@@ -168,7 +168,8 @@ class Token(_message.Message):
     """
     start: _builtins.int
     """`text[start:end]` is the part of the text the token stands for. A `▁` stands for the run of whitespace it
-    replaced (one or more whitespace characters) and for nothing at the very start of the text. Of the
+    replaced (one or more whitespace characters) and for nothing at the very start of the text; a generated
+    whitespace-only token that detokenization drops (leading or repeated whitespace) has an empty span. Of the
     byte-fallback tokens that spell one character, the last covers the character and the others have an empty
     span at its start. Where the model's NFKC normalisation changed characters (e.g. the ligature `ﬁ`), spans
     cover the original characters that the normaliser mapped to the token. Special tokens have the empty span at

@@ -10,7 +10,18 @@ graph files and how their tensors connect, so one runtime code path can drive ev
 * ``decoder.token_input`` takes the previous token ids, ``decoder.mask_input`` the source mask (true on real
   tokens); ``decoder.log_probs_output`` and ``decoder.attention_output`` are read after each step.
 
-All tensors with a batch axis have it first, so beam search reorders them with one ``take`` along axis 0.
+Captioning models read an image instead of text: ``image`` says how the server turns a decoded picture into the
+encoder's input (size, normalisation, resize policy) and the shape of the attention grid; their decoder step has no
+mask input (``decoder.mask_input`` is empty: a grid has no padding).
+
+All tensors with a batch axis have it first, so beam search reorders them with one ``take`` along axis 0. A state
+entry may grow along an axis from step to step (a Transformer's self-attention key/value cache starts with length 0
+in the encoder output and gains one position per step).
+
+``attention`` describes the served alignment (``type``; ``uniform: true`` when it is 1/len(source) because the model
+has no attention). A Transformer names the layer and head reduction it serves (``layer``, ``head``: ``"mean"`` or an
+index, ``layers``, ``heads``) and ``all_heads_output``, a decoder output (batch, layers, heads, src_len) with every
+layer's and head's cross-attention for per-request selection.
 """
 
 from __future__ import annotations
@@ -51,7 +62,7 @@ class GraphSpec:
 @dataclass
 class DecoderBinding:
     token_input: str
-    mask_input: str
+    mask_input: str  # "" (no mask) only for captioning: a grid has no padding
     static_inputs: list[str]
     state: dict[str, str]  # decoder input -> decoder output that replaces it after a step
     log_probs_output: str
@@ -79,6 +90,10 @@ class Manifest:
     variants: dict[str, dict[str, str]] = field(default_factory=dict)  # e.g. {"int8": {"encoder": ..., ...}}
     exporter_version: str = ""
     schema_version: int = SCHEMA_VERSION
+    # Captioning only: {"input": encoder input name, "size": [height, width], "channels": 3, "layout": "NCHW",
+    # "color": "RGB", "scale": 1/255, "mean": [3], "std": [3], "resize": "stretch", "resample": "bilinear",
+    # "grid": [rows, columns]}. The encoder input is ((pixel * scale) - mean) / std, channels first.
+    image: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, ensure_ascii=False) + "\n"
@@ -137,7 +152,12 @@ class Manifest:
         dec_in = set(self.decoder_step.input_names())
         dec_out = set(self.decoder_step.output_names())
         d = self.decoder
-        for name in [d.token_input, d.mask_input, *d.static_inputs, *d.state]:
+        if not d.mask_input and self.family != "captioning":
+            raise ManifestError(f"decoder.mask_input is required for family {self.family!r}")
+        if self.family == "captioning":
+            self._check_image()
+        masks = [d.mask_input] if d.mask_input else []
+        for name in [d.token_input, *masks, *d.static_inputs, *d.state]:
             if name not in dec_in:
                 raise ManifestError(f"decoder input {name!r} is not an input of {self.decoder_step.file}")
         for name in [*d.static_inputs, *d.state]:
@@ -146,9 +166,27 @@ class Manifest:
         for name in [d.log_probs_output, d.attention_output, *d.state.values()]:
             if name not in dec_out:
                 raise ManifestError(f"decoder output {name!r} is not an output of {self.decoder_step.file}")
-        bound = {d.token_input, d.mask_input, *d.static_inputs, *d.state}
+        bound = {d.token_input, *masks, *d.static_inputs, *d.state}
         if dec_in - bound:
             raise ManifestError(f"decoder inputs {sorted(dec_in - bound)} are not bound to anything")
+        all_heads = self.attention.get("all_heads_output")
+        if all_heads and all_heads not in dec_out:
+            raise ManifestError(f"attention.all_heads_output {all_heads!r} is not a decoder output")
+
+    def _check_image(self) -> None:
+        image = self.image
+        for key in ("input", "size", "mean", "std", "grid", "resize"):
+            if key not in image:
+                raise ManifestError(f"image lacks {key!r} (required for family 'captioning')")
+        if image["input"] not in self.encoder.input_names():
+            raise ManifestError(f"image.input {image['input']!r} is not an input of {self.encoder.file}")
+        for key, length in (("size", 2), ("grid", 2), ("mean", 3), ("std", 3)):
+            value = image[key]
+            numbers = isinstance(value, list) and all(isinstance(v, int | float) for v in value)
+            if not numbers or len(value) != length or (key != "mean" and min(value) <= 0):
+                raise ManifestError(f"image.{key} must be a list of {length} numbers (positive), got {value!r}")
+        if image["resize"] != "stretch":
+            raise ManifestError(f"image.resize {image['resize']!r} is not supported (only 'stretch')")
 
     def check_files(self, directory: Path) -> None:
         files = [self.encoder.file, self.decoder_step.file, self.tokenizer["file"]]

@@ -73,6 +73,8 @@ def matrix(m: pb.Matrix) -> np.ndarray:
 
 def _piece_pattern(piece: str, first: bool) -> str:
     """A ``▁`` stands for a run of whitespace, except at the very start of the text where it stands for nothing."""
+    if not piece.strip("▁"):
+        return r"\s*"  # whitespace only: detokenization may have dropped it (leading or repeated whitespace)
     body = piece[1:] if first and piece.startswith("▁") else piece
     return "".join(r"\s+" if c == "▁" else re.escape(c) for c in body)
 

@@ -120,10 +120,11 @@ def test_request_id_is_echoed(running: RunningServer) -> None:
     assert dict(call.trailing_metadata())["x-request-id"]
 
 
-def test_caption_is_unimplemented(running: RunningServer) -> None:
+def test_caption_without_a_captioning_model(running: RunningServer) -> None:
     with pytest.raises(grpc.RpcError) as error:
         running.stub.Caption(pb.CaptionRequest(image=b"\x89PNG"), timeout=10)
-    assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "no captioning model is loaded" in error.value.details()
 
 
 def test_int8_variant(models_dir: Path) -> None:

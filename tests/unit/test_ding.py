@@ -57,7 +57,10 @@ def test_is_sentence() -> None:
 def test_user_corpora(tmp_path: Path) -> None:
     tsv = tmp_path / "c.tsv"
     tsv.write_text("Guten Morgen.\tGood morning.\n\nIch bin müde heute.\tI am tired today.\n", encoding="utf-8")
-    assert read_tsv(tsv) == [Pair("Guten Morgen.", "Good morning."), Pair("Ich bin müde heute.", "I am tired today.", True)]
+    assert read_tsv(tsv) == [
+        Pair("Guten Morgen.", "Good morning."),
+        Pair("Ich bin müde heute.", "I am tired today.", True),
+    ]
     src, tgt = tmp_path / "c.de", tmp_path / "c.en"
     src.write_text("eins\nzwei\n", encoding="utf-8")
     tgt.write_text("one\ntwo\n", encoding="utf-8")

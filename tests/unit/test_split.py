@@ -1,6 +1,6 @@
+from tests.conftest import DING_SAMPLE
 from training.data.corpus import Pair, normalise, split, split_of
 from training.data.ding import read_ding
-from tests.conftest import DING_SAMPLE
 
 
 def test_split_is_deterministic_and_keyed_on_the_normalised_source() -> None:

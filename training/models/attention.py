@@ -25,7 +25,7 @@ class BahdanauAttention(nn.Module):
         self.U_a = nn.Linear(key_dim, attn_dim, bias=True)
         self.v_a = nn.Linear(attn_dim, 1, bias=False)
 
-    def project_keys(self, memory: torch.Tensor) -> torch.Tensor:
+    def project_keys(self, memory: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """``U_a h_j`` for every source position: (batch, src_len, key_dim) -> (batch, src_len, attn_dim)."""
         return self.U_a(memory)
 

@@ -1,0 +1,90 @@
+"""``attn caption IMAGE [--overlay out.png]``: the caption, where each word looked, and the paper-style overlay.
+
+    attn caption photo.png                       caption and, per word, the image region of its attention peak
+    attn caption photo.png --overlay out.png     plus one panel per word with its attention map over the image
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from google.protobuf import json_format
+
+from attention.v1 import attention_pb2 as pb
+from attention.v1 import attention_pb2_grpc as pb_grpc
+
+
+def add_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentParser,
+               details: dict[str, Any]) -> None:
+    c = commands.add_parser("caption", parents=[common], help="caption an image and show where each word looked")
+    c.add_argument("image", type=Path, help="PNG, JPEG, WebP, BMP or GIF (first frame) file")
+    c.add_argument("--model", default="", help="captioning model name (default: the server's first captioner)")
+    c.add_argument("--version", default="", help="model version (default: the highest)")
+    c.add_argument("--beam", type=int, default=0, help="beam size (default: the server's; 1 = greedy)")
+    c.add_argument("--nbest", type=int, default=0, help="captions to return (default 1)")
+    c.add_argument("--max-output-tokens", type=int, default=0, help="token budget (default: the model's)")
+    c.add_argument("--length-penalty", type=float, default=None, help="length penalty alpha (default 1.0)")
+    c.add_argument("--attention", choices=details, default="full", help="attention detail (default full)")
+    c.add_argument("--overlay", type=Path, help="write one panel per word with its attention over the image")
+
+
+def matrix(m: pb.Matrix) -> np.ndarray:
+    return np.asarray(m.values, dtype=np.float32).reshape(m.rows, m.cols)
+
+
+def text(response: pb.CaptionResponse) -> str:
+    size, grid = response.image_size, response.grid
+    lines = [f"{response.model}/{response.version}: image {size.width}×{size.height}, attention grid "
+             f"{grid.height}×{grid.width}"]
+    for rank, hyp in enumerate(response.hypotheses, 1):
+        lines.append(f"{rank}. {hyp.text}   (score {hyp.score:.3f}{', truncated' if hyp.truncated else ''})")
+        weights = matrix(hyp.attention) if hyp.attention.rows else None
+        for i, (token, box) in enumerate(zip(hyp.tokens, hyp.peak_boxes)):
+            word = "</s>" if token.special else hyp.text[token.start : token.end] or token.piece
+            share = f"  peak weight {weights[i].max():.2f}" if weights is not None else ""
+            lines.append(f"   {word:<12} x {box.x0}–{box.x1}, y {box.y0}–{box.y1}{share}")
+    return "\n".join(lines)
+
+
+def draw(image_bytes: bytes, response: pb.CaptionResponse, path: Path) -> None:
+    """The best caption's words, each over its attention map (Xu et al. 2015, Figures 2-3)."""
+    from PIL import Image, ImageOps
+
+    from server.artifacts.attention_maps import overlay
+
+    hyp = response.hypotheses[0]
+    with Image.open(io.BytesIO(image_bytes)) as opened:
+        opened.seek(0)
+        picture = ImageOps.exif_transpose(opened).convert("RGB")  # the orientation the server's boxes refer to
+    words = ["</s>" if t.special else hyp.text[t.start : t.end] or t.piece for t in hyp.tokens]
+    grid = (response.grid.height, response.grid.width)
+    panel = max(96, min(256, 1024 // max(1, min(len(words) + 1, 5))))
+    overlay(picture, words, matrix(hyp.attention), grid, columns=5, panel=panel).save(path)
+
+
+def caption(args: argparse.Namespace, stub: pb_grpc.AttentionServiceStub, details: dict[str, Any]) -> int:
+    if args.overlay and args.attention != "full":
+        raise SystemExit("attn: --overlay needs --attention full")
+    try:
+        data = args.image.read_bytes()
+    except OSError as exc:
+        raise SystemExit(f"attn: cannot read {args.image}: {exc.strerror}") from exc
+    options = pb.DecodingOptions(beam_size=args.beam, nbest=args.nbest, max_output_tokens=args.max_output_tokens,
+                                 attention=details[args.attention])
+    if args.length_penalty is not None:
+        options.length_penalty = args.length_penalty
+    request = pb.CaptionRequest(model=args.model, version=args.version, image=data, options=options)
+    response = stub.Caption(request, timeout=args.timeout)
+    if args.json:
+        print(json_format.MessageToJson(response, preserving_proto_field_name=True, ensure_ascii=False))
+    else:
+        print(text(response))
+    if args.overlay:
+        draw(data, response, args.overlay)
+        print(f"overlay written to {args.overlay}", file=sys.stderr)
+    return 0

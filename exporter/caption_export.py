@@ -1,0 +1,321 @@
+"""Captioning checkpoint → ``models/<name>/<version>/``: image_encoder.onnx, decoder_step.onnx, the word vocabulary,
+manifest.json (with the ``image`` section: input size, normalisation, grid) and the model card.
+
+As for translation, everything is written to a staging directory and moved into place only when the graphs pass
+``onnx.checker`` and the parity check: greedy captions identical to PyTorch on held-out images, attention within
+the same tolerance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import sentencepiece as spm
+import torch
+
+from exporter.caption_graphs import (
+    STATE,
+    decoder_inputs,
+    decoder_outputs,
+    encoder_inputs,
+    encoder_outputs,
+    export_graphs,
+)
+from exporter.export import EXPORTER_VERSION, ExportOptions, ParityError
+from exporter.parity import ParityReport
+from server.artifacts import DecoderBinding, GraphSpec, Manifest
+from server.artifacts.attention_maps import overlay, peak_box
+from training import checkpoint
+from training.caption_eval import MAX_CAPTION_TOKENS
+from training.caption_train import CaptionTrainConfig
+from training.data.captions import CaptionSet, load_caption_data
+from training.models.caption import ShowAttendTell, normalise
+
+log = logging.getLogger("attn.export")
+
+
+@dataclass
+class CaptionExportOptions(ExportOptions):
+    overlays: Path | None = None  # write two example overlays (and their input images) into this folder
+
+
+@dataclass
+class OnnxCaptioner:
+    """Greedy captions through the exported graphs on ONNX Runtime's CPU provider, the way the server runs them."""
+
+    encoder: ort.InferenceSession
+    decoder: ort.InferenceSession
+    bos_id: int
+    eos_id: int
+
+    @classmethod
+    def load(cls, encoder: Path, decoder: Path, bos_id: int, eos_id: int) -> OnnxCaptioner:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        providers = ["CPUExecutionProvider"]
+        return cls(ort.InferenceSession(str(encoder), options, providers=providers),
+                   ort.InferenceSession(str(decoder), options, providers=providers), bos_id, eos_id)
+
+    def __call__(self, images: np.ndarray) -> tuple[list[list[int]], list[np.ndarray]]:
+        """images: (batch, 3, S, S) float32, normalised. Token ids without EOS; attention rows with EOS's."""
+        features, keys, h, c = self.encoder.run(None, {"image": images})
+        token = np.full(len(images), self.bos_id, dtype=np.int64)
+        done = np.zeros(len(images), dtype=bool)
+        steps, rows = [], []
+        for _ in range(MAX_CAPTION_TOKENS):
+            log_probs, h, c, weights = self.decoder.run(
+                None, {"prev_token": token, "h": h, "c": c, "features": features, "keys": keys})
+            token = log_probs.argmax(-1).astype(np.int64)
+            steps.append(token)
+            rows.append(weights)
+            done |= token == self.eos_id
+            if done.all():
+                break
+        all_tokens = np.stack(steps, 1).tolist()
+        all_rows = np.stack(rows, 1)
+        tokens, attention = [], []
+        for b, seq in enumerate(all_tokens):
+            n = seq.index(self.eos_id) if self.eos_id in seq else len(seq)
+            tokens.append(seq[:n])
+            attention.append(all_rows[b, : min(n + 1, len(seq))])
+        return tokens, attention
+
+
+def _normalised(model: ShowAttendTell, images: np.ndarray) -> torch.Tensor:
+    return normalise(torch.from_numpy(images), model.cfg.mean, model.cfg.std)
+
+
+def check(model: ShowAttendTell, onnx_model: OnnxCaptioner, images: np.ndarray, batch_size: int = 64) -> ParityReport:
+    """Greedy-caption uint8 ``images`` (N, S, S, 3) with PyTorch and ONNX Runtime and compare."""
+    report = ParityReport()
+    model.eval()
+    for start in range(0, len(images), batch_size):
+        batch = _normalised(model, images[start : start + batch_size])
+        torch_tokens, torch_rows = model.greedy(batch, MAX_CAPTION_TOKENS)
+        onnx_tokens, onnx_rows = onnx_model(batch.numpy())
+        for i, (a, b) in enumerate(zip(torch_tokens, onnx_tokens)):
+            report.sentences += 1
+            if a == b:
+                report.identical_tokens += 1
+                diff = float(np.abs(torch_rows[i].numpy() - onnx_rows[i]).max())
+                report.max_attention_diff = max(report.max_attention_diff, diff)
+            elif len(report.mismatches) < 5:
+                report.mismatches.append({"image": start + i, "torch": a, "onnx": b})
+    return report
+
+
+def held_out_images(payload: dict[str, Any], count: int) -> CaptionSet:
+    """The first ``count`` images of the checkpoint's own test split."""
+    cfg = payload["train_config"]
+    sizes = {"train": 0, "valid": 0, "test": count}
+    data = load_caption_data(cfg["data"], cfg["image_size"], sizes, cfg["scene_seed"], ["test"])["test"]
+    return data.subset(count)
+
+
+def training_command(train_config: dict[str, Any]) -> str:
+    """The ``attn-train caption`` command line that reproduces a run (flags that differ from the defaults)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(CaptionTrainConfig)}
+    flags = []
+    for key, value in train_config.items():
+        if key in defaults and value != defaults[key]:
+            flag = "--" + key.replace("_", "-")
+            flags.append(flag if value is True else f"--no-{flag[2:]}" if value is False else f"{flag} {value}")
+    return " ".join(["attn-train caption", *flags])
+
+
+def _manifest(model: ShowAttendTell, payload: dict[str, Any], options: ExportOptions, parity: ParityReport) -> Manifest:
+    cfg = model.cfg
+    rows, cols = model.grid()
+    return Manifest(
+        name=options.name,
+        version=options.version,
+        family="captioning",
+        architecture="show-attend-tell",
+        attention={"type": "soft", "uniform": False, "query": "previous LSTM state", "gate": "beta",
+                   "over": "image grid"},
+        languages={"source": "image", "target": options.target_language},
+        tokenizer={"type": "sentencepiece", "file": "spm.model"},
+        special_ids={"pad": cfg.pad_id, "unk": 1, "bos": cfg.bos_id, "eos": cfg.eos_id},
+        vocab_size=cfg.vocab_size,
+        encoder=GraphSpec("image_encoder.onnx", encoder_inputs(model), encoder_outputs(model)),
+        decoder_step=GraphSpec("decoder_step.onnx", decoder_inputs(model), decoder_outputs(model)),
+        decoder=DecoderBinding(
+            token_input="prev_token", mask_input="", static_inputs=["features", "keys"], state=dict(STATE),
+            log_probs_output="log_probs", attention_output="attention",
+        ),
+        limits={"max_source_tokens": rows * cols, "max_target_tokens": MAX_CAPTION_TOKENS},
+        image={
+            "input": "image", "size": [cfg.image_size, cfg.image_size], "channels": 3, "layout": "NCHW",
+            "color": "RGB", "scale": 1 / 255, "mean": list(cfg.mean), "std": list(cfg.std), "resize": "stretch",
+            "resample": "bilinear", "grid": [rows, cols],
+        },
+        training={
+            "data": payload["data"],
+            "config": payload["train_config"],
+            "command": training_command(payload["train_config"]),
+            "model_config": payload["model_config"],
+            "progress": payload["progress"],
+            "best": payload["best"],
+            "hardware": payload.get("hardware", ""),
+        },
+        parity=parity.as_dict(),
+        exporter_version=EXPORTER_VERSION,
+    )
+
+
+def export_captioner(checkpoint_path: Path, out: Path, options: ExportOptions) -> Manifest:
+    out = Path(out)
+    if out.exists() and not options.force:
+        raise FileExistsError(f"{out} exists; pass --force to replace it")
+    if options.int8:
+        raise ValueError("--int8 is not supported for captioning models")
+    payload = checkpoint.load(checkpoint_path, kind="captioning")
+    model = checkpoint.build_captioner(payload)
+    sp_bytes = bytes(payload["tokenizer"])
+    sp = spm.SentencePieceProcessor(model_proto=sp_bytes)
+    staging = out.parent / f".{out.name}.staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        started = time.monotonic()
+        (staging / "spm.model").write_bytes(sp_bytes)
+        export_graphs(model, str(staging / "image_encoder.onnx"), str(staging / "decoder_step.onnx"))
+        for graph in ("image_encoder.onnx", "decoder_step.onnx"):
+            onnx.checker.check_model(str(staging / graph), full_check=True)
+        held_out = held_out_images(payload, options.parity_sentences)
+        images = held_out.images(range(len(held_out)))
+        onnx_model = OnnxCaptioner.load(staging / "image_encoder.onnx", staging / "decoder_step.onnx",
+                                        model.cfg.bos_id, model.cfg.eos_id)
+        report = check(model, onnx_model, images)
+        log.info("parity: %s", report.as_dict())
+        if not report.passed:
+            raise ParityError(f"parity check failed, nothing written: {report.as_dict()} {report.mismatches[:2]}")
+        manifest = _manifest(model, payload, options, report)
+        if options.metrics_file:
+            manifest.metrics["evaluation"] = json.loads(Path(options.metrics_file).read_text(encoding="utf-8"))
+        manifest.training["export_seconds"] = round(time.monotonic() - started, 1)
+        manifest.save(staging)
+        Manifest.load(staging)  # the server's own validation, before anything is moved into place
+        pictures = _examples(model, onnx_model, sp, held_out, images, manifest, options, out)
+        _card(staging, manifest, options.command, pictures)
+        if out.exists():
+            shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging.rename(out)
+        return manifest
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _examples(
+    model: ShowAttendTell, onnx_model: OnnxCaptioner, sp: spm.SentencePieceProcessor, held_out: CaptionSet,
+    images: np.ndarray, manifest: Manifest, options: ExportOptions, out: Path, count: int = 2,
+) -> list[dict[str, Any]]:
+    """Captions of the first held-out images with two or more objects (or the first ones), their words' peak
+    regions and, with ``--overlays``, the overlay pictures."""
+    order = [i for i, refs in enumerate(held_out.captions) if len(refs[0].split()) > 4] or list(range(len(images)))
+    grid = manifest.image["grid"]
+    size = model.cfg.image_size
+    examples = []
+    for k, i in enumerate(order[:count], 1):
+        tokens, rows = onnx_model(_normalised(model, images[i : i + 1]).numpy())
+        words = [sp.id_to_piece(t).lstrip("▁") for t in tokens[0]] + ["<eos>"]
+        example: dict[str, Any] = {
+            "caption": sp.decode(tokens[0]), "reference": held_out.captions[i][0],
+            "regions": [(w, peak_box(r, grid, size, size)) for w, r in zip(words, rows[0])],
+        }
+        overlays = getattr(options, "overlays", None)
+        if overlays is not None:
+            folder = Path(overlays)
+            folder.mkdir(parents=True, exist_ok=True)
+            from PIL import Image
+
+            picture = Image.fromarray(images[i])
+            stem = f"{manifest.name}-example-{k}"
+            picture.save(folder / f"{stem}-input.png")
+            overlay(picture, words, rows[0], grid, panel=128).save(folder / f"{stem}.png")
+            example["overlay"] = os.path.relpath(folder / f"{stem}.png", out)
+            example["input"] = os.path.relpath(folder / f"{stem}-input.png", out)
+        examples.append(example)
+    return examples
+
+
+def _correctness_rows(correctness: dict[str, Any]) -> list[str]:
+    lines = ["| decoding | object words | attention correctness | uniform baseline | ratio |",
+             "|---|---:|---:|---:|---:|"]
+    for name in ("teacher_forced", "greedy"):
+        c = correctness.get(name)
+        if c:
+            lines.append(f"| {name.replace('_', '-')} | {c['words']} | **{c['correctness']:.3f}** | "
+                         f"{c['uniform_baseline']:.3f} | {c['ratio']}× |")
+            for kind, k in c["by_word_kind"].items():
+                lines.append(f"| — {kind} words | {k['words']} | {k['correctness']:.3f} | {k['uniform_baseline']:.3f} |"
+                             f" {k['ratio']}× |")
+    return lines
+
+
+def _card(directory: Path, manifest: Manifest, command: str, examples: Sequence[dict[str, Any]]) -> None:
+    t = manifest.training
+    progress, data, mc = t["progress"], t["data"], t["model_config"]
+    rows, cols = manifest.image["grid"]
+    lines = [
+        f"# {manifest.name} version {manifest.version}",
+        "",
+        f"Image captioning with soft attention (Show, Attend and Tell): a {mc['backbone']} CNN turns a "
+        f"{mc['image_size']}×{mc['image_size']} image into a {rows}×{cols} grid of {mc['feature_dim']}-d annotation "
+        f"vectors; an LSTM (hidden {mc['hidden_dim']}) attends over the grid at every word (additive attention, "
+        f"gating scalar β, doubly stochastic regulariser) with a vocabulary of {manifest.vocab_size} words.",
+        "",
+        "## How it was made",
+        "",
+        f"- Training command: `{t['command']}`",
+        f"- Export command: `{command}`" if command else "- Exported with `attn-export`.",
+        f"- Data: `{data['corpus']}`, hash `{data['hash']}`, splits {data['sizes']} (images).",
+        f"- Training time: {progress['elapsed_s'] / 60:.1f} min, {progress['step']} steps, {progress['epoch']} full "
+        f"epochs, on {t['hardware']}.",
+        f"- Best checkpoint (by validation loss): {t['best']}",
+        "",
+        "## Scores",
+        "",
+    ]
+    evaluation = manifest.metrics.get("evaluation")
+    if evaluation:
+        lines += [f"Greedy captions of the {evaluation['split']} split ({evaluation['images']} images), measured by "
+                  "`attn-train evaluate`:", "",
+                  "| BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | exact match |", "|---:|---:|---:|---:|---:|",
+                  f"| {evaluation['bleu1']} | {evaluation['bleu2']} | {evaluation['bleu3']} | **{evaluation['bleu4']}**"
+                  f" | {evaluation['exact_match']:.1%} |", ""]
+        if "attention_correctness" in evaluation:
+            lines += ["Attention correctness: the share of an object word's attention inside its object's box, next "
+                      "to the share a uniform map would put there (box area / image area). Teacher-forced: on the "
+                      "reference captions; greedy: on the model's own captions, for phrases that name an object of "
+                      "the image.", ""]
+            lines += _correctness_rows(evaluation["attention_correctness"]) + [""]
+    else:
+        lines += ["No evaluation file was given to the exporter.", ""]
+    p = manifest.parity
+    lines += [f"Parity with PyTorch on {p['sentences']} held-out images: {p['identical_greedy_tokens']} identical "
+              f"greedy captions, largest attention difference {p['max_attention_abs_diff']} (tolerance "
+              f"{p['attention_tolerance']}).", "", "## Examples", ""]
+    for e in examples:
+        lines += [f"- **{e['caption']}** (reference: {e['reference']})", ""]
+        if "overlay" in e:
+            lines += [f"  ![input]({e['input']}) ![attention of every word]({e['overlay']})", ""]
+        lines += [f"  - `{w}`: peak at x {b[0]}–{b[2]}, y {b[1]}–{b[3]}" for w, b in e["regions"]]
+        lines.append("")
+    sizes = sorted((f.name, f.stat().st_size) for f in directory.iterdir() if f.is_file())
+    lines += ["## Files", ""] + [f"- `{name}`: {size / 1e6:.2f} MB" for name, size in sizes]
+    lines.append(f"- total: {sum(s for _, s in sizes) / 1e6:.2f} MB (the card adds a few kB)")
+    (directory / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -1,0 +1,138 @@
+"""Request images: safe decoding (PNG, JPEG, WebP, BMP, GIF's first frame) and preparation for a captioner.
+
+Decoding an image can cost far more memory and time than its bytes suggest (a 50 kB PNG can claim 30000×30000
+pixels), so the limits are checked in order before any pixel is decoded:
+
+1. encoded bytes against ``max_bytes``;
+2. the header: ``Image.open`` only parses it, and the pixel count it claims is checked against ``max_pixels``
+   (Pillow's own decompression-bomb guard stays in place behind ours and is reported the same way);
+3. only then the first frame is decoded.
+
+Every refusal is an :class:`ImageError` (``INVALID_ARGUMENT``) whose message names the limit, and so is anything
+that is not a readable image of an accepted format: empty, text, truncated or corrupt bytes.
+
+The prepared image is the picture as its owner sees it (EXIF orientation applied), as 8-bit RGB: 16-bit greys are
+scaled down, CMYK converted, and transparent pixels composited over white. The captioner's input is then a plain
+(stretching) bilinear resize to the model's size, scaled and standardised as its manifest says — exactly what
+``training.data.captions.load_image`` and ``training.models.caption.normalise`` do for training images.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from server.errors import InvalidInput
+
+FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
+DEFAULT_MAX_BYTES = 10 * 2**20
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+class ImageError(InvalidInput):
+    """An image the server will not decode; the message says why."""
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int = DEFAULT_MAX_BYTES  # encoded size
+    max_pixels: int = DEFAULT_MAX_PIXELS  # width × height claimed by the header
+
+
+@dataclass
+class DecodedImage:
+    image: Image.Image  # RGB, 8 bits per channel, EXIF orientation applied
+    format: str  # as Pillow names it: PNG, JPEG, WEBP, BMP, GIF
+    frames: int  # frames in the file; only the first is used
+
+    @property
+    def width(self) -> int:
+        return int(self.image.width)
+
+    @property
+    def height(self) -> int:
+        return int(self.image.height)
+
+
+def decode(data: bytes, limits: ImageLimits = ImageLimits()) -> DecodedImage:
+    """The first frame of ``data`` as 8-bit RGB; raises :class:`ImageError`."""
+    if not data:
+        raise ImageError("image is empty (0 bytes)")
+    if len(data) > limits.max_bytes:
+        raise ImageError(f"image is {len(data)} bytes; the limit is {limits.max_bytes} bytes (max_image_bytes)")
+    try:
+        opened = Image.open(io.BytesIO(data), formats=FORMATS)  # parses the header only
+    except Image.DecompressionBombError as exc:  # Pillow's own guard fired first, while reading the header
+        raise ImageError(f"image header claims {_claimed(exc)} pixels; the limit is {limits.max_pixels} pixels "
+                         "(max_image_pixels)") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageError(f"image is not a {', '.join(FORMATS[:-1])} or {FORMATS[-1]} file") from exc
+    except Exception as exc:  # Pillow's parsers raise many types (SyntaxError, struct.error, ...) for bad headers
+        raise ImageError(f"image header is corrupt: {_reason(exc)}") from exc
+    with opened:
+        width, height = opened.size
+        if width < 1 or height < 1:
+            raise ImageError(f"image has no pixels ({width}×{height})")
+        if width * height > limits.max_pixels:
+            raise ImageError(f"image is {width}×{height} = {width * height} pixels; the limit is {limits.max_pixels}"
+                             " pixels (max_image_pixels)")
+        frames = int(getattr(opened, "n_frames", 1))
+        try:
+            opened.seek(0)
+            opened.load()
+            image = to_rgb(_oriented(opened))
+        except Image.DecompressionBombError as exc:
+            raise ImageError(f"image claims too many pixels; the limit is {limits.max_pixels} pixels "
+                             "(max_image_pixels)") from exc
+        except Exception as exc:  # truncated data, decoder errors
+            raise ImageError(f"image data is truncated or corrupt: {_reason(exc)}") from exc
+        return DecodedImage(image, str(opened.format), frames)
+
+
+def _claimed(exc: BaseException) -> str:
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    return found.group(1) if found else "too many"
+
+
+def _reason(exc: BaseException) -> str:
+    return (str(exc) or type(exc).__name__)[:200]
+
+
+def _oriented(image: Image.Image) -> Image.Image:
+    """EXIF orientation applied; an unreadable EXIF block leaves the image as stored rather than refusing it."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # malformed EXIF: orientation is a nicety, the pixels are fine
+        return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB: 16- and 32-bit greys scaled, transparency composited over white, CMYK and palettes converted."""
+    mode = image.mode
+    if mode.startswith("I;16") or mode == "I":
+        values = np.asarray(image).astype(np.float64)
+        grey = np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8)  # 0..65535 -> 0..255
+        return Image.fromarray(grey, "L").convert("RGB")
+    if mode == "F":
+        return Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image if mode == "RGB" else image.convert("RGB")
+
+
+def prepare(image: Image.Image, spec: dict[str, Any]) -> np.ndarray:
+    """The encoder input for one RGB image: (3, height, width) float32, as the manifest's ``image`` section says."""
+    height, width = (int(v) for v in spec["size"])
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.BILINEAR)
+    pixels = np.asarray(image, dtype=np.float32) * np.float32(spec.get("scale", 1 / 255))
+    mean = np.asarray(spec["mean"], dtype=np.float32)
+    std = np.asarray(spec["std"], dtype=np.float32)
+    return np.ascontiguousarray(((pixels - mean) / std).transpose(2, 0, 1))

@@ -1,0 +1,130 @@
+"""Request images: what the server accepts, what it refuses (before decoding), and the attention-map geometry."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFile
+
+from server.artifacts.attention_maps import cell_box, overlay, peak_box, peak_region
+from server.errors import InvalidInput
+from server.imaging import ImageError, ImageLimits, decode, prepare
+
+RNG = np.random.default_rng(0)
+PIXELS = RNG.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+
+
+def encode(image: Image.Image, fmt: str, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width × height RGB pixels (a decompression bomb's header)."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(b"\0" * 4096))
+            + _chunk(b"IEND", b""))
+
+
+def animated_gif() -> bytes:
+    first = Image.new("RGB", (30, 20), (255, 0, 0))
+    second = Image.new("RGB", (30, 20), (0, 0, 255))
+    return encode(first, "GIF", save_all=True, append_images=[second], loop=0, duration=50)
+
+
+def accepted_inputs() -> dict[str, bytes]:
+    rgb = Image.fromarray(PIXELS)
+    grey16 = Image.fromarray((RNG.random((20, 30)) * 65535).astype(np.uint16))
+    return {
+        "png": encode(rgb, "PNG"), "jpeg": encode(rgb, "JPEG"), "webp": encode(rgb, "WEBP"),
+        "bmp": encode(rgb, "BMP"), "grayscale": encode(rgb.convert("L"), "PNG"),
+        "rgba": encode(rgb.convert("RGBA"), "PNG"), "png16": encode(grey16, "PNG"),
+        "cmyk-jpeg": encode(rgb.convert("CMYK"), "JPEG"), "animated-gif": animated_gif(),
+    }
+
+
+def refused_inputs() -> dict[str, bytes]:
+    return {
+        "zero-bytes": b"", "text": b"this is a text file, not an image\n",
+        "truncated-png": encode(Image.fromarray(PIXELS), "PNG")[:300], "png-30000x30000": png_claiming(30000, 30000),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(accepted_inputs()))
+def test_accepted_images_decode_to_rgb(name: str) -> None:
+    decoded = decode(accepted_inputs()[name])
+    assert decoded.image.mode == "RGB"
+    assert (decoded.width, decoded.height) == ((30, 20) if name in ("png16", "animated-gif") else (60, 40))
+
+
+def test_modes_are_converted_faithfully() -> None:
+    inputs = accepted_inputs()
+    grey = np.asarray(decode(inputs["grayscale"]).image)
+    assert (grey[..., 0] == grey[..., 1]).all()
+    assert (grey[..., 0] == np.asarray(Image.fromarray(PIXELS).convert("L"))).all()
+    gif = decode(inputs["animated-gif"])
+    assert gif.frames == 2 and tuple(np.asarray(gif.image)[0, 0]) == (255, 0, 0)  # the first frame
+    values = np.array([[0, 257 * 100, 65535]], dtype=np.uint16)
+    assert np.asarray(decode(encode(Image.fromarray(values), "PNG")).image)[0, :, 0].tolist() == [0, 100, 255]
+    clear = Image.new("RGBA", (4, 4), (0, 0, 0, 0))  # fully transparent black: shown as white
+    assert (np.asarray(decode(encode(clear, "PNG")).image) == 255).all()
+    cmyk = np.asarray(decode(inputs["cmyk-jpeg"]).image).astype(int)
+    assert np.abs(cmyk - PIXELS).mean() < 20  # JPEG is lossy, but the colours survive
+
+
+def test_exif_orientation_is_applied() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    data = encode(Image.fromarray(PIXELS), "JPEG", exif=exif)
+    assert (decode(data).width, decode(data).height) == (40, 60)
+
+
+@pytest.mark.parametrize("name", sorted(refused_inputs()))
+def test_refused_images_are_invalid_input(name: str) -> None:
+    with pytest.raises(InvalidInput) as error:
+        decode(refused_inputs()[name])
+    assert isinstance(error.value, ImageError) and str(error.value)
+
+
+def test_refusals_name_the_limit_and_come_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_decoding(self: ImageFile.ImageFile) -> None:
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    with pytest.raises(ImageError, match="max_image_pixels"):
+        decode(png_claiming(30000, 30000))
+    with pytest.raises(ImageError, match="max_image_pixels"):
+        decode(png_claiming(5000, 5000), ImageLimits(max_pixels=1_000_000))
+    with pytest.raises(ImageError, match="max_image_bytes"):
+        decode(b"\x89PNG" + b"\0" * 2000, ImageLimits(max_bytes=1000))
+
+
+def test_prepare_follows_the_manifest() -> None:
+    image = Image.fromarray(PIXELS)
+    spec = {"size": [24, 32], "scale": 1 / 255, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.25, 0.5]}
+    x = prepare(image, spec)
+    assert x.shape == (3, 24, 32) and x.dtype == np.float32
+    resized = np.asarray(image.resize((32, 24), Image.Resampling.BILINEAR), dtype=np.float32) / 255
+    np.testing.assert_allclose(x[1], (resized[..., 1] - 0.5) / 0.25, atol=1e-5)
+
+
+def test_grid_geometry_and_overlay() -> None:
+    grid = (3, 4)
+    assert cell_box(0, 0, grid, 100, 60) == (0, 0, 25, 20)
+    assert cell_box(2, 3, grid, 100, 61) == (75, 40, 100, 61)
+    attention = np.full(12, 0.01)
+    attention[1 * 4 + 2] = 0.5
+    attention[1 * 4 + 3] = 0.4
+    assert peak_box(attention, grid, 100, 60) == (50, 20, 75, 40)
+    assert peak_region(attention, grid, share=0.5) == [(1, 2), (1, 3)]
+    sheet = overlay(Image.new("RGB", (100, 60)), ["a", "dog"], np.stack([attention, attention]), grid, panel=64)
+    assert sheet.size[0] == 3 * 64

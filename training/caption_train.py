@@ -1,0 +1,287 @@
+"""The captioning training loop: image batches, Adam, the doubly stochastic regulariser, validation, checkpoints.
+
+Progress bar, budgets (``--max-minutes`` and the others), ``--resume``, ``--device`` and ``torchrun`` behave as in
+translation (:mod:`training.loop` holds what the two loops share): every process builds the same shuffled batches
+and takes every N-th one; DistributedDataParallel averages the gradients.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import sentencepiece as spm
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from training import checkpoint
+from training.batching import pad
+from training.caption_eval import MAX_CAPTION_TOKENS, bleu, caption_images, teacher_forced_correctness
+from training.data.captions import CaptionSet, data_hash, load_caption_data
+from training.loop import (
+    Progress,
+    device_for,
+    distributed,
+    eta,
+    hardware,
+    resumed_config,
+    save_checkpoints,
+    should_stop,
+)
+from training.models.caption import ShowAttendTell, ShowAttendTellConfig, doubly_stochastic_penalty, normalise
+from training.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+
+log = logging.getLogger("attn.caption")
+
+
+@dataclass
+class CaptionTrainConfig:
+    data: str = "scenes"  # scenes | flickr8k:DIR | coco:ANNOTATIONS.json[:IMAGES]
+    out: str = "runs/scenes-sat"
+    image_size: int = 96
+    train_images: int = 20000  # split sizes and seed of generated scenes (ignored for real data)
+    valid_images: int = 500
+    test_images: int = 1000
+    scene_seed: int = 0
+    vocab_size: int = 5000
+    tokenizer: str = "word"  # word: whole words, rare ones <unk>; unigram: SentencePiece subwords
+    backbone: str = "resnet-small"
+    width: int = 16
+    stages: int = 3
+    extra_blocks: int = 1
+    feature_dim: int = 128
+    emb_dim: int = 64
+    hidden_dim: int = 256
+    attn_dim: int = 128
+    dropout: float = 0.2
+    context_dropout: float = 0.0  # see ShowAttendTellConfig
+    lstm_reads_context: bool = True  # False: the context goes to the output layer only (see ShowAttendTellConfig)
+    init_state: str = "mean"  # mean: h_0, c_0 from the mean annotation (the paper); learned: a constant
+    alpha_reg: float = 1.0  # λ of the doubly stochastic regulariser
+    batch_size: int = 64  # images per batch (per process)
+    lr: float = 1e-3
+    clip: float = 5.0
+    epochs: int = 20
+    max_steps: int = 0  # 0 = no limit
+    max_target_tokens: int = 0  # 0 = no limit
+    max_minutes: float = 0.0  # 0 = no limit
+    valid_every: int = 500
+    valid_bleu_sample: int = 500
+    seed: int = 1
+    device: str = "auto"
+    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    threads: int = 0  # CPU threads for torch; 0 = torch's default. 1 keeps a run steady on a shared machine.
+
+
+def train_caption_tokenizer(captions: list[str], vocab_size: int, kind: str) -> bytes:
+    """A SentencePiece model over the training captions, with the project's special ids."""
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(captions), model_writer=model, vocab_size=vocab_size, hard_vocab_limit=False,
+        model_type=kind, byte_fallback=kind != "word", character_coverage=0.9999, pad_id=PAD_ID, unk_id=UNK_ID,
+        bos_id=BOS_ID, eos_id=EOS_ID, num_threads=2, minloglevel=2,
+    )
+    return model.getvalue()
+
+
+def _tokenizer(cfg: CaptionTrainConfig, train: CaptionSet, rank: int, world: int, resume: dict | None) -> bytes:
+    if resume is not None:
+        return bytes(resume["tokenizer"])
+    path = Path(cfg.out) / "spm.model"
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(train_caption_tokenizer([c for refs in train.captions for c in refs], cfg.vocab_size,
+                                                 cfg.tokenizer))
+    if world > 1:
+        dist.barrier()
+    return path.read_bytes()
+
+
+def _examples(data: CaptionSet, sp: spm.SentencePieceProcessor) -> list[tuple[int, list[int]]]:
+    """(image index, BOS ids EOS) for every reference caption that fits the decoding budget."""
+    out = []
+    for i, refs in enumerate(data.captions):
+        for caption in refs:
+            ids = sp.encode(caption)
+            if 0 < len(ids) < MAX_CAPTION_TOKENS:
+                out.append((i, [BOS_ID, *ids, EOS_ID]))
+    return out
+
+
+def _batches(count: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    order = list(range(count))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return [order[i : i + batch_size] for i in range(0, count, batch_size)]
+
+
+def _loss(
+    model: nn.Module, cfg: CaptionTrainConfig, data: CaptionSet, batch: list[tuple[int, list[int]]],
+    device: torch.device, mean: list[float], std: list[float],
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Mean token cross-entropy, the regulariser, and the number of target tokens of a batch."""
+    images = normalise(torch.from_numpy(data.images([i for i, _ in batch])).to(device), mean, std)
+    tgt = pad([ids for _, ids in batch], PAD_ID).to(device)
+    logits, attention = model(images, tgt[:, :-1])
+    gold = tgt[:, 1:]
+    ce = nn.functional.cross_entropy(logits.flatten(0, 1).float(), gold.flatten(), ignore_index=PAD_ID)
+    reg = doubly_stochastic_penalty(attention.float(), gold != PAD_ID, cfg.alpha_reg)
+    return ce, reg, int((gold != PAD_ID).sum())
+
+
+@torch.no_grad()
+def _validate(
+    model: ShowAttendTell, sp: spm.SentencePieceProcessor, valid: CaptionSet, examples: list[tuple[int, list[int]]],
+    cfg: CaptionTrainConfig, device: torch.device,
+) -> dict[str, Any]:
+    model.eval()
+    total, count = 0.0, 0
+    for idx in _batches(len(examples), 128, 0, 0):
+        ce, _, tokens = _loss(model, cfg, valid, [examples[i] for i in idx], device, model.cfg.mean, model.cfg.std)
+        total, count = total + ce.item() * tokens, count + tokens
+    sample = valid.subset(min(len(valid), cfg.valid_bleu_sample))
+    tokens_out, _ = caption_images(model, sample.images(range(len(sample))))
+    metrics: dict[str, Any] = {"valid_loss": round(total / max(count, 1), 4)}
+    metrics["valid_bleu4"] = bleu([sp.decode(t) for t in tokens_out], sample.captions)["bleu4"]
+    if sample.scenes is not None:
+        correctness = teacher_forced_correctness(model, sp, sample)
+        metrics["valid_attention_correctness"] = correctness["correctness"]
+        metrics["valid_uniform_baseline"] = correctness["uniform_baseline"]
+    model.train()
+    return metrics
+
+
+def train(cfg: CaptionTrainConfig, resume_path: Path | None = None) -> Path:
+    """Train and return the path of the best checkpoint."""
+    rank, world = distributed()
+    device = device_for(cfg.device, rank)
+    resume = checkpoint.load(resume_path, kind="captioning") if resume_path else None
+    if resume is not None:
+        cfg = resumed_config(CaptionTrainConfig, cfg, resume["train_config"])
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+
+    started_loading = time.monotonic()
+    sizes = {"train": cfg.train_images, "valid": cfg.valid_images, "test": cfg.test_images}
+    splits = load_caption_data(cfg.data, cfg.image_size, sizes, cfg.scene_seed)
+    sp_bytes = _tokenizer(cfg, splits["train"], rank, world, resume)
+    sp = spm.SentencePieceProcessor(model_proto=sp_bytes)
+    train_examples = _examples(splits["train"], sp)
+    valid_examples = _examples(splits["valid"], sp)
+    if not train_examples:
+        raise ValueError(f"no training captions in {cfg.data!r}")
+
+    model_cfg = ShowAttendTellConfig(
+        vocab_size=sp.get_piece_size(), image_size=cfg.image_size, backbone=cfg.backbone, width=cfg.width,
+        stages=cfg.stages, extra_blocks=cfg.extra_blocks, feature_dim=cfg.feature_dim, emb_dim=cfg.emb_dim,
+        hidden_dim=cfg.hidden_dim, attn_dim=cfg.attn_dim, dropout=cfg.dropout,
+        context_dropout=cfg.context_dropout, lstm_reads_context=cfg.lstm_reads_context, pad_id=PAD_ID, bos_id=BOS_ID,
+        eos_id=EOS_ID, init_state=cfg.init_state,
+    )
+    model = ShowAttendTell(model_cfg).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    progress = Progress()
+    best: dict[str, Any] = {"valid_loss": float("inf")}
+    history: list[dict[str, Any]] = []
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        progress = Progress(**resume["progress"])
+        best = resume["best"]
+        history = resume["history"]
+    ddp: nn.Module = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    use_amp = cfg.amp and device.type == "cuda"
+    data_info = {
+        "corpus": cfg.data,
+        "hash": data_hash(splits),
+        "sizes": {name: len(v) for name, v in splits.items()},
+        "train_examples": len(train_examples),
+        "image_size": cfg.image_size,
+        "scene_seed": cfg.scene_seed,
+    }
+
+    def payload() -> dict[str, Any]:
+        return {
+            "kind": "captioning",
+            "model_config": asdict(model_cfg),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "tokenizer": sp_bytes,
+            "train_config": asdict(cfg),
+            "data": data_info,
+            "progress": asdict(progress),
+            "best": best,
+            "history": history,
+            "hardware": hardware(device, world),
+        }
+
+    if rank == 0:
+        log.info(
+            "training on %s ×%d: %d train captions (%d images, loaded in %.0f s), %d valid, vocab %d, grid %s, "
+            "%d parameters", device, world, len(train_examples), len(splits["train"]),
+            time.monotonic() - started_loading, len(valid_examples), model_cfg.vocab_size, model.grid(),
+            sum(p.numel() for p in model.parameters()),
+        )
+    bar = tqdm(total=cfg.max_steps or None, initial=progress.step, disable=rank != 0, dynamic_ncols=True, unit="step")
+    model.train()
+    started = time.monotonic() - progress.elapsed_s
+    window_images, window_start = 0, time.monotonic()
+    train_set = splits["train"]
+    while not should_stop(cfg, progress, world):
+        batches = _batches(len(train_examples), cfg.batch_size, cfg.seed, progress.epoch)
+        batches = batches[: len(batches) - len(batches) % world] if world > 1 else batches
+        while progress.batch_in_epoch < len(batches):
+            batch = [train_examples[i] for i in batches[progress.batch_in_epoch + rank]]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                ce, reg, tokens = _loss(ddp, cfg, train_set, batch, device, model_cfg.mean, model_cfg.std)
+                loss = ce + reg
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            optimizer.step()
+
+            progress.step += 1
+            progress.batch_in_epoch += world
+            progress.target_tokens += tokens * world
+            progress.elapsed_s = time.monotonic() - started
+            window_images += len(batch) * world
+            bar.update(1)
+            if progress.step % 10 == 0:
+                now = time.monotonic()
+                rate = window_images / max(now - window_start, 1e-6)
+                bar.set_postfix(loss=f"{ce.item():.3f}", reg=f"{reg.item():.2f}", img_s=f"{rate:,.0f}",
+                                epoch=progress.epoch, eta=eta(cfg, progress, 0.0, len(batches), world))
+                window_images, window_start = 0, now
+            if progress.step % cfg.valid_every == 0:
+                _checkpoint(rank, world, cfg, model, sp, splits["valid"], valid_examples, device, progress, best,
+                            history, payload, out)
+            if should_stop(cfg, progress, world):
+                break
+        else:
+            progress.epoch += 1
+            progress.batch_in_epoch = 0
+    bar.close()
+    _checkpoint(rank, world, cfg, model, sp, splits["valid"], valid_examples, device, progress, best, history,
+                payload, out)
+    if world > 1:
+        dist.barrier()
+    return out / "best.pt"
+
+
+def _checkpoint(
+    rank: int, world: int, cfg: CaptionTrainConfig, model: ShowAttendTell, sp: spm.SentencePieceProcessor,
+    valid: CaptionSet, valid_examples: list[tuple[int, list[int]]], device: torch.device, progress: Progress,
+    best: dict[str, Any], history: list[dict[str, Any]], payload: Any, out: Path,
+) -> None:
+    def validate() -> dict[str, Any]:
+        return _validate(model, sp, valid, valid_examples, cfg, device) if valid_examples else {}
+
+    save_checkpoints(rank, world, validate, progress, best, history, payload, out)

@@ -1,0 +1,173 @@
+"""Captioning data sets: the procedural scenes, and real images with captions in the common layouts.
+
+``--data`` names one of:
+
+* ``scenes`` — :mod:`training.data.scenes`, with the split sizes and seed of the run's config;
+* ``flickr8k:DIR`` — a Flickr8k-style folder: images in ``DIR/Images`` (or ``DIR/Flicker8k_Dataset``, or ``DIR``)
+  and captions in ``DIR/captions.txt`` (``image,caption`` CSV, the Kaggle layout) or ``DIR/Flickr8k.token.txt``
+  (``name.jpg#k<TAB>caption``). The official ``Flickr_8k.{train,dev,test}Images.txt`` lists decide the splits when
+  they are there;
+* ``coco:ANNOTATIONS.json`` or ``coco:ANNOTATIONS.json:IMAGES_DIR`` — COCO captions JSON (``images`` with
+  ``id``/``file_name``, ``annotations`` with ``image_id``/``caption``); images default to the folder of the JSON.
+
+Without official split lists an image's split is a hash of its file name (5% valid, 5% test), so it never moves
+when images are added. Real images are read lazily and prepared exactly as the server prepares them.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from training.data import scenes as scene_data
+
+SPLITS = ("train", "valid", "test")
+
+
+def load_image(path: Path, size: int) -> np.ndarray:
+    """(size, size, 3) uint8: EXIF orientation, RGB, a plain (stretching) bilinear resize.
+
+    The server's ``server.imaging.prepare`` does the same for requests; a unit test keeps the two identical.
+    """
+    with Image.open(path) as opened:
+        image = ImageOps.exif_transpose(opened).convert("RGB")
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.Resampling.BILINEAR)
+        return np.asarray(image, dtype=np.uint8)
+
+
+@dataclass
+class CaptionSet:
+    """One split: images (rendered in memory, or files read on demand) and their reference captions."""
+
+    captions: list[list[str]]  # the references of every image
+    image_size: int
+    array: np.ndarray | None = None  # (count, size, size, 3) uint8, for generated images
+    paths: list[Path] = field(default_factory=list)  # otherwise, image files
+    scenes: list[scene_data.Scene] | None = None  # ground-truth boxes, for generated images
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def images(self, indices: Sequence[int]) -> np.ndarray:
+        """(len(indices), size, size, 3) uint8."""
+        if self.array is not None:
+            return self.array[np.asarray(indices, dtype=np.int64)]
+        return np.stack([load_image(self.paths[i], self.image_size) for i in indices])
+
+    def subset(self, count: int) -> CaptionSet:
+        return CaptionSet(
+            self.captions[:count], self.image_size,
+            None if self.array is None else self.array[:count], self.paths[:count],
+            None if self.scenes is None else self.scenes[:count],
+        )
+
+
+def normalise_caption(text: str) -> str:
+    """Lower case, whitespace collapsed, sentence-final full stop dropped (as is usual for captioning)."""
+    text = " ".join(text.lower().split())
+    return text[:-1].rstrip() if text.endswith(".") else text
+
+
+def split_of(name: str) -> str:
+    bucket = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big") % 100
+    return "test" if bucket < 5 else "valid" if bucket < 10 else "train"
+
+
+def _scenes(sizes: dict[str, int], seed: int, image_size: int, wanted: Sequence[str]) -> dict[str, CaptionSet]:
+    out = {}
+    for name in wanted:
+        items = scene_data.scenes(name, sizes[name], seed, image_size)
+        out[name] = CaptionSet([[s.caption] for s in items], image_size, scene_data.render_all(items), scenes=items)
+    return out
+
+
+def _flickr_captions(directory: Path) -> dict[str, list[str]]:
+    captions: dict[str, list[str]] = {}
+    csv_file, token_file = directory / "captions.txt", directory / "Flickr8k.token.txt"
+    if csv_file.is_file():
+        with csv_file.open(encoding="utf-8", newline="") as f:
+            for row in csv.DictReader(f):
+                captions.setdefault(row["image"].strip(), []).append(row["caption"])
+    elif token_file.is_file():
+        for line in token_file.read_text(encoding="utf-8").splitlines():
+            if "\t" in line:
+                key, caption = line.split("\t", 1)
+                captions.setdefault(key.split("#")[0].strip(), []).append(caption)
+    else:
+        raise FileNotFoundError(f"{directory} has neither captions.txt nor Flickr8k.token.txt")
+    return captions
+
+
+def _flickr8k(directory: Path, image_size: int) -> dict[str, CaptionSet]:
+    captions = _flickr_captions(directory)
+    images = next((d for d in (directory / "Images", directory / "Flicker8k_Dataset") if d.is_dir()), directory)
+    official = {
+        name: directory / f"Flickr_8k.{key}Images.txt" for name, key in (("train", "train"), ("valid", "dev"),
+                                                                          ("test", "test"))
+    }
+    assigned: dict[str, str] = {}
+    if all(f.is_file() for f in official.values()):
+        for name, f in official.items():
+            for line in f.read_text(encoding="utf-8").split():
+                assigned[line.strip()] = name
+    return _assemble(captions, images, image_size, assigned)
+
+
+def _coco(spec: str, image_size: int) -> dict[str, CaptionSet]:
+    annotations, _, folder = spec.partition(":")
+    path = Path(annotations)
+    data = json.loads(path.read_text(encoding="utf-8"))
+    names = {img["id"]: img["file_name"] for img in data["images"]}
+    captions: dict[str, list[str]] = {}
+    for ann in data["annotations"]:
+        captions.setdefault(names[ann["image_id"]], []).append(ann["caption"])
+    return _assemble(captions, Path(folder) if folder else path.parent, image_size, {})
+
+
+def _assemble(
+    captions: dict[str, list[str]], folder: Path, image_size: int, assigned: dict[str, str]
+) -> dict[str, CaptionSet]:
+    out = {name: CaptionSet([], image_size) for name in SPLITS}
+    for name in sorted(captions):
+        split = assigned.get(name) or split_of(name)
+        if name in assigned or not assigned:
+            refs = [normalise_caption(c) for c in captions[name] if c.strip()]
+            if refs:
+                out[split].captions.append(refs)
+                out[split].paths.append(folder / name)
+    if not out["train"].captions:
+        raise ValueError(f"no training images with captions under {folder}")
+    return out
+
+
+def load_caption_data(
+    spec: str, image_size: int, sizes: dict[str, int], seed: int = 0, wanted: Sequence[str] = SPLITS
+) -> dict[str, CaptionSet]:
+    """The train/valid/test splits named by ``spec`` (see the module docstring); generated scenes only for the
+    ``wanted`` splits."""
+    kind, _, rest = spec.partition(":")
+    if kind == "scenes":
+        return _scenes(sizes, seed, image_size, wanted)
+    if kind == "flickr8k" and rest:
+        return _flickr8k(Path(rest), image_size)
+    if kind == "coco" and rest:
+        return _coco(rest, image_size)
+    raise ValueError(f"unknown captioning data {spec!r}: use scenes, flickr8k:DIR or coco:ANNOTATIONS.json[:IMAGES]")
+
+
+def data_hash(sets: dict[str, CaptionSet]) -> str:
+    """A fingerprint of the captions and image names of every split, recorded in checkpoints and manifests."""
+    h = hashlib.sha256()
+    for name in SPLITS:
+        s = sets[name]
+        for i, refs in enumerate(s.captions):
+            h.update(f"{name}\t{s.paths[i].name if s.paths else i}\t{'|'.join(refs)}\n".encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,111 @@
+"""What every training loop of the project shares: processes, devices, progress, budgets and the ETA.
+
+The translation loop (:mod:`training.train`) and the captioning loop (:mod:`training.caption_train`) both use these,
+so that ``--max-minutes``, ``--resume``, ``--device`` and ``torchrun`` mean the same thing for every model family.
+A config passed here needs the budget fields ``max_steps``, ``max_target_tokens``, ``max_minutes`` and ``epochs``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from training import checkpoint
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    target_tokens: int = 0
+    elapsed_s: float = 0.0
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size); joins the process group when started by ``torchrun`` with several processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def device_for(name: str, rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+        return torch.device("cuda", rank % torch.cuda.device_count())
+    return torch.device(name)
+
+
+def hardware(device: torch.device, world: int) -> str:
+    """How the checkpoint and the model card describe the machine a run used."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return f"{world}x {name} ({os.cpu_count()} cores)"
+
+
+def resumed_config(cls: type, cfg: Any, saved: dict[str, Any]) -> Any:
+    """The saved run's config; only budgets given anew on the command line extend it."""
+    from dataclasses import asdict
+
+    budgets = {k: v for k, v in asdict(cfg).items() if k.startswith("max_") and k != "max_tokens" and v}
+    return cls(**{**saved, **budgets})
+
+
+def should_stop(cfg: Any, progress: Progress, world: int) -> bool:
+    stop = (
+        (cfg.max_steps and progress.step >= cfg.max_steps)
+        or (cfg.max_target_tokens and progress.target_tokens >= cfg.max_target_tokens)
+        or (cfg.max_minutes and progress.elapsed_s >= cfg.max_minutes * 60)
+        or progress.epoch >= cfg.epochs
+    )
+    if world > 1:  # wall clocks differ between processes: agree, or one would wait forever in all_reduce
+        flag = torch.tensor([1.0 if stop else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stop = bool(flag.item())
+    return bool(stop)
+
+
+def eta(cfg: Any, progress: Progress, tokens_per_s: float, batches_per_epoch: int, world: int) -> str:
+    """Seconds left under the tightest of the configured budgets, as h:mm:ss."""
+    left = []
+    per_step = progress.elapsed_s / max(progress.step, 1)
+    if cfg.max_steps:
+        left.append((cfg.max_steps - progress.step) * per_step)
+    if cfg.max_target_tokens and tokens_per_s > 0:
+        left.append((cfg.max_target_tokens - progress.target_tokens) / tokens_per_s)
+    if cfg.max_minutes:
+        left.append(cfg.max_minutes * 60 - progress.elapsed_s)
+    steps_per_epoch = batches_per_epoch / world
+    remaining_epochs = cfg.epochs - progress.epoch - progress.batch_in_epoch / max(batches_per_epoch, 1)
+    left.append(remaining_epochs * steps_per_epoch * per_step)
+    seconds = max(0, int(min(left)))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def save_checkpoints(
+    rank: int, world: int, validate: Callable[[], dict[str, Any]], progress: Progress, best: dict[str, Any],
+    history: list[dict[str, Any]], payload: Callable[[], dict[str, Any]], out: Path,
+) -> None:
+    """Validate and write last.pt (and best.pt on a new best valid loss) on rank 0; others wait."""
+    if rank == 0:
+        metrics = validate()
+        entry = {"step": progress.step, "epoch": progress.epoch, "target_tokens": progress.target_tokens,
+                 "elapsed_s": round(progress.elapsed_s, 1), **metrics}
+        history.append(entry)
+        logging.getLogger("attn.train").info("validation %s", entry)
+        if metrics.get("valid_loss", float("inf")) <= best["valid_loss"] or not metrics:
+            best.clear()
+            best.update({**entry, "valid_loss": metrics.get("valid_loss", float("inf"))})
+            checkpoint.save(out / "best.pt", payload())
+        checkpoint.save(out / "last.pt", payload())
+    if world > 1:
+        dist.barrier()
