@@ -44,6 +44,10 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--nbest", type=int, default=0, help="hypotheses per text (default 1)")
     t.add_argument("--max-output-tokens", type=int, default=0, help="token budget per output (default: model's)")
     t.add_argument("--length-penalty", type=float, default=None, help="length penalty alpha (default 1.0)")
+    t.add_argument("--attention-layer", type=int, default=None,
+                   help="multi-head models: the decoder layer whose cross-attention to show (0-based)")
+    t.add_argument("--attention-head", type=int, default=None,
+                   help="multi-head models: the head to show (0-based), or -1 for the mean over heads")
     t.add_argument("--attention", choices=DETAILS, default="full", help="attention detail (default full)")
     t.add_argument("--heatmap", type=Path, help="write the best hypothesis's attention matrix to this PNG")
     caption.add_parser(commands, common, DETAILS)
@@ -63,6 +67,10 @@ def translate(args: argparse.Namespace, stub: pb_grpc.AttentionServiceStub) -> i
                                  attention=DETAILS[args.attention])
     if args.length_penalty is not None:
         options.length_penalty = args.length_penalty
+    if args.attention_layer is not None:
+        options.attention_layer = args.attention_layer
+    if args.attention_head is not None:
+        options.attention_head = args.attention_head
     request = pb.TranslateRequest(model=args.model, version=args.version, texts=args.texts, options=options)
     response = stub.Translate(request, timeout=args.timeout)
     if args.json:

@@ -276,7 +276,10 @@ def _card(directory: Path, manifest: Manifest, command: str, examples: Sequence[
         f"Image captioning with soft attention (Show, Attend and Tell): a {mc['backbone']} CNN turns a "
         f"{mc['image_size']}×{mc['image_size']} image into a {rows}×{cols} grid of {mc['feature_dim']}-d annotation "
         f"vectors; an LSTM (hidden {mc['hidden_dim']}) attends over the grid at every word (additive attention, "
-        f"gating scalar β, doubly stochastic regulariser) with a vocabulary of {manifest.vocab_size} words.",
+        f"gating scalar β, doubly stochastic regulariser λ = {t['config']['alpha_reg']}) with a vocabulary of "
+        f"{manifest.vocab_size} words."
+        + ("" if mc.get("lstm_reads_context", True) else " The context of a step feeds the output layer only (the "
+           "LSTM reads the previous word), so every word has to look at the image itself."),
         "",
         "## How it was made",
         "",

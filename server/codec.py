@@ -58,12 +58,16 @@ def decode_options(options: pb.DecodingOptions, settings: Settings, max_target_t
     if options.attention not in pb.AttentionDetail.values():
         raise InvalidInput(f"attention detail {options.attention} is not a known AttentionDetail value")
     detail = options.attention or FULL
-    return DecodeOptions(beam, nbest, options.max_output_tokens, float(alpha), detail != NONE), detail
+    layer = options.attention_layer if options.HasField("attention_layer") else None
+    head = options.attention_head if options.HasField("attention_head") else None
+    decode = DecodeOptions(beam, nbest, options.max_output_tokens, float(alpha), detail != NONE, layer, head)
+    return decode, detail
 
 
 def translate_job(request: pb.TranslateRequest, model: TranslationModel, settings: Settings) -> TranslateJob:
     check_texts(request.texts, settings)
     options, detail = decode_options(request.options, settings, model.max_target_tokens)
+    model.check_attention_selection(options)
     return TranslateJob(model.prepare(list(request.texts)), options, detail)
 
 
@@ -137,6 +141,8 @@ def caption_job(request: pb.CaptionRequest, model: CaptionModel, settings: Setti
         raise ImageError(f"image is {len(request.image)} bytes; the limit is {limits.max_bytes} bytes "
                          "(max_image_bytes)")
     options, detail = decode_options(request.options, settings, model.max_target_tokens)
+    if options.attention_layer is not None or options.attention_head is not None:
+        raise InvalidInput("attention_layer and attention_head apply to multi-head translation models only")
     return CaptionJob(request.image, limits, options, detail)
 
 

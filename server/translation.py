@@ -36,6 +36,8 @@ class DecodeOptions:
     max_output_tokens: int = 0  # 0: the model's budget for each input
     length_penalty: float = 1.0
     word_alignments: bool = True  # compute word matrices and alignments
+    attention_layer: int | None = None  # multi-head models: whose cross-attention; None = the manifest's choice
+    attention_head: int | None = None  # that layer's head, -1 for the mean over heads; None = the manifest's choice
 
 
 @dataclass
@@ -101,6 +103,15 @@ class TranslationModel:
         self.banned = sorted({self.pad_id, self.bos_id} - {self.eos_id})  # never generated
         self.max_source_tokens = int(manifest.limits["max_source_tokens"])
         self.max_target_tokens = int(manifest.limits["max_target_tokens"])
+        # Multi-head models export every layer's and head's cross-attention beside the default alignment, so a
+        # request may pick another layer or head; fetching it costs a copy, so only requests that ask pay for it.
+        attention = manifest.attention
+        self._all_heads: str | None = attention.get("all_heads_output")
+        self.attention_layers = int(attention.get("layers", 0)) if self._all_heads else 0
+        self.attention_heads = int(attention.get("heads", 0)) if self._all_heads else 0
+        self.attention_layer = int(attention.get("layer", 0)) if self._all_heads else 0
+        head = attention.get("head", "mean")
+        self.attention_head = (-1 if head == "mean" else int(head)) if self._all_heads else 0
 
     @property
     def name(self) -> str:
@@ -118,7 +129,28 @@ class TranslationModel:
             "attention_type": str(m.attention.get("type", "")), "attention_uniform": bool(m.attention.get("uniform")),
             "max_source_tokens": self.max_source_tokens, "max_target_tokens": self.max_target_tokens,
             "variant": self.variant, "device": self.device.name,
+            "attention_layers": self.attention_layers, "attention_heads": self.attention_heads,
+            "attention_layer": self.attention_layer, "attention_head": self.attention_head,
         }
+
+    def check_attention_selection(self, options: DecodeOptions) -> None:
+        """A requested layer/head must exist; raises :class:`InvalidInput`."""
+        layer, head = options.attention_layer, options.attention_head
+        if layer is None and head is None:
+            return
+        if not self._all_heads:
+            raise InvalidInput(
+                f"model {self.name} has a single attention ({self.manifest.attention.get('type')}): "
+                "attention_layer and attention_head apply to multi-head models only"
+            )
+        if layer is not None and not 0 <= layer < self.attention_layers:
+            raise InvalidInput(
+                f"attention_layer {layer} is not a layer of {self.name} (0..{self.attention_layers - 1})"
+            )
+        if head is not None and not -1 <= head < self.attention_heads:
+            raise InvalidInput(
+                f"attention_head {head} is not -1 (mean) or a head of {self.name} (0..{self.attention_heads - 1})"
+            )
 
     # -- input -------------------------------------------------------------------------------------------------
 
@@ -168,20 +200,39 @@ class TranslationModel:
         log_probs, attention, *new_state = self.decoder.run(self._outputs, feeds)
         return log_probs, attention, dict(zip(self._state_inputs, new_state, strict=True))
 
+    def _step_for(self, options: DecodeOptions) -> search.StepFn:
+        """The step whose attention is the requested layer and head (the manifest's default needs no extra output)."""
+        layer = self.attention_layer if options.attention_layer is None else options.attention_layer
+        head = self.attention_head if options.attention_head is None else options.attention_head
+        if not self._all_heads or (layer, head) == (self.attention_layer, self.attention_head):
+            return self.step
+        outputs = [*self._outputs, self._all_heads]
+
+        def step(tokens: np.ndarray, state: search.State, static: search.State) -> tuple[
+                np.ndarray, np.ndarray, search.State]:
+            feeds = {self.manifest.decoder.token_input: tokens.astype(self._token_dtype), **static, **state}
+            log_probs, _, *new_state, every = self.decoder.run(outputs, feeds)
+            chosen = every[:, layer]  # (rows, heads, src_len)
+            attention = chosen.mean(axis=1) if head < 0 else chosen[:, head]
+            return log_probs, attention, dict(zip(self._state_inputs, new_state, strict=True))
+
+        return step
+
     # -- translation ---------------------------------------------------------------------------------------------
 
     def translate(self, sources: list[Source], options: DecodeOptions, check: search.Check | None = None) -> list[
             Result]:
         state, static = self.encode(sources)
         budgets = [self.budget(s, options.max_output_tokens) for s in sources]
+        step = self._step_for(options)
         if options.beam_size == 1:
             found = [[h] for h in search.greedy_search(
-                self.step, state, static, bos=self.bos_id, eos=self.eos_id, max_steps=budgets,
+                step, state, static, bos=self.bos_id, eos=self.eos_id, max_steps=budgets,
                 alpha=options.length_penalty, banned=self.banned, check=check,
             )]
         else:
             found = search.beam_search(
-                self.step, state, static, bos=self.bos_id, eos=self.eos_id, max_steps=budgets,
+                step, state, static, bos=self.bos_id, eos=self.eos_id, max_steps=budgets,
                 beam_size=options.beam_size, nbest=options.nbest, alpha=options.length_penalty,
                 banned=self.banned, check=check,
             )

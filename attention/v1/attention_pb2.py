@@ -24,51 +24,51 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61ttention/v1/attention.proto\x12\x0c\x61ttention.v1\"\xb0\x01\n\x0f\x44\x65\x63odingOptions\x12\x11\n\tbeam_size\x18\x01 \x01(\r\x12\r\n\x05nbest\x18\x02 \x01(\r\x12\x19\n\x11max_output_tokens\x18\x03 \x01(\r\x12\x1b\n\x0elength_penalty\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x30\n\tattention\x18\x05 \x01(\x0e\x32\x1d.attention.v1.AttentionDetailB\x11\n\x0f_length_penalty\"q\n\x10TranslateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05texts\x18\x03 \x03(\t\x12.\n\x07options\x18\x04 \x01(\x0b\x32\x1d.attention.v1.DecodingOptions\"]\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\r\x12\r\n\x05piece\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\r\x12\x0b\n\x03\x65nd\x18\x04 \x01(\r\x12\x0f\n\x07special\x18\x05 \x01(\x08\x12\x0c\n\x04word\x18\x06 \x01(\x05\"0\n\x04Word\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\"4\n\x06Matrix\x12\x0c\n\x04rows\x18\x01 \x01(\r\x12\x0c\n\x04\x63ols\x18\x02 \x01(\r\x12\x0e\n\x06values\x18\x03 \x03(\x02\"I\n\rWordAlignment\x12\x13\n\x0bsource_word\x18\x01 \x01(\r\x12\x13\n\x0btarget_word\x18\x02 \x01(\r\x12\x0e\n\x06weight\x18\x03 \x01(\x02\"\x9e\x02\n\nHypothesis\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x10\n\x08log_prob\x18\x03 \x01(\x02\x12#\n\x06tokens\x18\x04 \x03(\x0b\x32\x13.attention.v1.Token\x12!\n\x05words\x18\x05 \x03(\x0b\x32\x12.attention.v1.Word\x12\'\n\tattention\x18\x06 \x01(\x0b\x32\x14.attention.v1.Matrix\x12,\n\x0eword_attention\x18\x07 \x01(\x0b\x32\x14.attention.v1.Matrix\x12/\n\nalignments\x18\x08 \x03(\x0b\x32\x1b.attention.v1.WordAlignment\x12\x11\n\ttruncated\x18\t \x01(\x08\"\x91\x01\n\x0bTranslation\x12*\n\rsource_tokens\x18\x01 \x03(\x0b\x32\x13.attention.v1.Token\x12(\n\x0csource_words\x18\x02 \x03(\x0b\x32\x12.attention.v1.Word\x12,\n\nhypotheses\x18\x03 \x03(\x0b\x32\x18.attention.v1.Hypothesis\"\x7f\n\x11TranslateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12/\n\x0ctranslations\x18\x03 \x03(\x0b\x32\x19.attention.v1.Translation\x12\x19\n\x11\x61ttention_uniform\x18\x04 \x01(\x08\"o\n\x0e\x43\x61ptionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05image\x18\x03 \x01(\x0c\x12.\n\x07options\x18\x04 \x01(\x0b\x32\x1d.attention.v1.DecodingOptions\"*\n\tImageSize\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\"%\n\x04Grid\x12\x0e\n\x06height\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\"5\n\x03\x42ox\x12\n\n\x02x0\x18\x01 \x01(\r\x12\n\n\x02y0\x18\x02 \x01(\r\x12\n\n\x02x1\x18\x03 \x01(\r\x12\n\n\x02y1\x18\x04 \x01(\r\"\xca\x01\n\x11\x43\x61ptionHypothesis\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x10\n\x08log_prob\x18\x03 \x01(\x02\x12#\n\x06tokens\x18\x04 \x03(\x0b\x32\x13.attention.v1.Token\x12\'\n\tattention\x18\x05 \x01(\x0b\x32\x14.attention.v1.Matrix\x12%\n\npeak_boxes\x18\x06 \x03(\x0b\x32\x11.attention.v1.Box\x12\x11\n\ttruncated\x18\x07 \x01(\x08\"\xb5\x01\n\x0f\x43\x61ptionResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12+\n\nimage_size\x18\x03 \x01(\x0b\x32\x17.attention.v1.ImageSize\x12 \n\x04grid\x18\x04 \x01(\x0b\x32\x12.attention.v1.Grid\x12\x33\n\nhypotheses\x18\x05 \x03(\x0b\x32\x1f.attention.v1.CaptionHypothesis\"\x13\n\x11ListModelsRequest\"\xaf\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x03 \x01(\t\x12\x17\n\x0fsource_language\x18\x04 \x01(\t\x12\x17\n\x0ftarget_language\x18\x05 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x06 \x01(\t\x12\x16\n\x0e\x61ttention_type\x18\x07 \x01(\t\x12\x19\n\x11\x61ttention_uniform\x18\x08 \x01(\x08\x12\r\n\x05ready\x18\t \x01(\x08\x12\x12\n\nis_default\x18\n \x01(\x08\x12\x19\n\x11max_source_tokens\x18\x0b \x01(\r\x12\x19\n\x11max_target_tokens\x18\x0c \x01(\r\x12\x0f\n\x07variant\x18\r \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0e \x01(\t\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.attention.v1.ModelInfo*\x85\x01\n\x0f\x41ttentionDetail\x12 \n\x1c\x41TTENTION_DETAIL_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41TTENTION_DETAIL_FULL\x10\x01\x12\x1a\n\x16\x41TTENTION_DETAIL_WORDS\x10\x02\x12\x19\n\x15\x41TTENTION_DETAIL_NONE\x10\x03\x32\xf9\x01\n\x10\x41ttentionService\x12L\n\tTranslate\x12\x1e.attention.v1.TranslateRequest\x1a\x1f.attention.v1.TranslateResponse\x12\x46\n\x07\x43\x61ption\x12\x1c.attention.v1.CaptionRequest\x1a\x1d.attention.v1.CaptionResponse\x12O\n\nListModels\x12\x1f.attention.v1.ListModelsRequest\x1a .attention.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61ttention/v1/attention.proto\x12\x0c\x61ttention.v1\"\x92\x02\n\x0f\x44\x65\x63odingOptions\x12\x11\n\tbeam_size\x18\x01 \x01(\r\x12\r\n\x05nbest\x18\x02 \x01(\r\x12\x19\n\x11max_output_tokens\x18\x03 \x01(\r\x12\x1b\n\x0elength_penalty\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x30\n\tattention\x18\x05 \x01(\x0e\x32\x1d.attention.v1.AttentionDetail\x12\x1c\n\x0f\x61ttention_layer\x18\x06 \x01(\rH\x01\x88\x01\x01\x12\x1b\n\x0e\x61ttention_head\x18\x07 \x01(\x05H\x02\x88\x01\x01\x42\x11\n\x0f_length_penaltyB\x12\n\x10_attention_layerB\x11\n\x0f_attention_head\"q\n\x10TranslateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05texts\x18\x03 \x03(\t\x12.\n\x07options\x18\x04 \x01(\x0b\x32\x1d.attention.v1.DecodingOptions\"]\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\r\x12\r\n\x05piece\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\r\x12\x0b\n\x03\x65nd\x18\x04 \x01(\r\x12\x0f\n\x07special\x18\x05 \x01(\x08\x12\x0c\n\x04word\x18\x06 \x01(\x05\"0\n\x04Word\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\"4\n\x06Matrix\x12\x0c\n\x04rows\x18\x01 \x01(\r\x12\x0c\n\x04\x63ols\x18\x02 \x01(\r\x12\x0e\n\x06values\x18\x03 \x03(\x02\"I\n\rWordAlignment\x12\x13\n\x0bsource_word\x18\x01 \x01(\r\x12\x13\n\x0btarget_word\x18\x02 \x01(\r\x12\x0e\n\x06weight\x18\x03 \x01(\x02\"\x9e\x02\n\nHypothesis\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x10\n\x08log_prob\x18\x03 \x01(\x02\x12#\n\x06tokens\x18\x04 \x03(\x0b\x32\x13.attention.v1.Token\x12!\n\x05words\x18\x05 \x03(\x0b\x32\x12.attention.v1.Word\x12\'\n\tattention\x18\x06 \x01(\x0b\x32\x14.attention.v1.Matrix\x12,\n\x0eword_attention\x18\x07 \x01(\x0b\x32\x14.attention.v1.Matrix\x12/\n\nalignments\x18\x08 \x03(\x0b\x32\x1b.attention.v1.WordAlignment\x12\x11\n\ttruncated\x18\t \x01(\x08\"\x91\x01\n\x0bTranslation\x12*\n\rsource_tokens\x18\x01 \x03(\x0b\x32\x13.attention.v1.Token\x12(\n\x0csource_words\x18\x02 \x03(\x0b\x32\x12.attention.v1.Word\x12,\n\nhypotheses\x18\x03 \x03(\x0b\x32\x18.attention.v1.Hypothesis\"\x7f\n\x11TranslateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12/\n\x0ctranslations\x18\x03 \x03(\x0b\x32\x19.attention.v1.Translation\x12\x19\n\x11\x61ttention_uniform\x18\x04 \x01(\x08\"o\n\x0e\x43\x61ptionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05image\x18\x03 \x01(\x0c\x12.\n\x07options\x18\x04 \x01(\x0b\x32\x1d.attention.v1.DecodingOptions\"*\n\tImageSize\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\"%\n\x04Grid\x12\x0e\n\x06height\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\"5\n\x03\x42ox\x12\n\n\x02x0\x18\x01 \x01(\r\x12\n\n\x02y0\x18\x02 \x01(\r\x12\n\n\x02x1\x18\x03 \x01(\r\x12\n\n\x02y1\x18\x04 \x01(\r\"\xca\x01\n\x11\x43\x61ptionHypothesis\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x10\n\x08log_prob\x18\x03 \x01(\x02\x12#\n\x06tokens\x18\x04 \x03(\x0b\x32\x13.attention.v1.Token\x12\'\n\tattention\x18\x05 \x01(\x0b\x32\x14.attention.v1.Matrix\x12%\n\npeak_boxes\x18\x06 \x03(\x0b\x32\x11.attention.v1.Box\x12\x11\n\ttruncated\x18\x07 \x01(\x08\"\xb5\x01\n\x0f\x43\x61ptionResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12+\n\nimage_size\x18\x03 \x01(\x0b\x32\x17.attention.v1.ImageSize\x12 \n\x04grid\x18\x04 \x01(\x0b\x32\x12.attention.v1.Grid\x12\x33\n\nhypotheses\x18\x05 \x03(\x0b\x32\x1f.attention.v1.CaptionHypothesis\"\x13\n\x11ListModelsRequest\"\x93\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x03 \x01(\t\x12\x17\n\x0fsource_language\x18\x04 \x01(\t\x12\x17\n\x0ftarget_language\x18\x05 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x06 \x01(\t\x12\x16\n\x0e\x61ttention_type\x18\x07 \x01(\t\x12\x19\n\x11\x61ttention_uniform\x18\x08 \x01(\x08\x12\r\n\x05ready\x18\t \x01(\x08\x12\x12\n\nis_default\x18\n \x01(\x08\x12\x19\n\x11max_source_tokens\x18\x0b \x01(\r\x12\x19\n\x11max_target_tokens\x18\x0c \x01(\r\x12\x0f\n\x07variant\x18\r \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0e \x01(\t\x12\x18\n\x10\x61ttention_layers\x18\x0f \x01(\r\x12\x17\n\x0f\x61ttention_heads\x18\x10 \x01(\r\x12\x17\n\x0f\x61ttention_layer\x18\x11 \x01(\r\x12\x16\n\x0e\x61ttention_head\x18\x12 \x01(\x05\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.attention.v1.ModelInfo*\x85\x01\n\x0f\x41ttentionDetail\x12 \n\x1c\x41TTENTION_DETAIL_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41TTENTION_DETAIL_FULL\x10\x01\x12\x1a\n\x16\x41TTENTION_DETAIL_WORDS\x10\x02\x12\x19\n\x15\x41TTENTION_DETAIL_NONE\x10\x03\x32\xf9\x01\n\x10\x41ttentionService\x12L\n\tTranslate\x12\x1e.attention.v1.TranslateRequest\x1a\x1f.attention.v1.TranslateResponse\x12\x46\n\x07\x43\x61ption\x12\x1c.attention.v1.CaptionRequest\x1a\x1d.attention.v1.CaptionResponse\x12O\n\nListModels\x12\x1f.attention.v1.ListModelsRequest\x1a .attention.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'attention.v1.attention_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ATTENTIONDETAIL']._serialized_start=2211
-  _globals['_ATTENTIONDETAIL']._serialized_end=2344
+  _globals['_ATTENTIONDETAIL']._serialized_start=2409
+  _globals['_ATTENTIONDETAIL']._serialized_end=2542
   _globals['_DECODINGOPTIONS']._serialized_start=47
-  _globals['_DECODINGOPTIONS']._serialized_end=223
-  _globals['_TRANSLATEREQUEST']._serialized_start=225
-  _globals['_TRANSLATEREQUEST']._serialized_end=338
-  _globals['_TOKEN']._serialized_start=340
-  _globals['_TOKEN']._serialized_end=433
-  _globals['_WORD']._serialized_start=435
-  _globals['_WORD']._serialized_end=483
-  _globals['_MATRIX']._serialized_start=485
-  _globals['_MATRIX']._serialized_end=537
-  _globals['_WORDALIGNMENT']._serialized_start=539
-  _globals['_WORDALIGNMENT']._serialized_end=612
-  _globals['_HYPOTHESIS']._serialized_start=615
-  _globals['_HYPOTHESIS']._serialized_end=901
-  _globals['_TRANSLATION']._serialized_start=904
-  _globals['_TRANSLATION']._serialized_end=1049
-  _globals['_TRANSLATERESPONSE']._serialized_start=1051
-  _globals['_TRANSLATERESPONSE']._serialized_end=1178
-  _globals['_CAPTIONREQUEST']._serialized_start=1180
-  _globals['_CAPTIONREQUEST']._serialized_end=1291
-  _globals['_IMAGESIZE']._serialized_start=1293
-  _globals['_IMAGESIZE']._serialized_end=1335
-  _globals['_GRID']._serialized_start=1337
-  _globals['_GRID']._serialized_end=1374
-  _globals['_BOX']._serialized_start=1376
-  _globals['_BOX']._serialized_end=1429
-  _globals['_CAPTIONHYPOTHESIS']._serialized_start=1432
-  _globals['_CAPTIONHYPOTHESIS']._serialized_end=1634
-  _globals['_CAPTIONRESPONSE']._serialized_start=1637
-  _globals['_CAPTIONRESPONSE']._serialized_end=1818
-  _globals['_LISTMODELSREQUEST']._serialized_start=1820
-  _globals['_LISTMODELSREQUEST']._serialized_end=1839
-  _globals['_MODELINFO']._serialized_start=1842
-  _globals['_MODELINFO']._serialized_end=2145
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2147
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2208
-  _globals['_ATTENTIONSERVICE']._serialized_start=2347
-  _globals['_ATTENTIONSERVICE']._serialized_end=2596
+  _globals['_DECODINGOPTIONS']._serialized_end=321
+  _globals['_TRANSLATEREQUEST']._serialized_start=323
+  _globals['_TRANSLATEREQUEST']._serialized_end=436
+  _globals['_TOKEN']._serialized_start=438
+  _globals['_TOKEN']._serialized_end=531
+  _globals['_WORD']._serialized_start=533
+  _globals['_WORD']._serialized_end=581
+  _globals['_MATRIX']._serialized_start=583
+  _globals['_MATRIX']._serialized_end=635
+  _globals['_WORDALIGNMENT']._serialized_start=637
+  _globals['_WORDALIGNMENT']._serialized_end=710
+  _globals['_HYPOTHESIS']._serialized_start=713
+  _globals['_HYPOTHESIS']._serialized_end=999
+  _globals['_TRANSLATION']._serialized_start=1002
+  _globals['_TRANSLATION']._serialized_end=1147
+  _globals['_TRANSLATERESPONSE']._serialized_start=1149
+  _globals['_TRANSLATERESPONSE']._serialized_end=1276
+  _globals['_CAPTIONREQUEST']._serialized_start=1278
+  _globals['_CAPTIONREQUEST']._serialized_end=1389
+  _globals['_IMAGESIZE']._serialized_start=1391
+  _globals['_IMAGESIZE']._serialized_end=1433
+  _globals['_GRID']._serialized_start=1435
+  _globals['_GRID']._serialized_end=1472
+  _globals['_BOX']._serialized_start=1474
+  _globals['_BOX']._serialized_end=1527
+  _globals['_CAPTIONHYPOTHESIS']._serialized_start=1530
+  _globals['_CAPTIONHYPOTHESIS']._serialized_end=1732
+  _globals['_CAPTIONRESPONSE']._serialized_start=1735
+  _globals['_CAPTIONRESPONSE']._serialized_end=1916
+  _globals['_LISTMODELSREQUEST']._serialized_start=1918
+  _globals['_LISTMODELSREQUEST']._serialized_end=1937
+  _globals['_MODELINFO']._serialized_start=1940
+  _globals['_MODELINFO']._serialized_end=2343
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2345
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2406
+  _globals['_ATTENTIONSERVICE']._serialized_start=2545
+  _globals['_ATTENTIONSERVICE']._serialized_end=2794
 # @@protoc_insertion_point(module_scope)

@@ -73,6 +73,8 @@ class DecodingOptions(_message.Message):
     MAX_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     LENGTH_PENALTY_FIELD_NUMBER: _builtins.int
     ATTENTION_FIELD_NUMBER: _builtins.int
+    ATTENTION_LAYER_FIELD_NUMBER: _builtins.int
+    ATTENTION_HEAD_FIELD_NUMBER: _builtins.int
     beam_size: _builtins.int
     """Beam width. 1 is greedy decoding; 0 takes the server's default (ATTN_DEFAULT_BEAM_SIZE). At most
     ATTN_MAX_BEAM_SIZE.
@@ -91,6 +93,14 @@ class DecodingOptions(_message.Message):
     """
     attention: Global___AttentionDetail.ValueType
     """How much attention to return (default: the full matrix)."""
+    attention_layer: _builtins.int
+    """Multi-head models only (ListModels shows `attention_layers` > 0): the decoder layer whose cross-attention is
+    returned, 0-based. Unset keeps the model's own choice (`ModelInfo.attention_layer`).
+    """
+    attention_head: _builtins.int
+    """Multi-head models only: the head of that layer whose weights are returned, 0-based, or -1 for the mean over
+    the heads. Unset keeps the model's own choice (`ModelInfo.attention_head`).
+    """
     def __init__(
         self,
         *,
@@ -99,13 +109,24 @@ class DecodingOptions(_message.Message):
         max_output_tokens: _builtins.int = ...,
         length_penalty: _builtins.float | None = ...,
         attention: Global___AttentionDetail.ValueType = ...,
+        attention_layer: _builtins.int | None = ...,
+        attention_head: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_length_penalty", b"_length_penalty", "length_penalty", b"length_penalty"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_attention_head", b"_attention_head", "_attention_layer", b"_attention_layer", "_length_penalty", b"_length_penalty", "attention_head", b"attention_head", "attention_layer", b"attention_layer", "length_penalty", b"length_penalty"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_length_penalty", b"_length_penalty", "attention", b"attention", "beam_size", b"beam_size", "length_penalty", b"length_penalty", "max_output_tokens", b"max_output_tokens", "nbest", b"nbest"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_attention_head", b"_attention_head", "_attention_layer", b"_attention_layer", "_length_penalty", b"_length_penalty", "attention", b"attention", "attention_head", b"attention_head", "attention_layer", b"attention_layer", "beam_size", b"beam_size", "length_penalty", b"length_penalty", "max_output_tokens", b"max_output_tokens", "nbest", b"nbest"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__attention_head: _TypeAlias = _typing.Literal["attention_head"]  # noqa: Y015
+    _WhichOneofArgType__attention_head: _TypeAlias = _typing.Literal["_attention_head", b"_attention_head"]  # noqa: Y015
+    _WhichOneofReturnType__attention_layer: _TypeAlias = _typing.Literal["attention_layer"]  # noqa: Y015
+    _WhichOneofArgType__attention_layer: _TypeAlias = _typing.Literal["_attention_layer", b"_attention_layer"]  # noqa: Y015
     _WhichOneofReturnType__length_penalty: _TypeAlias = _typing.Literal["length_penalty"]  # noqa: Y015
     _WhichOneofArgType__length_penalty: _TypeAlias = _typing.Literal["_length_penalty", b"_length_penalty"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__attention_head) -> _WhichOneofReturnType__attention_head | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__attention_layer) -> _WhichOneofReturnType__attention_layer | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__length_penalty) -> _WhichOneofReturnType__length_penalty | None: ...
 
 Global___DecodingOptions: _TypeAlias = DecodingOptions  # noqa: Y015
@@ -681,6 +702,10 @@ class ModelInfo(_message.Message):
     MAX_TARGET_TOKENS_FIELD_NUMBER: _builtins.int
     VARIANT_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
+    ATTENTION_LAYERS_FIELD_NUMBER: _builtins.int
+    ATTENTION_HEADS_FIELD_NUMBER: _builtins.int
+    ATTENTION_LAYER_FIELD_NUMBER: _builtins.int
+    ATTENTION_HEAD_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name: the folder under the models directory."""
     version: _builtins.str
@@ -707,6 +732,14 @@ class ModelInfo(_message.Message):
     """Which graph files are served: "fp32" or a variant such as "int8"."""
     device: _builtins.str
     """Where it runs: "cpu" or "cuda"."""
+    attention_layers: _builtins.int
+    """Multi-head models: how many decoder layers and heads per layer have a cross-attention to choose from
+    (`DecodingOptions.attention_layer`/`attention_head`), and the model's default layer and head (-1: the mean
+    over heads). All 0 for single-attention models.
+    """
+    attention_heads: _builtins.int
+    attention_layer: _builtins.int
+    attention_head: _builtins.int
     def __init__(
         self,
         *,
@@ -724,10 +757,14 @@ class ModelInfo(_message.Message):
         max_target_tokens: _builtins.int = ...,
         variant: _builtins.str = ...,
         device: _builtins.str = ...,
+        attention_layers: _builtins.int = ...,
+        attention_heads: _builtins.int = ...,
+        attention_layer: _builtins.int = ...,
+        attention_head: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "attention_type", b"attention_type", "attention_uniform", b"attention_uniform", "device", b"device", "family", b"family", "is_default", b"is_default", "max_source_tokens", b"max_source_tokens", "max_target_tokens", b"max_target_tokens", "name", b"name", "ready", b"ready", "source_language", b"source_language", "target_language", b"target_language", "variant", b"variant", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "attention_head", b"attention_head", "attention_heads", b"attention_heads", "attention_layer", b"attention_layer", "attention_layers", b"attention_layers", "attention_type", b"attention_type", "attention_uniform", b"attention_uniform", "device", b"device", "family", b"family", "is_default", b"is_default", "max_source_tokens", b"max_source_tokens", "max_target_tokens", b"max_target_tokens", "name", b"name", "ready", b"ready", "source_language", b"source_language", "target_language", b"target_language", "variant", b"variant", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

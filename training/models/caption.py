@@ -9,7 +9,12 @@ Decoder: an LSTM. At step t the soft attention ``α_t = softmax_i(v · tanh(W h_
 project's :class:`BahdanauAttention`) gives the context ``ẑ_t = β_t Σ_i α_ti a_i``, gated by the scalar
 ``β_t = σ(f_β(h_{t-1}))``; then ``h_t, c_t = LSTM([E y_{t-1}; ẑ_t], h_{t-1}, c_{t-1})`` and the deep output
 ``p(y_t) ∝ exp(L_o(E y_{t-1} + L_h h_t + L_z ẑ_t))``. The initial state is ``tanh(f_init(mean_i a_i))`` as in the
-paper, or (``init_state="learned"``) a learned constant, which leaves attention the decoder's only view of the image.
+paper, or (``init_state="learned"``) a learned constant.
+
+Both are the paper's model by default. The bundled scenes captioner turns two of them off (``lstm_reads_context=False``,
+``init_state="learned"``): then nothing of the image reaches a word except through that word's own attention, and a
+word cannot be said from what an earlier glance left in the LSTM's memory. With the paper's wiring the model looks at
+an object once (at its colour) and spends the other words' attention elsewhere (docs/captioning.md has the numbers).
 
 The attention of step t is the one that produced word y_t. :meth:`ShowAttendTell.step` is the only decoding step:
 training (through :meth:`ShowAttendTell.forward`), greedy evaluation and the ONNX export all call it.
