@@ -41,8 +41,9 @@ models: setup
 		--metrics $(RUN_DIR)/eval-test.json --force
 	@# The captioner: Show, Attend and Tell on generated scenes (about 30 minutes); overlays go to docs/.
 	rm -rf $(CAPTION_RUN)
-	$(VENV)/bin/attn-train caption --out $(CAPTION_RUN) --train-images 20000 --no-lstm-reads-context --init-state learned \
-		--alpha-reg 0.005 --max-minutes 30 --valid-every 250 --threads 1
+	$(VENV)/bin/attn-train caption --out $(CAPTION_RUN) --train-images 20000 --stages 2 --extra-blocks 3 \
+		--no-lstm-reads-context --alpha-reg 0.005 --best-by valid_attention_correctness --max-minutes 30 \
+		--valid-every 250 --threads 1
 	$(VENV)/bin/attn-train evaluate $(CAPTION_RUN)/best.pt --split test --out $(CAPTION_RUN)/eval-test.json
 	$(VENV)/bin/attn-export $(CAPTION_RUN)/best.pt --out models/scenes-sat/1 --parity-sentences 500 \
 		--metrics $(CAPTION_RUN)/eval-test.json --overlays docs --force

