@@ -45,7 +45,7 @@ def text(response: pb.CaptionResponse) -> str:
         lines.append(f"{rank}. {hyp.text}   (score {hyp.score:.3f}{', truncated' if hyp.truncated else ''})")
         weights = matrix(hyp.attention) if hyp.attention.rows else None
         for i, (token, box) in enumerate(zip(hyp.tokens, hyp.peak_boxes)):
-            word = "</s>" if token.special else hyp.text[token.start : token.end] or token.piece
+            word = "</s>" if token.special else hyp.text[token.start : token.end].strip() or token.piece
             share = f"  peak weight {weights[i].max():.2f}" if weights is not None else ""
             lines.append(f"   {word:<12} x {box.x0}–{box.x1}, y {box.y0}–{box.y1}{share}")
     return "\n".join(lines)
@@ -61,7 +61,7 @@ def draw(image_bytes: bytes, response: pb.CaptionResponse, path: Path) -> None:
     with Image.open(io.BytesIO(image_bytes)) as opened:
         opened.seek(0)
         picture = ImageOps.exif_transpose(opened).convert("RGB")  # the orientation the server's boxes refer to
-    words = ["</s>" if t.special else hyp.text[t.start : t.end] or t.piece for t in hyp.tokens]
+    words = ["</s>" if t.special else hyp.text[t.start : t.end].strip() or t.piece for t in hyp.tokens]
     grid = (response.grid.height, response.grid.width)
     panel = max(96, min(256, 1024 // max(1, min(len(words) + 1, 5))))
     overlay(picture, words, matrix(hyp.attention), grid, columns=5, panel=panel).save(path)

@@ -131,7 +131,8 @@ def training_command(train_config: dict[str, Any]) -> str:
     for key, value in train_config.items():
         if key in defaults and value != defaults[key]:
             flag = "--" + key.replace("_", "-")
-            flags.append(flag if value is True else f"--no-{flag[2:]}" if value is False else f"{flag} {value}")
+            shown = f"{value:g}" if isinstance(value, float) else value
+            flags.append(flag if value is True else f"--no-{flag[2:]}" if value is False else f"{flag} {shown}")
     return " ".join(["attn-train caption", *flags])
 
 
@@ -287,8 +288,10 @@ def _card(directory: Path, manifest: Manifest, command: str, examples: Sequence[
         f"- Export command: `{command}`" if command else "- Exported with `attn-export`.",
         f"- Data: `{data['corpus']}`, hash `{data['hash']}`, splits {data['sizes']} (images).",
         f"- Training time: {progress['elapsed_s'] / 60:.1f} min, {progress['step']} steps, {progress['epoch']} full "
-        f"epochs, on {t['hardware']}.",
-        f"- Best checkpoint (by validation loss): {t['best']}",
+        f"epochs, on {t['hardware']}" + (f", {threads} torch thread(s)." if (threads := t['config'].get('threads'))
+                                         else "."),
+        f"- Best checkpoint (by {t['config'].get('best_by', 'valid_loss').replace('_', ' ')} on the validation "
+        f"split): {t['best']}",
         "",
         "## Scores",
         "",
