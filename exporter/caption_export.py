@@ -12,7 +12,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from exporter.caption_graphs import (
     encoder_outputs,
     export_graphs,
 )
-from exporter.export import EXPORTER_VERSION, ExportOptions, ParityError
+from exporter.export import EXPORTER_VERSION, ExportOptions, ParityError, staged, training_section
 from exporter.parity import ParityReport
 from server.artifacts import DecoderBinding, GraphSpec, Manifest
 from server.artifacts.attention_maps import overlay, peak_box
@@ -162,34 +161,20 @@ def _manifest(model: ShowAttendTell, payload: dict[str, Any], options: ExportOpt
             "color": "RGB", "scale": 1 / 255, "mean": list(cfg.mean), "std": list(cfg.std), "resize": "stretch",
             "resample": "bilinear", "grid": [rows, cols],
         },
-        training={
-            "data": payload["data"],
-            "config": payload["train_config"],
-            "command": training_command(payload["train_config"]),
-            "model_config": payload["model_config"],
-            "progress": payload["progress"],
-            "best": payload["best"],
-            "hardware": payload.get("hardware", ""),
-        },
+        training={**training_section(payload), "command": training_command(payload["train_config"])},
         parity=parity.as_dict(),
         exporter_version=EXPORTER_VERSION,
     )
 
 
 def export_captioner(checkpoint_path: Path, out: Path, options: ExportOptions) -> Manifest:
-    out = Path(out)
-    if out.exists() and not options.force:
-        raise FileExistsError(f"{out} exists; pass --force to replace it")
     if options.int8:
         raise ValueError("--int8 is not supported for captioning models")
     payload = checkpoint.load(checkpoint_path, kind="captioning")
     model = checkpoint.build_captioner(payload)
     sp_bytes = bytes(payload["tokenizer"])
     sp = spm.SentencePieceProcessor(model_proto=sp_bytes)
-    staging = out.parent / f".{out.name}.staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with staged(out, options.force) as staging:
         started = time.monotonic()
         (staging / "spm.model").write_bytes(sp_bytes)
         export_graphs(model, str(staging / "image_encoder.onnx"), str(staging / "decoder_step.onnx"))
@@ -211,13 +196,7 @@ def export_captioner(checkpoint_path: Path, out: Path, options: ExportOptions) -
         Manifest.load(staging)  # the server's own validation, before anything is moved into place
         pictures = _examples(model, onnx_model, sp, held_out, images, manifest, options, out)
         _card(staging, manifest, options.command, pictures)
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging.rename(out)
-        return manifest
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
 
 
 def _examples(

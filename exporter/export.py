@@ -10,6 +10,8 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,31 +130,49 @@ def _manifest(
         decoder_step=GraphSpec("decoder_step.onnx", decoder_inputs(model), decoder_outputs(model)),
         decoder=decoder_binding(model),
         limits={"max_source_tokens": 128, "max_target_tokens": 266},
-        training={
-            "data": payload["data"],
-            "config": payload["train_config"],
-            "model_config": payload["model_config"],
-            "progress": payload["progress"],
-            "best": payload["best"],
-            "hardware": payload.get("hardware", ""),
-        },
+        training=training_section(payload),
         parity=parity.as_dict(),
         exporter_version=EXPORTER_VERSION,
     )
 
 
-def export(checkpoint_path: Path, out: Path, options: ExportOptions) -> Manifest:
+def training_section(payload: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's ``training`` section: how the checkpoint was made."""
+    keys = ("data", "progress", "best")
+    section = {k: payload[k] for k in keys}
+    section.update(config=payload["train_config"], model_config=payload["model_config"],
+                   hardware=payload.get("hardware", ""))
+    return section
+
+
+@contextmanager
+def staged(out: Path, force: bool) -> Iterator[Path]:
+    """A staging directory that replaces ``out`` only when the block completes; removed whatever happens.
+
+    A failed export (parity, checker, anything) therefore never leaves a half-written model where the server would
+    load it, nor a staging directory behind.
+    """
     out = Path(out)
-    if out.exists() and not options.force:
+    if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force to replace it")
-    payload = checkpoint.load(checkpoint_path)
-    model = checkpoint.build_model(payload)
-    sp_bytes = bytes(payload["tokenizer"])
-    sp = spm.SentencePieceProcessor(model_proto=sp_bytes)
     staging = out.parent / f".{out.name}.staging"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
+        yield staging
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def export(checkpoint_path: Path, out: Path, options: ExportOptions) -> Manifest:
+    payload = checkpoint.load(checkpoint_path)
+    model = checkpoint.build_model(payload)
+    sp_bytes = bytes(payload["tokenizer"])
+    sp = spm.SentencePieceProcessor(model_proto=sp_bytes)
+    with staged(out, options.force) as staging:
         started = time.monotonic()
         (staging / "spm.model").write_bytes(sp_bytes)
         export_graphs(model, str(staging / "encoder.onnx"), str(staging / "decoder_step.onnx"))
@@ -179,13 +199,7 @@ def export(checkpoint_path: Path, out: Path, options: ExportOptions) -> Manifest
         manifest.save(staging)
         Manifest.load(staging)  # the server's own validation, before anything is moved into place
         card.write(staging, manifest, onnx_fp32, sp, pairs, options.command)
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging.rename(out)
-        return manifest
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
 
 
 def _quantize(
