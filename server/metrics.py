@@ -1,47 +1,145 @@
 """Prometheus metrics, built on a registry the caller owns (every test gets a fresh one), served on their own port.
 
-Label values stay low-cardinality: rpc and status code names, and the model name and version only once the model
-was found (requests for unknown models are counted under ``model=""``).
+Every name is under ``attn_``; durations are in seconds, sizes in bytes, distributions are histograms (summaries
+cannot be aggregated across replicas). Label values stay low-cardinality: rpc and status code names, and the model
+name and version only once the model was found (requests for unknown models are counted under ``model=""``).
+:data:`METRICS` is the one list: the collectors are built from it and the README's table is checked against it.
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
+PREFIX = "attn"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+COMPUTE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+BYTES_BUCKETS = tuple(float(4**k) for k in range(4, 14))  # 256 B .. 64 MiB
+REFUSAL_REASONS = ("queue_full", "deadline", "cancelled", "invalid", "unauthenticated")
 
-# name, type, labels, meaning: the README's metrics table is checked against this list.
-DESCRIPTIONS = [
-    ("attn_requests_total", "counter", "rpc, model, version, code", "RPCs answered, by final status code."),
-    ("attn_request_duration_seconds", "histogram", "rpc, model, version",
-     "Time from receiving an RPC to answering it."),
-    ("attn_source_tokens_total", "counter", "model, version", "Source tokens read (end of sentence included)."),
-    ("attn_target_tokens_total", "counter", "model, version",
-     "Target tokens generated over all returned hypotheses (end of sentence included)."),
-    ("attn_inflight_requests", "gauge", "rpc", "RPCs being handled right now (running or waiting for a worker)."),
-    ("attn_models_loaded", "gauge", "", "Model versions loaded and warmed up."),
+
+@dataclass(frozen=True)
+class Metric:
+    attr: str  # the attribute of :class:`Metrics` holding it
+    name: str  # the exposed name (counters get ``_total`` appended by the client library)
+    kind: str  # counter, gauge, histogram
+    labels: tuple[str, ...]
+    help: str
+    buckets: tuple[float, ...] = ()
+
+    @property
+    def exposed(self) -> str:
+        return f"{self.name}_total" if self.kind == "counter" else self.name
+
+
+MODEL = ("model", "version")
+METRICS = [
+    Metric("requests", "attn_requests", "counter", ("rpc", "model", "version", "code"),
+           "RPCs answered, by final status code."),
+    Metric("latency", "attn_request_duration_seconds", "histogram", ("rpc", "model", "version"),
+           "Time from receiving an RPC to answering it.", LATENCY_BUCKETS),
+    Metric("queue_time", "attn_queue_duration_seconds", "histogram", MODEL,
+           "Time a request waited in its model's queue before the engine admitted it.", LATENCY_BUCKETS),
+    Metric("compute_time", "attn_compute_duration_seconds", "histogram", (*MODEL, "stage"),
+           "ONNX Runtime time per call: stage=encoder for one admitted group, stage=decoder for one step of the "
+           "whole batch.", COMPUTE_BUCKETS),
+    Metric("batch_requests", "attn_batch_requests", "histogram", MODEL,
+           "Requests sharing one decoder step.", BATCH_BUCKETS),
+    Metric("batch_rows", "attn_batch_hypotheses", "histogram", MODEL,
+           "Active hypotheses (rows: sentences × beams) in one decoder step.", BATCH_BUCKETS),
+    Metric("queue_requests", "attn_queue_requests", "gauge", MODEL, "Requests waiting for admission."),
+    Metric("queue_tokens", "attn_queue_tokens", "gauge", MODEL, "Source tokens of the requests waiting."),
+    Metric("active_requests", "attn_active_requests", "gauge", MODEL, "Requests being decoded."),
+    Metric("inflight", "attn_inflight_requests", "gauge", ("rpc",),
+           "RPCs being handled right now (queued, decoding or being answered)."),
+    Metric("source_tokens", "attn_source_tokens", "counter", MODEL, "Source tokens read (end of sentence included)."),
+    Metric("target_tokens", "attn_target_tokens", "counter", MODEL,
+           "Target tokens generated over all returned hypotheses (end of sentence included)."),
+    Metric("images", "attn_images", "counter", MODEL, "Images captioned."),
+    Metric("refusals", "attn_refused_requests", "counter", ("rpc", "reason"),
+           "Requests refused or stopped: queue_full, deadline, cancelled, invalid, unauthenticated."),
+    Metric("attention_bytes", "attn_attention_payload_bytes", "histogram", ("rpc", "model"),
+           "Bytes of attention (matrices and alignments) in one response.", BYTES_BUCKETS),
+    Metric("models_loaded", "attn_models_loaded", "gauge", (), "Model versions loaded and warmed up."),
+    Metric("model_info", "attn_model_info", "gauge", (*MODEL, "family", "device", "variant", "serving"),
+           "1 for every loaded model version; serving=\"true\" for the versions requests get by default."),
+    Metric("load_time", "attn_model_load_duration_seconds", "gauge", MODEL,
+           "Seconds it took to load and warm a model version."),
+    Metric("load_failures", "attn_model_load_failures", "counter", ("model",),
+           "Model versions refused at load or reload (invalid, broken or failing warm-up)."),
 ]
+# Collected on every scrape, not held in attributes.
+COLLECTED = [
+    Metric("", "attn_process_cpu_seconds", "counter", (), "CPU time of the server process (user + system)."),
+    Metric("", "attn_process_resident_memory_bytes", "gauge", (), "Resident memory of the server process."),
+    Metric("", "attn_gpu_memory_used_bytes", "gauge", ("gpu",), "GPU memory in use (CUDA only)."),
+    Metric("", "attn_gpu_utilization_ratio", "gauge", ("gpu",), "GPU busy fraction, 0..1 (CUDA only)."),
+]
+# (name as exposed, type, labels, meaning): the README's metrics table.
+DESCRIPTIONS = [(m.exposed, m.kind, ", ".join(m.labels), m.help) for m in METRICS + COLLECTED]
+
+
+class GpuCollector(Collector):
+    """GPU memory and utilisation from NVML, read at scrape time; registered only when serving on CUDA."""
+
+    def __init__(self) -> None:
+        import pynvml  # nvidia-ml-py; present wherever the CUDA provider is
+
+        pynvml.nvmlInit()
+        self._nvml = pynvml
+        self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+
+    def collect(self) -> Any:
+        memory = GaugeMetricFamily("attn_gpu_memory_used_bytes", COLLECTED[2].help, labels=["gpu"])
+        busy = GaugeMetricFamily("attn_gpu_utilization_ratio", COLLECTED[3].help, labels=["gpu"])
+        for i, handle in enumerate(self._handles):
+            memory.add_metric([str(i)], float(self._nvml.nvmlDeviceGetMemoryInfo(handle).used))
+            busy.add_metric([str(i)], self._nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0)
+        yield memory
+        yield busy
 
 
 class Metrics:
+    requests: Counter
+    latency: Histogram
+    queue_time: Histogram
+    compute_time: Histogram
+    batch_requests: Histogram
+    batch_rows: Histogram
+    queue_requests: Gauge
+    queue_tokens: Gauge
+    active_requests: Gauge
+    inflight: Gauge
+    source_tokens: Counter
+    target_tokens: Counter
+    images: Counter
+    refusals: Counter
+    attention_bytes: Histogram
+    models_loaded: Gauge
+    model_info: Gauge
+    load_time: Gauge
+    load_failures: Counter
+
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self.requests = Counter(
-            "attn_requests", DESCRIPTIONS[0][3], ["rpc", "model", "version", "code"], registry=registry
-        )
-        self.latency = Histogram(
-            "attn_request_duration_seconds", DESCRIPTIONS[1][3], ["rpc", "model", "version"],
-            buckets=LATENCY_BUCKETS, registry=registry,
-        )
-        self.source_tokens = Counter("attn_source_tokens", DESCRIPTIONS[2][3], ["model", "version"], registry=registry)
-        self.target_tokens = Counter("attn_target_tokens", DESCRIPTIONS[3][3], ["model", "version"], registry=registry)
-        self.inflight = Gauge("attn_inflight_requests", DESCRIPTIONS[4][3], ["rpc"], registry=registry)
-        self.models_loaded = Gauge("attn_models_loaded", DESCRIPTIONS[5][3], registry=registry)
+        for m in METRICS:
+            kinds: dict[str, Any] = {"counter": Counter, "gauge": Gauge, "histogram": Histogram}
+            extra = {"buckets": m.buckets} if m.kind == "histogram" else {}
+            setattr(self, m.attr, kinds[m.kind](m.name, m.help, list(m.labels), registry=registry, **extra))
+        ProcessCollector(namespace=PREFIX, registry=registry)  # attn_process_cpu_seconds_total, ..._memory_bytes
         self._http: WSGIServer | None = None
         self._thread: threading.Thread | None = None
+
+    def watch_gpu(self) -> None:
+        """Adds the GPU gauges (call once, when the models run on CUDA)."""
+        self.registry.register(GpuCollector())
 
     def observe(self, rpc: str, model: str, version: str, code: str, seconds: float) -> None:
         self.requests.labels(rpc, model, version, code).inc()

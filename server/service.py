@@ -118,11 +118,7 @@ class AttentionServicer(pb_grpc.AttentionServiceServicer):
         job = codec.translate_job(request, model, self.settings)
         call.fields = {"texts": len(job.sources), "beam_size": job.options.beam_size}
 
-        def work(ticket: Ticket) -> list[Result]:
-            ticket.check()  # it may have waited for a worker past its deadline
-            return model.translate(job.sources, job.options, ticket.check)
-
-        results = await self.scheduler.run(work, timeout=context.time_remaining())
+        results = await self.run_translate(model, job, context.time_remaining())
         source_tokens = sum(len(r.source.tokens) for r in results)
         target_tokens = sum(len(h.tokens) for r in results for h in r.hypotheses)
         self.metrics.count_tokens(model.name, model.version, source_tokens, target_tokens)
@@ -139,16 +135,31 @@ class AttentionServicer(pb_grpc.AttentionServiceServicer):
         job = codec.caption_job(request, model, self.settings)
         call.fields = {"image_bytes": len(job.image), "beam_size": job.options.beam_size}
 
+        result = await self.run_caption(model, job, context.time_remaining())
+        target_tokens = sum(len(h.tokens) for h in result.hypotheses)
+        self.metrics.count_tokens(model.name, model.version, 0, target_tokens)
+        call.fields.update(width=result.width, height=result.height, target_tokens=target_tokens)
+        return codec.caption_response(model, job, result)
+
+    # -- the inference path, shared with the V2 (Triton) protocol ----------------------------------------------------
+
+    async def run_translate(self, model: TranslationModel, job: codec.TranslateJob,
+                            timeout: float | None) -> list[Result]:
+        """Runs a validated job; raises the domain errors of :mod:`server.errors` (deadline, cancelled, overloaded)."""
+
+        def work(ticket: Ticket) -> list[Result]:
+            ticket.check()  # it may have waited for a worker past its deadline
+            return model.translate(job.sources, job.options, ticket.check)
+
+        return await self.scheduler.run(work, timeout=timeout)
+
+    async def run_caption(self, model: CaptionModel, job: codec.CaptionJob, timeout: float | None) -> CaptionResult:
         def work(ticket: Ticket) -> CaptionResult:
             ticket.check()
             image = decode(job.image, job.limits)  # header and pixel limits before any pixel is decoded
             return model.caption([image], job.options, ticket.check)[0]
 
-        result = await self.scheduler.run(work, timeout=context.time_remaining())
-        target_tokens = sum(len(h.tokens) for h in result.hypotheses)
-        self.metrics.count_tokens(model.name, model.version, 0, target_tokens)
-        call.fields.update(width=result.width, height=result.height, target_tokens=target_tokens)
-        return codec.caption_response(model, job, result)
+        return await self.scheduler.run(work, timeout=timeout)
 
     @rpc("ListModels")
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext,
