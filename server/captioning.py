@@ -10,20 +10,21 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 from PIL import Image
 
 from server import search
-from server.artifacts import Manifest, ManifestError, Token, Tokenizer
+from server.artifacts import Manifest, ManifestError, Token
 from server.artifacts.attention_maps import Box, peak_box
-from server.device import Device, session
+from server.device import Device
 from server.imaging import DecodedImage, prepare
 from server.logs import event
+from server.runtime import DecoderRuntime
 from server.translation import EOS_PIECE, DecodeOptions
 
 log = logging.getLogger("attn.model")
@@ -48,38 +49,18 @@ class CaptionResult:
     hypotheses: list[CaptionHypothesis]
 
 
-class CaptionModel:
+class CaptionModel(DecoderRuntime):
     family = "captioning"
 
     def __init__(self, directory: Path, manifest: Manifest, device: Device, variant: str = "", threads: int = 0):
         if manifest.family != "captioning":
             raise ManifestError(f"{directory}: family {manifest.family!r} is not captioning")
-        self.directory, self.manifest, self.device = directory, manifest, device
-        self.variant = variant if variant in manifest.variants else "fp32"  # captioners ship fp32 graphs only
         files = {"encoder": manifest.encoder.file, "decoder_step": manifest.decoder_step.file}
         files.update(manifest.variants.get(variant, {}))
-        self.tokenizer = Tokenizer.load(directory / manifest.tokenizer["file"])
-        self.encoder: ort.InferenceSession = session(directory / files["encoder"], device, threads)
-        self.decoder: ort.InferenceSession = session(directory / files["decoder_step"], device, threads)
+        super().__init__(directory, manifest, device, files, threads)
+        self.variant = variant if variant in manifest.variants else "fp32"  # captioners ship fp32 graphs only
         self.image_spec = manifest.image
         self.grid = (int(manifest.image["grid"][0]), int(manifest.image["grid"][1]))
-        binding = manifest.decoder
-        self._state_inputs = list(binding.state)
-        self._outputs = [binding.log_probs_output, binding.attention_output, *binding.state.values()]
-        dtypes = {t.name: t.dtype for t in manifest.decoder_step.inputs}
-        self._token_dtype = np.dtype(dtypes[binding.token_input])
-        ids = manifest.special_ids
-        self.pad_id, self.bos_id, self.eos_id = ids["pad"], ids["bos"], ids["eos"]
-        self.banned = sorted({self.pad_id, self.bos_id} - {self.eos_id})
-        self.max_target_tokens = int(manifest.limits["max_target_tokens"])
-
-    @property
-    def name(self) -> str:
-        return self.manifest.name
-
-    @property
-    def version(self) -> str:
-        return self.manifest.version
 
     def info(self) -> dict[str, Any]:
         m = self.manifest
@@ -95,9 +76,13 @@ class CaptionModel:
         """Decoder steps per caption, EOS included."""
         return min(self.max_target_tokens, max_output_tokens + 1) if max_output_tokens else self.max_target_tokens
 
-    # -- graphs --------------------------------------------------------------------------------------------------
+    def budget_for(self, item: DecodedImage, options: DecodeOptions) -> int:
+        return self.budget(options.max_output_tokens)
 
-    def encode(self, images: list[DecodedImage]) -> tuple[search.State, search.State]:
+    def cost(self, item: DecodedImage) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def encode(self, images: Sequence[DecodedImage]) -> tuple[search.State, search.State]:
         """(initial decoder state, static decoder inputs), one row per image."""
         batch = np.stack([prepare(d.image, self.image_spec) for d in images])  # (n, 3, H, W)
         binding = self.manifest.decoder
@@ -105,29 +90,12 @@ class CaptionModel:
         outputs = dict(zip(wanted, self.encoder.run(wanted, {self.image_spec["input"]: batch}), strict=True))
         return {n: outputs[n] for n in self._state_inputs}, {n: outputs[n] for n in binding.static_inputs}
 
-    def step(self, tokens: np.ndarray, state: search.State, static: search.State) -> tuple[
-            np.ndarray, np.ndarray, search.State]:
-        feeds = {self.manifest.decoder.token_input: tokens.astype(self._token_dtype), **static, **state}
-        log_probs, attention, *new_state = self.decoder.run(self._outputs, feeds)
-        return log_probs, attention, dict(zip(self._state_inputs, new_state, strict=True))
-
-    # -- captioning ----------------------------------------------------------------------------------------------
-
     def caption(self, images: list[DecodedImage], options: DecodeOptions,
                 check: search.Check | None = None) -> list[CaptionResult]:
-        state, static = self.encode(images)
-        budgets = [self.budget(options.max_output_tokens)] * len(images)
-        if options.beam_size == 1:
-            found = [[h] for h in search.greedy_search(
-                self.step, state, static, bos=self.bos_id, eos=self.eos_id, max_steps=budgets,
-                alpha=options.length_penalty, banned=self.banned, check=check,
-            )]
-        else:
-            found = search.beam_search(
-                self.step, state, static, bos=self.bos_id, eos=self.eos_id, max_steps=budgets,
-                beam_size=options.beam_size, nbest=options.nbest, alpha=options.length_penalty,
-                banned=self.banned, check=check,
-            )
+        """One batch, start to end (the engine is the serving path; this is for warm-up, tests and tools)."""
+        return self.finish(images, self.decode(images, options, check))
+
+    def finish(self, images: Sequence[DecodedImage], found: list[list[search.Hypothesis]]) -> list[CaptionResult]:
         return [CaptionResult(d.width, d.height, self.grid, [self._hypothesis(d, h) for h in hyps])
                 for d, hyps in zip(images, found)]
 

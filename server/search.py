@@ -8,7 +8,11 @@ next state::
 
 ``state`` is what changes from step to step (beam search reorders it through the back-pointers); ``static`` is
 fed unchanged (encoder memory, projected keys, source mask): beam search repeats it ``beam`` times once and never
-copies it again.
+copies it again, except to drop the rows of sentences that are finished.
+
+The search itself is :class:`Search`, advanced one step at a time over any set of :class:`Sentence` objects, so
+that the serving engine can decode sentences of different requests that joined at different steps in one batch
+(:mod:`server.engine`). :func:`greedy_search` and :func:`beam_search` drive it over one fixed batch.
 
 Every hypothesis carries the attention rows of its own history: when beam search keeps candidate ``b`` of a
 sentence, the candidate's token list *and* its attention rows are gathered from row ``b`` before the new row is
@@ -42,97 +46,88 @@ def length_penalty(length: int, alpha: float) -> float:
     return float(((5.0 + length) / 6.0) ** alpha)
 
 
-def _check_budget(max_steps: Sequence[int], rows: int) -> np.ndarray:
-    budget = np.asarray(max_steps, dtype=np.int64)
-    if budget.shape != (rows,) or (budget < 1).any():
-        raise ValueError(f"max_steps needs one positive budget per sentence, got {list(max_steps)}")
-    return budget
+class Sentence:
+    """One source's search in progress: ``k`` live hypotheses (``k`` consecutive rows of the batch) and the
+    finished ones. ``src_len`` is how many attention columns belong to it (``None``: all of them)."""
+
+    def __init__(self, k: int, budget: int, src_len: int | None) -> None:
+        if budget < 1:
+            raise ValueError(f"a sentence needs a positive step budget, got {budget}")
+        self.k, self.budget, self.src_len = k, budget, src_len
+        self.tokens = np.zeros((k, 0), dtype=np.int64)  # live hypotheses' tokens so far
+        self.rows: np.ndarray | None = None  # (k, t, src_len): their attention rows, from the first step on
+        self.scores = np.full(k, -np.inf)
+        self.scores[0] = 0.0  # k identical copies at first: only one may expand
+        self.finished: list[Hypothesis] = []
+        self.done = False
+
+    @property
+    def steps(self) -> int:
+        return int(self.tokens.shape[1])
+
+    def history(self, slot: int, attention: np.ndarray) -> np.ndarray:
+        """Slot's attention rows followed by this step's row."""
+        row = attention[None, : self.src_len]
+        return row if self.rows is None else np.concatenate([self.rows[slot], row])
+
+    def best(self, nbest: int) -> list[Hypothesis]:
+        return sorted(self.finished, key=lambda h: -h.score)[:nbest]
 
 
-def _ban(log_probs: np.ndarray, banned: Sequence[int]) -> np.ndarray:
-    """Tokens that must never be generated (padding, BOS) get probability 0; the rest is left as it is."""
-    if not len(banned):
-        return log_probs
-    log_probs = log_probs.copy()
-    log_probs[:, list(banned)] = -np.inf
-    return log_probs
+class Search:
+    """Greedy (``k = 1``) or beam search with one length penalty, advanced a step at a time by the caller.
 
-
-def greedy_search(
-    step: StepFn, state: State, static: State, *, bos: int, eos: int, max_steps: Sequence[int],
-    alpha: float = 1.0, banned: Sequence[int] = (), check: Check | None = None,
-) -> list[Hypothesis]:
-    """The most probable next token at every step. ``max_steps[i]`` counts sentence i's steps, its EOS included;
-    ``banned`` ids are never generated."""
-    n = len(max_steps)
-    budget = _check_budget(max_steps, n)
-    tokens = np.full(n, bos, dtype=np.int64)
-    done = np.zeros(n, dtype=bool)
-    truncated = np.zeros(n, dtype=bool)
-    log_prob = np.zeros(n, dtype=np.float64)
-    history: list[np.ndarray] = []
-    rows: list[np.ndarray] = []
-    for t in range(int(budget.max())):
-        if check is not None:
-            check()
-        log_probs, attention, state = step(tokens, state, static)
-        log_probs = _ban(log_probs, banned)
-        best = log_probs.argmax(-1).astype(np.int64)
-        forced = ~done & (budget == t + 1) & (best != eos)
-        tokens = np.where(forced | done, eos, best)
-        log_prob += np.where(done, 0.0, log_probs[np.arange(n), tokens])
-        truncated |= forced
-        history.append(tokens)
-        rows.append(attention)
-        done |= tokens == eos
-        if done.all():
-            break
-    ids = np.stack(history, 1)  # (n, steps)
-    weights = np.stack(rows, 1)  # (n, steps, src_len)
-    out = []
-    for i in range(n):
-        length = int(np.argmax(ids[i] == eos)) + 1
-        out.append(Hypothesis(
-            ids[i, :length].tolist(), float(log_prob[i]), float(log_prob[i]) / length_penalty(length, alpha),
-            weights[i, :length], bool(truncated[i]),
-        ))
-    return out
-
-
-def beam_search(
-    step: StepFn, state: State, static: State, *, bos: int, eos: int, max_steps: Sequence[int], beam_size: int,
-    nbest: int = 1, alpha: float = 1.0, banned: Sequence[int] = (), check: Check | None = None,
-) -> list[list[Hypothesis]]:
-    """Beam search over ``n = len(max_steps)`` sentences at once; returns each sentence's ``nbest`` best first.
-
-    ``state`` and ``static`` hold one row per sentence; the step is called with ``n * beam_size`` rows, sentence
-    ``i`` in rows ``i * beam_size ...``. Among the ``2 * beam_size`` best continuations of a sentence, those ending
-    in EOS within the first ``beam_size`` finish a hypothesis and the best ``beam_size`` others stay alive; a
-    sentence is done when it has ``beam_size`` finished hypotheses or its budget is used up (the last step may
-    only emit EOS).
+    Among the ``2k`` best continuations of a sentence, those ending in EOS within the first ``k`` finish a
+    hypothesis and the best ``k`` others stay alive; a sentence is done when it has ``k`` finished hypotheses or its
+    budget is used up (its last step may only emit EOS). ``banned`` ids are never generated.
     """
-    if not 1 <= nbest <= beam_size:
-        raise ValueError(f"nbest {nbest} must be between 1 and beam_size {beam_size}")
-    n, k = len(max_steps), beam_size
-    budget = _check_budget(max_steps, n)
-    state = {name: np.repeat(value, k, axis=0) for name, value in state.items()}
-    static = {name: np.repeat(value, k, axis=0) for name, value in static.items()}
-    tokens = np.full(n * k, bos, dtype=np.int64)
-    scores = np.full((n, k), -np.inf)
-    scores[:, 0] = 0.0  # k identical copies at first: only one may expand
-    history = np.zeros((n * k, 0), dtype=np.int64)
-    attn_history: np.ndarray | None = None  # (n * k, steps, src_len)
-    finished: list[list[Hypothesis]] = [[] for _ in range(n)]
-    done = np.zeros(n, dtype=bool)
-    for t in range(int(budget.max())):
-        if check is not None:
-            check()
-        log_probs, attention, state = step(tokens, state, static)
-        log_probs = _ban(log_probs, banned)
+
+    def __init__(self, k: int, eos: int, nbest: int = 1, alpha: float = 1.0, banned: Sequence[int] = ()) -> None:
+        if not 1 <= nbest <= k:
+            raise ValueError(f"nbest {nbest} must be between 1 and beam_size {k}")
+        self.k, self.eos, self.nbest, self.alpha, self.banned = k, eos, nbest, alpha, list(banned)
+
+    def start(self, budget: int, src_len: int | None = None) -> Sentence:
+        return Sentence(self.k, budget, src_len)
+
+    def advance(self, sentences: Sequence[Sentence], log_probs: np.ndarray, attention: np.ndarray) -> tuple[
+            np.ndarray, np.ndarray]:
+        """One step for ``sentences`` from the step's outputs for their rows (``len(sentences) * k`` rows, in
+        order; ``log_probs`` is modified in place). Returns ``(parents, tokens)``: next row ``j`` continues row
+        ``parents[j]`` with ``tokens[j]``. Sentences that finished are marked ``done``; their rows mean nothing."""
+        if self.banned:
+            log_probs[:, self.banned] = -np.inf
+        if self.k == 1:
+            return self._greedy(sentences, log_probs, attention)
+        return self._beam(sentences, log_probs, attention)
+
+    def _greedy(self, sentences: Sequence[Sentence], log_probs: np.ndarray, attention: np.ndarray) -> tuple[
+            np.ndarray, np.ndarray]:
+        n, eos = len(sentences), self.eos
+        best = log_probs.argmax(-1).astype(np.int64)
+        last = np.array([s.steps + 1 == s.budget for s in sentences])
+        tokens = np.where(last, eos, best)  # the budget's last step may only end the sentence
+        gained = log_probs[np.arange(n), tokens].astype(np.float64)
+        for i, s in enumerate(sentences):
+            s.rows = s.history(0, attention[i])[None]
+            s.tokens = np.concatenate([s.tokens, tokens[i : i + 1, None]], axis=1)
+            s.scores[0] += gained[i]
+            if tokens[i] == eos:
+                length = s.steps
+                s.finished.append(Hypothesis(
+                    s.tokens[0].tolist(), float(s.scores[0]), float(s.scores[0]) / length_penalty(length, self.alpha),
+                    s.rows[0], bool(last[i] and best[i] != eos),
+                ))
+                s.done = True
+        return np.arange(n), tokens
+
+    def _beam(self, sentences: Sequence[Sentence], log_probs: np.ndarray, attention: np.ndarray) -> tuple[
+            np.ndarray, np.ndarray]:
+        n, k, eos = len(sentences), self.k, self.eos
         vocab = log_probs.shape[-1]
         step_lp = log_probs.astype(np.float64).reshape(n, k, vocab)
-        total = scores[:, :, None] + step_lp  # (n, k, vocab)
-        last = budget == t + 1
+        total = np.stack([s.scores for s in sentences])[:, :, None] + step_lp  # (n, k, vocab)
+        last = np.array([s.steps + 1 == s.budget for s in sentences])
         if last.any():
             eos_total = total[last, :, eos].copy()
             total[last] = -np.inf
@@ -144,40 +139,101 @@ def beam_search(
         order = np.argsort(-top_scores, axis=1, kind="stable")
         top, top_scores = np.take_along_axis(top, order, axis=1), np.take_along_axis(top_scores, order, axis=1)
 
-        parents = np.zeros((n, k), dtype=np.int64)  # back-pointers: the beam slot each survivor continues
-        next_tokens = np.full((n, k), eos, dtype=np.int64)
-        next_scores = np.full((n, k), -np.inf)
-        for i in np.flatnonzero(~done):
+        parents = np.repeat(np.arange(n) * k, k)  # back-pointers into the given rows
+        tokens = np.full(n * k, eos, dtype=np.int64)
+        for i, s in enumerate(sentences):
+            slots = np.zeros(k, dtype=np.int64)
+            next_tokens = np.full(k, eos, dtype=np.int64)
+            next_scores = np.full(k, -np.inf)
             alive = 0
             for rank, (cand, score) in enumerate(zip(top[i], top_scores[i])):
                 if not np.isfinite(score) or alive == k:
                     break
-                parent, token = divmod(int(cand), vocab)
-                row = i * k + parent
+                slot, token = divmod(int(cand), vocab)
                 if token == eos:
                     if rank < k:
-                        rows = attention[row][None] if attn_history is None else np.concatenate(
-                            [attn_history[row], attention[row][None]])
-                        length = history.shape[1] + 1
-                        finished[i].append(Hypothesis(
-                            history[row].tolist() + [eos], float(score), float(score) / length_penalty(length, alpha),
-                            rows, bool(last[i] and int(step_lp[i, parent].argmax()) != eos),
+                        length = s.steps + 1
+                        s.finished.append(Hypothesis(
+                            s.tokens[slot].tolist() + [eos], float(score),
+                            float(score) / length_penalty(length, self.alpha), s.history(slot, attention[i * k + slot]),
+                            bool(last[i] and int(step_lp[i, slot].argmax()) != eos),
                         ))
                     continue
-                parents[i, alive], next_tokens[i, alive], next_scores[i, alive] = parent, token, score
+                slots[alive], next_tokens[alive], next_scores[alive] = slot, token, score
                 alive += 1
-            if len(finished[i]) >= k or last[i] or alive == 0:
-                done[i] = True
-        if done.all():
-            break
-        gather = (np.arange(n)[:, None] * k + parents).reshape(-1)
-        history = np.concatenate([history[gather], next_tokens.reshape(-1, 1)], axis=1)
-        new_rows = attention[gather][:, None]
-        attn_history = new_rows if attn_history is None else np.concatenate([attn_history[gather], new_rows], 1)
-        state = {name: value.take(gather, axis=0) for name, value in state.items()}
-        tokens = next_tokens.reshape(-1)
-        scores = next_scores
-    return [sorted(hyps, key=lambda h: -h.score)[:nbest] for hyps in finished]
+            if len(s.finished) >= k or last[i] or alive == 0:
+                s.done = True
+                continue
+            # The survivors' histories, tokens and attention rows alike, come from the slot each one continues.
+            new_rows = attention[i * k + slots][:, None, : s.src_len]
+            s.rows = new_rows if s.rows is None else np.concatenate([s.rows[slots], new_rows], axis=1)
+            s.tokens = np.concatenate([s.tokens[slots], next_tokens[:, None]], axis=1)
+            s.scores = next_scores
+            parents[i * k : (i + 1) * k] = i * k + slots
+            tokens[i * k : (i + 1) * k] = next_tokens
+        return parents, tokens
+
+
+def rows_of(sentences: Sequence[int], k: int) -> np.ndarray:
+    """The batch rows of the sentences at these positions, ``k`` rows each."""
+    return (np.asarray(sentences, dtype=np.int64)[:, None] * k + np.arange(k)).reshape(-1)
+
+
+def run_search(
+    step: StepFn, state: State, static: State, search: Search, *, bos: int, max_steps: Sequence[int],
+    src_lens: Sequence[int | None] | None = None, check: Check | None = None,
+) -> list[list[Hypothesis]]:
+    """``search`` over one batch (one row of ``state`` and ``static`` per sentence) until every sentence is done;
+    each sentence's ``nbest`` hypotheses, best first. Finished sentences leave the batch."""
+    n, k = len(max_steps), search.k
+    if n == 0:
+        return []
+    lens = list(src_lens) if src_lens is not None else [None] * n
+    sentences = [search.start(budget, length) for budget, length in zip(max_steps, lens)]
+    if k > 1:
+        state = {name: np.repeat(value, k, axis=0) for name, value in state.items()}
+        static = {name: np.repeat(value, k, axis=0) for name, value in static.items()}
+    tokens = np.full(n * k, bos, dtype=np.int64)
+    live = list(range(n))
+    while live:
+        if check is not None:
+            check()
+        log_probs, attention, state = step(tokens, state, static)
+        active = [sentences[i] for i in live]
+        parents, next_tokens = search.advance(active, log_probs, attention)
+        keep = [j for j, s in enumerate(active) if not s.done]
+        if len(keep) < len(active):
+            rows = rows_of(keep, k)
+            parents, next_tokens = parents[rows], next_tokens[rows]
+            static = {name: value.take(rows, axis=0) for name, value in static.items()}
+            live = [live[j] for j in keep]
+        state = {name: value.take(parents, axis=0) for name, value in state.items()}
+        tokens = next_tokens
+    return [s.best(search.nbest) for s in sentences]
+
+
+def greedy_search(
+    step: StepFn, state: State, static: State, *, bos: int, eos: int, max_steps: Sequence[int],
+    alpha: float = 1.0, banned: Sequence[int] = (), check: Check | None = None,
+    src_lens: Sequence[int | None] | None = None,
+) -> list[Hypothesis]:
+    """The most probable next token at every step. ``max_steps[i]`` counts sentence i's steps, its EOS included;
+    ``banned`` ids are never generated."""
+    search = Search(1, eos, 1, alpha, banned)
+    found = run_search(step, state, static, search, bos=bos, max_steps=max_steps, src_lens=src_lens, check=check)
+    return [hyps[0] for hyps in found]
+
+
+def beam_search(
+    step: StepFn, state: State, static: State, *, bos: int, eos: int, max_steps: Sequence[int], beam_size: int,
+    nbest: int = 1, alpha: float = 1.0, banned: Sequence[int] = (), check: Check | None = None,
+    src_lens: Sequence[int | None] | None = None,
+) -> list[list[Hypothesis]]:
+    """Beam search over ``n = len(max_steps)`` sentences at once (see :class:`Search`); returns each sentence's
+    ``nbest`` best first. The step is called with ``n * beam_size`` rows, sentence ``i`` in rows ``i * beam_size
+    ...``, while every sentence is still searching."""
+    search = Search(beam_size, eos, nbest, alpha, banned)
+    return run_search(step, state, static, search, bos=bos, max_steps=max_steps, src_lens=src_lens, check=check)
 
 
 def forced_decode(

@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 from server import search
-from server.artifacts import GraphSpec, Manifest, ManifestError, Token, Tokenizer
+from server.artifacts import GraphSpec, Manifest, ManifestError, Token
 from server.artifacts.alignment import WordAlignment, align_words, token_words, word_matrix, words
-from server.device import Device, session
+from server.device import Device
 from server.errors import InvalidInput
 from server.logs import event
+from server.runtime import DecoderRuntime
 
 log = logging.getLogger("attn.model")
 
@@ -77,32 +78,21 @@ def _encoder_inputs(spec: GraphSpec) -> tuple[str, str | None]:
     return ids[0], (lengths[0] if lengths else None)
 
 
-class TranslationModel:
+class TranslationModel(DecoderRuntime):
     family = "translation"
 
     def __init__(self, directory: Path, manifest: Manifest, device: Device, variant: str = "", threads: int = 0):
-        self.directory, self.manifest, self.device = directory, manifest, device
-        self.variant = variant or "fp32"
         files = {"encoder": manifest.encoder.file, "decoder_step": manifest.decoder_step.file}
         if variant:
             if variant not in manifest.variants:
                 raise ManifestError(f"{directory}: no variant {variant!r} (has {sorted(manifest.variants)})")
             files.update(manifest.variants[variant])
-        self.tokenizer = Tokenizer.load(directory / manifest.tokenizer["file"])
-        self.encoder: ort.InferenceSession = session(directory / files["encoder"], device, threads)
-        self.decoder: ort.InferenceSession = session(directory / files["decoder_step"], device, threads)
+        super().__init__(directory, manifest, device, files, threads)
+        self.variant = variant or "fp32"
         self._ids_input, self._lengths_input = _encoder_inputs(manifest.encoder)
-        binding = manifest.decoder
-        self._state_inputs = list(binding.state)
-        self._outputs = [binding.log_probs_output, binding.attention_output, *binding.state.values()]
-        dtypes = {t.name: t.dtype for t in manifest.decoder_step.inputs}
-        self._token_dtype = np.dtype(dtypes[binding.token_input])
-        self._mask_dtype = np.dtype(dtypes[binding.mask_input])
-        ids = manifest.special_ids
-        self.pad_id, self.bos_id, self.eos_id = ids["pad"], ids["bos"], ids["eos"]
-        self.banned = sorted({self.pad_id, self.bos_id} - {self.eos_id})  # never generated
+        self._mask_dtype = np.dtype({t.name: t.dtype for t in manifest.decoder_step.inputs}[
+            manifest.decoder.mask_input])
         self.max_source_tokens = int(manifest.limits["max_source_tokens"])
-        self.max_target_tokens = int(manifest.limits["max_target_tokens"])
         # Multi-head models export every layer's and head's cross-attention beside the default alignment, so a
         # request may pick another layer or head; fetching it costs a copy, so only requests that ask pay for it.
         attention = manifest.attention
@@ -112,14 +102,6 @@ class TranslationModel:
         self.attention_layer = int(attention.get("layer", 0)) if self._all_heads else 0
         head = attention.get("head", "mean")
         self.attention_head = (-1 if head == "mean" else int(head)) if self._all_heads else 0
-
-    @property
-    def name(self) -> str:
-        return self.manifest.name
-
-    @property
-    def version(self) -> str:
-        return self.manifest.version
 
     def info(self) -> dict[str, Any]:
         m = self.manifest
@@ -177,7 +159,7 @@ class TranslationModel:
 
     # -- graphs --------------------------------------------------------------------------------------------------
 
-    def encode(self, sources: list[Source]) -> tuple[search.State, search.State]:
+    def encode(self, sources: Sequence[Source]) -> tuple[search.State, search.State]:
         """(initial decoder state, static decoder inputs) for a batch of sources, one row each."""
         lengths = np.array([len(s.tokens) for s in sources], dtype=np.int64)
         ids = np.full((len(sources), int(lengths.max())), self.pad_id, dtype=np.int64)
@@ -194,48 +176,37 @@ class TranslationModel:
         static[binding.mask_input] = mask
         return {name: outputs[name] for name in self._state_inputs}, static
 
-    def step(self, tokens: np.ndarray, state: search.State, static: search.State) -> tuple[
-            np.ndarray, np.ndarray, search.State]:
-        feeds = {self.manifest.decoder.token_input: tokens.astype(self._token_dtype), **static, **state}
-        log_probs, attention, *new_state = self.decoder.run(self._outputs, feeds)
-        return log_probs, attention, dict(zip(self._state_inputs, new_state, strict=True))
+    def src_len(self, item: Source) -> int:
+        return len(item.tokens)
 
-    def _step_for(self, options: DecodeOptions) -> search.StepFn:
-        """The step whose attention is the requested layer and head (the manifest's default needs no extra output)."""
+    def budget_for(self, item: Source, options: DecodeOptions) -> int:
+        return self.budget(item, options.max_output_tokens)
+
+    def step_rows(self, tokens: np.ndarray, state: search.State, static: search.State, all_heads: bool) -> tuple[
+            np.ndarray, np.ndarray, search.State, np.ndarray | None]:
+        if not (all_heads and self._all_heads):
+            return (*self.step(tokens, state, static), None)
+        feeds = {self.manifest.decoder.token_input: tokens.astype(self._token_dtype), **static, **state}
+        log_probs, attention, *new_state, every = self.decoder.run([*self._outputs, self._all_heads], feeds)
+        return log_probs, attention, dict(zip(self._state_inputs, new_state, strict=True)), every
+
+    def selection(self, options: DecodeOptions) -> tuple[int, int] | None:
         layer = self.attention_layer if options.attention_layer is None else options.attention_layer
         head = self.attention_head if options.attention_head is None else options.attention_head
         if not self._all_heads or (layer, head) == (self.attention_layer, self.attention_head):
-            return self.step
-        outputs = [*self._outputs, self._all_heads]
-
-        def step(tokens: np.ndarray, state: search.State, static: search.State) -> tuple[
-                np.ndarray, np.ndarray, search.State]:
-            feeds = {self.manifest.decoder.token_input: tokens.astype(self._token_dtype), **static, **state}
-            log_probs, _, *new_state, every = self.decoder.run(outputs, feeds)
-            chosen = every[:, layer]  # (rows, heads, src_len)
-            attention = chosen.mean(axis=1) if head < 0 else chosen[:, head]
-            return log_probs, attention, dict(zip(self._state_inputs, new_state, strict=True))
-
-        return step
+            return None
+        return layer, head
 
     # -- translation ---------------------------------------------------------------------------------------------
 
     def translate(self, sources: list[Source], options: DecodeOptions, check: search.Check | None = None) -> list[
             Result]:
-        state, static = self.encode(sources)
-        budgets = [self.budget(s, options.max_output_tokens) for s in sources]
-        step = self._step_for(options)
-        if options.beam_size == 1:
-            found = [[h] for h in search.greedy_search(
-                step, state, static, bos=self.bos_id, eos=self.eos_id, max_steps=budgets,
-                alpha=options.length_penalty, banned=self.banned, check=check,
-            )]
-        else:
-            found = search.beam_search(
-                step, state, static, bos=self.bos_id, eos=self.eos_id, max_steps=budgets,
-                beam_size=options.beam_size, nbest=options.nbest, alpha=options.length_penalty,
-                banned=self.banned, check=check,
-            )
+        """One batch, start to end (the engine is the serving path; this is for warm-up, tests and tools)."""
+        return self.finish(sources, self.decode(sources, options, check), options)
+
+    def finish(self, sources: list[Source], found: list[list[search.Hypothesis]], options: DecodeOptions) -> list[
+            Result]:
+        """Detokenized hypotheses with word-level attention and alignments (off the engine's thread)."""
         return [Result(s, [self._target(s, h, options) for h in hyps]) for s, hyps in zip(sources, found)]
 
     def force(self, sources: list[Source], targets: list[list[int]]) -> list[tuple[float, np.ndarray]]:

@@ -161,5 +161,5 @@ def test_bad_arguments() -> None:
     state, static = toy.initial([3])
     with pytest.raises(ValueError, match="nbest"):
         beam_search(toy.step, state, static, bos=BOS, eos=EOS, max_steps=[5], beam_size=2, nbest=3)
-    with pytest.raises(ValueError, match="max_steps"):
+    with pytest.raises(ValueError, match="positive step budget"):
         greedy_search(toy.step, state, static, bos=BOS, eos=EOS, max_steps=[0])

@@ -1,0 +1,125 @@
+"""What every served model family shares: the encoder and decoder-step sessions wired by the manifest's
+:class:`DecoderBinding`, the special ids, and the search over the step.
+
+A family (:mod:`server.translation`, :mod:`server.captioning`) adds how its inputs become encoder feeds and how
+hypotheses become results. The serving engine (:mod:`server.engine`) drives any of them through the same few
+methods: :meth:`encode`, :meth:`step_rows`, :meth:`budget_for`, :meth:`src_len` and :meth:`search_for`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from server import search
+from server.artifacts import Manifest, ManifestError, Tokenizer
+from server.device import Device, session
+
+SRC_AXIS = "src_len"
+
+
+class DecoderRuntime:
+    family = ""
+
+    def __init__(self, directory: Path, manifest: Manifest, device: Device, files: dict[str, str], threads: int):
+        self.directory, self.manifest, self.device = directory, manifest, device
+        self.tokenizer = Tokenizer.load(directory / manifest.tokenizer["file"])
+        self.encoder: ort.InferenceSession = session(directory / files["encoder"], device, threads)
+        self.decoder: ort.InferenceSession = session(directory / files["decoder_step"], device, threads)
+        binding = manifest.decoder
+        self._state_inputs = list(binding.state)
+        self._outputs = [binding.log_probs_output, binding.attention_output, *binding.state.values()]
+        specs = {t.name: t for t in manifest.decoder_step.inputs}
+        missing = [n for n in [binding.token_input, *binding.static_inputs, *binding.state] if n not in specs]
+        if missing:
+            raise ManifestError(f"{directory}: the decoder binding names inputs the step graph lacks: {missing}")
+        self._token_dtype = np.dtype(specs[binding.token_input].dtype)
+        # Axes the engine pads when sources of different lengths share a batch (zeros, masked out by the mask).
+        self.src_axes = {name: spec.shape.index(SRC_AXIS) for name, spec in specs.items()
+                         if SRC_AXIS in spec.shape and name in (*binding.static_inputs, binding.mask_input)}
+        # State whose size grows with the steps (a Transformer's key/value cache): rows at different steps cannot
+        # share a call, because the step graph has no mask over cache positions.
+        self.growing_state = any(isinstance(d, str) for name in binding.state for d in specs[name].shape[1:])
+        ids = manifest.special_ids
+        self.pad_id, self.bos_id, self.eos_id = ids["pad"], ids["bos"], ids["eos"]
+        self.banned = sorted({self.pad_id, self.bos_id} - {self.eos_id})  # never generated
+        self.max_target_tokens = int(manifest.limits["max_target_tokens"])
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    # -- what the engine calls ---------------------------------------------------------------------------------
+
+    def encode(self, items: Sequence[Any]) -> tuple[search.State, search.State]:
+        """(initial decoder state, static decoder inputs), one row per item."""
+        raise NotImplementedError
+
+    def src_len(self, item: Any) -> int | None:
+        """Attention columns that belong to ``item`` (``None``: every column; a grid has no padding)."""
+        return None
+
+    def budget_for(self, item: Any, options: Any) -> int:
+        """Decoder steps for ``item``, EOS included."""
+        raise NotImplementedError
+
+    def cost(self, item: Any) -> int:
+        """Source positions ``item`` occupies in a batch: what the engine's token budgets count."""
+        return self.src_len(item) or 1
+
+    def step(self, tokens: np.ndarray, state: search.State, static: search.State) -> tuple[
+            np.ndarray, np.ndarray, search.State]:
+        feeds = {self.manifest.decoder.token_input: tokens.astype(self._token_dtype), **static, **state}
+        log_probs, attention, *new_state = self.decoder.run(self._outputs, feeds)
+        return log_probs, attention, dict(zip(self._state_inputs, new_state, strict=True))
+
+    def step_rows(self, tokens: np.ndarray, state: search.State, static: search.State, all_heads: bool) -> tuple[
+            np.ndarray, np.ndarray, search.State, np.ndarray | None]:
+        """:meth:`step`, plus every layer's and head's attention when ``all_heads`` (multi-head models only)."""
+        return (*self.step(tokens, state, static), None)
+
+    def selection(self, options: Any) -> tuple[int, int] | None:
+        """The (layer, head) whose attention ``options`` asks for, or ``None`` for the manifest's default."""
+        return None
+
+    def select(self, every: np.ndarray, selection: tuple[int, int]) -> np.ndarray:
+        """Rows of one layer's head (or the mean over heads, head -1) from :meth:`step_rows`'s ``all_heads``."""
+        layer, head = selection
+        chosen = every[:, layer]  # (rows, heads, src_len)
+        return chosen.mean(axis=1) if head < 0 else chosen[:, head]
+
+    def step_for(self, options: Any) -> search.StepFn:
+        """The step whose attention is the one ``options`` asks for."""
+        selection = self.selection(options)
+        if selection is None:
+            return self.step
+
+        def step(tokens: np.ndarray, state: search.State, static: search.State) -> tuple[
+                np.ndarray, np.ndarray, search.State]:
+            log_probs, _, new_state, every = self.step_rows(tokens, state, static, True)
+            assert every is not None
+            return log_probs, self.select(every, selection), new_state
+
+        return step
+
+    def search_for(self, options: Any) -> search.Search:
+        return search.Search(options.beam_size, self.eos_id, options.nbest, options.length_penalty, self.banned)
+
+    # -- one batch, start to end (warm-up, tests, tools) -----------------------------------------------------
+
+    def decode(self, items: Sequence[Any], options: Any, check: search.Check | None = None) -> list[
+            list[search.Hypothesis]]:
+        state, static = self.encode(items)
+        return search.run_search(
+            self.step_for(options), state, static, self.search_for(options), bos=self.bos_id,
+            max_steps=[self.budget_for(item, options) for item in items],
+            src_lens=[self.src_len(item) for item in items], check=check,
+        )
