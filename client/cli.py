@@ -2,6 +2,7 @@
 
     attn translate "Ich hoffe, es geht dir gut." [--beam 4] [--nbest 2] [--json] [--heatmap out.png]
     attn caption image.png [--beam 3] [--json] [--overlay out.png]
+    attn batch inputs.jsonl -o out.jsonl [--batch-size 16] [--concurrency 8] [--shard I/N]   (resumable)
     attn models
     attn health      (exit status 0 when the server reports SERVING: for container health checks)
 """
@@ -22,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from attention.v1 import attention_pb2 as pb
 from attention.v1 import attention_pb2_grpc as pb_grpc
-from client import caption, render
+from client import batch, caption, connection, render
 
 DETAILS = {"full": pb.ATTENTION_DETAIL_FULL, "words": pb.ATTENTION_DETAIL_WORDS, "none": pb.ATTENTION_DETAIL_NONE}
 MAX_MESSAGE_BYTES = 256 * 2**20
@@ -34,6 +35,7 @@ def parser() -> argparse.ArgumentParser:
                         help="server host:port [ATTN_TARGET, default localhost:50051]")
     common.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds (default 60)")
     common.add_argument("--json", action="store_true", help="print the response as JSON")
+    connection.add_arguments(common)  # --tls, --tls-ca, --tls-cert/--tls-key, --tls-server-name, --token-file
     top = argparse.ArgumentParser(prog="attn", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     commands = top.add_subparsers(dest="command", required=True)
     t = commands.add_parser("translate", parents=[common], help="translate texts and show the alignment")
@@ -51,13 +53,15 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--attention", choices=DETAILS, default="full", help="attention detail (default full)")
     t.add_argument("--heatmap", type=Path, help="write the best hypothesis's attention matrix to this PNG")
     caption.add_parser(commands, common, DETAILS)
+    batch.add_parser(commands, common, DETAILS)
     commands.add_parser("models", parents=[common], help="list the served models")
     commands.add_parser("health", parents=[common], help="exit 0 if the server is SERVING, 1 otherwise")
     return top
 
 
-def _channel(target: str) -> grpc.Channel:
-    return grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+def _channel(args: argparse.Namespace) -> grpc.Channel:
+    """The channel for ``--target`` and the connection options (TLS, token): see :mod:`client.connection`."""
+    return connection.from_args(args)
 
 
 def translate(args: argparse.Namespace, stub: pb_grpc.AttentionServiceStub) -> int:
@@ -107,13 +111,15 @@ def health(args: argparse.Namespace, channel: grpc.Channel) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    with _channel(args.target) as channel:
+    with _channel(args) as channel:
         stub = pb_grpc.AttentionServiceStub(channel)
         try:
             if args.command == "health":
                 return health(args, channel)
             if args.command == "caption":
                 return caption.caption(args, stub, DETAILS)
+            if args.command == "batch":
+                return batch.run(args, channel, DETAILS)
             return translate(args, stub) if args.command == "translate" else models(args, stub)
         except grpc.RpcError as exc:
             print(f"attn: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]

@@ -2,7 +2,11 @@
 
 The generated modules live in the importable package ``attention/v1/`` at the repository root, mirroring the
 proto package ``attention.v1``: ``*_pb2.py`` and ``*_pb2_grpc.py`` from grpcio-tools, ``*.pyi`` stubs from
-mypy-protobuf. ``--check`` regenerates into a temporary folder and exits 1 if anything differs from what is
+mypy-protobuf. Triton's KServe V2 protocol (proto package ``inference``, vendored under
+``proto/inference/``) goes to the package ``inference/`` the same way, with two edits (:func:`fix_inference`): its
+files import each other by bare name, which becomes ``from inference import ...``, and its descriptors go to the pool
+of ``inference/__init__.py`` instead of protobuf's default pool, so that a process may also import tritonclient's copy
+of the same protocol. ``--check`` regenerates into a temporary folder and exits 1 if anything differs from what is
 committed (a test runs it). The output depends on the tool versions, so they are pinned here and in pyproject.toml.
 """
 
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import re
 import sys
 import tempfile
 from importlib import metadata
@@ -18,12 +23,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
 PROTOS = ["attention/v1/attention.proto"]
+INFERENCE_PROTOS = ["grpc_service.proto", "model_config.proto"]  # compiled from proto/inference/, as upstream does
 GENERATED = [
     "attention/v1/attention_pb2.py",
     "attention/v1/attention_pb2.pyi",
     "attention/v1/attention_pb2_grpc.py",
     "attention/v1/attention_pb2_grpc.pyi",
+    *(f"inference/{name[:-len('.proto')]}{suffix}" for name in INFERENCE_PROTOS
+      for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")),
 ]
+_BARE_IMPORT = re.compile(r"^import (\w+_pb2) as ", re.MULTILINE)
+_DEFAULT_POOL = "DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile("
+_PRIVATE_POOL = "from inference import POOL as _POOL\nDESCRIPTOR = _POOL.AddSerializedFile("
 TOOLS = {"grpcio-tools": "1.85.1", "mypy-protobuf": "5.1.0"}
 
 
@@ -40,14 +51,14 @@ def check_tools() -> list[str]:
     return problems
 
 
-def generate(out: Path) -> None:
+def protoc(proto_path: Path, out: Path, protos: list[str]) -> None:
     from grpc_tools import protoc  # dev dependency: only needed to regenerate
 
     bin_dir = Path(sys.executable).parent
     include = Path(protoc.__file__).parent / "_proto"
     args = [
         "grpc_tools.protoc",
-        f"-I{PROTO_ROOT}",
+        f"-I{proto_path}",
         f"-I{include}",
         f"--plugin=protoc-gen-mypy={bin_dir / 'protoc-gen-mypy'}",
         f"--plugin=protoc-gen-mypy_grpc={bin_dir / 'protoc-gen-mypy_grpc'}",
@@ -55,10 +66,24 @@ def generate(out: Path) -> None:
         f"--grpc_python_out={out}",
         f"--mypy_out={out}",
         f"--mypy_grpc_out={out}",
-        *PROTOS,
+        *protos,
     ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
+
+
+def fix_inference(folder: Path) -> None:
+    """Package-qualified imports and the package's own descriptor pool in the generated ``inference`` modules."""
+    for path in sorted(folder.glob("*_pb2*.py*")):
+        text = _BARE_IMPORT.sub(r"from inference import \1 as ", path.read_text())
+        path.write_text(text.replace(_DEFAULT_POOL, _PRIVATE_POOL))
+
+
+def generate(out: Path) -> None:
+    protoc(PROTO_ROOT, out, PROTOS)
+    (out / "inference").mkdir(exist_ok=True)
+    protoc(PROTO_ROOT / "inference", out / "inference", INFERENCE_PROTOS)
+    fix_inference(out / "inference")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -19,13 +20,13 @@ from prometheus_client import CollectorRegistry
 
 from attention.v1 import attention_pb2 as pb
 from attention.v1 import attention_pb2_grpc as pb_grpc
-from server import device
+from server import device, security, triton
+from server.engine import Limits
 from server.errors import StartupError
 from server.health import NOT_SERVING, SERVING, HealthServicer
 from server.logs import event
 from server.metrics import Metrics
 from server.registry import Registry
-from server.scheduler import Scheduler
 from server.service import AttentionServicer
 from server.settings import Settings
 
@@ -38,9 +39,11 @@ class AttentionServer:
     def __init__(self, settings: Settings, metrics_registry: CollectorRegistry | None = None) -> None:
         self.settings = settings
         self.metrics = Metrics(metrics_registry if metrics_registry is not None else CollectorRegistry())
-        self.scheduler = Scheduler(settings.workers, settings.max_inflight)
+        # Threads that turn hypotheses into responses (and decode images) while the engines keep decoding.
+        self.pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="attn-worker")
         self.health = HealthServicer()
         self.registry: Registry | None = None
+        self.servicer: AttentionServicer | None = None
         self.port = 0
         self.metrics_port: int | None = None
         self.shutting_down = False
@@ -49,20 +52,31 @@ class AttentionServer:
     async def start(self) -> int:
         """Binds and starts answering (health NOT_SERVING, Translate UNAVAILABLE until :meth:`load`)."""
         s = self.settings
-        self.registry = Registry(Path(s.models_dir), device.choose(s.device), s.default_model, s.variant,
-                                 s.ort_threads)
-        server = grpc.aio.server(options=[
+        limits = Limits(max_batch_rows=s.max_batch_rows, max_batch_tokens=s.max_batch_tokens,
+                        max_batch_requests=Limits.max_batch_requests if s.batching else 1,
+                        max_queue_requests=s.max_queue_requests, max_queue_tokens=s.max_queue_tokens)
+        chosen = device.choose(s.device)
+        if chosen.name == "cuda":
+            self.metrics.watch_gpu()
+        self.registry = Registry(Path(s.models_dir), chosen, s.default_model, s.variant, s.ort_threads, limits,
+                                 self.metrics)
+        credentials, interceptors = security.configure(s, self.metrics)
+        server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", s.max_receive_bytes),
             ("grpc.max_send_message_length", s.max_send_bytes),
             ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
         ])
-        servicer = AttentionServicer(self.registry, self.scheduler, s, self.metrics, lambda: self.shutting_down)
+        servicer = AttentionServicer(self.registry, self.pool, s, self.metrics, lambda: self.shutting_down)
+        self.servicer = servicer
         pb_grpc.add_AttentionServiceServicer_to_server(servicer, server)
+        triton.add_to_server(servicer, server)  # the Triton / KServe V2 protocol on the same port
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection([SERVICE_NAME, grpc_health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        services = [SERVICE_NAME, triton.SERVICE_NAME, grpc_health.SERVICE_NAME, reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(services, server, pool=triton.reflection_pool(services))
         address = f"{s.host}:{s.port}"
         try:
-            self.port = server.add_insecure_port(address)
+            self.port = (server.add_insecure_port(address) if credentials is None
+                         else server.add_secure_port(address, credentials))
         except RuntimeError as exc:
             raise StartupError(f"cannot listen on {address}: {exc}") from exc
         if self.port == 0:
@@ -94,7 +108,9 @@ class AttentionServer:
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
-        await asyncio.to_thread(self.scheduler.close)
+        if self.registry is not None:
+            await asyncio.to_thread(self.registry.close)
+        self.pool.shutdown(wait=False, cancel_futures=True)
         self.metrics.close()
 
     async def _set_health(self, status: int) -> None:
@@ -125,7 +141,8 @@ async def serve(settings: Settings) -> int:
         code = 1
     if loading is not None and not loading.done():
         loading.cancel()  # the loading thread itself runs to its end; nothing waits for it
-    event(log, "shutting_down", grace_seconds=settings.grace_seconds, inflight=server.scheduler.inflight)
+    event(log, "shutting_down", grace_seconds=settings.grace_seconds,
+          inflight=server.servicer.inflight if server.servicer else 0)
     await server.stop(settings.grace_seconds)
     event(log, "stopped", exit_code=code)
     return code

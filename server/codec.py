@@ -161,3 +161,17 @@ def caption_response(model: CaptionModel, job: CaptionJob, result: CaptionResult
             caption.peak_boxes.extend(pb.Box(x0=x0, y0=y0, x1=x1, y1=y1) for x0, y0, x1, y1 in hyp.peak_boxes)
         response.hypotheses.append(caption)
     return response
+
+
+def attention_bytes(response: pb.TranslateResponse | pb.CaptionResponse) -> int:
+    """Serialized bytes of the attention a response carries (matrices, alignments, peak boxes)."""
+    total = 0
+    if isinstance(response, pb.TranslateResponse):
+        for translation in response.translations:
+            for hyp in translation.hypotheses:
+                total += hyp.attention.ByteSize() + hyp.word_attention.ByteSize()
+                total += sum(a.ByteSize() for a in hyp.alignments)
+    else:
+        for caption in response.hypotheses:
+            total += caption.attention.ByteSize() + sum(b.ByteSize() for b in caption.peak_boxes)
+    return total

@@ -2,7 +2,7 @@
 
 Call sites log an event name as the message and the fields as ``extra={"fields": {...}}``; :func:`event` is the
 short form. The request id travels in a context variable, so lines logged from worker threads carry it too (the
-scheduler runs work inside a copy of the caller's context).
+worker pool runs work inside a copy of the caller's context).
 """
 
 from __future__ import annotations

@@ -10,34 +10,24 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
 
 from server.artifacts import Manifest, ManifestError
 from server.captioning import CaptionModel
 from server.device import Device
+from server.engine import Engine, Limits
 from server.errors import ModelNotFound, NotReady, StartupError
 from server.logs import event
+from server.metrics import Metrics
+from server.runtime import DecoderRuntime
 from server.translation import TranslationModel
 
 log = logging.getLogger("attn.registry")
 
 
-class Runtime(Protocol):
-    family: str
-
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def version(self) -> str: ...
-
-    def info(self) -> dict[str, Any]: ...
-
-    def warm_up(self) -> float: ...
-
-
+Runtime = DecoderRuntime
 RuntimeFactory = Callable[[Path, Manifest, Device, str, int], Runtime]
 RUNTIMES: dict[str, RuntimeFactory] = {"translation": TranslationModel, "captioning": CaptionModel}
 
@@ -63,11 +53,13 @@ def discover(models_dir: Path) -> list[Path]:
 
 class Registry:
     def __init__(self, models_dir: Path, device: Device, default_model: str = "", variant: str = "",
-                 threads: int = 0) -> None:
+                 threads: int = 0, limits: Limits | None = None, metrics: Metrics | None = None) -> None:
         self.models_dir, self.device = Path(models_dir), device
         self.requested_default, self.variant, self.threads = default_model, variant, threads
+        self.limits, self.metrics = limits or Limits(), metrics
         self.default_model = ""
         self._models: dict[tuple[str, str], Runtime] = {}
+        self._engines: dict[tuple[str, str], Engine] = {}
         self._ready = threading.Event()
 
     @property
@@ -83,6 +75,7 @@ class Registry:
                 raise StartupError(f"invalid model {directory}: {exc}") from exc
             if (manifest.name, manifest.version) != (directory.parent.name, directory.name):
                 raise StartupError(f"{directory}: the manifest says {manifest.name}/{manifest.version}")
+            started = time.monotonic()
             factory = RUNTIMES.get(manifest.family)
             if factory is None:
                 event(log, "model_skipped", level=logging.WARNING, path=str(directory),
@@ -94,6 +87,9 @@ class Registry:
                 raise StartupError(f"invalid model {directory}: {exc}") from exc
             model.warm_up()
             self._models[(model.name, model.version)] = model
+            self._engines[(model.name, model.version)] = Engine(model, self.limits, self.metrics)
+            if self.metrics:
+                self.metrics.load_time.labels(model.name, model.version).set(time.monotonic() - started)
             event(log, "model_loaded", model=model.name, version=model.version, family=model.family,
                   device=self.device.name, variant=self.variant or "fp32")
         if not self._models:
@@ -102,7 +98,19 @@ class Registry:
         if self.requested_default and self.requested_default not in names:
             raise StartupError(f"default model {self.requested_default!r} is not among the loaded models {names}")
         self.default_model = self.requested_default or names[0]
+        self._publish()
         self._ready.set()
+
+    def _publish(self) -> None:
+        """``attn_model_info`` and ``attn_models_loaded`` for the loaded versions."""
+        if not self.metrics:
+            return
+        self.metrics.model_info.clear()
+        for (name, version), model in self._models.items():
+            latest = max((v for n, v in self._models if n == name), key=_version_key)
+            self.metrics.model_info.labels(name, version, model.family, self.device.name, model.variant,
+                                           str(version == latest).lower()).set(1)
+        self.metrics.models_loaded.set(len(self._models))
 
     def get(self, name: str = "", version: str = "") -> Runtime:
         """The model version a request names (empty name: the default; empty version: the highest)."""
@@ -133,6 +141,15 @@ class Registry:
             if not name:
                 raise ModelNotFound(f"no {family} model is loaded; loaded models: {', '.join(self.names())}")
         return self.get(name, version)
+
+    def engine(self, model: Runtime) -> Engine:
+        """The engine that decodes ``model``'s requests."""
+        return self._engines[(model.name, model.version)]
+
+    def close(self) -> None:
+        """Stops every engine: requests still queued or decoding fail with ShuttingDown."""
+        for engine in self._engines.values():
+            engine.close()
 
     def names(self) -> list[str]:
         return sorted({name for name, _ in self._models})

@@ -24,6 +24,7 @@ SRC_AXIS = "src_len"
 
 class DecoderRuntime:
     family = ""
+    variant = "fp32"  # which of the manifest's graph variants is loaded
 
     def __init__(self, directory: Path, manifest: Manifest, device: Device, files: dict[str, str], threads: int):
         self.directory, self.manifest, self.device = directory, manifest, device
@@ -56,6 +57,14 @@ class DecoderRuntime:
     @property
     def version(self) -> str:
         return self.manifest.version
+
+    def info(self) -> dict[str, Any]:
+        """What ListModels reports."""
+        raise NotImplementedError
+
+    def warm_up(self) -> float:
+        """Runs every graph once, so the first request pays no lazy initialisation; returns the seconds it took."""
+        raise NotImplementedError
 
     # -- what the engine calls ---------------------------------------------------------------------------------
 

@@ -87,6 +87,11 @@ class Search:
             raise ValueError(f"nbest {nbest} must be between 1 and beam_size {k}")
         self.k, self.eos, self.nbest, self.alpha, self.banned = k, eos, nbest, alpha, list(banned)
 
+    @property
+    def key(self) -> tuple[object, ...]:
+        """Searches with equal keys behave the same, so their sentences can advance together."""
+        return (self.k, self.eos, self.nbest, self.alpha, tuple(self.banned))
+
     def start(self, budget: int, src_len: int | None = None) -> Sentence:
         return Sentence(self.k, budget, src_len)
 

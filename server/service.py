@@ -7,12 +7,15 @@ status codes (through :func:`server.errors.to_status`, the only place that knows
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import functools
 import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -22,19 +25,22 @@ from attention.v1 import attention_pb2 as pb
 from attention.v1 import attention_pb2_grpc as pb_grpc
 from server import codec, logs
 from server.captioning import CaptionModel, CaptionResult
-from server.errors import InvalidInput, ShuttingDown, to_status
+from server.errors import InvalidInput, Overloaded, ShuttingDown, to_status
 from server.imaging import decode
 from server.metrics import Metrics
 from server.registry import Registry
-from server.scheduler import Scheduler, Ticket
 from server.settings import Settings
 from server.translation import Result, TranslationModel
 
 log = logging.getLogger("attn.rpc")
 
 REQUEST_ID_KEY = "x-request-id"
+# Status codes that mean the request was refused or stopped, and the metric's reason for each.
+REFUSALS = {"RESOURCE_EXHAUSTED": "queue_full", "DEADLINE_EXCEEDED": "deadline", "CANCELLED": "cancelled",
+            "INVALID_ARGUMENT": "invalid"}
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
+T = TypeVar("T")
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
@@ -89,6 +95,8 @@ def rpc(name: str) -> Callable[
                 raise  # unreachable: abort raises
             finally:
                 seconds = time.monotonic() - started
+                if code.name in REFUSALS:
+                    self.metrics.refusals.labels(name, REFUSALS[code.name]).inc()
                 self.metrics.inflight.labels(name).dec()
                 self.metrics.observe(name, call.model, call.version, code.name, seconds)
                 fields = {**(call.fields or {}), **({"error": error} if error else {})}
@@ -103,10 +111,11 @@ def rpc(name: str) -> Callable[
 
 
 class AttentionServicer(pb_grpc.AttentionServiceServicer):
-    def __init__(self, registry: Registry, scheduler: Scheduler, settings: Settings, metrics: Metrics,
+    def __init__(self, registry: Registry, pool: Executor, settings: Settings, metrics: Metrics,
                  shutting_down: Callable[[], bool]) -> None:
-        self.registry, self.scheduler, self.settings, self.metrics = registry, scheduler, settings, metrics
+        self.registry, self.pool, self.settings, self.metrics = registry, pool, settings, metrics
         self.shutting_down = shutting_down
+        self.inflight = 0  # Translate/Caption calls between admission and answer, against settings.max_inflight
 
     @rpc("Translate")
     async def Translate(self, request: pb.TranslateRequest, context: grpc.aio.ServicerContext,
@@ -118,12 +127,15 @@ class AttentionServicer(pb_grpc.AttentionServiceServicer):
         job = codec.translate_job(request, model, self.settings)
         call.fields = {"texts": len(job.sources), "beam_size": job.options.beam_size}
 
-        results = await self.run_translate(model, job, context.time_remaining())
+        async with self.admitted():
+            results = await self.run_translate(model, job, context.time_remaining())
+            response = await self.offload(codec.translate_response, model, job, results)
         source_tokens = sum(len(r.source.tokens) for r in results)
         target_tokens = sum(len(h.tokens) for r in results for h in r.hypotheses)
         self.metrics.count_tokens(model.name, model.version, source_tokens, target_tokens)
+        self.metrics.attention_bytes.labels("Translate", model.name).observe(codec.attention_bytes(response))
         call.fields.update(source_tokens=source_tokens, target_tokens=target_tokens)
-        return codec.translate_response(model, job, results)
+        return response
 
     @rpc("Caption")
     async def Caption(self, request: pb.CaptionRequest, context: grpc.aio.ServicerContext,
@@ -135,31 +147,50 @@ class AttentionServicer(pb_grpc.AttentionServiceServicer):
         job = codec.caption_job(request, model, self.settings)
         call.fields = {"image_bytes": len(job.image), "beam_size": job.options.beam_size}
 
-        result = await self.run_caption(model, job, context.time_remaining())
+        async with self.admitted():
+            result = await self.run_caption(model, job, context.time_remaining())
+            response = await self.offload(codec.caption_response, model, job, result)
         target_tokens = sum(len(h.tokens) for h in result.hypotheses)
         self.metrics.count_tokens(model.name, model.version, 0, target_tokens)
+        self.metrics.images.labels(model.name, model.version).inc()
+        self.metrics.attention_bytes.labels("Caption", model.name).observe(codec.attention_bytes(response))
         call.fields.update(width=result.width, height=result.height, target_tokens=target_tokens)
-        return codec.caption_response(model, job, result)
+        return response
 
     # -- the inference path, shared with the V2 (Triton) protocol ----------------------------------------------------
 
+    @contextlib.asynccontextmanager
+    async def admitted(self) -> AsyncIterator[None]:
+        """Counts a call against ``max_inflight`` (the whole server's bound on calls being handled)."""
+        if self.inflight >= self.settings.max_inflight:
+            raise Overloaded(f"{self.inflight} calls are being handled, the server's limit (max_inflight); "
+                             "retry later")
+        self.inflight += 1
+        try:
+            yield
+        finally:
+            self.inflight -= 1
+
+    async def offload(self, fn: Callable[..., T], *args: Any) -> T:
+        """Runs CPU work (detokenizing, word alignments, building responses) on the worker pool, off the event
+        loop and off the engines' threads."""
+        context = contextvars.copy_context()  # the request id follows the work into the thread
+        return await asyncio.get_running_loop().run_in_executor(self.pool, context.run, fn, *args)
+
     async def run_translate(self, model: TranslationModel, job: codec.TranslateJob,
                             timeout: float | None) -> list[Result]:
-        """Runs a validated job; raises the domain errors of :mod:`server.errors` (deadline, cancelled, overloaded)."""
-
-        def work(ticket: Ticket) -> list[Result]:
-            ticket.check()  # it may have waited for a worker past its deadline
-            return model.translate(job.sources, job.options, ticket.check)
-
-        return await self.scheduler.run(work, timeout=timeout)
+        """Decodes a validated job on the model's engine; raises the domain errors of :mod:`server.errors`
+        (deadline, cancelled, overloaded). Cancelling the caller takes the job out of the batch."""
+        found = await asyncio.wrap_future(self.registry.engine(model).submit(job.sources, job.options, timeout))
+        return await self.offload(model.finish, job.sources, found, job.options)
 
     async def run_caption(self, model: CaptionModel, job: codec.CaptionJob, timeout: float | None) -> CaptionResult:
-        def work(ticket: Ticket) -> CaptionResult:
-            ticket.check()
-            image = decode(job.image, job.limits)  # header and pixel limits before any pixel is decoded
-            return model.caption([image], job.options, ticket.check)[0]
-
-        return await self.scheduler.run(work, timeout=timeout)
+        started = time.monotonic()
+        image = await self.offload(decode, job.image, job.limits)  # header and pixel limits before any pixel
+        if timeout is not None:
+            timeout -= time.monotonic() - started
+        found = await asyncio.wrap_future(self.registry.engine(model).submit([image], job.options, timeout))
+        return (await self.offload(model.finish, [image], found))[0]
 
     @rpc("ListModels")
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext,

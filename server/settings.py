@@ -32,7 +32,16 @@ class Settings:
     variant: str = _setting("", "Graph variant from the manifest, e.g. int8; empty serves the fp32 graphs.")
     ort_threads: int = _setting(0, "ONNX Runtime intra-op threads per session; 0 lets ONNX Runtime decide.")
     workers: int = _setting(2, "Requests computed at the same time (threads running ONNX Runtime).")
-    max_inflight: int = _setting(64, "Requests admitted at once (running plus waiting); more get RESOURCE_EXHAUSTED.")
+    max_inflight: int = _setting(1024, "Translate/Caption calls handled at once by the whole server (queued, "
+                                 "decoding or being answered); more get RESOURCE_EXHAUSTED.")
+    batching: bool = _setting(True, "Iteration-level batching: decode the requests of all clients together; false "
+                              "decodes one request at a time (for comparison).")
+    max_batch_rows: int = _setting(256, "Most hypotheses (texts × beam) one model decodes together.")
+    max_batch_tokens: int = _setting(32768, "Most source positions (tokens, or grid cells of images) over the "
+                                     "hypotheses one model decodes together.")
+    max_queue_requests: int = _setting(256, "Most requests waiting for one model; more get RESOURCE_EXHAUSTED.")
+    max_queue_tokens: int = _setting(32768, "Most source tokens (grid cells for images) waiting for one model; more "
+                                     "get RESOURCE_EXHAUSTED.")
     max_texts: int = _setting(32, "Most texts in one Translate request.")
     max_text_chars: int = _setting(2000, "Most characters in one text.")
     default_beam_size: int = _setting(4, "Beam size when a request leaves it at 0 (1 = greedy).")
@@ -45,13 +54,21 @@ class Settings:
     grace_seconds: float = _setting(30.0, "On SIGTERM/SIGINT: how long in-flight requests may take to finish.")
     log_level: str = _setting("INFO", "Log level: DEBUG, INFO, WARNING or ERROR.", LOG_LEVELS)
     log_format: str = _setting("json", "Log lines as JSON objects (json) or key=value text (text).", LOG_FORMATS)
+    tls_cert: str = _setting("", "PEM certificate chain of the server; with tls_key the gRPC port speaks TLS only "
+                             "(empty: plaintext).")
+    tls_key: str = _setting("", "PEM private key (unencrypted) of tls_cert; keep the file readable by the server only.")
+    tls_client_ca: str = _setting("", "PEM CA certificate(s); when set, clients must present a certificate signed by "
+                                  "one of them (mutual TLS). Needs tls_cert and tls_key.")
+    auth_token_file: str = _setting("", "File of accepted bearer tokens, one per line ('#' starts a comment); "
+                                    "empty: no token needed. Health and reflection stay open.")
 
     def __post_init__(self) -> None:
         for f in fields(self):
             choices = f.metadata["choices"]
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"{f.name} must be one of {', '.join(choices)}, not {getattr(self, f.name)!r}")
-        for name in ("workers", "max_inflight", "max_texts", "max_text_chars", "default_beam_size", "max_beam_size",
+        for name in ("workers", "max_inflight", "max_batch_rows", "max_batch_tokens", "max_queue_requests",
+                     "max_queue_tokens", "max_texts", "max_text_chars", "default_beam_size", "max_beam_size",
                      "max_receive_bytes", "max_send_bytes", "max_image_bytes", "max_image_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
@@ -59,6 +76,10 @@ class Settings:
             raise ValueError(f"default_beam_size {self.default_beam_size} exceeds max_beam_size {self.max_beam_size}")
         if self.port < 0 or self.ort_threads < 0 or self.grace_seconds < 0:
             raise ValueError("port, ort_threads and grace_seconds must not be negative")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together: set both or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
 
     @staticmethod
     def env_name(name: str) -> str:
@@ -96,7 +117,8 @@ class Settings:
         for f in fields(cls):
             assert f.default is not MISSING
             parser.add_argument(
-                "--" + f.name.replace("_", "-"), type=type(f.default), default=None, choices=f.metadata["choices"],
+                "--" + f.name.replace("_", "-"), type=_parse_bool if isinstance(f.default, bool) else type(f.default),
+                default=None, choices=f.metadata["choices"],
                 help=f"{f.metadata['help']} [{cls.env_name(f.name)}, default {f.default!r}]",
             )
         return parser
@@ -108,7 +130,12 @@ class Settings:
                  f.metadata["help"]) for f in fields(cls)]
 
 
+def _parse_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise ValueError(f"{raw!r} is not true/false")
+    return value in ("1", "true", "yes", "on")
+
+
 def _convert(default: Any, raw: str) -> Any:
-    if isinstance(default, bool):
-        return raw.strip().lower() in ("1", "true", "yes", "on")
-    return type(default)(raw)
+    return _parse_bool(raw) if isinstance(default, bool) else type(default)(raw)

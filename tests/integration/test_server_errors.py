@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,7 @@ def test_unexpected_error_is_internal_with_request_id_only(running: RunningServe
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("/secret/path/encoder.onnx exploded")
 
-    monkeypatch.setattr(model, "translate", broken)
+    monkeypatch.setattr(model, "encode", broken)  # fails inside the engine's thread
     error = _error(running.stub.Translate, pb.TranslateRequest(texts=["Hallo"]),
                    metadata=[("x-request-id", "req-42")])
     assert error.code() == grpc.StatusCode.INTERNAL
@@ -78,20 +79,60 @@ def test_overload_is_resource_exhausted(one_slot_server: RunningServer, monkeypa
     model = one_slot_server.server.registry.get()
     assert isinstance(model, TranslationModel)
     entered, release = threading.Event(), threading.Event()
-    original = model.translate
+    original = model.encode
 
     def blocking(*args: object, **kwargs: object) -> object:
         entered.set()
         assert release.wait(30)
         return original(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(model, "translate", blocking)
+    monkeypatch.setattr(model, "encode", blocking)
     first = one_slot_server.stub.Translate.future(pb.TranslateRequest(texts=["Hallo"]), timeout=60)
     assert entered.wait(30)
     error = _error(one_slot_server.stub.Translate, pb.TranslateRequest(texts=["Hallo"]))
-    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "in flight" in error.details()
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_inflight" in error.details()
     release.set()
     assert first.result(timeout=60).translations
+
+
+@pytest.fixture()
+def short_queue_server(models_dir: Path) -> Iterator[RunningServer]:
+    server = RunningServer(settings(models_dir, max_queue_requests=1))
+    yield server
+    server.close()
+
+
+def test_full_queue_is_resource_exhausted_naming_the_limit(short_queue_server: RunningServer,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """One request decoding (its encoder blocked), one waiting: the queue is full and the next is refused at once;
+    the refusal is counted, and the two admitted requests still complete."""
+    running = short_queue_server
+    assert running.server.registry is not None
+    model = running.server.registry.get()
+    entered, release = threading.Event(), threading.Event()
+    original = model.encode
+
+    def blocking(*args: object, **kwargs: object) -> object:
+        entered.set()
+        assert release.wait(30)
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(model, "encode", blocking)
+    first = running.stub.Translate.future(pb.TranslateRequest(texts=["Hallo"]), timeout=60)
+    assert entered.wait(30)
+    second = running.stub.Translate.future(pb.TranslateRequest(texts=["Guten Tag"]), timeout=60)
+    engine = running.server.registry.engine(model)
+    for _ in range(100):  # the second call reaches the queue
+        if engine.queued:
+            break
+        time.sleep(0.05)
+    error = _error(running.stub.Translate, pb.TranslateRequest(texts=["Danke"]))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_queue_requests" in error.details()
+    release.set()
+    assert first.result(timeout=60).translations and second.result(timeout=60).translations
+    refused = running.server.metrics.registry.get_sample_value(
+        "attn_refused_requests_total", {"rpc": "Translate", "reason": "queue_full"})
+    assert refused == 1.0
 
 
 def test_deadline_stops_the_search(one_slot_server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -116,6 +157,6 @@ def test_deadline_stops_the_search(one_slot_server: RunningServer, monkeypatch: 
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     monkeypatch.setattr(model, "step", original)
     release.set()
-    # One worker: this runs only once the expired call has left it, and then the expired call made no more steps.
+    # The expired call left the batch before its next step: the engine made no more steps for it.
     assert one_slot_server.stub.Translate(pb.TranslateRequest(texts=["Hallo"]), timeout=30).translations
     assert len(calls) == 1

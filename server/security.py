@@ -1,0 +1,192 @@
+"""Transport security: TLS or mutual TLS on the gRPC port, and bearer tokens for everything but health and reflection.
+
+:func:`configure` turns the settings into what :class:`server.app.AttentionServer` needs: the server credentials
+(``None`` for plaintext) and the interceptors. Problems with the files (unreadable, not PEM, key not matching the
+certificate, no tokens) are :class:`~server.errors.StartupError` s that name the setting, never a token.
+
+Token authentication is deny by default: every method needs ``authorization: Bearer <token>`` metadata unless its
+service is in :data:`OPEN_SERVICES`, so a service added to the same port later is protected without being listed here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import re
+import ssl
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from server.errors import StartupError
+from server.logs import event
+from server.metrics import Metrics
+from server.settings import Settings
+
+log = logging.getLogger("attn.security")
+
+AUTHORIZATION_KEY = "authorization"
+# Probes and tooling must work without a token: a Kubernetes probe or grpcurl has no secret to send.
+OPEN_SERVICES = frozenset({
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1alpha.ServerReflection",
+    "grpc.reflection.v1.ServerReflection",
+})
+_TOKEN = re.compile(r"[\x21-\x7e]+")  # visible ASCII: what an HTTP/2 header value carries unescaped
+
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
+
+
+def configure(settings: Settings, metrics: Metrics) -> tuple[grpc.ServerCredentials | None, list[Any]]:
+    """(server credentials or ``None`` for plaintext, server interceptors), logged once for the operator."""
+    credentials = server_credentials(settings)
+    interceptors: list[Any] = []
+    tokens: list[str] = []
+    if settings.auth_token_file:
+        tokens = load_tokens(settings.auth_token_file)
+        interceptors.append(TokenAuthInterceptor(tokens, metrics))
+    event(log, "security", tls=credentials is not None, mutual_tls=bool(settings.tls_client_ca),
+          auth_tokens=len(tokens))
+    return credentials, interceptors
+
+
+# -- TLS ---------------------------------------------------------------------------------------------------------------
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials from ``tls_cert``/``tls_key``, requiring client certificates signed by ``tls_client_ca`` when
+    that is set; ``None`` when TLS is off. The files are checked here, because gRPC itself would only fail at the first
+    handshake, in a log line the operator may never see."""
+    if not settings.tls_cert:  # Settings checked that tls_key and tls_client_ca are empty then
+        return None
+    cert = _read("tls_cert", settings.tls_cert)
+    key = _read("tls_key", settings.tls_key)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key, password=_no_password)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise StartupError(f"tls_cert {settings.tls_cert} and tls_key {settings.tls_key} are not a usable pair "
+                           f"(PEM certificate chain and the matching unencrypted PEM private key): {exc}") from exc
+    ca: bytes | None = None
+    if settings.tls_client_ca:
+        ca = _read("tls_client_ca", settings.tls_client_ca)
+        try:
+            context.load_verify_locations(cafile=settings.tls_client_ca)
+        except (ssl.SSLError, OSError) as exc:
+            raise StartupError(f"tls_client_ca {settings.tls_client_ca} holds no usable PEM CA certificate: "
+                               f"{exc}") from exc
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+
+def _read(setting: str, path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise StartupError(f"cannot read {setting} {path}: {exc.strerror or exc}") from exc
+
+
+def _no_password() -> bytes:
+    # Without a callback OpenSSL would prompt on the terminal for an encrypted key; gRPC cannot use one anyway.
+    raise ValueError("the private key is encrypted; give gRPC an unencrypted key (file readable by the server only)")
+
+
+# -- bearer tokens -----------------------------------------------------------------------------------------------------
+
+
+def parse_tokens(text: str, source: str = "auth_token_file") -> list[str]:
+    """The tokens in a token file: one per line; blank lines and lines starting with ``#`` are skipped, surrounding
+    whitespace is ignored. A line with inner whitespace or non-ASCII characters is an error (naming the line, not the
+    token); so is a file without tokens, which would lock every client out."""
+    tokens = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if not _TOKEN.fullmatch(line):
+            raise StartupError(f"{source} line {number}: a token is one word of visible ASCII characters "
+                               "(no spaces, no 'Bearer ' prefix)")
+        tokens.append(line)
+    if not tokens:
+        raise StartupError(f"{source} holds no tokens (one per line); leave auth_token_file empty to turn "
+                           "authentication off")
+    return tokens
+
+
+def load_tokens(path: str) -> list[str]:
+    try:
+        text = Path(path).read_text(encoding="ascii")
+    except UnicodeDecodeError as exc:
+        raise StartupError(f"auth_token_file {path} is not ASCII text") from exc
+    except OSError as exc:
+        raise StartupError(f"cannot read auth_token_file {path}: {exc.strerror or exc}") from exc
+    return parse_tokens(text, f"auth_token_file {path}")
+
+
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses calls without a known bearer token with ``UNAUTHENTICATED``, before the request is even parsed.
+
+    Tokens are kept and compared as SHA-256 digests with :func:`hmac.compare_digest`, against every known token, so
+    the time taken says nothing about a token's length, its prefix, or which token matched.
+    """
+
+    def __init__(self, tokens: Iterable[str], metrics: Metrics, open_services: Iterable[str] = OPEN_SERVICES) -> None:
+        self._digests = tuple(_digest(t) for t in tokens)
+        if not self._digests:
+            raise ValueError("TokenAuthInterceptor needs at least one token")
+        self._metrics = metrics
+        self._open = frozenset(open_services)
+
+    async def intercept_service(self, continuation: Continuation,
+                                handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method = handler_call_details.method or ""
+        service = method.lstrip("/").rpartition("/")[0]
+        if service in self._open:
+            return await continuation(handler_call_details)
+        problem = self.check(handler_call_details.invocation_metadata or ())
+        if problem is None:
+            return await continuation(handler_call_details)
+        # The real handler only tells the denial its shape (unary or streaming); an unknown method is refused too, so
+        # that callers without a token cannot map which methods exist.
+        handler = await continuation(handler_call_details)
+        rpc = method.rpartition("/")[2] if handler is not None else "unknown"  # bounded label values
+        return _denial(handler, problem, rpc, self._metrics)
+
+    def check(self, metadata: Sequence[Any]) -> str | None:
+        """``None`` when the metadata carries a known bearer token, else the reason, fit for the client."""
+        values = [value for key, value in metadata if key == AUTHORIZATION_KEY]
+        if not values:
+            return "missing credentials: send the metadata 'authorization: Bearer <token>'"
+        value = values[0]
+        if not isinstance(value, str):
+            return "malformed authorization metadata: expected 'Bearer <token>'"
+        scheme, _, token = value.strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return "malformed authorization metadata: expected 'Bearer <token>'"
+        presented = _digest(token.strip())
+        known = False
+        for digest in self._digests:  # no early exit: all tokens are compared every time
+            known |= hmac.compare_digest(presented, digest)
+        return None if known else "invalid bearer token"
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+
+
+def _denial(handler: grpc.RpcMethodHandler | None, message: str, rpc: str, metrics: Metrics) -> grpc.RpcMethodHandler:
+    async def deny(_request: Any, context: grpc.aio.ServicerContext) -> Any:
+        metrics.refusals.labels(rpc, "unauthenticated").inc()
+        event(log, "unauthenticated", level=logging.WARNING, rpc=rpc, peer=context.peer(), reason=message)
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    # No deserializer: the request of an unauthenticated caller is never parsed (the handler gets raw bytes).
+    if handler is None or not (handler.request_streaming or handler.response_streaming):
+        return grpc.unary_unary_rpc_method_handler(deny)
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(deny)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(deny)
+    return grpc.unary_stream_rpc_method_handler(deny)

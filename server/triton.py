@@ -1,0 +1,494 @@
+"""The Triton / KServe V2 inference protocol (``inference.GRPCInferenceService``) on the server's own port, so that
+stock V2 clients (tritonclient, perf_analyzer, KServe) reach the same models, scheduler, limits and metrics as
+``attention.v1``. Requests are validated by :mod:`server.codec` and run on :class:`AttentionServicer`'s inference path.
+
+A model is a set of named tensors (shapes with the batch dimension first, -1 where it varies)::
+
+    TEXT            BYTES  [batch, 1] or [batch]       in, translation: UTF-8 texts, translated as one batch
+    IMAGE           BYTES  [batch, 1] or [batch]       in, captioning: encoded images (PNG, JPEG, WebP, BMP, GIF)
+    TRANSLATION     BYTES  as TEXT                     the best translation of each text
+    CAPTION         BYTES  as IMAGE                    the best caption of each image
+    TOKENS          BYTES  [batch, max target tokens]  its token pieces, end of sentence included, padded with b""
+    TARGET_LENGTHS  INT32  [batch]                     how many of them are real
+    SOURCE_TOKENS   BYTES  [batch, max source tokens]  translation: the pieces of each text, end of sentence included
+    SOURCE_LENGTHS  INT32  [batch]                     translation: how many of them are real
+    GRID            INT32  [batch, 2]                  captioning: rows and columns of the attention grid
+    ATTENTION       FP32   [batch, max target tokens, max source tokens]  translation, zero padded
+                           [batch, max target tokens, grid cells]         captioning (cells row-major), zero padded
+
+Row ``i`` of ``ATTENTION[b]`` is target token ``i``'s distribution over the columns: it sums to 1 over the first
+``SOURCE_LENGTHS[b]`` columns. ATTENTION is the one large output and the one that needs alignment work, so it is
+computed only when a request names it; a request naming no outputs gets every other one. Request parameters:
+``beam_size``, ``max_output_tokens``, ``length_penalty``, ``attention_layer`` and ``attention_head`` mean what they mean
+in ``attention.v1.DecodingOptions``; Triton's ``timeout`` (microseconds) shortens the call's deadline.
+
+``ServerLive`` and ``ServerReady`` are probes (like ``grpc.health.v1``) and go unlogged; every other call goes through
+:func:`server.service.rpc` under its V2 name, ModelStreamInfer once per message. In a stream an error answers that
+message (``error_message``, prefixed with the status code name) and the stream goes on, as in Triton.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, NoReturn, cast
+
+import grpc
+import numpy as np
+from google.protobuf import descriptor, descriptor_pool
+
+import inference
+from attention.v1 import attention_pb2 as pb
+from inference import grpc_service_pb2 as v2
+from inference import grpc_service_pb2_grpc as v2_grpc
+from inference import model_config_pb2 as mc
+from server import codec
+from server.captioning import CaptionModel
+from server.errors import InvalidInput, ModelNotFound, NotReady, Unimplemented
+from server.registry import Runtime
+from server.service import AttentionServicer, Call, rpc
+from server.translation import TranslationModel
+
+SERVICE_NAME = v2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+SERVER_NAME = "attention-serving"
+INT_OPTIONS = ("beam_size", "max_output_tokens", "attention_layer", "attention_head")
+PARAMETERS = (*INT_OPTIONS, "length_penalty", "timeout", "priority")  # priority: accepted, nothing to order
+CONFIG_TYPES = {"BYTES": mc.TYPE_STRING, "FP32": mc.TYPE_FP32, "INT32": mc.TYPE_INT32}
+
+
+# -- tensors -------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A tensor as ModelMetadata and ModelConfig describe it."""
+
+    name: str
+    datatype: str  # V2 name: BYTES, FP32, INT32
+    dims: tuple[int, ...]  # without the batch dimension; () is one value per batch item
+
+
+@dataclass
+class Tensor:
+    name: str
+    datatype: str
+    shape: list[int]
+    raw: bytes  # row-major, little-endian; BYTES elements as 4-byte length + bytes
+
+
+def inputs_for(model: Runtime) -> tuple[Spec, ...]:
+    return (Spec("IMAGE" if model.family == "captioning" else "TEXT", "BYTES", (1,)),)
+
+
+def outputs_for(model: Runtime) -> tuple[Spec, ...]:
+    if isinstance(model, CaptionModel):
+        rows, cols = model.grid
+        return (Spec("CAPTION", "BYTES", (1,)), Spec("TOKENS", "BYTES", (-1,)), Spec("TARGET_LENGTHS", "INT32", ()),
+                Spec("GRID", "INT32", (2,)), Spec("ATTENTION", "FP32", (-1, rows * cols)))
+    return (Spec("TRANSLATION", "BYTES", (1,)), Spec("TOKENS", "BYTES", (-1,)), Spec("TARGET_LENGTHS", "INT32", ()),
+            Spec("SOURCE_TOKENS", "BYTES", (-1,)), Spec("SOURCE_LENGTHS", "INT32", ()),
+            Spec("ATTENTION", "FP32", (-1, -1)))
+
+
+def unpack_bytes(raw: bytes) -> list[bytes]:
+    """The elements of a raw BYTES tensor: each a 4-byte little-endian length, then that many bytes."""
+    values, offset = [], 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise InvalidInput(f"raw BYTES tensor is truncated: {len(raw) - offset} bytes where a 4-byte length "
+                               "was expected")
+        (size,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + size > len(raw):
+            raise InvalidInput(f"raw BYTES tensor is truncated: an element of {size} bytes has {len(raw) - offset}")
+        values.append(bytes(raw[offset : offset + size]))
+        offset += size
+    return values
+
+
+def pack_bytes(values: Iterable[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(v)) + v for v in values)
+
+
+def bytes_tensor(name: str, values: Sequence[bytes], shape: Sequence[int]) -> Tensor:
+    return Tensor(name, "BYTES", list(shape), pack_bytes(values))
+
+
+def padded_bytes(name: str, rows: Sequence[Sequence[bytes]]) -> Tensor:
+    """[len(rows), longest row], shorter rows padded with b""."""
+    width = max((len(r) for r in rows), default=0)
+    return bytes_tensor(name, [v for r in rows for v in [*r, *[b""] * (width - len(r))]], [len(rows), width])
+
+
+def array_tensor(name: str, values: np.ndarray) -> Tensor:
+    dtype = {"FP32": "<f4", "INT32": "<i4"}
+    datatype = "FP32" if values.dtype.kind == "f" else "INT32"
+    return Tensor(name, datatype, list(values.shape), np.ascontiguousarray(values, dtype=dtype[datatype]).tobytes())
+
+
+def padded_attention(matrices: Sequence[np.ndarray], cols: int | None = None) -> np.ndarray:
+    """(batch, longest rows, cols or widest) float32, each matrix in its top-left corner, zeros elsewhere."""
+    rows = max((m.shape[0] for m in matrices), default=0)
+    cols = max((m.shape[1] for m in matrices), default=0) if cols is None else cols
+    out = np.zeros((len(matrices), rows, cols), dtype=np.float32)
+    for i, m in enumerate(matrices):
+        out[i, : m.shape[0], : m.shape[1]] = m
+    return out
+
+
+def read_input(request: v2.ModelInferRequest, name: str) -> tuple[list[bytes], list[int]]:
+    """The elements and shape of the one BYTES input ``name``, from raw_input_contents or the typed contents."""
+    names = [t.name for t in request.inputs]
+    if names != [name]:
+        raise InvalidInput(f"model {request.model_name!r} takes one input {name} (BYTES, [batch, 1] or [batch]); "
+                           f"the request has {names}")
+    tensor = request.inputs[0]
+    shape = list(tensor.shape)
+    if tensor.datatype != "BYTES":
+        raise InvalidInput(f"input {name} must be BYTES, not {tensor.datatype or 'unset'}")
+    if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1) or shape[0] < 1:
+        raise InvalidInput(f"input {name} must have shape [batch, 1] or [batch] with batch >= 1, not {shape}")
+    if request.raw_input_contents:
+        if len(request.raw_input_contents) != len(request.inputs) or tensor.HasField("contents"):
+            raise InvalidInput("send every input either in raw_input_contents or in its contents, not both")
+        values = unpack_bytes(request.raw_input_contents[0])
+    else:
+        values = list(tensor.contents.bytes_contents)
+    if len(values) != shape[0]:
+        raise InvalidInput(f"input {name} has shape {shape} but {len(values)} elements")
+    return values, shape
+
+
+def requested_outputs(request: v2.ModelInferRequest, specs: Sequence[Spec]) -> list[str]:
+    names = [s.name for s in specs]
+    if not request.outputs:
+        return [n for n in names if n != "ATTENTION"]
+    wanted = [o.name for o in request.outputs]
+    unknown = [n for n in wanted if n not in names]
+    if unknown:
+        raise InvalidInput(f"model {request.model_name!r} has no output {', '.join(unknown)}; it has {names}")
+    if len(set(wanted)) != len(wanted):
+        raise InvalidInput(f"an output is requested twice: {wanted}")
+    if any(o.parameters for o in request.outputs):
+        raise InvalidInput("output parameters (classification) are not supported")
+    return wanted
+
+
+def decoding_options(parameters: Mapping[str, v2.InferParameter], detail: int) -> pb.DecodingOptions:
+    """The request parameters as ``attention.v1`` options, for :mod:`server.codec` to validate like any other."""
+    options = pb.DecodingOptions(attention=detail)  # type: ignore[arg-type]
+    for key, param in parameters.items():
+        kind = param.WhichOneof("parameter_choice")
+        value = getattr(param, kind) if kind else None
+        if key in INT_OPTIONS:
+            if kind not in ("int64_param", "uint64_param"):
+                raise InvalidInput(f"parameter {key} must be an integer")
+            try:
+                setattr(options, key, value)
+            except (TypeError, ValueError) as exc:
+                raise InvalidInput(f"parameter {key}={value} is out of range") from exc
+        elif key == "length_penalty":
+            if kind not in ("double_param", "int64_param"):
+                raise InvalidInput("parameter length_penalty must be a number")
+            options.length_penalty = float(value)  # type: ignore[arg-type]
+        elif key == "timeout":
+            if kind not in ("int64_param", "uint64_param"):
+                raise InvalidInput("parameter timeout must be an integer (microseconds)")
+        elif key not in PARAMETERS and not key.startswith("triton_"):  # triton_*: the client's own bookkeeping
+            raise InvalidInput(f"unknown parameter {key!r}; this server takes {', '.join(PARAMETERS)}")
+    return options
+
+
+def time_limit(parameters: Mapping[str, v2.InferParameter], remaining: float | None) -> float | None:
+    """Seconds left: the call's deadline, shortened by Triton's ``timeout`` parameter (microseconds) if smaller."""
+    if "timeout" not in parameters or parameters["timeout"].WhichOneof("parameter_choice") is None:
+        return remaining
+    param = parameters["timeout"]
+    micros = param.int64_param or param.uint64_param
+    if micros <= 0:
+        return remaining
+    return micros / 1e6 if remaining is None else min(remaining, micros / 1e6)
+
+
+def _text(value: bytes, index: int) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"TEXT[{index}] is not valid UTF-8: {exc.reason} at byte {exc.start}") from None
+
+
+# -- ModelStreamInfer: each message a call of its own ----------------------------------------------------------------
+
+
+class _Failed(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+class _MessageContext:
+    """One message of a stream as :func:`rpc` sees a call: same metadata and deadline, and ``abort`` answers the
+    message (:class:`_Failed`) instead of ending the stream."""
+
+    def __init__(self, stream: grpc.aio.ServicerContext) -> None:
+        self._stream = stream
+
+    def invocation_metadata(self) -> Any:
+        return self._stream.invocation_metadata()
+
+    def time_remaining(self) -> float | None:
+        return self._stream.time_remaining()
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        pass  # a message has none; the request id is in the log line
+
+    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()) -> NoReturn:
+        raise _Failed(code, details)
+
+
+def _unimplemented(name: str) -> Any:
+    async def handler(self: TritonServicer, request: Any, context: grpc.aio.ServicerContext, call: Call) -> Any:
+        raise Unimplemented(f"{name} is not implemented by this server")
+
+    return rpc(name)(handler)
+
+
+# -- the servicer ----------------------------------------------------------------------------------------------------
+
+
+class TritonServicer(v2_grpc.GRPCInferenceServiceServicer):
+    """V2 calls on the inference path of :class:`AttentionServicer`: the same registry, scheduler and metrics."""
+
+    def __init__(self, core: AttentionServicer) -> None:
+        self.core = core
+        self.registry, self.settings, self.metrics = core.registry, core.settings, core.metrics
+        self.shutting_down: Callable[[], bool] = core.shutting_down
+
+    async def ServerLive(self, request: v2.ServerLiveRequest,
+                         context: grpc.aio.ServicerContext) -> v2.ServerLiveResponse:
+        return v2.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: v2.ServerReadyRequest,
+                          context: grpc.aio.ServicerContext) -> v2.ServerReadyResponse:
+        return v2.ServerReadyResponse(ready=self.registry.ready and not self.shutting_down())
+
+    @rpc("ServerMetadata")
+    async def ServerMetadata(self, request: v2.ServerMetadataRequest, context: grpc.aio.ServicerContext,
+                             call: Call) -> v2.ServerMetadataResponse:
+        try:
+            version = metadata.version(SERVER_NAME)
+        except metadata.PackageNotFoundError:
+            version = "unknown"
+        return v2.ServerMetadataResponse(name=SERVER_NAME, version=version,
+                                         extensions=["model_configuration", "parameters"])
+
+    @rpc("ModelReady")
+    async def ModelReady(self, request: v2.ModelReadyRequest, context: grpc.aio.ServicerContext,
+                         call: Call) -> v2.ModelReadyResponse:
+        try:
+            model = self.registry.get(request.name, request.version)
+        except (ModelNotFound, NotReady):
+            return v2.ModelReadyResponse(ready=False)
+        call.model, call.version = model.name, model.version
+        return v2.ModelReadyResponse(ready=True)
+
+    @rpc("ModelMetadata")
+    async def ModelMetadata(self, request: v2.ModelMetadataRequest, context: grpc.aio.ServicerContext,
+                            call: Call) -> v2.ModelMetadataResponse:
+        model = self.registry.get(request.name, request.version)
+        call.model, call.version = model.name, model.version
+        versions = [m.version for m in self.registry.models() if m.name == model.name]
+
+        def described(specs: Sequence[Spec]) -> list[v2.ModelMetadataResponse.TensorMetadata]:
+            return [v2.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=s.datatype, shape=[-1, *s.dims])
+                    for s in specs]
+
+        return v2.ModelMetadataResponse(
+            name=model.name, versions=[model.version] if request.version else versions,
+            platform=f"attention_{model.family}", inputs=described(inputs_for(model)),
+            outputs=described(outputs_for(model)),
+        )
+
+    @rpc("ModelConfig")
+    async def ModelConfig(self, request: v2.ModelConfigRequest, context: grpc.aio.ServicerContext,
+                          call: Call) -> v2.ModelConfigResponse:
+        model = self.registry.get(request.name, request.version)
+        call.model, call.version = model.name, model.version
+        info = model.info()
+        config = mc.ModelConfig(
+            name=model.name, platform=f"attention_{model.family}", max_batch_size=self.settings.max_texts,
+            version_policy=mc.ModelVersionPolicy(all=mc.ModelVersionPolicy.All()),
+            input=[mc.ModelInput(name=s.name, data_type=CONFIG_TYPES[s.datatype], dims=s.dims)
+                   for s in inputs_for(model)],
+            # One value per batch item: dims [1] reshaped to [], as Triton writes it.
+            output=[mc.ModelOutput(name=s.name, data_type=CONFIG_TYPES[s.datatype],
+                                   dims=s.dims or (1,), reshape=None if s.dims else mc.ModelTensorReshape(shape=[]))
+                    for s in outputs_for(model)],
+            instance_group=[mc.ModelInstanceGroup(
+                kind=mc.ModelInstanceGroup.KIND_GPU if info.get("device") == "cuda" else mc.ModelInstanceGroup.KIND_CPU,
+                count=self.settings.workers)],
+            parameters={k: mc.ModelParameter(string_value=v if isinstance(v, str) else json.dumps(v))
+                        for k, v in info.items()},
+        )
+        return v2.ModelConfigResponse(config=config)
+
+    @rpc("RepositoryIndex")
+    async def RepositoryIndex(self, request: v2.RepositoryIndexRequest, context: grpc.aio.ServicerContext,
+                              call: Call) -> v2.RepositoryIndexResponse:
+        state = "READY" if self.registry.ready else "UNAVAILABLE"
+        return v2.RepositoryIndexResponse(models=[
+            v2.RepositoryIndexResponse.ModelIndex(name=m.name, version=m.version, state=state)
+            for m in self.registry.models()
+        ])
+
+    @rpc("ModelInfer")
+    async def ModelInfer(self, request: v2.ModelInferRequest, context: grpc.aio.ServicerContext,
+                         call: Call) -> v2.ModelInferResponse:
+        return await self._infer(request, context, call)
+
+    async def ModelStreamInfer(self, request_iterator: Any,
+                               context: grpc.aio.ServicerContext) -> AsyncIterator[v2.ModelStreamInferResponse]:
+        """Answers the messages in order, one at a time, each with its ``id``."""
+        message = cast(grpc.aio.ServicerContext, _MessageContext(context))
+        async for request in request_iterator:
+            try:
+                response = await self._stream_message(request, message)
+            except _Failed as failed:
+                yield v2.ModelStreamInferResponse(
+                    error_message=f"{failed.code.name}: {failed.details}",
+                    infer_response=v2.ModelInferResponse(model_name=request.model_name,
+                                                         model_version=request.model_version, id=request.id),
+                )
+                continue
+            yield v2.ModelStreamInferResponse(infer_response=response)
+
+    @rpc("ModelStreamInfer")
+    async def _stream_message(self, request: v2.ModelInferRequest, context: grpc.aio.ServicerContext,
+                              call: Call) -> v2.ModelInferResponse:
+        return await self._infer(request, context, call)
+
+    ModelStatistics = _unimplemented("ModelStatistics")
+    RepositoryModelLoad = _unimplemented("RepositoryModelLoad")
+    RepositoryModelUnload = _unimplemented("RepositoryModelUnload")
+    SystemSharedMemoryStatus = _unimplemented("SystemSharedMemoryStatus")
+    SystemSharedMemoryRegister = _unimplemented("SystemSharedMemoryRegister")
+    SystemSharedMemoryUnregister = _unimplemented("SystemSharedMemoryUnregister")
+    CudaSharedMemoryStatus = _unimplemented("CudaSharedMemoryStatus")
+    CudaSharedMemoryRegister = _unimplemented("CudaSharedMemoryRegister")
+    CudaSharedMemoryUnregister = _unimplemented("CudaSharedMemoryUnregister")
+    TraceSetting = _unimplemented("TraceSetting")
+    LogSettings = _unimplemented("LogSettings")
+
+    # -- inference ---------------------------------------------------------------------------------------------
+
+    async def _infer(self, request: v2.ModelInferRequest, context: grpc.aio.ServicerContext,
+                     call: Call) -> v2.ModelInferResponse:
+        model = self.registry.get(request.model_name, request.model_version)
+        call.model, call.version = model.name, model.version
+        wanted = requested_outputs(request, outputs_for(model))
+        timeout = time_limit(request.parameters, context.time_remaining())
+        options = decoding_options(request.parameters, codec.FULL if "ATTENTION" in wanted else codec.NONE)
+        async with self.core.admitted():
+            if isinstance(model, TranslationModel):
+                tensors = await self._translate(model, request, options, timeout, call)
+            elif isinstance(model, CaptionModel):
+                tensors = await self._caption(model, request, options, timeout, call)
+            else:
+                raise Unimplemented(f"model {model.name!r} is a {model.family} model, which has no V2 tensors")
+            chosen = await self.core.offload(lambda: [tensors[name]() for name in wanted])
+        if "ATTENTION" in wanted:
+            self.metrics.attention_bytes.labels(call.rpc, model.name).observe(
+                sum(len(t.raw) for t in chosen if t.name == "ATTENTION"))
+        return v2.ModelInferResponse(
+            model_name=model.name, model_version=model.version, id=request.id,
+            outputs=[v2.ModelInferResponse.InferOutputTensor(name=t.name, datatype=t.datatype, shape=t.shape)
+                     for t in chosen],
+            raw_output_contents=[t.raw for t in chosen],
+        )
+
+    async def _translate(self, model: TranslationModel, request: v2.ModelInferRequest, options: pb.DecodingOptions,
+                         timeout: float | None, call: Call) -> dict[str, Callable[[], Tensor]]:
+        values, shape = read_input(request, "TEXT")
+        texts = [_text(v, i) for i, v in enumerate(values)]
+        job = codec.translate_job(pb.TranslateRequest(texts=texts, options=options), model, self.settings)
+        call.fields = {"texts": len(job.sources), "beam_size": job.options.beam_size}
+        results = await self.core.run_translate(model, job, timeout)
+        sources = [r.source for r in results]
+        best = [r.hypotheses[0] for r in results]
+        source_tokens, target_tokens = sum(len(s.tokens) for s in sources), sum(len(t.tokens) for t in best)
+        self.metrics.count_tokens(model.name, model.version, source_tokens, target_tokens)
+        call.fields.update(source_tokens=source_tokens, target_tokens=target_tokens)
+        return {
+            "TRANSLATION": lambda: bytes_tensor("TRANSLATION", [t.text.encode() for t in best], shape),
+            "TOKENS": lambda: padded_bytes("TOKENS", [[k.piece.encode() for k in t.tokens] for t in best]),
+            "TARGET_LENGTHS": lambda: array_tensor("TARGET_LENGTHS", np.array([len(t.tokens) for t in best])),
+            "SOURCE_TOKENS": lambda: padded_bytes("SOURCE_TOKENS", [[k.piece.encode() for k in s.tokens]
+                                                                    for s in sources]),
+            "SOURCE_LENGTHS": lambda: array_tensor("SOURCE_LENGTHS", np.array([len(s.tokens) for s in sources])),
+            "ATTENTION": lambda: array_tensor("ATTENTION", padded_attention([t.attention for t in best])),
+        }
+
+    async def _caption(self, model: CaptionModel, request: v2.ModelInferRequest, options: pb.DecodingOptions,
+                       timeout: float | None, call: Call) -> dict[str, Callable[[], Tensor]]:
+        images, shape = read_input(request, "IMAGE")
+        if len(images) > self.settings.max_texts:
+            raise InvalidInput(f"{len(images)} images in one request; the limit is {self.settings.max_texts} "
+                               "(max_texts)")
+        jobs = [codec.caption_job(pb.CaptionRequest(image=image, options=options), model, self.settings)
+                for image in images]  # every image's options and size are checked before any is decoded
+        call.fields = {"images": len(jobs), "image_bytes": sum(len(i) for i in images),
+                       "beam_size": jobs[0].options.beam_size}
+        # Submitted together, so the model's engine can decode them in one batch; the first failure cancels the rest.
+        tasks = [asyncio.ensure_future(self.core.run_caption(model, job, timeout)) for job in jobs]
+        try:
+            results = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            raise
+        best = [r.hypotheses[0] for r in results]
+        target_tokens = sum(len(h.tokens) for h in best)
+        self.metrics.count_tokens(model.name, model.version, 0, target_tokens)
+        self.metrics.images.labels(model.name, model.version).inc(len(results))
+        call.fields.update(target_tokens=target_tokens)
+        cells = model.grid[0] * model.grid[1]
+        return {
+            "CAPTION": lambda: bytes_tensor("CAPTION", [h.text.encode() for h in best], shape),
+            "TOKENS": lambda: padded_bytes("TOKENS", [[k.piece.encode() for k in h.tokens] for h in best]),
+            "TARGET_LENGTHS": lambda: array_tensor("TARGET_LENGTHS", np.array([len(h.tokens) for h in best])),
+            "GRID": lambda: array_tensor("GRID", np.array([r.grid for r in results])),
+            "ATTENTION": lambda: array_tensor("ATTENTION", padded_attention([h.attention for h in best], cells)),
+        }
+
+
+def add_to_server(core: AttentionServicer, server: grpc.aio.Server) -> None:
+    """Serves the V2 protocol next to ``attention.v1`` on the same server, on ``core``'s inference path."""
+    v2_grpc.add_GRPCInferenceServiceServicer_to_server(TritonServicer(core), server)
+
+
+def reflection_pool(service_names: Iterable[str]) -> descriptor_pool.DescriptorPool:
+    """A pool describing every named service for server reflection, wherever its descriptors live: the V2 protocol's
+    are in ``inference.POOL``, the others in protobuf's default pool."""
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+
+    def add(file: descriptor.FileDescriptor) -> None:
+        if file.name in added:
+            return
+        for dependency in file.dependencies:
+            add(dependency)
+        pool.AddSerializedFile(file.serialized_pb)
+        added.add(file.name)
+
+    for name in service_names:
+        for source in (inference.POOL, descriptor_pool.Default()):
+            try:
+                add(source.FindServiceByName(name).file)
+                break
+            except KeyError:
+                continue
+    return pool

@@ -1,0 +1,239 @@
+"""``attn batch`` against real servers (and a fake one that refuses): order, exactly-once after SIGKILL, shards,
+retries, per-text errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from attention.v1 import attention_pb2 as pb
+from attention.v1 import attention_pb2_grpc as pb_grpc
+from client.cli import main
+from tests.conftest import DING_SAMPLE
+from tests.integration.serving import RunningServer, settings
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _sentences(n: int) -> list[str]:
+    """German headwords and phrases of the Ding fixture (repeated when n is larger than the fixture)."""
+    heads = [line.split("::")[0].split("|")[0].split(";")[0].strip()
+             for line in DING_SAMPLE.read_text(encoding="utf-8").splitlines() if "::" in line]
+    heads = [h for h in heads if h]
+    return [heads[i % len(heads)] for i in range(n)]
+
+
+def _target(port: int) -> list[str]:
+    return ["--target", f"127.0.0.1:{port}"]
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _batch(port: int, *args: str) -> int:
+    return main(["batch", *args, *_target(port), "--quiet"])
+
+
+def test_a_full_run_writes_every_line_once_in_order_as_direct_calls_translate_it(
+        running: RunningServer, tmp_path: Path) -> None:
+    texts = _sentences(200)
+    source, out, summary = tmp_path / "in.txt", tmp_path / "out.jsonl", tmp_path / "summary.json"
+    source.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    assert _batch(running.port, str(source), "-o", str(out), "--beam", "2", "--batch-size", "16",
+                  "--concurrency", "4", "--summary", str(summary)) == 0
+    records = _records(out)
+    assert [r["line"] for r in records] == list(range(1, 201))
+    assert [r["text"] for r in records] == texts
+    direct = []
+    for start in range(0, len(texts), 25):  # other batches than the job's: the batch must not change the result
+        request = pb.TranslateRequest(texts=texts[start : start + 25], options=pb.DecodingOptions(beam_size=2))
+        direct.extend(running.stub.Translate(request, timeout=60).translations)
+    for record, translation in zip(records, direct, strict=True):
+        best = translation.hypotheses[0]
+        assert record["translation"] == best.text and record["model"] == "tiny-de-en"
+        assert record["hypotheses"][0]["score"] == pytest.approx(best.score, rel=1e-4, abs=1e-4)
+        assert "error" not in record and "alignments" not in record["hypotheses"][0]
+    report = json.loads(summary.read_text())
+    assert report | {"seconds": 0, "lines_per_second": 0} == {
+        "input": str(source), "output": str(out), "shard": "0/1", "complete": True, "error": None, "done": 200,
+        "ok": 200, "failed": 0, "skipped": 0, "total": 200, "failed_total": 0, "retries": 0, "seconds": 0,
+        "lines_per_second": 0}
+
+    # Running the finished job again does nothing.
+    before = out.read_bytes()
+    assert _batch(running.port, str(source), "-o", str(out), "--beam", "2", "--summary", str(summary)) == 0
+    assert out.read_bytes() == before
+    assert json.loads(summary.read_text())["skipped"] == 200 and json.loads(summary.read_text())["done"] == 0
+    # ... and other decoding settings do not silently mix into the same output.
+    assert _batch(running.port, str(source), "-o", str(out), "--beam", "3") == 2
+    assert out.read_bytes() == before
+
+
+def test_jsonl_with_ids_alignments_and_lines_that_fail(running: RunningServer, tmp_path: Path) -> None:
+    rows = [json.dumps({"id": f"s{i}", "text": text}) for i, text in enumerate(_sentences(6))]
+    rows[2] = json.dumps({"id": "blank", "text": "   "})  # INVALID_ARGUMENT: must not fail its batch neighbours
+    rows[4] = '{"id": "broken", "text": '  # not JSON: written as a failed line, not dropped
+    source, out, summary = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "summary.json"
+    source.write_text("\n".join(rows) + "\n\n", encoding="utf-8")
+    assert _batch(running.port, str(source), "-o", str(out), "--attention", "words", "--batch-size", "8",
+                  "--summary", str(summary)) == 0
+    records = _records(out)
+    assert [r["line"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert records[2]["id"] == "blank" and records[2]["error"]["code"] == "INVALID_ARGUMENT"
+    assert records[4]["error"]["code"] == "INVALID_INPUT" and "id" not in records[4]
+    for record in (records[i] for i in (0, 1, 3, 5)):
+        assert record["id"] == f"s{record['line'] - 1}" and "error" not in record
+        hyp = record["hypotheses"][0]
+        assert len(hyp["word_attention"]) == len(hyp["words"]) and "attention" not in hyp
+        assert all(len(row) == len(record["source_words"]) for row in hyp["word_attention"])
+        assert all(0 <= a["source_word"] < len(record["source_words"]) for a in hyp["alignments"])
+    report = json.loads(summary.read_text())
+    assert (report["done"], report["ok"], report["failed"], report["failed_total"]) == (6, 4, 2, 2)
+
+
+def test_an_unknown_model_stops_the_job_instead_of_failing_every_line(running: RunningServer, tmp_path: Path) -> None:
+    source, out, summary = tmp_path / "in.txt", tmp_path / "out.jsonl", tmp_path / "summary.json"
+    source.write_text("Guten Morgen.\n", encoding="utf-8")
+    assert _batch(running.port, str(source), "-o", str(out), "--model", "nope", "--summary", str(summary)) == 1
+    assert out.read_text() == ""
+    report = json.loads(summary.read_text())
+    assert not report["complete"] and report["error"].startswith("NOT_FOUND")
+
+
+def test_two_shards_cover_the_file_exactly_once(running: RunningServer, tmp_path: Path) -> None:
+    texts = _sentences(41)
+    source = tmp_path / "in.tsv"
+    source.write_text("id\tsentence\n" + "".join(f"k{i}\t{t}\n" for i, t in enumerate(texts)), encoding="utf-8")
+    for shard in ("0/2", "1/2"):
+        assert _batch(running.port, str(source), "-o", str(tmp_path / "out.jsonl"), "--column", "sentence",
+                      "--shard", shard, "--batch-size", "4") == 0
+    parts = [_records(tmp_path / f"out.shard-{i}-of-2.jsonl") for i in range(2)]
+    for i, part in enumerate(parts):
+        assert part and all(r["line"] % 2 == i for r in part)
+        assert [r["line"] for r in part] == sorted(r["line"] for r in part)
+    merged = sorted(parts[0] + parts[1], key=lambda r: r["line"])
+    assert [r["line"] for r in merged] == list(range(2, 43))  # line 1 is the header
+    assert [(r["id"], r["text"]) for r in merged] == [(f"k{i}", t) for i, t in enumerate(texts)]
+
+
+@pytest.fixture()
+def slow_server(slow_models_dir: Path) -> Iterator[RunningServer]:
+    server = RunningServer(settings(slow_models_dir, workers=1))
+    yield server
+    server.close()
+
+
+def test_a_job_killed_with_sigkill_resumes_without_losing_or_repeating_a_line(
+        slow_server: RunningServer, tmp_path: Path) -> None:
+    texts = _sentences(300)
+    source, out, summary = tmp_path / "in.txt", tmp_path / "out.jsonl", tmp_path / "summary.json"
+    state = tmp_path / "out.jsonl.checkpoint.json"
+    source.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    command = [sys.executable, "-m", "client.cli", "batch", str(source), "-o", str(out), "--beam", "1",
+               "--max-output-tokens", "8", "--batch-size", "2", "--concurrency", "2", "--checkpoint-every", "10",
+               "--summary", str(summary), *_target(slow_server.port)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        committed = 0
+        # Kill once something is committed, preferably while written lines wait for their commit.
+        while process.poll() is None and time.monotonic() < deadline:
+            if state.exists():
+                committed = json.loads(state.read_text())["output_bytes"]
+                if committed and (out.stat().st_size > committed or time.monotonic() > deadline - 50):
+                    break
+            time.sleep(0.005)
+        assert process.poll() is None, "the job finished before it could be killed"
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait(30)
+        assert process.stderr is not None
+        process.stderr.close()
+    done_before = json.loads(state.read_text())["records"]
+    assert 0 < done_before < 300 and out.stat().st_size >= committed
+
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = _records(out)
+    assert [r["line"] for r in records] == list(range(1, 301))
+    assert [r["text"] for r in records] == texts and not any("error" in r for r in records)
+    report = json.loads(summary.read_text())
+    assert (report["skipped"], report["done"], report["total"]) == (done_before, 300 - done_before, 300)
+
+
+class RefusingTranslator(pb_grpc.AttentionServiceServicer):
+    """Refuses the next calls with the codes in ``refusals``, goes down (UNAVAILABLE) for good after ``serve``
+    answers, and otherwise 'translates' by upper-casing."""
+
+    def __init__(self) -> None:
+        self.refusals: list[grpc.StatusCode] = []
+        self.serve: int | None = None
+        self.calls = self.answered = 0
+
+    def Translate(self, request: pb.TranslateRequest, context: grpc.ServicerContext) -> pb.TranslateResponse:
+        self.calls += 1
+        if self.refusals:
+            context.abort(self.refusals.pop(0), "busy")
+        if self.serve is not None and self.answered >= self.serve:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "down")
+        self.answered += 1
+        return pb.TranslateResponse(model="fake", version="1", translations=[
+            pb.Translation(hypotheses=[pb.Hypothesis(text=text.upper(), score=-1.0)]) for text in request.texts])
+
+
+@pytest.fixture()
+def fake() -> Iterator[tuple[RefusingTranslator, int]]:
+    servicer = RefusingTranslator()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_AttentionServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield servicer, port
+    server.stop(None)
+
+
+def test_refusals_are_retried_with_backoff_until_they_succeed(fake: tuple[RefusingTranslator, int],
+                                                              tmp_path: Path) -> None:
+    servicer, port = fake
+    servicer.refusals = [grpc.StatusCode.RESOURCE_EXHAUSTED] * 3 + [grpc.StatusCode.UNAVAILABLE]
+    source, out, summary = tmp_path / "in.txt", tmp_path / "out.jsonl", tmp_path / "summary.json"
+    source.write_text("eins\nzwei\ndrei\nvier\nfünf\n", encoding="utf-8")
+    assert _batch(port, str(source), "-o", str(out), "--batch-size", "2", "--concurrency", "1",
+                  "--summary", str(summary)) == 0
+    assert [r["translation"] for r in _records(out)] == ["EINS", "ZWEI", "DREI", "VIER", "FÜNF"]
+    report = json.loads(summary.read_text())
+    assert (report["retries"], report["ok"], report["failed"]) == (4, 5, 0)
+    assert servicer.calls == 4 + 3
+
+
+def test_exhausted_retries_stop_the_job_and_a_rerun_resumes(fake: tuple[RefusingTranslator, int],
+                                                             tmp_path: Path) -> None:
+    servicer, port = fake
+    servicer.serve = 1  # the first batch is answered, then the server is down
+    source, out, summary = tmp_path / "in.txt", tmp_path / "out.jsonl", tmp_path / "summary.json"
+    source.write_text("eins\nzwei\ndrei\nvier\n", encoding="utf-8")
+    command = [str(source), "-o", str(out), "--batch-size", "2", "--concurrency", "1", "--max-retries", "2",
+               "--summary", str(summary)]
+    assert _batch(port, *command) == 1
+    report = json.loads(summary.read_text())
+    assert not report["complete"] and report["error"].startswith("UNAVAILABLE after 3 attempts")
+    assert [r["line"] for r in _records(out)] == [1, 2] and report["retries"] == 2
+    servicer.serve = None  # back up: the same command resumes after line 2
+    assert _batch(port, *command) == 0
+    assert [r["translation"] for r in _records(out)] == ["EINS", "ZWEI", "DREI", "VIER"]
+    report = json.loads(summary.read_text())
+    assert (report["skipped"], report["done"], report["total"]) == (2, 2, 4)

@@ -1,0 +1,417 @@
+"""TLS, mutual TLS and bearer tokens against real servers, with a throw-away CA made here (``cryptography``)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
+
+from attention.v1 import attention_pb2 as pb
+from attention.v1 import attention_pb2_grpc as pb_grpc
+from client import connection
+from client.cli import main
+from server.app import AttentionServer
+from server.errors import StartupError
+from server.metrics import Metrics
+from server.security import TokenAuthInterceptor
+from tests.integration.serving import RunningServer, settings
+
+TOKEN = "s3cret-token-Zq8vXk2"
+OTHER_TOKEN = "second-token-Yp4"
+WRONG_TOKEN = "not-the-token"
+TEXT = "Ich hoffe, es geht dir gut."
+
+
+# -- a throw-away PKI --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    rogue_cert: Path  # a client certificate signed by another CA
+    rogue_key: Path
+
+    def read(self, path: Path) -> bytes:
+        return path.read_bytes()
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> Path:
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    return path
+
+
+def _write_cert(cert: x509.Certificate, path: Path) -> Path:
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+def _ca(cn: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(_name(cn)).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256()))
+    return key, cert
+
+
+def _issue(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, cn: str,
+           server: bool) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(ca_cert.subject)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+               .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server
+                                                     else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                              critical=False))
+    if server:
+        builder = builder.add_extension(x509.SubjectAlternativeName([
+            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+    return key, builder.sign(ca_key, hashes.SHA256())
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    d = tmp_path_factory.mktemp("pki")
+    ca_key, ca_cert = _ca("attn test CA")
+    server_key, server_cert = _issue(ca_key, ca_cert, "attn-server", server=True)
+    client_key, client_cert = _issue(ca_key, ca_cert, "attn-client", server=False)
+    rogue_ca_key, rogue_ca_cert = _ca("some other CA")
+    rogue_key, rogue_cert = _issue(rogue_ca_key, rogue_ca_cert, "attn-client", server=False)
+    return Pki(ca=_write_cert(ca_cert, d / "ca.pem"),
+               server_cert=_write_cert(server_cert, d / "server.pem"),
+               server_key=_write_key(server_key, d / "server.key"),
+               client_cert=_write_cert(client_cert, d / "client.pem"),
+               client_key=_write_key(client_key, d / "client.key"),
+               rogue_cert=_write_cert(rogue_cert, d / "rogue.pem"), rogue_key=_write_key(rogue_key, d / "rogue.key"))
+
+
+@pytest.fixture(scope="module")
+def token_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tokens") / "tokens"
+    path.write_text(f"# accepted tokens\n{TOKEN}\n\n{OTHER_TOKEN}\n", encoding="ascii")
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tls_token_server(models_dir: Path, pki: Pki, token_file: Path) -> Iterator[RunningServer]:
+    """TLS and tokens, models loaded: what a production deployment looks like."""
+    server = RunningServer(settings(models_dir, tls_cert=str(pki.server_cert), tls_key=str(pki.server_key),
+                                    auth_token_file=str(token_file)))
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def mtls_server(models_dir: Path, pki: Pki) -> Iterator[RunningServer]:
+    server = RunningServer(settings(models_dir, tls_cert=str(pki.server_cert), tls_key=str(pki.server_key),
+                                    tls_client_ca=str(pki.ca)), load=False)
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def token_server(models_dir: Path, token_file: Path) -> Iterator[RunningServer]:
+    """Plaintext with tokens (behind a TLS-terminating proxy, say)."""
+    server = RunningServer(settings(models_dir, auth_token_file=str(token_file)))
+    yield server
+    server.close()
+
+
+def _code(call: Any) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code()  # type: ignore[attr-defined, no-any-return]
+
+
+def _bearer(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+# -- TLS ---------------------------------------------------------------------------------------------------------------
+
+
+def test_tls_call_with_the_ca_works(tls_token_server: RunningServer, pki: Pki) -> None:
+    credentials = grpc.ssl_channel_credentials(root_certificates=pki.read(pki.ca))
+    for host in ("127.0.0.1", "localhost"):  # both are in the certificate's subject alternative names
+        with grpc.secure_channel(f"{host}:{tls_token_server.port}", credentials) as channel:
+            response = pb_grpc.AttentionServiceStub(channel).Translate(
+                pb.TranslateRequest(texts=[TEXT]), timeout=60, metadata=_bearer(TOKEN))
+            assert response.model == "tiny-de-en" and response.translations[0].hypotheses[0].text
+
+
+def test_a_plaintext_client_cannot_talk_to_a_tls_server(tls_token_server: RunningServer) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{tls_token_server.port}") as channel:
+        stub = pb_grpc.AttentionServiceStub(channel)
+        assert _code(lambda: stub.ListModels(pb.ListModelsRequest(), timeout=10,
+                                             metadata=_bearer(TOKEN))) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_client_that_does_not_trust_the_ca_refuses_the_server(tls_token_server: RunningServer, pki: Pki) -> None:
+    credentials = grpc.ssl_channel_credentials(root_certificates=pki.read(pki.rogue_cert))
+    with grpc.secure_channel(f"127.0.0.1:{tls_token_server.port}", credentials) as channel:
+        stub = pb_grpc.AttentionServiceStub(channel)
+        assert _code(lambda: stub.ListModels(pb.ListModelsRequest(), timeout=10,
+                                             metadata=_bearer(TOKEN))) == grpc.StatusCode.UNAVAILABLE
+
+
+# -- mutual TLS --------------------------------------------------------------------------------------------------------
+
+
+def _mtls_list(server: RunningServer, pki: Pki, cert: Path | None, key: Path | None) -> pb.ListModelsResponse:
+    credentials = grpc.ssl_channel_credentials(root_certificates=pki.read(pki.ca),
+                                               private_key=key.read_bytes() if key else None,
+                                               certificate_chain=cert.read_bytes() if cert else None)
+    with grpc.secure_channel(f"localhost:{server.port}", credentials) as channel:
+        return pb_grpc.AttentionServiceStub(channel).ListModels(pb.ListModelsRequest(), timeout=10)
+
+
+def test_mtls_client_with_a_certificate_from_the_ca_works(mtls_server: RunningServer, pki: Pki) -> None:
+    assert isinstance(_mtls_list(mtls_server, pki, pki.client_cert, pki.client_key), pb.ListModelsResponse)
+
+
+def test_mtls_client_without_a_certificate_is_rejected(mtls_server: RunningServer, pki: Pki) -> None:
+    assert _code(lambda: _mtls_list(mtls_server, pki, None, None)) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_mtls_client_with_a_certificate_from_another_ca_is_rejected(mtls_server: RunningServer, pki: Pki) -> None:
+    assert _code(lambda: _mtls_list(mtls_server, pki, pki.rogue_cert, pki.rogue_key)) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_mtls_health_needs_the_certificate_too(mtls_server: RunningServer, pki: Pki) -> None:
+    """Health is open to callers without a token, not to callers without a certificate: TLS is below gRPC."""
+    with grpc.secure_channel(f"localhost:{mtls_server.port}",
+                             grpc.ssl_channel_credentials(root_certificates=pki.read(pki.ca))) as channel:
+        stub: Any = health_pb2_grpc.HealthStub(channel)
+        assert _code(lambda: stub.Check(health_pb2.HealthCheckRequest(), timeout=10)) == grpc.StatusCode.UNAVAILABLE
+
+
+# -- bearer tokens -----------------------------------------------------------------------------------------------------
+
+
+def _refused(server: RunningServer, rpc: str) -> float:
+    value = server.server.metrics.registry.get_sample_value("attn_refused_requests_total",
+                                                           {"rpc": rpc, "reason": "unauthenticated"})
+    return value or 0.0
+
+
+def test_no_token_is_unauthenticated_and_counted(token_server: RunningServer) -> None:
+    before = _refused(token_server, "ListModels")
+    with pytest.raises(grpc.RpcError) as info:
+        token_server.stub.ListModels(pb.ListModelsRequest(), timeout=10)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+    assert "authorization: Bearer" in info.value.details()  # type: ignore[attr-defined]
+    assert _refused(token_server, "ListModels") == before + 1
+
+
+def _answered(server: RunningServer, rpc: str) -> float:
+    """RPCs the servicer answered (any code): refused calls never get there."""
+    return sum(sample.value for metric in server.server.metrics.registry.collect() if metric.name == "attn_requests"
+               for sample in metric.samples if sample.name.endswith("_total") and sample.labels["rpc"] == rpc)
+
+
+def test_wrong_token_is_unauthenticated_without_echoing_it(token_server: RunningServer) -> None:
+    before, answered = _refused(token_server, "Translate"), _answered(token_server, "Translate")
+    for metadata in (_bearer(WRONG_TOKEN), (("authorization", WRONG_TOKEN),), _bearer(TOKEN[:-1])):
+        with pytest.raises(grpc.RpcError) as info:
+            token_server.stub.Translate(pb.TranslateRequest(texts=[TEXT]), timeout=10, metadata=metadata)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+        details = info.value.details()  # type: ignore[attr-defined]
+        assert WRONG_TOKEN not in details and TOKEN[:-1] not in details
+    assert _refused(token_server, "Translate") == before + 3
+    assert _answered(token_server, "Translate") == answered
+
+
+@pytest.mark.parametrize("token", [TOKEN, OTHER_TOKEN])
+def test_right_token_works(token_server: RunningServer, token: str) -> None:
+    response = token_server.stub.Translate(pb.TranslateRequest(texts=[TEXT], options=pb.DecodingOptions(beam_size=1)),
+                                           timeout=60, metadata=(("authorization", f"bearer {token}"),))
+    assert response.translations[0].hypotheses[0].text
+
+
+def test_health_and_reflection_need_no_token(token_server: RunningServer) -> None:
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    health: Any = health_pb2_grpc.HealthStub(token_server.channel)
+    response = health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert response.status == health_pb2.HealthCheckResponse.SERVING
+    watch = health.Watch(health_pb2.HealthCheckRequest(), timeout=10)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    watch.cancel()
+    assert "attention.v1.AttentionService" in ProtoReflectionDescriptorDatabase(token_server.channel).get_services()
+
+
+def test_other_services_on_the_port_need_the_token(token_server: RunningServer) -> None:
+    """Deny by default: a method of no known service is refused without a token, not left open; the V2 (Triton)
+    inference service on the same port needs the token as well."""
+    missing = token_server.channel.unary_unary("/test.Nowhere/Method")
+    before = _refused(token_server, "unknown")
+    assert _code(lambda: missing(b"", timeout=10)) == grpc.StatusCode.UNAUTHENTICATED
+    assert _refused(token_server, "unknown") == before + 1
+    assert _code(lambda: missing(b"", timeout=10, metadata=_bearer(TOKEN))) == grpc.StatusCode.UNIMPLEMENTED
+    live = token_server.channel.unary_unary("/inference.GRPCInferenceService/ServerLive")
+    assert _code(lambda: live(b"", timeout=10)) == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_streaming_methods_of_other_services_are_guarded() -> None:
+    """The denial takes the shape of the method it stands in for: server and bidirectional streaming too."""
+
+    async def chat(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        async for request in requests:
+            yield request
+
+    async def count(request: bytes, context: grpc.aio.ServicerContext) -> Any:
+        for i in range(3):
+            yield bytes([i])
+
+    async def scenario() -> None:
+        metrics = Metrics(CollectorRegistry())
+        server = grpc.aio.server(interceptors=[TokenAuthInterceptor([TOKEN], metrics)])
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Echo", {
+            "Chat": grpc.stream_stream_rpc_method_handler(chat),
+            "Count": grpc.unary_stream_rpc_method_handler(count),
+        })])
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                chat_call = channel.stream_stream("/test.Echo/Chat")
+                count_call = channel.unary_stream("/test.Echo/Count")
+                for call in (lambda: chat_call(iter([b"a", b"b"]), timeout=10),
+                             lambda: count_call(b"", timeout=10)):
+                    with pytest.raises(grpc.aio.AioRpcError) as info:
+                        [m async for m in call()]
+                    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                auth = _bearer(TOKEN)
+                assert [m async for m in chat_call(iter([b"a", b"b"]), metadata=auth, timeout=10)] == [b"a", b"b"]
+                assert [m async for m in count_call(b"", metadata=auth, timeout=10)] == [b"\x00", b"\x01", b"\x02"]
+        finally:
+            await server.stop(None)
+        for rpc in ("Chat", "Count"):
+            assert metrics.registry.get_sample_value("attn_refused_requests_total",
+                                                     {"rpc": rpc, "reason": "unauthenticated"}) == 1
+
+    asyncio.run(scenario())
+
+
+# -- the client: connection options and the attn CLI -------------------------------------------------------------------
+
+
+def test_cli_against_a_tls_and_token_server(tls_token_server: RunningServer, pki: Pki, token_file: Path,
+                                            capsys: pytest.CaptureFixture[str],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(connection.TOKEN_ENV, raising=False)
+    target = ["--target", f"localhost:{tls_token_server.port}", "--tls-ca", str(pki.ca)]
+    assert main(["models", *target, "--token-file", str(token_file)]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0].split()[:2] == ["MODEL", "VERSION"] and rows[1].split()[0] == "tiny-de-en"
+
+    assert main(["models", *target]) == 1
+    assert capsys.readouterr().err.startswith("attn: UNAUTHENTICATED: missing credentials")
+
+    monkeypatch.setenv(connection.TOKEN_ENV, OTHER_TOKEN)
+    assert main(["translate", TEXT, "--beam", "1", "--json", *target]) == 0
+    assert '"tiny-de-en"' in capsys.readouterr().out
+
+    # health needs no token; --tls-server-name checks the certificate for a name other than the target's host
+    monkeypatch.delenv(connection.TOKEN_ENV)
+    assert main(["health", "--target", f"127.0.0.1:{tls_token_server.port}", "--tls-ca", str(pki.ca),
+                 "--tls-server-name", "localhost"]) == 0
+    assert capsys.readouterr().out.strip() == "SERVING"
+
+
+def test_cli_mtls(mtls_server: RunningServer, pki: Pki, capsys: pytest.CaptureFixture[str]) -> None:
+    target = ["--target", f"localhost:{mtls_server.port}", "--tls-ca", str(pki.ca)]
+    assert main(["models", *target, "--tls-cert", str(pki.client_cert), "--tls-key", str(pki.client_key)]) == 0
+    assert capsys.readouterr().out.startswith("MODEL")
+    assert main(["models", *target, "--timeout", "10"]) == 1
+    assert "UNAVAILABLE" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--tls-cert and --tls-key go together"):
+        main(["models", *target, "--tls-cert", str(pki.client_cert)])
+
+
+def test_aio_channel_with_token(token_server: RunningServer, tls_token_server: RunningServer, pki: Pki) -> None:
+    """The asyncio channel carries the token too, over plaintext (interceptor) and TLS (call credentials)."""
+
+    async def models(config: connection.ChannelConfig) -> int:
+        async with config.aio_channel() as channel:
+            response = await pb_grpc.AttentionServiceStub(channel).ListModels(pb.ListModelsRequest(), timeout=10)
+            return len(response.models)
+
+    assert asyncio.run(models(connection.ChannelConfig(f"127.0.0.1:{token_server.port}", token=TOKEN))) == 1
+    assert asyncio.run(models(connection.ChannelConfig(f"localhost:{tls_token_server.port}", tls_ca=str(pki.ca),
+                                                       token=TOKEN))) == 1
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        asyncio.run(models(connection.ChannelConfig(f"127.0.0.1:{token_server.port}", token=WRONG_TOKEN)))
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+# -- start-up errors ---------------------------------------------------------------------------------------------------
+
+
+def _start_fails(models_dir: Path, **overrides: Any) -> str:
+    server = AttentionServer(settings(models_dir, **overrides), CollectorRegistry())
+
+    async def start() -> None:
+        try:
+            await server.start()
+        finally:
+            await server.stop(0)
+
+    with pytest.raises(StartupError) as info:
+        asyncio.run(start())
+    return str(info.value)
+
+
+def test_unusable_tls_files_stop_the_start(models_dir: Path, pki: Pki, tmp_path: Path) -> None:
+    missing = tmp_path / "nope.pem"
+    assert f"cannot read tls_cert {missing}" in _start_fails(models_dir, tls_cert=str(missing),
+                                                             tls_key=str(pki.server_key))
+    message = _start_fails(models_dir, tls_cert=str(pki.server_cert), tls_key=str(pki.client_key))
+    assert "are not a usable pair" in message and "KEY_VALUES_MISMATCH" in message.upper()
+    message = _start_fails(models_dir, tls_cert=str(pki.server_cert), tls_key=str(pki.server_key),
+                           tls_client_ca=str(pki.server_key))
+    assert f"tls_client_ca {pki.server_key} holds no usable PEM CA certificate" in message
+    encrypted = tmp_path / "encrypted.key"
+    key = serialization.load_pem_private_key(pki.server_key.read_bytes(), password=None)
+    encrypted.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.BestAvailableEncryption(b"pw")))
+    assert "are not a usable pair" in _start_fails(models_dir, tls_cert=str(pki.server_cert), tls_key=str(encrypted))
+
+
+def test_unusable_token_file_stops_the_start(models_dir: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "tokens"
+    empty.write_text("# nothing yet\n\n", encoding="ascii")
+    assert "holds no tokens" in _start_fails(models_dir, auth_token_file=str(empty))
+    assert "cannot read auth_token_file" in _start_fails(models_dir, auth_token_file=str(tmp_path / "missing"))

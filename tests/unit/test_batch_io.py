@@ -1,0 +1,145 @@
+"""``attn batch`` without a server: the JSONL/TSV/text readers, resuming from an offset, shards, the checkpointed
+writer, and the small helpers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from client.batch import (
+    BACKOFF_CAP,
+    BatchError,
+    Checkpoint,
+    Item,
+    Progress,
+    Writer,
+    backoff,
+    batches,
+    checkpoint_path,
+    count_inputs,
+    detect_format,
+    parse_shard,
+    read_items,
+    shard_path,
+)
+
+
+def _write(tmp_path: Path, name: str, content: str | bytes) -> Path:
+    path = tmp_path / name
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    return path
+
+
+@pytest.mark.parametrize(("name", "fmt"), [("a.jsonl", "jsonl"), ("a.NDJSON", "jsonl"), ("a.json", "jsonl"),
+                                           ("a.tsv", "tsv"), ("a.tab", "tsv"), ("a.txt", "text"), ("a", "text")])
+def test_the_format_follows_the_extension(name: str, fmt: str) -> None:
+    assert detect_format(Path(name)) == fmt
+    assert detect_format(Path(name), "tsv") == "tsv"
+
+
+def test_text_lines_keep_their_numbers_and_blank_lines_are_skipped(tmp_path: Path) -> None:
+    path = _write(tmp_path, "in.txt", "\ufeffeins\r\n\n  \nzwei\tdrei\nvier")  # BOM, CRLF, no final newline
+    items = list(read_items(path, "text"))
+    assert [(i.line, i.text, i.id, i.error) for i in items] == [
+        (1, "eins", None, None), (4, "zwei\tdrei", None, None), (5, "vier", None, None)]
+    assert items[-1].end == path.stat().st_size
+    assert count_inputs(path, "text", None, (0, 1)) == 3
+
+
+def test_jsonl_reads_text_and_id_and_turns_bad_lines_into_errors(tmp_path: Path) -> None:
+    lines = ['{"text": "eins", "id": 7}', '{"text": "zwei"}', "not json", '["text"]', '{"id": "x"}',
+             '{"satz": "drei", "key": "k"}', "", '{"text": "f\\u00fcnf", "id": {"a": 1}}']
+    path = _write(tmp_path, "in.jsonl", "\n".join(lines) + "\n")
+    items = list(read_items(path, "jsonl"))
+    assert [(i.line, i.text, i.id) for i in items if i.error is None] == [
+        (1, "eins", 7), (2, "zwei", None), (8, "fünf", {"a": 1})]
+    errors = {i.line: i.error for i in items if i.error is not None}
+    assert sorted(errors) == [3, 4, 5, 6]
+    assert "not a JSON object" in errors[4] and "no string field 'text'" in errors[5]
+    custom = list(read_items(path, "jsonl", column="satz", id_column="key"))
+    assert [(i.line, i.text, i.id) for i in custom if i.error is None] == [(6, "drei", "k")]
+
+
+def test_tsv_takes_the_first_column_or_a_named_one(tmp_path: Path) -> None:
+    path = _write(tmp_path, "in.tsv", "eins\tone\nzwei\n")
+    assert [(i.line, i.text) for i in read_items(path, "tsv")] == [(1, "eins"), (2, "zwei")]
+    path = _write(tmp_path, "h.tsv", "id\tde\ten\na\tEins\tOne\nb\tZwei\n\nc\n")
+    items = list(read_items(path, "tsv", column="de"))
+    assert [(i.line, i.id, i.text, i.error) for i in items[:2]] == [(2, "a", "Eins", None), (3, "b", "Zwei", None)]
+    assert items[2].line == 5 and "only 1 column(s), the text is in column 2" in (items[2].error or "")
+    assert count_inputs(path, "tsv", "de", (0, 1)) == 3
+    with pytest.raises(BatchError, match="no column 'text'"):
+        list(read_items(path, "tsv", column="text"))
+
+
+def test_reading_resumes_after_an_offset_and_keeps_the_tsv_header(tmp_path: Path) -> None:
+    path = _write(tmp_path, "h.tsv", "id\tde\na\tEins\nb\tZwei\nc\tDrei\n")
+    first, second, third = read_items(path, "tsv", column="de")
+    assert list(read_items(path, "tsv", column="de", start=(first.line, first.end))) == [second, third]
+    assert list(read_items(path, "tsv", column="de", start=(third.line, third.end))) == []
+
+
+def test_shards_split_the_lines_by_number(tmp_path: Path) -> None:
+    path = _write(tmp_path, "in.txt", "".join(f"t{i}\n" for i in range(1, 11)))
+    shards = [[i.line for i in read_items(path, "text", shard=(k, 3))] for k in range(3)]
+    assert shards == [[3, 6, 9], [1, 4, 7, 10], [2, 5, 8]]
+    assert [count_inputs(path, "text", None, (k, 3)) for k in range(3)] == [3, 4, 3]
+
+
+def test_shard_options_and_output_names() -> None:
+    assert parse_shard("2/4") == (2, 4)
+    for bad in ("4/4", "-1/2", "1", "a/b"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_shard(bad)
+    assert shard_path(Path("o/out.jsonl"), (0, 1)) == Path("o/out.jsonl")
+    assert shard_path(Path("o/out.jsonl"), (1, 4)) == Path("o/out.shard-1-of-4.jsonl")
+    assert shard_path(Path("o/part-{i}-{n}.jsonl"), (1, 4)) == Path("o/part-1-4.jsonl")
+    assert checkpoint_path(Path("o/out.jsonl")) == Path("o/out.jsonl.checkpoint.json")
+
+
+def test_batches_and_backoff() -> None:
+    items = [Item(line, line) for line in range(1, 6)]
+    assert [[i.line for i in b] for b in batches(items, 2)] == [[1, 2], [3, 4], [5]]
+    for attempt in range(12):
+        delay = min(BACKOFF_CAP, 0.1 * 2**attempt)
+        assert delay / 2 <= backoff(attempt) <= delay
+
+
+def test_the_writer_commits_in_chunks_and_a_reopen_drops_the_uncommitted_tail(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    writer = Writer(out, Checkpoint({"k": 1}), every=2)
+    writer.write(Item(1, 10), [{"line": 1}])
+    assert not checkpoint_path(out).exists()  # one line: not yet committed
+    writer.write(Item(3, 30), [{"line": 2}, {"line": 3, "error": {"code": "X", "message": ""}}])
+    state = Checkpoint.load(checkpoint_path(out))
+    assert state is not None and (state.line, state.offset, state.records, state.failed) == (3, 30, 3, 1)
+    assert state.output_bytes == out.stat().st_size and state.job == {"k": 1}
+    writer.write(Item(4, 40), [{"line": 4}])  # written, not committed: as if killed now
+    writer.file.flush()
+    assert out.stat().st_size > state.output_bytes
+    resumed = Writer(out, state, every=2)
+    assert out.stat().st_size == state.output_bytes
+    resumed.write(Item(4, 40), [{"line": 4}])
+    resumed.close()
+    assert [json.loads(line)["line"] for line in out.read_text().splitlines()] == [1, 2, 3, 4]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_checkpoint_that_points_past_the_output_is_refused(tmp_path: Path) -> None:
+    out = _write(tmp_path, "out.jsonl", "{}\n")
+    with pytest.raises(BatchError, match="--restart"):
+        Writer(out, Checkpoint({}, output_bytes=100), every=1)
+    checkpoint_path(out).write_text("{")
+    with pytest.raises(BatchError, match="unreadable checkpoint"):
+        Checkpoint.load(checkpoint_path(out))
+
+
+def test_the_progress_line_shows_position_rate_and_eta() -> None:
+    progress = Progress(total=100, skipped=20, quiet=True)
+    progress.advance([{"line": 1}, {"line": 2, "error": {}}])
+    line = progress.line()
+    assert line.startswith("attn batch: 22/100 lines (22.0%), ") and "lines/s, ETA " in line
+    assert line.endswith(", 1 failed")

@@ -1,0 +1,268 @@
+"""The serving engine over a fake numpy model: iteration-level joins, the queue's limits, deadlines, cancellation.
+
+The fake's step can be gated, so a test decides how many steps run before the next request arrives; no timing
+asserts, only waits with generous bounds.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import CancelledError
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+
+from server.engine import Engine, Limits
+from server.errors import DeadlineExceeded, Overloaded
+from server.search import Hypothesis, Search, State, run_search
+
+BOS, EOS, VOCAB, HIDDEN = 0, 1, 9, 6
+
+
+@dataclass(frozen=True)
+class Options:
+    beam_size: int = 1
+    nbest: int = 1
+    length_penalty: float = 1.0
+    max_steps: int = 12
+
+
+class FakeModel:
+    """A recurrent decoder with masked dot-product attention, shaped like an exported step graph: a source is a
+    list of ints, its memory rows come from a fixed table, so an item's encoding is the same in any batch."""
+
+    name, version = "fake", "1"
+    bos_id, eos_id = BOS, EOS
+    src_axes = {"memory": 1, "mask": 1}
+
+    def __init__(self, growing_state: bool = False, endless: bool = False) -> None:
+        rng = np.random.default_rng(7)
+        self.table = rng.normal(size=(50, HIDDEN))
+        self.embed = rng.normal(size=(VOCAB, HIDDEN))
+        self.recur = rng.normal(size=(HIDDEN, HIDDEN)) / np.sqrt(HIDDEN)
+        self.out = rng.normal(size=(2 * HIDDEN, VOCAB)) * 1.5
+        self.growing_state, self.endless = growing_state, endless
+        self.gate: threading.Semaphore | None = None  # when set, every step takes one permit
+        self.steps: list[int] = []  # rows of every step call
+        self.encoded: list[int] = []  # items of every encoder call
+
+    def encode(self, items: list[list[int]]) -> tuple[State, State]:
+        self.encoded.append(len(items))
+        width = max(len(i) for i in items)
+        memory = np.zeros((len(items), width, HIDDEN))
+        mask = np.zeros((len(items), width), dtype=bool)
+        for row, item in enumerate(items):
+            memory[row, : len(item)] = self.table[item]
+            mask[row, : len(item)] = True
+        h = np.stack([self.table[item].mean(0) for item in items])
+        state = {"h": h, "t": np.zeros((len(items), 0, 1))} if self.growing_state else {"h": h}
+        return state, {"memory": memory, "mask": mask}
+
+    def src_len(self, item: list[int]) -> int:
+        return len(item)
+
+    def cost(self, item: list[int]) -> int:
+        return len(item)
+
+    def budget_for(self, item: list[int], options: Options) -> int:
+        return options.max_steps
+
+    def search_for(self, options: Options) -> Search:
+        return Search(options.beam_size, EOS, options.nbest, options.length_penalty)
+
+    def selection(self, options: Options) -> None:
+        return None
+
+    def step(self, tokens: np.ndarray, state: State, static: State) -> tuple[np.ndarray, np.ndarray, State]:
+        h = np.tanh(state["h"] @ self.recur + self.embed[tokens])
+        scores = np.where(static["mask"], np.einsum("rh,rsh->rs", h, static["memory"]), -np.inf)
+        weights = np.exp(scores - scores.max(-1, keepdims=True))
+        weights /= weights.sum(-1, keepdims=True)
+        context = np.einsum("rs,rsh->rh", weights, static["memory"])
+        logits = np.concatenate([h, context], -1) @ self.out
+        if self.endless:
+            logits[:, EOS] = -1e9
+        log_probs = logits - logits.max(-1, keepdims=True)
+        log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+        new_state = {"h": h}
+        if self.growing_state:  # a cache that grows by one position per step, like a Transformer's
+            new_state["t"] = np.concatenate([state["t"], np.ones((len(tokens), 1, 1))], axis=1)
+        return log_probs.astype(np.float32), weights.astype(np.float32), new_state
+
+    def step_rows(self, tokens: np.ndarray, state: State, static: State, all_heads: bool) -> Any:
+        if self.gate is not None:
+            assert self.gate.acquire(timeout=30), "the test never released this step"
+        self.steps.append(len(tokens))
+        if self.growing_state:  # rows at different steps must never share a call
+            assert len({state["t"].shape[1]}) == 1
+        return (*self.step(tokens, state, static), None)
+
+    def alone(self, item: list[int], options: Options) -> list[Hypothesis]:
+        """What the item decodes to by itself, without any engine."""
+        state, static = self.encode([item])
+        self.encoded.pop()
+        [hyps] = run_search(self.step, state, static, self.search_for(options), bos=BOS,
+                            max_steps=[options.max_steps], src_lens=[len(item)])
+        return hyps
+
+
+@pytest.fixture()
+def engines() -> Iterator[list[Engine]]:
+    made: list[Engine] = []
+    yield made
+    for engine in made:
+        engine.close()
+
+
+def start(engines: list[Engine], model: FakeModel, **limits: int) -> Engine:
+    engine = Engine(model, Limits(**limits))  # type: ignore[arg-type]
+    engines.append(engine)
+    return engine
+
+
+def wait_until(condition: Any, what: str) -> None:
+    for _ in range(600):
+        if condition():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def same(found: list[Hypothesis], expected: list[Hypothesis]) -> None:
+    assert [h.tokens for h in found] == [h.tokens for h in expected]
+    for f, e in zip(found, expected):
+        assert f.log_prob == pytest.approx(e.log_prob, abs=1e-5)
+        np.testing.assert_allclose(f.attention, e.attention, atol=1e-6)
+
+
+SOURCES = [[3, 4, 5], [6, 7, 8, 9, 10, 11, 12], [13, 14], [15, 16, 17, 18, 19]]
+
+
+@pytest.mark.parametrize("growing_state", [False, True])
+@pytest.mark.parametrize("beam", [1, 3])
+def test_a_request_joining_mid_flight_gets_what_it_gets_alone(engines: list[Engine], growing_state: bool,
+                                                              beam: int) -> None:
+    model = FakeModel(growing_state)
+    model.gate = threading.Semaphore(0)
+    engine = start(engines, model)
+    options = Options(beam_size=beam, nbest=beam)
+    first = engine.submit(SOURCES[:2], Options(beam_size=1, max_steps=30))
+    model.gate.release(3)
+    wait_until(lambda: len(model.steps) == 3, "three steps of the first request")
+    second = engine.submit(SOURCES[2:], options)  # joins at the next step boundary
+    model.gate.release(10_000)
+    found = second.result(timeout=30)
+    first.result(timeout=30)
+    for item, hyps in zip(SOURCES[2:], found):
+        same(hyps, model.alone(item, options))
+    if growing_state:  # a lane of its own: no call ever held rows of both requests
+        assert max(model.steps) <= max(2, 2 * beam)
+    else:  # iteration-level batching: the steps after the join held both requests' rows
+        assert max(model.steps) == 2 + 2 * beam
+
+
+def test_requests_of_different_settings_share_steps_and_keep_their_outputs(engines: list[Engine]) -> None:
+    model = FakeModel()
+    model.gate = threading.Semaphore(0)
+    engine = start(engines, model)
+    settings = [Options(), Options(beam_size=2, nbest=2), Options(beam_size=4, length_penalty=0.0), Options()]
+    futures = [engine.submit([item], options) for item, options in zip(SOURCES, settings)]
+    model.gate.release(10_000)
+    for item, options, future in zip(SOURCES, settings, futures):
+        [hyps] = future.result(timeout=30)
+        same(hyps, model.alone(item, options))
+    assert model.encoded[0] == 4  # admitted together: one encoder call
+    assert model.steps[0] == 1 + 2 + 4 + 1
+
+
+def test_full_queue_is_refused_at_once_naming_the_limit(engines: list[Engine]) -> None:
+    model = FakeModel()
+    model.gate = threading.Semaphore(0)
+    engine = start(engines, model, max_queue_requests=1, max_queue_tokens=8, max_batch_requests=1)
+    running = engine.submit([SOURCES[0]], Options())
+    wait_until(lambda: engine.active == 1, "the first request's admission")
+    waiting = engine.submit([SOURCES[2]], Options())
+    with pytest.raises(Overloaded, match="max_queue_requests"):
+        engine.submit([SOURCES[2]], Options())
+    model.gate.release(10_000)
+    running.result(timeout=30), waiting.result(timeout=30)
+    model.gate = threading.Semaphore(0)
+    running = engine.submit([SOURCES[0]], Options())
+    wait_until(lambda: engine.active == 1, "admission")
+    with pytest.raises(Overloaded, match="max_queue_tokens"):
+        engine.submit([[1] * 9], Options())  # 9 source tokens, the limit is 8
+    model.gate.release(10_000)
+    running.result(timeout=30)
+
+
+def test_admission_respects_the_row_budget_and_takes_the_oldest_first(engines: list[Engine]) -> None:
+    model = FakeModel()
+    model.gate = threading.Semaphore(0)
+    engine = start(engines, model, max_batch_rows=4)
+    first = engine.submit([SOURCES[0]], Options(beam_size=4))
+    wait_until(lambda: engine.active == 1, "admission")
+    later = [engine.submit([item], Options()) for item in SOURCES[1:]]
+    assert engine.queued == 3  # four rows are in use: nothing more fits until the beam is done
+    model.gate.release(10_000)
+    first.result(timeout=30)
+    for future in later:
+        future.result(timeout=30)
+    assert max(model.steps) <= 4
+
+
+def test_deadline_expires_in_the_queue(engines: list[Engine]) -> None:
+    model = FakeModel()
+    model.gate = threading.Semaphore(0)
+    engine = start(engines, model, max_batch_requests=1)
+    running = engine.submit([SOURCES[0]], Options())
+    wait_until(lambda: engine.active == 1, "admission")
+    expiring = engine.submit([SOURCES[1]], Options(), timeout=0.05)
+    time.sleep(0.1)
+    model.gate.release(10_000)
+    running.result(timeout=30)
+    with pytest.raises(DeadlineExceeded):
+        expiring.result(timeout=30)
+    assert model.encoded == [1]  # the expired request was never encoded
+
+
+def test_deadline_expires_mid_decode_and_the_request_leaves_the_batch(engines: list[Engine]) -> None:
+    model = FakeModel(endless=True)
+    engine = start(engines, model)
+    options = Options(max_steps=10**6)
+    expiring = engine.submit([SOURCES[0]], options, timeout=0.2)
+    with pytest.raises(DeadlineExceeded):
+        expiring.result(timeout=30)
+    wait_until(lambda: engine.active == 0, "the expired request to leave")
+    steps = len(model.steps)
+    time.sleep(0.05)
+    assert len(model.steps) == steps  # nothing decodes any more
+
+
+def test_cancellation_frees_the_slot_for_the_next_request(engines: list[Engine]) -> None:
+    model = FakeModel(endless=True)
+    engine = start(engines, model, max_batch_requests=1)
+    endless = engine.submit([SOURCES[0]], Options(max_steps=10**6))
+    wait_until(lambda: len(model.steps) > 3, "the endless request to decode")
+    model.endless = False
+    waiting = engine.submit([SOURCES[1]], Options())
+    assert engine.queued == 1  # batching off: it waits for the slot
+    assert endless.cancel()
+    [hyps] = waiting.result(timeout=30)
+    same(hyps, model.alone(SOURCES[1], Options()))
+    with pytest.raises(CancelledError):
+        endless.result()
+    wait_until(lambda: engine.active == 0, "the engine to be idle")
+
+
+def test_close_fails_what_is_left(engines: list[Engine]) -> None:
+    model = FakeModel(endless=True)
+    engine = Engine(model, Limits())  # type: ignore[arg-type]
+    future = engine.submit([SOURCES[0]], Options(max_steps=10**6))
+    wait_until(lambda: len(model.steps) > 0, "decoding")
+    engine.close()
+    with pytest.raises(Exception, match="shutting down"):
+        future.result(timeout=30)

@@ -1,0 +1,187 @@
+"""Token files, the token check, the security settings and the client's connection options (no sockets)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from client import connection
+from server.errors import StartupError
+from server.metrics import Metrics
+from server.security import OPEN_SERVICES, TokenAuthInterceptor, load_tokens, parse_tokens, server_credentials
+from server.settings import Settings
+
+TOKEN = "tok-3f9a1c"
+
+
+# -- token files -------------------------------------------------------------------------------------------------------
+
+
+def test_tokens_one_per_line_with_comments_and_blanks() -> None:
+    text = f"# production clients\n  {TOKEN}  \n\n# batch job\r\nother+/token==\n"
+    assert parse_tokens(text) == [TOKEN, "other+/token=="]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("", "holds no tokens"),
+    ("# only a comment\n\n   \n", "holds no tokens"),
+    (f"{TOKEN}\nBearer {TOKEN}\n", "line 2: a token is one word"),
+    ("two words\n", "line 1: a token is one word"),
+    ("caf\u00e9\n", "line 1: a token is one word"),
+])
+def test_bad_token_files_name_the_line_not_the_token(text: str, message: str) -> None:
+    with pytest.raises(StartupError, match=message) as info:
+        parse_tokens(text)
+    assert not any(secret in str(info.value) for secret in (TOKEN, "two words", "caf\u00e9"))
+
+
+def test_load_tokens(tmp_path: Path) -> None:
+    path = tmp_path / "tokens"
+    path.write_text(f"{TOKEN}\n", encoding="ascii")
+    assert load_tokens(str(path)) == [TOKEN]
+    with pytest.raises(StartupError, match=f"cannot read auth_token_file {tmp_path / 'missing'}"):
+        load_tokens(str(tmp_path / "missing"))
+    path.write_bytes(b"\xff\xfe\n")
+    with pytest.raises(StartupError, match="is not ASCII text"):
+        load_tokens(str(path))
+
+
+# -- the token check ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def interceptor() -> TokenAuthInterceptor:
+    return TokenAuthInterceptor([TOKEN, "second"], Metrics(CollectorRegistry()))
+
+
+@pytest.mark.parametrize("value", [f"Bearer {TOKEN}", f"bearer {TOKEN}", f"BEARER  {TOKEN} ", "Bearer second"])
+def test_known_tokens_pass(interceptor: TokenAuthInterceptor, value: str) -> None:
+    assert interceptor.check([("x-request-id", "r1"), ("authorization", value)]) is None
+
+
+@pytest.mark.parametrize(("metadata", "reason"), [
+    ([], "missing credentials"),
+    ([("x-request-id", "r1")], "missing credentials"),
+    ([("authorization", TOKEN)], "malformed"),
+    ([("authorization", f"Basic {TOKEN}")], "malformed"),
+    ([("authorization", "Bearer ")], "malformed"),
+    ([("authorization", f"Bearer {TOKEN}x")], "invalid bearer token"),
+    ([("authorization", f"Bearer {TOKEN[:-1]}")], "invalid bearer token"),
+    ([("authorization", "Bearer secondsecond")], "invalid bearer token"),
+    ([("authorization", b"Bearer " + TOKEN.encode())], "malformed"),
+])
+def test_missing_or_wrong_tokens_are_refused(interceptor: TokenAuthInterceptor, metadata: list[tuple[str, object]],
+                                             reason: str) -> None:
+    problem = interceptor.check(metadata)
+    assert problem is not None and reason in problem
+    assert TOKEN[:-1] not in problem  # the message never echoes what was sent
+
+
+def test_interceptor_needs_a_token() -> None:
+    with pytest.raises(ValueError):
+        TokenAuthInterceptor([], Metrics(CollectorRegistry()))
+
+
+def test_only_health_and_reflection_are_open() -> None:
+    assert OPEN_SERVICES == {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
+                             "grpc.reflection.v1.ServerReflection"}
+
+
+# -- settings ----------------------------------------------------------------------------------------------------------
+
+
+def test_security_is_off_by_default() -> None:
+    s = Settings.from_sources([], environ={})
+    assert (s.tls_cert, s.tls_key, s.tls_client_ca, s.auth_token_file) == ("", "", "", "")
+    assert server_credentials(s) is None
+
+
+def test_security_settings_from_flags_and_environment() -> None:
+    env = {"ATTN_TLS_CERT": "/tls/server.pem", "ATTN_TLS_KEY": "/tls/server.key", "ATTN_AUTH_TOKEN_FILE": "/t"}
+    s = Settings.from_sources(["--tls-client-ca", "/tls/ca.pem"], environ=env)
+    assert (s.tls_cert, s.tls_key, s.tls_client_ca, s.auth_token_file) == (
+        "/tls/server.pem", "/tls/server.key", "/tls/ca.pem", "/t")
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--tls-cert", "c.pem"], "tls_cert and tls_key go together"),
+    (["--tls-key", "k.pem"], "tls_cert and tls_key go together"),
+    (["--tls-client-ca", "ca.pem"], "tls_client_ca (mutual TLS) needs tls_cert and tls_key"),
+])
+def test_incomplete_tls_settings_exit_with_a_message(argv: list[str], message: str,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        Settings.from_sources(argv, environ={})
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    with pytest.raises(ValueError, match="tls_"):
+        replace(Settings(), **{a.lstrip("-").replace("-", "_"): v for a, v in zip(argv[::2], argv[1::2])})
+
+
+def test_unreadable_or_non_pem_tls_files(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    with pytest.raises(StartupError, match=f"cannot read tls_cert {tmp_path / 'missing.pem'}"):
+        server_credentials(Settings(tls_cert=str(tmp_path / "missing.pem"), tls_key=str(junk)))
+    with pytest.raises(StartupError, match="are not a usable pair"):
+        server_credentials(Settings(tls_cert=str(junk), tls_key=str(junk)))
+
+
+# -- the client's connection options -----------------------------------------------------------------------------------
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--target", default="localhost:50051")
+    connection.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_client_token_from_file_then_environment(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_text(f"# for the batch job\n\n  {TOKEN}\nignored-second-token\n")
+    config = connection.ChannelConfig.from_args(_args("--token-file", str(path)), environ={"ATTN_TOKEN": "env"})
+    assert config.token == TOKEN and not config.uses_tls
+    assert connection.ChannelConfig.from_args(_args(), environ={"ATTN_TOKEN": " env-token\n"}).token == "env-token"
+    assert connection.ChannelConfig.from_args(_args(), environ={}).token is None
+    path.write_text("# nothing\n")
+    with pytest.raises(ValueError, match="holds no token"):
+        connection.read_token(str(path))
+
+
+def test_client_tls_options() -> None:
+    assert connection.ChannelConfig.from_args(_args("--tls"), environ={}).uses_tls
+    config = connection.ChannelConfig.from_args(_args("--tls-ca", "ca.pem", "--tls-server-name", "attn"), environ={})
+    assert config.uses_tls and (config.tls_ca, config.tls_server_name) == ("ca.pem", "attn")
+    with pytest.raises(ValueError, match="--tls-cert and --tls-key go together"):
+        connection.ChannelConfig("localhost:1", tls_cert="me.pem")
+    with pytest.raises(ValueError, match="visible ASCII"):
+        connection.ChannelConfig("localhost:1", token="Bearer abc")
+
+
+def test_client_reports_unreadable_files(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="attn: cannot read --tls-ca"):
+        connection.from_args(_args("--tls-ca", str(tmp_path / "missing.pem")))
+    with pytest.raises(SystemExit, match="attn: cannot read --token-file"):
+        connection.from_args(_args("--token-file", str(tmp_path / "missing")))
+
+
+@pytest.mark.parametrize(("target", "loopback"), [
+    ("localhost:50051", True), ("127.0.0.1:50051", True), ("[::1]:50051", True), ("dns:///localhost:1", True),
+    ("unix:/tmp/attn.sock", True), ("10.0.0.5:50051", False), ("attn.example.com:443", False),
+])
+def test_plaintext_token_warning_is_for_remote_targets(target: str, loopback: bool) -> None:
+    assert connection._is_loopback(target) is loopback
+
+
+def test_plaintext_token_to_a_remote_target_warns(capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ATTN_TOKEN", TOKEN)
+    connection.from_args(_args("--target", "10.0.0.5:50051")).close()
+    assert "without TLS" in capsys.readouterr().err
+    connection.from_args(_args("--target", "127.0.0.1:50051")).close()
+    assert capsys.readouterr().err == ""

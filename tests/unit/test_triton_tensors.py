@@ -1,0 +1,131 @@
+"""The V2 protocol's tensor packing and request reading (server/triton.py), without a server."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from inference import grpc_service_pb2 as v2
+from server.errors import InvalidInput
+from server.triton import (
+    Spec,
+    array_tensor,
+    decoding_options,
+    pack_bytes,
+    padded_attention,
+    padded_bytes,
+    read_input,
+    requested_outputs,
+    time_limit,
+    unpack_bytes,
+)
+
+VALUES = [b"Guten Morgen.", b"", "groß".encode(), bytes(range(256))]
+
+
+def request(values: list[bytes], shape: list[int], raw: bool = True, name: str = "TEXT") -> v2.ModelInferRequest:
+    req = v2.ModelInferRequest(model_name="m")
+    tensor = req.inputs.add(name=name, datatype="BYTES", shape=shape)
+    if raw:
+        req.raw_input_contents.append(pack_bytes(values))
+    else:
+        tensor.contents.bytes_contents.extend(values)
+    return req
+
+
+def test_bytes_round_trip_and_the_stock_clients_encoding() -> None:
+    raw = pack_bytes(VALUES)
+    assert unpack_bytes(raw) == VALUES
+    utils = pytest.importorskip("tritonclient.utils")
+    assert utils.serialize_byte_tensor(np.array(VALUES, dtype=object)).item() == raw
+    assert list(utils.deserialize_bytes_tensor(raw)) == VALUES
+
+
+@pytest.mark.parametrize("raw", [b"\x05\x00", b"\x05\x00\x00\x00abc"])
+def test_truncated_bytes_are_invalid_input(raw: bytes) -> None:
+    with pytest.raises(InvalidInput, match="truncated"):
+        unpack_bytes(raw)
+
+
+def test_padding() -> None:
+    tensor = padded_bytes("TOKENS", [[b"a", b"b"], [b"c"]])
+    assert tensor.shape == [2, 2] and unpack_bytes(tensor.raw) == [b"a", b"b", b"c", b""]
+    matrices = [np.full((2, 3), 0.5, np.float32), np.ones((1, 1), np.float32)]
+    padded = padded_attention(matrices)
+    assert padded.shape == (2, 2, 3) and padded[1, 0, 0] == 1 and padded[1].sum() == 1
+    assert padded_attention(matrices, cols=5).shape == (2, 2, 5)
+    lengths = array_tensor("TARGET_LENGTHS", np.array([3, 1]))
+    assert (lengths.datatype, lengths.shape) == ("INT32", [2])
+    assert np.frombuffer(lengths.raw, "<i4").tolist() == [3, 1]
+    weights = array_tensor("ATTENTION", padded)
+    assert weights.datatype == "FP32" and np.array_equal(np.frombuffer(weights.raw, "<f4").reshape(2, 2, 3), padded)
+
+
+@pytest.mark.parametrize("raw", [True, False])
+@pytest.mark.parametrize("shape", [[4], [4, 1]])
+def test_read_input_raw_or_typed(raw: bool, shape: list[int]) -> None:
+    assert read_input(request(VALUES, shape, raw), "TEXT") == (VALUES, shape)
+
+
+@pytest.mark.parametrize(("req", "words"), [
+    (request(VALUES, [2, 2]), "shape"),
+    (request(VALUES, [3]), "4 elements"),
+    (request([], [0]), "batch >= 1"),
+    (request(VALUES, [4], name="IMAGE"), "takes one input TEXT"),
+])
+def test_read_input_refusals(req: v2.ModelInferRequest, words: str) -> None:
+    with pytest.raises(InvalidInput, match=words):
+        read_input(req, "TEXT")
+
+
+def test_read_input_wants_bytes_and_one_kind_of_contents() -> None:
+    req = request(VALUES, [4])
+    req.inputs[0].datatype = "FP32"
+    with pytest.raises(InvalidInput, match="BYTES"):
+        read_input(req, "TEXT")
+    both = request(VALUES, [4])
+    both.inputs[0].contents.bytes_contents.append(b"x")
+    with pytest.raises(InvalidInput, match="not both"):
+        read_input(both, "TEXT")
+
+
+def test_requested_outputs() -> None:
+    specs = [Spec("TRANSLATION", "BYTES", (1,)), Spec("ATTENTION", "FP32", (-1, -1))]
+    req = v2.ModelInferRequest(model_name="m")
+    assert requested_outputs(req, specs) == ["TRANSLATION"]  # ATTENTION only when named
+    req.outputs.add(name="ATTENTION")
+    assert requested_outputs(req, specs) == ["ATTENTION"]
+    req.outputs.add(name="LOGITS")
+    with pytest.raises(InvalidInput, match="no output LOGITS"):
+        requested_outputs(req, specs)
+
+
+def test_parameters_become_decoding_options() -> None:
+    params = v2.ModelInferRequest().parameters
+    params["beam_size"].int64_param = 3
+    params["length_penalty"].double_param = 0.6
+    params["attention_head"].int64_param = -1
+    params["priority"].uint64_param = 2
+    params["triton_enable_empty_final_response"].bool_param = True
+    options = decoding_options(params, 1)
+    assert (options.beam_size, options.attention_head, options.attention) == (3, -1, 1)
+    assert options.length_penalty == pytest.approx(0.6)
+    params["nbest"].int64_param = 2
+    with pytest.raises(InvalidInput, match="unknown parameter 'nbest'"):
+        decoding_options(params, 1)
+    for key, setter in (("beam_size", "string_param"), ("length_penalty", "bool_param")):
+        bad = v2.ModelInferRequest().parameters
+        setattr(bad[key], setter, "4" if setter == "string_param" else True)
+        with pytest.raises(InvalidInput, match=key):
+            decoding_options(bad, 1)
+    negative = v2.ModelInferRequest().parameters
+    negative["beam_size"].int64_param = -1
+    with pytest.raises(InvalidInput, match="out of range"):
+        decoding_options(negative, 1)
+
+
+def test_time_limit_takes_the_shorter_of_deadline_and_timeout() -> None:
+    params = v2.ModelInferRequest().parameters
+    assert time_limit(params, None) is None and time_limit(params, 5.0) == 5.0
+    params["timeout"].int64_param = 2_000_000  # microseconds
+    assert time_limit(params, None) == 2.0 and time_limit(params, 5.0) == 2.0 and time_limit(params, 1.0) == 1.0
