@@ -6,12 +6,13 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DING := /usr/share/trans/de-en
+PROMETHEUS := /usr/bin/prometheus
 RUN_DIR := runs/de-en-bahdanau
 CAPTION_RUN := runs/scenes-sat
 
 .PHONY: setup test lint models run clean
 
-setup: $(STAMP) $(DING)
+setup: $(STAMP) $(DING) $(PROMETHEUS)
 
 # torch goes first and alone, pinned, so that nothing later resolves a newer (CUDA) build.
 $(STAMP): pyproject.toml constraints.txt
@@ -24,6 +25,11 @@ $(STAMP): pyproject.toml constraints.txt
 $(DING):
 	$(SUDO) apt-get update -qq
 	$(SUDO) apt-get install -y -qq trans-de-en
+
+# prometheus and promtool, for tests/integration/test_prometheus.py (a real Prometheus scraping a test server).
+$(PROMETHEUS):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq --no-install-recommends prometheus
 
 test: setup
 	$(PY) -m pytest -q

@@ -1,0 +1,155 @@
+"""A load generator for the serving benchmark: the real server in a child process, N concurrent gRPC clients here.
+
+:class:`ServerProcess` starts ``python -m server`` with the given settings on free ports, reads its JSON log lines
+until it is ready, and exposes its pid (for RSS) and metrics (for where the time went). :func:`drive` runs
+``concurrency`` clients, each sending one ``Translate`` after another over a shared list of sentences, for a fixed
+time or a fixed number of requests, and reports sentences/s, target tokens/s, latency percentiles and status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from attention.v1 import attention_pb2 as pb
+from attention.v1 import attention_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class ServerProcess:
+    """``attn-serve`` in a child process; ``settings`` are ``ATTN_*`` names without the prefix, lower case."""
+
+    def __init__(self, models_dir: Path, **settings: Any) -> None:
+        env = {**os.environ, "ATTN_MODELS_DIR": str(models_dir), "ATTN_PORT": "0", "ATTN_METRICS_PORT": "0",
+               "ATTN_HOST": "127.0.0.1", "ATTN_LOG_FORMAT": "json", "ATTN_LOG_LEVEL": "WARNING"}
+        env.update({f"ATTN_{k.upper()}": str(v).lower() if isinstance(v, bool) else str(v)
+                    for k, v in settings.items()})
+        env["ATTN_LOG_LEVEL"] = "INFO"  # the listening and ready lines
+        self.process = subprocess.Popen([sys.executable, "-m", "server"], env=env, cwd=ROOT,
+                                        stderr=subprocess.PIPE, text=True)
+        self.port = self.metrics_port = 0
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            record = json.loads(line) if line.startswith("{") else {}
+            if record.get("event") == "listening":
+                self.port, self.metrics_port = int(record["port"]), int(record["metrics_port"])
+            if record.get("event") == "ready":
+                break
+            if record.get("event") == "startup_failed":
+                raise RuntimeError(f"the server did not start: {record.get('error')}")
+        else:
+            raise RuntimeError(f"the server exited with {self.process.wait()} before it was ready")
+        # Keep draining its log so that it never blocks on a full pipe.
+        threading.Thread(target=lambda: [None for _ in self.process.stderr or ()], daemon=True).start()
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS line")
+
+    def metrics(self) -> dict[str, float]:
+        """Every unlabelled-or-labelled sample of /metrics, keyed by its exposition line's name and labels."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        samples = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                samples[key] = float(value)
+        return samples
+
+    def close(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class Run:
+    concurrency: int
+    seconds: float
+    latencies: list[float] = field(default_factory=list)  # of OK requests
+    codes: Counter[str] = field(default_factory=Counter)
+    target_tokens: int = 0
+    outputs: dict[int, list[int]] = field(default_factory=dict)  # sentence index -> best hypothesis's ids
+
+    def summary(self) -> dict[str, Any]:
+        ok = self.codes.get("OK", 0)
+        lat = np.array(self.latencies) if self.latencies else np.zeros(1)
+        return {
+            "concurrency": self.concurrency, "seconds": round(self.seconds, 2), "requests": sum(self.codes.values()),
+            "ok": ok, "sentences_per_s": round(ok / self.seconds, 2),
+            "target_tokens_per_s": round(self.target_tokens / self.seconds, 1),
+            "p50_ms": round(float(np.percentile(lat, 50)) * 1000, 1),
+            "p95_ms": round(float(np.percentile(lat, 95)) * 1000, 1),
+            "p99_ms": round(float(np.percentile(lat, 99)) * 1000, 1),
+            "codes": dict(self.codes),
+        }
+
+
+async def _drive(target: str, texts: list[str], concurrency: int, options: pb.DecodingOptions,
+                 seconds: float, requests: int, deadline: float) -> Run:
+    run = Run(concurrency, 0.0)
+    counter = iter(range(10**9))
+    channel = grpc.aio.insecure_channel(target, options=[("grpc.max_receive_message_length", 256 * 2**20)])
+    stub = pb_grpc.AttentionServiceStub(channel)
+    started = time.perf_counter()
+    stop_at = started + seconds if seconds else float("inf")
+
+    async def client() -> None:
+        while time.perf_counter() < stop_at:
+            n = next(counter)
+            if requests and n >= requests:
+                return
+            i = n % len(texts)
+            sent = time.perf_counter()
+            try:
+                response = await stub.Translate(pb.TranslateRequest(texts=[texts[i]], options=options),
+                                                timeout=deadline)
+            except grpc.aio.AioRpcError as error:
+                run.codes[error.code().name] += 1
+                continue
+            run.latencies.append(time.perf_counter() - sent)
+            run.codes["OK"] += 1
+            best = response.translations[0].hypotheses[0]
+            run.target_tokens += len(best.tokens)
+            run.outputs[i] = [t.id for t in best.tokens]
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    run.seconds = time.perf_counter() - started
+    await channel.close()
+    return run
+
+
+def drive(target: str, texts: list[str], concurrency: int, options: pb.DecodingOptions, *, seconds: float = 0.0,
+          requests: int = 0, deadline: float = 120.0) -> Run:
+    """``concurrency`` clients sending sentences of ``texts`` in turn, for ``seconds`` or ``requests`` in all."""
+    return asyncio.run(_drive(target, texts, concurrency, options, seconds, requests, deadline))

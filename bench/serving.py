@@ -1,0 +1,243 @@
+"""The serving benchmark (issue 6): the real server under load, against what a user without it would do.
+
+    .venv/bin/python bench/serving.py      # docs/benchmarks.md, docs/benchmarks/serving.json and serving.png
+
+In one run, on the test split's full sentences of the Ding dictionary and the bundled ``de-en-bahdanau`` model:
+
+(a) PyTorch eager greedy decoding of the model's checkpoint, one sentence after another (``--checkpoint``, made by
+    ``make models``; skipped with a note when absent);
+(b) the server with batching off (``ATTN_BATCHING=false``: one request at a time);
+(c) the server with batching on;
+
+over concurrency 1, 4, 16, 64, 256 (greedy, full attention), and at concurrency 64 greedy and beam 4, with and
+without attention in the responses. Then: the overload case (concurrency 256 against a queue of 16), the server's
+RSS over 20,000 requests with every bundled model loaded, the machine's matrix-multiply rate and the decoder's
+achieved rate at the highest concurrency, and where the server's time went (its own metrics). The load generator
+(:mod:`bench.loadgen`) runs in this process, the server in a child process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from attention.v1 import attention_pb2 as pb  # noqa: E402
+from bench.loadgen import Run, ServerProcess, drive  # noqa: E402
+
+CONCURRENCY = [1, 4, 16, 64, 256]
+FULL, NONE = pb.ATTENTION_DETAIL_FULL, pb.ATTENTION_DETAIL_NONE
+
+
+def test_sentences(limit: int) -> list[str]:
+    from training.data.corpus import load_corpus, split
+    from training.evaluate import group_references
+
+    sources, _, is_sentence = group_references(split(load_corpus("ding"))["test"])
+    sentences = [s for s, full in zip(sources, is_sentence) if full]
+    return sentences[:limit] if limit else sentences
+
+
+def eager(checkpoint: Path, tokenizer: Path, texts: list[str], seconds: float) -> dict[str, Any]:
+    """(a): the checkpoint in PyTorch, greedy, one sentence after another, as a user without a server would."""
+    import sentencepiece as spm
+    import torch
+
+    from training import checkpoint as ckpt
+    from training.models.decoding import greedy
+
+    model = ckpt.build_model(ckpt.load(checkpoint))
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    eos = model.cfg.eos_id
+    outputs: dict[int, list[int]] = {}
+    tokens = 0
+    started = time.perf_counter()
+    with torch.inference_mode():
+        while time.perf_counter() - started < seconds:
+            i = len(outputs)
+            ids = sp.encode(texts[i % len(texts)])[:127] + [eos]
+            src = torch.tensor([ids])
+            found, _ = greedy(model, src, torch.tensor([len(ids)]), 2 * len(ids) + 10)
+            outputs[i] = found[0] + [eos]
+            tokens += len(outputs[i])
+    elapsed = time.perf_counter() - started
+    return {"sentences_per_s": round(len(outputs) / elapsed, 2), "target_tokens_per_s": round(tokens / elapsed, 1),
+            "sentences": len(outputs), "seconds": round(elapsed, 2), "torch_threads": torch.get_num_threads(),
+            "outputs": {i % len(texts): o for i, o in outputs.items()}}
+
+
+def matmul_gflops(size: int = 1024, repeats: int = 20) -> float:
+    """The machine's float32 matrix-multiply rate (numpy's BLAS, all cores)."""
+    a = np.random.default_rng(0).standard_normal((size, size), dtype=np.float32)
+    b = np.random.default_rng(1).standard_normal((size, size), dtype=np.float32)
+    a @ b  # warm-up
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e9
+
+
+def decoder_flops_per_row(decoder: Path) -> int:
+    """Multiply-adds ×2 of the decoder step's weight matrices for one row (MatMul/Gemm against initialisers);
+    attention over the source adds a length-dependent term that this leaves out."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(decoder)).graph
+    weights = {init.name: numpy_helper.to_array(init).shape for init in graph.initializer}
+    total = 0
+    for node in graph.node:
+        if node.op_type in ("MatMul", "Gemm"):
+            for name in node.input[:2]:
+                shape = weights.get(name)
+                if shape is not None and len(shape) == 2:
+                    total += 2 * shape[0] * shape[1]
+    return total
+
+
+def server_run(server: ServerProcess, texts: list[str], concurrency: int, options: pb.DecodingOptions,
+               seconds: float) -> tuple[dict[str, Any], Run]:
+    """One measured run, with the server's own account of where its time went."""
+    drive(server.target, texts, min(concurrency, 8), options, requests=min(concurrency, 8) * 2)  # warm-up
+    before, cpu0 = server.metrics(), time.perf_counter()
+    run = drive(server.target, texts, concurrency, options, seconds=seconds)
+    after, wall = server.metrics(), time.perf_counter() - cpu0
+
+    def delta(prefix: str) -> float:
+        return sum(v - before.get(k, 0.0) for k, v in after.items() if k.startswith(prefix))
+
+    summary = run.summary()
+    steps = delta("attn_batch_hypotheses_count")
+    summary["server"] = {
+        "cpu_seconds": round(delta("attn_process_cpu_seconds_total"), 2), "wall_seconds": round(wall, 2),
+        "decoder_seconds": round(delta('attn_compute_duration_seconds_sum{model="de-en-bahdanau",'
+                                       'stage="decoder"'), 2),
+        "encoder_seconds": round(delta('attn_compute_duration_seconds_sum{model="de-en-bahdanau",'
+                                       'stage="encoder"'), 2),
+        "decoder_steps": int(steps),
+        "mean_rows_per_step": round(delta("attn_batch_hypotheses_sum") / steps, 1) if steps else 0.0,
+        "mean_requests_per_step": round(delta("attn_batch_requests_sum") / steps, 1) if steps else 0.0,
+        "rows_decoded": int(delta("attn_batch_hypotheses_sum")),
+    }
+    return summary, run
+
+
+def identical(a: dict[int, list[int]], b: dict[int, list[int]]) -> dict[str, int]:
+    both = sorted(set(a) & set(b))
+    return {"compared": len(both), "identical": sum(a[i] == b[i] for i in both)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models-dir", type=Path, default=Path("models"))
+    parser.add_argument("--model", default="de-en-bahdanau")
+    parser.add_argument("--checkpoint", type=Path, default=Path("runs/de-en-bahdanau/best.pt"))
+    parser.add_argument("--seconds", type=float, default=12.0, help="measured seconds per run")
+    parser.add_argument("--sentences", type=int, default=0, help="test sentences to cycle through (0: all)")
+    parser.add_argument("--soak-requests", type=int, default=20_000)
+    parser.add_argument("--out", type=Path, default=Path("docs"))
+    args = parser.parse_args(argv)
+
+    texts = test_sentences(args.sentences)
+    only = args.models_dir / args.model / "1"
+    results: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "sentences": len(texts), "seconds_per_run": args.seconds, "model": args.model,
+    }
+    print(f"{len(texts)} test sentences; {args.seconds:.0f} s per run", flush=True)
+    results["matmul_gflops"] = round(matmul_gflops(), 1)
+    results["decoder_flops_per_row"] = decoder_flops_per_row(only / "decoder_step.onnx")
+
+    outputs: dict[str, dict[int, list[int]]] = {}
+    if args.checkpoint.exists():
+        a = eager(args.checkpoint, only / "spm.model", texts, args.seconds)
+        outputs["a"] = a.pop("outputs")
+        results["a"] = a
+        print(f"(a) eager: {a['sentences_per_s']} sentences/s", flush=True)
+    else:
+        results["a"] = None
+        print(f"(a) skipped: no checkpoint at {args.checkpoint} (make models writes it)", flush=True)
+
+    one_model = Path("runs/bench-models")  # the benchmarked model alone, for (b) and (c)
+    one_model.mkdir(parents=True, exist_ok=True)
+    link = one_model / args.model
+    if not link.exists():
+        link.symlink_to(only.parent.resolve())
+    for label, batching in (("b", False), ("c", True)):
+        runs: list[dict[str, Any]] = []
+        with ServerProcess(one_model, batching=batching) as server:
+            for concurrency in CONCURRENCY:
+                summary, run = server_run(server, texts, concurrency, pb.DecodingOptions(beam_size=1), args.seconds)
+                summary.update(beam=1, attention=True)
+                runs.append(summary)
+                outputs[f"{label}-greedy-{concurrency}"] = run.outputs
+                print(f"({label}) c={concurrency}: {summary['sentences_per_s']} sentences/s, "
+                      f"p99 {summary['p99_ms']} ms", flush=True)
+            for beam in (1, 4):
+                for attention in (True, False):
+                    if beam == 1 and attention:
+                        continue  # measured in the sweep above
+                    options = pb.DecodingOptions(beam_size=beam, attention=FULL if attention else NONE)
+                    summary, run = server_run(server, texts, 64, options, args.seconds)
+                    summary.update(beam=beam, attention=attention)
+                    runs.append(summary)
+                    outputs[f"{label}-beam{beam}-{'attn' if attention else 'noattn'}-64"] = run.outputs
+                    print(f"({label}) c=64 beam {beam} attention {attention}: {summary['sentences_per_s']} "
+                          "sentences/s", flush=True)
+        results[label] = runs
+
+    results["identical"] = {
+        "c64_vs_b64_greedy": identical(outputs["c-greedy-64"], outputs["b-greedy-64"]),
+        "c64_vs_b64_beam4": identical(outputs["c-beam4-attn-64"], outputs["b-beam4-attn-64"]),
+        **({"c64_vs_a_greedy": identical(outputs["c-greedy-64"], outputs["a"])} if "a" in outputs else {}),
+    }
+
+    with ServerProcess(one_model, max_queue_requests=16) as server:
+        summary, _ = server_run(server, texts, 256, pb.DecodingOptions(beam_size=1), args.seconds)
+        results["overload"] = {**summary, "max_queue_requests": 16}
+        print(f"overload: {summary['codes']}", flush=True)
+
+    with ServerProcess(args.models_dir) as server:  # every bundled model loaded
+        soak: dict[str, Any] = {"requests": args.soak_requests, "rss_mib": []}
+        soak["rss_mib_loaded"] = round(server.rss_bytes() / 2**20, 1)
+        chunk = max(args.soak_requests // 20, 1)
+        codes: dict[str, int] = {}
+        for _ in range(20):
+            run = drive(server.target, texts, 64, pb.DecodingOptions(beam_size=1, attention=FULL), requests=chunk)
+            for code, n in run.codes.items():
+                codes[code] = codes.get(code, 0) + n
+            soak["rss_mib"].append(round(server.rss_bytes() / 2**20, 1))
+        soak["codes"] = codes
+        rss = soak["rss_mib"]
+        soak["drift_after_first_chunk"] = round((max(rss[1:]) - min(rss[1:])) / rss[1], 4)
+        results["soak"] = soak
+        print(f"soak: RSS {rss[0]} .. {rss[-1]} MiB", flush=True)
+
+    top = results["c"][CONCURRENCY.index(max(CONCURRENCY))]["server"]
+    flops = top["rows_decoded"] * results["decoder_flops_per_row"]
+    results["saturation"] = {
+        "decoder_gflops_in_calls": round(flops / max(top["decoder_seconds"], 1e-9) / 1e9, 2),
+        "decoder_gflops_over_wall": round(flops / max(top["wall_seconds"], 1e-9) / 1e9, 2),
+    }
+    for key in ("in_calls", "over_wall"):
+        results["saturation"][f"fraction_{key}"] = round(
+            results["saturation"][f"decoder_gflops_{key}"] / results["matmul_gflops"], 3)
+
+    from bench.serving_report import write_report
+
+    doc = write_report(results, args.out, " ".join([".venv/bin/python", "bench/serving.py", *(argv or sys.argv[1:])]))
+    print(f"wrote {doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
