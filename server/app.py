@@ -28,7 +28,7 @@ from server.logs import event
 from server.metrics import Metrics
 from server.registry import Registry
 from server.service import AttentionServicer
-from server.settings import Settings
+from server.settings import Settings, parse_pins
 
 log = logging.getLogger("attn.server")
 
@@ -44,6 +44,8 @@ class AttentionServer:
         self.health = HealthServicer()
         self.registry: Registry | None = None
         self.servicer: AttentionServicer | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._reloading = asyncio.Lock()
         self.port = 0
         self.metrics_port: int | None = None
         self.shutting_down = False
@@ -59,7 +61,7 @@ class AttentionServer:
         if chosen.name == "cuda":
             self.metrics.watch_gpu()
         self.registry = Registry(Path(s.models_dir), chosen, s.default_model, s.variant, s.ort_threads, limits,
-                                 self.metrics)
+                                 self.metrics, s.version_policy, parse_pins(s.pinned_versions))
         credentials, interceptors = security.configure(s, self.metrics)
         server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", s.max_receive_bytes),
@@ -96,14 +98,32 @@ class AttentionServer:
         """Loads and warms every model off the event loop, then reports SERVING."""
         assert self.registry is not None, "start() first"
         await asyncio.to_thread(self.registry.load)
-        self.metrics.models_loaded.set(len(self.registry.models()))
         await self._set_health(SERVING)
         event(log, "ready", models=[f"{m.name}/{m.version}" for m in self.registry.models()],
               default_model=self.registry.default_model)
+        if self.settings.reload_interval > 0:
+            self._watcher = asyncio.create_task(self._watch(self.settings.reload_interval))
+
+    async def reload(self) -> dict[str, list[str]]:
+        """Loads new versions beside the serving ones and swaps them in (SIGHUP, the watcher, tests)."""
+        assert self.registry is not None and self.registry.ready, "load() first"
+        async with self._reloading:
+            try:
+                return await asyncio.to_thread(self.registry.reload)
+            except Exception:  # the folder vanished, a disk error: keep serving what is loaded
+                event(log, "reload_failed", level=logging.ERROR, exc_info=True)
+                return {"loaded": [], "refused": [], "retired": []}
+
+    async def _watch(self, interval: float) -> None:
+        while not self.shutting_down:
+            await asyncio.sleep(interval)
+            await self.reload()
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING, refuse new calls, let in-flight ones finish within ``grace`` seconds, release everything."""
         self.shutting_down = True
+        if self._watcher is not None:
+            self._watcher.cancel()
         await self.health.shut_down()
         if self._server is not None:
             await self._server.stop(grace)
@@ -125,6 +145,15 @@ async def serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[object]] = set()
+
+    def hang_up() -> None:  # SIGHUP: look at the models folder now
+        if server.registry is not None and server.registry.ready:
+            task = asyncio.ensure_future(server.reload())
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, hang_up)
     code = 0
     loading: asyncio.Task[None] | None = None
     try:

@@ -26,6 +26,11 @@ from server.translation import TranslationModel
 
 log = logging.getLogger("attn.registry")
 
+# A retired version's engine closes once it has been idle this long (requests that had just looked the version up
+# still reach it), and at the latest after RETIRE_SECONDS.
+RETIRE_IDLE_SECONDS = 2.0
+RETIRE_SECONDS = 300.0
+
 
 Runtime = DecoderRuntime
 RuntimeFactory = Callable[[Path, Manifest, Device, str, int], Runtime]
@@ -51,15 +56,39 @@ def discover(models_dir: Path) -> list[Path]:
     return found
 
 
+class ModelLoadError(Exception):
+    """A model version that cannot be served (invalid manifest, broken graph, failing warm-up)."""
+
+
+def _signature(directory: Path) -> tuple[float, ...]:
+    """Changes when the version's files change: a refused version is tried again only then."""
+    return tuple(sorted(p.stat().st_mtime for p in directory.iterdir() if p.is_file()))
+
+
 class Registry:
+    """The loaded model versions and their engines.
+
+    Version policy: ``latest`` serves the highest version of each model that loads; ``all`` serves every version
+    (requests naming none get the highest); a pin (``name=version``) serves exactly that version. :meth:`reload`
+    brings the loaded set in line with the directory while requests go on: a new version is loaded and warmed
+    beside the old one, then swapped in; a version that fails is refused, logged and counted, and what was serving
+    keeps serving; a version that is no longer wanted stops getting requests and its engine is closed once idle.
+    """
+
     def __init__(self, models_dir: Path, device: Device, default_model: str = "", variant: str = "",
-                 threads: int = 0, limits: Limits | None = None, metrics: Metrics | None = None) -> None:
+                 threads: int = 0, limits: Limits | None = None, metrics: Metrics | None = None,
+                 policy: str = "latest", pins: dict[str, str] | None = None) -> None:
         self.models_dir, self.device = Path(models_dir), device
         self.requested_default, self.variant, self.threads = default_model, variant, threads
         self.limits, self.metrics = limits or Limits(), metrics
+        self.policy, self.pins = policy, pins or {}
         self.default_model = ""
+        # Replaced whole, never mutated in place: readers on the event loop always see a consistent set.
         self._models: dict[tuple[str, str], Runtime] = {}
         self._engines: dict[tuple[str, str], Engine] = {}
+        self._refused: dict[tuple[str, str], tuple[float, ...]] = {}
+        self._draining: dict[tuple[str, str], Engine] = {}
+        self._syncing = threading.Lock()
         self._ready = threading.Event()
 
     @property
@@ -67,39 +96,127 @@ class Registry:
         return self._ready.is_set()
 
     def load(self) -> None:
-        """Loads and warms every model (blocking: run it off the event loop). Raises :class:`StartupError`."""
-        for directory in discover(self.models_dir):
-            try:
-                manifest = Manifest.load(directory)
-            except ManifestError as exc:
-                raise StartupError(f"invalid model {directory}: {exc}") from exc
-            if (manifest.name, manifest.version) != (directory.parent.name, directory.name):
-                raise StartupError(f"{directory}: the manifest says {manifest.name}/{manifest.version}")
-            started = time.monotonic()
-            factory = RUNTIMES.get(manifest.family)
-            if factory is None:
-                event(log, "model_skipped", level=logging.WARNING, path=str(directory),
-                      reason=f"no runtime for family {manifest.family!r} yet")
-                continue
-            try:
-                model = factory(directory, manifest, self.device, self.variant, self.threads)
-            except ManifestError as exc:
-                raise StartupError(f"invalid model {directory}: {exc}") from exc
-            model.warm_up()
-            self._models[(model.name, model.version)] = model
-            self._engines[(model.name, model.version)] = Engine(model, self.limits, self.metrics)
-            if self.metrics:
-                self.metrics.load_time.labels(model.name, model.version).set(time.monotonic() - started)
-            event(log, "model_loaded", model=model.name, version=model.version, family=model.family,
-                  device=self.device.name, variant=self.variant or "fp32")
+        """Loads and warms what the policy wants (blocking: run it off the event loop). Any model that fails stops
+        the start-up with :class:`StartupError`: serving a model set other than the one asked for is worse."""
+        try:
+            self._sync(strict=True)
+        except ModelLoadError as exc:
+            raise StartupError(str(exc)) from exc
         if not self._models:
             raise StartupError(f"no servable model under {self.models_dir} (expected <name>/<version>/manifest.json)")
         names = sorted({name for name, _ in self._models})
         if self.requested_default and self.requested_default not in names:
             raise StartupError(f"default model {self.requested_default!r} is not among the loaded models {names}")
         self.default_model = self.requested_default or names[0]
-        self._publish()
         self._ready.set()
+
+    def reload(self) -> dict[str, list[str]]:
+        """Brings the loaded versions in line with the directory; returns what was loaded, refused and retired."""
+        return self._sync(strict=False)
+
+    def _sync(self, strict: bool) -> dict[str, list[str]]:
+        with self._syncing:
+            found: dict[str, dict[str, Path]] = {}
+            for directory in discover(self.models_dir):
+                found.setdefault(directory.parent.name, {})[directory.name] = directory
+            models, engines = dict(self._models), dict(self._engines)
+            wanted: set[tuple[str, str]] = set()
+            report: dict[str, list[str]] = {"loaded": [], "refused": [], "retired": []}
+            for name, versions in sorted(found.items()):
+                if name in self.pins:
+                    candidates = [self.pins[name]] if self.pins[name] in versions else []
+                    if not candidates:
+                        event(log, "pinned_version_missing", level=logging.WARNING, model=name,
+                              version=self.pins[name], found=sorted(versions, key=_version_key))
+                else:
+                    candidates = sorted(versions, key=_version_key, reverse=True)
+                for version in candidates:
+                    key = (name, version)
+                    if key not in models:
+                        directory = versions[version]
+                        if self._refused.get(key) == _signature(directory):
+                            continue  # refused before and unchanged since
+                        try:
+                            model = self._load_one(directory)
+                        except ModelLoadError as exc:
+                            if strict:
+                                raise
+                            self._refuse(key, directory, exc)
+                            report["refused"].append(f"{name}/{version}")
+                            continue
+                        if model is None:
+                            continue
+                        models[key], engines[key] = model, Engine(model, self.limits, self.metrics)
+                        self._refused.pop(key, None)
+                        report["loaded"].append(f"{name}/{version}")
+                    wanted.add(key)
+                    if self.policy == "latest" or name in self.pins:
+                        break  # the highest version that loads
+            retired = [key for key in models if key not in wanted]
+            for key in retired:
+                del models[key]
+                report["retired"].append("/".join(key))
+            if retired and not models:
+                event(log, "reload_kept_models", level=logging.WARNING, reason="nothing would be left to serve")
+                return {**report, "retired": []}
+            self._models, old_engines = models, engines
+            self._engines = {key: engines[key] for key in models}
+            for key in retired:
+                self._retire(key, old_engines[key])
+            self._publish()
+            if report["loaded"] or report["retired"] or report["refused"]:
+                event(log, "models_synced", loaded=report["loaded"], refused=report["refused"],
+                      retired=report["retired"])
+            return report
+
+    def _load_one(self, directory: Path) -> Runtime | None:
+        """Loads and warms one version; ``None`` for a family this server has no runtime for."""
+        started = time.monotonic()
+        try:
+            manifest = Manifest.load(directory)
+            if (manifest.name, manifest.version) != (directory.parent.name, directory.name):
+                raise ManifestError(f"the manifest says {manifest.name}/{manifest.version}")
+            factory = RUNTIMES.get(manifest.family)
+            if factory is None:
+                event(log, "model_skipped", level=logging.WARNING, path=str(directory),
+                      reason=f"no runtime for family {manifest.family!r} yet")
+                return None
+            model = factory(directory, manifest, self.device, self.variant, self.threads)
+            model.warm_up()
+        except Exception as exc:  # a broken graph fails in ONNX Runtime's own exception types
+            raise ModelLoadError(f"invalid model {directory}: {exc}") from exc
+        if self.metrics:
+            self.metrics.load_time.labels(model.name, model.version).set(time.monotonic() - started)
+        event(log, "model_loaded", model=model.name, version=model.version, family=model.family,
+              device=self.device.name, variant=model.variant, seconds=round(time.monotonic() - started, 3))
+        return model
+
+    def _refuse(self, key: tuple[str, str], directory: Path, error: Exception) -> None:
+        self._refused[key] = _signature(directory)
+        if self.metrics:
+            self.metrics.load_failures.labels(key[0]).inc()
+        event(log, "model_refused", level=logging.ERROR, model=key[0], version=key[1], error=str(error))
+
+    def _retire(self, key: tuple[str, str], engine: Engine) -> None:
+        """No new request gets this version; its engine closes once the requests it holds are done."""
+
+        def drain() -> None:
+            deadline = time.monotonic() + RETIRE_SECONDS
+            idle_since = None
+            while time.monotonic() < deadline:
+                if engine.queued or engine.active:
+                    idle_since = None
+                elif idle_since is None:
+                    idle_since = time.monotonic()
+                elif time.monotonic() - idle_since > RETIRE_IDLE_SECONDS:
+                    break
+                time.sleep(0.05)
+            engine.close()
+            self._draining.pop(key, None)
+            event(log, "model_unloaded", model=key[0], version=key[1])
+
+        self._draining[key] = engine
+        threading.Thread(target=drain, name=f"retire-{key[0]}-{key[1]}", daemon=True).start()
 
     def _publish(self) -> None:
         """``attn_model_info`` and ``attn_models_loaded`` for the loaded versions."""
@@ -143,12 +260,16 @@ class Registry:
         return self.get(name, version)
 
     def engine(self, model: Runtime) -> Engine:
-        """The engine that decodes ``model``'s requests."""
-        return self._engines[(model.name, model.version)]
+        """The engine that decodes ``model``'s requests (a retired version's until it is closed)."""
+        key = (model.name, model.version)
+        engine = self._engines.get(key) or self._draining.get(key)
+        if engine is None:
+            raise NotReady(f"model {model.name} version {model.version} was just unloaded; retry")
+        return engine
 
     def close(self) -> None:
         """Stops every engine: requests still queued or decoding fail with ShuttingDown."""
-        for engine in self._engines.values():
+        for engine in [*self._engines.values(), *self._draining.values()]:
             engine.close()
 
     def names(self) -> list[str]:

@@ -13,6 +13,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 DEVICES = ("auto", "cpu", "cuda")
+VERSION_POLICIES = ("latest", "all")
 LOG_FORMATS = ("json", "text")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -28,6 +29,12 @@ class Settings:
     metrics_port: int = _setting(9464, "Prometheus /metrics HTTP port; 0 picks a free port, -1 turns metrics off.")
     models_dir: str = _setting("models", "Folder holding the model directories NAME/VERSION/manifest.json.")
     default_model: str = _setting("", "Model used when a request names none; empty: the only (or first) model.")
+    version_policy: str = _setting("latest", "Which versions of each model are served: latest (the highest that "
+                                   "loads) or all (requests naming none get the highest).", VERSION_POLICIES)
+    pinned_versions: str = _setting("", "Models held at one version whatever else the folder has, as "
+                                    "NAME=VERSION,NAME=VERSION.")
+    reload_interval: float = _setting(10.0, "Seconds between looks at the models folder for new, changed or removed "
+                                      "versions (0: only on SIGHUP).")
     device: str = _setting("auto", "Where ONNX Runtime runs: cuda if usable (auto), or force cpu / cuda.", DEVICES)
     variant: str = _setting("", "Graph variant from the manifest, e.g. int8; empty serves the fp32 graphs.")
     ort_threads: int = _setting(0, "ONNX Runtime intra-op threads per session; 0 lets ONNX Runtime decide.")
@@ -74,8 +81,9 @@ class Settings:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
         if self.default_beam_size > self.max_beam_size:
             raise ValueError(f"default_beam_size {self.default_beam_size} exceeds max_beam_size {self.max_beam_size}")
-        if self.port < 0 or self.ort_threads < 0 or self.grace_seconds < 0:
-            raise ValueError("port, ort_threads and grace_seconds must not be negative")
+        if self.port < 0 or self.ort_threads < 0 or self.grace_seconds < 0 or self.reload_interval < 0:
+            raise ValueError("port, ort_threads, grace_seconds and reload_interval must not be negative")
+        parse_pins(self.pinned_versions)
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key go together: set both or neither")
         if self.tls_client_ca and not self.tls_cert:
@@ -128,6 +136,17 @@ class Settings:
         """(environment variable, flag, default, meaning) for every setting: the README's table."""
         return [(cls.env_name(f.name), "--" + f.name.replace("_", "-"), str(f.default) if f.default != "" else '""',
                  f.metadata["help"]) for f in fields(cls)]
+
+
+def parse_pins(spec: str) -> dict[str, str]:
+    """``"de-en=3,captions=1"`` → ``{"de-en": "3", "captions": "1"}``."""
+    pins = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, sep, version = part.partition("=")
+        if not sep or not name.strip() or not version.strip():
+            raise ValueError(f"pinned version {part!r} is not NAME=VERSION")
+        pins[name.strip()] = version.strip()
+    return pins
 
 
 def _parse_bool(raw: str) -> bool:
