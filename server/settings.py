@@ -38,7 +38,8 @@ class Settings:
     device: str = _setting("auto", "Where ONNX Runtime runs: cuda if usable (auto), or force cpu / cuda.", DEVICES)
     variant: str = _setting("", "Graph variant from the manifest, e.g. int8; empty serves the fp32 graphs.")
     ort_threads: int = _setting(0, "ONNX Runtime intra-op threads per session; 0 lets ONNX Runtime decide.")
-    workers: int = _setting(2, "Requests computed at the same time (threads running ONNX Runtime).")
+    workers: int = _setting(2, "Threads that decode images and turn hypotheses into responses while the models' "
+                            "engines decode.")
     max_inflight: int = _setting(1024, "Translate/Caption calls handled at once by the whole server (queued, "
                                  "decoding or being answered); more get RESOURCE_EXHAUSTED.")
     batching: bool = _setting(True, "Iteration-level batching: decode the requests of all clients together; false "
