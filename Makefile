@@ -10,7 +10,7 @@ PROMETHEUS := /usr/bin/prometheus
 RUN_DIR := runs/de-en-bahdanau
 CAPTION_RUN := runs/scenes-sat
 
-.PHONY: setup test lint models run clean
+.PHONY: setup test lint models variants benchmark run clean
 
 setup: $(STAMP) $(DING) $(PROMETHEUS)
 
@@ -53,6 +53,16 @@ models: setup
 	$(VENV)/bin/attn-train evaluate $(CAPTION_RUN)/best.pt --split test --out $(CAPTION_RUN)/eval-test.json
 	$(VENV)/bin/attn-export $(CAPTION_RUN)/best.pt --out models/scenes-sat/1 --parity-sentences 500 \
 		--metrics $(CAPTION_RUN)/eval-test.json --overlays docs --force
+
+# The attention-variants experiment: every mechanism trained on the same budget, measured, docs/attention-variants.md
+# (about 1 h 40 min on a 2-core CPU at this budget; interrupted runs continue where they stopped).
+variants: setup
+	$(PY) bench/attention_variants.py --budget-tokens 1000000 --threads 1 --ort-threads 1
+
+# The serving benchmark against the bundled model (about 15 minutes): docs/benchmarks.md. (a) needs the checkpoint
+# that `make models` leaves in runs/de-en-bahdanau/.
+benchmark: setup
+	$(PY) bench/serving.py
 
 # Serves the bundled models (models/, or ATTN_MODELS_DIR) on localhost:50051, metrics on :9464; Ctrl-C drains.
 run: setup
