@@ -8,6 +8,7 @@ name and version only once the model was found (requests for unknown models are 
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -138,8 +139,12 @@ class Metrics:
         self._thread: threading.Thread | None = None
 
     def watch_gpu(self) -> None:
-        """Adds the GPU gauges (call once, when the models run on CUDA)."""
-        self.registry.register(GpuCollector())
+        """Adds the GPU gauges (call once, when the models run on CUDA); without NVML they are left out, with a
+        log line, rather than stopping the server."""
+        try:
+            self.registry.register(GpuCollector())
+        except Exception as exc:  # pynvml missing, or NVML cannot initialise in this container
+            logging.getLogger("attn.metrics").warning("GPU metrics unavailable: %s", exc)
 
     def observe(self, rpc: str, model: str, version: str, code: str, seconds: float) -> None:
         self.requests.labels(rpc, model, version, code).inc()
