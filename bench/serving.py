@@ -19,7 +19,6 @@ achieved rate at the highest concurrency, and where the server's time went (its 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys

@@ -35,6 +35,7 @@ from google.protobuf import json_format
 
 from attention.v1 import attention_pb2 as pb
 from attention.v1 import attention_pb2_grpc as pb_grpc
+from client.options import decoding_options
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".tsv": "tsv", ".tab": "tsv"}
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
@@ -508,18 +509,6 @@ def pipeline(job: Job, work: Iterable[list[Item]], writer: Writer, progress: Pro
     finally:
         job.cancel()  # nothing is in flight after a normal end; after an error, stop the workers now
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-def decoding_options(args: argparse.Namespace, details: dict[str, Any]) -> pb.DecodingOptions:
-    options = pb.DecodingOptions(beam_size=args.beam, nbest=args.nbest, max_output_tokens=args.max_output_tokens,
-                                 attention=details[args.attention])
-    if args.length_penalty is not None:
-        options.length_penalty = args.length_penalty
-    if args.attention_layer is not None:
-        options.attention_layer = args.attention_layer
-    if args.attention_head is not None:
-        options.attention_head = args.attention_head
-    return options
 
 
 def _settings(args: argparse.Namespace, fmt: str, options: pb.DecodingOptions) -> dict[str, Any]:

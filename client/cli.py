@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from attention.v1 import attention_pb2 as pb
 from attention.v1 import attention_pb2_grpc as pb_grpc
 from client import batch, caption, connection, render
+from client.options import decoding_options
 
 DETAILS = {"full": pb.ATTENTION_DETAIL_FULL, "words": pb.ATTENTION_DETAIL_WORDS, "none": pb.ATTENTION_DETAIL_NONE}
 MAX_MESSAGE_BYTES = 256 * 2**20
@@ -67,14 +68,7 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
 def translate(args: argparse.Namespace, stub: pb_grpc.AttentionServiceStub) -> int:
     if args.heatmap and args.attention != "full":
         raise SystemExit("attn: --heatmap needs --attention full")
-    options = pb.DecodingOptions(beam_size=args.beam, nbest=args.nbest, max_output_tokens=args.max_output_tokens,
-                                 attention=DETAILS[args.attention])
-    if args.length_penalty is not None:
-        options.length_penalty = args.length_penalty
-    if args.attention_layer is not None:
-        options.attention_layer = args.attention_layer
-    if args.attention_head is not None:
-        options.attention_head = args.attention_head
+    options = decoding_options(args, DETAILS)
     request = pb.TranslateRequest(model=args.model, version=args.version, texts=args.texts, options=options)
     response = stub.Translate(request, timeout=args.timeout)
     if args.json:

@@ -67,6 +67,20 @@ def test_unexpected_error_is_internal_with_request_id_only(running: RunningServe
     assert "req-42" in error.details() and "secret" not in error.details()
 
 
+def _block_encoder(model: object, monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """The model's encoder waits for ``release`` (its engine is stuck inside it); ``entered`` says it got there."""
+    entered, release = threading.Event(), threading.Event()
+    original = model.encode  # type: ignore[attr-defined]
+
+    def blocking(*args: object, **kwargs: object) -> object:
+        entered.set()
+        assert release.wait(30)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "encode", blocking)
+    return entered, release
+
+
 @pytest.fixture()
 def one_slot_server(models_dir: Path) -> Iterator[RunningServer]:
     server = RunningServer(settings(models_dir, max_inflight=1, workers=1))
@@ -78,15 +92,7 @@ def test_overload_is_resource_exhausted(one_slot_server: RunningServer, monkeypa
     assert one_slot_server.server.registry is not None
     model = one_slot_server.server.registry.get()
     assert isinstance(model, TranslationModel)
-    entered, release = threading.Event(), threading.Event()
-    original = model.encode
-
-    def blocking(*args: object, **kwargs: object) -> object:
-        entered.set()
-        assert release.wait(30)
-        return original(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(model, "encode", blocking)
+    entered, release = _block_encoder(model, monkeypatch)
     first = one_slot_server.stub.Translate.future(pb.TranslateRequest(texts=["Hallo"]), timeout=60)
     assert entered.wait(30)
     error = _error(one_slot_server.stub.Translate, pb.TranslateRequest(texts=["Hallo"]))
@@ -109,15 +115,7 @@ def test_full_queue_is_resource_exhausted_naming_the_limit(short_queue_server: R
     running = short_queue_server
     assert running.server.registry is not None
     model = running.server.registry.get()
-    entered, release = threading.Event(), threading.Event()
-    original = model.encode
-
-    def blocking(*args: object, **kwargs: object) -> object:
-        entered.set()
-        assert release.wait(30)
-        return original(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(model, "encode", blocking)
+    entered, release = _block_encoder(model, monkeypatch)
     first = running.stub.Translate.future(pb.TranslateRequest(texts=["Hallo"]), timeout=60)
     assert entered.wait(30)
     second = running.stub.Translate.future(pb.TranslateRequest(texts=["Guten Tag"]), timeout=60)
