@@ -1,4 +1,4 @@
-"""The V2 protocol's tensor packing and request reading (server/triton.py), without a server."""
+"""The V2 protocol's tensor packing and request reading (server/v2_tensors.py), without a server."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 
 from inference import grpc_service_pb2 as v2
 from server.errors import InvalidInput
-from server.triton import (
+from server.v2_tensors import (
     Spec,
     array_tensor,
     decoding_options,

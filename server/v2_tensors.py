@@ -1,0 +1,186 @@
+"""Tensors of the V2 (Triton / KServe) protocol: the specs of a model's inputs and outputs, BYTES packing, and
+reading a ``ModelInferRequest``'s inputs, outputs and parameters. No server here (:mod:`server.triton` serves them).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from attention.v1 import attention_pb2 as pb
+from inference import grpc_service_pb2 as v2
+from server.captioning import CaptionModel
+from server.errors import InvalidInput
+from server.registry import Runtime
+
+INT_OPTIONS = ("beam_size", "max_output_tokens", "attention_layer", "attention_head")
+PARAMETERS = (*INT_OPTIONS, "length_penalty", "timeout", "priority")  # priority: accepted, nothing to order
+
+
+# -- tensors -------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A tensor as ModelMetadata and ModelConfig describe it."""
+
+    name: str
+    datatype: str  # V2 name: BYTES, FP32, INT32
+    dims: tuple[int, ...]  # without the batch dimension; () is one value per batch item
+
+
+@dataclass
+class Tensor:
+    name: str
+    datatype: str
+    shape: list[int]
+    raw: bytes  # row-major, little-endian; BYTES elements as 4-byte length + bytes
+
+
+def inputs_for(model: Runtime) -> tuple[Spec, ...]:
+    return (Spec("IMAGE" if model.family == "captioning" else "TEXT", "BYTES", (1,)),)
+
+
+def outputs_for(model: Runtime) -> tuple[Spec, ...]:
+    if isinstance(model, CaptionModel):
+        rows, cols = model.grid
+        return (Spec("CAPTION", "BYTES", (1,)), Spec("TOKENS", "BYTES", (-1,)), Spec("TARGET_LENGTHS", "INT32", ()),
+                Spec("GRID", "INT32", (2,)), Spec("ATTENTION", "FP32", (-1, rows * cols)))
+    return (Spec("TRANSLATION", "BYTES", (1,)), Spec("TOKENS", "BYTES", (-1,)), Spec("TARGET_LENGTHS", "INT32", ()),
+            Spec("SOURCE_TOKENS", "BYTES", (-1,)), Spec("SOURCE_LENGTHS", "INT32", ()),
+            Spec("ATTENTION", "FP32", (-1, -1)))
+
+
+def unpack_bytes(raw: bytes) -> list[bytes]:
+    """The elements of a raw BYTES tensor: each a 4-byte little-endian length, then that many bytes."""
+    values, offset = [], 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise InvalidInput(f"raw BYTES tensor is truncated: {len(raw) - offset} bytes where a 4-byte length "
+                               "was expected")
+        (size,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + size > len(raw):
+            raise InvalidInput(f"raw BYTES tensor is truncated: an element of {size} bytes has {len(raw) - offset}")
+        values.append(bytes(raw[offset : offset + size]))
+        offset += size
+    return values
+
+
+def pack_bytes(values: Iterable[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(v)) + v for v in values)
+
+
+def bytes_tensor(name: str, values: Sequence[bytes], shape: Sequence[int]) -> Tensor:
+    return Tensor(name, "BYTES", list(shape), pack_bytes(values))
+
+
+def padded_bytes(name: str, rows: Sequence[Sequence[bytes]]) -> Tensor:
+    """[len(rows), longest row], shorter rows padded with b""."""
+    width = max((len(r) for r in rows), default=0)
+    return bytes_tensor(name, [v for r in rows for v in [*r, *[b""] * (width - len(r))]], [len(rows), width])
+
+
+def array_tensor(name: str, values: np.ndarray) -> Tensor:
+    dtype = {"FP32": "<f4", "INT32": "<i4"}
+    datatype = "FP32" if values.dtype.kind == "f" else "INT32"
+    return Tensor(name, datatype, list(values.shape), np.ascontiguousarray(values, dtype=dtype[datatype]).tobytes())
+
+
+def padded_attention(matrices: Sequence[np.ndarray], cols: int | None = None) -> np.ndarray:
+    """(batch, longest rows, cols or widest) float32, each matrix in its top-left corner, zeros elsewhere."""
+    rows = max((m.shape[0] for m in matrices), default=0)
+    cols = max((m.shape[1] for m in matrices), default=0) if cols is None else cols
+    out = np.zeros((len(matrices), rows, cols), dtype=np.float32)
+    for i, m in enumerate(matrices):
+        out[i, : m.shape[0], : m.shape[1]] = m
+    return out
+
+
+def read_input(request: v2.ModelInferRequest, name: str) -> tuple[list[bytes], list[int]]:
+    """The elements and shape of the one BYTES input ``name``, from raw_input_contents or the typed contents."""
+    names = [t.name for t in request.inputs]
+    if names != [name]:
+        raise InvalidInput(f"model {request.model_name!r} takes one input {name} (BYTES, [batch, 1] or [batch]); "
+                           f"the request has {names}")
+    tensor = request.inputs[0]
+    shape = list(tensor.shape)
+    if tensor.datatype != "BYTES":
+        raise InvalidInput(f"input {name} must be BYTES, not {tensor.datatype or 'unset'}")
+    if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1) or shape[0] < 1:
+        raise InvalidInput(f"input {name} must have shape [batch, 1] or [batch] with batch >= 1, not {shape}")
+    if request.raw_input_contents:
+        if len(request.raw_input_contents) != len(request.inputs) or tensor.HasField("contents"):
+            raise InvalidInput("send every input either in raw_input_contents or in its contents, not both")
+        values = unpack_bytes(request.raw_input_contents[0])
+    else:
+        values = list(tensor.contents.bytes_contents)
+    if len(values) != shape[0]:
+        raise InvalidInput(f"input {name} has shape {shape} but {len(values)} elements")
+    return values, shape
+
+
+def requested_outputs(request: v2.ModelInferRequest, specs: Sequence[Spec]) -> list[str]:
+    names = [s.name for s in specs]
+    if not request.outputs:
+        return [n for n in names if n != "ATTENTION"]
+    wanted = [o.name for o in request.outputs]
+    unknown = [n for n in wanted if n not in names]
+    if unknown:
+        raise InvalidInput(f"model {request.model_name!r} has no output {', '.join(unknown)}; it has {names}")
+    if len(set(wanted)) != len(wanted):
+        raise InvalidInput(f"an output is requested twice: {wanted}")
+    if any(o.parameters for o in request.outputs):
+        raise InvalidInput("output parameters (classification) are not supported")
+    return wanted
+
+
+def decoding_options(parameters: Mapping[str, v2.InferParameter], detail: int) -> pb.DecodingOptions:
+    """The request parameters as ``attention.v1`` options, for :mod:`server.codec` to validate like any other."""
+    options = pb.DecodingOptions(attention=detail)  # type: ignore[arg-type]
+    for key, param in parameters.items():
+        kind = param.WhichOneof("parameter_choice")
+        value = getattr(param, kind) if kind else None
+        if key in INT_OPTIONS:
+            if kind not in ("int64_param", "uint64_param"):
+                raise InvalidInput(f"parameter {key} must be an integer")
+            try:
+                setattr(options, key, value)
+            except (TypeError, ValueError) as exc:
+                raise InvalidInput(f"parameter {key}={value} is out of range") from exc
+        elif key == "length_penalty":
+            if kind not in ("double_param", "int64_param"):
+                raise InvalidInput("parameter length_penalty must be a number")
+            options.length_penalty = float(value)  # type: ignore[arg-type]
+        elif key == "timeout":
+            if kind not in ("int64_param", "uint64_param"):
+                raise InvalidInput("parameter timeout must be an integer (microseconds)")
+        elif key not in PARAMETERS and not key.startswith("triton_"):  # triton_*: the client's own bookkeeping
+            raise InvalidInput(f"unknown parameter {key!r}; this server takes {', '.join(PARAMETERS)}")
+    return options
+
+
+def time_limit(parameters: Mapping[str, v2.InferParameter], remaining: float | None) -> float | None:
+    """Seconds left: the call's deadline, shortened by Triton's ``timeout`` parameter (microseconds) if smaller."""
+    if "timeout" not in parameters or parameters["timeout"].WhichOneof("parameter_choice") is None:
+        return remaining
+    param = parameters["timeout"]
+    micros = param.int64_param or param.uint64_param
+    if micros <= 0:
+        return remaining
+    return micros / 1e6 if remaining is None else min(remaining, micros / 1e6)
+
+
+def text_of(value: bytes, index: int) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"TEXT[{index}] is not valid UTF-8: {exc.reason} at byte {exc.start}") from None
+
+
+# -- ModelStreamInfer: each message a call of its own ----------------------------------------------------------------
+
+
