@@ -9,19 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from client.batch import (
-    BACKOFF_CAP,
+from client.batch import BACKOFF_CAP, Progress, backoff, parse_shard
+from client.batch_io import (
     BatchError,
     Checkpoint,
     Item,
-    Progress,
     Writer,
-    backoff,
     batches,
     checkpoint_path,
     count_inputs,
     detect_format,
-    parse_shard,
     read_items,
     shard_path,
 )
