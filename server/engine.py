@@ -7,6 +7,9 @@ source positions over them): the oldest first, so nothing starves, then those wh
 so the group pads little. The encoder runs once for the admitted group and its rows join the batch; every decoder
 step then runs on all active hypotheses of all admitted requests in one ONNX Runtime call, and a sentence that
 finishes leaves the batch at once. Deadlines and cancellations are checked while queued and before every step.
+Beam search runs vectorised over requests × beams; the exported step takes its static inputs (encoder memory,
+projected keys, mask) per row, so a beam's rows hold copies of one encoding, made once at admission: reordering a
+beam through its back-pointers moves only the recurrent state, and static rows are copied only when sentences leave.
 
 The engine is a thread of its own: ONNX Runtime releases the GIL, so the event loop keeps accepting and answering
 calls while the device computes, and hypotheses become responses on other threads.
