@@ -168,8 +168,8 @@ def _manifest(model: ShowAttendTell, payload: dict[str, Any], options: ExportOpt
 
 
 def export_captioner(checkpoint_path: Path, out: Path, options: ExportOptions) -> Manifest:
-    if options.int8:
-        raise ValueError("--int8 is not supported for captioning models")
+    if options.int8 or options.fp16:
+        raise ValueError(f"--{'int8' if options.int8 else 'fp16'} is not supported for captioning models")
     payload = checkpoint.load(checkpoint_path, kind="captioning")
     model = checkpoint.build_captioner(payload)
     sp_bytes = bytes(payload["tokenizer"])

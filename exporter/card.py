@@ -97,6 +97,14 @@ def write(
         m = manifest.metrics
         lines += [f"int8 variant (dynamic quantisation): BLEU {m['parity_bleu_int8']} vs fp32 {m['parity_bleu_fp32']}"
                   f" on the parity sentences ({m['int8_bleu_delta']:+}).", ""]
+    if "fp16" in manifest.variants:
+        m = manifest.metrics
+        half = m["parity_fp16"]
+        lines += [f"fp16 variant (for GPUs; float32 inputs and outputs): {half['identical_greedy_tokens']} of "
+                  f"{half['sentences']} greedy outputs identical to PyTorch fp32 (at least "
+                  f"{half['required_token_agreement']:.0%} required), attention within {half['max_attention_abs_diff']}"
+                  f" (tolerance {half['attention_tolerance']}); BLEU {m['parity_bleu_fp16']} vs fp32 "
+                  f"{m['parity_bleu_fp32']} ({m['fp16_bleu_delta']:+}).", ""]
     lines += ["## Examples with their word alignments", "",
               "Each target word with the source word that receives most of its attention, and that share.", ""]
     for pair in [p for p in pairs if p.sentence][:3] or list(pairs)[:3]:

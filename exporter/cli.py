@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", help="model name (default: the parent folder of --out)")
     parser.add_argument("--parity-sentences", type=int, default=500)
     parser.add_argument("--int8", action="store_true", help="also write a dynamically quantised int8 variant")
+    parser.add_argument("--fp16", action="store_true",
+                        help="also write an fp16 variant for GPUs (float32 inputs and outputs), parity-checked")
     parser.add_argument("--metrics", type=Path, help="evaluation JSON from `attn-train evaluate` for the card")
     parser.add_argument("--source-language", default="de")
     parser.add_argument("--target-language", default="en")
@@ -33,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         version=args.out.name,
         parity_sentences=args.parity_sentences,
         int8=args.int8,
+        fp16=args.fp16,
         source_language=args.source_language,
         target_language=args.target_language,
         metrics_file=args.metrics,

@@ -20,6 +20,7 @@ import onnx
 import sentencepiece as spm
 
 from exporter import card
+from exporter.fp16 import to_fp16
 from exporter.graphs import (
     ENCODER_INPUTS,
     decoder_binding,
@@ -28,7 +29,7 @@ from exporter.graphs import (
     encoder_outputs,
     export_graphs,
 )
-from exporter.parity import OnnxGreedy, ParityReport, check
+from exporter.parity import FP16_ATTENTION_TOLERANCE, FP16_TOKEN_AGREEMENT, OnnxGreedy, ParityReport, check
 from exporter.quantize import quantize
 from server.artifacts import GraphSpec, Manifest
 from training import checkpoint
@@ -51,6 +52,7 @@ class ExportOptions:
     version: str = "1"
     parity_sentences: int = 500
     int8: bool = False
+    fp16: bool = False
     source_language: str = "de"
     target_language: str = "en"
     metrics_file: Path | None = None  # JSON written by `attn-train evaluate`
@@ -193,6 +195,8 @@ def export(checkpoint_path: Path, out: Path, options: ExportOptions) -> Manifest
         manifest.metrics["parity_bleu_fp32"] = _bleu(onnx_fp32, sp, sources, pairs)
         if options.int8:
             _quantize(staging, manifest, onnx_fp32, sp, sources, pairs, ids)
+        if options.fp16:
+            _half(staging, manifest, model, onnx_fp32, sp, sources, pairs, ids)
         if options.metrics_file:
             manifest.metrics["evaluation"] = json.loads(Path(options.metrics_file).read_text(encoding="utf-8"))
         manifest.training["export_seconds"] = round(time.monotonic() - started, 1)
@@ -216,3 +220,27 @@ def _quantize(
     bleu = _bleu(onnx_int8, sp, sources, pairs)
     manifest.metrics["parity_bleu_int8"] = bleu
     manifest.metrics["int8_bleu_delta"] = round(bleu - manifest.metrics["parity_bleu_fp32"], 2)
+
+
+def _half(
+    staging: Path, manifest: Manifest, model: TranslationModel, onnx_fp32: OnnxGreedy, sp: spm.SentencePieceProcessor,
+    sources: list[list[int]], pairs: list[Pair], ids: tuple[int, int, int],
+) -> None:
+    """fp16 graphs with a float32 interface (exporter/fp16.py), checked against PyTorch fp32 with the fp16 bar
+    (exporter/parity.py): a variant that misses it fails the export like fp32 parity does. Records the check and
+    the BLEU beside fp32 on the same parity sentences."""
+    files = {}
+    for graph in ("encoder", "decoder_step"):
+        files[graph] = f"{graph}.fp16.onnx"
+        to_fp16(staging / f"{graph}.onnx", staging / files[graph])
+        onnx.checker.check_model(str(staging / files[graph]), full_check=True)
+    onnx_fp16 = OnnxGreedy.load(staging / files["encoder"], staging / files["decoder_step"], onnx_fp32.binding, *ids)
+    report = check(model, onnx_fp16, sources, tolerance=FP16_ATTENTION_TOLERANCE, agreement=FP16_TOKEN_AGREEMENT)
+    log.info("fp16 parity: %s", report.as_dict())
+    if not report.passed:
+        raise ParityError(f"fp16 parity check failed, nothing written: {report.as_dict()} {report.mismatches[:2]}")
+    manifest.variants["fp16"] = files
+    manifest.metrics["parity_fp16"] = report.as_dict()
+    bleu = _bleu(onnx_fp16, sp, sources, pairs)
+    manifest.metrics["parity_bleu_fp16"] = bleu
+    manifest.metrics["fp16_bleu_delta"] = round(bleu - manifest.metrics["parity_bleu_fp32"], 2)

@@ -22,6 +22,12 @@ from training.batching import pad
 from training.evaluate import max_target_len
 
 ATTENTION_TOLERANCE = 1e-4
+# The fp16 variant (exporter/fp16.py) passes with 95% of its greedy outputs identical to PyTorch fp32 and attention
+# within 1e-2 on those. Rounding to fp16 legitimately flips near-ties between the two best tokens, after which a
+# sentence goes its own way (the bundled de-en model: 149 of 150 identical, attention within 2e-4); a broken
+# conversion (an overflow to inf, a wrong cast) changes most sentences, or the attention by far more.
+FP16_ATTENTION_TOLERANCE = 1e-2
+FP16_TOKEN_AGREEMENT = 0.95
 
 
 @dataclass
@@ -86,26 +92,36 @@ class OnnxGreedy:
 class ParityReport:
     sentences: int = 0
     identical_tokens: int = 0
-    max_attention_diff: float = 0.0
+    max_attention_diff: float = 0.0  # over the sentences whose tokens are identical
     mismatches: list[dict[str, object]] = field(default_factory=list)
+    tolerance: float = ATTENTION_TOLERANCE
+    agreement: float = 1.0  # the share of sentences whose greedy tokens must be identical
 
     @property
     def passed(self) -> bool:
-        return self.identical_tokens == self.sentences and self.max_attention_diff <= ATTENTION_TOLERANCE
+        return (self.identical_tokens >= self.agreement * self.sentences
+                and self.max_attention_diff <= self.tolerance)
 
     def as_dict(self) -> dict[str, object]:
-        return {
+        report: dict[str, object] = {
             "sentences": self.sentences,
             "identical_greedy_tokens": self.identical_tokens,
             "max_attention_abs_diff": float(f"{self.max_attention_diff:.3g}"),
-            "attention_tolerance": ATTENTION_TOLERANCE,
-            "passed": self.passed,
+            "attention_tolerance": self.tolerance,
         }
+        if self.agreement < 1.0:
+            report["token_agreement"] = round(self.identical_tokens / max(self.sentences, 1), 4)
+            report["required_token_agreement"] = self.agreement
+        return report | {"passed": self.passed}
 
 
-def check(model: Any, onnx: OnnxGreedy, sources: Sequence[Sequence[int]], batch_size: int = 64) -> ParityReport:
-    """Greedy-decode ``sources`` (token ids ending in EOS) both ways and compare."""
-    report = ParityReport()
+def check(
+    model: Any, onnx: OnnxGreedy, sources: Sequence[Sequence[int]], batch_size: int = 64,
+    tolerance: float = ATTENTION_TOLERANCE, agreement: float = 1.0,
+) -> ParityReport:
+    """Greedy-decode ``sources`` (token ids ending in EOS) both ways and compare; ``tolerance`` and ``agreement``
+    are the bar (:class:`ParityReport`)."""
+    report = ParityReport(tolerance=tolerance, agreement=agreement)
     model.eval()
     for start in range(0, len(sources), batch_size):
         batch = sources[start : start + batch_size]

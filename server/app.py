@@ -57,7 +57,7 @@ class AttentionServer:
         limits = Limits(max_batch_rows=s.max_batch_rows, max_batch_tokens=s.max_batch_tokens,
                         max_batch_requests=Limits.max_batch_requests if s.batching else 1,
                         max_queue_requests=s.max_queue_requests, max_queue_tokens=s.max_queue_tokens)
-        chosen = device.choose(s.device)
+        chosen = device.choose(s.device, allow_spinning=s.ort_allow_spinning)
         if chosen.name == "cuda":
             self.metrics.watch_gpu()
         self.registry = Registry(Path(s.models_dir), chosen, s.default_model, s.variant, s.ort_threads, limits,

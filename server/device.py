@@ -4,13 +4,22 @@ Asking ONNX Runtime for ``CUDAExecutionProvider`` where the CUDA libraries are m
 silently runs on the CPU. So the choice is made here, once, before any session exists: the provider must be in the
 build, its shared library must load (which needs the driver, the CUDA runtime and cuBLAS), cuDNN must load, and the
 driver must see a GPU. Every session is then checked for the provider it actually got.
+
+TensorRT is only ever used when asked for (``device=tensorrt``): it builds an engine per graph when a session starts
+and again whenever an input shape leaves the range it has built for, which a server of dynamic batch and source
+lengths meets often at first. It runs in front of CUDA (nodes TensorRT cannot take go to CUDA, then the CPU), so
+its device is "cuda" like CUDA's: the GPU holds the tensors either way.
+
+On CPUs ONNX Runtime's worker threads spin-wait for work by default (``session.intra_op.allow_spinning``): between
+two small decoder steps they keep their cores busy, the cores the gRPC event loop and the response-building threads
+need. Spinning is off unless asked for (``Device.allow_spinning``).
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import onnxruntime as ort
@@ -22,14 +31,19 @@ log = logging.getLogger("attn.device")
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
 CUDNN = "libcudnn.so.9"  # the cuDNN major version onnxruntime-gpu 1.2x/1.3x is built against
 
 
 @dataclass(frozen=True)
 class Device:
-    name: str  # "cpu" or "cuda"
+    name: str  # "cpu" or "cuda" (TensorRT included: where the tensors live)
     providers: list[str]
     reason: str
+    # The decoder step runs through I/O binding, its state left in device memory between steps (server/runtime.py).
+    # On for CUDA; on the CPU only in tests, where it must give what the plain path gives.
+    io_binding: bool = False
+    allow_spinning: bool = False  # ONNX Runtime's idle worker threads spin-wait (see the module docstring)
 
 
 def cuda_problem() -> str | None:
@@ -50,28 +64,58 @@ def cuda_problem() -> str | None:
     return None
 
 
-def choose(requested: str) -> Device:
-    """The device for ``requested`` ("auto", "cpu" or "cuda"); logs one line saying which and why."""
+def tensorrt_problem() -> str | None:
+    """Why TensorRT cannot be used here, or None if it can (it needs everything CUDA needs, and TensorRT)."""
+    if TENSORRT not in ort.get_available_providers():
+        return "this onnxruntime build has no TensorrtExecutionProvider"
+    problem = cuda_problem()
+    if problem is not None:
+        return problem
+    try:
+        ctypes.CDLL(str(Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_tensorrt.so"))  # libnvinfer
+    except OSError as exc:
+        return f"the TensorRT libraries do not load ({exc})"
+    return None
+
+
+def choose(requested: str, allow_spinning: bool = False) -> Device:
+    """The device for ``requested`` ("auto", "cpu", "cuda" or "tensorrt"); logs one line saying which and why."""
     if requested == "cpu":
         device = Device("cpu", [CPU], "device=cpu was asked for")
+    elif requested == "tensorrt":
+        problem = tensorrt_problem()
+        if problem is not None:
+            raise StartupError(f"device=tensorrt was asked for, but {problem}")
+        device = Device("cuda", [TENSORRT, CUDA, CPU], "device=tensorrt was asked for; TensorrtExecutionProvider "
+                        "is available and its libraries load", io_binding=True)
     else:
         problem = cuda_problem()
         if problem is None:
-            device = Device("cuda", [CUDA, CPU], "CUDAExecutionProvider is available and its libraries load")
+            device = Device("cuda", [CUDA, CPU], "CUDAExecutionProvider is available and its libraries load",
+                            io_binding=True)
         elif requested == "cuda":
             raise StartupError(f"device=cuda was asked for, but {problem}")
         else:
             device = Device("cpu", [CPU], f"falling back to the CPU: {problem}")
-    event(log, "device", device=device.name, providers=device.providers, reason=device.reason)
+    device = replace(device, allow_spinning=allow_spinning)
+    event(log, "device", device=device.name, providers=device.providers, reason=device.reason,
+          allow_spinning=allow_spinning)
     return device
 
 
-def session(path: Path, device: Device, threads: int) -> ort.InferenceSession:
+def session(graph: Path | bytes, device: Device, threads: int) -> ort.InferenceSession:
+    """A session for a graph file (or a serialized graph) on ``device``; raises StartupError if ONNX Runtime does
+    not give the first provider asked for."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    created = ort.InferenceSession(str(path), options, providers=device.providers)
+    spinning = "1" if device.allow_spinning else "0"
+    options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+    options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
+    created = ort.InferenceSession(graph if isinstance(graph, bytes) else str(graph), options,
+                                   providers=device.providers)
     if created.get_providers()[0] != device.providers[0]:
-        raise StartupError(f"{path}: ONNX Runtime gave {created.get_providers()} instead of {device.providers}")
+        name = "a built-in graph" if isinstance(graph, bytes) else graph
+        raise StartupError(f"{name}: ONNX Runtime gave {created.get_providers()} instead of {device.providers}")
     return created

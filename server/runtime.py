@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnxruntime as ort
@@ -18,6 +18,7 @@ import onnxruntime as ort
 from server import search
 from server.artifacts import Manifest, ManifestError, Tokenizer
 from server.device import Device, session
+from server.iobinding import BoundStep
 
 SRC_AXIS = "src_len"
 
@@ -31,6 +32,8 @@ class DecoderRuntime:
         self.tokenizer = Tokenizer.load(directory / manifest.tokenizer["file"])
         self.encoder: ort.InferenceSession = session(directory / files["encoder"], device, threads)
         self.decoder: ort.InferenceSession = session(directory / files["decoder_step"], device, threads)
+        # CUDA: the step's state stays on the GPU between steps (server/iobinding.py); the CPU feeds numpy arrays.
+        self._bound = BoundStep(self.decoder, device) if device.io_binding else None
         binding = manifest.decoder
         self._state_inputs = list(binding.state)
         self._outputs = [binding.log_probs_output, binding.attention_output, *binding.state.values()]
@@ -86,9 +89,27 @@ class DecoderRuntime:
 
     def step(self, tokens: np.ndarray, state: search.State, static: search.State) -> tuple[
             np.ndarray, np.ndarray, search.State]:
-        feeds = {self.manifest.decoder.token_input: tokens.astype(self._token_dtype), **static, **state}
-        log_probs, attention, *new_state = self.decoder.run(self._outputs, feeds)
-        return log_probs, attention, dict(zip(self._state_inputs, new_state, strict=True))
+        log_probs, attention, new_state, _ = self.run_step(tokens, state, static)
+        return log_probs, attention, new_state
+
+    def run_step(self, tokens: np.ndarray, state: search.State, static: search.State, extra: Sequence[str] = ()) -> \
+            tuple[np.ndarray, np.ndarray, search.State, list[np.ndarray]]:
+        """One decoder call: log-probabilities, attention, the next state, and the ``extra`` outputs asked for.
+
+        With I/O binding (``device.io_binding``: CUDA) the next state's values are
+        :class:`~server.iobinding.DeviceTensor`, left in device memory; the engine's and the search's ``take`` on them
+        gathers rows on the device."""
+        binding = self.manifest.decoder
+        feeds = {binding.token_input: tokens.astype(self._token_dtype)}
+        n = len(self._state_inputs)
+        if self._bound is None:
+            log_probs, attention, *rest = self.decoder.run([*self._outputs, *extra], {**feeds, **static, **state})
+            return log_probs, attention, dict(zip(self._state_inputs, rest[:n], strict=True)), rest[n:]
+        host, kept = self._bound.run([binding.log_probs_output, binding.attention_output, *extra],
+                                     list(binding.state.values()), feeds, static, state)
+        # A DeviceTensor is not an ndarray: the engine and the search only take() and concatenate state (see it).
+        new_state = {name: cast(np.ndarray, value) for name, value in zip(self._state_inputs, kept, strict=True)}
+        return host[0], host[1], new_state, host[2:]
 
     def step_rows(self, tokens: np.ndarray, state: search.State, static: search.State, all_heads: bool) -> tuple[
             np.ndarray, np.ndarray, search.State, np.ndarray | None]:

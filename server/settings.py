@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda", "tensorrt")
 VERSION_POLICIES = ("latest", "all")
 LOG_FORMATS = ("json", "text")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -35,9 +35,16 @@ class Settings:
                                     "NAME=VERSION,NAME=VERSION.")
     reload_interval: float = _setting(10.0, "Seconds between looks at the models folder for new, changed or removed "
                                       "versions (0: only on SIGHUP).")
-    device: str = _setting("auto", "Where ONNX Runtime runs: cuda if usable (auto), or force cpu / cuda.", DEVICES)
-    variant: str = _setting("", "Graph variant from the manifest, e.g. int8; empty serves the fp32 graphs.")
+    device: str = _setting("auto", "Where ONNX Runtime runs: cuda if usable (auto), or force cpu / cuda; tensorrt "
+                           "puts TensorRT in front of CUDA (only when asked for: it builds engines per input-shape "
+                           "range, so first requests of new shapes are slow).", DEVICES)
+    variant: str = _setting("", "Graph variant from the manifest: int8 (for CPUs) or fp16 (for GPUs) where the export "
+                            "wrote it; empty serves the fp32 graphs.")
     ort_threads: int = _setting(0, "ONNX Runtime intra-op threads per session; 0 lets ONNX Runtime decide.")
+    ort_allow_spinning: bool = _setting(False, "Let ONNX Runtime's idle worker threads spin-wait for work "
+                                        "(session.intra_op.allow_spinning). Off: between decoder steps they sleep "
+                                        "instead of keeping the cores that the gRPC event loop and the response "
+                                        "threads need busy; on may shave latency on a machine with cores to spare.")
     workers: int = _setting(2, "Threads that decode images and turn hypotheses into responses while the models' "
                             "engines decode.")
     max_inflight: int = _setting(1024, "Translate/Caption calls handled at once by the whole server (queued, "

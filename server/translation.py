@@ -186,9 +186,8 @@ class TranslationModel(DecoderRuntime):
             np.ndarray, np.ndarray, search.State, np.ndarray | None]:
         if not (all_heads and self._all_heads):
             return (*self.step(tokens, state, static), None)
-        feeds = {self.manifest.decoder.token_input: tokens.astype(self._token_dtype), **static, **state}
-        log_probs, attention, *new_state, every = self.decoder.run([*self._outputs, self._all_heads], feeds)
-        return log_probs, attention, dict(zip(self._state_inputs, new_state, strict=True)), every
+        log_probs, attention, new_state, [every] = self.run_step(tokens, state, static, [self._all_heads])
+        return log_probs, attention, new_state, every
 
     def selection(self, options: DecodeOptions) -> tuple[int, int] | None:
         layer = self.attention_layer if options.attention_layer is None else options.attention_layer

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
+import onnxruntime as ort
 import pytest
 
 from server import device
 from server.errors import StartupError
+from server.settings import Settings
 
 
 def test_cpu_when_asked() -> None:
@@ -38,3 +41,67 @@ def test_cuda_demanded_but_missing_is_a_startup_error(monkeypatch: pytest.Monkey
 def test_cuda_problem_is_a_reason_or_none() -> None:
     problem = device.cuda_problem()
     assert problem is None or isinstance(problem, str)
+
+
+def test_cuda_binds_its_io_and_the_cpu_does_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(device, "cuda_problem", lambda: None)
+    assert device.choose("cuda").io_binding and not device.choose("cpu").io_binding
+
+
+def test_tensorrt_goes_in_front_of_cuda_when_asked_for(monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(device, "tensorrt_problem", lambda: None)
+    with caplog.at_level(logging.INFO, logger="attn.device"):
+        chosen = device.choose("tensorrt")
+    assert (chosen.name, chosen.providers) == ("cuda", [device.TENSORRT, device.CUDA, device.CPU])
+    assert chosen.io_binding
+    [record] = caplog.records
+    assert record.fields["providers"][0] == device.TENSORRT  # type: ignore[attr-defined]
+
+
+def test_auto_never_picks_tensorrt(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(device, "cuda_problem", lambda: None)
+    monkeypatch.setattr(device, "tensorrt_problem", lambda: None)
+    assert device.TENSORRT not in device.choose("auto").providers
+
+
+def test_tensorrt_demanded_but_missing_is_a_startup_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(device, "tensorrt_problem", lambda: "the TensorRT libraries do not load (libnvinfer.so.10)")
+    with pytest.raises(StartupError, match="device=tensorrt was asked for, but the TensorRT libraries"):
+        device.choose("tensorrt")
+
+
+def test_tensorrt_problem_names_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(device.ort, "get_available_providers", lambda: [device.CUDA, device.CPU])
+    assert device.tensorrt_problem() == "this onnxruntime build has no TensorrtExecutionProvider"
+    monkeypatch.setattr(device.ort, "get_available_providers", lambda: [device.TENSORRT, device.CUDA, device.CPU])
+    monkeypatch.setattr(device, "cuda_problem", lambda: "the CUDA driver sees no GPU")
+    assert device.tensorrt_problem() == "the CUDA driver sees no GPU"  # TensorRT runs on CUDA
+
+
+@pytest.mark.parametrize("spinning", [False, True])
+def test_spin_waiting_is_off_unless_asked_for(spinning: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[ort.SessionOptions] = []
+
+    class Session:
+        def __init__(self, graph: str, options: ort.SessionOptions, providers: list[str]) -> None:
+            made.append(options)
+            self.providers = providers
+
+        def get_providers(self) -> list[str]:
+            return self.providers
+
+    monkeypatch.setattr(device.ort, "InferenceSession", Session)
+    chosen = device.choose("cpu", allow_spinning=spinning) if spinning else device.choose("cpu")
+    device.session(Path("graph.onnx"), chosen, 2)
+    [options] = made
+    expected = "1" if spinning else "0"
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == expected
+    assert options.get_session_config_entry("session.inter_op.allow_spinning") == expected
+    assert (options.intra_op_num_threads, options.inter_op_num_threads) == (2, 1)
+
+
+def test_the_settings_that_reach_the_device() -> None:
+    s = Settings.from_sources([], {"ATTN_DEVICE": "tensorrt", "ATTN_ORT_ALLOW_SPINNING": "true"})
+    assert (s.device, s.ort_allow_spinning) == ("tensorrt", True)
+    assert Settings().ort_allow_spinning is False
