@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -103,12 +104,19 @@ def choose(requested: str, allow_spinning: bool = False) -> Device:
     return device
 
 
+def default_threads() -> int:
+    """All cores but one: an engine's ONNX Runtime calls run while the event loop answers calls and worker threads
+    build responses, and a thread pool as large as the machine would fight them for the cores (measured in
+    docs/benchmarks.md)."""
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
 def session(graph: Path | bytes, device: Device, threads: int) -> ort.InferenceSession:
     """A session for a graph file (or a serialized graph) on ``device``; raises StartupError if ONNX Runtime does
     not give the first provider asked for."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    options.intra_op_num_threads = threads
+    options.intra_op_num_threads = threads or default_threads()
     options.inter_op_num_threads = 1
     spinning = "1" if device.allow_spinning else "0"
     options.add_session_config_entry("session.intra_op.allow_spinning", spinning)

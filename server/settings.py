@@ -40,7 +40,8 @@ class Settings:
                            "range, so first requests of new shapes are slow).", DEVICES)
     variant: str = _setting("", "Graph variant from the manifest: int8 (for CPUs) or fp16 (for GPUs) where the export "
                             "wrote it; empty serves the fp32 graphs.")
-    ort_threads: int = _setting(0, "ONNX Runtime intra-op threads per session; 0 lets ONNX Runtime decide.")
+    ort_threads: int = _setting(0, "ONNX Runtime intra-op threads per session; 0: all cores but one (the other "
+                                "serves gRPC and builds responses).")
     ort_allow_spinning: bool = _setting(False, "Let ONNX Runtime's idle worker threads spin-wait for work "
                                         "(session.intra_op.allow_spinning). Off: between decoder steps they sleep "
                                         "instead of keeping the cores that the gRPC event loop and the response "
