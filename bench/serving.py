@@ -19,10 +19,12 @@ achieved rate at the highest concurrency, and where the server's time went (its 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -74,15 +76,38 @@ def eager(checkpoint: Path, tokenizer: Path, texts: list[str], seconds: float) -
             "outputs": {i % len(texts): o for i, o in outputs.items()}}
 
 
-def matmul_gflops(size: int = 1024, repeats: int = 20) -> float:
-    """The machine's float32 matrix-multiply rate (numpy's BLAS, all cores)."""
-    a = np.random.default_rng(0).standard_normal((size, size), dtype=np.float32)
-    b = np.random.default_rng(1).standard_normal((size, size), dtype=np.float32)
-    a @ b  # warm-up
-    started = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e9
+def matmul_gflops(size: int = 1024, repeats: int = 10) -> dict[str, float]:
+    """The machine's float32 matrix-multiply rate, best of three, through numpy's BLAS and through ONNX Runtime's
+    MatMul (the kernel the server uses) with one thread and with every core."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((size, size), dtype=np.float32)
+    b = rng.standard_normal((size, size), dtype=np.float32)
+
+    def rate(fn: Any) -> float:
+        fn()  # warm-up
+        best = float("inf")
+        for _ in range(3):
+            started = time.perf_counter()
+            for _ in range(repeats):
+                fn()
+            best = min(best, time.perf_counter() - started)
+        return round(2 * size**3 * repeats / best / 1e9, 1)
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "b"], ["c"])], "matmul",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [size, size])],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [size, size])], [numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    rates = {"numpy": rate(lambda: a @ b)}
+    for threads in (1, os.cpu_count() or 1):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        matmul = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        rates[f"onnxruntime_{threads}_threads"] = rate(functools.partial(matmul.run, None, {"a": a}))
+    return rates
 
 
 def decoder_flops_per_row(decoder: Path) -> int:
@@ -101,6 +126,63 @@ def decoder_flops_per_row(decoder: Path) -> int:
                 if shape is not None and len(shape) == 2:
                     total += 2 * shape[0] * shape[1]
     return total
+
+
+def decoder_weights(decoder: Path) -> list[dict[str, Any]]:
+    """The decoder step's weight matrices by their share of its multiply-adds: what a faster step must shrink."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(decoder)).graph
+    shapes = {init.name: numpy_helper.to_array(init).shape for init in graph.initializer}
+    found = [(name, shapes[name]) for node in graph.node if node.op_type in ("MatMul", "Gemm")
+             for name in node.input[:2] if name in shapes and len(shapes[name]) == 2]
+    total = sum(a * b for _, (a, b) in found)
+    return [{"weight": name, "shape": list(shape), "share": round(shape[0] * shape[1] / total, 3)}
+            for name, shape in sorted(found, key=lambda f: -f[1][0] * f[1][1])]
+
+
+# Where a server thread's samples land, by the innermost frame of the server's own code (ONNX Runtime's native
+# work shows as the line that called it).
+def _category(frames: list[str]) -> str:
+    own = [f for f in frames if "(server/" in f or "/server/" in f]
+    leaf = own[-1] if own else ""
+    if "run_step (" in leaf or ".encode (" in leaf:
+        return "ONNX Runtime calls (encoder and decoder)"
+    if "search.py" in leaf:
+        return "search between steps (server/search.py)"
+    if "engine.py" in leaf:
+        return "engine bookkeeping: joins, row gathers (server/engine.py)"
+    if any(m in leaf for m in ("translation.py", "codec.py", "artifacts/", "captioning.py")):
+        return "responses: detokenizing, alignments, protobuf"
+    if leaf:
+        return "RPC handlers (server/service.py)"
+    if any(m in f for f in frames for m in ("grpc", "asyncio", "selectors.py")):
+        return "gRPC and the event loop"
+    return "other"
+
+
+def profile(pid: int, seconds: float, out: Path) -> dict[str, float] | None:
+    """Samples the server with py-spy (when installed) and sorts the working threads' samples by :func:`_category`."""
+    import shutil
+    import subprocess
+
+    if shutil.which("py-spy") is None:
+        return None
+    done = subprocess.run(["py-spy", "record", "-p", str(pid), "-d", str(int(seconds)), "-f", "raw", "-o",
+                           str(out), "--nonblocking"], capture_output=True)
+    if done.returncode != 0 or not out.exists():
+        return None
+    counts: dict[str, int] = {}
+    for line in out.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        frames = stack.split(";")
+        if any(idle in frames[-1] for idle in ("select (selectors.py", "wait (threading.py", "_worker (concurrent")):
+            continue  # a thread waiting for work
+        category = _category(frames)
+        counts[category] = counts.get(category, 0) + int(n)
+    total = sum(counts.values()) or 1
+    return {k: round(v / total, 3) for k, v in sorted(counts.items(), key=lambda kv: -kv[1])}
 
 
 def server_run(server: ServerProcess, texts: list[str], concurrency: int, options: pb.DecodingOptions,
@@ -153,8 +235,10 @@ def main(argv: list[str] | None = None) -> int:
         "sentences": len(texts), "seconds_per_run": args.seconds, "model": args.model,
     }
     print(f"{len(texts)} test sentences; {args.seconds:.0f} s per run", flush=True)
-    results["matmul_gflops"] = round(matmul_gflops(), 1)
+    results["matmul_rates"] = matmul_gflops()
+    results["matmul_gflops"] = max(results["matmul_rates"].values())
     results["decoder_flops_per_row"] = decoder_flops_per_row(only / "decoder_step.onnx")
+    results["decoder_weights"] = decoder_weights(only / "decoder_step.onnx")
 
     outputs: dict[str, dict[int, list[int]]] = {}
     if args.checkpoint.exists():
@@ -181,6 +265,11 @@ def main(argv: list[str] | None = None) -> int:
                 outputs[f"{label}-greedy-{concurrency}"] = run.outputs
                 print(f"({label}) c={concurrency}: {summary['sentences_per_s']} sentences/s, "
                       f"p99 {summary['p99_ms']} ms", flush=True)
+            if batching:  # a separate run under the profiler, so that its cost is in no measured number
+                with ThreadPoolExecutor(1) as spy:
+                    shares = spy.submit(profile, server.process.pid, args.seconds - 2, Path("runs/bench-profile.txt"))
+                    drive(server.target, texts, 256, pb.DecodingOptions(beam_size=1), seconds=args.seconds)
+                results["profile_c256"] = shares.result()
             for beam in (1, 4):
                 for attention in (True, False):
                     if beam == 1 and attention:

@@ -56,6 +56,21 @@ def _table(runs: list[dict[str, Any]], label: str) -> list[str]:
     return lines
 
 
+def _profile_lines(results: dict[str, Any]) -> list[str]:
+    weights = results["decoder_weights"]
+    lines = ["The decoder step's weight matrices by share of its multiply-adds: "
+             + ", ".join(f"`{w['weight']}` {w['shape'][0]}×{w['shape'][1]} {w['share']:.0%}" for w in weights[:4])
+             + ".", ""]
+    shares = results.get("profile_c256")
+    if shares:
+        lines += ["A py-spy profile of the server at 256 clients (a separate run; samples of threads that were "
+                  "working, not waiting):", "", "| where | share of samples |", "|---|---:|",
+                  *(f"| {k} | {v:.0%} |" for k, v in shares.items()), ""]
+    else:
+        lines += ["(py-spy was not installed, so there is no sampled profile; `pip install py-spy` adds one.)", ""]
+    return lines
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -124,8 +139,10 @@ def write_report(results: dict[str, Any], out: Path, command: str) -> Path:
         "",
         "## The machine's limit and where the time goes",
         "",
-        f"numpy's float32 matrix multiply on this machine: **{results['matmul_gflops']:.1f} GFLOP/s** (1024², all "
-        f"cores). One decoder step costs {results['decoder_flops_per_row'] / 1e6:.1f} MFLOP per hypothesis in its "
+        f"The machine's float32 matrix-multiply rate: **{results['matmul_gflops']:.1f} GFLOP/s**, the best of "
+        + ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in results["matmul_rates"].items())
+        + " (1024×1024 by 1024×1024, best of three). One decoder step costs "
+        f"{results['decoder_flops_per_row'] / 1e6:.1f} MFLOP per hypothesis in its "
         "weight matrices (attention over the source comes on top and is left out).",
         "",
         f"At 256 clients with batching, the server decoded {top['rows_decoded']:,} hypothesis-steps in "
@@ -142,6 +159,7 @@ def write_report(results: dict[str, Any], out: Path, command: str) -> Path:
         f"(the server process used {top['cpu_seconds']:.1f} CPU-seconds of the "
         f"{2 * top['wall_seconds']:.1f} available).",
         "",
+        *_profile_lines(results),
         "## GPU",
         "",
         "No GPU was available for this run. On a CUDA machine the same command runs the server with the CUDA "
