@@ -128,6 +128,34 @@ def decoder_flops_per_row(decoder: Path) -> int:
     return total
 
 
+def step_costs(model_dir: Path, texts: list[str], sizes: tuple[int, ...] = (1, 4, 16, 64, 256)) -> list[
+        dict[str, float]]:
+    """The graphs alone, in this process, with the server's thread setting: encoder milliseconds per sentence and
+    decoder milliseconds per row by batch size. Batching can win at most the ratio of the first row to the best."""
+    from server.artifacts import Manifest
+    from server.device import choose, default_threads
+    from server.translation import TranslationModel
+
+    model = TranslationModel(model_dir, Manifest.load(model_dir), choose("cpu"), "", default_threads())
+    costs = []
+    for n in sizes:
+        sources = model.prepare([texts[i % len(texts)] for i in range(n)])
+        state, static = model.encode(sources)
+        tokens = np.full(n, model.bos_id)
+        model.step(tokens, state, static)
+        encoder = min(_seconds(model.encode, sources) for _ in range(3))
+        decoder = min(_seconds(model.step, tokens, state, static) for _ in range(10))
+        costs.append({"batch": n, "encoder_ms_per_sentence": round(encoder * 1000 / n, 3),
+                      "decoder_ms_per_row": round(decoder * 1000 / n, 4)})
+    return costs
+
+
+def _seconds(fn: Any, *args: Any) -> float:
+    started = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - started
+
+
 def decoder_weights(decoder: Path) -> list[dict[str, Any]]:
     """The decoder step's weight matrices by their share of its multiply-adds: what a faster step must shrink."""
     import onnx
@@ -145,7 +173,8 @@ def decoder_weights(decoder: Path) -> list[dict[str, Any]]:
 # Where a server thread's samples land, by the innermost frame of the server's own code (ONNX Runtime's native
 # work shows as the line that called it).
 def _category(frames: list[str]) -> str:
-    own = [f for f in frames if "(server/" in f or "/server/" in f]
+    entry = ("server/cli.py", "server/__main__.py", "server/app.py")  # below everything the event loop runs
+    own = [f for f in frames if ("(server/" in f or "/server/" in f) and not any(e in f for e in entry)]
     leaf = own[-1] if own else ""
     if "run_step (" in leaf or ".encode (" in leaf:
         return "ONNX Runtime calls (encoder and decoder)"
@@ -155,8 +184,10 @@ def _category(frames: list[str]) -> str:
         return "engine bookkeeping: joins, row gathers (server/engine.py)"
     if any(m in leaf for m in ("translation.py", "codec.py", "artifacts/", "captioning.py")):
         return "responses: detokenizing, alignments, protobuf"
+    if "logs.py" in leaf:
+        return "log lines (server/logs.py)"
     if leaf:
-        return "RPC handlers (server/service.py)"
+        return "RPC handlers and metrics (server/service.py)"
     if any(m in f for f in frames for m in ("grpc", "asyncio", "selectors.py")):
         return "gRPC and the event loop"
     return "other"
@@ -239,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     results["matmul_gflops"] = max(results["matmul_rates"].values())
     results["decoder_flops_per_row"] = decoder_flops_per_row(only / "decoder_step.onnx")
     results["decoder_weights"] = decoder_weights(only / "decoder_step.onnx")
+    results["step_costs"] = step_costs(only, texts)
 
     outputs: dict[str, dict[int, list[int]]] = {}
     if args.checkpoint.exists():

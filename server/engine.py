@@ -43,11 +43,6 @@ from server.search import Hypothesis, Search, Sentence, State
 log = logging.getLogger("attn.engine")
 
 ADMISSION_WINDOW = 64  # queued requests looked at when filling a group by source length
-# While others decode, a waiting request is admitted once the waiting ones make a group worth an encoder call (an
-# eighth of the requests decoding), or once the oldest has waited this many steps: the encoder costs about as much
-# for sixteen sentences as for four, so a busy engine encodes in groups rather than on every step.
-GROUP_FRACTION = 8
-MAX_WAIT_STEPS = 8
 
 
 @dataclass(frozen=True)
@@ -70,7 +65,6 @@ class Request:
     budgets: list[int]
     deadline: float | None
     enqueued: float
-    enqueued_step: int
     future: Future[list[list[Hypothesis]]] = field(default_factory=Future)
     results: list[list[Hypothesis]] = field(default_factory=list)
     pending: int = 0
@@ -125,7 +119,6 @@ class Engine:
         self._active: list[Request] = []
         self._lanes: list[Lane] = []
         self._rows = self._tokens = 0
-        self._steps = 0  # decoder calls so far
         self._searches: dict[tuple[Any, ...], Search] = {}
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"engine-{model.name}-{model.version}", daemon=True)
@@ -144,7 +137,7 @@ class Engine:
         request = Request(
             list(items), options, search, model.selection(options), [model.src_len(i) for i in items],
             [model.cost(i) for i in items], [model.budget_for(i, options) for i in items],
-            None if timeout is None else now + timeout, now, self._steps,
+            None if timeout is None else now + timeout, now,
         )
         request.results, request.pending = [[] for _ in items], len(items)
         with self._lock:
@@ -217,11 +210,8 @@ class Engine:
             return []
         anchor = self._queue[0]
         requests, rows, tokens = len(self._active), self._rows, self._tokens
-        if self._active:
-            if not self._fits(anchor, requests, rows, tokens):
-                return []
-            if len(self._queue) < requests // GROUP_FRACTION and self._steps - anchor.enqueued_step < MAX_WAIT_STEPS:
-                return []
+        if self._active and not self._fits(anchor, requests, rows, tokens):
+            return []
         group = [anchor]
         requests, rows, tokens = requests + 1, rows + anchor.rows, tokens + anchor.tokens
         others = sorted(islice(self._queue, 1, ADMISSION_WINDOW), key=lambda r: abs(r.length - anchor.length))
@@ -291,7 +281,6 @@ class Engine:
             started = time.perf_counter()
             log_probs, attention, state, every = model.step_rows(lane.tokens, lane.state, lane.static, all_heads)
             self._observe("decoder", time.perf_counter() - started)
-            self._steps += 1
         except Exception as exc:
             event(log, "decoder_failed", level=logging.ERROR, exc_info=True, model=model.name, rows=len(lane.tokens))
             self._lanes.remove(lane)
