@@ -321,6 +321,11 @@ def main(argv: list[str] | None = None) -> int:
         **({"c64_vs_a_greedy": identical(outputs["c-greedy-64"], outputs["a"])} if "a" in outputs else {}),
     }
 
+    with ServerProcess(one_model, variant="int8") as server:  # the dynamically quantised graphs of the same model
+        summary, run = server_run(server, texts, 64, pb.DecodingOptions(beam_size=1), args.seconds)
+        results["int8"] = {**summary, "identical_to_fp32": identical(run.outputs, outputs["c-greedy-64"])}
+        print(f"int8 c=64: {summary['sentences_per_s']} sentences/s", flush=True)
+
     with ServerProcess(one_model, max_queue_requests=16) as server:
         summary, _ = server_run(server, texts, 256, pb.DecodingOptions(beam_size=1), args.seconds)
         results["overload"] = {**summary, "max_queue_requests": 16}
