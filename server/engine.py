@@ -43,6 +43,10 @@ from server.search import Hypothesis, Search, Sentence, State
 log = logging.getLogger("attn.engine")
 
 ADMISSION_WINDOW = 64  # queued requests looked at when filling a group by source length
+# An RNN model's rows are kept in lanes by source length (tokens, upper bounds; longer ones share the last lane):
+# a lane pads its sources to its own longest, not to the longest in flight, and the static inputs that are copied
+# when rows join and leave, and attended over at every step, shrink with it.
+LENGTH_BUCKETS = (32,)
 
 
 @dataclass(frozen=True)
@@ -92,13 +96,28 @@ class Entry:
 
 
 class Lane:
-    """Rows decoded by one call per step: the decoder state and static inputs of its entries, in entry order."""
+    """Rows decoded by one call per step: the decoder state and static inputs of its entries, in entry order.
+    ``bucket`` is its source-length bucket (``None``: a group of a growing-state model, joined by no other)."""
 
-    def __init__(self, entries: list[Entry], state: State, static: State, tokens: np.ndarray) -> None:
+    def __init__(self, entries: list[Entry], state: State, static: State, tokens: np.ndarray,
+                 bucket: int | None = None) -> None:
         self.entries, self.state, self.static, self.tokens = entries, state, static, tokens
+        self.bucket = bucket
 
     def offsets(self) -> np.ndarray:
         return np.concatenate([[0], np.cumsum([e.sentence.k for e in self.entries])])
+
+
+def _bucket(length: int | None) -> int:
+    if length is None:
+        return 0
+    return next((i for i, bound in enumerate(LENGTH_BUCKETS) if length <= bound), len(LENGTH_BUCKETS))
+
+
+def _rows(ks: list[int], chosen: list[int]) -> np.ndarray:
+    """Batch rows of the chosen entries, entry ``j`` holding ``ks[j]`` consecutive rows."""
+    starts = np.cumsum([0, *ks])
+    return np.concatenate([np.arange(starts[j], starts[j] + ks[j]) for j in chosen])
 
 
 def _pad(value: np.ndarray, axis: int, width: int) -> np.ndarray:
@@ -247,17 +266,31 @@ class Engine:
             state = {n: v.take(repeat, axis=0) for n, v in state.items()}
             static = {n: v.take(repeat, axis=0) for n, v in static.items()}
         tokens = np.full(sum(ks), model.bos_id, dtype=np.int64)
-        if model.growing_state or not self._lanes:
+        if model.growing_state:
             self._lanes.append(Lane(entries, state, static, tokens))
             return
-        lane = self._lanes[0]
-        for name, axis in model.src_axes.items():  # pad both sides to the wider source
-            width = max(lane.static[name].shape[axis], static[name].shape[axis])
-            lane.static[name], static[name] = _pad(lane.static[name], axis, width), _pad(static[name], axis, width)
-        lane.entries.extend(entries)
-        lane.state = {n: np.concatenate([v, state[n]]) for n, v in lane.state.items()}
-        lane.static = {n: np.concatenate([v, static[n]]) for n, v in lane.static.items()}
-        lane.tokens = np.concatenate([lane.tokens, tokens])
+        buckets = [_bucket(e.sentence.src_len) for e in entries]
+        for bucket in sorted(set(buckets)):
+            chosen = [j for j, b in enumerate(buckets) if b == bucket]
+            if len(chosen) == len(entries):
+                part = Lane(entries, state, static, tokens, bucket)
+            else:
+                rows = _rows(ks, chosen)
+                part = Lane([entries[j] for j in chosen], {n: v.take(rows, axis=0) for n, v in state.items()},
+                            {n: v.take(rows, axis=0) for n, v in static.items()}, tokens[rows], bucket)
+                self._narrow(part)
+            lane = next((lane for lane in self._lanes if lane.bucket == bucket), None)
+            if lane is None:
+                self._lanes.append(part)
+                continue
+            for name, axis in model.src_axes.items():  # pad both sides to the wider source
+                width = max(lane.static[name].shape[axis], part.static[name].shape[axis])
+                lane.static[name] = _pad(lane.static[name], axis, width)
+                part.static[name] = _pad(part.static[name], axis, width)
+            lane.entries.extend(part.entries)
+            lane.state = {n: np.concatenate([v, part.state[n]]) for n, v in lane.state.items()}
+            lane.static = {n: np.concatenate([v, part.static[n]]) for n, v in lane.static.items()}
+            lane.tokens = np.concatenate([lane.tokens, part.tokens])
 
     def _sweep(self) -> None:
         """Takes requests whose caller went away or whose deadline passed out of the batch."""
@@ -326,18 +359,23 @@ class Engine:
             self._lanes.remove(lane)
             return
         if len(keep) < len(lane.entries):
-            ks = [e.sentence.k for e in lane.entries]
-            rows = np.concatenate([np.arange(o, o + ks[j]) for j, o in zip(keep, np.cumsum([0, *ks])[keep])])
+            rows = _rows([e.sentence.k for e in lane.entries], keep)
             parents, tokens = parents[rows], tokens[rows]
             lane.entries = [lane.entries[j] for j in keep]
             lane.static = {n: v.take(rows, axis=0) for n, v in lane.static.items()}
-            lengths = [e.sentence.src_len for e in lane.entries]
-            if self.model.src_axes and None not in lengths:  # the widest source left: stop computing its padding
-                width = max(int(n) for n in lengths if n is not None)
-                lane.static = {n: v.take(np.arange(width), axis=self.model.src_axes[n]) if n in self.model.src_axes
-                               and v.shape[self.model.src_axes[n]] > width else v for n, v in lane.static.items()}
+            self._narrow(lane)
         lane.state = {n: v.take(parents, axis=0) for n, v in lane.state.items()}
         lane.tokens = tokens
+
+    def _narrow(self, lane: Lane) -> None:
+        """Cuts the lane's source axes to its longest source: no attention over padding nobody needs."""
+        lengths = [e.sentence.src_len for e in lane.entries]
+        if not self.model.src_axes or None in lengths:
+            return
+        width = max(int(n) for n in lengths if n is not None)
+        lane.static = {n: v.take(np.arange(width), axis=self.model.src_axes[n])
+                       if n in self.model.src_axes and v.shape[self.model.src_axes[n]] > width else v
+                       for n, v in lane.static.items()}
 
     # -- bookkeeping ---------------------------------------------------------------------------------------------
 

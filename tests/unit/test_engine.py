@@ -266,3 +266,19 @@ def test_close_fails_what_is_left(engines: list[Engine]) -> None:
     engine.close()
     with pytest.raises(Exception, match="shutting down"):
         future.result(timeout=30)
+
+
+def test_sources_of_different_lengths_decode_in_their_own_lanes(engines: list[Engine]) -> None:
+    """A 40-token source does not pad the 3-token ones: separate lanes (separate calls), same outputs as alone."""
+    model = FakeModel()
+    model.gate = threading.Semaphore(0)
+    engine = start(engines, model)
+    long = [(7 * i) % 50 for i in range(40)]
+    items = [SOURCES[0], long, SOURCES[2]]
+    future = engine.submit(items, Options(beam_size=2, nbest=2))
+    model.gate.release(10_000)
+    found = future.result(timeout=30)
+    for item, hyps in zip(items, found):
+        same(hyps, model.alone(item, Options(beam_size=2, nbest=2)))
+    assert model.encoded == [3]  # one encoder call for the request
+    assert model.steps[:2] == [4, 2]  # the two short sources together, the long one in a lane of its own
