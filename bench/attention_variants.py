@@ -164,6 +164,19 @@ def run_variant(variant: str, cfg: TrainConfig, args: argparse.Namespace, test: 
     return result
 
 
+def evaluate_reference(directory: Path, test: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The scores and attention entropy of an exported model on the same test split, with its training budget."""
+    manifest = Manifest.load(directory)
+    decoded = decode_test(directory, test["sources"], args.ort_threads, args.decode_batch)
+    evaluation = score_subsets(test["sources"], decoded["hypotheses"], test["references"], test["is_sentence"])
+    sentence_rows = [r for r, s in zip(decoded["rows"], test["is_sentence"]) if s]
+    training = manifest.training
+    return {"model": f"{manifest.name}/{manifest.version}", "attention": manifest.attention.get("type"),
+            "target_tokens": training["progress"]["target_tokens"], "model_config": training["model_config"],
+            "evaluation": {k: v for k, v in evaluation.items() if k != "examples"},
+            "entropy": attention_entropy(decoded["rows"]), "entropy_sentences": attention_entropy(sentence_rows)}
+
+
 def test_set(data: str, limit: int, heatmap_words: tuple[int, int]) -> dict[str, Any]:
     pairs = split(load_corpus(data))["test"]
     if limit:
@@ -200,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parity-sentences", type=int, default=200)
     parser.add_argument("--eval-limit", type=int, default=0, help="only the first N test pairs (0: all)")
     parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the BLEU intervals")
+    parser.add_argument("--reference", default="",
+                        help="an exported model of one variant trained longer (e.g. models/de-en-bahdanau/1), decoded "
+                             "the same way: how the scores move with the budget")
     parser.add_argument("--work", default="runs/variants", help="checkpoints, exported models, per-variant results")
     parser.add_argument("--out", default="docs", help="writes OUT/attention-variants.md and OUT/attention-variants/")
     args = parser.parse_args(argv)
@@ -226,9 +242,10 @@ def main(argv: list[str] | None = None) -> int:
         log.info("%s: %d parameters (%s)", variant, parameters(cfg, args.vocab_size),
                  f"d_model {cfg.emb_dim}" if cfg.arch == "transformer" else f"hidden {cfg.hidden_dim}")
         results.append(run_variant(variant, cfg, args, test))
+    reference = evaluate_reference(Path(args.reference), test, args) if args.reference else None
     given = argv if argv is not None else sys.argv[1:]
     command = " ".join([".venv/bin/python", "bench/attention_variants.py", *given])
-    doc = write_report(results, test, Path(args.out), command, target, args)
+    doc = write_report(results, test, Path(args.out), command, target, args, reference)
     print(f"wrote {doc}")
     return 0
 
