@@ -57,7 +57,7 @@ models: setup
 # The attention-variants experiment: every mechanism trained on the same budget, measured, docs/attention-variants.md
 # (about 1 h 40 min on a 2-core CPU at this budget; interrupted runs continue where they stopped).
 variants: setup
-	$(PY) bench/attention_variants.py --budget-tokens 1000000 --threads 1 --ort-threads 1
+	$(PY) bench/attention_variants.py --budget-tokens 1000000 --threads 1 --ort-threads 1 --reference models/de-en-bahdanau/1
 
 # The serving benchmark against the bundled model (about 15 minutes): docs/benchmarks.md. (a) needs the checkpoint
 # that `make models` leaves in runs/de-en-bahdanau/.
