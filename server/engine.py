@@ -46,7 +46,7 @@ ADMISSION_WINDOW = 64  # queued requests looked at when filling a group by sourc
 # An RNN model's rows are kept in lanes by source length (tokens, upper bounds; longer ones share the last lane):
 # a lane pads its sources to its own longest, not to the longest in flight, and the static inputs that are copied
 # when rows join and leave, and attended over at every step, shrink with it.
-LENGTH_BUCKETS = (32,)
+LENGTH_BUCKETS = (16, 32, 64)
 
 
 @dataclass(frozen=True)
