@@ -243,6 +243,17 @@ def server_run(server: ServerProcess, texts: list[str], concurrency: int, option
     return summary, run
 
 
+def rss_stability(rss: list[float]) -> dict[str, float]:
+    """After the first chunk (allocator warm-up): the largest distance from the median, and the drift from the
+    first quarter's mean to the last quarter's, both relative to the median."""
+    settled = rss[1:]
+    median = float(np.median(settled))
+    quarter = max(len(settled) // 4, 1)
+    return {"rss_median_mib": round(median, 1),
+            "rss_max_deviation": round(max(abs(x - median) for x in settled) / median, 4),
+            "rss_drift": round((np.mean(settled[-quarter:]) - np.mean(settled[:quarter])) / median, 4)}
+
+
 def identical(a: dict[int, list[int]], b: dict[int, list[int]]) -> dict[str, int]:
     both = sorted(set(a) & set(b))
     return {"compared": len(both), "identical": sum(a[i] == b[i] for i in both)}
@@ -343,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             soak["rss_mib"].append(round(server.rss_bytes() / 2**20, 1))
         soak["codes"] = codes
         rss = soak["rss_mib"]
-        soak["drift_after_first_chunk"] = round((max(rss[1:]) - min(rss[1:])) / rss[1], 4)
+        soak.update(rss_stability(rss))
         results["soak"] = soak
         print(f"soak: RSS {rss[0]} .. {rss[-1]} MiB", flush=True)
 

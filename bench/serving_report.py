@@ -39,8 +39,9 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
     top = max(soak["rss_mib"])
     rows.append(("RSS ≤ 1 GiB with all bundled models loaded", f"{top:.0f} MiB at most", top <= 1024))
     rows.append((f"RSS stable (±5%) over {soak['requests']:,} requests",
-                 f"{soak['drift_after_first_chunk']:.1%} spread after the first {soak['requests'] // 20:,}",
-                 soak["drift_after_first_chunk"] <= 0.05))
+                 f"within ±{soak['rss_max_deviation']:.1%} of {soak['rss_median_mib']:.0f} MiB after the first "
+                 f"{soak['requests'] // 20:,} (sampled every {soak['requests'] // 20:,}); drift first to last "
+                 f"quarter {soak['rss_drift']:+.1%}", soak["rss_max_deviation"] <= 0.05))
     return rows
 
 
@@ -53,6 +54,53 @@ def _table(runs: list[dict[str, Any]], label: str) -> list[str]:
             f"| {label} | {r['concurrency']} | {r['beam']} | {'yes' if r['attention'] else 'no'} | "
             f"{r['sentences_per_s']:.1f} | {r['target_tokens_per_s']:.0f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | "
             f"{r['p99_ms']:.0f} | {s['mean_requests_per_step']} | {s['mean_rows_per_step']} | {codes} |")
+    return lines
+
+
+def _bounds_lines(results: dict[str, Any]) -> list[str]:
+    """What the graph costs allow at all, from the numbers of this run: the ceiling on batching's gain, and the
+    latency that Little's law gives at 16 clients."""
+    costs, b1, c = results["step_costs"], _by(results["b"], 1), results["c"]
+    tokens = b1["target_tokens_per_s"] / b1["sentences_per_s"]  # mean target tokens per sentence, EOS included
+    alone = costs[0]["encoder_ms_per_sentence"] + tokens * costs[0]["decoder_ms_per_row"]
+    best = (min(x["encoder_ms_per_sentence"] for x in costs) + tokens * min(x["decoder_ms_per_row"] for x in costs))
+    ceiling = alone / best
+    c16, c64, c256 = _by(c, 16), _by(c, 64), _by(c, 256)
+    needed = 16 / (3 * _by(c, 1)["p50_ms"] / 1000)
+    lines = [
+        "## Why three targets are missed",
+        "",
+        f"- **Batching's ceiling.** A test sentence has {tokens:.1f} target tokens on average. Alone, its graphs "
+        f"cost {alone:.2f} ms (encoder + {tokens:.1f} decoder steps of one row); in the cheapest batch sizes above, "
+        f"{best:.2f} ms. No scheduler can make batched decoding more than **{ceiling:.1f}×** faster than one "
+        f"request at a time on this machine; the engine reaches {c64['sentences_per_s'] / b1['sentences_per_s']:.1f}× "
+        f"at 64 clients and {c256['sentences_per_s'] / b1['sentences_per_s']:.1f}× at 256 "
+        f"({c256['sentences_per_s'] / b1['sentences_per_s'] / ceiling:.0%} of the ceiling). The 5× target needs a "
+        "model whose one-row step leaves most of the core idle (wider layers, a larger vocabulary), or a GPU, "
+        "where one row leaves almost all of the device idle.",
+    ]
+    if results["a"]:
+        a = results["a"]
+        lines.append(
+            f"- **PyTorch eager is not slow here.** One sentence after another, PyTorch decodes "
+            f"{a['sentences_per_s']:.0f} sentences/s ({1000 / a['sentences_per_s']:.1f} ms each), as fast as the "
+            f"server with batching off ({b1['sentences_per_s']:.0f}/s, which adds gRPC and building the response "
+            "with its alignments): a GRU this small runs well in eager mode on a CPU. 10× over it would need 10× "
+            f"over one-at-a-time serving, beyond the {ceiling:.1f}× ceiling.")
+    lines += [
+        f"- **Latency at 16 clients.** By Little's law the mean latency at 16 clients is 16 ÷ throughput: "
+        f"{16 / c16['sentences_per_s'] * 1000:.0f} ms at the measured {c16['sentences_per_s']:.0f} sentences/s. A p99 "
+        f"within 3× the p50 of one client ({3 * _by(c, 1)['p50_ms']:.0f} ms) would need at least {needed:.0f} "
+        f"sentences/s even for the mean, {needed / b1['sentences_per_s']:.1f}× one-at-a-time serving, again beyond "
+        f"the ceiling; and long sentences alone put the p99 of one client at {_by(c, 1)['p99_ms']:.0f} ms, "
+        f"{_by(c, 1)['p99_ms'] / _by(c, 1)['p50_ms']:.1f}× its p50.",
+        "- **Where the rest goes.** Even at 256 clients the ONNX Runtime calls are well under half of the server's "
+        "busy samples (profile below): gRPC, Python's share of building responses with word alignments, and the "
+        "engine's copies of static rows when sentences join and leave take the rest, and the load generator needs "
+        "the same two cores. The largest single remaining cost inside the decoder is its vocabulary projection "
+        "(the first weight matrix below) and the log-softmax over its 8,000 outputs per row.",
+        "",
+    ]
     return lines
 
 
@@ -154,6 +202,7 @@ def write_report(results: dict[str, Any], out: Path, command: str) -> Path:
         f"{results['int8']['identical_to_fp32']['identical']} of {results['int8']['identical_to_fp32']['compared']} "
         "sentences.",
         "",
+        *_bounds_lines(results),
         "## The machine's limit and where the time goes",
         "",
         f"The machine's float32 matrix-multiply rate: **{results['matmul_gflops']:.1f} GFLOP/s**, the best of "
