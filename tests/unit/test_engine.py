@@ -18,7 +18,8 @@ import pytest
 
 from server.engine import Engine, Limits
 from server.errors import DeadlineExceeded, Overloaded
-from server.search import Hypothesis, Search, State, run_search
+from server.search import Hypothesis, State, run_search
+from tests.unit.engine_fakes import EngineHooks
 
 BOS, EOS, VOCAB, HIDDEN = 0, 1, 9, 6
 
@@ -31,13 +32,11 @@ class Options:
     max_steps: int = 12
 
 
-class FakeModel:
+class FakeModel(EngineHooks):
     """A recurrent decoder with masked dot-product attention, shaped like an exported step graph: a source is a
     list of ints, its memory rows come from a fixed table, so an item's encoding is the same in any batch."""
 
     name, version = "fake", "1"
-    bos_id, eos_id = BOS, EOS
-    src_axes = {"memory": 1, "mask": 1}
 
     def __init__(self, growing_state: bool = False, endless: bool = False) -> None:
         rng = np.random.default_rng(7)
@@ -61,21 +60,6 @@ class FakeModel:
         h = np.stack([self.table[item].mean(0) for item in items])
         state = {"h": h, "t": np.zeros((len(items), 0, 1))} if self.growing_state else {"h": h}
         return state, {"memory": memory, "mask": mask}
-
-    def src_len(self, item: list[int]) -> int:
-        return len(item)
-
-    def cost(self, item: list[int]) -> int:
-        return len(item)
-
-    def budget_for(self, item: list[int], options: Options) -> int:
-        return options.max_steps
-
-    def search_for(self, options: Options) -> Search:
-        return Search(options.beam_size, EOS, options.nbest, options.length_penalty)
-
-    def selection(self, options: Options) -> None:
-        return None
 
     def step(self, tokens: np.ndarray, state: State, static: State) -> tuple[np.ndarray, np.ndarray, State]:
         h = np.tanh(state["h"] @ self.recur + self.embed[tokens])

@@ -23,7 +23,8 @@ from onnx import TensorProto, helper, numpy_helper
 from server.device import CPU, Device
 from server.engine import Engine, Limits
 from server.iobinding import BoundStep, DeviceTensor, RowGather, Uploads, gather_graph
-from server.search import Hypothesis, Search, State, run_search
+from server.search import Hypothesis, State, run_search
+from tests.unit.engine_fakes import EngineHooks
 
 BOS, EOS, VOCAB, HIDDEN = 0, 1, 11, 8
 BOUND_CPU = Device("cpu", [CPU], "test", io_binding=True)
@@ -78,12 +79,10 @@ class Options:
     max_steps: int = 14
 
 
-class OnnxModel:
+class OnnxModel(EngineHooks):
     """What the engine drives (like server.runtime.DecoderRuntime), over the step graph, plain or bound."""
 
     name, version = "onnx-fake", "1"
-    bos_id, eos_id = BOS, EOS
-    src_axes = {"memory": 1, "mask": 1}
 
     def __init__(self, bound: bool, growing: bool = False) -> None:
         options = ort.SessionOptions()
@@ -123,21 +122,6 @@ class OnnxModel:
             assert self.gate.acquire(timeout=30), "the test never released this step"
         self.steps += 1
         return (*self.step(tokens, state, static), None)
-
-    def src_len(self, item: list[int]) -> int:
-        return len(item)
-
-    def cost(self, item: list[int]) -> int:
-        return len(item)
-
-    def budget_for(self, item: list[int], options: Options) -> int:
-        return options.max_steps
-
-    def search_for(self, options: Options) -> Search:
-        return Search(options.beam_size, EOS, options.nbest, options.length_penalty)
-
-    def selection(self, options: Options) -> None:
-        return None
 
     def decode(self, items: list[list[int]], options: Options) -> list[list[Hypothesis]]:
         state, static = self.encode(items)

@@ -1,0 +1,30 @@
+"""The engine's hooks that every fake model of the engine tests shares: sources are lists of ints, one source
+position per int, a fixed step budget from the options, the server's own search."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from server.search import Search
+
+BOS, EOS = 0, 1
+
+
+class EngineHooks:
+    bos_id, eos_id = BOS, EOS
+    src_axes = {"memory": 1, "mask": 1}
+
+    def src_len(self, item: list[int]) -> int:
+        return len(item)
+
+    def cost(self, item: list[int]) -> int:
+        return len(item)
+
+    def budget_for(self, item: list[int], options: Any) -> int:
+        return int(options.max_steps)
+
+    def search_for(self, options: Any) -> Search:
+        return Search(options.beam_size, EOS, options.nbest, options.length_penalty)
+
+    def selection(self, options: Any) -> None:
+        return None
