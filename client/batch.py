@@ -47,7 +47,7 @@ from client.batch_io import (
     read_items,
     shard_path,
 )
-from client.options import decoding_options
+from client.options import add_decoding_arguments, decoding_options
 
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
 # Codes about the job rather than one text (unknown model, no access): writing them into every line would bury the
@@ -102,17 +102,8 @@ def add_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentPa
                    help="JSONL: the text field (default text); TSV: the text column, named in a header line "
                         "(default: the first column, no header)")
     b.add_argument("--id-column", default="id", help="JSONL field or TSV header column copied as the id (default id)")
-    b.add_argument("--model", default="", help="model name (default: the server's default)")
-    b.add_argument("--version", default="", help="model version (default: the highest)")
-    b.add_argument("--beam", type=int, default=0, help="beam size (default: the server's; 1 = greedy)")
-    b.add_argument("--nbest", type=int, default=0, help="hypotheses per text (default 1)")
-    b.add_argument("--max-output-tokens", type=int, default=0, help="token budget per output (default: model's)")
-    b.add_argument("--length-penalty", type=float, default=None, help="length penalty alpha (default 1.0)")
-    b.add_argument("--attention-layer", type=int, default=None, help="multi-head models: the decoder layer to show")
-    b.add_argument("--attention-head", type=int, default=None, help="multi-head models: the head (-1: the mean)")
-    b.add_argument("--attention", choices=details, default="none",
-                   help="none (default): text and scores; words: word alignments and word-level matrix; "
-                        "full: also the token-level matrix")
+    add_decoding_arguments(b, details, "none", "none (default): text and scores; words: word alignments and "
+                           "word-level matrix; full: also the token-level matrix")
     b.add_argument("--batch-size", type=_positive, default=16, help="texts per Translate request (default 16)")
     b.add_argument("--concurrency", type=_positive, default=8, help="requests in flight at once (default 8)")
     b.add_argument("--max-retries", type=_count, default=8,

@@ -17,19 +17,15 @@ from google.protobuf import json_format
 
 from attention.v1 import attention_pb2 as pb
 from attention.v1 import attention_pb2_grpc as pb_grpc
+from client.options import add_decoding_arguments, decoding_options
 
 
 def add_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentParser,
                details: dict[str, Any]) -> None:
     c = commands.add_parser("caption", parents=[common], help="caption an image and show where each word looked")
     c.add_argument("image", type=Path, help="PNG, JPEG, WebP, BMP or GIF (first frame) file")
-    c.add_argument("--model", default="", help="captioning model name (default: the server's first captioner)")
-    c.add_argument("--version", default="", help="model version (default: the highest)")
-    c.add_argument("--beam", type=int, default=0, help="beam size (default: the server's; 1 = greedy)")
-    c.add_argument("--nbest", type=int, default=0, help="captions to return (default 1)")
-    c.add_argument("--max-output-tokens", type=int, default=0, help="token budget (default: the model's)")
-    c.add_argument("--length-penalty", type=float, default=None, help="length penalty alpha (default 1.0)")
-    c.add_argument("--attention", choices=details, default="full", help="attention detail (default full)")
+    add_decoding_arguments(c, details, "full", "attention detail (default full)", heads=False,
+                           model_help="captioning model name (default: the server's first captioner)")
     c.add_argument("--overlay", type=Path, help="write one panel per word with its attention over the image")
 
 
@@ -74,10 +70,7 @@ def caption(args: argparse.Namespace, stub: pb_grpc.AttentionServiceStub, detail
         data = args.image.read_bytes()
     except OSError as exc:
         raise SystemExit(f"attn: cannot read {args.image}: {exc.strerror}") from exc
-    options = pb.DecodingOptions(beam_size=args.beam, nbest=args.nbest, max_output_tokens=args.max_output_tokens,
-                                 attention=details[args.attention])
-    if args.length_penalty is not None:
-        options.length_penalty = args.length_penalty
+    options = decoding_options(args, details)
     request = pb.CaptionRequest(model=args.model, version=args.version, image=data, options=options)
     response = stub.Caption(request, timeout=args.timeout)
     if args.json:

@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from attention.v1 import attention_pb2 as pb
 from attention.v1 import attention_pb2_grpc as pb_grpc
 from client import batch, caption, connection, render
-from client.options import decoding_options
+from client.options import add_decoding_arguments, decoding_options
 
 DETAILS = {"full": pb.ATTENTION_DETAIL_FULL, "words": pb.ATTENTION_DETAIL_WORDS, "none": pb.ATTENTION_DETAIL_NONE}
 MAX_MESSAGE_BYTES = 256 * 2**20
@@ -41,17 +41,7 @@ def parser() -> argparse.ArgumentParser:
     commands = top.add_subparsers(dest="command", required=True)
     t = commands.add_parser("translate", parents=[common], help="translate texts and show the alignment")
     t.add_argument("texts", nargs="+", help="texts to translate (one batch)")
-    t.add_argument("--model", default="", help="model name (default: the server's default)")
-    t.add_argument("--version", default="", help="model version (default: the highest)")
-    t.add_argument("--beam", type=int, default=0, help="beam size (default: the server's; 1 = greedy)")
-    t.add_argument("--nbest", type=int, default=0, help="hypotheses per text (default 1)")
-    t.add_argument("--max-output-tokens", type=int, default=0, help="token budget per output (default: model's)")
-    t.add_argument("--length-penalty", type=float, default=None, help="length penalty alpha (default 1.0)")
-    t.add_argument("--attention-layer", type=int, default=None,
-                   help="multi-head models: the decoder layer whose cross-attention to show (0-based)")
-    t.add_argument("--attention-head", type=int, default=None,
-                   help="multi-head models: the head to show (0-based), or -1 for the mean over heads")
-    t.add_argument("--attention", choices=DETAILS, default="full", help="attention detail (default full)")
+    add_decoding_arguments(t, DETAILS, "full", "attention detail (default full)")
     t.add_argument("--heatmap", type=Path, help="write the best hypothesis's attention matrix to this PNG")
     caption.add_parser(commands, common, DETAILS)
     batch.add_parser(commands, common, DETAILS)
