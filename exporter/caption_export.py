@@ -33,7 +33,7 @@ from exporter.caption_graphs import (
     export_graphs,
 )
 from exporter.export import EXPORTER_VERSION, ExportOptions, ParityError, staged, training_section
-from exporter.parity import ParityReport
+from exporter.parity import ParityReport, greedy_loop
 from server.artifacts import DecoderBinding, GraphSpec, Manifest
 from server.artifacts.attention_maps import overlay, peak_box
 from training import checkpoint
@@ -70,26 +70,14 @@ class OnnxCaptioner:
     def __call__(self, images: np.ndarray) -> tuple[list[list[int]], list[np.ndarray]]:
         """images: (batch, 3, S, S) float32, normalised. Token ids without EOS; attention rows with EOS's."""
         features, keys, h, c = self.encoder.run(None, {"image": images})
-        token = np.full(len(images), self.bos_id, dtype=np.int64)
-        done = np.zeros(len(images), dtype=bool)
-        steps, rows = [], []
-        for _ in range(MAX_CAPTION_TOKENS):
+
+        def step(token: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            nonlocal h, c
             log_probs, h, c, weights = self.decoder.run(
                 None, {"prev_token": token, "h": h, "c": c, "features": features, "keys": keys})
-            token = log_probs.argmax(-1).astype(np.int64)
-            steps.append(token)
-            rows.append(weights)
-            done |= token == self.eos_id
-            if done.all():
-                break
-        all_tokens = np.stack(steps, 1).tolist()
-        all_rows = np.stack(rows, 1)
-        tokens, attention = [], []
-        for b, seq in enumerate(all_tokens):
-            n = seq.index(self.eos_id) if self.eos_id in seq else len(seq)
-            tokens.append(seq[:n])
-            attention.append(all_rows[b, : min(n + 1, len(seq))])
-        return tokens, attention
+            return log_probs, weights
+
+        return greedy_loop(step, len(images), self.bos_id, self.eos_id, MAX_CAPTION_TOKENS)
 
 
 def _normalised(model: ShowAttendTell, images: np.ndarray) -> torch.Tensor:

@@ -8,7 +8,7 @@ decoder inputs, which are the initial state, and which step output replaces each
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,32 @@ ATTENTION_TOLERANCE = 1e-4
 # conversion (an overflow to inf, a wrong cast) changes most sentences, or the attention by far more.
 FP16_ATTENTION_TOLERANCE = 1e-2
 FP16_TOKEN_AGREEMENT = 0.95
+
+
+def greedy_loop(step: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], batch: int, bos_id: int, eos_id: int,
+                max_steps: int) -> tuple[list[list[int]], list[np.ndarray]]:
+    """Greedy decoding over a numpy step (previous tokens → log-probabilities, attention; the closure keeps the
+    state), as :func:`training.models.decoding.greedy_loop` does in torch: each sentence's tokens without EOS and
+    its attention rows, EOS's included."""
+    token = np.full(batch, bos_id, dtype=np.int64)
+    done = np.zeros(batch, dtype=bool)
+    steps, rows = [], []
+    for _ in range(max_steps):
+        log_probs, weights = step(token)
+        token = log_probs.argmax(-1).astype(np.int64)
+        steps.append(token)
+        rows.append(weights)
+        done |= token == eos_id
+        if done.all():
+            break
+    all_tokens = np.stack(steps, 1).tolist()
+    all_rows = np.stack(rows, 1)
+    tokens, attention = [], []
+    for b, seq in enumerate(all_tokens):
+        n = seq.index(eos_id) if eos_id in seq else len(seq)
+        tokens.append(seq[:n])
+        attention.append(all_rows[b, : min(n + 1, len(seq))])
+    return tokens, attention
 
 
 @dataclass
@@ -66,26 +92,15 @@ class OnnxGreedy:
         static[bind.mask_input] = src != self.pad_id
         state = {name: encoded[name] for name in bind.state}
         fetch = [bind.log_probs_output, bind.attention_output, *bind.state.values()]
-        token = np.full(len(batch), self.bos_id, dtype=np.int64)
-        done = np.zeros(len(batch), dtype=bool)
-        steps, rows = [], []
-        for _ in range(max_target_len(src.shape[1])):
+
+        def step(token: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            nonlocal state
             log_probs, weights, *next_state = self.decoder.run(fetch, {bind.token_input: token, **state, **static})
             state = dict(zip(bind.state, next_state))
-            token = log_probs.argmax(-1).astype(np.int64)
-            steps.append(token)
-            rows.append(weights)
-            done |= token == self.eos_id
-            if done.all():
-                break
-        all_tokens = np.stack(steps, 1).tolist()
-        all_rows = np.stack(rows, 1)
-        tokens, attention = [], []
-        for b, seq in enumerate(all_tokens):
-            n = seq.index(self.eos_id) if self.eos_id in seq else len(seq)
-            tokens.append(seq[:n])
-            attention.append(all_rows[b, : min(n + 1, len(seq)), : len(batch[b])])
-        return tokens, attention
+            return log_probs, weights
+
+        tokens, rows = greedy_loop(step, len(batch), self.bos_id, self.eos_id, max_target_len(src.shape[1]))
+        return tokens, [r[:, : len(b)] for r, b in zip(rows, batch)]
 
 
 @dataclass
