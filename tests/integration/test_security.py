@@ -284,6 +284,18 @@ def test_other_services_on_the_port_need_the_token(token_server: RunningServer) 
     assert _code(lambda: live(b"", timeout=10)) == grpc.StatusCode.UNAUTHENTICATED
 
 
+def _denied_codes(port: int) -> list[grpc.StatusCode]:
+    """The status codes of a bidirectional and a server-streaming call made without a token."""
+    codes = []
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        for call in (lambda: channel.stream_stream("/test.Echo/Chat")(iter([b"a", b"b"]), timeout=10),
+                     lambda: channel.unary_stream("/test.Echo/Count")(b"", timeout=10)):
+            with pytest.raises(grpc.RpcError) as info:
+                list(call())
+            codes.append(info.value.code())
+    return codes
+
+
 def test_streaming_methods_of_other_services_are_guarded() -> None:
     """The denial takes the shape of the method it stands in for: server and bidirectional streaming too."""
 
@@ -305,14 +317,13 @@ def test_streaming_methods_of_other_services_are_guarded() -> None:
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         try:
+            # The denials are read with the blocking client, off the loop: the asyncio client reports INTERNAL
+            # instead of the server's status when one of its writes races the server ending the call
+            # (grpc/grpc#36066), which is a client bug, not the shape of our denial.
+            assert await asyncio.to_thread(_denied_codes, port) == [grpc.StatusCode.UNAUTHENTICATED] * 2
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 chat_call = channel.stream_stream("/test.Echo/Chat")
                 count_call = channel.unary_stream("/test.Echo/Count")
-                for call in (lambda: chat_call(iter([b"a", b"b"]), timeout=10),
-                             lambda: count_call(b"", timeout=10)):
-                    with pytest.raises(grpc.aio.AioRpcError) as info:
-                        [m async for m in call()]
-                    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
                 auth = _bearer(TOKEN)
                 assert [m async for m in chat_call(iter([b"a", b"b"]), metadata=auth, timeout=10)] == [b"a", b"b"]
                 assert [m async for m in count_call(b"", metadata=auth, timeout=10)] == [b"\x00", b"\x01", b"\x02"]
