@@ -19,7 +19,6 @@ import sentencepiece as spm
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm import tqdm
 
 from training import checkpoint
 from training.batching import pad
@@ -27,13 +26,14 @@ from training.caption_eval import MAX_CAPTION_TOKENS, bleu, caption_images, teac
 from training.data.captions import CaptionSet, data_hash, load_caption_data
 from training.loop import (
     Progress,
+    Step,
     device_for,
     distributed,
-    eta,
     hardware,
+    restore,
     resumed_config,
     save_checkpoints,
-    should_stop,
+    train_epochs,
 )
 from training.models.caption import ShowAttendTell, ShowAttendTellConfig, doubly_stochastic_penalty, normalise
 from training.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
@@ -193,11 +193,7 @@ def train(cfg: CaptionTrainConfig, resume_path: Path | None = None) -> Path:
     best: dict[str, Any] = {}
     history: list[dict[str, Any]] = []
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        progress = Progress(**resume["progress"])
-        best = resume["best"]
-        history = resume["history"]
+        progress, best, history = restore(resume, model, optimizer)
     ddp: nn.Module = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     use_amp = cfg.amp and device.type == "cuda"
     data_info = {
@@ -231,49 +227,28 @@ def train(cfg: CaptionTrainConfig, resume_path: Path | None = None) -> Path:
             time.monotonic() - started_loading, len(valid_examples), model_cfg.vocab_size, model.grid(),
             sum(p.numel() for p in model.parameters()),
         )
-    bar = tqdm(total=cfg.max_steps or None, initial=progress.step, disable=rank != 0, dynamic_ncols=True, unit="step")
     model.train()
-    started = time.monotonic() - progress.elapsed_s
-    window_images, window_start = 0, time.monotonic()
     train_set = splits["train"]
-    while not should_stop(cfg, progress, world):
-        batches = _batches(len(train_examples), cfg.batch_size, cfg.seed, progress.epoch)
-        batches = batches[: len(batches) - len(batches) % world] if world > 1 else batches
-        while progress.batch_in_epoch < len(batches):
-            batch = [train_examples[i] for i in batches[progress.batch_in_epoch + rank]]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                ce, reg, tokens = _loss(ddp, cfg, train_set, batch, device, model_cfg.mean, model_cfg.std)
-                loss = ce + reg
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-            optimizer.step()
 
-            progress.step += 1
-            progress.batch_in_epoch += world
-            progress.target_tokens += tokens * world
-            progress.elapsed_s = time.monotonic() - started
-            window_images += len(batch) * world
-            bar.update(1)
-            if progress.step % 10 == 0:
-                now = time.monotonic()
-                rate = window_images / max(now - window_start, 1e-6)
-                bar.set_postfix(loss=f"{ce.item():.3f}", reg=f"{reg.item():.2f}", img_s=f"{rate:,.0f}",
-                                epoch=progress.epoch, eta=eta(cfg, progress, 0.0, len(batches), world))
-                window_images, window_start = 0, now
-            if progress.step % cfg.valid_every == 0:
-                _checkpoint(rank, world, cfg, model, sp, splits["valid"], valid_examples, device, progress, best,
-                            history, payload, out)
-            if should_stop(cfg, progress, world):
-                break
-        else:
-            progress.epoch += 1
-            progress.batch_in_epoch = 0
-    bar.close()
-    _checkpoint(rank, world, cfg, model, sp, splits["valid"], valid_examples, device, progress, best, history,
-                payload, out)
-    if world > 1:
-        dist.barrier()
+    def step(batch: list[int]) -> Step:
+        examples = [train_examples[i] for i in batch]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            ce, reg, tokens = _loss(ddp, cfg, train_set, examples, device, model_cfg.mean, model_cfg.std)
+            loss = ce + reg
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        optimizer.step()
+        return Step(tokens, len(examples), {"loss": ce.detach(), "reg": reg.detach()})
+
+    def checkpoint_now() -> None:
+        _checkpoint(rank, world, cfg, model, sp, splits["valid"], valid_examples, device, progress, best, history,
+                    payload, out)
+
+    def batches(epoch: int) -> list[list[int]]:
+        return _batches(len(train_examples), cfg.batch_size, cfg.seed, epoch)
+
+    train_epochs(cfg, progress, rank, world, batches, step, checkpoint_now, items="img")
     return out / "best.pt"
 
 

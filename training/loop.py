@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from training import checkpoint
 
@@ -27,6 +29,68 @@ class Progress:
     batch_in_epoch: int = 0
     target_tokens: int = 0
     elapsed_s: float = 0.0
+
+
+@dataclass
+class Step:
+    """What one optimiser step on this process did, as the shared loop counts and shows it."""
+
+    target_tokens: int
+    items: int  # sentences or images
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)  # read (a device sync) only when the bar shows them
+
+
+def train_epochs(
+    cfg: Any, progress: Progress, rank: int, world: int, batches: Callable[[int], list[list[int]]],
+    step: Callable[[list[int]], Step], checkpoint_now: Callable[[], None], items: str,
+) -> None:
+    """Run ``step`` on this process's share of every epoch's batches until a budget runs out, validating and
+    checkpointing every ``cfg.valid_every`` steps and once at the end.
+
+    ``batches(epoch)`` must give every process the same list; process ``rank`` takes every ``world``-th batch, and
+    ``progress.batch_in_epoch`` is where a resumed run picks up. ``items`` names what ``Step.items`` counts on the bar.
+    """
+    bar = tqdm(total=cfg.max_steps or None, initial=progress.step, disable=rank != 0, dynamic_ncols=True, unit="step")
+    started = time.monotonic() - progress.elapsed_s
+    window_tokens, window_items, window_start = 0, 0, time.monotonic()
+    while not should_stop(cfg, progress, world):
+        epoch = batches(progress.epoch)
+        epoch = epoch[: len(epoch) - len(epoch) % world] if world > 1 else epoch
+        while progress.batch_in_epoch < len(epoch):
+            done = step(epoch[progress.batch_in_epoch + rank])
+            progress.step += 1
+            progress.batch_in_epoch += world
+            progress.target_tokens += done.target_tokens * world
+            progress.elapsed_s = time.monotonic() - started
+            window_tokens += done.target_tokens * world
+            window_items += done.items * world
+            bar.update(1)
+            if progress.step % 10 == 0:
+                seconds = max(time.monotonic() - window_start, 1e-6)
+                tokens_per_s = window_tokens / seconds
+                bar.set_postfix({**{name: f"{loss.item():.3f}" for name, loss in done.losses.items()},
+                                 "tok_s": f"{tokens_per_s:,.0f}", f"{items}_s": f"{window_items / seconds:,.1f}",
+                                 "epoch": progress.epoch, "eta": eta(cfg, progress, tokens_per_s, len(epoch), world)})
+                window_tokens, window_items, window_start = 0, 0, time.monotonic()
+            if progress.step % cfg.valid_every == 0:
+                checkpoint_now()
+            if should_stop(cfg, progress, world):
+                break
+        else:
+            progress.epoch += 1
+            progress.batch_in_epoch = 0
+    bar.close()
+    checkpoint_now()
+    if world > 1:
+        dist.barrier()
+
+
+def restore(resume: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            ) -> tuple[Progress, dict[str, Any], list[dict[str, Any]]]:
+    """Load a saved run's weights and optimiser state; return its progress, best entry and validation history."""
+    model.load_state_dict(resume["model"])
+    optimizer.load_state_dict(resume["optimizer"])
+    return Progress(**resume["progress"]), resume["best"], resume["history"]
 
 
 def distributed() -> tuple[int, int]:

@@ -7,9 +7,7 @@ the same batches and takes every N-th one; gradients are averaged by Distributed
 from __future__ import annotations
 
 import logging
-import os
 import random
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -18,18 +16,23 @@ import sentencepiece as spm
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm import tqdm
 
 from training import checkpoint
 from training.batching import Example, collate, make_batches
 from training.checkpoint import TranslationModel
 from training.data.corpus import Pair, data_hash, load_corpus, split
 from training.evaluate import group_references, score, translate
-from training.loop import Progress, save_checkpoints
-from training.loop import device_for as _device
-from training.loop import distributed as _distributed
-from training.loop import eta as _eta
-from training.loop import should_stop as _should_stop
+from training.loop import (
+    Progress,
+    Step,
+    device_for,
+    distributed,
+    hardware,
+    restore,
+    resumed_config,
+    save_checkpoints,
+    train_epochs,
+)
 from training.models.rnn import ATTENTIONS, Seq2SeqConfig
 from training.models.transformer import TransformerConfig
 from training.tokenizer import BOS_ID, EOS_ID, PAD_ID, train_tokenizer
@@ -150,13 +153,11 @@ def _validate(
 
 def train(cfg: TrainConfig, resume_path: Path | None = None) -> Path:
     """Train and return the path of the best checkpoint."""
-    rank, world = _distributed()
-    device = _device(cfg.device, rank)
+    rank, world = distributed()
+    device = device_for(cfg.device, rank)
     resume = checkpoint.load(resume_path) if resume_path else None
     if resume is not None:
-        # The run continues as configured; only budgets given anew on the command line extend it.
-        budgets = {k: v for k, v in asdict(cfg).items() if k.startswith("max_") and k != "max_tokens" and v}
-        cfg = TrainConfig(**{**resume["train_config"], **budgets})
+        cfg = resumed_config(TrainConfig, cfg, resume["train_config"])
     if cfg.arch == "transformer" and cfg.attention == "bahdanau":
         cfg = replace(cfg, attention="multihead")  # what the run is, in its saved config
     model_config(cfg, cfg.vocab_size)  # an unknown --arch or --attention fails now, not after the tokenizer
@@ -181,11 +182,7 @@ def train(cfg: TrainConfig, resume_path: Path | None = None) -> Path:
     best = {"valid_loss": float("inf")}
     history: list[dict[str, Any]] = []
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        progress = Progress(**resume["progress"])
-        best = resume["best"]
-        history = resume["history"]
+        progress, best, history = restore(resume, model, optimizer)
     ddp: nn.Module = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     use_amp = cfg.amp and device.type == "cuda"
 
@@ -210,8 +207,7 @@ def train(cfg: TrainConfig, resume_path: Path | None = None) -> Path:
             "progress": asdict(progress),
             "best": best,
             "history": history,
-            "hardware": f"{world}x {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
-            f" ({os.cpu_count()} cores)",
+            "hardware": hardware(device, world),
         }
 
     if rank == 0:
@@ -220,56 +216,32 @@ def train(cfg: TrainConfig, resume_path: Path | None = None) -> Path:
             device, world, len(train_examples), len(valid_examples), model_cfg.vocab_size,
             sum(p.numel() for p in model.parameters()),
         )
-    bar_total = cfg.max_steps or None
-    bar = tqdm(total=bar_total, initial=progress.step, disable=rank != 0, dynamic_ncols=True, unit="step")
     model.train()
-    started = time.monotonic() - progress.elapsed_s
-    window_tokens, window_start = 0, time.monotonic()
-    while not _should_stop(cfg, progress, world):
-        batches = make_batches(train_examples, cfg.max_tokens, cfg.seed, progress.epoch)
-        batches = batches[: len(batches) - len(batches) % world] if world > 1 else batches
-        while progress.batch_in_epoch < len(batches):
-            idx = batches[progress.batch_in_epoch + rank]
-            src, lengths, tgt = (t.to(device) for t in collate([train_examples[i] for i in idx], PAD_ID))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits, _ = ddp(src, lengths, tgt[:, :-1])
-                loss = nn.functional.cross_entropy(
-                    logits.flatten(0, 1).float(), tgt[:, 1:].flatten(), ignore_index=PAD_ID
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.warmup_steps:
-                for group in optimizer.param_groups:
-                    group["lr"] = cfg.lr * min(1.0, (progress.step + 1) / cfg.warmup_steps)
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-            optimizer.step()
 
-            tokens = int((tgt[:, 1:] != PAD_ID).sum()) * world
-            progress.step += 1
-            progress.batch_in_epoch += world
-            progress.target_tokens += tokens
-            progress.elapsed_s = time.monotonic() - started
-            window_tokens += tokens
-            bar.update(1)
-            if progress.step % 10 == 0:
-                now = time.monotonic()
-                rate = window_tokens / max(now - window_start, 1e-6)
-                bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:,.0f}", epoch=progress.epoch,
-                                eta=_eta(cfg, progress, rate, len(batches), world))
-                window_tokens, window_start = 0, now
-            if progress.step % cfg.valid_every == 0:
-                _checkpoint(rank, world, cfg, model, sp, splits["valid"], valid_examples, device, progress, best,
-                            history, payload, out)
-            if _should_stop(cfg, progress, world):
-                break
-        else:
-            progress.epoch += 1
-            progress.batch_in_epoch = 0
-    bar.close()
-    _checkpoint(rank, world, cfg, model, sp, splits["valid"], valid_examples, device, progress, best, history,
-                payload, out)
-    if world > 1:
-        dist.barrier()
+    def step(batch: list[int]) -> Step:
+        src, lengths, tgt = (t.to(device) for t in collate([train_examples[i] for i in batch], PAD_ID))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            logits, _ = ddp(src, lengths, tgt[:, :-1])
+            loss = nn.functional.cross_entropy(
+                logits.flatten(0, 1).float(), tgt[:, 1:].flatten(), ignore_index=PAD_ID
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.warmup_steps:
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * min(1.0, (progress.step + 1) / cfg.warmup_steps)
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        optimizer.step()
+        return Step(int((tgt[:, 1:] != PAD_ID).sum()), len(batch), {"loss": loss.detach()})
+
+    def checkpoint_now() -> None:
+        _checkpoint(rank, world, cfg, model, sp, splits["valid"], valid_examples, device, progress, best, history,
+                    payload, out)
+
+    def batches(epoch: int) -> list[list[int]]:
+        return make_batches(train_examples, cfg.max_tokens, cfg.seed, epoch)
+
+    train_epochs(cfg, progress, rank, world, batches, step, checkpoint_now, items="sent")
     return out / "best.pt"
 
 
