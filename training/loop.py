@@ -1,7 +1,8 @@
-"""What every training loop of the project shares: processes, devices, progress, budgets and the ETA.
+"""What every training run of the project shares: processes, devices, progress, budgets, the ETA and the epoch loop.
 
-The translation loop (:mod:`training.train`) and the captioning loop (:mod:`training.caption_train`) both use these,
-so that ``--max-minutes``, ``--resume``, ``--device`` and ``torchrun`` mean the same thing for every model family.
+Translation (:mod:`training.train`) and captioning (:mod:`training.caption_train`) give :func:`train_epochs` only
+their batches and their optimiser step, so that ``--max-minutes``, ``--resume``, ``--device`` and ``torchrun`` mean
+the same thing for every model family.
 A config passed here needs the budget fields ``max_steps``, ``max_target_tokens``, ``max_minutes`` and ``epochs``.
 """
 
