@@ -20,6 +20,7 @@ import torch
 from server.artifacts import DecoderBinding
 from training.batching import pad
 from training.evaluate import max_target_len
+from training.models import decoding
 
 ATTENTION_TOLERANCE = 1e-4
 # The fp16 variant (exporter/fp16.py) passes with 95% of its greedy outputs identical to PyTorch fp32 and attention
@@ -32,28 +33,15 @@ FP16_TOKEN_AGREEMENT = 0.95
 
 def greedy_loop(step: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], batch: int, bos_id: int, eos_id: int,
                 max_steps: int) -> tuple[list[list[int]], list[np.ndarray]]:
-    """Greedy decoding over a numpy step (previous tokens → log-probabilities, attention; the closure keeps the
-    state), as :func:`training.models.decoding.greedy_loop` does in torch: each sentence's tokens without EOS and
-    its attention rows, EOS's included."""
-    token = np.full(batch, bos_id, dtype=np.int64)
-    done = np.zeros(batch, dtype=bool)
-    steps, rows = [], []
-    for _ in range(max_steps):
-        log_probs, weights = step(token)
-        token = log_probs.argmax(-1).astype(np.int64)
-        steps.append(token)
-        rows.append(weights)
-        done |= token == eos_id
-        if done.all():
-            break
-    all_tokens = np.stack(steps, 1).tolist()
-    all_rows = np.stack(rows, 1)
-    tokens, attention = [], []
-    for b, seq in enumerate(all_tokens):
-        n = seq.index(eos_id) if eos_id in seq else len(seq)
-        tokens.append(seq[:n])
-        attention.append(all_rows[b, : min(n + 1, len(seq))])
-    return tokens, attention
+    """:func:`training.models.decoding.greedy_loop` over a numpy step (previous tokens → log-probabilities,
+    attention; the closure keeps the state), so that the graphs are checked by the very loop PyTorch decodes with."""
+
+    def torch_step(token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        log_probs, weights = step(token.numpy())
+        return torch.from_numpy(log_probs), torch.from_numpy(weights)
+
+    tokens, rows = decoding.greedy_loop(torch_step, batch, bos_id, eos_id, max_steps, torch.device("cpu"))
+    return tokens, [row.numpy() for row in rows]
 
 
 @dataclass
