@@ -3,11 +3,22 @@ position per int, a fixed step budget from the options, the server's own search.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from server.search import Search
 
 BOS, EOS = 0, 1
+
+
+@dataclass(frozen=True)
+class Options:
+    """The decoding options the hooks read, as the server's request options carry them."""
+
+    beam_size: int = 1
+    nbest: int = 1
+    length_penalty: float = 1.0
+    max_steps: int = 12
 
 
 class EngineHooks:

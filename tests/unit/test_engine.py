@@ -10,7 +10,6 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import CancelledError
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,17 +18,9 @@ import pytest
 from server.engine import Engine, Limits
 from server.errors import DeadlineExceeded, Overloaded
 from server.search import Hypothesis, State, run_search
-from tests.unit.engine_fakes import EngineHooks
+from tests.unit.engine_fakes import EngineHooks, Options
 
 BOS, EOS, VOCAB, HIDDEN = 0, 1, 9, 6
-
-
-@dataclass(frozen=True)
-class Options:
-    beam_size: int = 1
-    nbest: int = 1
-    length_penalty: float = 1.0
-    max_steps: int = 12
 
 
 class FakeModel(EngineHooks):

@@ -11,7 +11,6 @@ import gc
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,7 +23,7 @@ from server.device import CPU, Device
 from server.engine import Engine, Limits
 from server.iobinding import BoundStep, DeviceTensor, RowGather, Uploads, gather_graph
 from server.search import Hypothesis, State, run_search
-from tests.unit.engine_fakes import EngineHooks
+from tests.unit.engine_fakes import EngineHooks, Options
 
 BOS, EOS, VOCAB, HIDDEN = 0, 1, 11, 8
 BOUND_CPU = Device("cpu", [CPU], "test", io_binding=True)
@@ -69,14 +68,6 @@ def step_graph(growing: bool) -> bytes:
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
     return model.SerializeToString()
-
-
-@dataclass(frozen=True)
-class Options:
-    beam_size: int = 1
-    nbest: int = 1
-    length_penalty: float = 1.0
-    max_steps: int = 14
 
 
 class OnnxModel(EngineHooks):
@@ -188,7 +179,7 @@ def test_static_inputs_are_uploaded_once_and_freed_with_their_array() -> None:
 
 
 @pytest.mark.parametrize("growing", [False, True])
-@pytest.mark.parametrize("options", [Options(), Options(beam_size=3, nbest=2)])
+@pytest.mark.parametrize("options", [Options(max_steps=14), Options(beam_size=3, nbest=2, max_steps=14)])
 def test_search_through_the_binding_finds_exactly_what_plain_run_finds(growing: bool, options: Options) -> None:
     bound = OnnxModel(True, growing)
     identical(bound.decode(SOURCES, options), OnnxModel(False, growing).decode(SOURCES, options))
@@ -223,7 +214,7 @@ def test_the_engine_reorders_drops_and_joins_device_state(engines: list[Engine],
     model.gate = threading.Semaphore(0)
     engine = Engine(model, Limits())  # type: ignore[arg-type]
     engines.append(engine)
-    beam, greedy = Options(beam_size=3, nbest=2), Options(max_steps=9)
+    beam, greedy = Options(beam_size=3, nbest=2, max_steps=14), Options(max_steps=9)
     first = [engine.submit([SOURCES[0], SOURCES[1]], beam), engine.submit([SOURCES[2]], greedy)]
     model.gate.release(2)
     wait_until(lambda: model.steps == 2, "two steps")
