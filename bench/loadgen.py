@@ -24,8 +24,8 @@ from typing import Any
 import grpc
 import numpy as np
 
-from attention.v1 import attention_pb2 as pb
-from attention.v1 import attention_pb2_grpc as pb_grpc
+from attention_pb.v1 import attention_pb2 as pb
+from attention_pb.v1 import attention_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 

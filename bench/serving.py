@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from attention.v1 import attention_pb2 as pb  # noqa: E402
+from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
 from bench.loadgen import Run, ServerProcess, drive  # noqa: E402
 
 CONCURRENCY = [1, 4, 16, 64, 256]

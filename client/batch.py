@@ -31,8 +31,8 @@ from typing import Any, cast
 import grpc
 from google.protobuf import json_format
 
-from attention.v1 import attention_pb2 as pb
-from attention.v1 import attention_pb2_grpc as pb_grpc
+from attention_pb.v1 import attention_pb2 as pb
+from attention_pb.v1 import attention_pb2_grpc as pb_grpc
 from client.batch_io import (
     CHECKPOINT_SECONDS,
     BatchError,

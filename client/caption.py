@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 from google.protobuf import json_format
 
-from attention.v1 import attention_pb2 as pb
-from attention.v1 import attention_pb2_grpc as pb_grpc
+from attention_pb.v1 import attention_pb2 as pb
+from attention_pb.v1 import attention_pb2_grpc as pb_grpc
 from client.options import add_decoding_arguments, decoding_options
 
 

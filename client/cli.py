@@ -21,8 +21,8 @@ import grpc
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from attention.v1 import attention_pb2 as pb
-from attention.v1 import attention_pb2_grpc as pb_grpc
+from attention_pb.v1 import attention_pb2 as pb
+from attention_pb.v1 import attention_pb2_grpc as pb_grpc
 from client import batch, caption, connection, render
 from client.options import add_decoding_arguments, decoding_options
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from attention.v1 import attention_pb2 as pb
+from attention_pb.v1 import attention_pb2 as pb
 from client.render import matrix
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from attention.v1 import attention_pb2 as pb
+from attention_pb.v1 import attention_pb2 as pb
 
 
 def decoding_options(args: argparse.Namespace, details: dict[str, Any]) -> pb.DecodingOptions:

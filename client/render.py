@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from attention.v1 import attention_pb2 as pb
+from attention_pb.v1 import attention_pb2 as pb
 
 MIN_WEIGHT = 0.1  # source words below this share of a target word's attention are not listed
 MAX_SOURCES = 3

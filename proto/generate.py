@@ -1,12 +1,13 @@
 """Regenerates the committed Python code of the ``.proto`` contract: ``python proto/generate.py [--check]``.
 
-The generated modules live in the importable package ``attention/v1/`` at the repository root, mirroring the
-proto package ``attention.v1``: ``*_pb2.py`` and ``*_pb2_grpc.py`` from grpcio-tools, ``*.pyi`` stubs from
-mypy-protobuf. Triton's KServe V2 protocol (proto package ``inference``, vendored under
-``proto/inference/``) goes to the package ``inference/`` the same way, with two edits (:func:`fix_inference`): its
-files import each other by bare name, which becomes ``from inference import ...``, and its descriptors go to the pool
-of ``inference/__init__.py`` instead of protobuf's default pool, so that a process may also import tritonclient's copy
-of the same protocol. ``--check`` regenerates into a temporary folder and exits 1 if anything differs from what is
+The generated modules of the proto package ``attention.v1`` live in the importable package ``attention_pb/v1/``
+at the repository root (``_pb`` for generated protocol-buffer code, so that nobody looks there for attention
+modules): ``*_pb2.py`` and ``*_pb2_grpc.py`` from grpcio-tools, ``*.pyi`` stubs from mypy-protobuf, with their
+imports moved from ``attention.v1`` to ``attention_pb.v1`` (:func:`relocate`). Triton's KServe V2 protocol (proto
+package ``inference``, vendored under ``proto/inference/``) goes to the package ``kserve_v2_pb/`` the same way, with
+two edits (:func:`fix_kserve_v2`): its files import each other by bare name, which becomes ``from kserve_v2_pb import
+...``, and its descriptors go to the pool of ``kserve_v2_pb/__init__.py`` instead of protobuf's default pool, so that
+a process may also import tritonclient's copy of the same protocol. ``--check`` regenerates into a temporary folder and exits 1 if anything differs from what is
 committed (a test runs it). The output depends on the tool versions, so they are pinned here and in pyproject.toml.
 """
 
@@ -24,17 +25,19 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
 PROTOS = ["attention/v1/attention.proto"]
 INFERENCE_PROTOS = ["grpc_service.proto", "model_config.proto"]  # compiled from proto/inference/, as upstream does
+ATTENTION_PACKAGE = "attention_pb"  # the Python package of the proto package ``attention.v1``
+KSERVE_V2_PACKAGE = "kserve_v2_pb"  # ... and of Triton's ``inference``
 GENERATED = [
-    "attention/v1/attention_pb2.py",
-    "attention/v1/attention_pb2.pyi",
-    "attention/v1/attention_pb2_grpc.py",
-    "attention/v1/attention_pb2_grpc.pyi",
-    *(f"inference/{name[:-len('.proto')]}{suffix}" for name in INFERENCE_PROTOS
+    f"{ATTENTION_PACKAGE}/v1/attention_pb2.py",
+    f"{ATTENTION_PACKAGE}/v1/attention_pb2.pyi",
+    f"{ATTENTION_PACKAGE}/v1/attention_pb2_grpc.py",
+    f"{ATTENTION_PACKAGE}/v1/attention_pb2_grpc.pyi",
+    *(f"{KSERVE_V2_PACKAGE}/{name[:-len('.proto')]}{suffix}" for name in INFERENCE_PROTOS
       for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")),
 ]
 _BARE_IMPORT = re.compile(r"^import (\w+_pb2) as ", re.MULTILINE)
 _DEFAULT_POOL = "DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile("
-_PRIVATE_POOL = "from inference import POOL as _POOL\nDESCRIPTOR = _POOL.AddSerializedFile("
+_PRIVATE_POOL = f"from {KSERVE_V2_PACKAGE} import POOL as _POOL\nDESCRIPTOR = _POOL.AddSerializedFile("
 TOOLS = {"grpcio-tools": "1.85.1", "mypy-protobuf": "5.1.0"}
 
 
@@ -72,18 +75,30 @@ def protoc(proto_path: Path, out: Path, protos: list[str]) -> None:
         raise SystemExit("protoc failed")
 
 
-def fix_inference(folder: Path) -> None:
-    """Package-qualified imports and the package's own descriptor pool in the generated ``inference`` modules."""
+def relocate(generated: Path, out: Path) -> None:
+    """Moves protoc's ``attention/v1/`` output to ``attention_pb/v1/``, with the module paths in it."""
+    target = out / ATTENTION_PACKAGE / "v1"
+    target.mkdir(parents=True, exist_ok=True)
+    for path in sorted((generated / "attention" / "v1").glob("*_pb2*.py*")):
+        text = path.read_text().replace("from attention.v1 import", f"from {ATTENTION_PACKAGE}.v1 import")
+        text = text.replace("'attention.v1.attention_pb2'", f"'{ATTENTION_PACKAGE}.v1.attention_pb2'")
+        (target / path.name).write_text(text)
+
+
+def fix_kserve_v2(folder: Path) -> None:
+    """Package-qualified imports and the package's own descriptor pool in the generated V2 protocol modules."""
     for path in sorted(folder.glob("*_pb2*.py*")):
-        text = _BARE_IMPORT.sub(r"from inference import \1 as ", path.read_text())
+        text = _BARE_IMPORT.sub(rf"from {KSERVE_V2_PACKAGE} import \1 as ", path.read_text())
         path.write_text(text.replace(_DEFAULT_POOL, _PRIVATE_POOL))
 
 
 def generate(out: Path) -> None:
-    protoc(PROTO_ROOT, out, PROTOS)
-    (out / "inference").mkdir(exist_ok=True)
-    protoc(PROTO_ROOT / "inference", out / "inference", INFERENCE_PROTOS)
-    fix_inference(out / "inference")
+    with tempfile.TemporaryDirectory() as tmp:
+        protoc(PROTO_ROOT, Path(tmp), PROTOS)
+        relocate(Path(tmp), out)
+    (out / KSERVE_V2_PACKAGE).mkdir(exist_ok=True)
+    protoc(PROTO_ROOT / "inference", out / KSERVE_V2_PACKAGE, INFERENCE_PROTOS)
+    fix_kserve_v2(out / KSERVE_V2_PACKAGE)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from attention.v1 import attention_pb2 as pb
+from attention_pb.v1 import attention_pb2 as pb
 from server.artifacts import Token
 from server.artifacts.alignment import token_words
 from server.captioning import CaptionModel, CaptionResult

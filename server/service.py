@@ -21,8 +21,8 @@ from typing import Any, TypeVar
 
 import grpc
 
-from attention.v1 import attention_pb2 as pb
-from attention.v1 import attention_pb2_grpc as pb_grpc
+from attention_pb.v1 import attention_pb2 as pb
+from attention_pb.v1 import attention_pb2_grpc as pb_grpc
 from server import codec, logs
 from server.captioning import CaptionModel, CaptionResult
 from server.errors import InvalidInput, Overloaded, ShuttingDown, to_status

@@ -39,11 +39,11 @@ import grpc
 import numpy as np
 from google.protobuf import descriptor, descriptor_pool
 
-import inference
-from attention.v1 import attention_pb2 as pb
-from inference import grpc_service_pb2 as v2
-from inference import grpc_service_pb2_grpc as v2_grpc
-from inference import model_config_pb2 as mc
+import kserve_v2_pb
+from attention_pb.v1 import attention_pb2 as pb
+from kserve_v2_pb import grpc_service_pb2 as v2
+from kserve_v2_pb import grpc_service_pb2_grpc as v2_grpc
+from kserve_v2_pb import model_config_pb2 as mc
 from server import codec
 from server.captioning import CaptionModel
 from server.errors import InvalidInput, ModelNotFound, NotReady, Unimplemented
@@ -318,7 +318,7 @@ def add_to_server(core: AttentionServicer, server: grpc.aio.Server) -> None:
 
 def reflection_pool(service_names: Iterable[str]) -> descriptor_pool.DescriptorPool:
     """A pool describing every named service for server reflection, wherever its descriptors live: the V2 protocol's
-    are in ``inference.POOL``, the others in protobuf's default pool."""
+    are in ``kserve_v2_pb.POOL``, the others in protobuf's default pool."""
     pool = descriptor_pool.DescriptorPool()
     added: set[str] = set()
 
@@ -331,7 +331,7 @@ def reflection_pool(service_names: Iterable[str]) -> descriptor_pool.DescriptorP
         added.add(file.name)
 
     for name in service_names:
-        for source in (inference.POOL, descriptor_pool.Default()):
+        for source in (kserve_v2_pb.POOL, descriptor_pool.Default()):
             try:
                 add(source.FindServiceByName(name).file)
                 break

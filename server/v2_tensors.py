@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from attention.v1 import attention_pb2 as pb
-from inference import grpc_service_pb2 as v2
+from attention_pb.v1 import attention_pb2 as pb
+from kserve_v2_pb import grpc_service_pb2 as v2
 from server.captioning import CaptionModel
 from server.errors import InvalidInput
 from server.registry import Runtime

@@ -16,8 +16,8 @@ import grpc
 import numpy as np
 from prometheus_client import CollectorRegistry
 
-from attention.v1 import attention_pb2 as pb
-from attention.v1 import attention_pb2_grpc as pb_grpc
+from attention_pb.v1 import attention_pb2 as pb
+from attention_pb.v1 import attention_pb2_grpc as pb_grpc
 from server.app import AttentionServer
 from server.settings import Settings
 

@@ -17,8 +17,8 @@ from typing import Any
 import grpc
 import pytest
 
-from attention.v1 import attention_pb2 as pb
-from attention.v1 import attention_pb2_grpc as pb_grpc
+from attention_pb.v1 import attention_pb2 as pb
+from attention_pb.v1 import attention_pb2_grpc as pb_grpc
 from client.cli import main
 from tests.conftest import DING_SAMPLE
 from tests.integration.serving import RunningServer, settings

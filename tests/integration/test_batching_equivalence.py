@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from attention.v1 import attention_pb2 as pb
+from attention_pb.v1 import attention_pb2 as pb
 from tests.conftest import DING_SAMPLE
 from tests.integration.serving import RunningServer, matrix, settings
 

@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 import pytest
 
-from attention.v1 import attention_pb2 as pb
+from attention_pb.v1 import attention_pb2 as pb
 from tests.integration.serving import RunningServer, check_spans, matrix, settings
 from tests.unit.test_caption_imaging import accepted_inputs, encode, refused_inputs
 from training.data.scenes import render, scenes

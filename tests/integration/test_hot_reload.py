@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from attention.v1 import attention_pb2 as pb
+from attention_pb.v1 import attention_pb2 as pb
 from tests.integration.serving import RunningServer, settings
 from tests.integration.test_server_lifecycle import _attn_serve, _wait_for_event
 

@@ -24,7 +24,7 @@ import grpc
 import pytest
 import yaml
 
-from attention.v1 import attention_pb2 as pb
+from attention_pb.v1 import attention_pb2 as pb
 from tests.integration.serving import RunningServer, settings
 from tests.unit.test_deploy import (
     ALERTS,

@@ -19,8 +19,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
-from attention.v1 import attention_pb2 as pb
-from attention.v1 import attention_pb2_grpc as pb_grpc
+from attention_pb.v1 import attention_pb2 as pb
+from attention_pb.v1 import attention_pb2_grpc as pb_grpc
 from client import connection
 from client.cli import main
 from server.app import AttentionServer

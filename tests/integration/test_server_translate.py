@@ -9,7 +9,7 @@ import grpc
 import numpy as np
 import pytest
 
-from attention.v1 import attention_pb2 as pb
+from attention_pb.v1 import attention_pb2 as pb
 from server.errors import StartupError
 from server.translation import TranslationModel
 from tests.integration.serving import RunningServer, check_hypothesis, check_spans, matrix, settings

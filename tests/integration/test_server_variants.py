@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 import pytest
 
-from attention.v1 import attention_pb2 as pb
+from attention_pb.v1 import attention_pb2 as pb
 from tests.conftest import VARIANTS
 from tests.integration.serving import RunningServer, check_hypothesis, matrix, settings
 

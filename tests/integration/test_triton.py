@@ -28,8 +28,8 @@ from google.protobuf import descriptor_pool
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from prometheus_client.parser import text_string_to_metric_families
 
-from attention.v1 import attention_pb2 as pb
-from attention.v1 import attention_pb2_grpc as pb_grpc
+from attention_pb.v1 import attention_pb2 as pb
+from attention_pb.v1 import attention_pb2_grpc as pb_grpc
 
 tc = pytest.importorskip("tritonclient.grpc", reason="the stock V2 client (dev extra: tritonclient)")
 from tritonclient.grpc import service_pb2 as v2  # noqa: E402  (tritonclient's own copy of the protocol)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from attention.v1 import attention_pb2 as pb
+from attention_pb.v1 import attention_pb2 as pb
 from client import render
 
 

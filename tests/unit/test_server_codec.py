@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from attention.v1 import attention_pb2 as pb
+from attention_pb.v1 import attention_pb2 as pb
 from server.codec import check_texts, decode_options
 from server.errors import InvalidInput
 from server.settings import Settings

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from inference import grpc_service_pb2 as v2
+from kserve_v2_pb import grpc_service_pb2 as v2
 from server.errors import InvalidInput
 from server.v2_tensors import (
     Spec,

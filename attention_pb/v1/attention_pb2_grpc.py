@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from attention.v1 import attention_pb2 as attention_dot_v1_dot_attention__pb2
+from attention_pb.v1 import attention_pb2 as attention_dot_v1_dot_attention__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

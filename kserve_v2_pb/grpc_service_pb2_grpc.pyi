@@ -32,7 +32,7 @@ from collections import abc as _abc
 from grpc import aio as _aio
 import abc as _abc_1
 import grpc as _grpc
-from inference import grpc_service_pb2 as _grpc_service_pb2
+from kserve_v2_pb import grpc_service_pb2 as _grpc_service_pb2
 import sys
 import typing as _typing
 

@@ -33,7 +33,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 import builtins as _builtins
-from inference import model_config_pb2 as _model_config_pb2
+from kserve_v2_pb import model_config_pb2 as _model_config_pb2
 import sys
 import typing as _typing
 

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from inference import grpc_service_pb2 as grpc__service__pb2
+from kserve_v2_pb import grpc_service_pb2 as grpc__service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

@@ -18,7 +18,7 @@ Conventions used throughout:
   returns it in the `x-request-id` trailing metadata.
 """
 
-from attention.v1 import attention_pb2 as _attention_pb2
+from attention_pb.v1 import attention_pb2 as _attention_pb2
 from collections import abc as _abc
 from grpc import aio as _aio
 import abc as _abc_1
