@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
@@ -47,6 +47,7 @@ ADMISSION_WINDOW = 64  # queued requests looked at when filling a group by sourc
 # a lane pads its sources to its own longest, not to the longest in flight, and the static inputs that are copied
 # when rows join and leave, and attended over at every step, shrink with it.
 LENGTH_BUCKETS = (16, 32, 64)
+SEARCHES_KEPT = 64  # decoding settings remembered for sharing (a client can send a new length penalty every call)
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ class Engine:
         self._active: list[Request] = []
         self._lanes: list[Lane] = []
         self._rows = self._tokens = 0
-        self._searches: dict[tuple[Any, ...], Search] = {}
+        self._searches: OrderedDict[tuple[Any, ...], Search] = OrderedDict()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"engine-{model.name}-{model.version}", daemon=True)
         self._thread.start()
@@ -150,8 +151,7 @@ class Engine:
         """Queues one request; its future gets each item's hypotheses (best first) or the error that stopped it.
         Cancelling the future takes the request out of the batch at the next step. Raises :class:`Overloaded`."""
         model = self.model
-        search = model.search_for(options)
-        search = self._searches.setdefault(search.key, search)  # one search per setting: vectorised across requests
+        search = self._search_for(options)
         now = time.monotonic()
         request = Request(
             list(items), options, search, model.selection(options), [model.src_len(i) for i in items],
@@ -175,6 +175,17 @@ class Engine:
             self._gauges()
             self._lock.notify()
         return request.future
+
+    def _search_for(self, options: Any) -> Search:
+        """One search object per setting, so that requests with the same setting advance in one vectorised call.
+        Settings include a client's float length penalty, so only the most recently used are remembered: a request
+        whose setting was forgotten gets a new object and advances in a call of its own."""
+        search = self.model.search_for(options)
+        shared = self._searches.setdefault(search.key, search)
+        self._searches.move_to_end(search.key)
+        if len(self._searches) > SEARCHES_KEPT:
+            self._searches.popitem(last=False)
+        return shared
 
     def close(self) -> None:
         """Stops the engine; what is still queued or decoding fails with ShuttingDown."""

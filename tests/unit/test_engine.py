@@ -257,3 +257,30 @@ def test_sources_of_different_lengths_decode_in_their_own_lanes(engines: list[En
         same(hyps, model.alone(item, Options(beam_size=2, nbest=2)))
     assert model.encoded == [3]  # one encoder call for the request
     assert model.steps[:2] == [4, 2]  # the two short sources together, the long one in a lane of its own
+
+
+def test_distinct_length_penalties_do_not_grow_the_engine(engines: list[Engine]) -> None:
+    """A client may send a new float length penalty with every call: the engine keeps only the recent settings,
+    and its memory stays flat over 100,000 distinct values."""
+    import tracemalloc
+
+    from server.engine import SEARCHES_KEPT
+
+    model = FakeModel()
+    engine = start(engines, model)
+    [hyps] = engine.submit([SOURCES[0]], Options(length_penalty=0.5)).result(timeout=30)
+    same(hyps, model.alone(SOURCES[0], Options(length_penalty=0.5)))
+    tracemalloc.start()
+    try:
+        for i in range(10_000):
+            engine._search_for(Options(length_penalty=i / 100_000))
+        settled, _ = tracemalloc.get_traced_memory()
+        for i in range(10_000, 100_000):
+            engine._search_for(Options(length_penalty=i / 100_000))
+        grown = tracemalloc.get_traced_memory()[0] - settled
+    finally:
+        tracemalloc.stop()
+    assert len(engine._searches) <= SEARCHES_KEPT
+    assert grown < 256 * 1024, f"{grown} bytes more after 90,000 more distinct settings"
+    # Recent settings are still shared, so their requests advance together.
+    assert engine._search_for(Options(length_penalty=0.25)) is engine._search_for(Options(length_penalty=0.25))
