@@ -49,6 +49,21 @@ class Unimplemented(ServiceError):
     code = grpc.StatusCode.UNIMPLEMENTED
 
 
+# The longest piece of client input an error message repeats, and the longest message sent. A client's default
+# metadata limit is 16 KiB: a status message near it turns NOT_FOUND into RESOURCE_EXHAUSTED on the client's side.
+ECHO_CHARS = 80
+MESSAGE_CHARS = 2000
+
+
+def echo(value: object, limit: int = ECHO_CHARS) -> str:
+    """``repr(value)`` for an error message, cut to ``limit`` characters with the full length said."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    length = len(value) if isinstance(value, (str, bytes, list, tuple)) else len(text)
+    return f"{text[:limit]}… ({length} in all)"
+
+
 class StartupError(RuntimeError):
     """The server cannot start (bad models directory, unusable device); the message is for the operator."""
 
@@ -56,5 +71,6 @@ class StartupError(RuntimeError):
 def to_status(exc: BaseException, request_id: str) -> tuple[grpc.StatusCode, str]:
     """The status code and client-facing message for ``exc``."""
     if isinstance(exc, ServiceError):
-        return exc.code, str(exc)
+        message = str(exc)
+        return exc.code, message if len(message) <= MESSAGE_CHARS else message[:MESSAGE_CHARS] + "…"
     return grpc.StatusCode.INTERNAL, f"internal error (request id {request_id}); the server log has the details"

@@ -18,7 +18,7 @@ from server.artifacts import Manifest, ManifestError
 from server.captioning import CaptionModel
 from server.device import Device
 from server.engine import Engine, Limits
-from server.errors import ModelNotFound, NotReady, StartupError
+from server.errors import ModelNotFound, NotReady, StartupError, echo
 from server.logs import event
 from server.metrics import Metrics
 from server.runtime import DecoderRuntime
@@ -236,11 +236,12 @@ class Registry:
         name = name or self.default_model
         versions = sorted((v for n, v in self._models if n == name), key=_version_key)
         if not versions:
-            raise ModelNotFound(f"model {name!r} is not loaded; loaded models: {', '.join(self.names())}")
+            raise ModelNotFound(f"model {echo(name)} is not loaded; loaded models: {', '.join(self.names())}")
         if not version:
             return self._models[(name, versions[-1])]
         if (name, version) not in self._models:
-            raise ModelNotFound(f"model {name!r} has no version {version!r}; loaded versions: {', '.join(versions)}")
+            raise ModelNotFound(f"model {echo(name)} has no version {echo(version)}; loaded versions: "
+                                f"{', '.join(versions)}")
         return self._models[(name, version)]
 
     def default_for(self, family: str) -> str:

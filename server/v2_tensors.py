@@ -13,7 +13,7 @@ import numpy as np
 from attention_pb.v1 import attention_pb2 as pb
 from kserve_v2_pb import grpc_service_pb2 as v2
 from server.captioning import CaptionModel
-from server.errors import InvalidInput
+from server.errors import InvalidInput, echo
 from server.registry import Runtime
 
 INT_OPTIONS = ("beam_size", "max_output_tokens", "attention_layer", "attention_head")
@@ -104,14 +104,14 @@ def read_input(request: v2.ModelInferRequest, name: str) -> tuple[list[bytes], l
     """The elements and shape of the one BYTES input ``name``, from raw_input_contents or the typed contents."""
     names = [t.name for t in request.inputs]
     if names != [name]:
-        raise InvalidInput(f"model {request.model_name!r} takes one input {name} (BYTES, [batch, 1] or [batch]); "
-                           f"the request has {names}")
+        raise InvalidInput(f"model {echo(request.model_name)} takes one input {name} (BYTES, [batch, 1] or "
+                           f"[batch]); the request has {echo(names)}")
     tensor = request.inputs[0]
     shape = list(tensor.shape)
     if tensor.datatype != "BYTES":
-        raise InvalidInput(f"input {name} must be BYTES, not {tensor.datatype or 'unset'}")
+        raise InvalidInput(f"input {name} must be BYTES, not {echo(tensor.datatype) if tensor.datatype else 'unset'}")
     if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1) or shape[0] < 1:
-        raise InvalidInput(f"input {name} must have shape [batch, 1] or [batch] with batch >= 1, not {shape}")
+        raise InvalidInput(f"input {name} must have shape [batch, 1] or [batch] with batch >= 1, not {echo(shape)}")
     if request.raw_input_contents:
         if len(request.raw_input_contents) != len(request.inputs) or tensor.HasField("contents"):
             raise InvalidInput("send every input either in raw_input_contents or in its contents, not both")
@@ -130,9 +130,9 @@ def requested_outputs(request: v2.ModelInferRequest, specs: Sequence[Spec]) -> l
     wanted = [o.name for o in request.outputs]
     unknown = [n for n in wanted if n not in names]
     if unknown:
-        raise InvalidInput(f"model {request.model_name!r} has no output {', '.join(unknown)}; it has {names}")
+        raise InvalidInput(f"model {echo(request.model_name)} has no output {echo(unknown)}; it has {names}")
     if len(set(wanted)) != len(wanted):
-        raise InvalidInput(f"an output is requested twice: {wanted}")
+        raise InvalidInput(f"an output is requested twice: {echo(wanted)}")
     if any(o.parameters for o in request.outputs):
         raise InvalidInput("output parameters (classification) are not supported")
     return wanted
@@ -159,7 +159,7 @@ def decoding_options(parameters: Mapping[str, v2.InferParameter], detail: int) -
             if kind not in ("int64_param", "uint64_param"):
                 raise InvalidInput("parameter timeout must be an integer (microseconds)")
         elif key not in PARAMETERS and not key.startswith("triton_"):  # triton_*: the client's own bookkeeping
-            raise InvalidInput(f"unknown parameter {key!r}; this server takes {', '.join(PARAMETERS)}")
+            raise InvalidInput(f"unknown parameter {echo(key)}; this server takes {', '.join(PARAMETERS)}")
     return options
 
 

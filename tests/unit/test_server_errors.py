@@ -36,3 +36,18 @@ def test_unexpected_errors_become_a_generic_internal() -> None:
     code, message = to_status(KeyError("/secret/path"), "abc123")
     assert code == grpc.StatusCode.INTERNAL
     assert "abc123" in message and "secret" not in message
+
+
+def test_echoed_input_is_cut() -> None:
+    from server.errors import ECHO_CHARS, echo
+
+    assert echo("tiny-de-en") == "'tiny-de-en'"
+    cut = echo("x" * 20_000)
+    assert len(cut) < ECHO_CHARS + 30 and cut.endswith("(20000 in all)")
+
+
+def test_no_message_reaches_the_client_whole_past_the_cap() -> None:
+    from server.errors import MESSAGE_CHARS
+
+    code, message = to_status(InvalidInput("y" * 50_000), "rid")
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and len(message) <= MESSAGE_CHARS + 1
