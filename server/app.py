@@ -19,8 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from attention_pb.v1 import attention_pb2 as pb
-from attention_pb.v1 import attention_pb2_grpc as pb_grpc
-from server import device, security, triton
+from server import device, security, triton, wire
 from server.engine import Limits
 from server.errors import StartupError
 from server.health import NOT_SERVING, SERVING, HealthServicer
@@ -70,7 +69,7 @@ class AttentionServer:
         ])
         servicer = AttentionServicer(self.registry, self.pool, s, self.metrics, lambda: self.shutting_down)
         self.servicer = servicer
-        pb_grpc.add_AttentionServiceServicer_to_server(servicer, server)
+        wire.add_servicer(server, servicer, pb.DESCRIPTOR.services_by_name["AttentionService"])
         triton.add_to_server(servicer, server)  # the Triton / KServe V2 protocol on the same port
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         services = [SERVICE_NAME, triton.SERVICE_NAME, grpc_health.SERVICE_NAME, reflection.SERVICE_NAME]

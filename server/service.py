@@ -31,6 +31,7 @@ from server.metrics import Metrics
 from server.registry import Registry
 from server.settings import Settings
 from server.translation import Result, TranslationModel
+from server.wire import Malformed
 
 log = logging.getLogger("attn.rpc")
 
@@ -79,11 +80,17 @@ def rpc(name: str) -> Callable[
             logs.event(log, "rpc_received", level=logging.DEBUG, rpc=name)
             context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
             try:
+                if isinstance(request, Malformed):
+                    raise InvalidInput(f"the request is not a valid {request.message_type}: {request.error}")
                 if self.shutting_down():
                     raise ShuttingDown("the server is shutting down; retry on another instance")
                 return await handler(self, request, context, call)
             except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
+                # gRPC cancels the handler both when the client goes away and when the deadline passes; only the
+                # second is an answer that came too late (and counts against the error ratio).
+                remaining = context.time_remaining()
+                expired = remaining is not None and remaining <= 0
+                code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
                 raise
             except Exception as exc:
                 code, message = to_status(exc, call.request_id)

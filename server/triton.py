@@ -44,7 +44,7 @@ from attention_pb.v1 import attention_pb2 as pb
 from kserve_v2_pb import grpc_service_pb2 as v2
 from kserve_v2_pb import grpc_service_pb2_grpc as v2_grpc
 from kserve_v2_pb import model_config_pb2 as mc
-from server import codec
+from server import codec, wire
 from server.captioning import CaptionModel
 from server.errors import InvalidInput, ModelNotFound, NotReady, Unimplemented
 from server.service import AttentionServicer, Call, rpc
@@ -204,11 +204,10 @@ class TritonServicer(v2_grpc.GRPCInferenceServiceServicer):
             try:
                 response = await self._stream_message(request, message)
             except _Failed as failed:
-                yield v2.ModelStreamInferResponse(
-                    error_message=f"{failed.code.name}: {failed.details}",
-                    infer_response=v2.ModelInferResponse(model_name=request.model_name,
-                                                         model_version=request.model_version, id=request.id),
-                )
+                answered = v2.ModelInferResponse() if isinstance(request, wire.Malformed) else v2.ModelInferResponse(
+                    model_name=request.model_name, model_version=request.model_version, id=request.id)
+                yield v2.ModelStreamInferResponse(error_message=f"{failed.code.name}: {failed.details}",
+                                                  infer_response=answered)
                 continue
             yield v2.ModelStreamInferResponse(infer_response=response)
 
@@ -313,7 +312,7 @@ class TritonServicer(v2_grpc.GRPCInferenceServiceServicer):
 
 def add_to_server(core: AttentionServicer, server: grpc.aio.Server) -> None:
     """Serves the V2 protocol next to ``attention.v1`` on the same server, on ``core``'s inference path."""
-    v2_grpc.add_GRPCInferenceServiceServicer_to_server(TritonServicer(core), server)
+    wire.add_servicer(server, TritonServicer(core), v2.DESCRIPTOR.services_by_name["GRPCInferenceService"])
 
 
 def reflection_pool(service_names: Iterable[str]) -> descriptor_pool.DescriptorPool:

@@ -153,8 +153,48 @@ def test_deadline_stops_the_search(one_slot_server: RunningServer, monkeypatch: 
     with pytest.raises(grpc.RpcError) as error:
         one_slot_server.stub.Translate(pb.TranslateRequest(texts=["Hallo Welt"]), timeout=0.5)
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # The server records it as a deadline too (gRPC cancels the handler when the deadline passes), not as a call
+    # the client cancelled, which the error-ratio alert leaves out.
+    sample = one_slot_server.server.metrics.registry.get_sample_value
+    for _ in range(200):
+        if sample("attn_refused_requests_total", {"rpc": "Translate", "reason": "deadline"}):
+            break
+        time.sleep(0.05)
+    assert sample("attn_refused_requests_total", {"rpc": "Translate", "reason": "deadline"}) == 1.0
+    assert not sample("attn_refused_requests_total", {"rpc": "Translate", "reason": "cancelled"})
     monkeypatch.setattr(model, "step", original)
     release.set()
     # The expired call left the batch before its next step: the engine made no more steps for it.
     assert one_slot_server.stub.Translate(pb.TranslateRequest(texts=["Hallo"]), timeout=30).translations
     assert len(calls) == 1
+
+
+def test_a_huge_model_name_is_not_echoed_whole(running: RunningServer) -> None:
+    """A 20,000-character name would make a 20 kB status message, past a default client's 16 kB metadata limit
+    (the client would see RESOURCE_EXHAUSTED): the message repeats only the start of it."""
+    name = "m" * 20_000
+    error = _error(running.stub.Translate, pb.TranslateRequest(model=name, texts=["Hallo"]))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert "20000 in all" in error.details() and len(error.details()) < 500
+    error = _error(running.stub.Translate, pb.TranslateRequest(model="tiny-de-en", version="9" * 20_000,
+                                                               texts=["Hallo"]))
+    assert error.code() == grpc.StatusCode.NOT_FOUND and len(error.details()) < 500
+
+
+@pytest.mark.parametrize("raw", [
+    b"\x1a\x02\xff\xfe",  # texts[0] is not UTF-8
+    b"\x1a\x05ab",  # a field longer than the message: truncated
+], ids=["invalid-utf8", "truncated"])
+def test_malformed_request_bytes_are_invalid_argument_logged_and_counted(running: RunningServer,
+                                                                         raw: bytes) -> None:
+    sample = running.server.metrics.registry.get_sample_value
+    before = sample("attn_refused_requests_total", {"rpc": "Translate", "reason": "invalid"}) or 0.0
+    translate = running.channel.unary_unary("/attention.v1.AttentionService/Translate")  # bytes as they are
+    error = _error(translate, raw)
+    assert error.code() == INVALID
+    assert "not a valid attention.v1.TranslateRequest" in error.details()
+    for _ in range(100):
+        if sample("attn_refused_requests_total", {"rpc": "Translate", "reason": "invalid"}) == before + 1:
+            break
+        time.sleep(0.05)
+    assert sample("attn_refused_requests_total", {"rpc": "Translate", "reason": "invalid"}) == before + 1

@@ -78,7 +78,10 @@ def served(models_dir: Path, caption_models_dir: Path, tmp_path_factory: pytest.
     def drain() -> None:  # keeps the pipe from filling up, and keeps the lines for the tests to read
         assert process.stderr is not None
         for line in process.stderr:
-            server.log.append(json.loads(line))
+            try:
+                server.log.append(json.loads(line))
+            except ValueError:  # the server logs JSON only: test_every_log_line_is_json fails on this
+                server.log.append({"unparsed": line})
 
     reader = threading.Thread(target=drain, daemon=True)
     reader.start()
@@ -353,3 +356,42 @@ def test_v2_calls_are_logged_and_counted(served: Served, client: Any) -> None:
             break
         time.sleep(0.05)
     assert [(r["rpc"], r["model"], r["code"]) for r in lines] == [("ModelInfer", TRANSLATOR, "OK")]
+
+
+def _logged(served: Served, found: Any, what: str) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + 30  # the reader thread may not have reached the line yet
+    while True:
+        lines = [r for r in list(served.log) if found(r)]
+        if lines or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)
+
+
+def test_malformed_request_bytes_are_invalid_argument_and_logged(served: Served) -> None:
+    with grpc.insecure_channel(served.url) as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")  # the bytes as they are
+        with pytest.raises(grpc.RpcError) as error:
+            infer(b"\x0a\x05ab", timeout=30, metadata=[("x-request-id", "v2-malformed")])
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid inference.ModelInferRequest" in error.value.details()
+    lines = _logged(served, lambda r: r.get("event") == "rpc" and r.get("request_id") == "v2-malformed", "rpc")
+    assert [(r["rpc"], r["code"]) for r in lines] == [("ModelInfer", "INVALID_ARGUMENT")]
+
+
+def test_every_log_line_is_json(served: Served, client: Any) -> None:
+    """Also Pillow's warning about an image's broken EXIF block, which Python prints as a plain line by default."""
+    import io
+    import struct
+
+    from PIL import Image
+
+    # One EXIF entry that claims 400 bytes at an offset past the block's end.
+    exif = (b"Exif\x00\x00II*\x00" + struct.pack("<IH", 8, 1) + struct.pack("<HHII", 0x010E, 2, 400, 26)
+            + struct.pack("<I", 0))
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), "red").save(buffer, "JPEG", exif=exif)
+    tensor = tc.InferInput("IMAGE", [1, 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[buffer.getvalue()]], dtype=object))
+    assert client.infer(CAPTIONER, [tensor], outputs=outputs("CAPTION")).as_numpy("CAPTION").shape == (1, 1)
+    assert _logged(served, lambda r: "Tag data larger than file" in json.dumps(r), "the EXIF warning")
+    assert [r["unparsed"] for r in served.log if "unparsed" in r] == []
