@@ -7,12 +7,16 @@ worker pool runs work inside a copy of the caller's context).
 
 from __future__ import annotations
 
+import atexit
 import contextvars
 import json
 import logging
+import os
+import re
 import sys
+import threading
 import time
-from typing import Any
+from typing import Any, TextIO
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
@@ -58,10 +62,83 @@ def _text_value(value: Any) -> str:
 
 
 def configure(level: str = "INFO", fmt: str = "json") -> None:
-    """Route the ``attn`` loggers to stderr, one line per event. Called by the command line, never on import."""
-    handler = logging.StreamHandler(sys.stderr)
+    """Route the ``attn`` loggers to stderr, one line per event, and with them every other library's log records and
+    Python warnings (a Pillow "Corrupt EXIF data" warning is a log line like any other). In JSON mode, whatever else
+    reaches the process's stderr (gRPC's C core writes there directly) is wrapped into JSON lines too, so that
+    every line parses. Called by the command line, never on import."""
+    stream: Any = _json_stderr() if fmt == "json" else sys.stderr
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     logger = logging.getLogger("attn")
     logger.handlers[:] = [handler]
     logger.setLevel(level.upper())
     logger.propagate = False
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)  # other libraries: their warnings and errors only
+    logging.captureWarnings(True)
+
+
+# The first letter of an absl/gRPC C-core log line ("E0000 00:00:… file.cc:12] message") is its severity.
+_NATIVE_LEVEL = re.compile(r"([EWID])\d{4} ")
+_NATIVE_LEVELS = {"E": logging.ERROR, "W": logging.WARNING, "I": logging.INFO, "D": logging.DEBUG}
+
+
+def _json_stderr() -> _LineStream:
+    """Points file descriptor 2 at a pipe whose lines come back as JSON on the real stderr, and returns a stream on
+    the real stderr for the log handler. Lines that already are JSON objects (a child process's log) pass as they
+    are; any other line (a C library's, a stray print) becomes a ``stderr`` event holding it."""
+    real = _LineStream(os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace"))
+    read, write = os.pipe()
+    os.dup2(write, 2)
+    os.close(write)
+    native = logging.getLogger("attn.stderr")
+
+    def forward() -> None:
+        with os.fdopen(read, "rb") as pipe:
+            for raw in pipe:
+                text = raw.decode("utf-8", errors="replace").rstrip("\n")
+                if not text.strip():
+                    continue
+                if _is_json_object(text):
+                    real.write(text + "\n")
+                    continue
+                found = _NATIVE_LEVEL.match(text)
+                level = _NATIVE_LEVELS[found.group(1)] if found else logging.WARNING
+                native.log(level, "stderr", extra={"fields": {"line": text}})
+
+    thread = threading.Thread(target=forward, name="attn-stderr", daemon=True)
+    thread.start()
+
+    def close() -> None:  # at exit: end the pipe (fd 2 back to the real stderr) and let the last lines through
+        sys.stderr.flush()
+        os.dup2(real.fileno(), 2)
+        thread.join(2.0)
+
+    atexit.register(close)
+    return real
+
+
+class _LineStream:
+    """The real stderr for two writers (the log handler, the pipe's reader): one whole line per write."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream, self._lock = stream, threading.Lock()
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            return self._stream.write(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            self._stream.flush()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+
+def _is_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False

@@ -28,3 +28,33 @@ def test_json_lines_with_request_id() -> None:
 def test_text_lines() -> None:
     line = logs.TextFormatter().format(_record("listening", port=50051, host="0.0.0.0", note="two words"))
     assert line.endswith('info    listening port=50051 host=0.0.0.0 note="two words"')
+
+
+def test_json_mode_makes_every_stderr_line_json() -> None:
+    """A Python warning (Pillow's "Corrupt EXIF data"), another library's log record, a stray print and a line that
+    a C library writes straight to file descriptor 2 (as gRPC's core does) all come out as JSON lines."""
+    import subprocess
+    import sys
+
+    script = """
+import logging, os, sys, warnings
+from server import logs
+logs.configure("INFO", "json")
+logs.event(logging.getLogger("attn.server"), "listening", port=1)
+warnings.warn("Corrupt EXIF data", UserWarning)
+logging.getLogger("PIL.TiffImagePlugin").warning("tag %d is odd", 7)
+print("a stray print", file=sys.stderr)
+os.write(2, b"E0000 00:00:1700000000.1  42 chttp2_server.cc:1] raw C-core line\\n")
+os.write(2, b'{"event": "from a child", "level": "info"}\\n')
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    parsed = [json.loads(line) for line in lines]  # every line is JSON
+    assert all(isinstance(p, dict) for p in parsed)
+    text = "\n".join(lines)
+    for expected in ("listening", "Corrupt EXIF data", "tag 7 is odd", "a stray print", "raw C-core line",
+                     "from a child"):
+        assert expected in text, f"{expected!r} missing from {text}"
+    native = next(p for p in parsed if "raw C-core line" in p.get("line", ""))
+    assert native["level"] == "error"
