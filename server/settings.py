@@ -16,6 +16,7 @@ DEVICES = ("auto", "cpu", "cuda", "tensorrt")
 VERSION_POLICIES = ("latest", "all")
 LOG_FORMATS = ("json", "text")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+VARIANTS = ("", "int8", "fp16")  # "": the fp32 graphs; the others as the exporter names them in the manifest
 
 
 def _setting(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
@@ -39,7 +40,7 @@ class Settings:
                            "puts TensorRT in front of CUDA (only when asked for: it builds engines per input-shape "
                            "range, so first requests of new shapes are slow).", DEVICES)
     variant: str = _setting("", "Graph variant from the manifest: int8 (for CPUs) or fp16 (for GPUs) where the export "
-                            "wrote it; empty serves the fp32 graphs.")
+                            "wrote it; empty serves the fp32 graphs.", VARIANTS)
     ort_threads: int = _setting(0, "ONNX Runtime intra-op threads per session; 0: all cores but one (the other "
                                 "serves gRPC and builds responses).")
     ort_allow_spinning: bool = _setting(False, "Let ONNX Runtime's idle worker threads spin-wait for work "
@@ -50,7 +51,7 @@ class Settings:
                             "engines decode.")
     max_inflight: int = _setting(1024, "Translate/Caption calls handled at once by the whole server (queued, "
                                  "decoding or being answered); more get RESOURCE_EXHAUSTED.")
-    batching: bool = _setting(True, "Iteration-level batching: decode the requests of all clients together; false "
+    batching: bool = _setting(True, "Iteration-level batching: decode the requests of all clients together; off "
                               "decodes one request at a time (for comparison).")
     max_batch_rows: int = _setting(256, "Most hypotheses (texts × beam) one model decodes together.")
     max_batch_tokens: int = _setting(32768, "Most source positions (tokens, or grid cells of images) over the "
@@ -133,18 +134,25 @@ class Settings:
         )
         for f in fields(cls):
             assert f.default is not MISSING
-            parser.add_argument(
-                "--" + f.name.replace("_", "-"), type=_parse_bool if isinstance(f.default, bool) else type(f.default),
-                default=None, choices=f.metadata["choices"],
-                help=f"{f.metadata['help']} [{cls.env_name(f.name)}, default {f.default!r}]",
-            )
+            # default None: a flag left out lets the environment variable, then the field's default, decide
+            help = f"{f.metadata['help']} [{cls.env_name(f.name)}, default {f.default!r}]".replace("%", "%%")
+            if isinstance(f.default, bool):
+                parser.add_argument(cls.flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=help)
+            else:
+                parser.add_argument(cls.flag(f.name), type=type(f.default), default=None,
+                                    choices=f.metadata["choices"], help=help)
         return parser
+
+    @staticmethod
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
 
     @classmethod
     def table(cls) -> list[tuple[str, str, str, str]]:
         """(environment variable, flag, default, meaning) for every setting: the README's table."""
-        return [(cls.env_name(f.name), "--" + f.name.replace("_", "-"), str(f.default) if f.default != "" else '""',
-                 f.metadata["help"]) for f in fields(cls)]
+        return [(cls.env_name(f.name),
+                 f"{cls.flag(f.name)}/--no-{cls.flag(f.name)[2:]}" if isinstance(f.default, bool) else cls.flag(f.name),
+                 str(f.default) if f.default != "" else '""', f.metadata["help"]) for f in fields(cls)]
 
 
 def parse_pins(spec: str) -> dict[str, str]:

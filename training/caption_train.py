@@ -23,6 +23,7 @@ from torch import nn
 from training import checkpoint
 from training.batching import pad
 from training.caption_eval import MAX_CAPTION_TOKENS, bleu, caption_images, teacher_forced_correctness
+from training.config import DEVICES, check, option
 from training.data.captions import CaptionSet, data_hash, load_caption_data
 from training.loop import (
     Progress,
@@ -41,44 +42,75 @@ from training.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 log = logging.getLogger("attn.caption")
 
 
+CAPTION_TOKENIZERS = ("word", "unigram", "bpe", "char")  # SentencePiece model types
+INIT_STATES = ("mean", "learned")  # ShowAttendTellConfig.init_state
+BEST_BY = ("valid_loss", "valid_bleu4", "valid_attention_correctness")  # what _validate reports
+
+
 @dataclass
 class CaptionTrainConfig:
-    data: str = "scenes"  # scenes | flickr8k:DIR | coco:ANNOTATIONS.json[:IMAGES]
-    out: str = "runs/scenes-sat"
-    image_size: int = 96
-    train_images: int = 20000  # split sizes and seed of generated scenes (ignored for real data)
-    valid_images: int = 500
-    test_images: int = 1000
-    scene_seed: int = 0
-    vocab_size: int = 5000
-    tokenizer: str = "word"  # word: whole words, rare ones <unk>; unigram: SentencePiece subwords
-    backbone: str = "resnet-small"
-    width: int = 16
-    stages: int = 3
-    extra_blocks: int = 1
-    feature_dim: int = 128
-    emb_dim: int = 64
-    hidden_dim: int = 256
-    attn_dim: int = 128
-    dropout: float = 0.2
-    context_dropout: float = 0.0  # see ShowAttendTellConfig
-    lstm_reads_context: bool = True  # False: the context goes to the output layer only (see ShowAttendTellConfig)
-    init_state: str = "mean"  # mean: h_0, c_0 from the mean annotation (the paper); learned: a constant
-    alpha_reg: float = 1.0  # λ of the doubly stochastic regulariser
-    batch_size: int = 64  # images per batch (per process)
-    lr: float = 1e-3
-    clip: float = 5.0
-    epochs: int = 20
-    max_steps: int = 0  # 0 = no limit
-    max_target_tokens: int = 0  # 0 = no limit
-    max_minutes: float = 0.0  # 0 = no limit
-    valid_every: int = 500
-    valid_bleu_sample: int = 500
-    best_by: str = "valid_loss"  # the validation metric that picks best.pt, e.g. valid_attention_correctness
-    seed: int = 1
-    device: str = "auto"
-    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
-    threads: int = 0  # CPU threads for torch; 0 = torch's default. 1 keeps a run steady on a shared machine.
+    data: str = option("scenes", "Images with captions: scenes (generated, see training/data/scenes.py), "
+                       "flickr8k:DIR or coco:ANNOTATIONS.json[:IMAGES_DIR].")
+    out: str = option("runs/scenes-sat", "Run folder: spm.model, last.pt and best.pt are written here.")
+    image_size: int = option(96, "Images are resized to SIZE × SIZE pixels.")
+    train_images: int = option(20000, "scenes: images generated for the training split (ignored for real data).")
+    valid_images: int = option(500, "scenes: images generated for the valid split (ignored for real data).")
+    test_images: int = option(1000, "scenes: images generated for the test split (ignored for real data).")
+    scene_seed: int = option(0, "scenes: seed of the generated images (ignored for real data).")
+    vocab_size: int = option(5000, "Most tokens of the caption vocabulary (fewer when the captions have fewer).")
+    tokenizer: str = option("word", "SentencePiece model type: word (whole words, rare ones <unk>), unigram or bpe "
+                            "(subwords, byte fallback) or char.", CAPTION_TOKENIZERS)
+    backbone: str = option("resnet-small", "Image encoder: resnet-small (a small residual CNN with coordinate "
+                           "channels, trained from scratch) or torchvision:NAME, e.g. torchvision:resnet18 (needs "
+                           "torchvision).")
+    width: int = option(16, "resnet-small: channels of the stem; doubled at every downsampling.")
+    stages: int = option(3, "resnet-small: stride-2 stages; the grid is image_size / 2**stages cells a side.")
+    extra_blocks: int = option(1, "resnet-small: stride-1 residual blocks after the last stage (each widens the "
+                               "receptive field).")
+    feature_dim: int = option(128, "Size of an annotation vector (one per grid cell).")
+    emb_dim: int = option(64, "Word embedding size.")
+    hidden_dim: int = option(256, "LSTM state size.")
+    attn_dim: int = option(128, "Hidden size of the soft attention's score v·tanh(…).")
+    dropout: float = option(0.2, "Dropout probability (word embeddings, deep output), in [0, 1).")
+    context_dropout: float = option(0.0, "Probability that in training the LSTM does not read a step's context (the "
+                                    "output layer still does), in [0, 1).")
+    lstm_reads_context: bool = option(True, "The LSTM reads the attention context (the paper); off: only the output "
+                                      "layer does, so every word must look for itself.")
+    init_state: str = option("mean", "Initial LSTM state: from the mean annotation (mean, the paper) or a learned "
+                             "constant (learned).", INIT_STATES)
+    alpha_reg: float = option(1.0, "λ of the doubly stochastic attention regulariser; 0 = off.")
+    batch_size: int = option(64, "Images per batch (per process).")
+    lr: float = option(1e-3, "Adam learning rate.")
+    clip: float = option(5.0, "Gradient norm clipping threshold.")
+    epochs: int = option(20, "Budget: passes over the training captions.")
+    max_steps: int = option(0, "Budget: optimizer steps; 0 = no limit.")
+    max_target_tokens: int = option(0, "Budget: caption tokens trained on (all processes together); 0 = no limit.")
+    max_minutes: float = option(0.0, "Budget: wall-clock minutes; 0 = no limit.")
+    valid_every: int = option(500, "Validate (and write last.pt, and best.pt on a new best --best-by) every N steps.")
+    valid_bleu_sample: int = option(500, "Valid images captioned for BLEU-4 (and attention correctness on scenes) "
+                                    "at each validation.")
+    best_by: str = option("valid_loss", "The validation metric that picks best.pt (lowest loss, highest others); "
+                          "valid_attention_correctness needs scenes.", BEST_BY)
+    seed: int = option(1, "Random seed: initialisation and batch order.")
+    device: str = option("auto", "Where to train: cuda if available (auto), or force cpu / cuda.", DEVICES)
+    amp: bool = option(True, "bf16 autocast on CUDA; ignored on CPU.")
+    threads: int = option(0, "CPU threads for torch; 0 = torch's default. 1 keeps a run steady on a shared machine.")
+
+    def __post_init__(self) -> None:
+        check(
+            self,
+            positive=("image_size", "train_images", "vocab_size", "width", "stages", "feature_dim", "emb_dim",
+                      "hidden_dim", "attn_dim", "batch_size", "lr", "clip", "epochs", "valid_every"),
+            non_negative=("valid_images", "test_images", "extra_blocks", "alpha_reg", "max_steps", "max_target_tokens",
+                          "max_minutes", "valid_bleu_sample", "threads"),
+            fractions=("dropout", "context_dropout"),
+        )
+        kind, _, rest = self.data.partition(":")
+        if kind not in ("scenes", "flickr8k", "coco") or (kind != "scenes" and not rest):
+            raise ValueError(f"--data {self.data!r}: use scenes, flickr8k:DIR or coco:ANNOTATIONS.json[:IMAGES]")
+        torchvision = self.backbone.startswith("torchvision:") and self.backbone.removeprefix("torchvision:")
+        if self.backbone != "resnet-small" and not torchvision:
+            raise ValueError(f"--backbone {self.backbone!r}: use resnet-small or torchvision:NAME")
 
 
 def train_caption_tokenizer(captions: list[str], vocab_size: int, kind: str) -> bytes:

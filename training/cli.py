@@ -8,46 +8,82 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
+import torch
+
+from training import checkpoint
 from training.caption_train import CaptionTrainConfig
-from training.train import TrainConfig
+from training.train import TrainConfig, model_config
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, config: type = TrainConfig) -> None:
-    """One flag per config field, so the dataclass stays the single description of a run."""
+    """One flag per config field, its help and choices from the field's metadata (training/config.py), so the
+    dataclass stays the single description of a run."""
     for f in dataclasses.fields(config):
         flag = "--" + f.name.replace("_", "-")
+        help = f.metadata["help"].replace("%", "%%") + " (default: %(default)s)"
         if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help)
         else:
             kind = {"int": int, "float": float, "str": str}[str(f.type)]
-            parser.add_argument(flag, type=kind, default=f.default)
+            parser.add_argument(flag, type=kind, default=f.default, choices=f.metadata["choices"], help=help)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _config(parser: argparse.ArgumentParser, config: type, args: argparse.Namespace) -> Any:
+    """The run's config from the parsed flags; a value the config refuses is a usage error, not a traceback."""
+    names = {f.name for f in dataclasses.fields(config)}
+    try:
+        cfg = config(**{k: v for k, v in vars(args).items() if k in names})
+        if isinstance(cfg, TrainConfig):
+            _check_model(cfg)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return cfg
+
+
+def _check_model(cfg: TrainConfig) -> None:
+    """Build the network on the meta device (no memory, no time): shapes that do not fit (heads that do not divide
+    --emb-dim, an odd --hidden-dim for Luong attention, --align-layer out of range) fail now, not after the corpus
+    and the tokenizer."""
+    with torch.device("meta"):
+        checkpoint.new_model(cfg.arch, dataclasses.asdict(model_config(cfg, cfg.vocab_size)))
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attn-train", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    tr = sub.add_parser("translation", help="train an attention encoder-decoder on a parallel corpus")
+    tr = sub.add_parser("translation", help="train an attention encoder-decoder on a parallel corpus",
+                        description="Train an attention encoder-decoder on a parallel corpus.")
     _add_config_flags(tr)
-    tr.add_argument("--resume", type=Path, help="continue from a last.pt/best.pt checkpoint")
-    cap = sub.add_parser("caption", help="train a Show-Attend-Tell image captioner (scenes, Flickr8k or COCO layout)")
+    tr.add_argument("--resume", type=Path, help="continue from a last.pt/best.pt checkpoint (its config is kept; "
+                    "--max-* budgets given here extend it)")
+    tr.set_defaults(config=TrainConfig, subparser=tr)
+    cap = sub.add_parser("caption", help="train a Show-Attend-Tell image captioner (scenes, Flickr8k or COCO layout)",
+                         description="Train a Show-Attend-Tell image captioner (scenes, Flickr8k or COCO layout).")
     _add_config_flags(cap, CaptionTrainConfig)
-    cap.add_argument("--resume", type=Path, help="continue from a last.pt/best.pt checkpoint")
+    cap.add_argument("--resume", type=Path, help="continue from a last.pt/best.pt checkpoint (its config is kept; "
+                     "--max-* budgets given here extend it)")
+    cap.set_defaults(config=CaptionTrainConfig, subparser=cap)
     ev = sub.add_parser("evaluate", help="BLEU and chrF of a translation checkpoint on a split, overall and by "
                         "length; BLEU-1..4 and attention correctness of a captioning checkpoint")
-    ev.add_argument("checkpoint", type=Path)
-    ev.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    ev.add_argument("checkpoint", type=Path, help="a best.pt/last.pt checkpoint (translation or captioning)")
+    ev.add_argument("--split", default="test", choices=["train", "valid", "test"],
+                    help="the split to evaluate on (default: %(default)s)")
     ev.add_argument("--data", help="corpus (default: the one the checkpoint was trained on)")
     ev.add_argument("--out", type=Path, help="write the results as JSON here")
     ev.add_argument("--limit", type=int, default=0, help="evaluate only the first N pairs (images)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = _config(args.subparser, args.config, args) if args.command in ("translation", "caption") else None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
     if args.command == "translation":
         from training.train import train
 
-        names = {f.name for f in dataclasses.fields(TrainConfig)}
-        cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
         best = train(cfg, args.resume)
         print(f"best checkpoint: {best}")
         return 0
@@ -55,14 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "caption":
         from training.caption_train import train as train_captioner
 
-        names = {f.name for f in dataclasses.fields(CaptionTrainConfig)}
-        best = train_captioner(CaptionTrainConfig(**{k: v for k, v in vars(args).items() if k in names}), args.resume)
+        best = train_captioner(cfg, args.resume)
         print(f"best checkpoint: {best}")
         return 0
 
     import sentencepiece as spm
-
-    from training import checkpoint
 
     if checkpoint.load(args.checkpoint, kind=None)["kind"] == "captioning":
         return _evaluate_captioner(args)
@@ -87,7 +120,6 @@ def main(argv: list[str] | None = None) -> int:
 def _evaluate_captioner(args: argparse.Namespace) -> int:
     import sentencepiece as spm
 
-    from training import checkpoint
     from training.caption_eval import evaluate
     from training.data.captions import load_caption_data
     from training.evaluate import write_json

@@ -20,6 +20,7 @@ from torch import nn
 from training import checkpoint
 from training.batching import Example, collate, make_batches
 from training.checkpoint import TranslationModel
+from training.config import DEVICES, check, option
 from training.data.corpus import Pair, data_hash, load_corpus, split
 from training.evaluate import group_references, score, translate
 from training.loop import (
@@ -42,38 +43,61 @@ log = logging.getLogger("attn.train")
 
 @dataclass
 class TrainConfig:
-    data: str = "ding"
-    out: str = "runs/de-en-bahdanau"
-    vocab_size: int = 8000
-    emb_dim: int = 128
-    hidden_dim: int = 256
-    attn_dim: int = 256
-    dropout: float = 0.1
+    data: str = option("ding", "Parallel corpus: ding (the Ding German-English dictionary), ding:PATH, PATH.tsv "
+                       "(source<TAB>target lines) or SRC_PATH,TGT_PATH (two line-aligned files).")
+    out: str = option("runs/de-en-bahdanau", "Run folder: spm.model, last.pt and best.pt are written here.")
+    vocab_size: int = option(8000, "Pieces of the joint SentencePiece unigram model trained on the training split.")
+    emb_dim: int = option(128, "Token embedding size; the transformer's d_model.")
+    hidden_dim: int = option(256, "rnn: GRU state size of the decoder and of each encoder direction (Luong and "
+                             "local attention: split over the two directions, so it must be even).")
+    attn_dim: int = option(256, "rnn: hidden size of the additive score v·tanh(…) of bahdanau and luong-concat.")
+    dropout: float = option(0.1, "Dropout probability, in [0, 1).")
     # The model: `--arch rnn --attention bahdanau` is the RNNsearch model the project started with.
-    arch: str = "rnn"  # rnn | transformer (d_model = emb_dim)
-    attention: str = "bahdanau"  # rnn: bahdanau|luong-dot|luong-general|luong-concat|local-m|local-p|none
-    input_feeding: bool = True  # Luong variants: h̃_{t-1} is an input of step t
-    window: int = 10  # local-m/local-p: half-width D of the window [p_t - D, p_t + D]
-    layers: int = 3  # transformer: encoder layers and decoder layers (each)
-    heads: int = 4  # transformer: attention heads
-    ff_dim: int = 0  # transformer: feed-forward size; 0 = 4 * emb_dim
-    align_layer: int = -1  # transformer: decoder layer whose cross-attention is served; -1 = the last
-    align_head: int = -1  # transformer: the served head; -1 = the mean over heads
-    warmup_steps: int = 0  # linear learning-rate warm-up over this many steps; 0 = none
-    max_tokens: int = 3000  # padded tokens per batch (per process)
-    max_source_tokens: int = 64  # longer training pairs are skipped
-    lr: float = 1e-3
-    clip: float = 1.0
-    epochs: int = 10
-    max_steps: int = 0  # 0 = no limit
-    max_target_tokens: int = 0  # stop after this many target tokens (all processes together); 0 = no limit
-    max_minutes: float = 0.0  # 0 = no limit
-    valid_every: int = 1000
-    valid_bleu_sample: int = 300
-    seed: int = 1
-    device: str = "auto"
-    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
-    threads: int = 0  # CPU threads for torch; 0 = torch's default. 1 keeps a run steady on a shared machine.
+    arch: str = option("rnn", "Model family: rnn (bidirectional GRU encoder, GRU decoder with --attention) or "
+                       "transformer (multi-head attention, d_model = --emb-dim).", checkpoint.ARCHS)
+    attention: str = option("bahdanau", "Attention of the rnn decoder: bahdanau (additive), luong-dot, "
+                            "luong-general, luong-concat, local-m, local-p (Luong's local windows) or none (a fixed "
+                            "source summary); transformer: multihead (the default, bahdanau, is taken to mean it).",
+                            (*ATTENTIONS, "multihead"))
+    input_feeding: bool = option(True, "Luong variants: the attentional state of step t-1 is an input of step t.")
+    window: int = option(10, "local-m/local-p: half-width D of the window [p_t - D, p_t + D], at least 1.")
+    layers: int = option(3, "transformer: encoder layers and decoder layers (each).")
+    heads: int = option(4, "transformer: attention heads (must divide --emb-dim).")
+    ff_dim: int = option(0, "transformer: feed-forward size; 0 = 4 × --emb-dim.")
+    align_layer: int = option(-1, "transformer: decoder layer whose cross-attention is served as the alignment; "
+                              "-1 = the last.")
+    align_head: int = option(-1, "transformer: the head whose cross-attention is served; -1 = the mean over heads.")
+    warmup_steps: int = option(0, "Linear learning-rate warm-up over this many steps; 0 = none.")
+    max_tokens: int = option(3000, "Padded tokens per batch (per process).")
+    max_source_tokens: int = option(64, "Training pairs with a longer source (or a target longer than twice this) "
+                                    "are skipped.")
+    lr: float = option(1e-3, "Adam learning rate.")
+    clip: float = option(1.0, "Gradient norm clipping threshold.")
+    epochs: int = option(10, "Budget: passes over the training data.")
+    max_steps: int = option(0, "Budget: optimizer steps; 0 = no limit.")
+    max_target_tokens: int = option(0, "Budget: target tokens trained on (all processes together); 0 = no limit.")
+    max_minutes: float = option(0.0, "Budget: wall-clock minutes; 0 = no limit.")
+    valid_every: int = option(1000, "Validate (and write last.pt, best.pt on a new best valid loss) every N steps.")
+    valid_bleu_sample: int = option(300, "Valid pairs translated for BLEU/chrF at each validation (half of them "
+                                    "drawn from the full sentences).")
+    seed: int = option(1, "Random seed: initialisation, batch order, the validation sample.")
+    device: str = option("auto", "Where to train: cuda if available (auto), or force cpu / cuda.", DEVICES)
+    amp: bool = option(True, "bf16 autocast on CUDA; ignored on CPU.")
+    threads: int = option(0, "CPU threads for torch; 0 = torch's default. 1 keeps a run steady on a shared machine.")
+
+    def __post_init__(self) -> None:
+        check(
+            self,
+            positive=("vocab_size", "emb_dim", "hidden_dim", "attn_dim", "window", "layers", "heads", "max_tokens",
+                      "max_source_tokens", "lr", "clip", "epochs", "valid_every"),
+            non_negative=("ff_dim", "warmup_steps", "max_steps", "max_target_tokens", "max_minutes",
+                          "valid_bleu_sample", "threads"),
+            fractions=("dropout",),
+        )
+        if self.arch == "transformer" and self.attention not in ("bahdanau", "multihead"):
+            raise ValueError(f"--arch transformer has multi-head attention, not {self.attention!r}")
+        if self.arch == "rnn" and self.attention not in ATTENTIONS:
+            raise ValueError(f"--arch rnn has no {self.attention!r} attention (choose from {', '.join(ATTENTIONS)})")
 
 
 def _tokenizer(cfg: TrainConfig, train_pairs: list[Pair], rank: int, world: int, resume: dict | None) -> bytes:

@@ -1,0 +1,43 @@
+"""What the fields of a run's config dataclass mean: help text and allowed values, kept in the field's metadata.
+
+``attn-train --help``, its choices and the config's own checks are generated from it, as
+:class:`server.settings.Settings` does for the server: the dataclass stays the one description of a run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import field, fields
+from typing import Any
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def option(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
+    """A config field with its ``help`` and, where the value is one of a fixed set, its ``choices``."""
+    return field(default=default, metadata={"help": help, "choices": tuple(choices) if choices else None})
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check(
+    config: Any, positive: Sequence[str] = (), non_negative: Sequence[str] = (), fractions: Sequence[str] = ()
+) -> None:
+    """Raise ``ValueError`` naming the flag of the first field outside its choices, or of the named fields not
+    positive, negative, or outside [0, 1)."""
+    for f in fields(config):
+        choices = f.metadata.get("choices")
+        value = getattr(config, f.name)
+        if choices and value not in choices:
+            raise ValueError(f"{flag(f.name)} must be one of {', '.join(choices)}, not {value!r}")
+    for name in positive:
+        if not getattr(config, name) > 0:
+            raise ValueError(f"{flag(name)} must be positive, not {getattr(config, name)}")
+    for name in non_negative:
+        if getattr(config, name) < 0:
+            raise ValueError(f"{flag(name)} must not be negative, not {getattr(config, name)}")
+    for name in fractions:
+        if not 0 <= getattr(config, name) < 1:
+            raise ValueError(f"{flag(name)} must be in [0, 1), not {getattr(config, name)}")
