@@ -393,5 +393,6 @@ def test_every_log_line_is_json(served: Served, client: Any) -> None:
     tensor = tc.InferInput("IMAGE", [1, 1], "BYTES")
     tensor.set_data_from_numpy(np.array([[buffer.getvalue()]], dtype=object))
     assert client.infer(CAPTIONER, [tensor], outputs=outputs("CAPTION")).as_numpy("CAPTION").shape == (1, 1)
-    assert _logged(served, lambda r: "Tag data larger than file" in json.dumps(r), "the EXIF warning")
+    # Pillow's words differ between versions ("Tag data larger than file", "Truncated File Read"); its file does not.
+    assert _logged(served, lambda r: "TiffImagePlugin" in json.dumps(r), "the EXIF warning")
     assert [r["unparsed"] for r in served.log if "unparsed" in r] == []
