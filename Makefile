@@ -9,8 +9,11 @@ DING := /usr/share/trans/de-en
 PROMETHEUS := /usr/bin/prometheus
 RUN_DIR := runs/de-en-bahdanau
 CAPTION_RUN := runs/scenes-sat
+# The gpu extra (CUDA and cuDNN from pip, for onnxruntime-gpu) only where the NVIDIA driver lists a GPU.
+EXTRAS := train,dev$(shell nvidia-smi -L 2>/dev/null | grep -q '^GPU' && echo ,gpu)
+LOWEST := .venv-lowest
 
-.PHONY: setup test lint models variants benchmark run clean
+.PHONY: setup test test-lowest lint models variants benchmark run clean
 
 setup: $(STAMP) $(DING) $(PROMETHEUS)
 
@@ -19,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e '.[train,dev]'
+	$(PIP) install -q -c constraints.txt -e '.[$(EXTRAS)]'
 	touch $@
 
 $(DING):
@@ -33,6 +36,37 @@ $(PROMETHEUS):
 
 test: setup
 	$(PY) -m pytest -q
+
+# The server's tests with every direct dependency of the project and of its train and dev extras at the lowest version
+# pyproject.toml allows (`>=X` installed as `==X`), in a virtual environment of their own: the floors are claims that
+# this checks. torch goes first and alone, with pip (which takes the CPU wheel from this machine), as in set-up.
+define FLOORS
+import re, tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+extras = project["optional-dependencies"]
+for requirement in project["dependencies"] + extras["train"] + extras["dev"]:
+    if ">=" in requirement:
+        print(re.sub(r"\[.*?\]", "", requirement).replace(">=", "==", 1))
+endef
+export FLOORS
+# The integration tests (servers, the V2 protocol, export and training paths) and the unit tests of the server, the
+# client and the packaging: about 2 minutes on 2 cores, the training and model unit tests left to `make test`.
+LOWEST_TESTS := tests/integration tests/unit/test_server_*.py tests/unit/test_dockerfile.py tests/unit/test_tokenizer.py \
+	tests/unit/test_engine.py tests/unit/test_search.py tests/unit/test_io_binding.py tests/unit/test_security.py \
+	tests/unit/test_triton_tensors.py tests/unit/test_caption_imaging.py tests/unit/test_deploy.py \
+	tests/unit/test_quantize.py tests/unit/test_batch_io.py tests/unit/test_client_render.py
+
+$(LOWEST)/.installed: pyproject.toml constraints.txt
+	rm -rf $(LOWEST)
+	$(PYTHON) -m venv $(LOWEST)
+	$(LOWEST)/bin/python -m pip install -q --upgrade pip
+	$(LOWEST)/bin/python -m pip install -q -c constraints.txt torch==2.13.0
+	$(PYTHON) -c "$$FLOORS" > $(LOWEST)/floors.txt
+	$(LOWEST)/bin/python -m pip install -q -c constraints.txt -c $(LOWEST)/floors.txt -e '.[train,dev]'
+	touch $@
+
+test-lowest: $(LOWEST)/.installed
+	$(LOWEST)/bin/python -m pytest -q $(LOWEST_TESTS)
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -78,4 +112,4 @@ run: setup
 	ATTN_MODELS_DIR="$$models" ATTN_LOG_FORMAT="$${ATTN_LOG_FORMAT:-text}" exec $(VENV)/bin/attn-serve
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) $(LOWEST) runs build *.egg-info

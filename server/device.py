@@ -2,8 +2,12 @@
 
 Asking ONNX Runtime for ``CUDAExecutionProvider`` where the CUDA libraries are missing prints a long error and
 silently runs on the CPU. So the choice is made here, once, before any session exists: the provider must be in the
-build, its shared library must load (which needs the driver, the CUDA runtime and cuBLAS), cuDNN must load, and the
-driver must see a GPU. Every session is then checked for the provider it actually got.
+build, the driver must see a GPU, its shared library must load (which needs the CUDA runtime and cuBLAS) and cuDNN
+must load. Every session is then checked for the provider it actually got.
+
+The CUDA and cuDNN libraries come from the system (a CUDA toolkit, the CUDA base image of deploy/Dockerfile) or from
+pip: the ``gpu`` extra installs ``onnxruntime-gpu[cuda,cudnn]`` (the nvidia-* wheels), which are not on the loader's
+search path until ``onnxruntime.preload_dlls()`` loads them, so that runs before the probe.
 
 TensorRT is only ever used when asked for (``device=tensorrt``): it builds an engine per graph when a session starts
 and again whenever an input shape leaves the range it has built for, which a server of dynamic batch and source
@@ -17,7 +21,9 @@ need. Spinning is off unless asked for (``Device.allow_spinning``).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import io
 import logging
 import os
 from dataclasses import dataclass, replace
@@ -34,6 +40,8 @@ CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
 CUDNN = "libcudnn.so.9"  # the cuDNN major version onnxruntime-gpu 1.2x/1.3x is built against
+# What to install where a GPU is there but the CUDA libraries are not (said in the fallback line and the error).
+GPU_EXTRA = "pip install 'attention-serving[gpu]'"
 
 
 @dataclass(frozen=True)
@@ -47,21 +55,50 @@ class Device:
     allow_spinning: bool = False  # ONNX Runtime's idle worker threads spin-wait (see the module docstring)
 
 
-def cuda_problem() -> str | None:
-    """Why CUDA cannot be used here, or None if it can."""
-    if CUDA not in ort.get_available_providers():
-        return "this onnxruntime build has no CUDAExecutionProvider"
-    capi = Path(ort.__file__).parent / "capi"
+def preload_cuda_libraries() -> None:
+    """Loads the CUDA and cuDNN libraries that pip installed (the ``gpu`` extra), if any, with
+    ``onnxruntime.preload_dlls()``. Never fails: older onnxruntime has no such function, and on a machine without
+    them it only prints what it could not load, which goes to the debug log rather than the server's stdout."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    said = io.StringIO()
     try:
-        ctypes.CDLL(str(capi / "libonnxruntime_providers_shared.so"), mode=ctypes.RTLD_GLOBAL)
-        ctypes.CDLL(str(capi / "libonnxruntime_providers_cuda.so"))  # needs the driver, cudart, cuBLAS
-        ctypes.CDLL(CUDNN)  # loaded lazily by ONNX Runtime, so checked by name
+        with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+            preload()
+    except Exception as exc:  # whatever it could not load, the probe that follows reports
+        said.write(f"{type(exc).__name__}: {exc}")
+    if said.getvalue().strip():
+        event(log, "cuda_preload", level=logging.DEBUG, output=said.getvalue().strip())
+
+
+def driver_problem() -> str | None:
+    """Why the CUDA driver cannot be used (not installed, or it sees no GPU), or None if it can."""
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
     except OSError as exc:
-        return f"the CUDA libraries do not load ({exc})"
-    driver = ctypes.CDLL("libcuda.so.1")
+        return f"there is no CUDA driver ({exc})"
     count = ctypes.c_int(0)
     if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value == 0:
         return "the CUDA driver sees no GPU"
+    return None
+
+
+def cuda_problem() -> str | None:
+    """Why CUDA cannot be used here, or None if it can."""
+    preload_cuda_libraries()
+    if CUDA not in ort.get_available_providers():
+        return "this onnxruntime build has no CUDAExecutionProvider"
+    problem = driver_problem()
+    if problem is not None:
+        return problem
+    capi = Path(ort.__file__).parent / "capi"
+    try:
+        ctypes.CDLL(str(capi / "libonnxruntime_providers_shared.so"), mode=ctypes.RTLD_GLOBAL)
+        ctypes.CDLL(str(capi / "libonnxruntime_providers_cuda.so"))  # needs cudart and cuBLAS
+        ctypes.CDLL(CUDNN)  # loaded lazily by ONNX Runtime, so checked by name
+    except OSError as exc:
+        return f"the CUDA libraries do not load ({exc}); without a system CUDA 13 and cuDNN 9: {GPU_EXTRA}"
     return None
 
 

@@ -65,6 +65,8 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> tuple[str, list[Token]]:
         """The detokenized text of ``ids`` (specials dropped) and each token's span in that text."""
         kept = [i for i in ids if i not in (self.pad_id, self.bos_id, self.eos_id)]
+        if not kept:  # sentencepiece 0.2.2 takes an empty list for an empty string, and fails on it as a proto
+            return "", []
         proto = self.processor.decode(kept, return_type="proto")
         return proto.text, _tokens(proto, proto.text)
 

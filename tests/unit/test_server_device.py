@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import types
 from pathlib import Path
 
 import onnxruntime as ort
@@ -105,3 +106,86 @@ def test_the_settings_that_reach_the_device() -> None:
     s = Settings.from_sources([], {"ATTN_DEVICE": "tensorrt", "ATTN_ORT_ALLOW_SPINNING": "true"})
     assert (s.device, s.ort_allow_spinning) == ("tensorrt", True)
     assert Settings().ort_allow_spinning is False
+
+
+def fake_onnxruntime(tmp_path: Path, calls: list[str], preload: object = None) -> types.ModuleType:
+    """An onnxruntime-gpu whose provider libraries are not there (a GPU machine without the CUDA libraries)."""
+    module = types.ModuleType("onnxruntime")
+    module.__file__ = str(tmp_path / "onnxruntime" / "__init__.py")
+
+    def get_available_providers() -> list[str]:
+        calls.append("providers")
+        return [device.CUDA, device.CPU]
+
+    module.get_available_providers = get_available_providers  # type: ignore[attr-defined]
+    if preload is not None:
+        module.preload_dlls = preload  # type: ignore[attr-defined]
+    return module
+
+
+@pytest.fixture
+def gpu_without_cuda_libraries(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """A driver that sees a GPU, and every library load recorded (and failing, as without a CUDA toolkit)."""
+    calls: list[str] = []
+
+    def load(name: str, mode: int = 0) -> None:
+        calls.append(f"load {Path(name).name}")
+        raise OSError(f"{Path(name).name}: cannot open shared object file")
+
+    monkeypatch.setattr(device, "driver_problem", lambda: None)
+    monkeypatch.setattr(device.ctypes, "CDLL", load)
+    return calls
+
+
+def test_pip_installed_cuda_libraries_are_preloaded_before_the_probe(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gpu_without_cuda_libraries: list[str]) -> None:
+    calls = gpu_without_cuda_libraries
+    monkeypatch.setattr(device, "ort", fake_onnxruntime(tmp_path, calls, preload=lambda: calls.append("preload")))
+    problem = device.cuda_problem()
+    assert calls[:3] == ["preload", "providers", "load libonnxruntime_providers_shared.so"]
+    assert problem is not None and problem.startswith("the CUDA libraries do not load")
+
+
+def test_the_fallback_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           gpu_without_cuda_libraries: list[str],
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    calls = gpu_without_cuda_libraries
+    monkeypatch.setattr(device, "ort", fake_onnxruntime(tmp_path, calls, preload=lambda: None))
+    with caplog.at_level(logging.INFO, logger="attn.device"):
+        chosen = device.choose("auto")
+    assert chosen.name == "cpu"
+    [record] = caplog.records
+    assert "pip install 'attention-serving[gpu]'" in record.fields["reason"]  # type: ignore[attr-defined]
+    with pytest.raises(StartupError, match=r"attention-serving\[gpu\]"):
+        device.choose("cuda")
+
+
+def test_no_install_hint_without_a_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(device, "ort", fake_onnxruntime(tmp_path, [], preload=lambda: None))
+    monkeypatch.setattr(device, "driver_problem", lambda: "the CUDA driver sees no GPU")
+    assert device.cuda_problem() == "the CUDA driver sees no GPU"
+
+
+def raising_preload() -> None:
+    print("Failed to load libcublasLt.so.13: cannot open shared object file")
+    raise RuntimeError("Invalid parameter of directory=None. The directory does not exist!")
+
+
+@pytest.mark.parametrize("preload", [None, raising_preload], ids=["older-onnxruntime", "failing"])
+def test_preloading_never_fails_and_never_prints(preload: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 gpu_without_cuda_libraries: list[str],
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(device, "ort", fake_onnxruntime(tmp_path, gpu_without_cuda_libraries, preload=preload))
+    problem = device.cuda_problem()
+    assert problem is not None and problem.startswith("the CUDA libraries do not load")
+    assert capsys.readouterr() == ("", "")  # stdout is the JSON log stream
+
+
+def test_preloading_with_the_real_onnxruntime_is_quiet(capsys: pytest.CaptureFixture[str]) -> None:
+    device.preload_cuda_libraries()  # on this machine: the nvidia-* wheels or nothing to load
+    assert capsys.readouterr() == ("", "")
+
+
+def test_driver_problem_is_a_reason_or_none() -> None:
+    problem = device.driver_problem()
+    assert problem is None or isinstance(problem, str)
