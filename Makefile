@@ -113,3 +113,10 @@ run: setup
 
 clean:
 	rm -rf $(VENV) $(LOWEST) runs build *.egg-info
+
+# The German→English corpus, data/de-en/ (train/valid/test.tsv + manifest.json): the Ding dictionary, Debian package
+# descriptions (DDTP) and gettext catalogs, all from the Debian archive (about 800 MB of downloads, cached in
+# data/cache/; docs/data.md). Train on it with --data mixed.
+.PHONY: data
+data: setup
+	$(PY) -m training.data.build --out data/de-en --cache data/cache

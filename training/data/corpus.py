@@ -1,8 +1,9 @@
-"""Parallel corpora: the pair type, readers for user corpora, and the deterministic split."""
+"""Parallel corpora: the pair type, readers for user corpora and the built corpus, and the deterministic split."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -13,9 +14,18 @@ SPLITS = ("train", "valid", "test")
 
 @dataclass(frozen=True)
 class Pair:
+    """One German source and its English target.
+
+    ``domain`` names the corpus it came from (``ding``, ``ddtp``, ``gettext``); ``group`` is the package a
+    ``ddtp``/``gettext`` pair comes from (its Debian source package without a version suffix; empty for Ding and user
+    corpora). When ``group`` is set it, not the source, decides the split, so that a whole package is held out.
+    """
+
     source: str
     target: str
     sentence: bool = False
+    domain: str = "ding"
+    group: str = ""
 
 
 def normalise(text: str) -> str:
@@ -26,13 +36,27 @@ def normalise(text: str) -> str:
 # Fractions (valid, test) in per mille. Full sentences are rare (~5% of the Ding pairs) but are what BLEU on
 # sentences is measured on, so they get a larger held-out share than dictionary phrases.
 _HELD_OUT = {True: (40, 80), False: (10, 20)}
+# Packages (``group``) held out whole: the same fractions as Ding's full sentences, by package, not by pair.
+_GROUP_HELD_OUT = (40, 80)
+
+
+def _bucket(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % 1000
 
 
 def split_of(pair: Pair) -> str:
-    """The split of a pair, a pure function of its normalised source: no source can fall in two splits."""
-    key = normalise(pair.source)
-    bucket = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % 1000
-    valid, test = _HELD_OUT[pair.sentence]
+    """The split of a pair, a pure function of its group if it has one, else of its normalised source.
+
+    Without a group no source can fall in two splits; with one, a whole package falls in one split (the same source
+    in two packages may then land in two splits: :mod:`training.data.build` drops such pairs from the corpus it
+    builds, see there).
+    """
+    if pair.group:
+        bucket = _bucket("group:" + pair.group)
+        valid, test = _GROUP_HELD_OUT
+    else:
+        bucket = _bucket(normalise(pair.source))
+        valid, test = _HELD_OUT[pair.sentence]
     if bucket < test:
         return "test"
     if bucket < test + valid:
@@ -48,10 +72,17 @@ def split(pairs: Iterable[Pair]) -> dict[str, list[Pair]]:
 
 
 def data_hash(pairs: Iterable[Pair]) -> str:
-    """A fingerprint of a corpus, recorded in checkpoints and manifests."""
+    """A fingerprint of a corpus, recorded in checkpoints and manifests.
+
+    Domain and group enter only when they differ from a plain Ding pair's, so that the hashes of Ding and user
+    corpora are what they always were; for the built corpus they enter because the group decides the split.
+    """
     h = hashlib.sha256()
     for p in pairs:
-        h.update(f"{p.source}\t{p.target}\n".encode())
+        if p.domain == "ding" and not p.group:
+            h.update(f"{p.source}\t{p.target}\n".encode())
+        else:
+            h.update(f"{p.source}\t{p.target}\t{p.domain}\t{p.group}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -90,14 +121,71 @@ def read_parallel(source_path: Path, target_path: Path) -> list[Pair]:
     ]
 
 
+# The corpus `make data` builds (training/data/build.py): one TSV per split plus manifest.json.
+BUILT_DIR = Path(__file__).resolve().parents[2] / "data" / "de-en"
+BUILT_COLUMNS = ("source", "target", "domain", "group", "sentence")
+DOMAINS = ("ding", "ddtp", "gettext")
+
+
+def read_built(directory: Path = BUILT_DIR) -> list[Pair]:
+    """The built corpus: ``train.tsv``, ``valid.tsv``, ``test.tsv`` in that order, checked against its manifest.
+
+    Every pair must fall in the split of its file under :func:`split_of` (otherwise the split rule changed since the
+    build: rebuild with ``make data``), and the pairs must hash to the manifest's ``hash``.
+    """
+    manifest_path = directory / "manifest.json"
+    if not manifest_path.exists():
+        raise FileNotFoundError(f"{manifest_path} not found: build the corpus with 'make data'")
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    pairs: list[Pair] = []
+    for name in SPLITS:
+        path = directory / f"{name}.tsv"
+        with path.open(encoding="utf-8") as f:
+            header = f.readline().rstrip("\n").split("\t")
+            if tuple(header) != BUILT_COLUMNS:
+                raise ValueError(f"{path}: expected the header {'<TAB>'.join(BUILT_COLUMNS)}, got {header}")
+            for number, line in enumerate(f, 2):
+                fields = line.rstrip("\n").split("\t")
+                if len(fields) != len(BUILT_COLUMNS):
+                    raise ValueError(f"{path}:{number}: expected {len(BUILT_COLUMNS)} fields, got {line[:80]!r}")
+                source, target, domain, group, sentence = fields
+                pair = Pair(source, target, sentence == "1", domain, group)
+                if split_of(pair) != name:
+                    raise ValueError(
+                        f"{path}:{number}: this pair belongs to {split_of(pair)!r} under the current split rule; "
+                        "rebuild the corpus with 'make data'"
+                    )
+                pairs.append(pair)
+    if data_hash(pairs) != manifest["hash"]:
+        raise ValueError(f"{directory}: the pairs hash to {data_hash(pairs)}, the manifest says {manifest['hash']}")
+    return pairs
+
+
+def held_out(pairs: Iterable[Pair], domain: str, split_name: str = "test") -> list[Pair]:
+    """The held-out pairs of one domain (``ding``, ``ddtp``, ``gettext``), for per-domain evaluation."""
+    if domain not in DOMAINS:
+        raise ValueError(f"unknown domain {domain!r} (choose from {DOMAINS})")
+    if split_name not in SPLITS:
+        raise ValueError(f"unknown split {split_name!r} (choose from {SPLITS})")
+    return [p for p in pairs if p.domain == domain and split_of(p) == split_name]
+
+
 def load_corpus(spec: str) -> list[Pair]:
-    """``ding`` (or ``ding:PATH``), ``PATH.tsv``, or ``SRC_PATH,TGT_PATH``."""
+    """``ding`` (or ``ding:PATH``), ``mixed`` (or ``mixed:DIR``: the corpus ``make data`` builds, Ding + Debian
+    package descriptions + gettext catalogs), a directory holding such a build, ``PATH.tsv``, or
+    ``SRC_PATH,TGT_PATH``."""
     from training.data.ding import DING_PATH, read_ding
 
     if spec == "ding":
         return read_ding(DING_PATH)
     if spec.startswith("ding:"):
         return read_ding(Path(spec[5:]))
+    if spec == "mixed":
+        return read_built(BUILT_DIR)
+    if spec.startswith("mixed:"):
+        return read_built(Path(spec[6:]))
+    if Path(spec).is_dir():
+        return read_built(Path(spec))
     if "," in spec:
         src, tgt = spec.split(",", 1)
         return read_parallel(Path(src), Path(tgt))

@@ -1,0 +1,234 @@
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import training.data.build as build_module
+import training.data.ding as ding_module
+from tests.unit.test_ddtp import ENGLISH, GERMAN
+from tests.unit.test_gettext_catalogs import mo_bytes
+from training.data.build import (
+    _extract,
+    _parse_uris,
+    assemble,
+    build,
+    debian_sources,
+    read_packages,
+    source_family,
+    write_corpus,
+)
+from training.data.corpus import Pair, data_hash, held_out, load_corpus, normalise, read_built, split_of
+
+DING_SAMPLE = Path(__file__).resolve().parents[1] / "fixtures" / "ding-sample.txt"
+
+
+def grouped(group: str, n: int, prefix: str = "Meldung", domain: str = "gettext") -> list[Pair]:
+    return [Pair(f"{prefix} {i} von {group}", f"message {i} of {group}", False, domain, group) for i in range(n)]
+
+
+def group_in(split_name: str, start: int = 0) -> str:
+    """A package name that split_of puts in ``split_name``."""
+    return next(f"pkg{i}" for i in range(start, 10_000) if split_of(Pair("x", "y", group=f"pkg{i}")) == split_name)
+
+
+def test_pair_defaults_keep_existing_callers_and_hashes() -> None:
+    p = Pair("Haus", "house")
+    assert (p.sentence, p.domain, p.group) == (False, "ding", "")
+    assert data_hash([p]) == hashlib.sha256(b"Haus\thouse\n").hexdigest()[:16]
+    assert data_hash([Pair("Haus", "house", domain="ddtp", group="a")]) != data_hash([p])
+
+
+def test_a_group_decides_the_split_of_all_its_pairs() -> None:
+    for group in ("gcc", "dpkg", "apt", "coreutils"):
+        assert len({split_of(p) for p in grouped(group, 200)}) == 1
+    splits = [split_of(Pair("x", "y", group=f"package-{i}")) for i in range(5000)]
+    assert 0.08 < sum(s != "train" for s in splits) / len(splits) < 0.16
+    assert {"train", "valid", "test"} == set(splits)
+
+
+def test_assemble_holds_out_whole_packages_and_never_leaks_a_source() -> None:
+    train_pkg, test_pkg, valid_pkg = group_in("train"), group_in("test"), group_in("valid")
+    shared = Pair("Abbrechen", "Cancel", False, "gettext", train_pkg)
+    pairs = (
+        grouped(train_pkg, 20) + grouped(test_pkg, 20) + grouped(valid_pkg, 20)
+        + [shared, Pair("Abbrechen", "Cancel", False, "gettext", test_pkg)]  # the same message in a test package
+        + [Pair("Abbrechen", "Abort", False, "gettext", valid_pkg)]  # another target, held-out package
+        + [Pair("Meldung 3 von " + train_pkg, "message 3 of " + train_pkg, False, "ddtp", test_pkg)]
+    )
+    stats = build_module.AssembleStats()
+    splits = assemble(pairs, stats)
+    # Whole packages per split.
+    for name, members in splits.items():
+        assert all(split_of(p) == name for p in members)
+    groups = {name: {p.group for p in members} for name, members in splits.items()}
+    assert not (groups["train"] & groups["valid"]) and not (groups["train"] & groups["test"])
+    # A normalised source is in one split only, and "train" wins for package pairs.
+    sources = {name: {normalise(p.source) for p in members} for name, members in splits.items()}
+    assert not (sources["train"] & (sources["valid"] | sources["test"])) and not (sources["valid"] & sources["test"])
+    assert shared in splits["train"]
+    assert not any(p.source == "Abbrechen" for p in splits["valid"] + splits["test"])
+    assert stats.conflicts["gettext"] == {"test": 1, "valid": 1} and stats.conflicts["ddtp"] == {"test": 1}
+
+
+def test_ding_keeps_its_split_and_exact_duplicates_are_kept_once() -> None:
+    ding = [Pair(f"Wort{i}", f"word{i}") for i in range(3000)]
+    held = next(p for p in ding if split_of(p) == "test")
+    train_pkg = group_in("train")
+    pairs = ding + [
+        Pair(held.source, "another word", False, "gettext", train_pkg),  # Ding holds this source out
+        Pair(ding[0].source, ding[0].target, False, "ddtp", group_in("test")),  # an exact duplicate of a Ding pair
+    ]
+    stats = build_module.AssembleStats()
+    splits = assemble(pairs, stats)
+    assert splits == assemble(ding)  # Ding's splits are what they were without the other sources
+    assert stats.conflicts["gettext"] == {"train": 1}
+    assert stats.duplicates + sum(stats.conflicts["ddtp"].values()) == 1
+
+
+def test_written_corpus_reads_back_as_the_same_splits(tmp_path: Path) -> None:
+    pairs = [Pair(f"Satz Nummer {i} ist hier.", f"Sentence {i} is here.", True) for i in range(300)]
+    pairs += grouped(group_in("train"), 30) + grouped(group_in("test"), 30, domain="ddtp")
+    splits = assemble(pairs)
+    manifest = write_corpus(tmp_path / "c", splits, {"note": "x"})
+    assert manifest["pairs"] == {name: len(v) for name, v in splits.items()}
+    assert manifest["counts"]["ddtp"]["test"] == 30 and manifest["groups"]["ddtp"]["test"] == 1
+    back = read_built(tmp_path / "c")
+    assert back == splits["train"] + splits["valid"] + splits["test"]
+    assert data_hash(back) == manifest["hash"] == json.loads((tmp_path / "c" / "manifest.json").read_text())["hash"]
+    assert load_corpus(f"mixed:{tmp_path / 'c'}") == back == load_corpus(str(tmp_path / "c"))
+    assert held_out(back, "ddtp") == splits["test"][-30:]
+    assert held_out(back, "gettext", "test") == []
+    with pytest.raises(ValueError):
+        held_out(back, "klingon")
+
+
+def test_a_changed_corpus_file_is_refused(tmp_path: Path) -> None:
+    write_corpus(tmp_path, assemble(grouped(group_in("train"), 5)))
+    train = tmp_path / "train.tsv"
+    train.write_text(train.read_text().replace("message 1", "massage 1"))
+    with pytest.raises(ValueError, match="hash"):
+        read_built(tmp_path)
+    # A pair in the wrong file: the split rule changed since the build.
+    write_corpus(tmp_path, {"train": grouped(group_in("test"), 2), "valid": [], "test": []})
+    with pytest.raises(ValueError, match="make data"):
+        read_built(tmp_path)
+    with pytest.raises(FileNotFoundError, match="make data"):
+        read_built(tmp_path / "absent")
+
+
+def test_debian_sources_keep_only_the_debian_archive_main() -> None:
+    files = {
+        "debian.sources": (
+            "Types: deb\nURIs: http://mirror.example/debian\nSuites: bookworm bookworm-updates\n"
+            "Components: main contrib\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\n"
+            "Types: deb-src\nURIs: http://mirror.example/debian\nSuites: bookworm\nComponents: main\n"
+            "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\n"
+            "Types: deb\nURIs: http://mirror.example/debian-security\nSuites: bookworm-security\nComponents: main\n"
+            "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
+        ),
+        "node.sources": "Types: deb\nURIs: https://node.example/node_20.x\nSuites: nodistro\nComponents: main\n"
+        "Signed-By: /usr/share/keyrings/nodesource.gpg\n",
+        "old.list": "deb http://old.example/debian bookworm main\n# deb http://x.example/debian sid main\n"
+        "deb [signed-by=/k/other.gpg] http://third.example/debian bookworm main\n",
+    }
+    key = "/usr/share/keyrings/debian-archive-keyring.gpg"
+    assert debian_sources(files) == [
+        ("http://mirror.example/debian", "bookworm", key),
+        ("http://mirror.example/debian", "bookworm-updates", key),
+        ("http://mirror.example/debian-security", "bookworm-security", key),
+        ("http://old.example/debian", "bookworm", ""),
+    ]
+
+
+def test_package_metadata() -> None:
+    assert [source_family(s) for s in ("gcc-12", "postgresql-15", "glib2.0", "x264", "0ad", "webkit2gtk")] == [
+        "gcc", "postgresql", "glib", "x264", "0ad", "webkit2gtk",
+    ]
+    main = "Package: a\nVersion: 1\nSize: 10\n\nPackage: b\nSource: bee (2)\nVersion: 2\nSize: 20\n"
+    security = "Package: a\nVersion: 1+deb12u1\nSize: 11\nSource: a-src\n"
+    packages = read_packages([main, security])
+    assert packages["a"].version == "1+deb12u1" and packages["a"].source == "a-src" and packages["b"].source == "bee"
+    out = ("'http://h.example/pool/main/g/gcc-12/gcc-12-locales_12.2.0-14%2bdeb12u1_all.deb' "
+           f"gcc-12-locales_12.2.0-14+deb12u1_all.deb 1759384 SHA256:{'a' * 64}\n")
+    assert _parse_uris(out) == {"gcc-12-locales": ("gcc-12-locales_12.2.0-14+deb12u1_all.deb", 1759384, "a" * 64)}
+
+
+def _deb(tmp_path: Path, package: str, files: dict[str, bytes]) -> Path:
+    root = tmp_path / f"{package}-root"
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "DEBIAN" / "control").write_text(
+        f"Package: {package}\nVersion: 1.0\nArchitecture: all\nMaintainer: T <t@example.org>\nDescription: test\n"
+    )
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    link = root / "usr/share/locale/de/LC_MESSAGES/link.mo"
+    if link.parent.exists():
+        os.symlink("app.mo", link)
+    deb = tmp_path / f"{package}_1.0_all.deb"
+    subprocess.run(["dpkg-deb", "-Zgzip", "--root-owner-group", "--build", str(root), str(deb)], check=True,
+                   capture_output=True)
+    return deb
+
+
+needs_dpkg = pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="no dpkg-deb")
+
+
+@needs_dpkg
+def test_only_german_catalogs_are_extracted(tmp_path: Path) -> None:
+    deb = _deb(tmp_path, "app", {
+        "usr/share/locale/de/LC_MESSAGES/app.mo": mo_bytes({"Open": "Öffnen"}),
+        "usr/share/locale/fr/LC_MESSAGES/app.mo": mo_bytes({"Open": "Ouvrir"}),
+        "usr/bin/app": b"#!/bin/sh\n",
+    })
+    _extract(deb, tmp_path / "mo")
+    assert sorted(p.name for p in (tmp_path / "mo").iterdir()) == [".done", "app.mo"]
+
+
+@needs_dpkg
+def test_offline_build_is_reproducible_and_tolerates_missing_sources(tmp_path: Path, monkeypatch) -> None:
+    cache = tmp_path / "cache"
+    lists = cache / "apt" / "lists"
+    lists.mkdir(parents=True)
+    (lists / "h_debian_dists_bookworm_main_i18n_Translation-de").write_text(GERMAN)
+    (lists / "h_debian_dists_bookworm_main_i18n_Translation-en").write_text(ENGLISH)
+    (lists / "h_debian_dists_bookworm_main_binary-amd64_Packages").write_text(
+        "Package: app\nSource: app-suite-2\nVersion: 1.0\nSize: 1\n\nPackage: zeta\nSource: zeta-src\nVersion: 3\n"
+    )
+    deb = _deb(tmp_path, "app", {"usr/share/locale/de/LC_MESSAGES/app.mo": mo_bytes(
+        {"_Open": "Ö_ffnen", "%d file\x00%d files": "%d Datei\x00%d Dateien", "Quit": "Beenden"})})
+    (cache / "debs").mkdir()
+    shutil.copy(deb, cache / "debs" / deb.name)
+    digest = hashlib.sha256(deb.read_bytes()).hexdigest()
+    monkeypatch.setattr(build_module, "_print_uris", lambda apt, names: {
+        n: (deb.name, deb.stat().st_size, digest) for n in names if n == "app"})
+    package_list = tmp_path / "packages.txt"
+    package_list.write_text("# comment\napp\nnot-in-the-archive\n")
+    monkeypatch.setattr(ding_module, "DING_PATH", DING_SAMPLE)
+
+    first = build(tmp_path / "one", cache, package_list, offline=True)
+    second = build(tmp_path / "two", cache, package_list, offline=True)
+    assert first["hash"] == second["hash"]
+    for name in ("train.tsv", "valid.tsv", "test.tsv", "manifest.json"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+    pairs = read_built(tmp_path / "one")
+    got = {(p.source, p.target, p.domain, p.group) for p in pairs}
+    assert ("Öffnen", "Open", "gettext", "app-suite") in got
+    assert ("%d Datei", "%d file", "gettext", "app-suite") in got
+    assert ("Zeta zählt Dinge.", "Zeta counts things.", "ddtp", "zeta-src") in got  # group: the source package
+    assert ("Bibliothek für Bilder", "library for images", "ddtp", "alpha") in got  # not in Packages: itself
+    assert {p.domain for p in pairs} == {"ding", "ddtp", "gettext"}
+    assert first["sources"]["gettext"]["left_out"] == ["not-in-the-archive"]
+    assert first["sources"]["gettext"]["packages"] == {"app": "1.0"}
+
+    # Without Ding and without the DDTP indexes: the rest is built, the manifest says what is missing.
+    monkeypatch.setattr(ding_module, "DING_PATH", tmp_path / "absent")
+    for path in lists.glob("*Translation*"):
+        path.unlink()
+    third = build(tmp_path / "three", cache, package_list, offline=True)
+    assert third["sources"]["ding"] == {"status": "missing"} and third["sources"]["ddtp"] == {"status": "missing"}
+    assert third["pairs"]["train"] + third["pairs"]["valid"] + third["pairs"]["test"] == 3
