@@ -10,14 +10,21 @@ next state::
 fed unchanged (encoder memory, projected keys, source mask): beam search repeats it ``beam`` times once and never
 copies it again, except to drop the rows of sentences that are finished.
 
-The search itself is :class:`Search`, advanced one step at a time over any set of :class:`Sentence` objects, so
-that the serving engine can decode sentences of different requests that joined at different steps in one batch
-(:mod:`server.engine`). :func:`greedy_search` and :func:`beam_search` drive it over one fixed batch.
+The search reads little of the log-probabilities: each row's best ``Search.width`` tokens and its EOS
+log-probability (:class:`~server.reductions.Candidates`). The serving engine has them reduced where the step runs
+(:mod:`server.reductions`, so a GPU sends ``[rows, width]`` to the host, not ``[rows, vocab]``); given the whole
+log-probabilities, the search reduces them itself in numpy, to the same candidates bit for bit.
 
-Every hypothesis carries the attention rows of its own history: when beam search keeps candidate ``b`` of a
-sentence, the candidate's token list *and* its attention rows are gathered from row ``b`` before the new row is
-appended. (Taking rows from the slots as they are after a reorder is the CTranslate2 < 2.23 bug, ct2#910.)
-``forced_decode`` replays given tokens through the same step and is how the tests check this.
+:class:`Beams` holds the sentences of one :class:`Search` in progress, in slots of preallocated arrays, and advances
+any subset of them one step at a time, vectorised over sentences: that is how the serving engine decodes sentences of
+different requests that joined at different steps in one batch (:mod:`server.engine`). Per-sentence Python runs only
+where a hypothesis finishes. :func:`greedy_search` and :func:`beam_search` drive it over one fixed batch.
+
+Every hypothesis carries the attention rows of its own history. Each step's attention rows and the chosen tokens
+and back-pointers are written once into the slot's buffers (steps × source length), never re-concatenated; a
+finished hypothesis's rows are gathered by following its back-pointers, so when beam search keeps candidate ``b``
+the rows it gets are ``b``'s own. (Taking rows from the slots as they are after a reorder is the CTranslate2 < 2.23
+bug, ct2#910.) ``forced_decode`` replays given tokens through the same step and is how the tests check this.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from server.reductions import Candidates, top_candidates
 
 State = dict[str, np.ndarray]
 StepFn = Callable[[np.ndarray, State, State], tuple[np.ndarray, np.ndarray, State]]
@@ -46,40 +55,13 @@ def length_penalty(length: int, alpha: float) -> float:
     return float(((5.0 + length) / 6.0) ** alpha)
 
 
-class Sentence:
-    """One source's search in progress: ``k`` live hypotheses (``k`` consecutive rows of the batch) and the
-    finished ones. ``src_len`` is how many attention columns belong to it (``None``: all of them)."""
-
-    def __init__(self, k: int, budget: int, src_len: int | None) -> None:
-        if budget < 1:
-            raise ValueError(f"a sentence needs a positive step budget, got {budget}")
-        self.k, self.budget, self.src_len = k, budget, src_len
-        self.tokens = np.zeros((k, 0), dtype=np.int64)  # live hypotheses' tokens so far
-        self.rows: np.ndarray | None = None  # (k, t, src_len): their attention rows, from the first step on
-        self.scores = np.full(k, -np.inf)
-        self.scores[0] = 0.0  # k identical copies at first: only one may expand
-        self.finished: list[Hypothesis] = []
-        self.done = False
-
-    @property
-    def steps(self) -> int:
-        return int(self.tokens.shape[1])
-
-    def history(self, slot: int, attention: np.ndarray) -> np.ndarray:
-        """Slot's attention rows followed by this step's row."""
-        row = attention[None, : self.src_len]
-        return row if self.rows is None else np.concatenate([self.rows[slot], row])
-
-    def best(self, nbest: int) -> list[Hypothesis]:
-        return sorted(self.finished, key=lambda h: -h.score)[:nbest]
-
-
 class Search:
-    """Greedy (``k = 1``) or beam search with one length penalty, advanced a step at a time by the caller.
+    """Greedy (``k = 1``) or beam search with one length penalty: the settings that :class:`Beams` applies.
 
     Among the ``2k`` best continuations of a sentence, those ending in EOS within the first ``k`` finish a
     hypothesis and the best ``k`` others stay alive; a sentence is done when it has ``k`` finished hypotheses or its
-    budget is used up (its last step may only emit EOS). ``banned`` ids are never generated.
+    budget is used up (its last step may only emit EOS). ``banned`` ids are never generated. Ties between equal
+    scores go to the lower (beam, token).
     """
 
     def __init__(self, k: int, eos: int, nbest: int = 1, alpha: float = 1.0, banned: Sequence[int] = ()) -> None:
@@ -92,94 +74,202 @@ class Search:
         """Searches with equal keys behave the same, so their sentences can advance together."""
         return (self.k, self.eos, self.nbest, self.alpha, tuple(self.banned))
 
-    def start(self, budget: int, src_len: int | None = None) -> Sentence:
-        return Sentence(self.k, budget, src_len)
+    @property
+    def width(self) -> int:
+        """Candidates needed per row: the best token (greedy), or the best 2k of each of a beam's k rows."""
+        return 1 if self.k == 1 else 2 * self.k
 
-    def advance(self, sentences: Sequence[Sentence], log_probs: np.ndarray, attention: np.ndarray) -> tuple[
-            np.ndarray, np.ndarray]:
-        """One step for ``sentences`` from the step's outputs for their rows (``len(sentences) * k`` rows, in
-        order; ``log_probs`` is modified in place). Returns ``(parents, tokens)``: next row ``j`` continues row
-        ``parents[j]`` with ``tokens[j]``. Sentences that finished are marked ``done``; their rows mean nothing."""
-        if self.banned:
-            log_probs[:, self.banned] = -np.inf
-        if self.k == 1:
-            return self._greedy(sentences, log_probs, attention)
-        return self._beam(sentences, log_probs, attention)
 
-    def _greedy(self, sentences: Sequence[Sentence], log_probs: np.ndarray, attention: np.ndarray) -> tuple[
-            np.ndarray, np.ndarray]:
-        n, eos = len(sentences), self.eos
-        best = log_probs.argmax(-1).astype(np.int64)
-        last = np.array([s.steps + 1 == s.budget for s in sentences])
+@dataclass
+class Finished:
+    """A hypothesis that ended at ``step`` (its EOS chosen from beam row ``beam``); its tokens and attention rows are
+    gathered from the slot's buffers only if it is among the best."""
+
+    log_prob: float
+    score: float
+    beam: int
+    step: int
+    truncated: bool
+
+
+class Beams:
+    """The sentences of one :class:`Search` being decoded, in slots: per slot its budget, steps taken, its ``k``
+    live hypotheses' scores, and buffers of every step's chosen tokens, back-pointers and attention rows
+    (steps × source columns). A finished sentence's slot is given back (:meth:`release`) and taken by the next one
+    (:meth:`add`); the buffers grow (doubling) when more slots, steps or columns are needed.
+
+    The ``k`` rows of a sentence are consecutive in what :meth:`advance` is given (sentence-major)."""
+
+    def __init__(self, search: Search, capacity: int = 8, steps: int = 32) -> None:
+        self.search = search
+        k = search.k
+        self.budget = np.zeros(capacity, dtype=np.int64)
+        self.steps = np.zeros(capacity, dtype=np.int64)
+        self.columns = np.zeros(capacity, dtype=np.int64)  # attention columns of the source (0: all)
+        self.finished_count = np.zeros(capacity, dtype=np.int64)
+        self.scores = np.full((capacity, k), -np.inf)
+        self.tokens = np.zeros((capacity, k, steps), dtype=np.int64)  # the token chosen for beam b at step t
+        self.parents = np.zeros((capacity, k, steps), dtype=np.int64)  # the beam row it continued (k > 1)
+        self.attention: np.ndarray | None = None  # (capacity, k, steps, columns): beam row b's attention at step t
+        self.finished: list[list[Finished]] = [[] for _ in range(capacity)]
+        self._free = list(range(capacity - 1, -1, -1))
+
+    @property
+    def capacity(self) -> int:
+        return len(self.budget)
+
+    def add(self, budget: int, src_len: int | None = None) -> int:
+        """A slot for a new sentence of ``budget`` steps (EOS included) and ``src_len`` attention columns."""
+        if budget < 1:
+            raise ValueError(f"a sentence needs a positive step budget, got {budget}")
+        if not self._free:
+            self._resize(capacity=2 * self.capacity)
+        slot = self._free.pop()
+        self.budget[slot], self.steps[slot], self.columns[slot] = budget, 0, src_len or 0
+        self.finished_count[slot] = 0
+        self.scores[slot] = -np.inf
+        self.scores[slot, 0] = 0.0  # k identical copies at first: only one may expand
+        self.finished[slot] = []
+        return slot
+
+    def release(self, slot: int) -> None:
+        self.finished[slot] = []
+        self._free.append(slot)
+
+    def _resize(self, capacity: int | None = None, steps: int | None = None, columns: int | None = None,
+                dtype: np.dtype | None = None) -> None:
+        old = self.capacity
+        capacity = capacity or old
+        steps = steps or self.tokens.shape[2]
+
+        def grown(array: np.ndarray, shape: tuple[int, ...], fill: float = 0, kind: np.dtype | None = None) -> \
+                np.ndarray:
+            out = np.full(shape, fill, dtype=kind or array.dtype)
+            out[tuple(slice(0, n) for n in array.shape)] = array
+            return out
+
+        k = self.search.k
+        if capacity > old:
+            self.budget, self.steps, self.columns, self.finished_count = (
+                grown(a, (capacity,)) for a in (self.budget, self.steps, self.columns, self.finished_count))
+            self.scores = grown(self.scores, (capacity, k), -np.inf)
+            self.finished += [[] for _ in range(capacity - old)]
+            self._free = list(range(capacity - 1, old - 1, -1)) + self._free
+        self.tokens = grown(self.tokens, (capacity, k, steps))
+        self.parents = grown(self.parents, (capacity, k, steps))
+        if self.attention is not None or dtype is not None:
+            current = self.attention if self.attention is not None else np.zeros((0, 0, 0, 0), dtype=dtype)
+            self.attention = grown(current, (capacity, k, steps, max(columns or 0, current.shape[3])),
+                                   kind=dtype or current.dtype)
+
+    def advance(self, slots: np.ndarray, candidates: Candidates | np.ndarray, attention: np.ndarray) -> tuple[
+            np.ndarray, np.ndarray, np.ndarray]:
+        """One step for the sentences in ``slots`` from the step's outputs for their rows (``len(slots) * k`` rows,
+        sentence-major): the reduced candidates, or the whole log-probabilities (reduced here; banned ids are set to
+        -inf in place). Returns ``(parents, tokens, done)``: next row ``j`` continues row ``parents[j]`` with
+        ``tokens[j]``; ``done[i]`` says sentence ``slots[i]`` is finished (its rows then mean nothing)."""
+        search = self.search
+        if isinstance(candidates, np.ndarray):
+            candidates = top_candidates(candidates, search.width, search.banned, search.eos)
+        n, k = len(slots), search.k
+        t = self.steps[slots]
+        columns, longest, room = attention.shape[1], int(t.max()), self.tokens.shape[2]
+        if self.attention is None or longest >= room or columns > self.attention.shape[3]:
+            self._resize(steps=max(2 * room, longest + 1) if longest >= room else None, columns=columns,
+                         dtype=attention.dtype if self.attention is None else None)
+        assert self.attention is not None
+        beams = np.arange(k)
+        self.attention[slots[:, None], beams, t[:, None], :columns] = attention.reshape(n, k, columns)
+        last = t + 1 == self.budget[slots]
+        self.steps[slots] = t + 1
+        if k == 1:
+            return self._greedy(slots, candidates, t, last)
+        return self._beam(slots, candidates, t, last)
+
+    def _greedy(self, slots: np.ndarray, candidates: Candidates, t: np.ndarray, last: np.ndarray) -> tuple[
+            np.ndarray, np.ndarray, np.ndarray]:
+        eos, alpha = self.search.eos, self.search.alpha
+        best = candidates.ids[:, 0]
         tokens = np.where(last, eos, best)  # the budget's last step may only end the sentence
-        gained = log_probs[np.arange(n), tokens].astype(np.float64)
-        for i, s in enumerate(sentences):
-            s.rows = s.history(0, attention[i])[None]
-            s.tokens = np.concatenate([s.tokens, tokens[i : i + 1, None]], axis=1)
-            s.scores[0] += gained[i]
-            if tokens[i] == eos:
-                length = s.steps
-                s.finished.append(Hypothesis(
-                    s.tokens[0].tolist(), float(s.scores[0]), float(s.scores[0]) / length_penalty(length, self.alpha),
-                    s.rows[0], bool(last[i] and best[i] != eos),
-                ))
-                s.done = True
-        return np.arange(n), tokens
+        gained = np.where(last, candidates.eos, candidates.scores[:, 0]).astype(np.float64)
+        self.tokens[slots, 0, t] = tokens
+        self.scores[slots, 0] += gained
+        done = tokens == eos
+        for i in np.flatnonzero(done):
+            slot, length = int(slots[i]), int(t[i]) + 1
+            log_prob = float(self.scores[slot, 0])
+            self.finished[slot].append(Finished(log_prob, log_prob / length_penalty(length, alpha), 0, int(t[i]),
+                                                bool(last[i] and best[i] != eos)))
+        return np.arange(len(slots)), tokens, done
 
-    def _beam(self, sentences: Sequence[Sentence], log_probs: np.ndarray, attention: np.ndarray) -> tuple[
-            np.ndarray, np.ndarray]:
-        n, k, eos = len(sentences), self.k, self.eos
-        vocab = log_probs.shape[-1]
-        step_lp = log_probs.astype(np.float64).reshape(n, k, vocab)
-        total = np.stack([s.scores for s in sentences])[:, :, None] + step_lp  # (n, k, vocab)
-        last = np.array([s.steps + 1 == s.budget for s in sentences])
-        if last.any():
-            eos_total = total[last, :, eos].copy()
+    def _beam(self, slots: np.ndarray, candidates: Candidates, t: np.ndarray, last: np.ndarray) -> tuple[
+            np.ndarray, np.ndarray, np.ndarray]:
+        n, k, eos, alpha = len(slots), self.search.k, self.search.eos, self.search.alpha
+        width = min(2 * k, candidates.width)
+        ids = candidates.ids[:, :width].reshape(n, k, width)
+        scores = self.scores[slots]  # (n, k)
+        total = scores[:, :, None] + candidates.scores[:, :width].astype(np.float64).reshape(n, k, width)
+        if last.any():  # only EOS, from every live row
+            ids = ids.copy()
             total[last] = -np.inf
-            total[last, :, eos] = eos_total
-        flat = total.reshape(n, k * vocab)
-        top = np.argpartition(-flat, 2 * k - 1, axis=1)[:, : 2 * k] if k * vocab > 2 * k else np.tile(
-            np.arange(k * vocab), (n, 1))
-        top_scores = np.take_along_axis(flat, top, axis=1)
-        order = np.argsort(-top_scores, axis=1, kind="stable")
-        top, top_scores = np.take_along_axis(top, order, axis=1), np.take_along_axis(top_scores, order, axis=1)
+            total[last, :, 0] = scores[last] + candidates.eos.astype(np.float64).reshape(n, k)[last]
+            ids[last, :, 0] = eos
+        flat = total.reshape(n, k * width)
+        order = np.argsort(-flat, axis=1, kind="stable")[:, : min(2 * k, k * width)]  # ties: lower (beam, rank)
+        sentences = np.arange(n)[:, None]
+        top_total = flat[sentences, order]
+        top_beam = order // width
+        top_tokens = ids.reshape(n, k * width)[sentences, order]
 
-        parents = np.repeat(np.arange(n) * k, k)  # back-pointers into the given rows
-        tokens = np.full(n * k, eos, dtype=np.int64)
-        for i, s in enumerate(sentences):
-            slots = np.zeros(k, dtype=np.int64)
-            next_tokens = np.full(k, eos, dtype=np.int64)
-            next_scores = np.full(k, -np.inf)
-            alive = 0
-            for rank, (cand, score) in enumerate(zip(top[i], top_scores[i])):
-                if not np.isfinite(score) or alive == k:
-                    break
-                slot, token = divmod(int(cand), vocab)
-                if token == eos:
-                    if rank < k:
-                        length = s.steps + 1
-                        s.finished.append(Hypothesis(
-                            s.tokens[slot].tolist() + [eos], float(score),
-                            float(score) / length_penalty(length, self.alpha), s.history(slot, attention[i * k + slot]),
-                            bool(last[i] and int(step_lp[i, slot].argmax()) != eos),
-                        ))
-                    continue
-                slots[alive], next_tokens[alive], next_scores[alive] = slot, token, score
-                alive += 1
-            if len(s.finished) >= k or last[i] or alive == 0:
-                s.done = True
-                continue
-            # The survivors' histories, tokens and attention rows alike, come from the slot each one continues.
-            new_rows = attention[i * k + slots][:, None, : s.src_len]
-            s.rows = new_rows if s.rows is None else np.concatenate([s.rows[slots], new_rows], axis=1)
-            s.tokens = np.concatenate([s.tokens[slots], next_tokens[:, None]], axis=1)
-            s.scores = next_scores
-            parents[i * k : (i + 1) * k] = i * k + slots
-            tokens[i * k : (i + 1) * k] = next_tokens
-        return parents, tokens
+        finite, is_eos = np.isfinite(top_total), top_tokens == eos
+        finish = is_eos & finite & (np.arange(order.shape[1]) < k)  # EOS among the first k ends a hypothesis
+        alive = ~is_eos & finite
+        alive &= np.cumsum(alive, axis=1) <= k  # the best k others go on
+        pick = np.argsort(~alive, axis=1, kind="stable")[:, :k]
+        valid = alive[sentences, pick]
+        next_beam = np.where(valid, top_beam[sentences, pick], 0)
+        next_tokens = np.where(valid, top_tokens[sentences, pick], eos)
+        next_scores = np.where(valid, top_total[sentences, pick], -np.inf)
+
+        for i, rank in zip(*np.nonzero(finish)):
+            slot, beam, length = int(slots[i]), int(top_beam[i, rank]), int(t[i]) + 1
+            log_prob = float(top_total[i, rank])
+            self.finished[slot].append(Finished(
+                log_prob, log_prob / length_penalty(length, alpha), beam, int(t[i]),
+                bool(last[i] and candidates.ids[i * k + beam, 0] != eos),
+            ))
+        self.finished_count[slots] += finish.sum(axis=1)
+        done = (self.finished_count[slots] >= k) | last | ~valid[:, 0]
+        # The survivors' histories come from the rows they continue: written as back-pointers, followed at the end.
+        self.scores[slots] = next_scores
+        self.tokens[slots[:, None], np.arange(k), t[:, None]] = next_tokens
+        self.parents[slots[:, None], np.arange(k), t[:, None]] = next_beam
+        return (np.arange(n)[:, None] * k + next_beam).reshape(-1), next_tokens.reshape(-1), done
+
+    def results(self, slot: int) -> list[Hypothesis]:
+        """The slot's ``nbest`` best finished hypotheses, best first."""
+        ranked = sorted(self.finished[slot], key=lambda f: -f.score)[: self.search.nbest]
+        return [self._hypothesis(slot, f) for f in ranked]
+
+    def _hypothesis(self, slot: int, found: Finished) -> Hypothesis:
+        assert self.attention is not None
+        t = found.step
+        steps = np.arange(t + 1)
+        if self.search.k == 1:
+            tokens = self.tokens[slot, 0, : t + 1].tolist()
+            rows = self.attention[slot, 0, : t + 1]
+        else:
+            chain = np.empty(t + 1, dtype=np.int64)  # the beam row of each step, back from the last
+            chain[t] = found.beam
+            for j in range(t - 1, -1, -1):
+                chain[j] = self.parents[slot, chain[j + 1], j]
+            tokens = [*self.tokens[slot, chain[1:], steps[:-1]].tolist(), self.search.eos]
+            rows = self.attention[slot, chain, steps]
+        columns = int(self.columns[slot]) or rows.shape[1]
+        return Hypothesis(tokens, found.log_prob, found.score, rows[:, :columns].copy(), found.truncated)
 
 
-def rows_of(sentences: Sequence[int], k: int) -> np.ndarray:
+def rows_of(sentences: Sequence[int] | np.ndarray, k: int) -> np.ndarray:
     """The batch rows of the sentences at these positions, ``k`` rows each."""
     return (np.asarray(sentences, dtype=np.int64)[:, None] * k + np.arange(k)).reshape(-1)
 
@@ -194,27 +284,26 @@ def run_search(
     if n == 0:
         return []
     lens = list(src_lens) if src_lens is not None else [None] * n
-    sentences = [search.start(budget, length) for budget, length in zip(max_steps, lens)]
+    beams = Beams(search, capacity=n, steps=min(max(max_steps), 64))
+    slots = np.array([beams.add(budget, length) for budget, length in zip(max_steps, lens)], dtype=np.int64)
     if k > 1:
         state = {name: np.repeat(value, k, axis=0) for name, value in state.items()}
         static = {name: np.repeat(value, k, axis=0) for name, value in static.items()}
     tokens = np.full(n * k, bos, dtype=np.int64)
-    live = list(range(n))
-    while live:
+    live = slots
+    while len(live):
         if check is not None:
             check()
         log_probs, attention, state = step(tokens, state, static)
-        active = [sentences[i] for i in live]
-        parents, next_tokens = search.advance(active, log_probs, attention)
-        keep = [j for j, s in enumerate(active) if not s.done]
-        if len(keep) < len(active):
-            rows = rows_of(keep, k)
+        parents, next_tokens, done = beams.advance(live, log_probs, attention)
+        if done.any():
+            rows = rows_of(np.flatnonzero(~done), k)
             parents, next_tokens = parents[rows], next_tokens[rows]
             static = {name: value.take(rows, axis=0) for name, value in static.items()}
-            live = [live[j] for j in keep]
+            live = live[~done]
         state = {name: value.take(parents, axis=0) for name, value in state.items()}
         tokens = next_tokens
-    return [s.best(search.nbest) for s in sentences]
+    return [beams.results(int(slot)) for slot in slots]
 
 
 def greedy_search(

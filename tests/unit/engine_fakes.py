@@ -19,6 +19,7 @@ class Options:
     nbest: int = 1
     length_penalty: float = 1.0
     max_steps: int = 12
+    banned: tuple[int, ...] = ()
 
 
 class EngineHooks:
@@ -35,7 +36,7 @@ class EngineHooks:
         return int(options.max_steps)
 
     def search_for(self, options: Any) -> Search:
-        return Search(options.beam_size, EOS, options.nbest, options.length_penalty)
+        return Search(options.beam_size, EOS, options.nbest, options.length_penalty, options.banned)
 
     def selection(self, options: Any) -> None:
         return None

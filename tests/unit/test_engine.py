@@ -15,8 +15,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from server.device import CPU, Device
 from server.engine import Engine, Limits
 from server.errors import DeadlineExceeded, Overloaded
+from server.reductions import Reduction
 from server.search import Hypothesis, State, run_search
 from tests.unit.engine_fakes import EngineHooks, Options
 
@@ -39,6 +41,7 @@ class FakeModel(EngineHooks):
         self.gate: threading.Semaphore | None = None  # when set, every step takes one permit
         self.steps: list[int] = []  # rows of every step call
         self.encoded: list[int] = []  # items of every encoder call
+        self.memory: list[tuple[int, tuple[int, ...]]] = []  # where each step's static memory was, and its shape
 
     def encode(self, items: list[list[int]]) -> tuple[State, State]:
         self.encoded.append(len(items))
@@ -72,6 +75,7 @@ class FakeModel(EngineHooks):
         if self.gate is not None:
             assert self.gate.acquire(timeout=30), "the test never released this step"
         self.steps.append(len(tokens))
+        self.memory.append((static["memory"].__array_interface__["data"][0], static["memory"].shape))
         if self.growing_state:  # rows at different steps must never share a call
             assert len({state["t"].shape[1]}) == 1
         return (*self.step(tokens, state, static), None)
@@ -284,3 +288,120 @@ def test_distinct_length_penalties_do_not_grow_the_engine(engines: list[Engine])
     assert grown < 256 * 1024, f"{grown} bytes more after 90,000 more distinct settings"
     # Recent settings are still shared, so their requests advance together.
     assert engine._search_for(Options(length_penalty=0.25)) is engine._search_for(Options(length_penalty=0.25))
+
+
+class ReducingModel(FakeModel):
+    """The fake whose step reduces its log-probabilities with the graph on the CPU provider (as a bound runtime does
+    on its device), instead of leaving it to the engine's host path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reduction = Reduction(Device("cpu", [CPU], "test"), host_greedy=False)
+        self.widths: list[int] = []
+
+    def step_reduced(self, tokens: np.ndarray, state: State, static: State, all_heads: bool, width: int,
+                     banned: list[int]) -> Any:
+        log_probs, attention, new_state, every = self.step_rows(tokens, state, static, all_heads)
+        self.widths.append(width)
+        return self.reduction(log_probs, width, banned, EOS), attention, new_state, every
+
+
+MIXED = [Options(banned=(2, 5)), Options(beam_size=3, nbest=2, banned=(2, 5), max_steps=4),
+         Options(beam_size=2, banned=(2, 5), length_penalty=0.5, max_steps=5), Options(banned=(2, 5), max_steps=3)]
+
+
+def test_device_reductions_give_what_the_host_path_gives(engines: list[Engine]) -> None:
+    """Greedy and beams in one lane, banned ids, budgets short enough for the last step's EOS rule."""
+    requests = [(SOURCES[i % 4 : i % 4 + 2], MIXED[i % 4]) for i in range(8)]
+    results = []
+    for model in (FakeModel(), ReducingModel()):
+        model.gate = threading.Semaphore(0)
+        engine = start(engines, model)
+        futures = [engine.submit(items, options) for items, options in requests]
+        model.gate.release(10_000)
+        results.append([f.result(timeout=30) for f in futures])
+    assert max(model.widths) == 6  # the best 2k of each row for the widest beam (k = 3)
+    host, device = results
+    assert any(h.truncated for found in host for hyps in found for h in hyps)
+    for (items, options), found_host, found_device in zip(requests, host, device):
+        for item, a, b in zip(items, found_host, found_device):
+            assert [h.tokens for h in a] == [h.tokens for h in b]
+            for h, w in zip(a, b):
+                assert h.log_prob == pytest.approx(w.log_prob, abs=1e-6) and h.truncated == w.truncated
+                np.testing.assert_array_equal(h.attention, w.attention)
+                assert not {2, 5} & set(h.tokens)
+            same(a, model.alone(item, options))
+
+
+def test_rows_leaving_do_not_move_the_static_inputs(engines: list[Engine]) -> None:
+    """Sentences finish at different steps: the static inputs stay where they are (the last rows move into the
+    places of those that left), the steps run on fewer rows of the same buffer."""
+    model = FakeModel()
+    model.gate = threading.Semaphore(0)
+    engine = start(engines, model)
+    budgets = [2, 9, 4, 6, 3, 12]
+    futures = [engine.submit([SOURCES[i % 4]], Options(max_steps=b)) for i, b in enumerate(budgets)]
+    model.gate.release(10_000)
+    for i, future in enumerate(futures):
+        [hyps] = future.result(timeout=30)
+        same(hyps, model.alone(SOURCES[i % 4], Options(max_steps=budgets[i])))
+    assert model.encoded == [6]
+    assert len({address for address, _ in model.memory}) == 1  # one buffer, never copied
+    assert sorted({shape[0] for _, shape in model.memory}, reverse=True)[:2] == [6, 5]
+
+
+def test_many_requests_joining_and_leaving_get_what_they_get_alone(engines: list[Engine]) -> None:
+    """Waves of requests of every setting and of lengths in every bucket: slots are freed and reused, the lanes
+    grow, widen and compact, requests of one setting share their search; each result is what the item gets alone."""
+    rng = np.random.default_rng(11)
+    model = FakeModel()
+    model.gate = threading.Semaphore(0)
+    engine = start(engines, model, max_batch_rows=24)
+    settings = [Options(max_steps=8), Options(beam_size=2, nbest=2, max_steps=7), Options(beam_size=3, max_steps=5),
+                Options(length_penalty=0.3, max_steps=10), Options(beam_size=2, length_penalty=0.0, max_steps=6)]
+    submitted = []
+    for _wave in range(4):
+        for _ in range(8):
+            length = int(rng.choice([2, 5, 14, 20, 40, 70]))
+            items = [[int(t) for t in rng.integers(2, 50, size=length)] for _ in range(int(rng.integers(1, 3)))]
+            options = settings[int(rng.integers(len(settings)))]
+            submitted.append((items, options, engine.submit(items, options)))
+        model.gate.release(int(rng.integers(2, 6)))
+    model.gate.release(10_000)
+    for items, options, future in submitted:
+        for item, hyps in zip(items, future.result(timeout=60)):
+            same(hyps, model.alone(item, options))
+    wait_until(lambda: engine.active == 0, "the engine to be idle")
+    assert not engine._lanes and engine._rows == 0 and engine._tokens == 0
+
+
+def cancelling(engines: list[Engine], cancel: bool) -> list[int]:
+    """Two requests share a lane with an endless one (EOS banned), cancelled after three steps if ``cancel``; the
+    rows of every step until the two are done, which get what they get alone."""
+    shared = [(SOURCES[:2], Options(beam_size=2, nbest=2, max_steps=20)), ([SOURCES[3]], Options(beam_size=3))]
+    model = FakeModel()
+    model.gate = threading.Semaphore(0)
+    engine = start(engines, model)
+    futures = [engine.submit(items, options) for items, options in shared]
+    doomed = engine.submit([SOURCES[2], SOURCES[3]], Options(banned=(EOS,), max_steps=10**6))
+    model.gate.release(3)
+    wait_until(lambda: len(model.steps) == 3, "three steps")
+    if cancel:
+        assert doomed.cancel()
+    model.gate.release(10_000)
+    for (items, options), future in zip(shared, futures):
+        for item, hyps in zip(items, future.result(timeout=30)):
+            same(hyps, model.alone(item, options))
+    if cancel:
+        with pytest.raises(CancelledError):
+            doomed.result(timeout=30)
+        wait_until(lambda: engine.active == 0, "the engine to be idle")
+    engine.close()
+    return model.steps
+
+
+def test_a_request_cancelled_mid_flight_leaves_its_lane_to_the_others(engines: list[Engine]) -> None:
+    """From the step boundary after the cancellation on, each step holds exactly its two rows fewer."""
+    uncancelled, cancelled = cancelling(engines, False), cancelling(engines, True)
+    assert cancelled[:3] == uncancelled[:3] and len(cancelled) > 5
+    assert cancelled[4:] == [rows - 2 for rows in uncancelled[4 : len(cancelled)]]

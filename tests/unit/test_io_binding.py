@@ -21,12 +21,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 from server.device import CPU, Device
 from server.engine import Engine, Limits
-from server.iobinding import BoundStep, DeviceTensor, RowGather, Uploads, gather_graph
+from server.iobinding import BoundStep, DeviceTensor, RowGather, Uploads, concat_graph, gather_graph, join_rows
+from server.reductions import Reduction
 from server.search import Hypothesis, State, run_search
 from tests.unit.engine_fakes import EngineHooks, Options
 
 BOS, EOS, VOCAB, HIDDEN = 0, 1, 11, 8
 BOUND_CPU = Device("cpu", [CPU], "test", io_binding=True)
+PLAIN_CPU = Device("cpu", [CPU], "test")
 
 
 def step_graph(growing: bool) -> bytes:
@@ -86,6 +88,8 @@ class OnnxModel(EngineHooks):
         self.gate: threading.Semaphore | None = None
         self.steps = 0
         self.device_steps = 0  # steps whose state arrived as DeviceTensors
+        self.device_static = 0  # steps whose static inputs arrived as DeviceTensors (the engine keeps them there)
+        self.reduce = Reduction(BOUND_CPU if bound else PLAIN_CPU)
 
     def encode(self, items: list[list[int]]) -> tuple[State, State]:
         width = max(len(i) for i in items)
@@ -113,6 +117,27 @@ class OnnxModel(EngineHooks):
             assert self.gate.acquire(timeout=30), "the test never released this step"
         self.steps += 1
         return (*self.step(tokens, state, static), None)
+
+    @property
+    def device_kernels(self) -> RowGather | None:
+        return self.bound.gather if self.bound is not None else None
+
+    def step_reduced(self, tokens: np.ndarray, state: State, static: State, all_heads: bool, width: int,
+                     banned: list[int]) -> Any:
+        """As DecoderRuntime.step_reduced: bound, the log-probabilities stay on the device for the reduction."""
+        if self.bound is None:
+            log_probs, attention, new_state, every = self.step_rows(tokens, state, static, all_heads)
+            return self.reduce(log_probs, width, banned, EOS), attention, new_state, every
+        if self.gate is not None:
+            assert self.gate.acquire(timeout=30), "the test never released this step"
+        self.steps += 1
+        self.device_steps += all(isinstance(v, DeviceTensor) for v in state.values())
+        self.device_static += all(isinstance(v, DeviceTensor) for v in static.values())
+        host, kept, [log_probs] = self.bound.run_outputs(
+            ["attention"], [f"next_{n}" for n in self.state_names], ["log_probs"], {"prev_token": tokens}, static,
+            state)
+        assert isinstance(log_probs, ort.OrtValue)
+        return self.reduce(log_probs, width, banned, EOS), host[0], dict(zip(self.state_names, kept)), None
 
     def decode(self, items: list[list[int]], options: Options) -> list[list[Hypothesis]]:
         state, static = self.encode(items)
@@ -147,6 +172,22 @@ def test_the_gather_graph_is_valid_onnx_and_gathers_rows() -> None:
         np.testing.assert_array_equal(out.numpy(), data.take(rows, axis=0))
 
 
+def test_rows_join_on_the_device() -> None:
+    kernels = RowGather(BOUND_CPU)
+    for kind, dtype in ((TensorProto.FLOAT, np.float32), (TensorProto.BOOL, np.bool_), (TensorProto.INT64, np.int64)):
+        onnx.checker.check_model(onnx.load_from_string(concat_graph(kind, 3)), full_check=True)
+        first, second = (np.arange(24).reshape(4, 3, 2) % 3).astype(dtype), (np.arange(6).reshape(1, 3, 2) % 2).astype(
+            dtype)
+        joined = join_rows(kernels.upload(first), second)
+        assert isinstance(joined, DeviceTensor)
+        np.testing.assert_array_equal(np.asarray(joined), np.concatenate([first, second]))
+        np.testing.assert_array_equal(np.asarray(join_rows(joined, kernels.upload(second))),
+                                      np.concatenate([first, second, second]))
+    np.testing.assert_array_equal(join_rows(first, second), np.concatenate([first, second]))  # host arrays
+    empty = kernels.upload(np.zeros((2, 0, 1), np.float32))  # a cache before its first step
+    assert np.asarray(join_rows(empty, np.zeros((3, 0, 1), np.float32))).shape == (5, 0, 1)
+
+
 def test_device_tensors_behave_like_the_arrays_they_hold() -> None:
     data = np.random.default_rng(0).normal(size=(4, 3, 2)).astype(np.float32)
     tensor = DeviceTensor(ort.OrtValue.ortvalue_from_numpy(data.copy()), RowGather(BOUND_CPU))
@@ -157,8 +198,7 @@ def test_device_tensors_behave_like_the_arrays_they_hold() -> None:
         assert isinstance(taken, DeviceTensor)
         np.testing.assert_array_equal(np.asarray(taken), data.take(rows, axis=0))
     np.testing.assert_array_equal(tensor.take(np.array([1, 0]), axis=1), data.take([1, 0], axis=1))
-    joined = np.concatenate([tensor, data[:1]])  # a group joining a running batch
-    np.testing.assert_array_equal(joined, np.concatenate([data, data[:1]]))
+    np.testing.assert_array_equal(np.concatenate([tensor, data[:1]]), np.concatenate([data, data[:1]]))  # to the host
     empty = DeviceTensor(ort.OrtValue.ortvalue_from_numpy(np.zeros((3, 0, 1), np.float32)), RowGather(BOUND_CPU))
     assert np.asarray(empty.take(np.array([2, 1]))).shape == (2, 0, 1)
 
@@ -206,7 +246,8 @@ def wait_until(condition: Any, what: str) -> None:
 def test_the_engine_reorders_drops_and_joins_device_state(engines: list[Engine], growing: bool,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Requests join a running batch after two steps, sentences finish at different steps, beams reorder: every
-    result is what the item decodes to alone without the binding."""
+    result is what the item decodes to alone without the binding, and the state and the static inputs stay on the
+    device (joined by a concatenation there, left by a gather)."""
     copies = []
     to_host = DeviceTensor.__array__
     monkeypatch.setattr(DeviceTensor, "__array__", lambda self, *a, **k: copies.append(1) or to_host(self, *a, **k))
@@ -229,6 +270,5 @@ def test_the_engine_reorders_drops_and_joins_device_state(engines: list[Engine],
             for h, w in zip(hyps, want):
                 assert h.log_prob == pytest.approx(w.log_prob, abs=1e-5)
                 np.testing.assert_allclose(h.attention, w.attention, atol=1e-6)
-    assert model.device_steps > 0
-    if not growing:  # the later requests joined the running lane: its device state came to the host once
-        assert copies
+    assert model.device_steps > 0 and model.device_static > 0
+    assert not copies  # joined, reordered and dropped on the device: nothing came back to the host

@@ -7,7 +7,18 @@ import itertools
 import numpy as np
 import pytest
 
-from server.search import State, beam_search, forced_decode, greedy_search, length_penalty
+from server.search import (
+    Beams,
+    Hypothesis,
+    Search,
+    State,
+    beam_search,
+    forced_decode,
+    greedy_search,
+    length_penalty,
+    rows_of,
+    run_search,
+)
 
 BOS, EOS = 0, 1
 
@@ -163,3 +174,48 @@ def test_bad_arguments() -> None:
         beam_search(toy.step, state, static, bos=BOS, eos=EOS, max_steps=[5], beam_size=2, nbest=3)
     with pytest.raises(ValueError, match="positive step budget"):
         greedy_search(toy.step, state, static, bos=BOS, eos=EOS, max_steps=[0])
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_sentences_that_start_late_in_reused_slots_find_what_they_find_alone(beam: int) -> None:
+    """Beams over a changing set of sentences, as the engine drives it: a sentence starts while others are half
+    done, in the slot a finished one gave back, and the buffers grow past their first size."""
+    toy = ToyDecoder(6, vocab=9)
+    lengths = [3, 5, 2, 4, 6, 1]
+    state, static = toy.initial(lengths, 6)
+    search = Search(beam, EOS, beam, 1.0, banned=[BOS])
+    alone = [run_search(toy.step, {n: v[i : i + 1] for n, v in state.items()},
+                        {n: v[i : i + 1] for n, v in static.items()}, search, bos=BOS, max_steps=[40],
+                        src_lens=[lengths[i]])[0] for i in range(len(lengths))]
+    beams = Beams(search, capacity=1, steps=2)
+    live: list[tuple[int, int]] = []  # (sentence, slot), in row order
+    rows: dict[str, np.ndarray] = {}
+    tokens = np.zeros(0, dtype=np.int64)
+    found: dict[int, list[Hypothesis]] = {}
+    waiting = list(range(len(lengths)))
+    while waiting or live:
+        if waiting and len(found) + len(live) < 2 + 2 * len(found):  # join while others decode
+            i = waiting.pop(0)
+            live.append((i, beams.add(40, lengths[i])))
+            width = static["memory"].shape[1]
+            joined = {**{n: np.repeat(v[i : i + 1], beam, axis=0) for n, v in state.items()},
+                      **{n: np.repeat(v[i : i + 1, :width], beam, axis=0) for n, v in static.items()}}
+            rows = joined if not rows else {n: np.concatenate([v, joined[n]]) for n, v in rows.items()}
+            tokens = np.concatenate([tokens, np.full(beam, BOS)])
+        log_probs, attention, new_state = toy.step(tokens, {"h": rows["h"]}, {n: rows[n] for n in ("memory", "mask")})
+        parents, tokens, done = beams.advance(np.array([slot for _, slot in live]), log_probs, attention)
+        rows = {**{n: v.take(parents, axis=0) for n, v in new_state.items()},
+                "memory": rows["memory"], "mask": rows["mask"]}
+        keep = rows_of(np.flatnonzero(~done), beam)
+        for (i, slot), finished in zip(live, done):
+            if finished:
+                found[i] = beams.results(slot)
+                beams.release(slot)
+        live = [entry for entry, finished in zip(live, done) if not finished]
+        rows, tokens = {n: v[keep] for n, v in rows.items()}, tokens[keep]
+    assert beams.capacity > 1 and beams.tokens.shape[2] > 2
+    for i, expected in enumerate(alone):
+        assert [h.tokens for h in found[i]] == [h.tokens for h in expected]
+        for h, w in zip(found[i], expected):
+            assert h.log_prob == pytest.approx(w.log_prob, abs=1e-9)
+            np.testing.assert_array_equal(h.attention, w.attention)

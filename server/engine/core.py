@@ -1,0 +1,386 @@
+"""The engine's scheduler: the bounded queue, admission, deadlines and cancellation, and the lanes' turns."""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+from itertools import count, islice
+from typing import Any
+
+import numpy as np
+
+from server.engine.lanes import Lane, Owner
+from server.errors import Cancelled, DeadlineExceeded, Overloaded, ShuttingDown
+from server.logs import event
+from server.metrics import Metrics
+from server.runtime import DecoderRuntime
+from server.search import Hypothesis, Search
+
+log = logging.getLogger("attn.engine")
+
+ADMISSION_WINDOW = 64  # queued requests looked at when filling a group by source length
+# An RNN model's rows are kept in lanes by source length (tokens, upper bounds; longer ones share the last lane):
+# a lane pads its sources to its own longest, not to the longest in flight, and the static inputs attended over at
+# every step shrink with it.
+LENGTH_BUCKETS = (16, 32, 64)
+SEARCHES_KEPT = 64  # decoding settings remembered for sharing (a client can send a new length penalty every call)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_batch_rows: int = 256  # hypotheses (sentences × beam) decoded together
+    max_batch_tokens: int = 32768  # source positions over those hypotheses
+    max_batch_requests: int = 1 << 30  # 1: batching off (one request at a time)
+    max_queue_requests: int = 1024
+    max_queue_tokens: int = 65536
+
+
+@dataclass(eq=False)
+class Request:
+    items: list[Any]
+    options: Any
+    search: Search
+    selection: tuple[int, int] | None  # another layer's or head's attention than the manifest's default
+    src_lens: list[int | None]
+    costs: list[int]
+    budgets: list[int]
+    deadline: float | None
+    enqueued: float
+    future: Future[list[list[Hypothesis]]] = field(default_factory=Future)
+    results: list[list[Hypothesis]] = field(default_factory=list)
+    pending: int = 0
+    status: str = "queued"  # then "active", then "done"
+    placements: list[tuple[Lane, int, int]] = field(default_factory=list)  # (lane, group, slot) of each sentence
+
+    @property
+    def rows(self) -> int:
+        return self.search.k * len(self.items)
+
+    @property
+    def tokens(self) -> int:
+        return self.search.k * sum(self.costs)
+
+    @property
+    def length(self) -> float:
+        return sum(self.costs) / len(self.costs)
+
+
+def _bucket(length: int | None) -> int:
+    if length is None:
+        return 0
+    return next((i for i, bound in enumerate(LENGTH_BUCKETS) if length <= bound), len(LENGTH_BUCKETS))
+
+
+class Engine:
+    def __init__(self, model: DecoderRuntime, limits: Limits = Limits(), metrics: Metrics | None = None) -> None:
+        self.model, self.limits, self.metrics = model, limits, metrics
+        self._labels = (model.name, model.version)
+        self._metric = _Children(metrics, self._labels) if metrics else None
+        self._lock = threading.Condition()
+        self._queue: deque[Request] = deque()
+        self._queued_tokens = 0
+        self._active: dict[int, Request] = {}
+        self._lanes: list[Lane] = []
+        self._rows = self._tokens = 0
+        self._searches: OrderedDict[tuple[Any, ...], Search] = OrderedDict()
+        self._gone: deque[Request] = deque()  # cancelled by their callers (appended from their threads)
+        self._deadlines: list[tuple[float, int, Request]] = []  # a heap; finished requests leave it lazily
+        self._order = count()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=f"engine-{model.name}-{model.version}", daemon=True)
+        self._thread.start()
+
+    # -- the caller's side (the event loop) ----------------------------------------------------------------------
+
+    def submit(self, items: Sequence[Any], options: Any, timeout: float | None = None) -> Future[
+            list[list[Hypothesis]]]:
+        """Queues one request; its future gets each item's hypotheses (best first) or the error that stopped it.
+        Cancelling the future takes the request out of the batch at the next step. Raises :class:`Overloaded`."""
+        model = self.model
+        search = self._search_for(options)
+        now = time.monotonic()
+        request = Request(
+            list(items), options, search, model.selection(options), [model.src_len(i) for i in items],
+            [model.cost(i) for i in items], [model.budget_for(i, options) for i in items],
+            None if timeout is None else now + timeout, now,
+        )
+        request.results, request.pending = [[] for _ in items], len(items)
+        with self._lock:
+            if self._closed:
+                raise ShuttingDown("the model is being unloaded; retry")
+            limits, queued = self.limits, len(self._queue)
+            if queued >= limits.max_queue_requests:
+                raise Overloaded(f"the queue of model {model.name} holds {queued} requests, its limit "
+                                 f"(max_queue_requests); retry later")
+            if self._queued_tokens + sum(request.costs) > limits.max_queue_tokens:
+                raise Overloaded(f"the queue of model {model.name} holds {self._queued_tokens} source tokens; "
+                                 f"{sum(request.costs)} more would pass its limit of {limits.max_queue_tokens} "
+                                 "(max_queue_tokens); retry later")
+            self._queue.append(request)
+            self._queued_tokens += sum(request.costs)
+            if request.deadline is not None:
+                heapq.heappush(self._deadlines, (request.deadline, next(self._order), request))
+            self._gauges()
+            self._lock.notify()
+        request.future.add_done_callback(lambda future: self._gone.append(request) if future.cancelled() else None)
+        return request.future
+
+    def _search_for(self, options: Any) -> Search:
+        """One search object per setting, so that requests with the same setting advance in one vectorised call.
+        Settings include a client's float length penalty, so only the most recently used are remembered: a request
+        whose setting was forgotten gets a new object and advances in a call of its own."""
+        search = self.model.search_for(options)
+        shared = self._searches.setdefault(search.key, search)
+        self._searches.move_to_end(search.key)
+        if len(self._searches) > SEARCHES_KEPT:
+            self._searches.popitem(last=False)
+        return shared
+
+    def close(self) -> None:
+        """Stops the engine; what is still queued or decoding fails with ShuttingDown."""
+        with self._lock:
+            self._closed = True
+            self._lock.notify()
+        self._thread.join()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    # -- the engine's thread -------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._closed and not self._queue and not self._lanes:
+                    self._lock.wait()
+                if self._closed:
+                    break
+                expired = self._expired()
+                group = self._admit()
+            self._sweep(expired)
+            if group:
+                self._join(group)
+            for lane in list(self._lanes):
+                self._step(lane)
+        stopped = ShuttingDown("the server is shutting down; retry on another instance")
+        with self._lock:
+            waiting, self._queue = list(self._queue), deque()
+        for request in [*waiting, *self._active.values()]:
+            self._fail(request, stopped)
+        self._lanes.clear()
+
+    def _expired(self) -> list[Request]:
+        """Requests cancelled or past their deadline since the last step; the queued ones leave the queue. Called
+        with the lock held."""
+        now = time.monotonic()
+        stopped = []
+        while self._gone:
+            stopped.append(self._gone.popleft())
+        while self._deadlines and self._deadlines[0][0] < now:
+            stopped.append(heapq.heappop(self._deadlines)[2])
+        if len(self._deadlines) > 2 * (len(self._queue) + len(self._active)) + 64:  # forget the finished ones
+            self._deadlines = [d for d in self._deadlines if d[2].status != "done"]
+            heapq.heapify(self._deadlines)
+        unique = {id(r): r for r in stopped if r.status != "done"}
+        for request in unique.values():
+            if request.status == "queued":
+                self._dequeue(request)
+        return list(unique.values())
+
+    def _fits(self, request: Request, requests: int, rows: int, tokens: int) -> bool:
+        limits = self.limits
+        return (requests < limits.max_batch_requests and rows + request.rows <= limits.max_batch_rows
+                and tokens + request.tokens <= limits.max_batch_tokens)
+
+    def _admit(self) -> list[Request]:
+        """Takes the oldest waiting request if the budget allows (or nothing is running), then the waiting ones
+        closest to it in source length that still fit. Called with the lock held."""
+        if not self._queue:
+            return []
+        now = time.monotonic()
+        anchor = self._queue[0]
+        requests, rows, tokens = len(self._active), self._rows, self._tokens
+        if self._active and not self._fits(anchor, requests, rows, tokens):
+            return []
+        group = [anchor]
+        requests, rows, tokens = requests + 1, rows + anchor.rows, tokens + anchor.tokens
+        others = sorted(islice(self._queue, 1, ADMISSION_WINDOW), key=lambda r: abs(r.length - anchor.length))
+        for request in others:
+            if self._fits(request, requests, rows, tokens):
+                group.append(request)
+                requests, rows, tokens = requests + 1, rows + request.rows, tokens + request.tokens
+        for request in group:
+            self._dequeue(request)
+            request.status = "active"
+            self._active[id(request)] = request
+            if self._metric:
+                self._metric.queue_time.observe(now - request.enqueued)
+        self._rows, self._tokens = rows, tokens
+        self._gauges()
+        return group
+
+    def _join(self, group: list[Request]) -> None:
+        """Encodes the admitted group in one call and adds its rows to the lanes."""
+        model = self.model
+        try:
+            started = time.perf_counter()
+            state, static = model.encode([item for r in group for item in r.items])
+            self._observe("encoder", time.perf_counter() - started)
+        except Exception as exc:
+            event(log, "encoder_failed", level=logging.ERROR, exc_info=True, model=model.name, requests=len(group))
+            for request in group:
+                self._fail(request, exc)
+            return
+        entries: list[tuple[Owner, Search, int, int | None, tuple[int, int] | None]] = [
+            ((r, i), r.search, r.budgets[i], r.src_lens[i], r.selection) for r in group for i in range(len(r.items))]
+        ks = np.array([e[1].k for e in entries])
+        repeat = np.repeat(np.arange(len(entries)), ks)  # a beam's k rows start from the same encoding
+        parts: dict[int | None, np.ndarray] = {None: np.arange(len(entries))}
+        if not model.growing_state:
+            buckets = np.array([_bucket(e[3]) for e in entries])
+            parts = {int(b): np.flatnonzero(buckets == b) for b in np.unique(buckets)}
+        for bucket, chosen in parts.items():
+            rows = repeat[np.isin(repeat, chosen)]
+            part_state = {n: v.take(rows, axis=0) for n, v in state.items()}
+            part_static = self._narrowed({n: v.take(rows, axis=0) for n, v in static.items()},
+                                         [entries[j][3] for j in chosen])
+            lane = next((lane for lane in self._lanes if bucket is not None and lane.bucket == bucket), None)
+            if lane is None:
+                lane = Lane(model, bucket)
+                self._lanes.append(lane)
+            for (owner, *_), placement in zip([entries[j] for j in chosen],
+                                              lane.add([entries[j] for j in chosen], part_state, part_static)):
+                owner[0].placements.append(placement)
+
+    def _narrowed(self, static: dict[str, np.ndarray], lengths: list[int | None]) -> dict[str, np.ndarray]:
+        """The source axes cut to the longest of ``lengths``: no attention over padding nobody needs."""
+        axes = self.model.src_axes
+        if not axes or None in lengths:
+            return static
+        width = max(int(n) for n in lengths if n is not None)
+        return {n: v.take(np.arange(width), axis=axes[n]) if n in axes and v.shape[axes[n]] > width else v
+                for n, v in static.items()}
+
+    def _sweep(self, stopped: list[Request]) -> None:
+        """Takes requests whose caller went away or whose deadline passed out of the batch (or the queue)."""
+        for request in stopped:
+            self._withdraw(request)
+            self._stop(request)
+
+    def _withdraw(self, request: Request) -> None:
+        """Takes the sentences of ``request`` that are still decoding out of their lanes."""
+        lanes: dict[int, tuple[Lane, list[tuple[int, int]]]] = {}
+        for lane, gid, slot in request.placements:
+            if lane.owns(gid, slot, request):
+                lanes.setdefault(id(lane), (lane, []))[1].append((gid, slot))
+        for lane, placements in lanes.values():
+            lane.drop(placements)
+            if lane.n == 0 and lane in self._lanes:
+                self._lanes.remove(lane)
+
+    def _step(self, lane: Lane) -> None:
+        """One decoder call for every row of the lane, then one search step per setting in it."""
+        model = self.model
+        if lane.n == 0 or lane not in self._lanes:  # emptied by a failure in another lane
+            return
+        try:
+            started = time.perf_counter()
+            outputs = lane.compute()
+            self._observe("decoder", time.perf_counter() - started)
+        except Exception as exc:
+            event(log, "decoder_failed", level=logging.ERROR, exc_info=True, model=model.name, rows=lane.n)
+            self._lanes.remove(lane)
+            for request, _ in list(lane.requests.values()):
+                self._withdraw(request)  # its sentences in other lanes
+                self._fail(request, exc)
+            return
+        if self._metric:
+            self._metric.batch_requests.observe(len(lane.requests))
+            self._metric.batch_rows.observe(lane.n)
+        for owner, hypotheses in lane.advance(outputs):
+            self._finish(owner, hypotheses)
+        if lane.n == 0:
+            self._lanes.remove(lane)
+
+    # -- bookkeeping ---------------------------------------------------------------------------------------------
+
+    def _finish(self, owner: Owner, hypotheses: list[Hypothesis]) -> None:
+        request, index = owner
+        if request.status != "active":  # failed meanwhile
+            return
+        request.results[index] = hypotheses
+        request.pending -= 1
+        with self._lock:
+            self._rows -= request.search.k
+            self._tokens -= request.search.k * request.costs[index]
+        if request.pending == 0:
+            self._retire(request)
+            try:
+                request.future.set_result(request.results)
+            except InvalidStateError:  # cancelled meanwhile
+                pass
+
+    def _retire(self, request: Request) -> None:
+        """``request`` leaves the active set; the rows of its unfinished sentences are given back."""
+        with self._lock:
+            if self._active.pop(id(request), None) is not None:
+                unfinished = [i for i, r in enumerate(request.results) if not r]
+                self._rows -= request.search.k * len(unfinished)
+                self._tokens -= request.search.k * sum(request.costs[i] for i in unfinished)
+                request.pending = 0
+                self._gauges()
+            request.status = "done"
+
+    def _stop(self, request: Request) -> None:
+        """Ends a request whose caller went away or whose deadline passed."""
+        passed = request.deadline is not None and request.deadline < time.monotonic()
+        self._fail(request, DeadlineExceeded("the deadline passed before the request was complete") if passed
+                   else Cancelled("the call was cancelled"))
+
+    def _fail(self, request: Request, error: BaseException) -> None:
+        self._retire(request)
+        try:
+            request.future.set_exception(error)
+        except InvalidStateError:
+            pass
+
+    def _dequeue(self, request: Request) -> None:
+        self._queue.remove(request)
+        self._queued_tokens -= sum(request.costs)
+        request.status = "dequeued"
+        self._gauges()
+
+    def _observe(self, stage: str, seconds: float) -> None:
+        if self._metric:
+            (self._metric.encoder if stage == "encoder" else self._metric.decoder).observe(seconds)
+
+    def _gauges(self) -> None:
+        if self._metric:
+            self._metric.queue_requests.set(len(self._queue))
+            self._metric.queue_tokens.set(self._queued_tokens)
+            self._metric.active_requests.set(len(self._active))
+
+
+class _Children:
+    """The engine's metrics with its model's labels, looked up once (a label lookup costs more than the update)."""
+
+    def __init__(self, metrics: Metrics, labels: tuple[str, str]) -> None:
+        self.queue_time = metrics.queue_time.labels(*labels)
+        self.encoder = metrics.compute_time.labels(*labels, "encoder")
+        self.decoder = metrics.compute_time.labels(*labels, "decoder")
+        self.batch_requests = metrics.batch_requests.labels(*labels)
+        self.batch_rows = metrics.batch_rows.labels(*labels)
+        self.queue_requests = metrics.queue_requests.labels(*labels)
+        self.queue_tokens = metrics.queue_tokens.labels(*labels)
+        self.active_requests = metrics.active_requests.labels(*labels)
