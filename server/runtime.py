@@ -3,7 +3,8 @@
 
 A family (:mod:`server.translation`, :mod:`server.captioning`) adds how its inputs become encoder feeds and how
 hypotheses become results. The serving engine (:mod:`server.engine`) drives any of them through the same few
-methods: :meth:`encode`, :meth:`step_rows`, :meth:`budget_for`, :meth:`src_len` and :meth:`search_for`.
+methods: :meth:`encode`, :meth:`step_reduced` (or :meth:`step_rows`), :meth:`budget_for`, :meth:`src_len` and
+:meth:`search_for`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import onnxruntime as ort
 from server import search
 from server.artifacts import Manifest, ManifestError, Tokenizer
 from server.device import Device, session
-from server.iobinding import BoundStep
+from server.iobinding import BoundStep, RowGather
+from server.reductions import Candidates, Reduction
 
 SRC_AXIS = "src_len"
 
@@ -26,6 +28,8 @@ SRC_AXIS = "src_len"
 class DecoderRuntime:
     family = ""
     variant = "fp32"  # which of the manifest's graph variants is loaded
+    _all_heads: str | None = None  # multi-head models: the step's output of every layer's and head's attention
+    _reduction: Reduction | None = None  # the search's reductions on the step's provider, made on first use
 
     def __init__(self, directory: Path, manifest: Manifest, device: Device, files: dict[str, str], threads: int):
         self.directory, self.manifest, self.device = directory, manifest, device
@@ -115,6 +119,37 @@ class DecoderRuntime:
             np.ndarray, np.ndarray, search.State, np.ndarray | None]:
         """:meth:`step`, plus every layer's and head's attention when ``all_heads`` (multi-head models only)."""
         return (*self.step(tokens, state, static), None)
+
+    def step_reduced(self, tokens: np.ndarray, state: search.State, static: search.State, all_heads: bool,
+                     width: int, banned: Sequence[int]) -> tuple[Candidates, np.ndarray, search.State,
+                                                                 np.ndarray | None]:
+        """:meth:`step_rows` with the search's reduction of the log-probabilities (``width`` candidates per row,
+        ``banned`` ids never among them) done where the step ran (:mod:`server.reductions`): with I/O binding the
+        log-probabilities stay on the device and only the candidates come back."""
+        binding = self.manifest.decoder
+        extra = [self._all_heads] if all_heads and self._all_heads else []
+        feeds = {binding.token_input: tokens.astype(self._token_dtype)}
+        if self._reduction is None:
+            assert self.device is not None, "a model opened without its graphs does not decode"
+            self._reduction = Reduction(self.device)
+        if self._bound is None:
+            log_probs, attention, *rest = self.decoder.run([*self._outputs, *extra], {**feeds, **static, **state})
+            n = len(self._state_inputs)
+            new_state = dict(zip(self._state_inputs, rest[:n], strict=True))
+            every = rest[n] if extra else None
+            return self._reduction(log_probs, width, banned, self.eos_id), attention, new_state, every
+        host, kept, [log_probs] = self._bound.run_outputs(
+            [binding.attention_output, *extra], list(binding.state.values()), [binding.log_probs_output], feeds,
+            static, state)
+        new_state = {name: cast(np.ndarray, value) for name, value in zip(self._state_inputs, kept, strict=True)}
+        candidates = self._reduction(log_probs, width, banned, self.eos_id)
+        return candidates, host[0], new_state, host[1] if extra else None
+
+    @property
+    def device_kernels(self) -> RowGather | None:
+        """With I/O binding: the kernels that gather and join rows on the device, where the engine then keeps
+        the static decoder inputs too (as :class:`~server.iobinding.DeviceTensor`); ``None`` on the host."""
+        return self._bound.gather if self._bound is not None else None
 
     def selection(self, options: Any) -> tuple[int, int] | None:
         """The (layer, head) whose attention ``options`` asks for, or ``None`` for the manifest's default."""
