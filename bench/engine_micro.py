@@ -1,0 +1,182 @@
+"""The serving engine alone, without gRPC: sentences/s and CPU time per sentence at a fixed number of requests in
+flight.
+
+    .venv/bin/python bench/engine_micro.py                  # the bundled model and the tiny one, greedy and beam 4
+    .venv/bin/python bench/engine_micro.py --models bundled --sentences 300 --concurrency 64
+    PYTHONPATH=DIR .venv/bin/python bench/engine_micro.py --engine other_engine   # another Engine, to compare
+
+One sentence per request; ``--concurrency`` requests are kept in flight (a finished one is replaced at once). Two
+models: the bundled ``de-en-bahdanau`` (the decoder's compute dominates) and a tiny one of negligible compute (widths
+16, 400 pieces, ``max_output_tokens`` 12: what remains is the engine's own Python per sentence). The tiny model is
+trained and exported once into ``runs/engine-micro-tiny/`` (ignored by git), with `attn-train translation` on the
+test fixture as the test session does.
+
+Reported per run: sentences/s (wall), CPU milliseconds per sentence (``time.process_time``: every thread of this
+process, ONNX Runtime's included), the decoder's share of the wall time (the engine's own ``compute_time`` metric,
+which includes the search's reductions done with the step), the mean rows per decoder call, and the wall time per
+sentence outside the decoder. On a machine shared with other work the CPU time is the steadier figure; ``--repeat``
+keeps each setting's fastest run. Nothing is asserted; results go to stdout and, with ``--json``, to a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from prometheus_client import CollectorRegistry  # noqa: E402
+
+from server.artifacts import Manifest  # noqa: E402
+from server.device import CPU, Device  # noqa: E402
+from server.engine import Engine, Limits  # noqa: E402
+from server.errors import InvalidInput  # noqa: E402
+from server.metrics import Metrics  # noqa: E402
+from server.translation import DecodeOptions, TranslationModel  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLED = ROOT / "models" / "de-en-bahdanau" / "1"
+TINY_RUN = ROOT / "runs" / "engine-micro-tiny"
+TINY = TINY_RUN / "tiny" / "1"
+FIXTURE = ROOT / "tests" / "fixtures" / "ding-sample.txt"
+
+
+def build_tiny() -> Path:
+    """The negligible-compute model, trained for a dozen steps on the test fixture and exported (once)."""
+    if (TINY / "manifest.json").exists():
+        return TINY
+    run = TINY_RUN / "run"
+    subprocess.run([
+        sys.executable, "-m", "training.cli", "translation", "--data", f"ding:{FIXTURE}", "--out", str(run),
+        "--vocab-size", "400", "--emb-dim", "16", "--hidden-dim", "16", "--attn-dim", "16", "--max-steps", "12",
+        "--valid-every", "1000", "--valid-bleu-sample", "10", "--max-tokens", "1000", "--device", "cpu",
+        "--threads", "1",
+    ], check=True, cwd=ROOT)
+    from exporter.export import ExportOptions, export
+
+    export(run / "best.pt", TINY, ExportOptions(name="tiny", parity_sentences=10, force=True))
+    return TINY
+
+
+def sentences(count: int, corpus: str) -> list[str]:
+    """The Ding test split's full sentences (``corpus`` ding), or the fixture's sources, repeated up to ``count``."""
+    from training.data.corpus import load_corpus, split
+
+    pairs = split(load_corpus(corpus))["test"] if corpus == "ding" else load_corpus(corpus)
+    seen = list(dict.fromkeys(p.source for p in pairs if p.sentence or corpus != "ding"))
+    return [seen[i % len(seen)] for i in range(count)]
+
+
+def drive(engine: Engine, items: list[Any], options: DecodeOptions, concurrency: int) -> tuple[float, float]:
+    """Submits one item per request, ``concurrency`` in flight; (wall seconds, CPU seconds)."""
+    slots = threading.Semaphore(concurrency)
+    futures: list[Future[Any]] = []
+    wall, cpu = time.perf_counter(), time.process_time()
+    for item in items:
+        slots.acquire()
+        future = engine.submit([item], options)
+        future.add_done_callback(lambda _: slots.release())
+        futures.append(future)
+    for future in futures:
+        future.result()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def load(directory: Path, texts: list[str], threads: int) -> tuple[TranslationModel, list[Any]]:
+    """The model on the CPU and the items the engine decodes: a source's ids where the model says so (the
+    multi-process split), else the prepared source. Texts the model cannot take (too many tokens) are left out."""
+    model = TranslationModel(directory, Manifest.load(directory), Device("cpu", [CPU], "bench"), threads=threads)
+    items = []
+    for text in texts:
+        try:
+            [source] = model.prepare([text])
+        except InvalidInput:
+            continue
+        items.append(getattr(source, "ids", source))
+    return model, items
+
+
+def run(engine_class: type[Engine], model: TranslationModel, items: list[Any], options: DecodeOptions,
+        concurrency: int) -> dict[str, Any]:
+    """One engine, warmed up on ``2 * concurrency`` items, then timed over all of them."""
+    registry = CollectorRegistry()
+    labels = {"model": model.name, "version": model.version}
+    decoder = {**labels, "stage": "decoder"}
+
+    def read() -> list[float]:  # the decoder's seconds and calls, the rows over its calls
+        return [registry.get_sample_value(name, where) or 0.0 for name, where in (
+            ("attn_compute_duration_seconds_sum", decoder), ("attn_compute_duration_seconds_count", decoder),
+            ("attn_batch_hypotheses_sum", labels))]
+
+    engine = engine_class(model, Limits(), Metrics(registry))
+    try:
+        drive(engine, items[: min(len(items), 2 * concurrency)], options, concurrency)
+        before = read()
+        wall, cpu = drive(engine, items, options, concurrency)
+        seconds, calls, rows = (after - first for after, first in zip(read(), before))
+    finally:
+        engine.close()
+    n = len(items)
+    return {
+        "model": model.name, "beam": options.beam_size, "concurrency": concurrency, "sentences": n,
+        "sentences_per_s": round(n / wall, 1), "cpu_ms_per_sentence": round(1000 * cpu / n, 3),
+        "wall_s": round(wall, 3), "decoder_share": round(seconds / wall, 3), "decoder_calls": int(calls),
+        "rows_per_call": round(rows / max(calls, 1), 1), "other_ms_per_sentence": round(1000 * (wall - seconds) / n, 3),
+    }
+
+
+def measure(directory: Path, texts: list[str], concurrencies: list[int], beams: list[int], max_output: int,
+            threads: int, engine_class: type[Engine] = Engine, repeat: int = 1) -> list[dict[str, Any]]:
+    model, items = load(directory, texts, threads)
+    rows: list[dict[str, Any]] = []
+    for beam in beams:
+        options = DecodeOptions(beam_size=beam, max_output_tokens=max_output)
+        for concurrency in concurrencies:
+            runs = [run(engine_class, model, items, options, concurrency) for _ in range(repeat)]
+            row = max(runs, key=lambda r: r["sentences_per_s"])
+            rows.append(row)
+            print(f"{row['model']:>16} beam {beam} x{concurrency:>4}: {row['sentences_per_s']:>8} sentences/s "
+                  f"{row['cpu_ms_per_sentence']:>8} CPU ms/sentence  decoder {row['decoder_share']:.0%} of the wall "
+                  f"time, {row['rows_per_call']} rows per call, {row['other_ms_per_sentence']} ms/sentence "
+                  "outside the decoder", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["bundled", "tiny"], choices=["bundled", "tiny"])
+    parser.add_argument("--sentences", type=int, default=600, help="sentences per run (the tiny model: 4x as many)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--beams", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--corpus", default="ding", help="ding (its test split's full sentences) or ding:PATH")
+    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: the server's)")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--engine", default="server.engine",
+                        help="the module whose Engine is measured (another implementation, to compare)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per setting; the fastest is reported")
+    args = parser.parse_args(argv)
+    engine_class = importlib.import_module(args.engine).Engine
+    rows = []
+    for which in args.models:
+        if which == "bundled":
+            texts = sentences(args.sentences, args.corpus)
+            rows += measure(BUNDLED, texts, args.concurrency, args.beams, 0, args.threads, engine_class, args.repeat)
+        else:
+            texts = sentences(4 * args.sentences, args.corpus)
+            rows += measure(build_tiny(), texts, args.concurrency, args.beams, 12, args.threads, engine_class,
+                            args.repeat)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
