@@ -11,6 +11,9 @@ Gather of the EOS column. :func:`reduction_graph` is that graph, serialized like
 :class:`Reduction` runs it on the step's provider, fed the step's output where it lies (I/O binding), so on a GPU the
 log-probabilities never leave the device.
 
+A model whose log-probabilities the graph cannot take (an element type the provider's TopK lacks) is reduced on
+the host instead, the same way, after one warning.
+
 Ties keep the lower id first: ONNX Runtime's TopK does so on the CPU (tests/unit/test_reductions.py checks it), and
 :func:`top_candidates`, the host path in numpy, does the same, so both give the same candidates bit for bit.
 
@@ -22,6 +25,7 @@ is reduced in the graph.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -31,6 +35,9 @@ import onnxruntime as ort
 
 from server.device import TENSORRT, Device, session
 from server.iobinding import ELEMENT_TYPES, device_type, model_bytes, node, value_info
+from server.logs import event
+
+log = logging.getLogger("attn.model")
 
 FLOAT, FLOAT16 = 1, 10
 
@@ -118,17 +125,26 @@ class Reduction:
         self.host_greedy = host_greedy
         self._sessions: dict[int, ort.InferenceSession] = {}
         self._banned: dict[tuple[int, int, tuple[int, ...]], ort.OrtValue] = {}
+        self._unsupported: set[int] = set()  # element types reduced on the host instead
         self._lock = threading.Lock()
 
     def __call__(self, log_probs: ort.OrtValue | np.ndarray, width: int, banned: Sequence[int],
                  eos: int) -> Candidates:
         if isinstance(log_probs, np.ndarray):
-            if width == 1 and self.host_greedy:
+            if (width == 1 and self.host_greedy) or log_probs.dtype not in _CODES:
                 return top_candidates(log_probs, width, banned, eos)
             element_type, (rows, vocab) = _CODES[log_probs.dtype], log_probs.shape
         else:
             element_type, (rows, vocab) = ELEMENT_TYPES[log_probs.data_type()][0], log_probs.shape()
-        reduce, mask = self._prepare(element_type, vocab, tuple(banned))
+        if element_type in self._unsupported:
+            return top_candidates(_on_host(log_probs), width, banned, eos)
+        try:
+            reduce, mask = self._prepare(element_type, vocab, tuple(banned))
+        except Exception:  # a provider without this graph's kernels for this type: the host path, said once
+            event(log, "reduction_on_host", level=logging.WARNING, exc_info=True, element_type=element_type,
+                  providers=self.device.providers)
+            self._unsupported.add(element_type)
+            return top_candidates(_on_host(log_probs), width, banned, eos)
         binding = reduce.io_binding()
         if isinstance(log_probs, np.ndarray):
             binding.bind_cpu_input("log_probs", np.ascontiguousarray(log_probs))
@@ -157,6 +173,10 @@ class Reduction:
                     self._banned.clear()
                 self._banned[key] = ort.OrtValue.ortvalue_from_numpy(mask, self.device_type, 0)
             return self._sessions[element_type], self._banned[key]
+
+
+def _on_host(log_probs: ort.OrtValue | np.ndarray) -> np.ndarray:
+    return log_probs if isinstance(log_probs, np.ndarray) else log_probs.numpy()
 
 
 _DTYPES = {code: dtype for code, dtype in ELEMENT_TYPES.values()}

@@ -246,6 +246,9 @@ class Lane:
         through ``parents`` (lane rows; ``None``: every row continues itself) and the moves."""
         n = self.n
         order = parents
+        if len(leaving) == n:  # the lane is empty: it is dropped
+            self.n, self.state = 0, {}
+            return
         if len(leaving):
             kept = n - len(leaving)
             gone = np.zeros(n, dtype=bool)

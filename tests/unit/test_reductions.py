@@ -104,3 +104,15 @@ def test_a_search_over_device_candidates_finds_what_the_host_path_finds(seed: in
         identical(found, expected)
         for hyps in found:
             assert all(not {BOS, 5, 7} & set(h.tokens) for h in hyps)
+
+
+def test_log_probabilities_the_graph_cannot_take_are_reduced_on_the_host(monkeypatch: pytest.MonkeyPatch,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """A provider that cannot run the graph (here: a graph it cannot load) leaves the host path, said once."""
+    monkeypatch.setattr("server.reductions.reduction_graph", lambda element_type: b"not a graph")
+    reduction = Reduction(BOUND)
+    log_probs = np.random.default_rng(2).normal(size=(4, 30)).astype(np.float32)
+    for _ in range(2):
+        found = reduction(ort.OrtValue.ortvalue_from_numpy(log_probs.copy()), 6, [0, 3], 1)
+        same(found, top_candidates(log_probs.copy(), 6, [0, 3], 1))
+    assert [r.message for r in caplog.records].count("reduction_on_host") == 1
