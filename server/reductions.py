@@ -139,12 +139,16 @@ class Reduction:
         if element_type in self._unsupported:
             return top_candidates(_on_host(log_probs), width, banned, eos)
         try:
-            reduce, mask = self._prepare(element_type, vocab, tuple(banned))
+            return self._reduce(log_probs, element_type, rows, vocab, width, tuple(banned), eos)
         except Exception:  # a provider without this graph's kernels for this type: the host path, said once
             event(log, "reduction_on_host", level=logging.WARNING, exc_info=True, element_type=element_type,
                   providers=self.device.providers)
             self._unsupported.add(element_type)
             return top_candidates(_on_host(log_probs), width, banned, eos)
+
+    def _reduce(self, log_probs: ort.OrtValue | np.ndarray, element_type: int, rows: int, vocab: int, width: int,
+                banned: tuple[int, ...], eos: int) -> Candidates:
+        reduce, mask = self._prepare(element_type, vocab, banned)
         binding = reduce.io_binding()
         if isinstance(log_probs, np.ndarray):
             binding.bind_cpu_input("log_probs", np.ascontiguousarray(log_probs))
