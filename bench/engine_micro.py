@@ -3,6 +3,7 @@ flight.
 
     .venv/bin/python bench/engine_micro.py                  # the bundled model and the tiny one, greedy and beam 4
     .venv/bin/python bench/engine_micro.py --models bundled --sentences 300 --concurrency 64
+    .venv/bin/python bench/engine_micro.py --models --reductions   # only the reductions: numpy against the graph
     PYTHONPATH=DIR .venv/bin/python bench/engine_micro.py --engine other_engine   # another Engine, to compare
 
 One sentence per request; ``--concurrency`` requests are kept in flight (a finished one is replaced at once). Two
@@ -30,6 +31,8 @@ import time
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -150,9 +153,35 @@ def measure(directory: Path, texts: list[str], concurrencies: list[int], beams: 
     return rows
 
 
+def reductions(vocab: int = 8000, repeat: int = 20) -> list[dict[str, Any]]:
+    """The search's reduction of (rows × vocab) log-probabilities on this CPU: numpy (argmax; argpartition and a
+    sort) against the TopK graph on ONNX Runtime's CPU provider (server/reductions.py chooses by these)."""
+    from server.reductions import Reduction, top_candidates
+
+    graph = Reduction(Device("cpu", [CPU], "bench"), host_greedy=False)
+    rng = np.random.default_rng(0)
+    rows_out = []
+    for rows in (64, 256, 1024):
+        log_probs = rng.normal(size=(rows, vocab)).astype(np.float32)
+        for width in (1, 8):
+            timings = {}
+            for name, reduce in (("numpy", top_candidates), ("graph", graph)):
+                reduce(log_probs.copy(), width, [0, 2], 3)
+                copies = [log_probs.copy() for _ in range(repeat)]
+                started = time.perf_counter()
+                for copy in copies:
+                    reduce(copy, width, [0, 2], 3)
+                timings[name] = round(1000 * (time.perf_counter() - started) / repeat, 3)
+            rows_out.append({"rows": rows, "vocab": vocab, "width": width,
+                             **{f"{name}_ms": ms for name, ms in timings.items()}})
+            print(f"reduction of {rows:>5} x {vocab} to {width}: numpy {timings['numpy']:>8} ms, "
+                  f"graph {timings['graph']:>8} ms", flush=True)
+    return rows_out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["bundled", "tiny"], choices=["bundled", "tiny"])
+    parser.add_argument("--models", nargs="*", default=["bundled", "tiny"], choices=["bundled", "tiny"])
     parser.add_argument("--sentences", type=int, default=600, help="sentences per run (the tiny model: 4x as many)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--beams", type=int, nargs="+", default=[1, 4])
@@ -162,9 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", default="server.engine",
                         help="the module whose Engine is measured (another implementation, to compare)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per setting; the fastest is reported")
+    parser.add_argument("--reductions", action="store_true", help="also time the search's reductions alone")
     args = parser.parse_args(argv)
     engine_class = importlib.import_module(args.engine).Engine
-    rows = []
+    rows = reductions() if args.reductions else []
     for which in args.models:
         if which == "bundled":
             texts = sentences(args.sentences, args.corpus)
