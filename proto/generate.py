@@ -7,8 +7,9 @@ imports moved from ``attention.v1`` to ``attention_pb.v1`` (:func:`relocate`). T
 package ``inference``, vendored under ``proto/inference/``) goes to the package ``kserve_v2_pb/`` the same way, with
 two edits (:func:`fix_kserve_v2`): its files import each other by bare name, which becomes ``from kserve_v2_pb import
 ...``, and its descriptors go to the pool of ``kserve_v2_pb/__init__.py`` instead of protobuf's default pool, so that
-a process may also import tritonclient's copy of the same protocol. ``--check`` regenerates into a temporary folder and exits 1 if anything differs from what is
-committed (a test runs it). The output depends on the tool versions, so they are pinned here and in pyproject.toml.
+a process may also import tritonclient's copy of the same protocol. ``--check`` regenerates into a temporary folder
+and exits 1 if anything differs from what is committed (a test runs it). The output depends on the tool versions,
+so they are pinned here and in pyproject.toml.
 """
 
 from __future__ import annotations
