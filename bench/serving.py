@@ -139,7 +139,7 @@ def step_costs(model_dir: Path, texts: list[str], sizes: tuple[int, ...] = (1, 4
     model = TranslationModel(model_dir, Manifest.load(model_dir), choose("cpu"), "", default_threads())
     costs = []
     for n in sizes:
-        sources = model.prepare([texts[i % len(texts)] for i in range(n)])
+        sources = [s.ids for s in model.prepare([texts[i % len(texts)] for i in range(n)])]
         state, static = model.encode(sources)
         tokens = np.full(n, model.bos_id)
         model.step(tokens, state, static)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,8 +24,10 @@ from server import device, security, triton, wire
 from server.engine import Limits
 from server.errors import StartupError
 from server.health import NOT_SERVING, SERVING, HealthServicer
+from server.ipc.remote_models import RemoteModels
 from server.logs import event
 from server.metrics import Metrics
+from server.models import Models
 from server.registry import Registry
 from server.service import AttentionServicer
 from server.settings import Settings, parse_pins
@@ -34,16 +37,36 @@ log = logging.getLogger("attn.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AttentionService"].full_name
 
 
+def build_registry(settings: Settings, metrics: Metrics) -> Registry:
+    """The models on the chosen device with their engines (not loaded yet): this process's, or the engine
+    process's."""
+    s = settings
+    limits = Limits(max_batch_rows=s.max_batch_rows, max_batch_tokens=s.max_batch_tokens,
+                    max_batch_requests=Limits.max_batch_requests if s.batching else 1,
+                    max_queue_requests=s.max_queue_requests, max_queue_tokens=s.max_queue_tokens)
+    chosen = device.choose(s.device, allow_spinning=s.ort_allow_spinning)
+    if chosen.name == "cuda":
+        metrics.watch_gpu()
+    return Registry(Path(s.models_dir), chosen, s.default_model, s.variant, s.ort_threads, limits, metrics,
+                    s.version_policy, parse_pins(s.pinned_versions))
+
+
 class AttentionServer:
-    def __init__(self, settings: Settings, metrics_registry: CollectorRegistry | None = None) -> None:
-        self.settings = settings
+    """The gRPC server. With ``engine_address`` it is one front-end process of several sharing the port, and its
+    models run in the engine process at that address (:class:`RemoteModels`); without, they run here."""
+
+    def __init__(self, settings: Settings, metrics_registry: CollectorRegistry | None = None,
+                 engine_address: str | None = None) -> None:
+        self.settings, self.engine_address = settings, engine_address
         self.metrics = Metrics(metrics_registry if metrics_registry is not None else CollectorRegistry())
         # Threads that turn hypotheses into responses (and decode images) while the engines keep decoding.
         self.pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="attn-worker")
         self.health = HealthServicer()
-        self.registry: Registry | None = None
+        self.registry: Registry | None = None  # the models, when they run in this process
+        self.remote: RemoteModels | None = None  # ... when they run in the engine process
         self.servicer: AttentionServicer | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._health_tasks: set[asyncio.Task[None]] = set()
         self._reloading = asyncio.Lock()
         self.port = 0
         self.metrics_port: int | None = None
@@ -53,21 +76,21 @@ class AttentionServer:
     async def start(self) -> int:
         """Binds and starts answering (health NOT_SERVING, Translate UNAVAILABLE until :meth:`load`)."""
         s = self.settings
-        limits = Limits(max_batch_rows=s.max_batch_rows, max_batch_tokens=s.max_batch_tokens,
-                        max_batch_requests=Limits.max_batch_requests if s.batching else 1,
-                        max_queue_requests=s.max_queue_requests, max_queue_tokens=s.max_queue_tokens)
-        chosen = device.choose(s.device, allow_spinning=s.ort_allow_spinning)
-        if chosen.name == "cuda":
-            self.metrics.watch_gpu()
-        self.registry = Registry(Path(s.models_dir), chosen, s.default_model, s.variant, s.ort_threads, limits,
-                                 self.metrics, s.version_policy, parse_pins(s.pinned_versions))
+        models: Models
+        if self.engine_address is None:
+            models = self.registry = build_registry(s, self.metrics)
+        else:
+            models = self.remote = RemoteModels(self.engine_address, self._engine_changed)
+            await self.remote.start()
         credentials, interceptors = security.configure(s, self.metrics)
         server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", s.max_receive_bytes),
             ("grpc.max_send_message_length", s.max_send_bytes),
-            ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
+            # Alone, a second server on the same port must fail, not share it; front-ends share it on purpose
+            # (the parent process made sure that no other server holds it).
+            ("grpc.so_reuseport", 0 if self.engine_address is None else 1),
         ])
-        servicer = AttentionServicer(self.registry, self.pool, s, self.metrics, lambda: self.shutting_down)
+        servicer = AttentionServicer(models, self.pool, s, self.metrics, lambda: self.shutting_down)
         self.servicer = servicer
         wire.add_servicer(server, servicer, pb.DESCRIPTOR.services_by_name["AttentionService"])
         triton.add_to_server(servicer, server)  # the Triton / KServe V2 protocol on the same port
@@ -90,18 +113,34 @@ class AttentionServer:
                 self.metrics_port = self.metrics.serve(s.host, s.metrics_port)
             except OSError as exc:
                 raise StartupError(f"cannot serve metrics on {s.host}:{s.metrics_port}: {exc}") from exc
-        event(log, "listening", host=s.host, port=self.port, metrics_port=self.metrics_port)
+        event(log, self.role("listening"), host=s.host, port=self.port, metrics_port=self.metrics_port)
         return self.port
 
     async def load(self) -> None:
-        """Loads and warms every model off the event loop, then reports SERVING."""
-        assert self.registry is not None, "start() first"
-        await asyncio.to_thread(self.registry.load)
+        """Loads and warms every model off the event loop (or waits for the engine process to have done so), then
+        reports SERVING."""
+        if self.remote is not None:
+            await self.remote.wait_ready()
+            models: Models = self.remote
+        else:
+            assert self.registry is not None, "start() first"
+            await asyncio.to_thread(self.registry.load)
+            models = self.registry
         await self._set_health(SERVING)
-        event(log, "ready", models=[f"{m.name}/{m.version}" for m in self.registry.models()],
-              default_model=self.registry.default_model)
-        if self.settings.reload_interval > 0:
+        event(log, self.role("ready"), models=[f"{m.name}/{m.version}" for m in models.models()],
+              default_model=models.default_model)
+        if self.registry is not None and self.settings.reload_interval > 0:
             self._watcher = asyncio.create_task(self._watch(self.settings.reload_interval))
+
+    def role(self, name: str) -> str:
+        """A front-end's lifecycle events are its own; the parent process announces the server's."""
+        return name if self.engine_address is None else f"frontend_{name}"
+
+    def _engine_changed(self, ready: bool) -> None:
+        """Health follows the engine process: NOT_SERVING while it is gone or loading."""
+        task = asyncio.ensure_future(self._set_health(SERVING if ready and not self.shutting_down else NOT_SERVING))
+        self._health_tasks.add(task)
+        task.add_done_callback(self._health_tasks.discard)
 
     async def reload(self) -> dict[str, list[str]]:
         """Loads new versions beside the serving ones and swaps them in (SIGHUP, the watcher, tests)."""
@@ -129,6 +168,8 @@ class AttentionServer:
             self._server = None
         if self.registry is not None:
             await asyncio.to_thread(self.registry.close)
+        if self.remote is not None:
+            await self.remote.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.metrics.close()
 
@@ -137,9 +178,11 @@ class AttentionServer:
             await self.health.set(service, status)
 
 
-async def serve(settings: Settings) -> int:
-    """Runs until SIGTERM/SIGINT; returns the process exit code (0 after a clean drain, 1 if start-up failed)."""
-    server = AttentionServer(settings)
+async def serve(settings: Settings, engine_address: str | None = None,
+                on_ready: Callable[[], None] | None = None) -> int:
+    """Runs until SIGTERM/SIGINT; returns the process exit code (0 after a clean drain, 1 if start-up failed).
+    ``engine_address``: serve as a front-end process of the engine there; ``on_ready`` is called once serving."""
+    server = AttentionServer(settings, engine_address=engine_address)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -162,6 +205,8 @@ async def serve(settings: Settings) -> int:
         await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if loading.done():
             loading.result()  # raises what loading raised
+            if on_ready is not None:
+                on_ready()
         await stopping
     except Exception as exc:
         expected = isinstance(exc, StartupError)
@@ -169,8 +214,8 @@ async def serve(settings: Settings) -> int:
         code = 1
     if loading is not None and not loading.done():
         loading.cancel()  # the loading thread itself runs to its end; nothing waits for it
-    event(log, "shutting_down", grace_seconds=settings.grace_seconds,
+    event(log, server.role("shutting_down"), grace_seconds=settings.grace_seconds,
           inflight=server.servicer.inflight if server.servicer else 0)
     await server.stop(settings.grace_seconds)
-    event(log, "stopped", exit_code=code)
+    event(log, server.role("stopped"), exit_code=code)
     return code

@@ -52,7 +52,8 @@ class CaptionResult:
 class CaptionModel(DecoderRuntime):
     family = "captioning"
 
-    def __init__(self, directory: Path, manifest: Manifest, device: Device, variant: str = "", threads: int = 0):
+    def __init__(self, directory: Path, manifest: Manifest, device: Device | None, variant: str = "",
+                 threads: int = 0):
         if manifest.family != "captioning":
             raise ManifestError(f"{directory}: family {manifest.family!r} is not captioning")
         files = {"encoder": manifest.encoder.file, "decoder_step": manifest.decoder_step.file}
@@ -69,22 +70,27 @@ class CaptionModel(DecoderRuntime):
             "source_language": "", "target_language": m.languages.get("target", ""),
             "attention_type": str(m.attention.get("type", "")), "attention_uniform": bool(m.attention.get("uniform")),
             "max_source_tokens": int(m.limits["max_source_tokens"]), "max_target_tokens": self.max_target_tokens,
-            "variant": self.variant, "device": self.device.name,
+            "variant": self.variant, "device": self.device_name,
         }
 
     def budget(self, max_output_tokens: int) -> int:
         """Decoder steps per caption, EOS included."""
         return min(self.max_target_tokens, max_output_tokens + 1) if max_output_tokens else self.max_target_tokens
 
-    def budget_for(self, item: DecodedImage, options: DecodeOptions) -> int:
+    def pixels(self, image: DecodedImage) -> np.ndarray:
+        """What the engine decodes: the encoder's input for one image, (3, H, W) float32 (the resize and
+        standardisation are the front-end's work)."""
+        return prepare(image.image, self.image_spec)
+
+    def budget_for(self, item: np.ndarray, options: DecodeOptions) -> int:
         return self.budget(options.max_output_tokens)
 
-    def cost(self, item: DecodedImage) -> int:
+    def cost(self, item: np.ndarray) -> int:
         return self.grid[0] * self.grid[1]
 
-    def encode(self, images: Sequence[DecodedImage]) -> tuple[search.State, search.State]:
-        """(initial decoder state, static decoder inputs), one row per image."""
-        batch = np.stack([prepare(d.image, self.image_spec) for d in images])  # (n, 3, H, W)
+    def encode(self, items: Sequence[np.ndarray]) -> tuple[search.State, search.State]:
+        """(initial decoder state, static decoder inputs), one row per image's :meth:`pixels`."""
+        batch = np.stack(items)  # (n, 3, H, W)
         binding = self.manifest.decoder
         wanted = [*binding.static_inputs, *self._state_inputs]
         outputs = dict(zip(wanted, self.encoder.run(wanted, {self.image_spec["input"]: batch}), strict=True))
@@ -93,7 +99,7 @@ class CaptionModel(DecoderRuntime):
     def caption(self, images: list[DecodedImage], options: DecodeOptions,
                 check: search.Check | None = None) -> list[CaptionResult]:
         """One batch, start to end (the engine is the serving path; this is for warm-up, tests and tools)."""
-        return self.finish(images, self.decode(images, options, check))
+        return self.finish(images, self.decode([self.pixels(d) for d in images], options, check))
 
     def finish(self, images: Sequence[DecodedImage], found: list[list[search.Hypothesis]]) -> list[CaptionResult]:
         return [CaptionResult(d.width, d.height, self.grid, [self._hypothesis(d, h) for h in hyps])

@@ -8,13 +8,16 @@ from collections.abc import Sequence
 
 from server import logs
 from server.app import serve
+from server.processes import frontend_count, supervise
 from server.settings import Settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings = Settings.from_sources(argv)
     logs.configure(settings.log_level, settings.log_format)
-    return asyncio.run(serve(settings))
+    if frontend_count(settings) == 0:
+        return asyncio.run(serve(settings))  # everything in this process
+    return supervise(settings)
 
 
 if __name__ == "__main__":

@@ -57,11 +57,13 @@ MESSAGE_CHARS = 2000
 
 def echo(value: object, limit: int = ECHO_CHARS) -> str:
     """``repr(value)`` for an error message, cut to ``limit`` characters with the full length said."""
-    text = repr(value)
-    if len(text) <= limit:
-        return text
-    length = len(value) if isinstance(value, (str, bytes, list, tuple)) else len(text)
-    return f"{text[:limit]}… ({length} in all)"
+    length = len(value) if isinstance(value, (str, bytes, list, tuple)) else None
+    return cut(repr(value), limit, length)
+
+
+def cut(text: str, limit: int = ECHO_CHARS, length: int | None = None) -> str:
+    """``text`` (client input already formatted) cut to ``limit`` characters, with its length said when cut."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text) if length is None else length} in all)"
 
 
 class StartupError(RuntimeError):

@@ -34,6 +34,9 @@ class Metric:
     labels: tuple[str, ...]
     help: str
     buckets: tuple[float, ...] = ()
+    # Gauges with several server processes (prometheus_client's multiprocess mode): how the processes' values
+    # combine on /metrics. Counters and histograms are summed.
+    aggregate: str = "livesum"
 
     @property
     def exposed(self) -> str:
@@ -68,23 +71,32 @@ METRICS = [
            "Requests refused or stopped: queue_full, deadline, cancelled, invalid, unauthenticated."),
     Metric("attention_bytes", "attn_attention_payload_bytes", "histogram", ("rpc", "model"),
            "Bytes of attention (matrices and alignments) in one response.", BYTES_BUCKETS),
-    Metric("models_loaded", "attn_models_loaded", "gauge", (), "Model versions loaded and warmed up."),
+    Metric("models_loaded", "attn_models_loaded", "gauge", (), "Model versions loaded and warmed up.",
+           aggregate="livemax"),
     Metric("model_info", "attn_model_info", "gauge", (*MODEL, "family", "device", "variant", "serving"),
-           "1 for every loaded model version; serving=\"true\" for the versions requests get by default."),
+           "1 for every loaded model version; serving=\"true\" for the versions requests get by default.",
+           aggregate="livemax"),
     Metric("load_time", "attn_model_load_duration_seconds", "gauge", MODEL,
-           "Seconds it took to load and warm a model version."),
+           "Seconds it took to load and warm a model version.", aggregate="livemax"),
     Metric("load_failures", "attn_model_load_failures", "counter", ("model",),
            "Model versions refused at load or reload (invalid, broken or failing warm-up)."),
 ]
 # Collected on every scrape, not held in attributes.
 COLLECTED = [
-    Metric("", "attn_process_cpu_seconds", "counter", (), "CPU time of the server process (user + system)."),
-    Metric("", "attn_process_resident_memory_bytes", "gauge", (), "Resident memory of the server process."),
+    Metric("", "attn_process_cpu_seconds", "counter", (),
+           "CPU time of the server (user + system), every process of it."),
+    Metric("", "attn_process_resident_memory_bytes", "gauge", (), "Resident memory of the server, every process."),
+    Metric("", "attn_process_restarts", "counter", ("role",),
+           "Engine or front-end processes that died and were restarted (multi-process mode)."),
     Metric("", "attn_gpu_memory_used_bytes", "gauge", ("gpu",), "GPU memory in use (CUDA only)."),
     Metric("", "attn_gpu_utilization_ratio", "gauge", ("gpu",), "GPU busy fraction, 0..1 (CUDA only)."),
 ]
 # (name as exposed, type, labels, meaning): the README's metrics table.
 DESCRIPTIONS = [(m.exposed, m.kind, ", ".join(m.labels), m.help) for m in METRICS + COLLECTED]
+
+
+def _help(name: str) -> str:
+    return next(m.help for m in METRICS + COLLECTED if m.name == name)
 
 
 class GpuCollector(Collector):
@@ -98,8 +110,8 @@ class GpuCollector(Collector):
         self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
 
     def collect(self) -> Any:
-        memory = GaugeMetricFamily("attn_gpu_memory_used_bytes", COLLECTED[2].help, labels=["gpu"])
-        busy = GaugeMetricFamily("attn_gpu_utilization_ratio", COLLECTED[3].help, labels=["gpu"])
+        memory = GaugeMetricFamily("attn_gpu_memory_used_bytes", _help("attn_gpu_memory_used_bytes"), labels=["gpu"])
+        busy = GaugeMetricFamily("attn_gpu_utilization_ratio", _help("attn_gpu_utilization_ratio"), labels=["gpu"])
         for i, handle in enumerate(self._handles):
             memory.add_metric([str(i)], float(self._nvml.nvmlDeviceGetMemoryInfo(handle).used))
             busy.add_metric([str(i)], self._nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0)
@@ -132,7 +144,9 @@ class Metrics:
         self.registry = registry
         for m in METRICS:
             kinds: dict[str, Any] = {"counter": Counter, "gauge": Gauge, "histogram": Histogram}
-            extra = {"buckets": m.buckets} if m.kind == "histogram" else {}
+            extra: dict[str, Any] = {"buckets": m.buckets} if m.kind == "histogram" else {}
+            if m.kind == "gauge":
+                extra["multiprocess_mode"] = m.aggregate
             setattr(self, m.attr, kinds[m.kind](m.name, m.help, list(m.labels), registry=registry, **extra))
         ProcessCollector(namespace=PREFIX, registry=registry)  # attn_process_cpu_seconds_total, ..._memory_bytes
         self._http: WSGIServer | None = None

@@ -8,20 +8,24 @@ start-up with a message naming the file: serving a model set other than the one 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from server.artifacts import Manifest, ManifestError
 from server.captioning import CaptionModel
 from server.device import Device
 from server.engine import Engine, Limits
-from server.errors import ModelNotFound, NotReady, StartupError, echo
+from server.errors import NotReady, StartupError
 from server.logs import event
 from server.metrics import Metrics
+from server.models import ModelIndex, version_key
 from server.runtime import DecoderRuntime
+from server.search import Hypothesis
 from server.translation import TranslationModel
 
 log = logging.getLogger("attn.registry")
@@ -33,13 +37,8 @@ RETIRE_SECONDS = 300.0
 
 
 Runtime = DecoderRuntime
-RuntimeFactory = Callable[[Path, Manifest, Device, str, int], Runtime]
+RuntimeFactory = Callable[[Path, Manifest, Device | None, str, int], Runtime]  # device None: no graphs
 RUNTIMES: dict[str, RuntimeFactory] = {"translation": TranslationModel, "captioning": CaptionModel}
-
-
-def _version_key(version: str) -> tuple[int, int | str]:
-    """Numeric versions sort numerically and after non-numeric ones: "10" is newer than "9"."""
-    return (1, int(version)) if version.isdigit() else (0, version)
 
 
 def discover(models_dir: Path) -> list[Path]:
@@ -65,7 +64,7 @@ def _signature(directory: Path) -> tuple[float, ...]:
     return tuple(sorted(p.stat().st_mtime for p in directory.iterdir() if p.is_file()))
 
 
-class Registry:
+class Registry(ModelIndex):
     """The loaded model versions and their engines.
 
     Version policy: ``latest`` serves the highest version of each model that loads; ``all`` serves every version
@@ -90,6 +89,7 @@ class Registry:
         self._draining: dict[tuple[str, str], Engine] = {}
         self._syncing = threading.Lock()
         self._ready = threading.Event()
+        self._published: set[tuple[str, ...]] = set()  # attn_model_info's label sets now at 1
 
     @property
     def ready(self) -> bool:
@@ -127,9 +127,9 @@ class Registry:
                     candidates = [self.pins[name]] if self.pins[name] in versions else []
                     if not candidates:
                         event(log, "pinned_version_missing", level=logging.WARNING, model=name,
-                              version=self.pins[name], found=sorted(versions, key=_version_key))
+                              version=self.pins[name], found=sorted(versions, key=version_key))
                 else:
-                    candidates = sorted(versions, key=_version_key, reverse=True)
+                    candidates = sorted(versions, key=version_key, reverse=True)
                 for version in candidates:
                     key = (name, version)
                     if key not in models:
@@ -222,59 +222,37 @@ class Registry:
         """``attn_model_info`` and ``attn_models_loaded`` for the loaded versions."""
         if not self.metrics:
             return
-        self.metrics.model_info.clear()
+        published: set[tuple[str, ...]] = set()
         for (name, version), model in self._models.items():
-            latest = max((v for n, v in self._models if n == name), key=_version_key)
-            self.metrics.model_info.labels(name, version, model.family, self.device.name, model.variant,
-                                           str(version == latest).lower()).set(1)
+            latest = max((v for n, v in self._models if n == name), key=version_key)
+            labels: tuple[str, ...] = (name, version, model.family, self.device.name, model.variant,
+                                       str(version == latest).lower())
+            self.metrics.model_info.labels(*labels).set(1)
+            published.add(labels)
+        for labels in self._published - published:
+            # 0 first: with several server processes the value lives on in this process's metrics file
+            self.metrics.model_info.labels(*labels).set(0)
+            self.metrics.model_info.remove(*labels)
+        self._published = published
         self.metrics.models_loaded.set(len(self._models))
-
-    def get(self, name: str = "", version: str = "") -> Runtime:
-        """The model version a request names (empty name: the default; empty version: the highest)."""
-        if not self.ready:
-            raise NotReady("the server is still loading its models; retry shortly")
-        name = name or self.default_model
-        versions = sorted((v for n, v in self._models if n == name), key=_version_key)
-        if not versions:
-            raise ModelNotFound(f"model {echo(name)} is not loaded; loaded models: {', '.join(self.names())}")
-        if not version:
-            return self._models[(name, versions[-1])]
-        if (name, version) not in self._models:
-            raise ModelNotFound(f"model {echo(name)} has no version {echo(version)}; loaded versions: "
-                                f"{', '.join(versions)}")
-        return self._models[(name, version)]
-
-    def default_for(self, family: str) -> str:
-        """The model a request for ``family`` gets when it names none: the default model if it is of that family,
-        else the first loaded model of the family by name; empty if none is loaded (``get`` then explains)."""
-        families = {name: model.family for (name, _), model in self._models.items()}
-        if families.get(self.default_model) == family:
-            return self.default_model
-        return next((name for name in sorted(families) if families[name] == family), "")
-
-    def get_for(self, family: str, name: str = "", version: str = "") -> Runtime:
-        """Like :meth:`get` for a request of ``family``: an empty name picks that family's default model."""
-        if not name and self.ready:
-            name = self.default_for(family)
-            if not name:
-                raise ModelNotFound(f"no {family} model is loaded; loaded models: {', '.join(self.names())}")
-        return self.get(name, version)
 
     def engine(self, model: Runtime) -> Engine:
         """The engine that decodes ``model``'s requests (a retired version's until it is closed)."""
-        key = (model.name, model.version)
-        engine = self._engines.get(key) or self._draining.get(key)
+        return self.engine_of(model.name, model.version)
+
+    def engine_of(self, name: str, version: str) -> Engine:
+        engine = self._engines.get((name, version)) or self._draining.get((name, version))
         if engine is None:
-            raise NotReady(f"model {model.name} version {model.version} was just unloaded; retry")
+            raise NotReady(f"model {name} version {version} was just unloaded; retry")
         return engine
+
+    async def decode(self, model: Runtime, items: Sequence[Any], options: Any,
+                     timeout: float | None) -> list[list[Hypothesis]]:
+        """Each item's hypotheses from the model's engine; cancelling the caller takes the request out of the
+        batch. Raises the domain errors of :mod:`server.errors` (deadline, cancelled, overloaded)."""
+        return await asyncio.wrap_future(self.engine(model).submit(items, options, timeout))
 
     def close(self) -> None:
         """Stops every engine: requests still queued or decoding fail with ShuttingDown."""
         for engine in [*self._engines.values(), *self._draining.values()]:
             engine.close()
-
-    def names(self) -> list[str]:
-        return sorted({name for name, _ in self._models})
-
-    def models(self) -> list[Runtime]:
-        return [self._models[key] for key in sorted(self._models, key=lambda k: (k[0], _version_key(k[1])))]

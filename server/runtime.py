@@ -31,13 +31,22 @@ class DecoderRuntime:
     _all_heads: str | None = None  # multi-head models: the step's output of every layer's and head's attention
     _reduction: Reduction | None = None  # the search's reductions on the step's provider, made on first use
 
-    def __init__(self, directory: Path, manifest: Manifest, device: Device, files: dict[str, str], threads: int):
+    encoder: ort.InferenceSession
+    decoder: ort.InferenceSession
+
+    def __init__(self, directory: Path, manifest: Manifest, device: Device | None, files: dict[str, str],
+                 threads: int):
+        """``device=None`` opens the model without its graphs: what a front-end process needs (tokenizer, limits,
+        manifest) to validate requests and build responses, while the engine process runs the graphs."""
         self.directory, self.manifest, self.device = directory, manifest, device
+        self.device_name = device.name if device is not None else ""  # a front-end's view: the engine's device
         self.tokenizer = Tokenizer.load(directory / manifest.tokenizer["file"])
-        self.encoder: ort.InferenceSession = session(directory / files["encoder"], device, threads)
-        self.decoder: ort.InferenceSession = session(directory / files["decoder_step"], device, threads)
-        # CUDA: the step's state stays on the GPU between steps (server/iobinding.py); the CPU feeds numpy arrays.
-        self._bound = BoundStep(self.decoder, device) if device.io_binding else None
+        self._bound: BoundStep | None = None
+        if device is not None:
+            self.encoder = session(directory / files["encoder"], device, threads)
+            self.decoder = session(directory / files["decoder_step"], device, threads)
+            # CUDA: the step's state stays on the GPU between steps (server/iobinding.py); the CPU feeds numpy.
+            self._bound = BoundStep(self.decoder, device) if device.io_binding else None
         binding = manifest.decoder
         self._state_inputs = list(binding.state)
         self._outputs = [binding.log_probs_output, binding.attention_output, *binding.state.values()]

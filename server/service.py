@@ -20,15 +20,16 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
+import numpy as np
 
 from attention_pb.v1 import attention_pb2 as pb
 from attention_pb.v1 import attention_pb2_grpc as pb_grpc
 from server import codec, logs
 from server.captioning import CaptionModel, CaptionResult
 from server.errors import InvalidInput, Overloaded, ShuttingDown, to_status
-from server.imaging import decode
+from server.imaging import DecodedImage, decode
 from server.metrics import Metrics
-from server.registry import Registry
+from server.models import Models
 from server.settings import Settings
 from server.translation import Result, TranslationModel
 from server.wire import Malformed
@@ -118,16 +119,16 @@ def rpc(name: str) -> Callable[
 
 
 class AttentionServicer(pb_grpc.AttentionServiceServicer):
-    def __init__(self, registry: Registry, pool: Executor, settings: Settings, metrics: Metrics,
+    def __init__(self, models: Models, pool: Executor, settings: Settings, metrics: Metrics,
                  shutting_down: Callable[[], bool]) -> None:
-        self.registry, self.pool, self.settings, self.metrics = registry, pool, settings, metrics
+        self.models, self.pool, self.settings, self.metrics = models, pool, settings, metrics
         self.shutting_down = shutting_down
         self.inflight = 0  # Translate/Caption calls between admission and answer, against settings.max_inflight
 
     @rpc("Translate")
     async def Translate(self, request: pb.TranslateRequest, context: grpc.aio.ServicerContext,
                         call: Call) -> pb.TranslateResponse:
-        model = self.registry.get_for("translation", request.model, request.version)
+        model = self.models.get_for("translation", request.model, request.version)
         if not isinstance(model, TranslationModel):
             raise InvalidInput(f"model {model.name!r} is a {model.family} model; Translate needs a translation model")
         call.model, call.version = model.name, model.version
@@ -147,7 +148,7 @@ class AttentionServicer(pb_grpc.AttentionServiceServicer):
     @rpc("Caption")
     async def Caption(self, request: pb.CaptionRequest, context: grpc.aio.ServicerContext,
                       call: Call) -> pb.CaptionResponse:
-        model = self.registry.get_for("captioning", request.model, request.version)
+        model = self.models.get_for("captioning", request.model, request.version)
         if not isinstance(model, CaptionModel):
             raise InvalidInput(f"model {model.name!r} is a {model.family} model; Caption needs a captioning model")
         call.model, call.version = model.name, model.version
@@ -188,22 +189,27 @@ class AttentionServicer(pb_grpc.AttentionServiceServicer):
                             timeout: float | None) -> list[Result]:
         """Decodes a validated job on the model's engine; raises the domain errors of :mod:`server.errors`
         (deadline, cancelled, overloaded). Cancelling the caller takes the job out of the batch."""
-        found = await asyncio.wrap_future(self.registry.engine(model).submit(job.sources, job.options, timeout))
+        found = await self.models.decode(model, [s.ids for s in job.sources], job.options, timeout)
         return await self.offload(model.finish, job.sources, found, job.options)
 
     async def run_caption(self, model: CaptionModel, job: codec.CaptionJob, timeout: float | None) -> CaptionResult:
         started = time.monotonic()
-        image = await self.offload(decode, job.image, job.limits)  # header and pixel limits before any pixel
+        image, pixels = await self.offload(self._pixels, model, job)
         if timeout is not None:
             timeout -= time.monotonic() - started
-        found = await asyncio.wrap_future(self.registry.engine(model).submit([image], job.options, timeout))
+        found = await self.models.decode(model, [pixels], job.options, timeout)
         return (await self.offload(model.finish, [image], found))[0]
+
+    @staticmethod
+    def _pixels(model: CaptionModel, job: codec.CaptionJob) -> tuple[DecodedImage, np.ndarray]:
+        image = decode(job.image, job.limits)  # header and pixel limits before any pixel
+        return image, model.pixels(image)
 
     @rpc("ListModels")
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext,
                          call: Call) -> pb.ListModelsResponse:
-        ready = self.registry.ready
+        ready = self.models.ready
         return pb.ListModelsResponse(models=[
-            codec.model_info(m.info(), ready, ready and m.name == self.registry.default_model)
-            for m in self.registry.models()
+            codec.model_info(m.info(), ready, ready and m.name == self.models.default_model)
+            for m in self.models.models()
         ])

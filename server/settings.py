@@ -47,6 +47,9 @@ class Settings:
                                         "(session.intra_op.allow_spinning). Off: between decoder steps they sleep "
                                         "instead of keeping the cores that the gRPC event loop and the response "
                                         "threads need busy; on may shave latency on a machine with cores to spare.")
+    frontends: int = _setting(-1, "gRPC front-end processes sharing the port (validation, tokenization, responses) "
+                              "beside one engine process that runs the models; -1: one per two cores (at least "
+                              "one); 0: everything in one process (tests, debugging).")
     workers: int = _setting(2, "Threads that decode images and turn hypotheses into responses while the models' "
                             "engines decode.")
     max_inflight: int = _setting(1024, "Translate/Caption calls handled at once by the whole server (queued, "
@@ -91,6 +94,8 @@ class Settings:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
         if self.default_beam_size > self.max_beam_size:
             raise ValueError(f"default_beam_size {self.default_beam_size} exceeds max_beam_size {self.max_beam_size}")
+        if self.frontends < -1:
+            raise ValueError(f"frontends must be -1 (from the core count), 0 or more, not {self.frontends}")
         if self.port < 0 or self.ort_threads < 0 or self.grace_seconds < 0 or self.reload_interval < 0:
             raise ValueError("port, ort_threads, grace_seconds and reload_interval must not be negative")
         parse_pins(self.pinned_versions)

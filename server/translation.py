@@ -48,6 +48,11 @@ class Source:
     words: list[tuple[int, int]]
     token_words: list[int]  # per token (EOS included, as -1)
 
+    @property
+    def ids(self) -> np.ndarray:
+        """What the engine decodes: the token ids, EOS included (the text and spans stay with the front-end)."""
+        return np.fromiter((t.id for t in self.tokens), dtype=np.int64, count=len(self.tokens))
+
 
 @dataclass
 class Target:
@@ -81,7 +86,8 @@ def _encoder_inputs(spec: GraphSpec) -> tuple[str, str | None]:
 class TranslationModel(DecoderRuntime):
     family = "translation"
 
-    def __init__(self, directory: Path, manifest: Manifest, device: Device, variant: str = "", threads: int = 0):
+    def __init__(self, directory: Path, manifest: Manifest, device: Device | None, variant: str = "",
+                 threads: int = 0):
         files = {"encoder": manifest.encoder.file, "decoder_step": manifest.decoder_step.file}
         if variant:
             if variant not in manifest.variants:
@@ -110,7 +116,7 @@ class TranslationModel(DecoderRuntime):
             "source_language": m.languages.get("source", ""), "target_language": m.languages.get("target", ""),
             "attention_type": str(m.attention.get("type", "")), "attention_uniform": bool(m.attention.get("uniform")),
             "max_source_tokens": self.max_source_tokens, "max_target_tokens": self.max_target_tokens,
-            "variant": self.variant, "device": self.device.name,
+            "variant": self.variant, "device": self.device_name,
             "attention_layers": self.attention_layers, "attention_heads": self.attention_heads,
             "attention_layer": self.attention_layer, "attention_head": self.attention_head,
         }
@@ -152,19 +158,20 @@ class TranslationModel(DecoderRuntime):
             sources.append(Source(text, tokens, words(text), token_words(text, tokens[:-1]) + [-1]))
         return sources
 
-    def budget(self, source: Source, max_output_tokens: int) -> int:
-        """Decoder steps for one source, EOS included: 2 * source tokens + 10, capped by the manifest."""
-        steps = min(2 * len(source.tokens) + 10, self.max_target_tokens)
+    def budget(self, source_tokens: int, max_output_tokens: int) -> int:
+        """Decoder steps for one source of ``source_tokens`` (EOS included), EOS included: 2 * source tokens + 10,
+        capped by the manifest."""
+        steps = min(2 * source_tokens + 10, self.max_target_tokens)
         return min(steps, max_output_tokens + 1) if max_output_tokens else steps
 
-    # -- graphs --------------------------------------------------------------------------------------------------
+    # -- graphs (the engine's side: an item is a source's token ids, EOS included) -------------------------------
 
-    def encode(self, sources: Sequence[Source]) -> tuple[search.State, search.State]:
+    def encode(self, items: Sequence[np.ndarray]) -> tuple[search.State, search.State]:
         """(initial decoder state, static decoder inputs) for a batch of sources, one row each."""
-        lengths = np.array([len(s.tokens) for s in sources], dtype=np.int64)
-        ids = np.full((len(sources), int(lengths.max())), self.pad_id, dtype=np.int64)
-        for row, s in enumerate(sources):
-            ids[row, : len(s.tokens)] = [t.id for t in s.tokens]
+        lengths = np.array([len(item) for item in items], dtype=np.int64)
+        ids = np.full((len(items), int(lengths.max())), self.pad_id, dtype=np.int64)
+        for row, item in enumerate(items):
+            ids[row, : len(item)] = item
         feeds = {self._ids_input: ids}
         if self._lengths_input:
             feeds[self._lengths_input] = lengths
@@ -176,11 +183,11 @@ class TranslationModel(DecoderRuntime):
         static[binding.mask_input] = mask
         return {name: outputs[name] for name in self._state_inputs}, static
 
-    def src_len(self, item: Source) -> int:
-        return len(item.tokens)
+    def src_len(self, item: np.ndarray) -> int:
+        return len(item)
 
-    def budget_for(self, item: Source, options: DecodeOptions) -> int:
-        return self.budget(item, options.max_output_tokens)
+    def budget_for(self, item: np.ndarray, options: DecodeOptions) -> int:
+        return self.budget(len(item), options.max_output_tokens)
 
     def step_rows(self, tokens: np.ndarray, state: search.State, static: search.State, all_heads: bool) -> tuple[
             np.ndarray, np.ndarray, search.State, np.ndarray | None]:
@@ -201,7 +208,7 @@ class TranslationModel(DecoderRuntime):
     def translate(self, sources: list[Source], options: DecodeOptions, check: search.Check | None = None) -> list[
             Result]:
         """One batch, start to end (the engine is the serving path; this is for warm-up, tests and tools)."""
-        return self.finish(sources, self.decode(sources, options, check), options)
+        return self.finish(sources, self.decode([s.ids for s in sources], options, check), options)
 
     def finish(self, sources: list[Source], found: list[list[search.Hypothesis]], options: DecodeOptions) -> list[
             Result]:
@@ -210,7 +217,7 @@ class TranslationModel(DecoderRuntime):
 
     def force(self, sources: list[Source], targets: list[list[int]]) -> list[tuple[float, np.ndarray]]:
         """Log-probability and attention of given target ids (EOS included): the reference for beam search."""
-        state, static = self.encode(sources)
+        state, static = self.encode([s.ids for s in sources])
         out = search.forced_decode(self.step, state, static, bos=self.bos_id, targets=targets)
         return [(lp, rows[:, : len(s.tokens)]) for s, (lp, rows) in zip(sources, out)]
 

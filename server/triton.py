@@ -107,11 +107,11 @@ def _unimplemented(name: str) -> Any:
 
 
 class TritonServicer(v2_grpc.GRPCInferenceServiceServicer):
-    """V2 calls on the inference path of :class:`AttentionServicer`: the same registry, scheduler and metrics."""
+    """V2 calls on the inference path of :class:`AttentionServicer`: the same models, scheduler and metrics."""
 
     def __init__(self, core: AttentionServicer) -> None:
         self.core = core
-        self.registry, self.settings, self.metrics = core.registry, core.settings, core.metrics
+        self.models, self.settings, self.metrics = core.models, core.settings, core.metrics
         self.shutting_down: Callable[[], bool] = core.shutting_down
 
     async def ServerLive(self, request: v2.ServerLiveRequest,
@@ -120,7 +120,7 @@ class TritonServicer(v2_grpc.GRPCInferenceServiceServicer):
 
     async def ServerReady(self, request: v2.ServerReadyRequest,
                           context: grpc.aio.ServicerContext) -> v2.ServerReadyResponse:
-        return v2.ServerReadyResponse(ready=self.registry.ready and not self.shutting_down())
+        return v2.ServerReadyResponse(ready=self.models.ready and not self.shutting_down())
 
     @rpc("ServerMetadata")
     async def ServerMetadata(self, request: v2.ServerMetadataRequest, context: grpc.aio.ServicerContext,
@@ -136,7 +136,7 @@ class TritonServicer(v2_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(self, request: v2.ModelReadyRequest, context: grpc.aio.ServicerContext,
                          call: Call) -> v2.ModelReadyResponse:
         try:
-            model = self.registry.get(request.name, request.version)
+            model = self.models.get(request.name, request.version)
         except (ModelNotFound, NotReady):
             return v2.ModelReadyResponse(ready=False)
         call.model, call.version = model.name, model.version
@@ -145,9 +145,9 @@ class TritonServicer(v2_grpc.GRPCInferenceServiceServicer):
     @rpc("ModelMetadata")
     async def ModelMetadata(self, request: v2.ModelMetadataRequest, context: grpc.aio.ServicerContext,
                             call: Call) -> v2.ModelMetadataResponse:
-        model = self.registry.get(request.name, request.version)
+        model = self.models.get(request.name, request.version)
         call.model, call.version = model.name, model.version
-        versions = [m.version for m in self.registry.models() if m.name == model.name]
+        versions = [m.version for m in self.models.models() if m.name == model.name]
 
         def described(specs: Sequence[Spec]) -> list[v2.ModelMetadataResponse.TensorMetadata]:
             return [v2.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=s.datatype, shape=[-1, *s.dims])
@@ -162,7 +162,7 @@ class TritonServicer(v2_grpc.GRPCInferenceServiceServicer):
     @rpc("ModelConfig")
     async def ModelConfig(self, request: v2.ModelConfigRequest, context: grpc.aio.ServicerContext,
                           call: Call) -> v2.ModelConfigResponse:
-        model = self.registry.get(request.name, request.version)
+        model = self.models.get(request.name, request.version)
         call.model, call.version = model.name, model.version
         info = model.info()
         config = mc.ModelConfig(
@@ -185,10 +185,10 @@ class TritonServicer(v2_grpc.GRPCInferenceServiceServicer):
     @rpc("RepositoryIndex")
     async def RepositoryIndex(self, request: v2.RepositoryIndexRequest, context: grpc.aio.ServicerContext,
                               call: Call) -> v2.RepositoryIndexResponse:
-        state = "READY" if self.registry.ready else "UNAVAILABLE"
+        state = "READY" if self.models.ready else "UNAVAILABLE"
         return v2.RepositoryIndexResponse(models=[
             v2.RepositoryIndexResponse.ModelIndex(name=m.name, version=m.version, state=state)
-            for m in self.registry.models()
+            for m in self.models.models()
         ])
 
     @rpc("ModelInfer")
@@ -232,7 +232,7 @@ class TritonServicer(v2_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, request: v2.ModelInferRequest, context: grpc.aio.ServicerContext,
                      call: Call) -> v2.ModelInferResponse:
-        model = self.registry.get(request.model_name, request.model_version)
+        model = self.models.get(request.model_name, request.model_version)
         call.model, call.version = model.name, model.version
         wanted = requested_outputs(request, outputs_for(model))
         timeout = time_limit(request.parameters, context.time_remaining())

@@ -13,7 +13,7 @@ import numpy as np
 from attention_pb.v1 import attention_pb2 as pb
 from kserve_v2_pb import grpc_service_pb2 as v2
 from server.captioning import CaptionModel
-from server.errors import InvalidInput, echo
+from server.errors import InvalidInput, cut, echo
 from server.registry import Runtime
 
 INT_OPTIONS = ("beam_size", "max_output_tokens", "attention_layer", "attention_head")
@@ -130,7 +130,7 @@ def requested_outputs(request: v2.ModelInferRequest, specs: Sequence[Spec]) -> l
     wanted = [o.name for o in request.outputs]
     unknown = [n for n in wanted if n not in names]
     if unknown:
-        raise InvalidInput(f"model {echo(request.model_name)} has no output {echo(unknown)}; it has {names}")
+        raise InvalidInput(f"model {echo(request.model_name)} has no output {cut(', '.join(unknown))}; it has {names}")
     if len(set(wanted)) != len(wanted):
         raise InvalidInput(f"an output is requested twice: {echo(wanted)}")
     if any(o.parameters for o in request.outputs):

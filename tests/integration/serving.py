@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
+import time
 import unicodedata
 from collections.abc import Coroutine, Sequence
 from dataclasses import replace
@@ -138,3 +139,91 @@ def check_hypothesis(translation: pb.Translation, hyp: pb.Hypothesis, detail: in
         assert 0 <= a.source_word < n_src_words and 0 <= a.target_word < n_tgt_words
         assert 0.0 < a.weight <= 1.0 + 1e-5
         assert a.weight == np.float32(words[a.target_word].max())
+
+
+class ServerProcess:
+    """``attn-serve`` in a process of its own (by default several front-end processes and an engine process), with
+    its JSON log lines read on a thread: tests wait for events instead of sleeping."""
+
+    def __init__(self, models_dir: Path, *flags: str, frontends: int = 2, env: dict[str, str] | None = None) -> None:
+        import json
+        import os
+        import subprocess
+        import sys
+
+        self.log: list[dict[str, Any]] = []
+        self._changed = threading.Condition()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
+             "--device", "cpu", "--ort-threads", "1", "--workers", "1", "--reload-interval", "0",
+             "--frontends", str(frontends), *flags],
+            env={**os.environ, "ATTN_MODELS_DIR": str(models_dir), **(env or {})}, stderr=subprocess.PIPE,
+            text=True, cwd=Path(__file__).resolve().parents[2],
+        )
+
+        def read() -> None:
+            assert self.process.stderr is not None
+            for line in self.process.stderr:
+                record = json.loads(line)  # every line the server writes is JSON
+                with self._changed:
+                    self.log.append(record)
+                    self._changed.notify_all()
+            with self._changed:
+                self._changed.notify_all()
+
+        self._reader = threading.Thread(target=read, name="server-log", daemon=True)
+        self._reader.start()
+        [listening] = self.wait_for("listening")
+        self.port, self.metrics_port = int(listening["port"]), int(listening["metrics_port"])
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        self.stub = pb_grpc.AttentionServiceStub(self.channel)
+
+    def events(self, name: str, **fields: Any) -> list[dict[str, Any]]:
+        with self._changed:
+            return [r for r in self.log if r.get("event") == name and all(r.get(k) == v for k, v in fields.items())]
+
+    def wait_for(self, name: str, count: int = 1, timeout: float = 120.0, **fields: Any) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                found = [r for r in self.log
+                         if r.get("event") == name and all(r.get(k) == v for k, v in fields.items())]
+                if len(found) >= count:
+                    return found[:count]
+                if self.process.poll() is not None and not self._reader.is_alive():
+                    raise AssertionError(f"the server exited ({self.process.returncode}) before {count} {name!r}")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"no {count} {name!r} events in {timeout} s: {self.log[-20:]}")
+                self._changed.wait(min(remaining, 0.5))
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    def pids(self, role: str) -> list[int]:
+        """The live processes of ``role`` (engine, frontend), from the parent's log."""
+        started = {r["pid"]: r for r in self.events("process_started", role=role)}
+        gone = {r["pid"] for r in self.events("process_exited", role=role)}
+        return [pid for pid in started if pid not in gone]
+
+    def stop(self, timeout: float = 120.0) -> int:
+        import signal
+
+        self.channel.close()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout)
+        self._reader.join(10)
+        return code
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(30)

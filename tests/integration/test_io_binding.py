@@ -53,7 +53,7 @@ def test_a_recurrent_model_translates_exactly_as_without_binding(models_dir: Pat
     plain, bound = load(directory, PLAIN, variant), load(directory, BOUND, variant)
     sources = plain.prepare(TEXTS)
     identical(bound.translate(sources, options), plain.translate(sources, options))
-    state, static = bound.encode(sources)
+    state, static = bound.encode([s.ids for s in sources])
     _, _, new_state = bound.step(np.full(len(sources), bound.bos_id), state, static)
     assert all(isinstance(v, DeviceTensor) for v in new_state.values())
 
@@ -77,7 +77,7 @@ def test_the_engine_serves_bound_models(models_dir: Path, transformer_dir: Path,
                 (TEXTS[1:3], DecodeOptions(beam_size=2)), (TEXTS[3:], DecodeOptions(beam_size=3, **heads))]  # type: ignore[arg-type]
     engine = Engine(bound, Limits())
     try:
-        futures = [engine.submit(bound.prepare(texts), options) for texts, options in requests]
+        futures = [engine.submit([s.ids for s in bound.prepare(texts)], options) for texts, options in requests]
         for future, (texts, options) in zip(futures, requests):
             sources = plain.prepare(texts)
             found = bound.finish(sources, future.result(timeout=120), options)

@@ -112,7 +112,7 @@ def served(slow_models_dir: Path) -> Iterator[subprocess.Popen[str]]:
     env = {**os.environ, "ATTN_MODELS_DIR": str(slow_models_dir), "ATTN_PORT": "0", "ATTN_METRICS_PORT": "-1"}
     process = subprocess.Popen(
         [*_attn_serve(), "--host", "127.0.0.1", "--device", "cpu", "--workers", "1", "--ort-threads", "1",
-         "--grace-seconds", "60", "--log-level", "DEBUG"],
+         "--grace-seconds", "60", "--log-level", "DEBUG", "--frontends", "0"],  # several: test_multiprocess.py
         env=env, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2],
     )
     yield process

@@ -1,0 +1,1 @@
+"""Front-end processes ⇄ engine process: the record format (:mod:`records`) and its two ends."""

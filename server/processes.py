@@ -1,0 +1,370 @@
+"""``attn-serve`` as several processes: one engine process that owns the ONNX Runtime sessions and does only
+scheduling and model steps, ``N`` front-end processes that serve gRPC on one port (validation, tokenization, auth,
+health, reflection, the V2 protocol, response building), and this parent, which starts them, restarts any that
+dies, serves the one ``/metrics`` endpoint (every process's metrics summed), forwards SIGHUP to the engine and, on
+SIGTERM, drains the front-ends (calls in flight finish) before it stops the engine.
+
+Why: one process's Python (tokenizing on the event loop, building responses, the engine's bookkeeping) serialised by
+the interpreter lock was the ceiling on any hardware; front-ends spread that work over cores, and the engine's loop
+no longer shares its interpreter with it.
+
+The children are spawned (not forked: gRPC and ONNX Runtime threads do not survive a fork) in process groups of their
+own, so a terminal's Ctrl-C reaches only this parent, which then drains them in order; a child whose parent is gone
+stops by itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import resource
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+from server import logs
+from server.errors import StartupError
+from server.logs import event
+from server.settings import Settings
+
+log = logging.getLogger("attn.server")
+
+ENGINE, FRONTEND = "engine", "frontend"
+PARENT_CHECK_SECONDS = 0.5
+
+
+def frontend_count(settings: Settings) -> int:
+    """``ATTN_FRONTENDS``, or one per two cores (at least one) when it is -1."""
+    return settings.frontends if settings.frontends >= 0 else max(1, (os.cpu_count() or 2) // 2)
+
+
+# -- the children ----------------------------------------------------------------------------------------------------
+
+
+def _become_child(parent: int, settings: Settings) -> None:
+    os.setpgrp()  # Ctrl-C in a terminal goes to the parent only; it drains the children in order
+    logs.configure(settings.log_level, settings.log_format)
+
+    def orphaned() -> None:  # the parent was killed: nothing would drain or restart us
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_SECONDS)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=orphaned, name="attn-parent-watch", daemon=True).start()
+
+
+def run_engine(settings: Settings, address: str, parent: int, status: Connection) -> None:
+    """The engine process: loads the models, serves them at ``address``, reloads on SIGHUP and every
+    ``reload_interval`` seconds, stops on SIGTERM (what is still queued fails with UNAVAILABLE)."""
+    _become_child(parent, settings)
+    from prometheus_client import CollectorRegistry
+
+    from server.app import build_registry
+    from server.ipc.engine_endpoint import EngineEndpoint
+    from server.metrics import Metrics
+
+    registry = build_registry(settings, Metrics(CollectorRegistry()))
+
+    def describe() -> dict[str, Any]:
+        return {"ready": registry.ready, "default_model": registry.default_model, "pid": os.getpid(),
+                "device": registry.device.name,
+                "models": [{"name": m.name, "version": m.version, "directory": str(m.directory),
+                            "variant": m.variant} for m in registry.models()]}
+
+    endpoint = EngineEndpoint(registry, address, describe)
+    stop, reload_now, serving = threading.Event(), threading.Event(), threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: reload_now.set())
+    thread = threading.Thread(target=endpoint.run, args=(serving,), name="attn-ipc", daemon=True)
+    thread.start()
+    try:
+        registry.load()
+    except StartupError as exc:
+        event(log, "startup_failed", level=logging.ERROR, error=str(exc))
+        raise SystemExit(1) from None
+    endpoint.publish()
+    status.send(("ready", [f"{m.name}/{m.version}" for m in registry.models()], registry.default_model))
+    next_look = time.monotonic() + settings.reload_interval
+    while not stop.wait(0.2):
+        due = settings.reload_interval > 0 and time.monotonic() >= next_look
+        if reload_now.is_set() or due:
+            reload_now.clear()
+            try:
+                registry.reload()
+            except Exception:  # the folder vanished, a disk error: keep serving what is loaded
+                event(log, "reload_failed", level=logging.ERROR, exc_info=True)
+            endpoint.publish()
+            next_look = time.monotonic() + settings.reload_interval
+    registry.close()  # anything still queued or decoding fails with ShuttingDown; the replies go out
+    time.sleep(0.2)
+    serving.set()
+    thread.join(5)
+    endpoint.close()
+    event(log, "engine_stopped")
+
+
+def run_frontend(settings: Settings, address: str, parent: int, status: Connection) -> None:
+    """A front-end process: the gRPC server on the shared port, its models in the engine process."""
+    import asyncio
+
+    from server.app import serve
+
+    _become_child(parent, settings)
+    code = asyncio.run(serve(settings, engine_address=address, on_ready=lambda: status.send(("ready",))))
+    raise SystemExit(code)
+
+
+# -- the parent ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Child:
+    role: str
+    index: int
+    process: BaseProcess
+    status: Connection
+    ready: bool = False
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """A socket bound (not listening) to the gRPC port, held for as long as the server runs: it picks the port when
+    ``port`` is 0, and keeps it ours while front-ends restart. Binding once without SO_REUSEPORT first makes a
+    second server on a port in use fail instead of joining it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    address = host.strip("[]")
+    if port:
+        probe = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            probe.bind((address, port))
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {host}:{port}: {exc}") from exc
+        finally:
+            probe.close()
+    held = socket.socket(family, socket.SOCK_STREAM)
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        held.bind((address, port))
+    except OSError as exc:
+        held.close()
+        raise StartupError(f"cannot listen on {host}:{port}: {exc}") from exc
+    return held
+
+
+class Supervisor:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.frontends = frontend_count(settings)
+        self.runtime_dir = Path(tempfile.mkdtemp(prefix="attn-serve-"))  # private (0700): the IPC socket lives here
+        self.address = f"ipc://{self.runtime_dir / 'engine.sock'}"
+        self.metrics_dir = self.runtime_dir / "metrics"
+        self.metrics_dir.mkdir()
+        # Read by prometheus_client when the children import it: their metrics go to files this parent sums.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)
+        self.context = multiprocessing.get_context("spawn")
+        self.children: list[Child] = []
+        self.restarts = {ENGINE: 0, FRONTEND: 0}
+        self.signals: list[int] = []
+        self.announced = False
+        self.engine_ready_once = False
+        self.models: list[str] = []
+        self.default_model = ""
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, lambda number, _: self.signals.append(number))
+        s = self.settings
+        metrics_server: Any = None
+        try:
+            held = reserve_port(s.host, s.port)
+            port = held.getsockname()[1]
+            child_settings = replace(s, port=port, metrics_port=-1)
+            metrics_port = None
+            if s.metrics_port >= 0:
+                metrics_server, metrics_port = self._serve_metrics()
+        except StartupError as exc:
+            event(log, "startup_failed", level=logging.ERROR, error=str(exc))
+            self._cleanup()
+            return 1
+        event(log, "listening", host=s.host, port=port, metrics_port=metrics_port, frontends=self.frontends,
+              engine=self.address)
+        self.children = [self._start(ENGINE, 0, child_settings)]
+        self.children += [self._start(FRONTEND, i, child_settings) for i in range(self.frontends)]
+        code = self._supervise(child_settings)
+        held.close()
+        if metrics_server is not None:
+            metrics_server.shutdown()
+        self._cleanup()
+        event(log, "stopped", exit_code=code)
+        return code
+
+    def _start(self, role: str, index: int, settings: Settings) -> Child:
+        receive, send = self.context.Pipe(duplex=False)
+        target: Callable[..., None] = run_engine if role == ENGINE else run_frontend
+        process = self.context.Process(target=target, args=(settings, self.address, os.getpid(), send),
+                                       name=f"attn-{role}-{index}", daemon=False)
+        process.start()
+        send.close()
+        event(log, "process_started", role=role, index=index, pid=process.pid)
+        return Child(role, index, process, receive)
+
+    def _supervise(self, settings: Settings) -> int:
+        while True:
+            while self.signals:
+                number = self.signals.pop(0)
+                if number == signal.SIGHUP:
+                    engine = self._engine()
+                    if engine.process.pid:
+                        os.kill(engine.process.pid, signal.SIGHUP)
+                else:
+                    return self._drain()
+            objects: list[Any] = [c.process.sentinel for c in self.children] + [c.status for c in self.children]
+            for ready in wait(objects, timeout=0.2):
+                for child in list(self.children):
+                    if ready is child.status:
+                        self._message(child)
+                    elif ready == child.process.sentinel:
+                        failed = self._exited(child, settings)
+                        if failed is not None:
+                            return failed
+
+    def _message(self, child: Child) -> None:
+        try:
+            message = child.status.recv()
+        except (EOFError, OSError):
+            return
+        if message[0] != "ready":
+            return
+        child.ready = True
+        if child.role == ENGINE:
+            self.engine_ready_once = True
+            self.models, self.default_model = message[1], message[2]
+        if not self.announced and all(c.ready for c in self.children):
+            self.announced = True
+            event(log, "ready", models=self.models, default_model=self.default_model, frontends=self.frontends)
+
+    def _exited(self, child: Child, settings: Settings) -> int | None:
+        """A child died on its own: restart it; a start-up failure of the engine stops the server (exit 1)."""
+        child.process.join()
+        code = child.process.exitcode
+        self._mark_dead(child)
+        if child.role == ENGINE and not self.engine_ready_once:
+            event(log, "startup_failed", level=logging.ERROR, error=f"the engine process exited with code {code}")
+            self._terminate(self.children, 10.0)
+            return 1
+        self.restarts[child.role] += 1
+        event(log, "process_exited", level=logging.ERROR, role=child.role, index=child.index, pid=child.process.pid,
+              exit_code=code, restarts=self.restarts[child.role])
+        self.children.remove(child)
+        self.children.append(self._start(child.role, child.index, settings))
+        return None
+
+    def _drain(self) -> int:
+        """Front-ends first (they finish what they accepted, which needs the engine), then the engine."""
+        event(log, "shutting_down", grace_seconds=self.settings.grace_seconds)
+        frontends = [c for c in self.children if c.role == FRONTEND]
+        ok = self._terminate(frontends, self.settings.grace_seconds + 10.0)
+        ok = self._terminate([c for c in self.children if c.role == ENGINE], 30.0) and ok
+        return 0 if ok else 1
+
+    def _terminate(self, children: list[Child], timeout: float) -> bool:
+        """SIGTERM, then up to ``timeout`` seconds to exit; True when every one exited 0."""
+        for child in children:
+            if child.process.is_alive() and child.process.pid:
+                os.kill(child.process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        ok = True
+        for child in children:
+            child.process.join(max(0.0, deadline - time.monotonic()))
+            if child.process.is_alive():
+                event(log, "process_killed", level=logging.ERROR, role=child.role, pid=child.process.pid)
+                child.process.kill()
+                child.process.join()
+            ok = ok and child.process.exitcode == 0
+            self._mark_dead(child)
+        return ok
+
+    def _engine(self) -> Child:
+        return next(c for c in self.children if c.role == ENGINE)
+
+    def _mark_dead(self, child: Child) -> None:
+        from prometheus_client import multiprocess
+
+        if child.process.pid:
+            multiprocess.mark_process_dead(child.process.pid, str(self.metrics_dir))
+
+    def _serve_metrics(self) -> tuple[Any, int]:
+        from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=str(self.metrics_dir))
+        registry.register(TreeCollector(self))
+        try:
+            server, _ = start_http_server(self.settings.metrics_port, addr=self.settings.host.strip("[]"),
+                                          registry=registry)
+        except OSError as exc:
+            raise StartupError(f"cannot serve metrics on {self.settings.host}:{self.settings.metrics_port}: "
+                               f"{exc}") from exc
+        return server, int(server.server_port)
+
+    def _cleanup(self) -> None:
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+
+class TreeCollector:
+    """CPU time and memory of the whole server (this parent and every child, the exited ones' CPU included) and the
+    restarts, collected at scrape time."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        from server.metrics import COLLECTED
+
+        own, reaped = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = own.ru_utime + own.ru_stime + reaped.ru_utime + reaped.ru_stime
+        memory = _rss(os.getpid())
+        for child in self.supervisor.children:
+            if child.process.pid and child.process.is_alive():
+                cpu += _cpu(child.process.pid)
+                memory += _rss(child.process.pid)
+        help_of = {m.name: m.help for m in COLLECTED}
+        yield CounterMetricFamily("attn_process_cpu_seconds", help_of["attn_process_cpu_seconds"], value=cpu)
+        yield GaugeMetricFamily("attn_process_resident_memory_bytes", help_of["attn_process_resident_memory_bytes"],
+                                value=memory)
+        restarts = CounterMetricFamily("attn_process_restarts", help_of["attn_process_restarts"], labels=["role"])
+        for role, count in self.supervisor.restarts.items():
+            restarts.add_metric([role], count)
+        yield restarts
+
+
+def _cpu(pid: int) -> float:
+    """User + system seconds of a live process (its own threads; not its children)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _rss(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/statm").read_text().split()
+    except OSError:
+        return 0.0
+    return float(int(fields[1]) * os.sysconf("SC_PAGE_SIZE"))
+
+
+def supervise(settings: Settings) -> int:
+    return Supervisor(settings).run()

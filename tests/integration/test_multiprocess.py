@@ -1,0 +1,181 @@
+"""The server as several processes (front-ends sharing the port, one engine process): the same answers as the
+server in one process, and everything it promises still holds — refusals, deadlines, cancellation, drain, crashes of
+either kind of process, metrics summed over the processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from attention_pb.v1 import attention_pb2 as pb
+from tests.integration.serving import RunningServer, ServerProcess, matrix
+from tests.integration.test_batching_equivalence import sources
+
+TEXTS = ["Ich hoffe, es geht dir gut.", "Das Haus ist groß und schön.", "Wo ist der Bahnhof?"]
+# The most one call may ask of the slow model (32 texts, beam 16, each to its full length budget): over a second of
+# decoding on a 2-core machine, so the call is surely in the engine when the test acts.
+LONG = pb.TranslateRequest(texts=["Hallo Welt " * 10] * 32, options=pb.DecodingOptions(beam_size=16))
+
+
+@pytest.fixture(scope="module")
+def served(models_dir: Path) -> Iterator[ServerProcess]:
+    server = ServerProcess(models_dir)
+    server.wait_for("ready")
+    yield server
+    assert server.stop() == 0
+
+
+@pytest.fixture()
+def slow_server(slow_models_dir: Path, request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    """Every search runs to its full length budget (EOS made impossible), so calls stay in flight; a test's
+    ``flags`` marker adds settings."""
+    marker = request.node.get_closest_marker("flags")
+    server = ServerProcess(slow_models_dir, "--grace-seconds", "60", *(marker.args if marker else ()))
+    server.wait_for("ready")
+    yield server
+    server.kill()
+
+
+def _requests_total(server: ServerProcess, code: str = "OK") -> float:
+    key = ("attn_requests_total", (("code", code), ("model", "tiny-de-en"), ("rpc", "Translate"), ("version", "1")))
+    return server.metrics().get(key, 0.0)
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+def test_answers_equal_the_single_process_server(served: ServerProcess, running: RunningServer, beam: int) -> None:
+    """200 sentences sent concurrently to both: tokens equal, attention within 1e-5."""
+    texts = sources()
+    options = pb.DecodingOptions(beam_size=beam, nbest=beam, attention=pb.ATTENTION_DETAIL_FULL)
+    requests = [pb.TranslateRequest(texts=[t], options=options) for t in texts]
+    multi = [f.result() for f in [served.stub.Translate.future(r, timeout=300) for r in requests]]
+    single = [f.result() for f in [running.stub.Translate.future(r, timeout=300) for r in requests]]
+    for text, a, b in zip(texts, multi, single):
+        [ta], [tb] = a.translations, b.translations
+        assert [t.id for t in ta.source_tokens] == [t.id for t in tb.source_tokens]
+        assert len(ta.hypotheses) == len(tb.hypotheses) == beam
+        for ha, hb in zip(ta.hypotheses, tb.hypotheses):
+            assert [t.id for t in ha.tokens] == [t.id for t in hb.tokens], text
+            assert ha.text == hb.text and ha.score == pytest.approx(hb.score, abs=1e-5)
+            np.testing.assert_allclose(matrix(ha.attention), matrix(hb.attention), atol=1e-5, err_msg=text)
+            assert [(x.source_word, x.target_word) for x in ha.alignments] == [
+                (x.source_word, x.target_word) for x in hb.alignments]
+
+
+def test_metrics_are_summed_over_the_front_ends(served: ServerProcess) -> None:
+    """Calls land on both front-ends (one connection each); the one /metrics endpoint counts all of them."""
+    before = _requests_total(served)
+    channels = [grpc.insecure_channel(f"127.0.0.1:{served.port}", options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(8)]
+    try:
+        from attention_pb.v1 import attention_pb2_grpc as pb_grpc
+
+        for channel in channels:
+            pb_grpc.AttentionServiceStub(channel).Translate(pb.TranslateRequest(texts=TEXTS[:1]), timeout=60)
+    finally:
+        for channel in channels:
+            channel.close()
+    deadline = time.monotonic() + 30
+    while _requests_total(served) < before + 8 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _requests_total(served) == before + 8
+    metrics = served.metrics()
+    assert metrics[("attn_inflight_requests", (("rpc", "Translate"),))] == 0
+    assert metrics[("attn_process_cpu_seconds_total", ())] > 0
+    assert metrics[("attn_process_restarts_total", (("role", "engine"),))] == 0
+
+
+def _gauge(server: ServerProcess, name: str) -> float:
+    return server.metrics().get((name, (("model", "tiny-de-en"), ("version", "1"))), 0.0)
+
+
+def _until(condition: object, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.mark.flags("--max-batch-rows", "16", "--max-queue-requests", "1")
+def test_full_queue_deadline_and_cancellation(slow_server: ServerProcess) -> None:
+    server = slow_server
+    long = LONG
+    first = server.stub.Translate.future(long, timeout=120)
+    _until(lambda: _gauge(server, "attn_active_requests") == 1, "the first call decoding")
+    second = server.stub.Translate.future(long, timeout=120)  # over the row budget while the first decodes: waits
+    _until(lambda: _gauge(server, "attn_queue_requests") == 1, "the second call queued")
+    with pytest.raises(grpc.RpcError) as refused:
+        server.stub.Translate(long, timeout=30)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max_queue_requests" in refused.value.details()
+    # Cancelled calls leave the engine: mid-decode and in the queue.
+    second.cancel()
+    first.cancel()
+    _until(lambda: _gauge(server, "attn_active_requests") == 0 and _gauge(server, "attn_queue_requests") == 0,
+           "the cancelled calls to leave the engine")
+    # A deadline that passes mid-decode: DEADLINE_EXCEEDED, and counted as such.
+    with pytest.raises(grpc.RpcError) as late:
+        server.stub.Translate(long, timeout=0.25)
+    assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = ("attn_refused_requests_total", (("reason", "deadline"), ("rpc", "Translate")))
+    _until(lambda: server.metrics().get(reason) == 1, "the deadline to be counted")
+    assert server.metrics()[("attn_refused_requests_total", (("reason", "queue_full"), ("rpc", "Translate")))] == 1
+    _until(lambda: _gauge(server, "attn_active_requests") == 0, "the expired call to leave the engine")
+
+
+@pytest.mark.flags("--log-level", "DEBUG")
+def test_sigterm_drains_every_process_and_loses_nothing(slow_server: ServerProcess) -> None:
+    server = slow_server
+    calls = [server.stub.Translate.future(LONG, timeout=120) for _ in range(4)]
+    server.wait_for("rpc_received", count=4)  # all four accepted, on one front-end or both
+    server.process.send_signal(signal.SIGTERM)
+    server.wait_for("shutting_down")
+    for call in calls:  # accepted before the signal: every one is answered
+        assert len(call.result(timeout=120).translations) == len(LONG.texts)
+    assert server.process.wait(120) == 0
+    server.wait_for("stopped", exit_code=0)
+    assert len(server.events("frontend_stopped", exit_code=0)) == 2
+
+
+def test_a_crashed_engine_fails_its_calls_promptly_and_is_restarted(slow_server: ServerProcess) -> None:
+    server = slow_server
+    [engine] = server.pids("engine")
+    calls = [server.stub.Translate.future(LONG, timeout=120) for _ in range(4)]
+    _until(lambda: _gauge(server, "attn_active_requests") >= 1, "calls inside the engine")
+    killed = time.monotonic()
+    os.kill(engine, signal.SIGKILL)
+    for call in calls:
+        with pytest.raises(grpc.RpcError) as failed:
+            call.result(timeout=30)
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert time.monotonic() - killed < 10  # promptly, never hanging until the deadline
+    server.wait_for("process_exited", role="engine")
+    server.wait_for("engine_ready", count=4)  # both front-ends saw the first engine, then the new one
+    short = pb.TranslateRequest(texts=["Hallo"], options=pb.DecodingOptions(max_output_tokens=3))
+    _until(lambda: _serves(server, short), "the restarted engine to serve")
+    assert server.metrics()[("attn_process_restarts_total", (("role", "engine"),))] == 1
+    assert [pid for pid in server.pids("engine") if pid != engine]
+
+
+def test_a_crashed_front_end_is_restarted(served: ServerProcess) -> None:
+    victim = served.pids("frontend")[0]
+    os.kill(victim, signal.SIGKILL)
+    served.wait_for("process_exited", role="frontend", pid=victim)
+    _until(lambda: len(served.pids("frontend")) == 2 and len(served.events("frontend_ready")) >= 3,
+           "a new front-end")
+    assert served.stub.Translate(pb.TranslateRequest(texts=TEXTS[:1]), timeout=60).translations
+    assert served.metrics()[("attn_process_restarts_total", (("role", "frontend"),))] == 1
+
+
+def _serves(server: ServerProcess, request: pb.TranslateRequest) -> bool:
+    try:
+        return bool(server.stub.Translate(request, timeout=30).translations)
+    except grpc.RpcError as error:
+        assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+        return False
