@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from prometheus_client import CollectorRegistry  # noqa: E402
 
 from server.artifacts import Manifest  # noqa: E402
-from server.device import CPU, Device  # noqa: E402
+from server.device import CPU, Device, choose  # noqa: E402
 from server.engine import Engine, Limits  # noqa: E402
 from server.errors import InvalidInput  # noqa: E402
 from server.metrics import Metrics  # noqa: E402
@@ -94,10 +94,10 @@ def drive(engine: Engine, items: list[Any], options: DecodeOptions, concurrency:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def load(directory: Path, texts: list[str], threads: int) -> tuple[TranslationModel, list[Any]]:
-    """The model on the CPU and the items the engine decodes: a source's ids where the model says so (the
-    multi-process split), else the prepared source. Texts the model cannot take (too many tokens) are left out."""
-    model = TranslationModel(directory, Manifest.load(directory), Device("cpu", [CPU], "bench"), threads=threads)
+def load(directory: Path, texts: list[str], threads: int, device: Device) -> tuple[TranslationModel, list[Any]]:
+    """The model and the items the engine decodes: a source's ids where the model says so (the multi-process
+    split), else the prepared source. Texts the model cannot take (too many tokens) are left out."""
+    model = TranslationModel(directory, Manifest.load(directory), device, threads=threads)
     items = []
     for text in texts:
         try:
@@ -132,7 +132,8 @@ def run(engine_class: type[Engine], model: TranslationModel, items: list[Any], o
         engine.close()
     n = len(items)
     return {
-        "model": model.name, "beam": options.beam_size, "concurrency": concurrency, "sentences": n,
+        "model": model.name, "device": model.device.name if model.device else "", "beam": options.beam_size,
+        "concurrency": concurrency, "sentences": n,
         "sentences_per_s": round(n / wall, 1), "cpu_ms_per_sentence": round(1000 * cpu / n, 3),
         "engine_thread_cpu_ms_per_sentence": round(1000 * engine_cpu / n, 3),
         "wall_s": round(wall, 3), "decoder_share": round(seconds / wall, 3), "decoder_calls": int(calls),
@@ -141,8 +142,9 @@ def run(engine_class: type[Engine], model: TranslationModel, items: list[Any], o
 
 
 def measure(directory: Path, texts: list[str], concurrencies: list[int], beams: list[int], max_output: int,
-            threads: int, engine_class: type[Engine] = Engine, repeat: int = 1) -> list[dict[str, Any]]:
-    model, items = load(directory, texts, threads)
+            threads: int, engine_class: type[Engine] = Engine, repeat: int = 1,
+            device: Device | None = None) -> list[dict[str, Any]]:
+    model, items = load(directory, texts, threads, device or Device("cpu", [CPU], "bench"))
     rows: list[dict[str, Any]] = []
     for beam in beams:
         options = DecodeOptions(beam_size=beam, max_output_tokens=max_output)
@@ -197,17 +199,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="the module whose Engine is measured (another implementation, to compare)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per setting; the fastest is reported")
     parser.add_argument("--reductions", action="store_true", help="also time the search's reductions alone")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cuda: the GPU with I/O binding, as the server chooses it")
     args = parser.parse_args(argv)
+    device = choose(args.device)
     engine_class = importlib.import_module(args.engine).Engine
     rows = reductions() if args.reductions else []
     for which in args.models:
         if which == "bundled":
             texts = sentences(args.sentences, args.corpus)
-            rows += measure(BUNDLED, texts, args.concurrency, args.beams, 0, args.threads, engine_class, args.repeat)
+            rows += measure(BUNDLED, texts, args.concurrency, args.beams, 0, args.threads, engine_class, args.repeat,
+                            device)
         else:
             texts = sentences(4 * args.sentences, args.corpus)
             rows += measure(build_tiny(), texts, args.concurrency, args.beams, 12, args.threads, engine_class,
-                            args.repeat)
+                            args.repeat, device)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0

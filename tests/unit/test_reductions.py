@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto
 
-from server.device import CPU, Device
+from server.device import CPU, CUDA, Device
 from server.reductions import Candidates, Reduction, reduction_graph, top_candidates
 from server.search import Hypothesis, Search, State, run_search
 from tests.unit.test_search import BOS, EOS, ToyDecoder
@@ -116,3 +116,20 @@ def test_log_probabilities_the_graph_cannot_take_are_reduced_on_the_host(monkeyp
         found = reduction(ort.OrtValue.ortvalue_from_numpy(log_probs.copy()), 6, [0, 3], 1)
         same(found, top_candidates(log_probs.copy(), 6, [0, 3], 1))
     assert [r.message for r in caplog.records].count("reduction_on_host") == 1
+
+
+@pytest.mark.skipif(CUDA not in ort.get_available_providers(), reason="no CUDA provider in this onnxruntime build")
+def test_the_graph_on_cuda_equals_numpy() -> None:
+    """Where a GPU is: TopK on CUDA keeps the lower id on ties too, so the GPU's candidates are the host path's."""
+    from server.device import cuda_problem
+
+    if cuda_problem() is not None:
+        pytest.skip(str(cuda_problem()))
+    device = Device("cuda", [CUDA, CPU], "test", io_binding=True)
+    reduction, rng = Reduction(device), np.random.default_rng(3)
+    for trial in range(100):
+        rows, vocab, width = int(rng.integers(1, 300)), int(rng.integers(2, 9000)), int(rng.integers(1, 17))
+        log_probs = (rng.integers(-4, 3, size=(rows, vocab)) if trial % 2 else rng.normal(size=(rows, vocab)))
+        log_probs = log_probs.astype(np.float16 if trial % 5 == 0 else np.float32)
+        on_gpu = ort.OrtValue.ortvalue_from_numpy(log_probs.copy(), "cuda", 0)
+        same(reduction(on_gpu, width, [0, 2], 3), top_candidates(log_probs.copy(), width, [0, 2], 3))
