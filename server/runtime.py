@@ -20,7 +20,7 @@ from server import search
 from server.artifacts import Manifest, ManifestError, Tokenizer
 from server.device import Device, session
 from server.iobinding import BoundStep, RowGather
-from server.reductions import Candidates, Reduction, top_candidates
+from server.reductions import Candidates, Reduction
 
 SRC_AXIS = "src_len"
 
@@ -134,14 +134,10 @@ class DecoderRuntime:
                                                                  np.ndarray | None]:
         """:meth:`step_rows` with the search's reduction of the log-probabilities (``width`` candidates per row,
         ``banned`` ids never among them) done where the step ran (:mod:`server.reductions`): with I/O binding the
-        log-probabilities stay on the device and only the candidates come back. A :meth:`step` replaced on the
-        instance (a test's or a tool's wrapper) is honoured: its log-probabilities are reduced on the host."""
+        log-probabilities stay on the device and only the candidates come back."""
         if self._reduction is None:
             assert self.device is not None, "a model opened without its graphs does not decode"
             self._reduction = Reduction(self.device)
-        if "step" in vars(self):
-            log_probs, attention, new_state, every = self.step_rows(tokens, state, static, all_heads)
-            return top_candidates(log_probs, width, banned, self.eos_id), attention, new_state, every
         binding = self.manifest.decoder
         extra = [self._all_heads] if all_heads and self._all_heads else []
         feeds = {binding.token_input: tokens.astype(self._token_dtype)}

@@ -30,6 +30,7 @@ from server.errors import InvalidInput, Overloaded, ShuttingDown, to_status
 from server.imaging import DecodedImage, decode
 from server.metrics import Metrics
 from server.models import Models
+from server.search import Hypothesis
 from server.settings import Settings
 from server.translation import Result, TranslationModel
 from server.wire import Malformed
@@ -132,12 +133,13 @@ class AttentionServicer(pb_grpc.AttentionServiceServicer):
         if not isinstance(model, TranslationModel):
             raise InvalidInput(f"model {model.name!r} is a {model.family} model; Translate needs a translation model")
         call.model, call.version = model.name, model.version
-        job = codec.translate_job(request, model, self.settings)
+        job = await self.offload(codec.translate_job, request, model, self.settings)  # tokenizes: off the loop
         call.fields = {"texts": len(job.sources), "beam_size": job.options.beam_size}
 
         async with self.admitted():
-            results = await self.run_translate(model, job, context.time_remaining())
-            response = await self.offload(codec.translate_response, model, job, results)
+            found = await self.models.decode(model, [s.ids for s in job.sources], job.options,
+                                             context.time_remaining())
+            results, response = await self.offload(self._translated, model, job, found)  # one hop off the loop
         source_tokens = sum(len(r.source.tokens) for r in results)
         target_tokens = sum(len(h.tokens) for r in results for h in r.hypotheses)
         self.metrics.count_tokens(model.name, model.version, source_tokens, target_tokens)
@@ -191,6 +193,12 @@ class AttentionServicer(pb_grpc.AttentionServiceServicer):
         (deadline, cancelled, overloaded). Cancelling the caller takes the job out of the batch."""
         found = await self.models.decode(model, [s.ids for s in job.sources], job.options, timeout)
         return await self.offload(model.finish, job.sources, found, job.options)
+
+    @staticmethod
+    def _translated(model: TranslationModel, job: codec.TranslateJob,
+                    found: list[list[Hypothesis]]) -> tuple[list[Result], pb.TranslateResponse]:
+        results = model.finish(job.sources, found, job.options)
+        return results, codec.translate_response(model, job, results)
 
     async def run_caption(self, model: CaptionModel, job: codec.CaptionJob, timeout: float | None) -> CaptionResult:
         started = time.monotonic()

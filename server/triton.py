@@ -259,7 +259,8 @@ class TritonServicer(v2_grpc.GRPCInferenceServiceServicer):
                          timeout: float | None, call: Call) -> dict[str, Callable[[], Tensor]]:
         values, shape = read_input(request, "TEXT")
         texts = [text_of(v, i) for i, v in enumerate(values)]
-        job = codec.translate_job(pb.TranslateRequest(texts=texts, options=options), model, self.settings)
+        job = await self.core.offload(codec.translate_job, pb.TranslateRequest(texts=texts, options=options), model,
+                                      self.settings)
         call.fields = {"texts": len(job.sources), "beam_size": job.options.beam_size}
         results = await self.core.run_translate(model, job, timeout)
         sources = [r.source for r in results]

@@ -45,6 +45,7 @@ class EngineEndpoint:
         self._pending: dict[Key, Future[Any]] = {}
         self._peers: set[bytes] = set()
         self._publish = threading.Event()
+        self._woken = False  # a wake-up byte is in the pipe and not yet read
 
     def publish(self) -> None:
         """Sends the ``models`` record to every front-end (after loading or reloading); any thread may call it."""
@@ -59,6 +60,7 @@ class EngineEndpoint:
         while not stop.is_set():
             ready = dict(poller.poll(100))
             if self._wake_read in ready:
+                self._woken = False  # before the outbox is drained: a reply added after this wakes us again
                 os.read(self._wake_read, 65536)
             if self._socket in ready:
                 self._receive()
@@ -113,9 +115,11 @@ class EngineEndpoint:
 
     def _finished(self, key: Key, future: Future[Any]) -> None:  # on an engine's thread
         self._outbox.append((key, future))
-        self._wake()
+        if not self._woken:  # one wake-up per batch of replies: a step often finishes many requests
+            self._wake()
 
     def _wake(self) -> None:
+        self._woken = True
         try:
             os.write(self._wake_write, b"x")
         except BlockingIOError:  # the pipe is full of wake-ups already

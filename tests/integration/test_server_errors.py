@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import numpy as np
 import pytest
 
 from attention_pb.v1 import attention_pb2 as pb
@@ -138,18 +137,17 @@ def test_deadline_stops_the_search(one_slot_server: RunningServer, monkeypatch: 
     assert one_slot_server.server.registry is not None
     model = one_slot_server.server.registry.get()
     assert isinstance(model, TranslationModel)
-    original = model.step
+    original = model.step_reduced
     release = threading.Event()
     calls = []
 
-    def endless_step(tokens: Any, state: Any, static: Any) -> Any:
+    def endless_step(tokens: Any, state: Any, static: Any, all_heads: bool, width: int, banned: Any) -> Any:
         calls.append(1)
         assert release.wait(30)
-        log_probs, attention, new_state = original(tokens, state, static)
-        log_probs[:, model.eos_id] = -np.inf  # left alone, the search would run to its full budget
-        return log_probs, attention, new_state
+        # EOS banned: left alone, the search would run to its full budget
+        return original(tokens, state, static, all_heads, width, [*banned, model.eos_id])
 
-    monkeypatch.setattr(model, "step", endless_step)
+    monkeypatch.setattr(model, "step_reduced", endless_step)
     with pytest.raises(grpc.RpcError) as error:
         one_slot_server.stub.Translate(pb.TranslateRequest(texts=["Hallo Welt"]), timeout=0.5)
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -162,7 +160,7 @@ def test_deadline_stops_the_search(one_slot_server: RunningServer, monkeypatch: 
         time.sleep(0.05)
     assert sample("attn_refused_requests_total", {"rpc": "Translate", "reason": "deadline"}) == 1.0
     assert not sample("attn_refused_requests_total", {"rpc": "Translate", "reason": "cancelled"})
-    monkeypatch.setattr(model, "step", original)
+    monkeypatch.setattr(model, "step_reduced", original)
     release.set()
     # The expired call left the batch before its next step: the engine made no more steps for it.
     assert one_slot_server.stub.Translate(pb.TranslateRequest(texts=["Hallo"]), timeout=30).translations
