@@ -5,6 +5,7 @@ either kind of process, metrics summed over the processes."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from attention_pb.v1 import attention_pb2 as pb
 from tests.integration.serving import RunningServer, ServerProcess, matrix
@@ -148,8 +150,12 @@ def test_a_crashed_engine_fails_its_calls_promptly_and_is_restarted(slow_server:
     [engine] = server.pids("engine")
     calls = [server.stub.Translate.future(LONG, timeout=120) for _ in range(4)]
     _until(lambda: _gauge(server, "attn_active_requests") >= 1, "calls inside the engine")
+    health = health_pb2_grpc.HealthStub(server.channel)
+    assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
     killed = time.monotonic()
     os.kill(engine, signal.SIGKILL)
+    _until(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+           == health_pb2.HealthCheckResponse.NOT_SERVING, "health to say NOT_SERVING while the engine is gone", 10)
     for call in calls:
         with pytest.raises(grpc.RpcError) as failed:
             call.result(timeout=30)
@@ -159,6 +165,7 @@ def test_a_crashed_engine_fails_its_calls_promptly_and_is_restarted(slow_server:
     server.wait_for("engine_ready", count=4)  # both front-ends saw the first engine, then the new one
     short = pb.TranslateRequest(texts=["Hallo"], options=pb.DecodingOptions(max_output_tokens=3))
     _until(lambda: _serves(server, short), "the restarted engine to serve")
+    assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
     assert server.metrics()[("attn_process_restarts_total", (("role", "engine"),))] == 1
     assert [pid for pid in server.pids("engine") if pid != engine]
 
@@ -179,3 +186,56 @@ def _serves(server: ServerProcess, request: pb.TranslateRequest) -> bool:
     except grpc.RpcError as error:
         assert error.code() == grpc.StatusCode.UNAVAILABLE, error
         return False
+
+
+def test_hot_reload_reaches_every_front_end(models_dir: Path, tmp_path: Path) -> None:
+    from tests.integration.test_hot_reload import NAME, add_version
+
+    root = tmp_path / "models"
+    shutil.copytree(models_dir / NAME, root / NAME)
+    server = ServerProcess(root)
+    try:
+        server.wait_for("ready")
+        add_version(root, root / NAME / "1", "2")
+        server.process.send_signal(signal.SIGHUP)  # the parent passes it to the engine process
+        [synced] = server.wait_for("models_synced", loaded=[f"{NAME}/2"])
+        assert synced["retired"] == [f"{NAME}/1"]
+        server.wait_for("engine_ready", count=2)  # each front-end's first view; then the new set reaches both
+        channels = [grpc.insecure_channel(f"127.0.0.1:{server.port}", options=[("grpc.use_local_subchannel_pool", 1)])
+                    for _ in range(6)]
+        try:
+            from attention_pb.v1 import attention_pb2_grpc as pb_grpc
+
+            for channel in channels:  # spread over both front-ends
+                stub = pb_grpc.AttentionServiceStub(channel)
+                _until(lambda stub=stub: [m.version for m in stub.ListModels(pb.ListModelsRequest(),
+                                                                              timeout=30).models] == ["2"],
+                       "every front-end to serve version 2", timeout=30)
+                assert stub.Translate(pb.TranslateRequest(texts=TEXTS[:1]), timeout=60).version == "2"
+        finally:
+            for channel in channels:
+                channel.close()
+    finally:
+        assert server.stop() == 0
+
+
+def test_tokens_are_checked_on_every_front_end(models_dir: Path, tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("s3cret\n")
+    server = ServerProcess(models_dir, "--auth-token-file", str(tokens))
+    try:
+        server.wait_for("ready")
+        from attention_pb.v1 import attention_pb2_grpc as pb_grpc
+
+        for _ in range(6):  # new connections land on either front-end
+            with grpc.insecure_channel(f"127.0.0.1:{server.port}",
+                                       options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+                stub = pb_grpc.AttentionServiceStub(channel)
+                with pytest.raises(grpc.RpcError) as denied:
+                    stub.Translate(pb.TranslateRequest(texts=TEXTS[:1]), timeout=30)
+                assert denied.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                response = stub.Translate(pb.TranslateRequest(texts=TEXTS[:1]), timeout=30,
+                                          metadata=[("authorization", "Bearer s3cret")])
+                assert response.translations
+    finally:
+        assert server.stop() == 0
