@@ -1,0 +1,193 @@
+"""The serving path's own cost, and the server in one process against several (issue "GPU-grade serving").
+
+    .venv/bin/python bench/overhead.py      # docs/benchmarks/overhead.json and the tables in docs/benchmarks.md
+
+Two models, each served by the server in one process (``ATTN_FRONTENDS=0``, the previous design) and by front-end
+processes beside an engine process (the new one):
+
+* a model of negligible compute (every width 8, trained on the test fixture), outputs capped at 12 tokens with
+  ``max_output_tokens``: what remains is the server's own cost per sentence, which on a GPU is the whole cost;
+* the bundled ``de-en-bahdanau`` on this CPU.
+
+At 1, 64 and 256 clients (greedy, full attention): sentences/s, target tokens/s, p50 latency, and the server's CPU
+milliseconds per sentence (``attn_process_cpu_seconds_total``, which covers the whole process tree in the
+multi-process design, over the run, divided by the sentences answered). The load generator runs in several
+processes (:func:`bench.loadgen.drive_processes`); at 256 clients it runs once more with one process more, to show
+that the client is not what limits the figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
+from bench.loadgen import ServerProcess, drive, drive_processes  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = ROOT / "tests" / "fixtures" / "ding-sample.txt"
+CONCURRENCY = [1, 64, 256]
+BEGIN, END = "<!-- overhead: written by bench/overhead.py -->", "<!-- /overhead -->"
+
+
+def negligible_model(workdir: Path) -> Path:
+    """Every width 8 (embeddings, hidden state, attention, a 400-piece vocabulary): its graphs cost microseconds."""
+    models = workdir / "models"
+    if (models / "tiny8" / "1" / "manifest.json").exists():
+        return models
+    from exporter.export import ExportOptions, export
+    from training.train import TrainConfig, train
+
+    cfg = TrainConfig(data=f"ding:{FIXTURE}", out=str(workdir / "run"), vocab_size=400, emb_dim=8, hidden_dim=8,
+                      attn_dim=8, max_steps=20, valid_every=1000, valid_bleu_sample=10, max_tokens=2000, threads=1)
+    export(train(cfg), models / "tiny8" / "1", ExportOptions(name="tiny8", parity_sentences=20))
+    return models
+
+
+def fixture_sources() -> list[str]:
+    from training.data.corpus import load_corpus
+
+    return sorted({p.source for p in load_corpus(f"ding:{FIXTURE}") if p.sentence})
+
+
+def ding_sentences() -> list[str]:
+    from training.data.corpus import load_corpus, split
+    from training.evaluate import group_references
+
+    sources, _, is_sentence = group_references(split(load_corpus("ding"))["test"])
+    return [s for s, full in zip(sources, is_sentence) if full]
+
+
+def cpu_seconds(server: ServerProcess) -> float:
+    return server.metrics()["attn_process_cpu_seconds_total"]
+
+
+def measure(server: ServerProcess, texts: list[str], concurrency: int, options: pb.DecodingOptions,
+            seconds: float, processes: int) -> dict[str, Any]:
+    drive(server.target, texts, min(concurrency, 8), options, requests=32)  # warm-up
+    before = cpu_seconds(server)
+    run = drive_processes(server.target, texts, concurrency, options, seconds=seconds, processes=processes)
+    server_cpu = cpu_seconds(server) - before  # includes the client processes' start-up wait: none of the server's
+    run["server_cpu_ms_per_sentence"] = round(1000 * server_cpu / max(run["ok"], 1), 3)
+    run["server_cores"] = round(server_cpu / run["seconds"], 2)
+    return run
+
+
+def design(models: Path, texts: list[str], frontends: int, options: pb.DecodingOptions, seconds: float,
+           processes: int) -> list[dict[str, Any]]:
+    runs = []
+    with ServerProcess(models, frontends=frontends, reload_interval=0) as server:
+        for concurrency in CONCURRENCY:
+            run = measure(server, texts, concurrency, options, seconds, 1 if concurrency == 1 else processes)
+            run["frontends"] = frontends
+            runs.append(run)
+            print(json.dumps(run), flush=True)
+        more = measure(server, texts, CONCURRENCY[-1], options, seconds, processes + 1)
+        more.update(frontends=frontends, check="one client process more")
+        runs.append(more)
+        print(json.dumps(more), flush=True)
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per run")
+    parser.add_argument("--client-processes", type=int, default=3)
+    parser.add_argument("--frontends", type=int, nargs="+", default=[1, 2],
+                        help="front-end counts of the new design to measure (0, the old design, always runs)")
+    parser.add_argument("--bundled", type=Path, default=ROOT / "models", help="folder holding de-en-bahdanau")
+    parser.add_argument("--skip-bundled", action="store_true")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "overhead.json")
+    parser.add_argument("--report", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    args = parser.parse_args(argv)
+
+    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                               "seconds_per_run": args.seconds, "client_processes": args.client_processes}
+    capped = pb.DecodingOptions(beam_size=1, max_output_tokens=12, attention=pb.ATTENTION_DETAIL_FULL)
+    tiny = negligible_model(ROOT / "runs" / "bench-overhead")
+    texts = fixture_sources()
+    results["negligible"] = {str(n): design(tiny, texts, n, capped, args.seconds, args.client_processes)
+                             for n in [0, *args.frontends]}
+    if not args.skip_bundled:
+        one = ROOT / "runs" / "bench-models"  # the bundled translator alone
+        one.mkdir(parents=True, exist_ok=True)
+        if not (one / "de-en-bahdanau").exists():
+            (one / "de-en-bahdanau").symlink_to((args.bundled / "de-en-bahdanau").resolve())
+        greedy = pb.DecodingOptions(beam_size=1, attention=pb.ATTENTION_DETAIL_FULL)
+        sentences = ding_sentences()
+        results["bundled"] = {str(n): design(one, sentences, n, greedy, args.seconds, args.client_processes)
+                              for n in [0, *args.frontends]}
+    results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    write_section(results, args.report)
+    print(f"wrote {args.out} and the overhead section of {args.report}")
+    return 0
+
+
+def _design(frontends: str) -> str:
+    return "one process (before)" if frontends == "0" else f"{frontends} front-end(s) + engine"
+
+
+def table(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
+    lines = ["| design | clients | client processes | sentences/s | target tokens/s | p50 ms | p99 ms | "
+             "server CPU ms/sentence | server cores | codes |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for frontends, rows in runs.items():
+        for r in rows:
+            lines.append(f"| {_design(frontends)} | {r['concurrency']} | {r['client_processes']} | "
+                         f"{r['sentences_per_s']} | {r['target_tokens_per_s']} | {r['p50_ms']} | {r['p99_ms']} | "
+                         f"{r['server_cpu_ms_per_sentence']} | {r['server_cores']} | "
+                         f"{', '.join(f'{k} {v}' for k, v in r['codes'].items())} |")
+    return lines
+
+
+def ratios(runs: dict[str, list[dict[str, Any]]], concurrency: int) -> dict[str, dict[str, float]]:
+    """Per design at ``concurrency`` (the run with the base number of client processes): throughput and CPU per
+    sentence against the one-process design, in the same run."""
+    def at(frontends: str) -> dict[str, Any]:
+        return next(r for r in runs[frontends] if r["concurrency"] == concurrency and "check" not in r)
+
+    base = at("0")
+    return {f: {"throughput": round(at(f)["sentences_per_s"] / base["sentences_per_s"], 2),
+                "cpu_per_sentence": round(at(f)["server_cpu_ms_per_sentence"] / base["server_cpu_ms_per_sentence"],
+                                          2)} for f in runs if f != "0"}
+
+
+def write_section(results: dict[str, Any], report: Path) -> None:
+    """The overhead section of docs/benchmarks.md, between its markers (replaced on every run)."""
+    lines = [BEGIN, "## Front-end processes and an engine process", "",
+             f"Produced by `.venv/bin/python bench/overhead.py` on {results['finished']}; raw numbers in "
+             "`docs/benchmarks/overhead.json`. Machine: "
+             f"{results['machine']['cpus']} CPUs, no GPU; {results['seconds_per_run']} s per measured run; the "
+             "load generator runs in separate processes on the same cores. Server CPU is "
+             "`attn_process_cpu_seconds_total` (every process of the server) over the run, per sentence answered.",
+             ""]
+    for key, title in (("negligible", "A model of negligible compute (widths 8, outputs capped at 12 tokens): the "
+                        "serving path's own cost"), ("bundled", "The bundled de-en-bahdanau on this CPU")):
+        if key not in results:
+            continue
+        lines += [f"### {title}", "", *table(results[key]), ""]
+        for concurrency in (64, 256):
+            for frontends, r in ratios(results[key], concurrency).items():
+                lines.append(f"- {concurrency} clients, {_design(frontends)}: {r['throughput']}× the throughput "
+                             f"of one process, {r['cpu_per_sentence']}× its CPU per sentence.")
+        lines.append("")
+    lines.append(END)
+    text = report.read_text() if report.exists() else ""
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + "\n".join(lines) + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
+    report.write_text(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
