@@ -82,10 +82,10 @@ def run_engine(settings: Settings, address: str, parent: int, status: Connection
                             "variant": m.variant} for m in registry.models()]}
 
     endpoint = EngineEndpoint(registry, address, describe)
-    stop, reload_now, serving = threading.Event(), threading.Event(), threading.Event()
+    stop, reload_now, endpoint_stop = threading.Event(), threading.Event(), threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, lambda *_: reload_now.set())
-    thread = threading.Thread(target=endpoint.run, args=(serving,), name="attn-ipc", daemon=True)
+    thread = threading.Thread(target=endpoint.run, args=(endpoint_stop,), name="attn-ipc", daemon=True)
     thread.start()
     try:
         registry.load()
@@ -105,9 +105,8 @@ def run_engine(settings: Settings, address: str, parent: int, status: Connection
                 event(log, "reload_failed", level=logging.ERROR, exc_info=True)
             endpoint.publish()
             next_look = time.monotonic() + settings.reload_interval
-    registry.close()  # anything still queued or decoding fails with ShuttingDown; the replies go out
-    time.sleep(0.2)
-    serving.set()
+    registry.close()  # anything still queued or decoding fails with ShuttingDown; the endpoint sends those replies
+    endpoint_stop.set()
     thread.join(5)
     endpoint.close()
     event(log, "engine_stopped")

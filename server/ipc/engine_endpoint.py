@@ -53,7 +53,8 @@ class EngineEndpoint:
         self._wake()
 
     def run(self, stop: threading.Event) -> None:
-        """Serves until ``stop`` is set; then fails nothing itself (closing the registry fails what is left)."""
+        """Serves until ``stop`` is set, then sends the replies still in the outbox (set it after closing the
+        registry, which fails what is left)."""
         poller = zmq.Poller()
         poller.register(self._socket, zmq.POLLIN)
         poller.register(self._wake_read, zmq.POLLIN)
@@ -70,6 +71,7 @@ class EngineEndpoint:
                 for peer in list(self._peers):
                     self._socket.send_multipart([peer, *records.pack(records.MODELS, header)])
             self._flush()
+        self._flush()  # the replies of what stopping the engines failed
 
     def close(self) -> None:
         self._socket.close(0)
