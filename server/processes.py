@@ -174,7 +174,6 @@ class Supervisor:
         self.restarts = {ENGINE: 0, FRONTEND: 0}
         self.signals: list[int] = []
         self.announced = False
-        self.engine_ready_once = False
         self.models: list[str] = []
         self.default_model = ""
 
@@ -245,20 +244,21 @@ class Supervisor:
             return
         child.ready = True
         if child.role == ENGINE:
-            self.engine_ready_once = True
             self.models, self.default_model = message[1], message[2]
         if not self.announced and all(c.ready for c in self.children):
             self.announced = True
             event(log, "ready", models=self.models, default_model=self.default_model, frontends=self.frontends)
 
     def _exited(self, child: Child, settings: Settings) -> int | None:
-        """A child died on its own: restart it; a start-up failure of the engine stops the server (exit 1)."""
+        """A child died on its own: restart it. Before the server was ever ready that is a start-up failure (a model
+        that does not load, a certificate that does not parse, a port in use): the server stops with exit 1."""
         child.process.join()
         code = child.process.exitcode
         self._mark_dead(child)
-        if child.role == ENGINE and not self.engine_ready_once:
-            event(log, "startup_failed", level=logging.ERROR, error=f"the engine process exited with code {code}")
-            self._terminate(self.children, 10.0)
+        if not self.announced:
+            event(log, "startup_failed", level=logging.ERROR,
+                  error=f"the {child.role} process exited with code {code} before the server was ready")
+            self._terminate([c for c in self.children if c is not child], 10.0)
             return 1
         self.restarts[child.role] += 1
         event(log, "process_exited", level=logging.ERROR, role=child.role, index=child.index, pid=child.process.pid,

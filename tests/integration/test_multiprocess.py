@@ -239,3 +239,25 @@ def test_tokens_are_checked_on_every_front_end(models_dir: Path, tmp_path: Path)
                 assert response.translations
     finally:
         assert server.stop() == 0
+
+
+@pytest.mark.parametrize("failing", ["engine", "frontend"])
+def test_a_start_up_failure_of_either_process_stops_the_server(models_dir: Path, tmp_path: Path,
+                                                              failing: str) -> None:
+    """Nothing to serve (the engine fails) or a certificate that does not parse (the front-ends fail): the server
+    stops with exit 1 instead of restarting the process forever."""
+    if failing == "engine":
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        server = ServerProcess(empty)
+    else:
+        junk = tmp_path / "junk.pem"
+        junk.write_text("not a certificate\n")
+        server = ServerProcess(models_dir, "--tls-cert", str(junk), "--tls-key", str(junk))
+    try:
+        assert server.process.wait(120) == 1
+        server.wait_for("startup_failed")
+        assert any(f"the {failing} process exited" in e.get("error", "") for e in server.events("startup_failed"))
+        assert not server.events("process_exited")  # not restarted
+    finally:
+        server.kill()
