@@ -1,0 +1,54 @@
+"""The parent of the server's processes: the port it holds for the front-ends, and how many front-ends it starts."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import replace
+
+import pytest
+
+from server.errors import StartupError
+from server.processes import frontend_count, reserve_port
+from server.settings import Settings
+
+
+def _listener(port: int = 0, reuse: bool = False) -> socket.socket:
+    sock = socket.socket()
+    if reuse:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen()
+    return sock
+
+
+def test_a_held_port_is_shared_by_front_ends() -> None:
+    held = reserve_port("127.0.0.1", 0)
+    try:
+        port = held.getsockname()[1]
+        assert port > 0
+        first, second = _listener(port, reuse=True), _listener(port, reuse=True)  # two front-ends, one port
+        first.close()
+        second.close()
+    finally:
+        held.close()
+
+
+@pytest.mark.parametrize("reuse", [False, True], ids=["plain", "another-servers-front-end"])
+def test_a_port_in_use_is_refused(reuse: bool) -> None:
+    """Another server on the port, even one whose front-ends share it with SO_REUSEPORT: start-up fails."""
+    other = _listener(reuse=reuse)
+    try:
+        with pytest.raises(StartupError, match="cannot listen"):
+            reserve_port("127.0.0.1", other.getsockname()[1]).close()
+    finally:
+        other.close()
+
+
+def test_front_ends_from_the_setting_or_the_core_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    base = Settings()
+    assert frontend_count(replace(base, frontends=0)) == 0
+    assert frontend_count(replace(base, frontends=3)) == 3
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert frontend_count(base) == 8
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    assert frontend_count(base) == 1
