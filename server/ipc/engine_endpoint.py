@@ -46,6 +46,7 @@ class EngineEndpoint:
         self._peers: set[bytes] = set()
         self._publish = threading.Event()
         self._woken = False  # a wake-up byte is in the pipe and not yet read
+        self._sleeping = False  # the socket's thread is (about to be) in poll
 
     def publish(self) -> None:
         """Sends the ``models`` record to every front-end (after loading or reloading); any thread may call it."""
@@ -59,10 +60,14 @@ class EngineEndpoint:
         poller.register(self._socket, zmq.POLLIN)
         poller.register(self._wake_read, zmq.POLLIN)
         while not stop.is_set():
-            ready = dict(poller.poll(100))
+            # Engine threads write a wake-up byte only while this thread sleeps in poll: it is marked sleeping
+            # before the outbox is looked at, so a reply appended after that look finds the mark and wakes it.
+            self._sleeping = True
+            ready = dict(poller.poll(0 if self._outbox or self._publish.is_set() else 100))
+            self._sleeping = False
             if self._wake_read in ready:
-                self._woken = False  # before the outbox is drained: a reply added after this wakes us again
                 os.read(self._wake_read, 65536)
+                self._woken = False  # after the read, before the outbox is drained: a later reply wakes us again
             if self._socket in ready:
                 self._receive()
             if self._publish.is_set():
@@ -117,7 +122,7 @@ class EngineEndpoint:
 
     def _finished(self, key: Key, future: Future[Any]) -> None:  # on an engine's thread
         self._outbox.append((key, future))
-        if not self._woken:  # one wake-up per batch of replies: a step often finishes many requests
+        if self._sleeping and not self._woken:  # a busy socket thread drains the outbox before it sleeps again
             self._wake()
 
     def _wake(self) -> None:
