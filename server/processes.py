@@ -43,9 +43,14 @@ ENGINE, FRONTEND = "engine", "frontend"
 PARENT_CHECK_SECONDS = 0.5
 
 
+def available_cores() -> int:
+    """The cores this process may run on (a cpuset's, where one applies), not all the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+
+
 def frontend_count(settings: Settings) -> int:
     """``ATTN_FRONTENDS``, or one per two cores (at least one) when it is -1."""
-    return settings.frontends if settings.frontends >= 0 else max(1, (os.cpu_count() or 2) // 2)
+    return settings.frontends if settings.frontends >= 0 else max(1, available_cores() // 2)
 
 
 # -- the children ----------------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ def test_front_ends_from_the_setting_or_the_core_count(monkeypatch: pytest.Monke
     base = Settings()
     assert frontend_count(replace(base, frontends=0)) == 0
     assert frontend_count(replace(base, frontends=3)) == 3
-    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.setattr("server.processes.available_cores", lambda: 16)
     assert frontend_count(base) == 8
-    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    monkeypatch.setattr("server.processes.available_cores", lambda: 1)
     assert frontend_count(base) == 1
