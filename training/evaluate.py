@@ -436,7 +436,8 @@ def evaluate_domains(
         scores = set_scores(name, sources, hypotheses, references, is_sentence)
         scores.pop("placeholders", None)  # measured below, on messages that have placeholders
         result["sets"][name] = {"pairs": len(set_pairs), "sources": len(group_references(set_pairs)[0]), **scores}
-        for values, more in zip(union, (sources, hypotheses, references, is_sentence)):
+        parts: tuple[Sequence[Any], ...] = (sources, hypotheses, references, is_sentence)
+        for values, more in zip(union, parts):
             values.extend(more)
     # The union of the samples, in the layout of `attn-train evaluate` (what the exporter's model card reads).
     result.update({"pairs": len(union[0]), **score_subsets(*union)})
