@@ -92,7 +92,7 @@ models: setup
 	@# data). Budget: 10,000 steps of batches of 1,500 tokens (12.1M target tokens, 1.6 epochs) on ONE CPU core, about
 	@# 85 minutes at 2,500 target tokens/s (trained with --max-minutes 100 of which 15 were paused; steps, not minutes,
 	@# so that a loaded machine trains as far), plus 3 minutes to load the corpus and train the tokenizer; then
-	@# the per-domain evaluation on seeded samples of 2,000 sources per held-out set (about 5 minutes) and the export.
+	@# the per-domain evaluation on seeded samples of 2,000 sources per held-out set (about 3 minutes) and the export.
 	$(MAKE) data
 	rm -rf runs/de-en-mixed
 	$(VENV)/bin/attn-train translation --data mixed --out runs/de-en-mixed --max-steps 10000 --threads 1 \

@@ -446,7 +446,8 @@ def evaluate_domains(
         sources, references, _ = group_references(gettext)
         with_places = [(s, r) for s, r in zip(sources, references) if required_placeholders(s, r)]
         rng = random.Random(seed)
-        picked = [with_places[i] for i in sorted(rng.sample(range(len(with_places)), min(sample, len(with_places))))]
+        size = len(with_places) if sample <= 0 else min(sample, len(with_places))  # 0 = all, as for the sets
+        picked = [with_places[i] for i in sorted(rng.sample(range(len(with_places)), size))]
         hypotheses = translate(model, sp, [s for s, _ in picked])
         result["placeholders"] = {
             "messages_with_placeholders": len(with_places), "of_messages": len(sources),
