@@ -137,8 +137,7 @@ class AttentionServicer(pb_grpc.AttentionServiceServicer):
         call.fields = {"texts": len(job.sources), "beam_size": job.options.beam_size}
 
         async with self.admitted():
-            found = await self.models.decode(model, [s.ids for s in job.sources], job.options,
-                                             context.time_remaining())
+            found = await self.decode_translation(model, job, context.time_remaining())
             results, response = await self.offload(self._translated, model, job, found)  # one hop off the loop
         source_tokens = sum(len(r.source.tokens) for r in results)
         target_tokens = sum(len(h.tokens) for r in results for h in r.hypotheses)
@@ -191,8 +190,13 @@ class AttentionServicer(pb_grpc.AttentionServiceServicer):
                             timeout: float | None) -> list[Result]:
         """Decodes a validated job on the model's engine; raises the domain errors of :mod:`server.errors`
         (deadline, cancelled, overloaded). Cancelling the caller takes the job out of the batch."""
-        found = await self.models.decode(model, [s.ids for s in job.sources], job.options, timeout)
+        found = await self.decode_translation(model, job, timeout)
         return await self.offload(model.finish, job.sources, found, job.options)
+
+    async def decode_translation(self, model: TranslationModel, job: codec.TranslateJob,
+                                 timeout: float | None) -> list[list[Hypothesis]]:
+        """The job's token ids through the model's engine (here or in the engine process)."""
+        return await self.models.decode(model, [s.ids for s in job.sources], job.options, timeout)
 
     @staticmethod
     def _translated(model: TranslationModel, job: codec.TranslateJob,
