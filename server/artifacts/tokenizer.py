@@ -6,16 +6,16 @@ offsets; the API speaks in Python string (code point) offsets, so both direction
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import sentencepiece as spm
 
 
-@dataclass(frozen=True)
-class Token:
-    """One subword: its vocabulary id, its piece (``▁`` marks a word start) and its span ``text[start:end]``."""
+class Token(NamedTuple):
+    """One subword: its vocabulary id, its piece (``▁`` marks a word start) and its span ``text[start:end]``. A
+    named tuple: responses build one per token, and a tuple is built several times faster than a dataclass."""
 
     id: int
     piece: str
@@ -23,17 +23,22 @@ class Token:
     end: int
 
 
-def _char_offsets(text: str) -> list[int]:
-    """Map every UTF-8 byte offset of ``text`` (and its end) to a code point offset."""
-    table = []
-    for index, char in enumerate(text):
-        table.extend([index] * len(char.encode("utf-8")))
+def _char_offsets(text: str) -> list[int] | None:
+    """Map every UTF-8 byte offset of ``text`` (and its end) to a code point offset; None for ASCII, where the
+    two are equal."""
+    if text.isascii():
+        return None
+    data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    starts = (data & 0xC0) != 0x80  # a byte that is not a continuation byte starts a character
+    table: list[int] = (np.cumsum(starts) - 1).tolist()
     table.append(len(text))
     return table
 
 
 def _tokens(proto: Any, text: str) -> list[Token]:
     table = _char_offsets(text)
+    if table is None:
+        return [Token(p.id, p.piece, p.begin, p.end) for p in proto.pieces]
     return [Token(p.id, p.piece, table[p.begin], table[p.end]) for p in proto.pieces]
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from attention_pb.v1 import attention_pb2 as pb
+from server import service
 from server.errors import StartupError
 from server.translation import TranslationModel
 from tests.integration.serving import RunningServer, check_hypothesis, check_spans, matrix, settings
@@ -57,6 +58,14 @@ def test_each_text_translates_as_it_would_alone(running: RunningServer) -> None:
     for text, translation in zip(TEXTS[:4], batch.translations):
         [alone] = translate(running, [text], beam_size=2).translations
         assert [h.text for h in alone.hypotheses] == [h.text for h in translation.hypotheses]
+
+
+def test_answers_on_the_loop_equal_those_from_the_worker_pool(running: RunningServer,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    texts = TEXTS[2:4]  # non-ASCII: the byte-to-character spans
+    on_loop = translate(running, texts, beam_size=2, nbest=2)
+    monkeypatch.setattr(service, "INLINE_CHARS", -1)  # every call through the pool
+    assert translate(running, texts, beam_size=2, nbest=2) == on_loop
 
 
 def test_beam_four_with_three_hypotheses(running: RunningServer) -> None:
