@@ -1,8 +1,9 @@
-"""The captioning training loop: image batches, Adam, the doubly stochastic regulariser, validation, checkpoints.
+"""Captioning training: images with captions, the caption vocabulary, image batches, the cross-entropy plus the
+doubly stochastic regulariser, and validation (:class:`CaptionRecipe`).
 
-Progress bar, budgets (``--max-minutes`` and the others), ``--resume``, ``--device`` and ``torchrun`` behave as in
-translation (:mod:`training.loop` holds what the two loops share): every process builds the same shuffled batches
-and takes every N-th one; DistributedDataParallel averages the gradients.
+The run around them is :mod:`training.recipe`'s, the same as translation's: progress bar, budgets
+(``--max-minutes`` and the others), ``--resume``, ``--device`` and ``torchrun`` behave alike; every process builds
+the same shuffled batches and takes every N-th one; DistributedDataParallel averages the gradients.
 """
 
 from __future__ import annotations
@@ -17,26 +18,15 @@ from typing import Any
 
 import sentencepiece as spm
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from training import checkpoint
 from training.batching import pad
 from training.caption_eval import MAX_CAPTION_TOKENS, bleu, caption_images, teacher_forced_correctness
 from training.config import DEVICES, check, option
 from training.data.captions import CaptionSet, data_hash, load_caption_data
-from training.loop import (
-    Progress,
-    Step,
-    device_for,
-    distributed,
-    hardware,
-    restore,
-    resumed_config,
-    save_checkpoints,
-    train_epochs,
-)
+from training.loop import Step
 from training.models.caption import ShowAttendTell, ShowAttendTellConfig, doubly_stochastic_penalty, normalise
+from training.recipe import Recipe, run
 from training.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 log = logging.getLogger("attn.caption")
@@ -124,19 +114,6 @@ def train_caption_tokenizer(captions: list[str], vocab_size: int, kind: str) -> 
     return model.getvalue()
 
 
-def _tokenizer(cfg: CaptionTrainConfig, train: CaptionSet, rank: int, world: int, resume: dict | None) -> bytes:
-    if resume is not None:
-        return bytes(resume["tokenizer"])
-    path = Path(cfg.out) / "spm.model"
-    if rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(train_caption_tokenizer([c for refs in train.captions for c in refs], cfg.vocab_size,
-                                                 cfg.tokenizer))
-    if world > 1:
-        dist.barrier()
-    return path.read_bytes()
-
-
 def _examples(data: CaptionSet, sp: spm.SentencePieceProcessor) -> list[tuple[int, list[int]]]:
     """(image index, BOS ids EOS) for every reference caption that fits the decoding budget."""
     out = []
@@ -190,106 +167,72 @@ def _validate(
     return metrics
 
 
+class CaptionRecipe(Recipe):
+    """Images with reference captions, a caption vocabulary, image batches and the cross-entropy plus the doubly
+    stochastic regulariser; validation by loss, BLEU-4 and (scenes) attention correctness."""
+
+    kind = "captioning"
+    items = "img"
+
+    @property
+    def best_by(self) -> str:
+        return str(self.cfg.best_by)
+
+    def load_data(self) -> dict[str, Any]:
+        started = time.monotonic()
+        cfg = self.cfg
+        sizes = {"train": cfg.train_images, "valid": cfg.valid_images, "test": cfg.test_images}
+        self.splits = load_caption_data(cfg.data, cfg.image_size, sizes, cfg.scene_seed)
+        self.load_seconds = time.monotonic() - started
+        return {"corpus": cfg.data, "hash": data_hash(self.splits),
+                "sizes": {name: len(v) for name, v in self.splits.items()}, "image_size": cfg.image_size,
+                "scene_seed": cfg.scene_seed}
+
+    def train_tokenizer(self) -> bytes:
+        captions = [c for refs in self.splits["train"].captions for c in refs]
+        return train_caption_tokenizer(captions, self.cfg.vocab_size, self.cfg.tokenizer)
+
+    def prepare(self, sp: spm.SentencePieceProcessor) -> int:
+        self.train_examples = _examples(self.splits["train"], sp)
+        self.valid_examples = _examples(self.splits["valid"], sp)
+        if not self.train_examples:
+            raise ValueError(f"no training captions in {self.cfg.data!r}")
+        return len(self.train_examples)
+
+    def build_model(self, vocab_size: int) -> tuple[nn.Module, dict[str, Any]]:
+        cfg = self.cfg
+        self.model_cfg = ShowAttendTellConfig(
+            vocab_size=vocab_size, image_size=cfg.image_size, backbone=cfg.backbone, width=cfg.width,
+            stages=cfg.stages, extra_blocks=cfg.extra_blocks, feature_dim=cfg.feature_dim, emb_dim=cfg.emb_dim,
+            hidden_dim=cfg.hidden_dim, attn_dim=cfg.attn_dim, dropout=cfg.dropout,
+            context_dropout=cfg.context_dropout, lstm_reads_context=cfg.lstm_reads_context, pad_id=PAD_ID,
+            bos_id=BOS_ID, eos_id=EOS_ID, init_state=cfg.init_state,
+        )
+        return ShowAttendTell(self.model_cfg), asdict(self.model_cfg)
+
+    def loss(self, model: nn.Module, batch: list[int], device: torch.device) -> tuple[torch.Tensor, Step]:
+        examples = [self.train_examples[i] for i in batch]
+        ce, reg, tokens = _loss(model, self.cfg, self.splits["train"], examples, device, self.model_cfg.mean,
+                                self.model_cfg.std)
+        return ce + reg, Step(tokens, len(examples), {"loss": ce.detach(), "reg": reg.detach()})
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        return _batches(len(self.train_examples), self.cfg.batch_size, self.cfg.seed, epoch)
+
+    def validate(self, model: nn.Module, sp: spm.SentencePieceProcessor, device: torch.device) -> dict[str, Any]:
+        if not self.valid_examples:
+            return {}
+        assert isinstance(model, ShowAttendTell)
+        return _validate(model, sp, self.splits["valid"], self.valid_examples, self.cfg, device)
+
+    def describe(self, model: nn.Module, device: torch.device, world: int) -> str:
+        assert isinstance(model, ShowAttendTell)
+        return (f"training on {device} ×{world}: {len(self.train_examples)} train captions "
+                f"({len(self.splits['train'])} images, loaded in {self.load_seconds:.0f} s), "
+                f"{len(self.valid_examples)} valid, vocab {self.model_cfg.vocab_size}, grid {model.grid()}, "
+                f"{sum(p.numel() for p in model.parameters())} parameters")
+
+
 def train(cfg: CaptionTrainConfig, resume_path: Path | None = None) -> Path:
     """Train and return the path of the best checkpoint."""
-    rank, world = distributed()
-    device = device_for(cfg.device, rank)
-    resume = checkpoint.load(resume_path, kind="captioning") if resume_path else None
-    if resume is not None:
-        cfg = resumed_config(CaptionTrainConfig, cfg, resume["train_config"])
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    out = Path(cfg.out)
-
-    started_loading = time.monotonic()
-    sizes = {"train": cfg.train_images, "valid": cfg.valid_images, "test": cfg.test_images}
-    splits = load_caption_data(cfg.data, cfg.image_size, sizes, cfg.scene_seed)
-    sp_bytes = _tokenizer(cfg, splits["train"], rank, world, resume)
-    sp = spm.SentencePieceProcessor(model_proto=sp_bytes)
-    train_examples = _examples(splits["train"], sp)
-    valid_examples = _examples(splits["valid"], sp)
-    if not train_examples:
-        raise ValueError(f"no training captions in {cfg.data!r}")
-
-    model_cfg = ShowAttendTellConfig(
-        vocab_size=sp.get_piece_size(), image_size=cfg.image_size, backbone=cfg.backbone, width=cfg.width,
-        stages=cfg.stages, extra_blocks=cfg.extra_blocks, feature_dim=cfg.feature_dim, emb_dim=cfg.emb_dim,
-        hidden_dim=cfg.hidden_dim, attn_dim=cfg.attn_dim, dropout=cfg.dropout,
-        context_dropout=cfg.context_dropout, lstm_reads_context=cfg.lstm_reads_context, pad_id=PAD_ID, bos_id=BOS_ID,
-        eos_id=EOS_ID, init_state=cfg.init_state,
-    )
-    model = ShowAttendTell(model_cfg).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    progress = Progress()
-    best: dict[str, Any] = {}
-    history: list[dict[str, Any]] = []
-    if resume is not None:
-        progress, best, history = restore(resume, model, optimizer)
-    ddp: nn.Module = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    use_amp = cfg.amp and device.type == "cuda"
-    data_info = {
-        "corpus": cfg.data,
-        "hash": data_hash(splits),
-        "sizes": {name: len(v) for name, v in splits.items()},
-        "train_examples": len(train_examples),
-        "image_size": cfg.image_size,
-        "scene_seed": cfg.scene_seed,
-    }
-
-    def payload() -> dict[str, Any]:
-        return {
-            "kind": "captioning",
-            "model_config": asdict(model_cfg),
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "tokenizer": sp_bytes,
-            "train_config": asdict(cfg),
-            "data": data_info,
-            "progress": asdict(progress),
-            "best": best,
-            "history": history,
-            "hardware": hardware(device, world),
-        }
-
-    if rank == 0:
-        log.info(
-            "training on %s ×%d: %d train captions (%d images, loaded in %.0f s), %d valid, vocab %d, grid %s, "
-            "%d parameters", device, world, len(train_examples), len(splits["train"]),
-            time.monotonic() - started_loading, len(valid_examples), model_cfg.vocab_size, model.grid(),
-            sum(p.numel() for p in model.parameters()),
-        )
-    model.train()
-    train_set = splits["train"]
-
-    def step(batch: list[int]) -> Step:
-        examples = [train_examples[i] for i in batch]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            ce, reg, tokens = _loss(ddp, cfg, train_set, examples, device, model_cfg.mean, model_cfg.std)
-            loss = ce + reg
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-        optimizer.step()
-        return Step(tokens, len(examples), {"loss": ce.detach(), "reg": reg.detach()})
-
-    def checkpoint_now() -> None:
-        _checkpoint(rank, world, cfg, model, sp, splits["valid"], valid_examples, device, progress, best, history,
-                    payload, out)
-
-    def batches(epoch: int) -> list[list[int]]:
-        return _batches(len(train_examples), cfg.batch_size, cfg.seed, epoch)
-
-    train_epochs(cfg, progress, rank, world, batches, step, checkpoint_now, items="img")
-    return out / "best.pt"
-
-
-def _checkpoint(
-    rank: int, world: int, cfg: CaptionTrainConfig, model: ShowAttendTell, sp: spm.SentencePieceProcessor,
-    valid: CaptionSet, valid_examples: list[tuple[int, list[int]]], device: torch.device, progress: Progress,
-    best: dict[str, Any], history: list[dict[str, Any]], payload: Any, out: Path,
-) -> None:
-    def validate() -> dict[str, Any]:
-        return _validate(model, sp, valid, valid_examples, cfg, device) if valid_examples else {}
-
-    save_checkpoints(rank, world, validate, progress, best, history, payload, out, cfg.best_by)
+    return run(CaptionRecipe(cfg), resume_path)

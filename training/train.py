@@ -1,4 +1,6 @@
-"""The translation training loop: token batches, Adam, periodic validation, best/last checkpoints, resume, DDP.
+"""Translation training: the parallel corpus, its joint vocabulary, token-count batches, the cross-entropy of the
+target tokens and validation by loss and BLEU (:class:`TranslationRecipe`); the run around them (Adam, budgets,
+checkpoints, resume, DDP) is :mod:`training.recipe`'s, the same as captioning's.
 
 Run under ``torchrun --nproc-per-node N`` for several processes (gloo on CPU, NCCL on CUDA): every process builds
 the same batches and takes every N-th one; gradients are averaged by DistributedDataParallel.
@@ -14,7 +16,6 @@ from typing import Any
 
 import sentencepiece as spm
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from training import checkpoint
@@ -23,19 +24,10 @@ from training.checkpoint import TranslationModel
 from training.config import DEVICES, check, option
 from training.data.corpus import Pair, data_hash, load_corpus, split
 from training.evaluate import group_references, score, translate
-from training.loop import (
-    Progress,
-    Step,
-    device_for,
-    distributed,
-    hardware,
-    restore,
-    resumed_config,
-    save_checkpoints,
-    train_epochs,
-)
+from training.loop import Step
 from training.models.rnn import ATTENTIONS, Seq2SeqConfig
 from training.models.transformer import TransformerConfig
+from training.recipe import Recipe, run
 from training.tokenizer import BOS_ID, EOS_ID, PAD_ID, train_tokenizer
 
 log = logging.getLogger("attn.train")
@@ -100,19 +92,6 @@ class TrainConfig:
             raise ValueError(f"--arch rnn has no {self.attention!r} attention (choose from {', '.join(ATTENTIONS)})")
 
 
-def _tokenizer(cfg: TrainConfig, train_pairs: list[Pair], rank: int, world: int, resume: dict | None) -> bytes:
-    """Trained on rank 0 and shared through a file, so every process has byte-identical vocabularies."""
-    if resume is not None:
-        return bytes(resume["tokenizer"])
-    path = Path(cfg.out) / "spm.model"
-    if rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(train_tokenizer(train_pairs, cfg.vocab_size, cfg.seed))
-    if world > 1:
-        dist.barrier()
-    return path.read_bytes()
-
-
 def _examples(pairs: list[Pair], sp: spm.SentencePieceProcessor, max_len: int) -> list[Example]:
     examples = []
     for p in pairs:
@@ -175,108 +154,65 @@ def _validate(
     return {"valid_loss": round(loss, 4), "valid_bleu": bleu["bleu"], "valid_chrf": bleu["chrf"]}
 
 
+class TranslationRecipe(Recipe):
+    """A parallel corpus, a joint SentencePiece vocabulary, token-count batches and the cross-entropy of the
+    target tokens; validation by loss and by BLEU/chrF on a fixed sample."""
+
+    kind = "translation"
+
+    def configure(self) -> None:
+        if self.cfg.arch == "transformer" and self.cfg.attention == "bahdanau":
+            self.cfg = replace(self.cfg, attention="multihead")  # what the run is, in its saved config
+        model_config(self.cfg, self.cfg.vocab_size)  # an unknown --arch or --attention fails now, not after the data
+
+    def checkpoint_fields(self) -> dict[str, Any]:
+        return {"arch": self.cfg.arch}
+
+    def learning_rate(self, step: int) -> float:
+        warmup = self.cfg.warmup_steps
+        return self.cfg.lr * min(1.0, (step + 1) / warmup) if warmup else self.cfg.lr
+
+    def load_data(self) -> dict[str, Any]:
+        pairs = load_corpus(self.cfg.data)
+        self.splits = split(pairs)
+        return {"corpus": self.cfg.data, "hash": data_hash(pairs),
+                "sizes": {name: len(v) for name, v in self.splits.items()},
+                "sentences": {name: sum(p.sentence for p in v) for name, v in self.splits.items()}}
+
+    def train_tokenizer(self) -> bytes:
+        return train_tokenizer(self.splits["train"], self.cfg.vocab_size, self.cfg.seed)
+
+    def prepare(self, sp: spm.SentencePieceProcessor) -> int:
+        self.train_examples = _examples(self.splits["train"], sp, self.cfg.max_source_tokens)
+        self.valid_examples = _examples(self.splits["valid"], sp, self.cfg.max_source_tokens)
+        if not self.train_examples:
+            raise ValueError(f"no training pairs left from {self.cfg.data!r}")
+        return len(self.train_examples)
+
+    def build_model(self, vocab_size: int) -> tuple[nn.Module, dict[str, Any]]:
+        config = asdict(model_config(self.cfg, vocab_size))
+        return checkpoint.new_model(self.cfg.arch, config), config
+
+    def loss(self, model: nn.Module, batch: list[int], device: torch.device) -> tuple[torch.Tensor, Step]:
+        src, lengths, tgt = (t.to(device) for t in collate([self.train_examples[i] for i in batch], PAD_ID))
+        logits, _ = model(src, lengths, tgt[:, :-1])
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), tgt[:, 1:].flatten(), ignore_index=PAD_ID)
+        return loss, Step(int((tgt[:, 1:] != PAD_ID).sum()), len(batch), {"loss": loss.detach()})
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        return make_batches(self.train_examples, self.cfg.max_tokens, self.cfg.seed, epoch)
+
+    def validate(self, model: nn.Module, sp: spm.SentencePieceProcessor, device: torch.device) -> dict[str, Any]:
+        if not self.valid_examples:
+            return {}
+        return _validate(model, sp, self.splits["valid"], self.valid_examples, self.cfg, device)
+
+    def describe(self, model: nn.Module, device: torch.device, world: int) -> str:
+        return (f"training on {device} ×{world}: {len(self.train_examples)} train examples, "
+                f"{len(self.valid_examples)} valid, vocab {model.cfg.vocab_size}, "
+                f"{sum(p.numel() for p in model.parameters())} parameters")
+
+
 def train(cfg: TrainConfig, resume_path: Path | None = None) -> Path:
     """Train and return the path of the best checkpoint."""
-    rank, world = distributed()
-    device = device_for(cfg.device, rank)
-    resume = checkpoint.load(resume_path) if resume_path else None
-    if resume is not None:
-        cfg = resumed_config(TrainConfig, cfg, resume["train_config"])
-    if cfg.arch == "transformer" and cfg.attention == "bahdanau":
-        cfg = replace(cfg, attention="multihead")  # what the run is, in its saved config
-    model_config(cfg, cfg.vocab_size)  # an unknown --arch or --attention fails now, not after the tokenizer
-    torch.manual_seed(cfg.seed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out)
-
-    pairs = load_corpus(cfg.data)
-    splits = split(pairs)
-    sp_bytes = _tokenizer(cfg, splits["train"], rank, world, resume)
-    sp = spm.SentencePieceProcessor(model_proto=sp_bytes)
-    train_examples = _examples(splits["train"], sp, cfg.max_source_tokens)
-    valid_examples = _examples(splits["valid"], sp, cfg.max_source_tokens)
-    if not train_examples:
-        raise ValueError(f"no training pairs left from {cfg.data!r}")
-
-    model_cfg = model_config(cfg, sp.get_piece_size())
-    model = checkpoint.new_model(cfg.arch, asdict(model_cfg)).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    progress = Progress()
-    best = {"valid_loss": float("inf")}
-    history: list[dict[str, Any]] = []
-    if resume is not None:
-        progress, best, history = restore(resume, model, optimizer)
-    ddp: nn.Module = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    use_amp = cfg.amp and device.type == "cuda"
-
-    data_info = {
-        "corpus": cfg.data,
-        "hash": data_hash(pairs),
-        "sizes": {name: len(v) for name, v in splits.items()},
-        "sentences": {name: sum(p.sentence for p in v) for name, v in splits.items()},
-        "train_examples": len(train_examples),
-    }
-
-    def payload() -> dict[str, Any]:
-        return {
-            "kind": "translation",
-            "arch": cfg.arch,
-            "model_config": asdict(model_cfg),
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "tokenizer": sp_bytes,
-            "train_config": asdict(cfg),
-            "data": data_info,
-            "progress": asdict(progress),
-            "best": best,
-            "history": history,
-            "hardware": hardware(device, world),
-        }
-
-    if rank == 0:
-        log.info(
-            "training on %s ×%d: %d train examples, %d valid, vocab %d, %d parameters",
-            device, world, len(train_examples), len(valid_examples), model_cfg.vocab_size,
-            sum(p.numel() for p in model.parameters()),
-        )
-    model.train()
-
-    def step(batch: list[int]) -> Step:
-        src, lengths, tgt = (t.to(device) for t in collate([train_examples[i] for i in batch], PAD_ID))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            logits, _ = ddp(src, lengths, tgt[:, :-1])
-            loss = nn.functional.cross_entropy(
-                logits.flatten(0, 1).float(), tgt[:, 1:].flatten(), ignore_index=PAD_ID
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.warmup_steps:
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * min(1.0, (progress.step + 1) / cfg.warmup_steps)
-        nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-        optimizer.step()
-        return Step(int((tgt[:, 1:] != PAD_ID).sum()), len(batch), {"loss": loss.detach()})
-
-    def checkpoint_now() -> None:
-        _checkpoint(rank, world, cfg, model, sp, splits["valid"], valid_examples, device, progress, best, history,
-                    payload, out)
-
-    def batches(epoch: int) -> list[list[int]]:
-        return make_batches(train_examples, cfg.max_tokens, cfg.seed, epoch)
-
-    train_epochs(cfg, progress, rank, world, batches, step, checkpoint_now, items="sent")
-    return out / "best.pt"
-
-
-def _checkpoint(
-    rank: int, world: int, cfg: TrainConfig, model: TranslationModel, sp: spm.SentencePieceProcessor, valid: list[Pair],
-    valid_examples: list[Example], device: torch.device, progress: Progress, best: dict[str, Any],
-    history: list[dict[str, Any]], payload: Any, out: Path,
-) -> None:
-    """Validate and write last.pt (and best.pt on a new best valid loss) on rank 0; others wait."""
-
-    def validate() -> dict[str, float]:
-        return _validate(model, sp, valid, valid_examples, cfg, device) if valid_examples else {}
-
-    save_checkpoints(rank, world, validate, progress, best, history, payload, out)
+    return run(TranslationRecipe(cfg), resume_path)

@@ -1,0 +1,170 @@
+"""One training run, start to end, the same for every model family; a family fills in a :class:`Recipe`.
+
+:func:`run` does what every run does: processes and device, resume, seed and threads, the tokenizer trained once and
+shared through the run folder, Adam with gradient clipping, DistributedDataParallel, bf16 autocast on CUDA, the
+checkpoint payload, and validation with best/last checkpoints through :func:`training.loop.train_epochs`. It asks
+the recipe only for what differs between families: the data and its tokenizer, the model, the loss of a batch, the
+batches of an epoch and the validation metrics. (CTranslate2's ``Converter`` is the model: one flow, families
+implement its hooks.)
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import sentencepiece as spm
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from training import checkpoint
+from training.loop import (
+    Progress,
+    Step,
+    device_for,
+    distributed,
+    hardware,
+    restore,
+    resumed_config,
+    save_checkpoints,
+    train_epochs,
+)
+
+log = logging.getLogger("attn.train")
+
+
+class Recipe(ABC):
+    """What one model family trains and how; the run around it is :func:`run`'s."""
+
+    kind: str  # the checkpoint's kind (training.checkpoint.KINDS)
+    items = "sent"  # what Step.items counts, as the progress bar names it
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg  # a config dataclass with the fields training.loop's budgets need, lr, clip, seed, out, ...
+
+    @property
+    def best_by(self) -> str:
+        """The validation metric that picks best.pt (the lowest loss, the highest anything else)."""
+        return "valid_loss"
+
+    def configure(self) -> None:  # noqa: B027 - an optional hook: most families take their config as it is
+        """Settle and check the config (after a resume has replaced it), before any data is read."""
+
+    def checkpoint_fields(self) -> dict[str, Any]:
+        """Fields of the checkpoint beside the common ones (e.g. the architecture)."""
+        return {}
+
+    def learning_rate(self, step: int) -> float:
+        """Adam's learning rate for optimiser step ``step`` (0-based)."""
+        return float(self.cfg.lr)
+
+    @abstractmethod
+    def load_data(self) -> dict[str, Any]:
+        """Read the splits; return the checkpoint's ``data`` section (corpus, hash, sizes)."""
+
+    @abstractmethod
+    def train_tokenizer(self) -> bytes:
+        """A SentencePiece model trained on the training split (run on rank 0 only)."""
+
+    @abstractmethod
+    def prepare(self, sp: spm.SentencePieceProcessor) -> int:
+        """Encode the training and validation examples with the run's tokenizer; return how many training examples
+        there are (fail if none are left)."""
+
+    @abstractmethod
+    def build_model(self, vocab_size: int) -> tuple[nn.Module, dict[str, Any]]:
+        """An untrained model and its config as the checkpoint stores it."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: list[int], device: torch.device) -> tuple[torch.Tensor, Step]:
+        """The loss to minimise on the training examples ``batch`` (run under autocast), and what the step did."""
+
+    @abstractmethod
+    def batches(self, epoch: int) -> list[list[int]]:
+        """The training examples of every batch of ``epoch``, the same on every process."""
+
+    @abstractmethod
+    def validate(self, model: nn.Module, sp: spm.SentencePieceProcessor, device: torch.device) -> dict[str, Any]:
+        """Validation metrics of ``model`` (in train mode again when it returns); {} when there is nothing to
+        validate on."""
+
+    @abstractmethod
+    def describe(self, model: nn.Module, device: torch.device, world: int) -> str:
+        """The log line that opens a run."""
+
+
+def shared_tokenizer(recipe: Recipe, rank: int, world: int, resume: dict[str, Any] | None) -> bytes:
+    """Trained on rank 0 and shared through the run folder, so every process has byte-identical vocabularies; a
+    resumed run keeps its own."""
+    if resume is not None:
+        return bytes(resume["tokenizer"])
+    path = Path(recipe.cfg.out) / "spm.model"
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(recipe.train_tokenizer())
+    if world > 1:
+        dist.barrier()
+    return path.read_bytes()
+
+
+def run(recipe: Recipe, resume_path: Path | None = None) -> Path:
+    """Train until a budget runs out and return the path of the best checkpoint."""
+    rank, world = distributed()
+    device = device_for(recipe.cfg.device, rank)
+    resume = checkpoint.load(resume_path, kind=recipe.kind) if resume_path else None
+    if resume is not None:
+        recipe.cfg = resumed_config(type(recipe.cfg), recipe.cfg, resume["train_config"])
+    recipe.configure()
+    cfg = recipe.cfg
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+
+    data_info = recipe.load_data()
+    sp_bytes = shared_tokenizer(recipe, rank, world, resume)
+    sp = spm.SentencePieceProcessor(model_proto=sp_bytes)
+    data_info["train_examples"] = recipe.prepare(sp)
+
+    model, model_config = recipe.build_model(sp.get_piece_size())
+    model = model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    progress, best, history = Progress(), dict[str, Any](), list[dict[str, Any]]()
+    if resume is not None:
+        progress, best, history = restore(resume, model, optimizer)
+    ddp: nn.Module = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    use_amp = cfg.amp and device.type == "cuda"
+
+    def payload() -> dict[str, Any]:
+        return {
+            "kind": recipe.kind, **recipe.checkpoint_fields(), "model_config": model_config,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "tokenizer": sp_bytes,
+            "train_config": asdict(cfg), "data": data_info, "progress": asdict(progress), "best": best,
+            "history": history, "hardware": hardware(device, world),
+        }
+
+    if rank == 0:
+        log.info("%s", recipe.describe(model, device, world))
+    model.train()
+
+    def step(batch: list[int]) -> Step:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            loss, done = recipe.loss(ddp, batch, device)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for group in optimizer.param_groups:
+            group["lr"] = recipe.learning_rate(progress.step)
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        optimizer.step()
+        return done
+
+    def checkpoint_now() -> None:
+        save_checkpoints(rank, world, lambda: recipe.validate(model, sp, device), progress, best, history, payload,
+                         out, recipe.best_by)
+
+    train_epochs(cfg, progress, rank, world, recipe.batches, step, checkpoint_now, items=recipe.items)
+    return out / "best.pt"
