@@ -1,27 +1,22 @@
 """Captioning checkpoint → ``models/<name>/<version>/``: image_encoder.onnx, decoder_step.onnx, the word vocabulary,
 manifest.json (with the ``image`` section: input size, normalisation, grid) and the model card.
 
-As for translation, everything is written to a staging directory and moved into place only when the graphs pass
-``onnx.checker`` and the parity check: greedy captions identical to PyTorch on held-out images, attention within
-the same tolerance.
+The flow is the one of exporter/template.py, as for translation: the graphs are moved into place only when they pass
+``onnx.checker`` and the parity check, here greedy captions identical to PyTorch on held-out images with attention
+within the same tolerance. There are no int8 or fp16 variants of a captioner.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import onnxruntime as ort
-import sentencepiece as spm
 import torch
 
 from exporter.caption_graphs import (
@@ -32,8 +27,9 @@ from exporter.caption_graphs import (
     encoder_outputs,
     export_graphs,
 )
-from exporter.export import EXPORTER_VERSION, ExportOptions, ParityError, staged, training_section
 from exporter.parity import ParityReport, greedy_loop
+from exporter.template import EXPORTER_VERSION, ExportOptions, ModelExporter, training_section
+from exporter.template import ParityError as ParityError  # callers catch it from here
 from server.artifacts import DecoderBinding, GraphSpec, Manifest
 from server.artifacts.attention_maps import overlay, peak_box
 from training import checkpoint
@@ -41,8 +37,6 @@ from training.caption_eval import MAX_CAPTION_TOKENS
 from training.caption_train import CaptionTrainConfig
 from training.data.captions import CaptionSet, load_caption_data
 from training.models.caption import ShowAttendTell, normalise
-
-log = logging.getLogger("attn.export")
 
 
 @dataclass
@@ -123,101 +117,100 @@ def training_command(train_config: dict[str, Any]) -> str:
     return " ".join(["attn-train caption", *flags])
 
 
-def _manifest(model: ShowAttendTell, payload: dict[str, Any], options: ExportOptions, parity: ParityReport) -> Manifest:
-    cfg = model.cfg
-    rows, cols = model.grid()
-    return Manifest(
-        name=options.name,
-        version=options.version,
-        family="captioning",
-        architecture="show-attend-tell",
-        attention={"type": "soft", "uniform": False, "query": "previous LSTM state", "gate": "beta",
-                   "over": "image grid"},
-        languages={"source": "image", "target": options.target_language},
-        tokenizer={"type": "sentencepiece", "file": "spm.model"},
-        special_ids={"pad": cfg.pad_id, "unk": 1, "bos": cfg.bos_id, "eos": cfg.eos_id},
-        vocab_size=cfg.vocab_size,
-        encoder=GraphSpec("image_encoder.onnx", encoder_inputs(model), encoder_outputs(model)),
-        decoder_step=GraphSpec("decoder_step.onnx", decoder_inputs(model), decoder_outputs(model)),
-        decoder=DecoderBinding(
-            token_input="prev_token", mask_input="", static_inputs=["features", "keys"], state=dict(STATE),
-            log_probs_output="log_probs", attention_output="attention",
-        ),
-        limits={"max_source_tokens": rows * cols, "max_target_tokens": MAX_CAPTION_TOKENS},
-        image={
-            "input": "image", "size": [cfg.image_size, cfg.image_size], "channels": 3, "layout": "NCHW",
-            "color": "RGB", "scale": 1 / 255, "mean": list(cfg.mean), "std": list(cfg.std), "resize": "stretch",
-            "resample": "bilinear", "grid": [rows, cols],
-        },
-        training={**training_section(payload), "command": training_command(payload["train_config"])},
-        parity=parity.as_dict(),
-        exporter_version=EXPORTER_VERSION,
-    )
+class CaptionExporter(ModelExporter[ShowAttendTell]):
+    kind = "captioning"
+    encoder_file = "image_encoder.onnx"
+
+    # Kept by the parity check for the card's examples.
+    held_out: CaptionSet
+    images: np.ndarray
+    onnx_model: OnnxCaptioner
+
+    def __init__(self, checkpoint_path: Path, options: ExportOptions) -> None:
+        if options.int8 or options.fp16:  # before the checkpoint is read: the options alone are wrong
+            raise ValueError(f"--{'int8' if options.int8 else 'fp16'} is not supported for captioning models")
+        super().__init__(checkpoint_path, options)
+
+    def build_model(self, payload: dict[str, Any]) -> ShowAttendTell:
+        return checkpoint.build_captioner(payload)
+
+    def write_graphs(self, encoder: Path, decoder: Path) -> None:
+        export_graphs(self.model, str(encoder), str(decoder))
+
+    def parity(self, encoder: Path, decoder: Path) -> ParityReport:
+        self.held_out = held_out_images(self.payload, self.options.parity_sentences)
+        self.images = self.held_out.images(range(len(self.held_out)))
+        self.onnx_model = OnnxCaptioner.load(encoder, decoder, self.model.cfg.bos_id, self.model.cfg.eos_id)
+        return check(self.model, self.onnx_model, self.images)
+
+    def manifest(self, report: ParityReport) -> Manifest:
+        model, options, payload = self.model, self.options, self.payload
+        cfg = model.cfg
+        rows, cols = model.grid()
+        return Manifest(
+            name=options.name,
+            version=options.version,
+            family="captioning",
+            architecture="show-attend-tell",
+            attention={"type": "soft", "uniform": False, "query": "previous LSTM state", "gate": "beta",
+                       "over": "image grid"},
+            languages={"source": "image", "target": options.target_language},
+            tokenizer={"type": "sentencepiece", "file": "spm.model"},
+            special_ids={"pad": cfg.pad_id, "unk": 1, "bos": cfg.bos_id, "eos": cfg.eos_id},
+            vocab_size=cfg.vocab_size,
+            encoder=GraphSpec(self.encoder_file, encoder_inputs(model), encoder_outputs(model)),
+            decoder_step=GraphSpec(self.decoder_file, decoder_inputs(model), decoder_outputs(model)),
+            decoder=DecoderBinding(
+                token_input="prev_token", mask_input="", static_inputs=["features", "keys"], state=dict(STATE),
+                log_probs_output="log_probs", attention_output="attention",
+            ),
+            limits={"max_source_tokens": rows * cols, "max_target_tokens": MAX_CAPTION_TOKENS},
+            image={
+                "input": "image", "size": [cfg.image_size, cfg.image_size], "channels": 3, "layout": "NCHW",
+                "color": "RGB", "scale": 1 / 255, "mean": list(cfg.mean), "std": list(cfg.std), "resize": "stretch",
+                "resample": "bilinear", "grid": [rows, cols],
+            },
+            training={**training_section(payload), "command": training_command(payload["train_config"])},
+            parity=report.as_dict(),
+            exporter_version=EXPORTER_VERSION,
+        )
+
+    def write_card(self, staging: Path, manifest: Manifest, out: Path) -> None:
+        _card(staging, manifest, self.options.command, self._examples(manifest, out))
+
+    def _examples(self, manifest: Manifest, out: Path, count: int = 2) -> list[dict[str, Any]]:
+        """Captions of the first held-out images with two or more objects (or the first ones), their words' peak
+        regions and, with ``--overlays``, the overlay pictures."""
+        held_out, images = self.held_out, self.images
+        order = [i for i, refs in enumerate(held_out.captions) if len(refs[0].split()) > 4] or list(range(len(images)))
+        grid = manifest.image["grid"]
+        size = self.model.cfg.image_size
+        examples = []
+        for k, i in enumerate(order[:count], 1):
+            tokens, rows = self.onnx_model(_normalised(self.model, images[i : i + 1]).numpy())
+            words = [self.sp.id_to_piece(t).lstrip("▁") for t in tokens[0]] + ["<eos>"]
+            example: dict[str, Any] = {
+                "caption": self.sp.decode(tokens[0]), "reference": held_out.captions[i][0],
+                "regions": [(w, peak_box(r, grid, size, size)) for w, r in zip(words, rows[0])],
+            }
+            overlays = getattr(self.options, "overlays", None)
+            if overlays is not None:
+                folder = Path(overlays)
+                folder.mkdir(parents=True, exist_ok=True)
+                from PIL import Image
+
+                picture = Image.fromarray(images[i])
+                stem = f"{manifest.name}-example-{k}"
+                picture.save(folder / f"{stem}-input.png")
+                overlay(picture, words, rows[0], grid, panel=128).save(folder / f"{stem}.png")
+                example["overlay"] = os.path.relpath(folder / f"{stem}.png", out)
+                example["input"] = os.path.relpath(folder / f"{stem}-input.png", out)
+            examples.append(example)
+        return examples
 
 
 def export_captioner(checkpoint_path: Path, out: Path, options: ExportOptions) -> Manifest:
-    if options.int8 or options.fp16:
-        raise ValueError(f"--{'int8' if options.int8 else 'fp16'} is not supported for captioning models")
-    payload = checkpoint.load(checkpoint_path, kind="captioning")
-    model = checkpoint.build_captioner(payload)
-    sp_bytes = bytes(payload["tokenizer"])
-    sp = spm.SentencePieceProcessor(model_proto=sp_bytes)
-    with staged(out, options.force) as staging:
-        started = time.monotonic()
-        (staging / "spm.model").write_bytes(sp_bytes)
-        export_graphs(model, str(staging / "image_encoder.onnx"), str(staging / "decoder_step.onnx"))
-        for graph in ("image_encoder.onnx", "decoder_step.onnx"):
-            onnx.checker.check_model(str(staging / graph), full_check=True)
-        held_out = held_out_images(payload, options.parity_sentences)
-        images = held_out.images(range(len(held_out)))
-        onnx_model = OnnxCaptioner.load(staging / "image_encoder.onnx", staging / "decoder_step.onnx",
-                                        model.cfg.bos_id, model.cfg.eos_id)
-        report = check(model, onnx_model, images)
-        log.info("parity: %s", report.as_dict())
-        if not report.passed:
-            raise ParityError(f"parity check failed, nothing written: {report.as_dict()} {report.mismatches[:2]}")
-        manifest = _manifest(model, payload, options, report)
-        if options.metrics_file:
-            manifest.metrics["evaluation"] = json.loads(Path(options.metrics_file).read_text(encoding="utf-8"))
-        manifest.training["export_seconds"] = round(time.monotonic() - started, 1)
-        manifest.save(staging)
-        Manifest.load(staging)  # the server's own validation, before anything is moved into place
-        pictures = _examples(model, onnx_model, sp, held_out, images, manifest, options, out)
-        _card(staging, manifest, options.command, pictures)
-    return manifest
-
-
-def _examples(
-    model: ShowAttendTell, onnx_model: OnnxCaptioner, sp: spm.SentencePieceProcessor, held_out: CaptionSet,
-    images: np.ndarray, manifest: Manifest, options: ExportOptions, out: Path, count: int = 2,
-) -> list[dict[str, Any]]:
-    """Captions of the first held-out images with two or more objects (or the first ones), their words' peak
-    regions and, with ``--overlays``, the overlay pictures."""
-    order = [i for i, refs in enumerate(held_out.captions) if len(refs[0].split()) > 4] or list(range(len(images)))
-    grid = manifest.image["grid"]
-    size = model.cfg.image_size
-    examples = []
-    for k, i in enumerate(order[:count], 1):
-        tokens, rows = onnx_model(_normalised(model, images[i : i + 1]).numpy())
-        words = [sp.id_to_piece(t).lstrip("▁") for t in tokens[0]] + ["<eos>"]
-        example: dict[str, Any] = {
-            "caption": sp.decode(tokens[0]), "reference": held_out.captions[i][0],
-            "regions": [(w, peak_box(r, grid, size, size)) for w, r in zip(words, rows[0])],
-        }
-        overlays = getattr(options, "overlays", None)
-        if overlays is not None:
-            folder = Path(overlays)
-            folder.mkdir(parents=True, exist_ok=True)
-            from PIL import Image
-
-            picture = Image.fromarray(images[i])
-            stem = f"{manifest.name}-example-{k}"
-            picture.save(folder / f"{stem}-input.png")
-            overlay(picture, words, rows[0], grid, panel=128).save(folder / f"{stem}.png")
-            example["overlay"] = os.path.relpath(folder / f"{stem}.png", out)
-            example["input"] = os.path.relpath(folder / f"{stem}-input.png", out)
-        examples.append(example)
-    return examples
+    return CaptionExporter(checkpoint_path, options).run(out)
 
 
 def _correctness_rows(correctness: dict[str, Any]) -> list[str]:
