@@ -111,10 +111,12 @@ variants: setup
 
 # The serving benchmarks (about 25 minutes): docs/benchmarks.md. bench/serving.py: the bundled model against PyTorch
 # eager and batching off ((a) needs the checkpoint that `make models` leaves in runs/de-en-bahdanau/);
-# bench/overhead.py: the server's own cost per sentence, one process against front-ends and an engine process.
+# bench/overhead.py: the server's own cost per sentence, one process against front-ends and an engine process;
+# bench/grpc_floor.py: the same load against a gRPC server that does nothing, the floor under that cost.
 benchmark: setup
 	$(PY) bench/serving.py
 	$(PY) bench/overhead.py
+	$(PY) bench/grpc_floor.py
 
 # Serves the bundled models (models/, or ATTN_MODELS_DIR) on localhost:50051, metrics on :9464; Ctrl-C drains.
 run: setup

@@ -33,13 +33,14 @@ ROOT = Path(__file__).resolve().parents[1]
 class ServerProcess:
     """``attn-serve`` in a child process; ``settings`` are ``ATTN_*`` names without the prefix, lower case."""
 
-    def __init__(self, models_dir: Path, **settings: Any) -> None:
+    def __init__(self, models_dir: Path, root: Path = ROOT, **settings: Any) -> None:
+        """``root``: the checkout whose server runs (another commit's, to compare with)."""
         env = {**os.environ, "ATTN_MODELS_DIR": str(models_dir), "ATTN_PORT": "0", "ATTN_METRICS_PORT": "0",
                "ATTN_HOST": "127.0.0.1", "ATTN_LOG_FORMAT": "json", "ATTN_LOG_LEVEL": "WARNING"}
         env.update({f"ATTN_{k.upper()}": str(v).lower() if isinstance(v, bool) else str(v)
                     for k, v in settings.items()})
         env["ATTN_LOG_LEVEL"] = "INFO"  # the listening and ready lines
-        self.process = subprocess.Popen([sys.executable, "-m", "server"], env=env, cwd=ROOT,
+        self.process = subprocess.Popen([sys.executable, "-m", "server"], env=env, cwd=root,
                                         stderr=subprocess.PIPE, text=True)
         self.port = self.metrics_port = 0
         assert self.process.stderr is not None
@@ -65,6 +66,22 @@ class ServerProcess:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
         raise RuntimeError("no VmRSS line")
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server and of every live process below it, from /proc (the same for any
+        commit's server, whatever its metrics)."""
+        total, pending = 0.0, [self.process.pid]
+        while pending:
+            pid = pending.pop()
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                children = [c for task in Path(f"/proc/{pid}/task").iterdir()
+                            for c in (task / "children").read_text().split()]  # any thread's children
+            except FileNotFoundError:  # exited meanwhile
+                continue
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            pending.extend(int(child) for child in children)
+        return total
 
     def metrics(self) -> dict[str, float]:
         """Every unlabelled-or-labelled sample of /metrics, keyed by its exposition line's name and labels."""

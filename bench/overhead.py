@@ -9,9 +9,13 @@ processes beside an engine process (the new one):
   ``max_output_tokens``: what remains is the server's own cost per sentence, which on a GPU is the whole cost;
 * the bundled ``de-en-bahdanau`` on this CPU.
 
+With ``--baseline DIR`` (a checkout of an earlier commit, e.g. ``git worktree add /tmp/before REV``), that
+commit's server runs the same load beside them as the design "before", and the ratios are taken against it;
+without, against ``ATTN_FRONTENDS=0`` of this commit.
+
 At 1, 64 and 256 clients (greedy, full attention): sentences/s, target tokens/s, p50 latency, and the server's CPU
-milliseconds per sentence (``attn_process_cpu_seconds_total``, which covers the whole process tree in the
-multi-process design, over the run, divided by the sentences answered). The load generator runs in several
+milliseconds per sentence (the user + system time of the server's whole process tree, from /proc, over the run,
+divided by the sentences answered). The load generator runs in several
 processes (:func:`bench.loadgen.drive_processes`); at 256 clients it runs once more with one process more, to show
 that the client is not what limits the figure.
 """
@@ -22,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -66,25 +71,24 @@ def ding_sentences() -> list[str]:
     return [s for s, full in zip(sources, is_sentence) if full]
 
 
-def cpu_seconds(server: ServerProcess) -> float:
-    return server.metrics()["attn_process_cpu_seconds_total"]
-
-
 def measure(server: ServerProcess, texts: list[str], concurrency: int, options: pb.DecodingOptions,
             seconds: float, processes: int) -> dict[str, Any]:
     drive(server.target, texts, min(concurrency, 8), options, requests=32)  # warm-up
-    before = cpu_seconds(server)
+    before = server.cpu_seconds()
     run = drive_processes(server.target, texts, concurrency, options, seconds=seconds, processes=processes)
-    server_cpu = cpu_seconds(server) - before  # includes the client processes' start-up wait: none of the server's
+    server_cpu = server.cpu_seconds() - before  # includes the client processes' start-up wait: none of the server's
     run["server_cpu_ms_per_sentence"] = round(1000 * server_cpu / max(run["ok"], 1), 3)
     run["server_cores"] = round(server_cpu / run["seconds"], 2)
     return run
 
 
-def design(models: Path, texts: list[str], frontends: int, options: pb.DecodingOptions, seconds: float,
-           processes: int) -> list[dict[str, Any]]:
+def design(models: Path, texts: list[str], frontends: int | None, options: pb.DecodingOptions, seconds: float,
+           processes: int, root: Path = ROOT) -> list[dict[str, Any]]:
+    """The runs of one design: ``frontends`` front-ends of the server in ``root`` (None: that server's default,
+    for a commit that has no such setting)."""
     runs = []
-    with ServerProcess(models, frontends=frontends, reload_interval=0) as server:
+    settings = {} if frontends is None else {"frontends": frontends}
+    with ServerProcess(models, root=root, reload_interval=0, **settings) as server:
         for concurrency in CONCURRENCY:
             run = measure(server, texts, concurrency, options, seconds, 1 if concurrency == 1 else processes)
             run["frontends"] = frontends
@@ -103,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--client-processes", type=int, default=3)
     parser.add_argument("--frontends", type=int, nargs="+", default=[1, 2],
                         help="front-end counts of the new design to measure (0, the old design, always runs)")
+    parser.add_argument("--baseline", type=Path, help="a checkout of an earlier commit, measured as the design "
+                        "'before' (its server's default process layout)")
     parser.add_argument("--bundled", type=Path, default=ROOT / "models", help="folder holding de-en-bahdanau")
     parser.add_argument("--skip-bundled", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "overhead.json")
@@ -110,21 +116,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-                               "seconds_per_run": args.seconds, "client_processes": args.client_processes}
+                               "seconds_per_run": args.seconds, "client_processes": args.client_processes,
+                               "commit": _commit(ROOT)}
+    designs: list[tuple[str, int | None, Path]] = [(str(n), n, ROOT) for n in [0, *args.frontends]]
+    if args.baseline:
+        results["baseline"] = _commit(args.baseline)
+        designs.insert(0, ("before", None, args.baseline))
+
+    def measured(models: Path, texts: list[str], options: pb.DecodingOptions) -> dict[str, list[dict[str, Any]]]:
+        return {key: design(models, texts, n, options, args.seconds, args.client_processes, root)
+                for key, n, root in designs}
+
     capped = pb.DecodingOptions(beam_size=1, max_output_tokens=12, attention=pb.ATTENTION_DETAIL_FULL)
-    tiny = negligible_model(ROOT / "runs" / "bench-overhead")
-    texts = fixture_sources()
-    results["negligible"] = {str(n): design(tiny, texts, n, capped, args.seconds, args.client_processes)
-                             for n in [0, *args.frontends]}
+    results["negligible"] = measured(negligible_model(ROOT / "runs" / "bench-overhead"), fixture_sources(), capped)
     if not args.skip_bundled:
         one = ROOT / "runs" / "bench-models"  # the bundled translator alone
         one.mkdir(parents=True, exist_ok=True)
         if not (one / "de-en-bahdanau").exists():
             (one / "de-en-bahdanau").symlink_to((args.bundled / "de-en-bahdanau").resolve())
         greedy = pb.DecodingOptions(beam_size=1, attention=pb.ATTENTION_DETAIL_FULL)
-        sentences = ding_sentences()
-        results["bundled"] = {str(n): design(one, sentences, n, greedy, args.seconds, args.client_processes)
-                              for n in [0, *args.frontends]}
+        results["bundled"] = measured(one, ding_sentences(), greedy)
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
@@ -133,16 +144,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _design(frontends: str) -> str:
-    return "one process (before)" if frontends == "0" else f"{frontends} front-end(s) + engine"
+def _commit(checkout: Path) -> str:
+    return subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip() or "?"
 
 
-def table(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
+def _design(key: str, results: dict[str, Any]) -> str:
+    if key == "before":
+        return f"commit {results.get('baseline', '?')} (before)"
+    return "one process (`ATTN_FRONTENDS=0`)" if key == "0" else f"{key} front-end(s) + engine"
+
+
+def table(runs: dict[str, list[dict[str, Any]]], results: dict[str, Any]) -> list[str]:
     lines = ["| design | clients | client processes | sentences/s | target tokens/s | p50 ms | p99 ms | "
              "server CPU ms/sentence | server cores | codes |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for frontends, rows in runs.items():
+    for key, rows in runs.items():
         for r in rows:
-            lines.append(f"| {_design(frontends)} | {r['concurrency']} | {r['client_processes']} | "
+            lines.append(f"| {_design(key, results)} | {r['concurrency']} | {r['client_processes']} | "
                          f"{r['sentences_per_s']} | {r['target_tokens_per_s']} | {r['p50_ms']} | {r['p99_ms']} | "
                          f"{r['server_cpu_ms_per_sentence']} | {r['server_cores']} | "
                          f"{', '.join(f'{k} {v}' for k, v in r['codes'].items())} |")
@@ -150,35 +168,39 @@ def table(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
 
 
 def ratios(runs: dict[str, list[dict[str, Any]]], concurrency: int) -> dict[str, dict[str, float]]:
-    """Per design at ``concurrency`` (the run with the base number of client processes): throughput and CPU per
-    sentence against the one-process design, in the same run."""
-    def at(frontends: str) -> dict[str, Any]:
-        return next(r for r in runs[frontends] if r["concurrency"] == concurrency and "check" not in r)
+    """Per design at ``concurrency`` (the run with the base number of client processes): throughput, CPU per
+    sentence and p50 latency against the earlier commit's server when it was measured, else against the
+    one-process design, in the same run."""
+    def at(key: str) -> dict[str, Any]:
+        return next(r for r in runs[key] if r["concurrency"] == concurrency and "check" not in r)
 
-    base = at("0")
-    return {f: {"throughput": round(at(f)["sentences_per_s"] / base["sentences_per_s"], 2),
-                "cpu_per_sentence": round(at(f)["server_cpu_ms_per_sentence"] / base["server_cpu_ms_per_sentence"],
-                                          2)} for f in runs if f != "0"}
+    base_key = "before" if "before" in runs else "0"
+    base = at(base_key)
+    return {key: {"throughput": round(at(key)["sentences_per_s"] / base["sentences_per_s"], 2),
+                  "cpu_per_sentence": round(at(key)["server_cpu_ms_per_sentence"]
+                                            / base["server_cpu_ms_per_sentence"], 2),
+                  "p50": round(at(key)["p50_ms"] / base["p50_ms"], 2)} for key in runs if key != base_key}
 
 
 def write_section(results: dict[str, Any], report: Path) -> None:
     """The overhead section of docs/benchmarks.md, between its markers (replaced on every run)."""
+    base = _design("before" if "baseline" in results else "0", results)
     lines = [BEGIN, "## Front-end processes and an engine process", "",
-             f"Produced by `.venv/bin/python bench/overhead.py` on {results['finished']}; raw numbers in "
-             "`docs/benchmarks/overhead.json`. Machine: "
+             f"Produced by `.venv/bin/python bench/overhead.py` at commit {results.get('commit', '?')} on "
+             f"{results['finished']}; raw numbers in `docs/benchmarks/overhead.json`. Machine: "
              f"{results['machine']['cpus']} CPUs, no GPU; {results['seconds_per_run']} s per measured run; the "
-             "load generator runs in separate processes on the same cores. Server CPU is "
-             "`attn_process_cpu_seconds_total` (every process of the server) over the run, per sentence answered.",
-             ""]
+             "load generator runs in separate processes on the same cores. Server CPU is the user + system time of "
+             "the server's whole process tree over the run (from /proc), per sentence answered.", ""]
     for key, title in (("negligible", "A model of negligible compute (widths 8, outputs capped at 12 tokens): the "
                         "serving path's own cost"), ("bundled", "The bundled de-en-bahdanau on this CPU")):
         if key not in results:
             continue
-        lines += [f"### {title}", "", *table(results[key]), ""]
-        for concurrency in (64, 256):
-            for frontends, r in ratios(results[key], concurrency).items():
-                lines.append(f"- {concurrency} clients, {_design(frontends)}: {r['throughput']}× the throughput "
-                             f"of one process, {r['cpu_per_sentence']}× its CPU per sentence.")
+        lines += [f"### {title}", "", *table(results[key], results), ""]
+        for concurrency in (1, 64, 256):
+            for design_key, r in ratios(results[key], concurrency).items():
+                lines.append(f"- {concurrency} client(s), {_design(design_key, results)}: {r['throughput']}× the "
+                             f"throughput of {base}, {r['cpu_per_sentence']}× its CPU per sentence, {r['p50']}× "
+                             "its p50 latency.")
         lines.append("")
     lines.append(END)
     text = report.read_text() if report.exists() else ""
