@@ -119,6 +119,7 @@ benchmark: setup
 	$(PY) bench/grpc_floor.py
 
 # Serves the bundled models (models/, or ATTN_MODELS_DIR) on localhost:50051, metrics on :9464; Ctrl-C drains.
+# The mixed-corpus translator (docs/translation-quality.md) answers requests that name no model, when it is there.
 run: setup
 	@models="$${ATTN_MODELS_DIR:-models}"; \
 	if ! ls "$$models"/*/*/manifest.json >/dev/null 2>&1; then \
@@ -129,7 +130,10 @@ run: setup
 	echo "  $(VENV)/bin/attn translate \"Ich hoffe, es geht dir gut.\""; \
 	echo "  $(VENV)/bin/attn caption docs/scenes-sat-example-1-input.png --overlay /tmp/overlay.png"; \
 	echo "  $(VENV)/bin/attn models"; \
-	ATTN_MODELS_DIR="$$models" ATTN_LOG_FORMAT="$${ATTN_LOG_FORMAT:-text}" exec $(VENV)/bin/attn-serve
+	default="$${ATTN_DEFAULT_MODEL:-}"; \
+	if [ -z "$$default" ] && [ -d "$$models/de-en-mixed" ]; then default=de-en-mixed; fi; \
+	ATTN_MODELS_DIR="$$models" ATTN_DEFAULT_MODEL="$$default" ATTN_LOG_FORMAT="$${ATTN_LOG_FORMAT:-text}" \
+		exec $(VENV)/bin/attn-serve
 
 clean:
 	rm -rf $(VENV) $(LOWEST) runs build *.egg-info
