@@ -245,6 +245,29 @@ def test_tokens_are_checked_on_every_front_end(models_dir: Path, tmp_path: Path)
         assert server.stop() == 0
 
 
+def test_tls_on_every_front_end(models_dir: Path, tmp_path: Path) -> None:
+    from attention_pb.v1 import attention_pb2_grpc as pb_grpc
+    from tests.integration.test_security import make_pki
+
+    pki = make_pki(tmp_path)
+    server = ServerProcess(models_dir, "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key))
+    try:
+        server.wait_for("ready")
+        credentials = grpc.ssl_channel_credentials(root_certificates=pki.read(pki.ca))
+        for _ in range(6):  # new connections land on either front-end
+            options = [("grpc.use_local_subchannel_pool", 1)]
+            with grpc.insecure_channel(f"127.0.0.1:{server.port}", options=options) as plain:
+                with pytest.raises(grpc.RpcError) as refused:
+                    pb_grpc.AttentionServiceStub(plain).Translate(pb.TranslateRequest(texts=TEXTS[:1]), timeout=10)
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            with grpc.secure_channel(f"127.0.0.1:{server.port}", credentials, options=options) as channel:
+                response = pb_grpc.AttentionServiceStub(channel).Translate(pb.TranslateRequest(texts=TEXTS[:1]),
+                                                                           timeout=30)
+                assert response.translations
+    finally:
+        assert server.stop() == 0
+
+
 @pytest.mark.parametrize("failing", ["engine", "frontend"])
 def test_a_start_up_failure_of_either_process_stops_the_server(models_dir: Path, tmp_path: Path,
                                                               failing: str) -> None:

@@ -100,9 +100,9 @@ def _issue(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, cn: st
     return key, builder.sign(ca_key, hashes.SHA256())
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    d = tmp_path_factory.mktemp("pki")
+def make_pki(d: Path) -> Pki:
+    """A CA, a server certificate for localhost/127.0.0.1, a client certificate, and a rogue client certificate,
+    written into ``d``."""
     ca_key, ca_cert = _ca("attn test CA")
     server_key, server_cert = _issue(ca_key, ca_cert, "attn-server", server=True)
     client_key, client_cert = _issue(ca_key, ca_cert, "attn-client", server=False)
@@ -114,6 +114,11 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
                client_cert=_write_cert(client_cert, d / "client.pem"),
                client_key=_write_key(client_key, d / "client.key"),
                rogue_cert=_write_cert(rogue_cert, d / "rogue.pem"), rogue_key=_write_key(rogue_key, d / "rogue.key"))
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")
