@@ -120,18 +120,32 @@ def _json_stderr() -> _LineStream:
 
 
 class _LineStream:
-    """The real stderr for two writers (the log handler, the pipe's reader): one whole line per write."""
+    """The real stderr for two writers (the log handler, the pipe's reader): one whole line per write.
+
+    A child process's real stderr is its parent's pipe. If the parent is killed, writes fail with EPIPE: the lines
+    are then dropped. Raising would make logging report the error on stderr, that is into this process's own pipe,
+    whose reader is the thread that was writing: it would block, holding the handler's lock, and with it every thread
+    that logs, so the orphaned process could never stop."""
 
     def __init__(self, stream: TextIO) -> None:
-        self._stream, self._lock = stream, threading.Lock()
+        self._stream, self._lock, self._gone = stream, threading.Lock(), False
 
     def write(self, text: str) -> int:
         with self._lock:
-            return self._stream.write(text)
+            if not self._gone:
+                try:
+                    return self._stream.write(text)
+                except (BrokenPipeError, ValueError):  # the reader is gone (or the stream closed)
+                    self._gone = True
+            return len(text)
 
     def flush(self) -> None:
         with self._lock:
-            self._stream.flush()
+            if not self._gone:
+                try:
+                    self._stream.flush()
+                except (BrokenPipeError, ValueError):
+                    self._gone = True
 
     def fileno(self) -> int:
         return self._stream.fileno()

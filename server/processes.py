@@ -56,13 +56,17 @@ def frontend_count(settings: Settings) -> int:
 # -- the children ----------------------------------------------------------------------------------------------------
 
 
-def _become_child(parent: int, settings: Settings) -> None:
+def _become_child(parent: int, settings: Settings, runtime_dir: Path | None = None) -> None:
+    """``runtime_dir``: the parent's private folder, removed by this child if the parent dies without removing it
+    (the engine's, the last process to use its socket)."""
     os.setpgrp()  # Ctrl-C in a terminal goes to the parent only; it drains the children in order
     logs.configure(settings.log_level, settings.log_format)
 
     def orphaned() -> None:  # the parent was killed: nothing would drain or restart us
         while os.getppid() == parent:
             time.sleep(PARENT_CHECK_SECONDS)
+        if runtime_dir is not None:
+            shutil.rmtree(runtime_dir, ignore_errors=True)
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=orphaned, name="attn-parent-watch", daemon=True).start()
@@ -71,7 +75,7 @@ def _become_child(parent: int, settings: Settings) -> None:
 def run_engine(settings: Settings, address: str, parent: int, status: Connection) -> None:
     """The engine process: loads the models, serves them at ``address``, reloads on SIGHUP and every
     ``reload_interval`` seconds, stops on SIGTERM (what is still queued fails with UNAVAILABLE)."""
-    _become_child(parent, settings)
+    _become_child(parent, settings, runtime_dir=Path(address.removeprefix("ipc://")).parent)
     from prometheus_client import CollectorRegistry
 
     from server.app import build_registry

@@ -245,6 +245,28 @@ def test_tokens_are_checked_on_every_front_end(models_dir: Path, tmp_path: Path)
         assert server.stop() == 0
 
 
+def test_a_killed_parent_leaves_no_process_and_no_folder(models_dir: Path, tmp_path: Path) -> None:
+    """SIGKILL gives the parent no chance to drain: its children notice, stop, and the engine removes the private
+    folder (socket, metrics files) the parent made."""
+    runtime = tmp_path / "tmp"
+    runtime.mkdir()
+    server = ServerProcess(models_dir, env={"TMPDIR": str(runtime)})
+    server.wait_for("ready")
+    children = [int(c) for task in Path(f"/proc/{server.process.pid}/task").iterdir()
+                for c in (task / "children").read_text().split()]
+    assert children and len(list(runtime.glob("attn-serve-*"))) == 1
+    server.kill()
+
+    def gone(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"  # exited, not reaped
+        except FileNotFoundError:
+            return True
+
+    _until(lambda: all(gone(pid) for pid in children), "the children to stop")
+    _until(lambda: not list(runtime.glob("attn-serve-*")), "the private folder to be removed", timeout=10)
+
+
 def test_tls_on_every_front_end(models_dir: Path, tmp_path: Path) -> None:
     from attention_pb.v1 import attention_pb2_grpc as pb_grpc
     from tests.integration.test_security import make_pki
