@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
 from attention_pb.v1 import attention_pb2_grpc as pb_grpc  # noqa: E402
-from bench.loadgen import ServerProcess, drive, drive_processes  # noqa: E402
+from bench.loadgen import ServerProcess, drive, drive_processes, tree_cpu_seconds  # noqa: E402
 from bench.overhead import fixture_sources, negligible_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,11 +67,6 @@ def _serve(recorded: bytes, port: Any, stop: Any) -> None:
     asyncio.run(main())
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def floor(recorded: bytes, texts: list[str], concurrency: int, seconds: float, processes: int) -> dict[str, Any]:
     context = multiprocessing.get_context("spawn")
     port, stop = context.Value("i", 0), context.Event()
@@ -81,9 +76,9 @@ def floor(recorded: bytes, texts: list[str], concurrency: int, seconds: float, p
         time.sleep(0.05)
     target = f"127.0.0.1:{port.value}"
     drive(target, texts, 8, CAPPED, requests=64)  # warm-up
-    before = _cpu_seconds(server.pid)  # type: ignore[arg-type]
+    before = tree_cpu_seconds(server.pid)  # type: ignore[arg-type]
     run = drive_processes(target, texts, concurrency, CAPPED, seconds=seconds, processes=processes)
-    cpu = _cpu_seconds(server.pid) - before  # type: ignore[arg-type]
+    cpu = tree_cpu_seconds(server.pid) - before  # type: ignore[arg-type]
     stop.set()
     server.join(10)
     return {"calls_per_s": run["sentences_per_s"], "p50_ms": run["p50_ms"], "concurrency": concurrency,

@@ -70,18 +70,7 @@ class ServerProcess:
     def cpu_seconds(self) -> float:
         """User + system CPU time of the server and of every live process below it, from /proc (the same for any
         commit's server, whatever its metrics)."""
-        total, pending = 0.0, [self.process.pid]
-        while pending:
-            pid = pending.pop()
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                children = [c for task in Path(f"/proc/{pid}/task").iterdir()
-                            for c in (task / "children").read_text().split()]  # any thread's children
-            except FileNotFoundError:  # exited meanwhile
-                continue
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-            pending.extend(int(child) for child in children)
-        return total
+        return tree_cpu_seconds(self.process.pid)
 
     def metrics(self) -> dict[str, float]:
         """Every unlabelled-or-labelled sample of /metrics, keyed by its exposition line's name and labels."""
@@ -107,6 +96,22 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """User + system CPU time of process ``root`` and of every live process below it, from /proc."""
+    total, pending = 0.0, [root]
+    while pending:
+        pid = pending.pop()
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            children = [c for task in Path(f"/proc/{pid}/task").iterdir()
+                        for c in (task / "children").read_text().split()]  # any thread's children
+        except FileNotFoundError:  # exited meanwhile
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        pending.extend(int(child) for child in children)
+    return total
 
 
 @dataclass
