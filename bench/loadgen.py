@@ -62,10 +62,15 @@ class ServerProcess:
         return f"127.0.0.1:{self.port}"
 
     def rss_bytes(self) -> int:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmRSS line")
+        """Resident memory of the server and of every live process below it (front-ends, the engine)."""
+        total = 0
+        for pid in process_tree(self.process.pid):
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except FileNotFoundError:  # exited meanwhile
+                continue
+            total += next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+        return total
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the server and of every live process below it, from /proc (the same for any
@@ -98,19 +103,30 @@ class ServerProcess:
         self.close()
 
 
-def tree_cpu_seconds(root: int) -> float:
-    """User + system CPU time of process ``root`` and of every live process below it, from /proc."""
-    total, pending = 0.0, [root]
+def process_tree(root: int) -> list[int]:
+    """Process ``root`` and every live process below it, from /proc."""
+    found, pending = [], [root]
     while pending:
         pid = pending.pop()
         try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             children = [c for task in Path(f"/proc/{pid}/task").iterdir()
                         for c in (task / "children").read_text().split()]  # any thread's children
         except FileNotFoundError:  # exited meanwhile
             continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        found.append(pid)
         pending.extend(int(child) for child in children)
+    return found
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """User + system CPU time of process ``root`` and of every live process below it, from /proc."""
+    total = 0.0
+    for pid in process_tree(root):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # exited meanwhile
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
 
 
