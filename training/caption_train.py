@@ -41,7 +41,8 @@ BEST_BY = ("valid_loss", "valid_bleu4", "valid_attention_correctness")  # what _
 class CaptionTrainConfig:
     data: str = option("scenes", "Images with captions: scenes (generated, see training/data/scenes.py), "
                        "flickr8k:DIR or coco:ANNOTATIONS.json[:IMAGES_DIR].")
-    out: str = option("runs/scenes-sat", "Run folder: spm.model, last.pt and best.pt are written here.")
+    out: str = option("runs/scenes-sat", "Run folder: spm.model, last.pt and best.pt are written here.",
+                      on_resume=True)
     image_size: int = option(96, "Images are resized to SIZE × SIZE pixels.")
     train_images: int = option(20000, "scenes: images generated for the training split (ignored for real data).")
     valid_images: int = option(500, "scenes: images generated for the valid split (ignored for real data).")
@@ -70,21 +71,24 @@ class CaptionTrainConfig:
                              "constant (learned).", INIT_STATES)
     alpha_reg: float = option(1.0, "λ of the doubly stochastic attention regulariser; 0 = off.")
     batch_size: int = option(64, "Images per batch (per process).")
-    lr: float = option(1e-3, "Adam learning rate.")
+    lr: float = option(1e-3, "Adam learning rate.", on_resume=True)
     clip: float = option(5.0, "Gradient norm clipping threshold.")
     epochs: int = option(20, "Budget: passes over the training captions.")
     max_steps: int = option(0, "Budget: optimizer steps; 0 = no limit.")
     max_target_tokens: int = option(0, "Budget: caption tokens trained on (all processes together); 0 = no limit.")
     max_minutes: float = option(0.0, "Budget: wall-clock minutes; 0 = no limit.")
-    valid_every: int = option(500, "Validate (and write last.pt, and best.pt on a new best --best-by) every N steps.")
+    valid_every: int = option(500, "Validate (and write last.pt, and best.pt on a new best --best-by) every N steps.",
+                              on_resume=True)
     valid_bleu_sample: int = option(500, "Valid images captioned for BLEU-4 (and attention correctness on scenes) "
                                     "at each validation.")
     best_by: str = option("valid_loss", "The validation metric that picks best.pt (lowest loss, highest others); "
                           "valid_attention_correctness needs scenes.", BEST_BY)
     seed: int = option(1, "Random seed: initialisation and batch order.")
-    device: str = option("auto", "Where to train: cuda if available (auto), or force cpu / cuda.", DEVICES)
+    device: str = option("auto", "Where to train: cuda if available (auto), or force cpu / cuda.", DEVICES,
+                         on_resume=True)
     amp: bool = option(True, "bf16 autocast on CUDA; ignored on CPU.")
-    threads: int = option(0, "CPU threads for torch; 0 = torch's default. 1 keeps a run steady on a shared machine.")
+    threads: int = option(0, "CPU threads for torch; 0 = torch's default. 1 keeps a run steady on a shared machine.",
+                          on_resume=True)
 
     def __post_init__(self) -> None:
         check(

@@ -13,9 +13,12 @@ from typing import Any
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def option(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
-    """A config field with its ``help`` and, where the value is one of a fixed set, its ``choices``."""
-    return field(default=default, metadata={"help": help, "choices": tuple(choices) if choices else None})
+def option(default: Any, help: str, choices: Sequence[str] | None = None, on_resume: bool = False) -> Any:
+    """A config field with its ``help`` and, where the value is one of a fixed set, its ``choices``. An
+    ``on_resume`` field may be given anew when a run is resumed (the schedule, the run folder, the threads); every
+    other field is the saved run's, since the weights were trained for it."""
+    return field(default=default, metadata={"help": help, "choices": tuple(choices) if choices else None,
+                                            "on_resume": on_resume})
 
 
 def flag(name: str) -> str:

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -118,11 +118,17 @@ def hardware(device: torch.device, world: int) -> str:
 
 
 def resumed_config(cls: type, cfg: Any, saved: dict[str, Any]) -> Any:
-    """The saved run's config; only budgets given anew on the command line extend it."""
-    from dataclasses import asdict
-
-    budgets = {k: v for k, v in asdict(cfg).items() if k.startswith("max_") and k != "max_tokens" and v}
-    return cls(**{**saved, **budgets})
+    """The saved run's config; budgets given anew on the command line extend it, and ``on_resume`` fields
+    (training.config.option) given a value other than their default replace the saved one."""
+    given = {}
+    for f in fields(cls):
+        value = getattr(cfg, f.name)
+        if f.name.startswith("max_") and f.name != "max_tokens":
+            if value:
+                given[f.name] = value
+        elif f.metadata.get("on_resume") and f.default is not MISSING and value != f.default:
+            given[f.name] = value
+    return cls(**{**saved, **given})
 
 
 def should_stop(cfg: Any, progress: Progress, world: int) -> bool:

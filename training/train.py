@@ -22,8 +22,8 @@ from training import checkpoint
 from training.batching import Example, collate, make_batches
 from training.checkpoint import TranslationModel
 from training.config import DEVICES, check, option
-from training.data.corpus import Pair, data_hash, load_corpus, split
-from training.evaluate import group_references, score, translate
+from training.data.corpus import DOMAINS, Pair, data_hash, load_corpus, split
+from training.evaluate import EVAL_SETS, eval_set_of, group_references, required_placeholders, score, translate
 from training.loop import Step
 from training.models.rnn import ATTENTIONS, Seq2SeqConfig
 from training.models.transformer import TransformerConfig
@@ -37,7 +37,8 @@ log = logging.getLogger("attn.train")
 class TrainConfig:
     data: str = option("ding", "Parallel corpus: ding (the Ding German-English dictionary), ding:PATH, PATH.tsv "
                        "(source<TAB>target lines) or SRC_PATH,TGT_PATH (two line-aligned files).")
-    out: str = option("runs/de-en-bahdanau", "Run folder: spm.model, last.pt and best.pt are written here.")
+    out: str = option("runs/de-en-bahdanau", "Run folder: spm.model, last.pt and best.pt are written here.",
+                      on_resume=True)
     vocab_size: int = option(8000, "Pieces of the joint SentencePiece unigram model trained on the training split.")
     emb_dim: int = option(128, "Token embedding size; the transformer's d_model.")
     hidden_dim: int = option(256, "rnn: GRU state size of the decoder and of each encoder direction (Luong and "
@@ -60,45 +61,82 @@ class TrainConfig:
                               "-1 = the last.")
     align_head: int = option(-1, "transformer: the head whose cross-attention is served; -1 = the mean over heads.")
     warmup_steps: int = option(0, "Linear learning-rate warm-up over this many steps; 0 = none.")
+    cooldown_steps: int = option(0, "Linear learning-rate decay to zero over the last N steps of --max-steps (the "
+                                 "decay of a warm-up-stable-decay schedule); 0 = none.", on_resume=True)
+    repeat: str = option("", "Repeat the training pairs of these groups in every epoch: GROUP=N[,GROUP=N...] with "
+                         "groups ding-sentences, ding-phrases, ddtp, gettext (the evaluation sets) and placeholders "
+                         "(gettext messages whose translation keeps a placeholder); e.g. placeholders=3.",
+                         on_resume=True)
     max_tokens: int = option(3000, "Padded tokens per batch (per process).")
     max_source_tokens: int = option(64, "Training pairs with a longer source (or a target longer than twice this) "
                                     "are skipped.")
-    lr: float = option(1e-3, "Adam learning rate.")
+    lr: float = option(1e-3, "Adam learning rate.", on_resume=True)
     clip: float = option(1.0, "Gradient norm clipping threshold.")
     epochs: int = option(10, "Budget: passes over the training data.")
     max_steps: int = option(0, "Budget: optimizer steps; 0 = no limit.")
     max_target_tokens: int = option(0, "Budget: target tokens trained on (all processes together); 0 = no limit.")
     max_minutes: float = option(0.0, "Budget: wall-clock minutes; 0 = no limit.")
-    valid_every: int = option(1000, "Validate (and write last.pt, best.pt on a new best valid loss) every N steps.")
+    valid_every: int = option(1000, "Validate (and write last.pt, best.pt on a new best valid loss) every N steps.",
+                              on_resume=True)
     valid_bleu_sample: int = option(300, "Valid pairs translated for BLEU/chrF at each validation (half of them "
                                     "drawn from the full sentences).")
     seed: int = option(1, "Random seed: initialisation, batch order, the validation sample.")
-    device: str = option("auto", "Where to train: cuda if available (auto), or force cpu / cuda.", DEVICES)
+    device: str = option("auto", "Where to train: cuda if available (auto), or force cpu / cuda.", DEVICES,
+                         on_resume=True)
     amp: bool = option(True, "bf16 autocast on CUDA; ignored on CPU.")
-    threads: int = option(0, "CPU threads for torch; 0 = torch's default. 1 keeps a run steady on a shared machine.")
+    threads: int = option(0, "CPU threads for torch; 0 = torch's default. 1 keeps a run steady on a shared machine.",
+                          on_resume=True)
 
     def __post_init__(self) -> None:
         check(
             self,
             positive=("vocab_size", "emb_dim", "hidden_dim", "attn_dim", "window", "layers", "heads", "max_tokens",
                       "max_source_tokens", "lr", "clip", "epochs", "valid_every"),
-            non_negative=("ff_dim", "warmup_steps", "max_steps", "max_target_tokens", "max_minutes",
-                          "valid_bleu_sample", "threads"),
+            non_negative=("ff_dim", "warmup_steps", "cooldown_steps", "max_steps", "max_target_tokens",
+                          "max_minutes", "valid_bleu_sample", "threads"),
             fractions=("dropout",),
         )
+        if self.cooldown_steps and not self.max_steps:
+            raise ValueError("--cooldown-steps decays towards --max-steps: give --max-steps too")
+        repeats(self.repeat)  # a malformed --repeat fails now, not after the corpus is read
         if self.arch == "transformer" and self.attention not in ("bahdanau", "multihead"):
             raise ValueError(f"--arch transformer has multi-head attention, not {self.attention!r}")
         if self.arch == "rnn" and self.attention not in ATTENTIONS:
             raise ValueError(f"--arch rnn has no {self.attention!r} attention (choose from {', '.join(ATTENTIONS)})")
 
 
-def _examples(pairs: list[Pair], sp: spm.SentencePieceProcessor, max_len: int) -> list[Example]:
+# The groups --repeat can weight: the evaluation sets, and the software messages that carry a placeholder.
+REPEAT_GROUPS = (*EVAL_SETS, "placeholders")
+
+
+def repeats(spec: str) -> dict[str, int]:
+    """``--repeat``'s GROUP=N pairs as {group: N}; ValueError naming what is wrong."""
+    out: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        group, sep, count = item.partition("=")
+        if not sep or group not in REPEAT_GROUPS or not count.isdigit() or int(count) < 1:
+            raise ValueError(f"--repeat wants GROUP=N with N ≥ 1 and GROUP one of {', '.join(REPEAT_GROUPS)}, "
+                             f"not {item!r}")
+        out[group] = int(count)
+    return out
+
+
+def times_repeated(pair: Pair, weights: dict[str, int]) -> int:
+    """How often ``pair`` is trained on per epoch: the largest repeat of the groups it belongs to (1 if none)."""
+    groups = [eval_set_of(pair)] if pair.domain in DOMAINS else []
+    if pair.domain == "gettext" and required_placeholders(pair.source, [pair.target]):
+        groups.append("placeholders")
+    return max([weights.get(g, 1) for g in groups], default=1)
+
+
+def _examples(pairs: list[Pair], sp: spm.SentencePieceProcessor, max_len: int, repeat: str = "") -> list[Example]:
     examples = []
+    weights = repeats(repeat)
     for p in pairs:
         src = sp.encode(p.source) + [EOS_ID]
         tgt = [BOS_ID] + sp.encode(p.target) + [EOS_ID]
         if len(src) <= max_len and len(tgt) <= 2 * max_len:
-            examples.append(Example(src, tgt))
+            examples.extend([Example(src, tgt)] * times_repeated(p, weights))
     return examples
 
 
@@ -169,8 +207,13 @@ class TranslationRecipe(Recipe):
         return {"arch": self.cfg.arch}
 
     def learning_rate(self, step: int) -> float:
-        warmup = self.cfg.warmup_steps
-        return self.cfg.lr * min(1.0, (step + 1) / warmup) if warmup else self.cfg.lr
+        """Linear warm-up, constant, then (with --cooldown-steps) linear decay to zero at --max-steps: the
+        warm-up-stable-decay schedule, whose stable phase can be resumed and decayed at any length."""
+        cfg = self.cfg
+        factor = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+        if cfg.cooldown_steps:
+            factor = min(factor, max(0.0, (cfg.max_steps - step) / cfg.cooldown_steps))
+        return cfg.lr * factor
 
     def load_data(self) -> dict[str, Any]:
         pairs = load_corpus(self.cfg.data)
@@ -183,7 +226,7 @@ class TranslationRecipe(Recipe):
         return train_tokenizer(self.splits["train"], self.cfg.vocab_size, self.cfg.seed)
 
     def prepare(self, sp: spm.SentencePieceProcessor) -> int:
-        self.train_examples = _examples(self.splits["train"], sp, self.cfg.max_source_tokens)
+        self.train_examples = _examples(self.splits["train"], sp, self.cfg.max_source_tokens, self.cfg.repeat)
         self.valid_examples = _examples(self.splits["valid"], sp, self.cfg.max_source_tokens)
         if not self.train_examples:
             raise ValueError(f"no training pairs left from {self.cfg.data!r}")

@@ -94,6 +94,24 @@ def test_resume_continues_from_the_last_checkpoint(tiny_checkpoint: Path) -> Non
     assert len(after["history"]) == len(checkpoint.load(last)["history"])
 
 
+def test_a_run_resumed_into_another_folder_decays_its_learning_rate_there(tiny_checkpoint: Path,
+                                                                        tmp_path: Path) -> None:
+    last = tiny_checkpoint.parent / "last.pt"
+    saved = checkpoint.load(last)
+    before = saved["progress"]["step"]
+    out = tmp_path / "cooldown"
+    assert train_main(["translation", "--resume", str(last), "--out", str(out), "--max-steps", str(before + 4),
+                       "--cooldown-steps", "4", "--repeat", "ding-sentences=2", "--lr", "2e-3"]) == 0
+    after = checkpoint.load(out / "last.pt")
+    assert after["progress"]["step"] == before + 4
+    assert (after["train_config"]["cooldown_steps"], after["train_config"]["repeat"]) == (4, "ding-sentences=2")
+    assert after["train_config"]["hidden_dim"] == saved["train_config"]["hidden_dim"]
+    # The last step ran at a quarter of the new rate; the first run's folder is untouched.
+    assert after["optimizer"]["param_groups"][0]["lr"] == pytest.approx(2e-3 / 4)
+    assert checkpoint.load(last)["progress"]["step"] == before
+    assert after["data"]["train_examples"] > saved["data"]["train_examples"]  # the sentences twice
+
+
 def test_two_process_torchrun_on_cpu(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     command = [
