@@ -32,8 +32,15 @@ from exporter.export import ExportOptions, export  # noqa: E402
 from exporter.parity import OnnxGreedy  # noqa: E402
 from server.artifacts import Manifest  # noqa: E402
 from training import checkpoint  # noqa: E402
-from training.data.corpus import load_corpus, split  # noqa: E402
-from training.evaluate import attention_entropy, group_references, score_subsets  # noqa: E402
+from training.data.corpus import Pair, load_corpus, split  # noqa: E402
+from training.evaluate import (  # noqa: E402
+    attention_entropy,
+    eval_sets,
+    group_references,
+    sample_sources,
+    score_domains,
+    score_subsets,
+)
 from training.train import TrainConfig, model_config, train  # noqa: E402
 
 log = logging.getLogger("attn.bench.variants")
@@ -114,7 +121,7 @@ def decode_test(directory: Path, sources: list[str], threads: int, batch_size: i
 def run_variant(variant: str, cfg: TrainConfig, args: argparse.Namespace, test: dict[str, Any]) -> dict[str, Any]:
     work = Path(args.work) / variant
     cached = work / "result.json"
-    settings = {"train_config": asdict(cfg), "eval_limit": args.eval_limit,
+    settings = {"train_config": asdict(cfg), "eval_limit": args.eval_limit, "eval_sample": args.eval_sample,
                 "parity_sentences": args.parity_sentences}
     if cached.exists():
         result = json.loads(cached.read_text(encoding="utf-8"))
@@ -129,7 +136,7 @@ def run_variant(variant: str, cfg: TrainConfig, args: argparse.Namespace, test: 
     manifest = export(best, model_dir, ExportOptions(name=f"variant-{variant}", parity_sentences=args.parity_sentences,
                                                      force=True))
     decoded = decode_test(model_dir, test["sources"], args.ort_threads, args.decode_batch)
-    evaluation = score_subsets(test["sources"], decoded["hypotheses"], test["references"], test["is_sentence"])
+    evaluation = scores(test, decoded["hypotheses"])
     sentence_rows = [r for r, s in zip(decoded["rows"], test["is_sentence"]) if s]
     h = test["heatmap"]
     result = {
@@ -168,7 +175,7 @@ def evaluate_reference(directory: Path, test: dict[str, Any], args: argparse.Nam
     """The scores and attention entropy of an exported model on the same test split, with its training budget."""
     manifest = Manifest.load(directory)
     decoded = decode_test(directory, test["sources"], args.ort_threads, args.decode_batch)
-    evaluation = score_subsets(test["sources"], decoded["hypotheses"], test["references"], test["is_sentence"])
+    evaluation = scores(test, decoded["hypotheses"])
     sentence_rows = [r for r, s in zip(decoded["rows"], test["is_sentence"]) if s]
     training = manifest.training
     return {"model": f"{manifest.name}/{manifest.version}", "attention": manifest.attention.get("type"),
@@ -177,16 +184,50 @@ def evaluate_reference(directory: Path, test: dict[str, Any], args: argparse.Nam
             "entropy": attention_entropy(decoded["rows"]), "entropy_sentences": attention_entropy(sentence_rows)}
 
 
-def test_set(data: str, limit: int, heatmap_words: tuple[int, int]) -> dict[str, Any]:
-    pairs = split(load_corpus(data))["test"]
+def scores(test: dict[str, Any], hypotheses: list[str]) -> dict[str, Any]:
+    """BLEU/chrF overall, on full sentences, on phrases and by length; on a corpus of several domains (the mixed
+    one) also per evaluation set (Ding sentences and phrases, DDTP, gettext) with the placeholder share."""
+    evaluation = score_subsets(test["sources"], hypotheses, test["references"], test["is_sentence"])
+    if test["pairs"] is not None:
+        evaluation["domains"] = score_domains(test["pairs"], test["sources"], hypotheses, test["references"],
+                                              test["is_sentence"])
+    return evaluation
+
+
+def test_set(data: str, limit: int, sample: int, seed: int, heatmap_words: tuple[int, int]) -> dict[str, Any]:
+    """:func:`held_out_sources` of the corpus ``data``'s test split."""
+    return held_out_sources(split(load_corpus(data))["test"], limit, sample, seed, heatmap_words)
+
+
+def held_out_sources(pairs: list[Pair], limit: int, sample: int, seed: int,
+                 heatmap_words: tuple[int, int]) -> dict[str, Any]:
+    """The sources of test ``pairs`` with their references: the first ``limit`` pairs (0: all), or on a corpus of
+    several domains up to ``sample`` sources of each evaluation set, drawn with ``seed`` (0: all)."""
     if limit:
         pairs = pairs[:limit]
-    sources, references, is_sentence = group_references(pairs)
+    sets = eval_sets(pairs)
+    several = len({p.domain for p in pairs}) > 1
+    if several:
+        sources: list[str] = []
+        references: list[list[str]] = []
+        is_sentence: list[bool] = []
+        kept: set[str] = set()
+        for chosen in sets.values():  # references gathered per set, as training.evaluate does
+            for s, r, k in zip(*sample_sources(chosen, sample, seed)):
+                if s not in kept:  # a source of two sets (rare) is decoded once, scored in its first pair's set
+                    kept.add(s)
+                    sources.append(s)
+                    references.append(r)
+                    is_sentence.append(k)
+        pairs = [p for p in pairs if p.source in kept]
+    else:
+        sources, references, is_sentence = group_references(pairs)
     # One full sentence of moderate length for the heatmaps: the first in the split's order, so every run agrees.
     low, high = heatmap_words
     candidates = [i for i, s in enumerate(sources) if is_sentence[i] and low <= len(s.split()) <= high]
     heatmap = candidates[0] if candidates else max(range(len(sources)), key=lambda i: len(sources[i].split()))
-    return {"sources": sources, "references": references, "is_sentence": is_sentence, "heatmap": heatmap}
+    return {"sources": sources, "references": references, "is_sentence": is_sentence, "heatmap": heatmap,
+            "pairs": pairs if several else None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-batch", type=int, default=64)
     parser.add_argument("--parity-sentences", type=int, default=200)
     parser.add_argument("--eval-limit", type=int, default=0, help="only the first N test pairs (0: all)")
+    parser.add_argument("--eval-sample", type=int, default=0, help="on a corpus of several domains (mixed): up to N "
+                        "test sources of each evaluation set, drawn with --seed (0: all)")
     parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the BLEU intervals")
     parser.add_argument("--reference", default="",
                         help="an exported model of one variant trained longer (e.g. models/de-en-bahdanau/1), decoded "
@@ -232,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         max_target_tokens=args.budget_tokens, epochs=10_000, valid_every=10**9, valid_bleu_sample=0,
     )
     target = parameters(base, args.vocab_size)
-    test = test_set(args.data, args.eval_limit, (6, 12))
+    test = test_set(args.data, args.eval_limit, args.eval_sample, args.seed, (6, 12))
     log.info("reference: Bahdanau with %d parameters; %d test sources (%d full sentences)", target,
              len(test["sources"]), sum(test["is_sentence"]))
     results = []

@@ -265,6 +265,36 @@ def _row(r: dict[str, Any], boot: dict[str, list[float]]) -> str:
             f"{r['training']['tokens_per_s']:,.0f} | {r['decoding']['sentences_per_s']:,.1f} |")
 
 
+def domain_lines(results: list[dict[str, Any]], reference: dict[str, Any] | None) -> list[str]:
+    """BLEU per evaluation set of the mixed corpus (absent on a one-domain corpus), the reference model's last."""
+    rows = [(r["variant"], r["evaluation"]) for r in results if "domains" in r["evaluation"]]
+    if reference and "domains" in reference["evaluation"]:
+        rows.append((f"{reference['model']} (reference, {reference['target_tokens']:,} tokens)",
+                     reference["evaluation"]))
+    if not rows:
+        return []
+    sets = list(rows[0][1]["domains"])
+
+    def cell(domains: dict[str, Any], name: str) -> str:
+        d = domains.get(name)
+        if d is None:
+            return "–"
+        text = f"{d['all']['bleu']:.2f}"
+        if "phrases_1-3" in d:
+            text += f" ({d['phrases_1-3']['bleu']:.2f})"
+        if "placeholders" in d:
+            text += f" / {d['placeholders']['share']:.0%}"
+        return text
+
+    counts = {name: rows[0][1]["domains"][name]["all"]["count"] for name in sets}
+    return ["## BLEU per evaluation set", "",
+            "Ding phrases: all of them (in brackets: those of 1–3 words); gettext: BLEU / the share of messages "
+            "with placeholders that keep every one.", "",
+            "| variant | " + " | ".join(f"{n} (n={counts[n]})" for n in sets) + " |",
+            "|---|" + "---:|" * len(sets),
+            *(f"| {name} | " + " | ".join(cell(e["domains"], n) for n in sets) + " |" for name, e in rows), ""]
+
+
 def budget_lines(results: list[dict[str, Any]], reference: dict[str, Any] | None) -> list[str]:
     """The same architecture trained longer: does attention start to matter with more tokens?"""
     if not reference:
@@ -338,6 +368,7 @@ def write_report(results: list[dict[str, Any]], test: dict[str, Any], out: Path,
         f"(batches of {args.decode_batch} length-sorted sources). Both were measured on a shared machine: the "
         "load average before each run is in the results file.",
         "",
+        *domain_lines(results, reference),
         "## BLEU by source length",
         "",
         "| variant | " + " | ".join(f"{n} words (n={c})" for n, c in zip(names, counts)) + " |",
