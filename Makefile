@@ -109,14 +109,17 @@ models: setup
 variants: setup
 	$(PY) bench/attention_variants.py --budget-tokens 1000000 --threads 1 --ort-threads 1 --reference models/de-en-bahdanau/1
 
-# The serving benchmarks (about 25 minutes): docs/benchmarks.md. bench/serving.py: the bundled model against PyTorch
+# The serving benchmarks (about 30 minutes): docs/benchmarks.md. bench/serving.py: the bundled model against PyTorch
 # eager and batching off ((a) needs the checkpoint that `make models` leaves in runs/de-en-bahdanau/);
 # bench/overhead.py: the server's own cost per sentence, one process against front-ends and an engine process;
-# bench/grpc_floor.py: the same load against a gRPC server that does nothing, the floor under that cost.
+# bench/grpc_floor.py: the same load against a gRPC server that does nothing, the floor under that cost;
+# bench/soak.py: 40,000 requests with every bundled model loaded, the memory of each server process (5 minutes).
+# Each writes its own section of docs/benchmarks.md.
 benchmark: setup
 	$(PY) bench/serving.py
 	$(PY) bench/overhead.py
 	$(PY) bench/grpc_floor.py
+	$(PY) bench/soak.py
 
 # Serves the bundled models (models/, or ATTN_MODELS_DIR) on localhost:50051, metrics on :9464; Ctrl-C drains.
 # The mixed-corpus translator (docs/translation-quality.md) answers requests that name no model, when it is there.

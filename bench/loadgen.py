@@ -63,14 +63,21 @@ class ServerProcess:
 
     def rss_bytes(self) -> int:
         """Resident memory of the server and of every live process below it (front-ends, the engine)."""
-        total = 0
+        return sum(rss for _, rss in self.rss_by_process().values())
+
+    def rss_by_process(self) -> dict[int, tuple[str, int]]:
+        """pid -> (name, resident bytes) of the server's process tree; the name is the process's own
+        (/proc/PID/comm: ``attn-engine-0``, ``attn-frontend-0``; the parent: ``server``)."""
+        out = {}
         for pid in process_tree(self.process.pid):
             try:
                 status = Path(f"/proc/{pid}/status").read_text()
+                name = "server" if pid == self.process.pid else Path(f"/proc/{pid}/comm").read_text().strip()
             except FileNotFoundError:  # exited meanwhile
                 continue
-            total += next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:")), 0)
-        return total
+            out[pid] = (name, next((int(line.split()[1]) * 1024 for line in status.splitlines()
+                                    if line.startswith("VmRSS:")), 0))
+        return out
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the server and of every live process below it, from /proc (the same for any

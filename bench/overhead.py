@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
 from bench.loadgen import ServerProcess, drive, drive_processes  # noqa: E402
+from bench.sections import replace_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "ding-sample.txt"
@@ -203,12 +204,7 @@ def write_section(results: dict[str, Any], report: Path) -> None:
                              "its p50 latency.")
         lines.append("")
     lines.append(END)
-    text = report.read_text() if report.exists() else ""
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + "\n".join(lines) + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
-    report.write_text(text)
+    replace_section(report, BEGIN, END, lines)
 
 
 if __name__ == "__main__":

@@ -153,6 +153,11 @@ def session(graph: Path | bytes, device: Device, threads: int) -> ort.InferenceS
     not give the first provider asked for."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # ONNX Runtime's CPU arena keeps every buffer the largest batch × length shapes so far have needed and grows in
+    # steps as new shapes arrive: a server's memory crept up for its first ~30,000 requests. Without it buffers go
+    # back to malloc, and the engine's CPU time per sentence was the same (docs/benchmarks.md, "Memory over a long
+    # soak"). The CUDA provider's device arena is a separate allocator and stays.
+    options.enable_cpu_mem_arena = False
     options.intra_op_num_threads = threads or default_threads()
     options.inter_op_num_threads = 1
     spinning = "1" if device.allow_spinning else "0"

@@ -61,6 +61,10 @@ def _become_child(parent: int, settings: Settings, runtime_dir: Path | None = No
     (the engine's, the last process to use its socket)."""
     os.setpgrp()  # Ctrl-C in a terminal goes to the parent only; it drains the children in order
     logs.configure(settings.log_level, settings.log_format)
+    try:  # what ps, top and /proc/PID/comm show: attn-engine-0, attn-frontend-1 instead of "python"
+        Path("/proc/self/comm").write_text(multiprocessing.current_process().name[:15])
+    except OSError:  # not Linux
+        pass
 
     def orphaned() -> None:  # the parent was killed: nothing would drain or restart us
         while os.getppid() == parent:

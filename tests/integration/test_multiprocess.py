@@ -255,6 +255,8 @@ def test_a_killed_parent_leaves_no_process_and_no_folder(models_dir: Path, tmp_p
     children = [int(c) for task in Path(f"/proc/{server.process.pid}/task").iterdir()
                 for c in (task / "children").read_text().split()]
     assert children and len(list(runtime.glob("attn-serve-*"))) == 1
+    names = sorted(Path(f"/proc/{pid}/comm").read_text().strip() for pid in children)
+    assert [n for n in names if n.startswith("attn-")] == ["attn-engine-0", "attn-frontend-0", "attn-frontend-1"]
     server.kill()
 
     def gone(pid: int) -> bool:
