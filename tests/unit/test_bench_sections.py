@@ -1,0 +1,33 @@
+"""Benchmarks share docs/benchmarks.md, each in its own marked section; the soak's reading of its memory series."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bench.sections import replace_section  # noqa: E402
+from bench.soak import stability, warm_up  # noqa: E402
+
+A, A_END, B, B_END = "<!-- a -->", "<!-- /a -->", "<!-- b -->", "<!-- /b -->"
+
+
+def test_a_section_is_replaced_in_place_and_the_others_stay(tmp_path: Path) -> None:
+    doc = tmp_path / "benchmarks.md"
+    replace_section(doc, A, A_END, [A, "first a", A_END])
+    assert doc.read_text() == f"{A}\nfirst a\n{A_END}\n"  # a new document starts with the section
+    replace_section(doc, B, B_END, [B, "b", B_END])
+    doc.write_text(doc.read_text() + "written by hand\n")
+    replace_section(doc, A, A_END, [A, "second a", "more", A_END])
+    assert doc.read_text() == f"{A}\nsecond a\nmore\n{A_END}\n\n{B}\nb\n{B_END}\nwritten by hand\n"
+
+
+def test_the_warm_up_ends_where_every_later_reading_stays_in_the_band() -> None:
+    totals = [300.0, 400.0, 460.0, 480.0, 470.0, 490.0, 482.0, 478.0]
+    start = warm_up(totals, 0.05)
+    assert start == 2  # 460 is within 5% of the median of 460..490; 400 is not
+    settled = stability(totals, start)
+    assert settled["median_mib"] == 479.0
+    assert settled["max_deviation"] == round(19 / 479, 4)
+    assert warm_up([100.0, 200.0, 400.0], 0.05) == 2  # still growing: only the last reading is "settled"
