@@ -144,6 +144,7 @@ class Run:
     latencies: list[float] = field(default_factory=list)  # of OK requests
     codes: Counter[str] = field(default_factory=Counter)
     target_tokens: int = 0
+    sentences: int = 0  # translated by OK requests
     outputs: dict[int, list[int]] = field(default_factory=dict)  # sentence index -> best hypothesis's ids
 
     def summary(self) -> dict[str, Any]:
@@ -151,7 +152,7 @@ class Run:
         lat = np.array(self.latencies) if self.latencies else np.zeros(1)
         return {
             "concurrency": self.concurrency, "seconds": round(self.seconds, 2), "requests": sum(self.codes.values()),
-            "ok": ok, "sentences_per_s": round(ok / self.seconds, 2),
+            "ok": ok, "sentences_per_s": round(self.sentences / self.seconds, 2),
             "target_tokens_per_s": round(self.target_tokens / self.seconds, 1),
             "p50_ms": round(float(np.percentile(lat, 50)) * 1000, 1),
             "p95_ms": round(float(np.percentile(lat, 95)) * 1000, 1),
@@ -161,7 +162,7 @@ class Run:
 
 
 async def _drive(target: str, texts: list[str], concurrency: int, options: pb.DecodingOptions,
-                 seconds: float, requests: int, deadline: float) -> Run:
+                 seconds: float, requests: int, deadline: float, texts_per_call: int = 1) -> Run:
     run = Run(concurrency, 0.0)
     counter = iter(range(10**9))
     channel = grpc.aio.insecure_channel(target, options=[("grpc.max_receive_message_length", 256 * 2**20)])
@@ -174,19 +175,22 @@ async def _drive(target: str, texts: list[str], concurrency: int, options: pb.De
             n = next(counter)
             if requests and n >= requests:
                 return
-            i = n % len(texts)
+            first = n * texts_per_call
+            chosen = [(first + j) % len(texts) for j in range(texts_per_call)]
             sent = time.perf_counter()
             try:
-                response = await stub.Translate(pb.TranslateRequest(texts=[texts[i]], options=options),
-                                                timeout=deadline)
+                response = await stub.Translate(pb.TranslateRequest(texts=[texts[i] for i in chosen],
+                                                                    options=options), timeout=deadline)
             except grpc.aio.AioRpcError as error:
                 run.codes[error.code().name] += 1
                 continue
             run.latencies.append(time.perf_counter() - sent)
             run.codes["OK"] += 1
-            best = response.translations[0].hypotheses[0]
-            run.target_tokens += len(best.tokens)
-            run.outputs[i] = [t.id for t in best.tokens]
+            run.sentences += len(chosen)
+            for i, translation in zip(chosen, response.translations):
+                best = translation.hypotheses[0]
+                run.target_tokens += len(best.tokens)
+                run.outputs[i] = [t.id for t in best.tokens]
 
     await asyncio.gather(*(client() for _ in range(concurrency)))
     run.seconds = time.perf_counter() - started
@@ -195,21 +199,23 @@ async def _drive(target: str, texts: list[str], concurrency: int, options: pb.De
 
 
 def drive(target: str, texts: list[str], concurrency: int, options: pb.DecodingOptions, *, seconds: float = 0.0,
-          requests: int = 0, deadline: float = 120.0) -> Run:
-    """``concurrency`` clients sending sentences of ``texts`` in turn, for ``seconds`` or ``requests`` in all."""
-    return asyncio.run(_drive(target, texts, concurrency, options, seconds, requests, deadline))
+          requests: int = 0, deadline: float = 120.0, texts_per_call: int = 1) -> Run:
+    """``concurrency`` clients sending sentences of ``texts`` in turn, ``texts_per_call`` in each Translate call,
+    for ``seconds`` or ``requests`` calls in all."""
+    return asyncio.run(_drive(target, texts, concurrency, options, seconds, requests, deadline, texts_per_call))
 
 
-def _drive_part(args: tuple[str, list[str], int, bytes, float, float]) -> dict[str, Any]:
-    target, texts, concurrency, options, seconds, start_at = args
+def _drive_part(args: tuple[str, list[str], int, bytes, float, float, int]) -> dict[str, Any]:
+    target, texts, concurrency, options, seconds, start_at, texts_per_call = args
     time.sleep(max(0.0, start_at - time.time()))  # every part measures the same window
-    run = drive(target, texts, concurrency, pb.DecodingOptions.FromString(options), seconds=seconds)
-    return {"ok": run.codes.get("OK", 0), "codes": dict(run.codes), "target_tokens": run.target_tokens,
+    run = drive(target, texts, concurrency, pb.DecodingOptions.FromString(options), seconds=seconds,
+                texts_per_call=texts_per_call)
+    return {"ok": run.sentences, "codes": dict(run.codes), "target_tokens": run.target_tokens,
             "latencies": run.latencies, "seconds": run.seconds}
 
 
 def drive_processes(target: str, texts: list[str], concurrency: int, options: pb.DecodingOptions, *,
-                    seconds: float, processes: int) -> dict[str, Any]:
+                    seconds: float, processes: int, texts_per_call: int = 1) -> dict[str, Any]:
     """:func:`drive` split over ``processes`` client processes (``concurrency`` clients in all), so that the load
     generator's own Python is not what limits the figure; the parts' counts are summed."""
     import multiprocessing
@@ -218,15 +224,16 @@ def drive_processes(target: str, texts: list[str], concurrency: int, options: pb
     shares = [concurrency // processes + (1 if i < concurrency % processes else 0) for i in range(processes)]
     start_at = time.time() + 2.0 + 0.5 * processes  # after every client process has started
     with multiprocessing.get_context("spawn").Pool(processes) as pool:
-        parts = pool.map(_drive_part, [(target, texts, share, options.SerializeToString(), seconds, start_at)
-                                       for share in shares])
+        parts = pool.map(_drive_part, [(target, texts, share, options.SerializeToString(), seconds, start_at,
+                                        texts_per_call) for share in shares])
     wall = max(p["seconds"] for p in parts)
     latencies = np.array([x for p in parts for x in p["latencies"]] or [0.0])
     codes: Counter[str] = Counter()
     for p in parts:
         codes.update(p["codes"])
     ok = sum(p["ok"] for p in parts)
-    return {"concurrency": concurrency, "client_processes": processes, "seconds": round(wall, 2), "ok": ok,
+    return {"concurrency": concurrency, "client_processes": processes, "texts_per_call": texts_per_call,
+            "seconds": round(wall, 2), "ok": ok,
             "sentences_per_s": round(ok / wall, 1), "target_tokens_per_s": round(sum(p["target_tokens"] for p in parts)
                                                                                / wall, 1),
             "p50_ms": round(float(np.percentile(latencies, 50)) * 1000, 2),

@@ -73,10 +73,11 @@ def ding_sentences() -> list[str]:
 
 
 def measure(server: ServerProcess, texts: list[str], concurrency: int, options: pb.DecodingOptions,
-            seconds: float, processes: int) -> dict[str, Any]:
+            seconds: float, processes: int, texts_per_call: int = 1) -> dict[str, Any]:
     drive(server.target, texts, min(concurrency, 8), options, requests=32)  # warm-up
     before = server.cpu_seconds()
-    run = drive_processes(server.target, texts, concurrency, options, seconds=seconds, processes=processes)
+    run = drive_processes(server.target, texts, concurrency, options, seconds=seconds, processes=processes,
+                          texts_per_call=texts_per_call)
     server_cpu = server.cpu_seconds() - before  # includes the client processes' start-up wait: none of the server's
     run["server_cpu_ms_per_sentence"] = round(1000 * server_cpu / max(run["ok"], 1), 3)
     run["server_cores"] = round(server_cpu / run["seconds"], 2)
@@ -84,18 +85,19 @@ def measure(server: ServerProcess, texts: list[str], concurrency: int, options: 
 
 
 def design(models: Path, texts: list[str], frontends: int | None, options: pb.DecodingOptions, seconds: float,
-           processes: int, root: Path = ROOT) -> list[dict[str, Any]]:
+           processes: int, root: Path = ROOT, texts_per_call: int = 1) -> list[dict[str, Any]]:
     """The runs of one design: ``frontends`` front-ends of the server in ``root`` (None: that server's default,
     for a commit that has no such setting)."""
     runs = []
     settings = {} if frontends is None else {"frontends": frontends}
     with ServerProcess(models, root=root, reload_interval=0, **settings) as server:
         for concurrency in CONCURRENCY:
-            run = measure(server, texts, concurrency, options, seconds, 1 if concurrency == 1 else processes)
+            run = measure(server, texts, concurrency, options, seconds, 1 if concurrency == 1 else processes,
+                          texts_per_call)
             run["frontends"] = frontends
             runs.append(run)
             print(json.dumps(run), flush=True)
-        more = measure(server, texts, CONCURRENCY[-1], options, seconds, processes + 1)
+        more = measure(server, texts, CONCURRENCY[-1], options, seconds, processes + 1, texts_per_call)
         more.update(frontends=frontends, check="one client process more")
         runs.append(more)
         print(json.dumps(more), flush=True)
@@ -112,21 +114,26 @@ def main(argv: list[str] | None = None) -> int:
                         "'before' (its server's default process layout)")
     parser.add_argument("--bundled", type=Path, default=ROOT / "models", help="folder holding de-en-bahdanau")
     parser.add_argument("--skip-bundled", action="store_true")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "overhead.json")
+    parser.add_argument("--texts-per-call", type=int, default=1, help="sentences in each Translate call; above 1 "
+                        "the results go to overhead-batched.json and a section of their own")
+    parser.add_argument("--out", type=Path, help="default: docs/benchmarks/overhead.json (overhead-batched.json "
+                        "with --texts-per-call above 1)")
     parser.add_argument("--report", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args(argv)
 
+    batched = args.texts_per_call > 1
+    out = args.out or ROOT / "docs" / "benchmarks" / ("overhead-batched.json" if batched else "overhead.json")
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
                                "seconds_per_run": args.seconds, "client_processes": args.client_processes,
-                               "commit": _commit(ROOT)}
+                               "texts_per_call": args.texts_per_call, "commit": _commit(ROOT)}
     designs: list[tuple[str, int | None, Path]] = [(str(n), n, ROOT) for n in [0, *args.frontends]]
     if args.baseline:
         results["baseline"] = _commit(args.baseline)
         designs.insert(0, ("before", None, args.baseline))
 
     def measured(models: Path, texts: list[str], options: pb.DecodingOptions) -> dict[str, list[dict[str, Any]]]:
-        return {key: design(models, texts, n, options, args.seconds, args.client_processes, root)
-                for key, n, root in designs}
+        return {key: design(models, texts, n, options, args.seconds, args.client_processes, root,
+                            args.texts_per_call) for key, n, root in designs}
 
     capped = pb.DecodingOptions(beam_size=1, max_output_tokens=12, attention=pb.ATTENTION_DETAIL_FULL)
     results["negligible"] = measured(negligible_model(ROOT / "runs" / "bench-overhead"), fixture_sources(), capped)
@@ -138,10 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         greedy = pb.DecodingOptions(beam_size=1, attention=pb.ATTENTION_DETAIL_FULL)
         results["bundled"] = measured(one, ding_sentences(), greedy)
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
     write_section(results, args.report)
-    print(f"wrote {args.out} and the overhead section of {args.report}")
+    print(f"wrote {out} and the overhead section of {args.report}")
     return 0
 
 
@@ -184,14 +191,24 @@ def ratios(runs: dict[str, list[dict[str, Any]]], concurrency: int) -> dict[str,
 
 
 def write_section(results: dict[str, Any], report: Path) -> None:
-    """The overhead section of docs/benchmarks.md, between its markers (replaced on every run)."""
+    """The overhead section of docs/benchmarks.md, between its markers (replaced on every run); with several
+    sentences per call, a section of its own."""
     base = _design("before" if "baseline" in results else "0", results)
-    lines = [BEGIN, "## Front-end processes and an engine process", "",
-             f"Produced by `.venv/bin/python bench/overhead.py` at commit {results.get('commit', '?')} on "
-             f"{results['finished']}; raw numbers in `docs/benchmarks/overhead.json`. Machine: "
+    per_call = results.get("texts_per_call", 1)
+    begin, end, title, raw = (BEGIN, END, "Front-end processes and an engine process", "overhead.json")
+    command = ".venv/bin/python bench/overhead.py"
+    if per_call > 1:
+        begin, end = BEGIN.replace("overhead:", "overhead-batched:"), END.replace("overhead", "overhead-batched")
+        title, raw = f"The same with {per_call} sentences per call", "overhead-batched.json"
+        command += f" --texts-per-call {per_call}"
+    lines = [begin, f"## {title}", "",
+             f"Produced by `{command}` at commit {results.get('commit', '?')} on "
+             f"{results['finished']}; raw numbers in `docs/benchmarks/{raw}`. Machine: "
              f"{results['machine']['cpus']} CPUs, no GPU; {results['seconds_per_run']} s per measured run; the "
              "load generator runs in separate processes on the same cores. Server CPU is the user + system time of "
-             "the server's whole process tree over the run (from /proc), per sentence answered.", ""]
+             "the server's whole process tree over the run (from /proc), per sentence answered"
+             + (f"; each Translate call carries {per_call} sentences (a client counts as one call in flight)."
+                if per_call > 1 else "."), ""]
     for key, title in (("negligible", "A model of negligible compute (widths 8, outputs capped at 12 tokens): the "
                         "serving path's own cost"), ("bundled", "The bundled de-en-bahdanau on this CPU")):
         if key not in results:
@@ -203,8 +220,8 @@ def write_section(results: dict[str, Any], report: Path) -> None:
                              f"throughput of {base}, {r['cpu_per_sentence']}× its CPU per sentence, {r['p50']}× "
                              "its p50 latency.")
         lines.append("")
-    lines.append(END)
-    replace_section(report, BEGIN, END, lines)
+    lines.append(end)
+    replace_section(report, begin, end, lines)
 
 
 if __name__ == "__main__":
