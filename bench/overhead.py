@@ -17,7 +17,8 @@ At 1, 64 and 256 clients (greedy, full attention): sentences/s, target tokens/s,
 milliseconds per sentence (the user + system time of the server's whole process tree, from /proc, over the run,
 divided by the sentences answered). The load generator runs in several
 processes (:func:`bench.loadgen.drive_processes`); at 256 clients it runs once more with one process more, to show
-that the client is not what limits the figure.
+that the client is not what limits the figure. ``--texts-per-call N`` sends N sentences in each call, as a batch job
+would (the call's own cost is then paid once per N sentences); its results have a file and a section of their own.
 """
 
 from __future__ import annotations
