@@ -74,9 +74,10 @@ class CaptionTrainConfig:
     lr: float = option(1e-3, "Adam learning rate.", on_resume=True)
     clip: float = option(5.0, "Gradient norm clipping threshold.")
     epochs: int = option(20, "Budget: passes over the training captions.")
-    max_steps: int = option(0, "Budget: optimizer steps; 0 = no limit.")
-    max_target_tokens: int = option(0, "Budget: caption tokens trained on (all processes together); 0 = no limit.")
-    max_minutes: float = option(0.0, "Budget: wall-clock minutes; 0 = no limit.")
+    max_steps: int = option(0, "Budget: optimizer steps; 0 = no limit.", on_resume=True)
+    max_target_tokens: int = option(0, "Budget: caption tokens trained on (all processes together); 0 = no limit.",
+                                   on_resume=True)
+    max_minutes: float = option(0.0, "Budget: wall-clock minutes; 0 = no limit.", on_resume=True)
     valid_every: int = option(500, "Validate (and write last.pt, and best.pt on a new best --best-by) every N steps.",
                               on_resume=True)
     valid_bleu_sample: int = option(500, "Valid images captioned for BLEU-4 (and attention correctness on scenes) "

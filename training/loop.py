@@ -118,16 +118,10 @@ def hardware(device: torch.device, world: int) -> str:
 
 
 def resumed_config(cls: type, cfg: Any, saved: dict[str, Any]) -> Any:
-    """The saved run's config; budgets given anew on the command line extend it, and ``on_resume`` fields
-    (training.config.option) given a value other than their default replace the saved one."""
-    given = {}
-    for f in fields(cls):
-        value = getattr(cfg, f.name)
-        if f.name.startswith("max_") and f.name != "max_tokens":
-            if value:
-                given[f.name] = value
-        elif f.metadata.get("on_resume") and f.default is not MISSING and value != f.default:
-            given[f.name] = value
+    """The saved run's config, with the ``on_resume`` fields (training.config.option: budgets, schedule, run
+    folder, threads) given on the command line a value other than their default: a budget given anew extends it."""
+    given = {f.name: getattr(cfg, f.name) for f in fields(cls)
+             if f.metadata.get("on_resume") and f.default is not MISSING and getattr(cfg, f.name) != f.default}
     return cls(**{**saved, **given})
 
 

@@ -73,9 +73,10 @@ class TrainConfig:
     lr: float = option(1e-3, "Adam learning rate.", on_resume=True)
     clip: float = option(1.0, "Gradient norm clipping threshold.")
     epochs: int = option(10, "Budget: passes over the training data.")
-    max_steps: int = option(0, "Budget: optimizer steps; 0 = no limit.")
-    max_target_tokens: int = option(0, "Budget: target tokens trained on (all processes together); 0 = no limit.")
-    max_minutes: float = option(0.0, "Budget: wall-clock minutes; 0 = no limit.")
+    max_steps: int = option(0, "Budget: optimizer steps; 0 = no limit.", on_resume=True)
+    max_target_tokens: int = option(0, "Budget: target tokens trained on (all processes together); 0 = no limit.",
+                                   on_resume=True)
+    max_minutes: float = option(0.0, "Budget: wall-clock minutes; 0 = no limit.", on_resume=True)
     valid_every: int = option(1000, "Validate (and write last.pt, best.pt on a new best valid loss) every N steps.",
                               on_resume=True)
     valid_bleu_sample: int = option(300, "Valid pairs translated for BLEU/chrF at each validation (half of them "
