@@ -137,6 +137,18 @@ def tree_cpu_seconds(root: int) -> float:
     return total
 
 
+def stability(totals: list[float], start: int) -> dict[str, float]:
+    """Of a series of memory readings, from index ``start`` on (after the warm-up): the median, the largest
+    relative deviation from it, and the drift from the first quarter's mean to the last quarter's (relative to the
+    median)."""
+    settled = totals[start:]
+    median = float(np.median(settled))
+    quarter = max(len(settled) // 4, 1)
+    return {"median_mib": round(median, 1),
+            "max_deviation": round(max(abs(x - median) for x in settled) / median, 4),
+            "drift": round(float(np.mean(settled[-quarter:]) - np.mean(settled[:quarter])) / median, 4)}
+
+
 @dataclass
 class Run:
     concurrency: int

@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
-from bench.loadgen import Run, ServerProcess, drive  # noqa: E402
+from bench.loadgen import Run, ServerProcess, drive, stability  # noqa: E402
 
 CONCURRENCY = [1, 4, 16, 64, 256]
 FULL, NONE = pb.ATTENTION_DETAIL_FULL, pb.ATTENTION_DETAIL_NONE
@@ -244,14 +244,9 @@ def server_run(server: ServerProcess, texts: list[str], concurrency: int, option
 
 
 def rss_stability(rss: list[float]) -> dict[str, float]:
-    """After the first chunk (allocator warm-up): the largest distance from the median, and the drift from the
-    first quarter's mean to the last quarter's, both relative to the median."""
-    settled = rss[1:]
-    median = float(np.median(settled))
-    quarter = max(len(settled) // 4, 1)
-    return {"rss_median_mib": round(median, 1),
-            "rss_max_deviation": round(max(abs(x - median) for x in settled) / median, 4),
-            "rss_drift": round((np.mean(settled[-quarter:]) - np.mean(settled[:quarter])) / median, 4)}
+    """:func:`bench.loadgen.stability` after the first chunk (allocator warm-up)."""
+    settled = stability(rss, 1)
+    return {f"rss_{key}": value for key, value in settled.items()}
 
 
 def identical(a: dict[int, list[int]], b: dict[int, list[int]]) -> dict[str, int]:

@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
-from bench.loadgen import ServerProcess, drive  # noqa: E402
+from bench.loadgen import ServerProcess, drive, stability  # noqa: E402
 from bench.sections import replace_section  # noqa: E402
 from bench.serving import test_sentences  # noqa: E402
 
@@ -44,17 +44,6 @@ def warm_up(totals: list[float], band: float) -> int:
         if all(abs(x - median) <= band * median for x in rest):
             return start
     return len(totals) - 1
-
-
-def stability(totals: list[float], start: int) -> dict[str, float]:
-    """After the warm-up: the median, the largest relative deviation from it, and the drift from the first quarter's
-    mean to the last quarter's (relative to the median)."""
-    settled = totals[start:]
-    median = float(np.median(settled))
-    quarter = max(len(settled) // 4, 1)
-    return {"median_mib": round(median, 1),
-            "max_deviation": round(max(abs(x - median) for x in settled) / median, 4),
-            "drift": round(float(np.mean(settled[-quarter:]) - np.mean(settled[:quarter])) / median, 4)}
 
 
 def main(argv: list[str] | None = None) -> int:
