@@ -124,8 +124,10 @@ def repeats(spec: str) -> dict[str, int]:
 
 def times_repeated(pair: Pair, weights: dict[str, int]) -> int:
     """How often ``pair`` is trained on per epoch: the largest repeat of the groups it belongs to (1 if none)."""
+    if not weights:  # no --repeat: skip the placeholder search over every training pair
+        return 1
     groups = [eval_set_of(pair)] if pair.domain in DOMAINS else []
-    if pair.domain == "gettext" and required_placeholders(pair.source, [pair.target]):
+    if pair.domain == "gettext" and "placeholders" in weights and required_placeholders(pair.source, [pair.target]):
         groups.append("placeholders")
     return max([weights.get(g, 1) for g in groups], default=1)
 
