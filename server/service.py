@@ -81,10 +81,24 @@ def rpc(name: str) -> Callable[
             call = Call(name, _request_id(context))
             token = logs.request_id.set(call.request_id)
             started = time.monotonic()
-            code, error, internal = grpc.StatusCode.OK, "", False
+            code, error, internal, recorded = grpc.StatusCode.OK, "", False, False
             self.metrics.inflight.labels(name).inc()
             logs.event(log, "rpc_received", level=logging.DEBUG, rpc=name)
             context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
+
+            def record() -> None:
+                nonlocal recorded
+                recorded = True
+                seconds = time.monotonic() - started
+                if code.name in REFUSALS:
+                    self.metrics.refusals.labels(name, REFUSALS[code.name]).inc()
+                self.metrics.inflight.labels(name).dec()
+                self.metrics.observe(name, call.model, call.version, code.name, seconds)
+                fields = {**(call.fields or {}), **({"error": error} if error else {})}
+                logs.event(log, "rpc", level=logging.ERROR if internal else logging.INFO, rpc=name,
+                           model=call.model, version=call.version, code=code.name, seconds=round(seconds, 4),
+                           **fields)
+
             try:
                 if isinstance(request, Malformed):
                     raise InvalidInput(f"the request is not a valid {request.message_type}: {request.error}")
@@ -104,18 +118,13 @@ def rpc(name: str) -> Callable[
                 error = str(exc) or type(exc).__name__
                 if internal:  # the traceback goes to the log, never to the client
                     logs.event(log, "rpc_internal_error", level=logging.ERROR, exc_info=True, rpc=name)
+                # Counted before the status leaves: a client that reads /metrics right after its error sees it.
+                record()
                 await context.abort(code, message, trailing_metadata=((REQUEST_ID_KEY, call.request_id),))
                 raise  # unreachable: abort raises
             finally:
-                seconds = time.monotonic() - started
-                if code.name in REFUSALS:
-                    self.metrics.refusals.labels(name, REFUSALS[code.name]).inc()
-                self.metrics.inflight.labels(name).dec()
-                self.metrics.observe(name, call.model, call.version, code.name, seconds)
-                fields = {**(call.fields or {}), **({"error": error} if error else {})}
-                logs.event(log, "rpc", level=logging.ERROR if internal else logging.INFO, rpc=name,
-                           model=call.model, version=call.version, code=code.name, seconds=round(seconds, 4),
-                           **fields)
+                if not recorded:
+                    record()
                 logs.request_id.reset(token)
 
         return wrapper
