@@ -62,31 +62,28 @@ class Candidates:
         return Candidates(self.scores[rows], self.ids[rows], self.eos[rows])
 
 
-def _score_dtype(dtype: np.dtype) -> np.dtype:
-    return np.dtype(np.float32) if dtype == np.float16 else np.dtype(dtype)
-
-
 def top_candidates(log_probs: np.ndarray, width: int, banned: Sequence[int], eos: int) -> Candidates:
     """The host path: :class:`Candidates` from the step's log-probabilities in numpy. ``log_probs`` (rows, vocab)
     gets the banned ids set to -inf in place."""
-    if log_probs.dtype != _score_dtype(log_probs.dtype):
-        log_probs = log_probs.astype(_score_dtype(log_probs.dtype))
-    if len(banned):
-        log_probs[:, banned] = -np.inf
+    if log_probs.dtype == np.float16:
+        log_probs = log_probs.astype(np.float32)
+    for banned_id in banned:  # a model's special ids, one or two: a column each beats one fancy index
+        log_probs[:, banned_id] = -np.inf
     rows, vocab = log_probs.shape
     width = min(width, vocab)
     everyone = np.arange(rows)
-    if width == 1:
-        ids = log_probs.argmax(axis=1)[:, None]  # the first of equal maxima
-    else:
-        ids = np.argpartition(log_probs, vocab - width, axis=1)[:, vocab - width :]
-        threshold = log_probs[everyone[:, None], ids].min(axis=1)
-        # argpartition picks any of the values equal to the threshold; TopK the lowest ids among them.
-        for row in np.flatnonzero((log_probs >= threshold[:, None]).sum(axis=1) > width):
-            above = np.flatnonzero(log_probs[row] > threshold[row])
-            tied = np.flatnonzero(log_probs[row] == threshold[row])[: width - len(above)]
-            ids[row] = np.concatenate([above, tied])
-        ids = ids[everyone[:, None], np.lexsort((ids, -log_probs[everyone[:, None], ids]), axis=1)]
+    if width == 1:  # greedy: the few numpy calls it needs (a step of one row pays per call, not per element)
+        best = log_probs.argmax(axis=1)  # the first of equal maxima
+        return Candidates(log_probs[everyone, best][:, None], best[:, None].astype(np.int64, copy=False),
+                          log_probs[:, eos].copy())
+    ids = np.argpartition(log_probs, vocab - width, axis=1)[:, vocab - width :]
+    threshold = log_probs[everyone[:, None], ids].min(axis=1)
+    # argpartition picks any of the values equal to the threshold; TopK the lowest ids among them.
+    for row in np.flatnonzero((log_probs >= threshold[:, None]).sum(axis=1) > width):
+        above = np.flatnonzero(log_probs[row] > threshold[row])
+        tied = np.flatnonzero(log_probs[row] == threshold[row])[: width - len(above)]
+        ids[row] = np.concatenate([above, tied])
+    ids = ids[everyone[:, None], np.lexsort((ids, -log_probs[everyone[:, None], ids]), axis=1)]
     ids = ids.astype(np.int64, copy=False)
     return Candidates(log_probs[everyone[:, None], ids], ids, log_probs[:, eos].copy())
 

@@ -18,7 +18,7 @@ import numpy as np
 from server.engine.lanes import Lane, Owner
 from server.errors import Cancelled, DeadlineExceeded, Overloaded, ShuttingDown
 from server.logs import event
-from server.metrics import Metrics
+from server.metrics import Metrics, observe_many
 from server.runtime import DecoderRuntime
 from server.search import Hypothesis, Search
 
@@ -29,6 +29,7 @@ ADMISSION_WINDOW = 64  # queued requests looked at when filling a group by sourc
 # a lane pads its sources to its own longest, not to the longest in flight, and the static inputs attended over at
 # every step shrink with it.
 LENGTH_BUCKETS = (16, 32, 64)
+FLUSH_SECONDS = 0.25  # under load the step metrics reach /metrics at least this often
 SEARCHES_KEPT = 64  # decoding settings remembered for sharing (a client can send a new length penalty every call)
 
 
@@ -162,6 +163,8 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self._lock:
+                if self._metric and not self._queue and not self._lanes:
+                    self._metric.flush()  # idle (a cancellation emptied the lanes): nothing tallied waits
                 while not self._closed and not self._queue and not self._lanes:
                     self._lock.wait()
                 if self._closed:
@@ -179,6 +182,8 @@ class Engine:
         for request in [*waiting, *self._active.values()]:
             self._fail(request, stopped)
         self._lanes.clear()
+        if self._metric:
+            self._metric.flush()
 
     def _expired(self) -> list[Request]:
         """Requests cancelled or past their deadline since the last step; the queued ones leave the queue. Called
@@ -236,7 +241,8 @@ class Engine:
         try:
             started = time.perf_counter()
             state, static = model.encode([item for r in group for item in r.items])
-            self._observe("encoder", time.perf_counter() - started)
+            if self._metric:
+                self._metric.encoder.observe(time.perf_counter() - started)
         except Exception as exc:
             event(log, "encoder_failed", level=logging.ERROR, exc_info=True, model=model.name, requests=len(group))
             for request in group:
@@ -251,10 +257,13 @@ class Engine:
             buckets = np.array([_bucket(e[3]) for e in entries])
             parts = {int(b): np.flatnonzero(buckets == b) for b in np.unique(buckets)}
         for bucket, chosen in parts.items():
-            rows = repeat[np.isin(repeat, chosen)]
-            part_state = {n: v.take(rows, axis=0) for n, v in state.items()}
-            part_static = self._narrowed({n: v.take(rows, axis=0) for n, v in static.items()},
-                                         [entries[j][3] for j in chosen])
+            if len(chosen) == len(entries) and len(repeat) == len(entries):  # one lane, one row each: as encoded
+                part_state, part_static = state, static
+            else:
+                rows = repeat[np.isin(repeat, chosen)]
+                part_state = {n: v.take(rows, axis=0) for n, v in state.items()}
+                part_static = {n: v.take(rows, axis=0) for n, v in static.items()}
+            part_static = self._narrowed(part_static, [entries[j][3] for j in chosen])
             lane = next((lane for lane in self._lanes if bucket is not None and lane.bucket == bucket), None)
             if lane is None:
                 lane = Lane(model, bucket)
@@ -297,7 +306,7 @@ class Engine:
         try:
             started = time.perf_counter()
             outputs = lane.compute()
-            self._observe("decoder", time.perf_counter() - started)
+            seconds = time.perf_counter() - started
         except Exception as exc:
             event(log, "decoder_failed", level=logging.ERROR, exc_info=True, model=model.name, rows=lane.n)
             self._lanes.remove(lane)
@@ -306,12 +315,16 @@ class Engine:
                 self._fail(request, exc)
             return
         if self._metric:
-            self._metric.batch_requests.observe(len(lane.requests))
-            self._metric.batch_rows.observe(lane.n)
-        for owner, hypotheses in lane.advance(outputs):
-            self._finish(owner, hypotheses)
+            self._metric.tally_step(seconds, len(lane.requests), lane.n)
+        finished = lane.advance(outputs)
         if lane.n == 0:
             self._lanes.remove(lane)
+        # The step metrics are written a few times a second, and before the answers of a step that leaves the
+        # engine with nothing to decode: a caller that reads /metrics after its last answer sees its steps.
+        if self._metric and (self._metric.due() or not self._lanes):
+            self._metric.flush()
+        for owner, hypotheses in finished:
+            self._finish(owner, hypotheses)
 
     # -- bookkeeping ---------------------------------------------------------------------------------------------
 
@@ -361,9 +374,6 @@ class Engine:
         request.status = "dequeued"
         self._gauges()
 
-    def _observe(self, stage: str, seconds: float) -> None:
-        if self._metric:
-            (self._metric.encoder if stage == "encoder" else self._metric.decoder).observe(seconds)
 
     def _gauges(self) -> None:
         if self._metric:
@@ -373,9 +383,12 @@ class Engine:
 
 
 class _Children:
-    """The engine's metrics with its model's labels, looked up once (a label lookup costs more than the update)."""
+    """The engine's metrics with its model's labels, looked up once (a label lookup costs more than the update).
+    The three observed at every decoder step are tallied and written by :meth:`flush` (:func:`observe_many`)."""
 
     def __init__(self, metrics: Metrics, labels: tuple[str, str]) -> None:
+        self.steps: list[tuple[float, int, int]] = []  # (decoder seconds, requests, rows) since the last flush
+        self.flushed = time.monotonic()
         self.queue_time = metrics.queue_time.labels(*labels)
         self.encoder = metrics.compute_time.labels(*labels, "encoder")
         self.decoder = metrics.compute_time.labels(*labels, "decoder")
@@ -384,3 +397,18 @@ class _Children:
         self.queue_requests = metrics.queue_requests.labels(*labels)
         self.queue_tokens = metrics.queue_tokens.labels(*labels)
         self.active_requests = metrics.active_requests.labels(*labels)
+
+    def tally_step(self, seconds: float, requests: int, rows: int) -> None:
+        self.steps.append((seconds, requests, rows))
+
+    def due(self) -> bool:
+        return time.monotonic() - self.flushed >= FLUSH_SECONDS
+
+    def flush(self) -> None:
+        if self.steps:
+            seconds, requests, rows = zip(*self.steps)
+            observe_many(self.decoder, seconds)
+            observe_many(self.batch_requests, requests)
+            observe_many(self.batch_rows, rows)
+            self.steps.clear()
+        self.flushed = time.monotonic()

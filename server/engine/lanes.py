@@ -28,6 +28,7 @@ from server.reductions import Candidates, top_candidates
 from server.search import Beams, Hypothesis, Search, State
 
 Owner = tuple[Any, int]  # (request, index of the item in it)
+_ROW0 = np.zeros(1, dtype=np.int64)
 
 
 def _grown(array: np.ndarray, rows: int, fill: Any = 0) -> np.ndarray:
@@ -302,9 +303,13 @@ class Lane:
         parents: np.ndarray | None = None
         leaving, finished = [], []
         for gid, group in self.groups.items():
-            perm = group.pos[group.active].reshape(-1)  # the group's rows, sentence-major
-            mine = candidates.take(perm) if isinstance(candidates, Candidates) else candidates[perm]
-            back, tokens, done = group.beams.advance(group.active, mine, outputs.attention[perm])
+            if n == 1:  # a lone row (one client): row 0, nothing to gather
+                perm, mine, attention = _ROW0, candidates, outputs.attention
+            else:
+                perm = group.pos[group.active].reshape(-1)  # the group's rows, sentence-major
+                mine = candidates.take(perm) if isinstance(candidates, Candidates) else candidates[perm]
+                attention = outputs.attention[perm]
+            back, tokens, done = group.beams.advance(group.active, mine, attention)
             self.tokens[perm] = tokens
             if group.search.k > 1:
                 if parents is None:

@@ -219,3 +219,21 @@ def test_sentences_that_start_late_in_reused_slots_find_what_they_find_alone(bea
         for h, w in zip(found[i], expected):
             assert h.log_prob == pytest.approx(w.log_prob, abs=1e-9)
             np.testing.assert_array_equal(h.attention, w.attention)
+
+
+def test_a_lone_greedy_sentence_finds_what_it_finds_in_a_batch() -> None:
+    """One greedy sentence advances in scalars (Beams._greedy_one), several in arrays: the same tokens, the same
+    log-probabilities to the bit, the same truncation flags (short budgets force EOS) and attention rows."""
+    toy = ToyDecoder(3, vocab=9)
+    lengths, budgets = [4, 2, 5, 3, 6], [3, 40, 2, 40, 40]
+    state, static = toy.initial(lengths, 3)
+    search = Search(1, EOS, 1, 0.7, banned=[BOS])
+    together = run_search(toy.step, state, static, search, bos=BOS, max_steps=budgets, src_lens=lengths)
+    assert [h.truncated for [h] in together].count(True) >= 1
+    for i, [batched] in enumerate(together):
+        [alone] = run_search(toy.step, {n: v[i : i + 1] for n, v in state.items()},
+                             {n: v[i : i + 1] for n, v in static.items()}, search, bos=BOS, max_steps=[budgets[i]],
+                             src_lens=[lengths[i]])[0]
+        assert alone.tokens == batched.tokens
+        assert (alone.log_prob, alone.score, alone.truncated) == (batched.log_prob, batched.score, batched.truncated)
+        np.testing.assert_array_equal(alone.attention, batched.attention)

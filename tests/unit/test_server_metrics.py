@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import urllib.request
 
-from prometheus_client import CollectorRegistry, generate_latest
+import pytest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from server.metrics import DESCRIPTIONS, Metrics
+from server.metrics import BATCH_BUCKETS, COMPUTE_BUCKETS, DESCRIPTIONS, Metrics, observe_many
 
 
 def test_every_documented_metric_exists_on_the_given_registry() -> None:
@@ -37,3 +38,24 @@ def test_serves_http_on_a_free_port() -> None:
             assert b"attn_models_loaded" in response.read()
     finally:
         metrics.close()
+
+
+@pytest.mark.parametrize("values, buckets", [
+    ([1, 2, 3, 4, 5, 64, 65, 256, 1024, 5000, 1, 1], BATCH_BUCKETS),  # on bounds, between them, past the last
+    ([0.0001, 0.0005, 0.0007, 0.003, 0.2, 2.5, 9.0, 0.0005], COMPUTE_BUCKETS),
+    ([], BATCH_BUCKETS),
+])
+def test_observe_many_writes_what_observing_each_value_writes(values: list[float], buckets: tuple[float, ...]) -> None:
+    """observe_many writes prometheus_client's private bucket and sum values: if a release changes them, this fails."""
+    registry = CollectorRegistry()
+    one_by_one = Histogram("one", "", ["m"], buckets=buckets, registry=registry).labels("x")
+    at_once = Histogram("many", "", ["m"], buckets=buckets, registry=registry).labels("x")
+    for value in values:
+        one_by_one.observe(value)
+    observe_many(at_once, values)
+    for bound in [*buckets, "+Inf"]:
+        le = {"m": "x", "le": str(float(bound)) if bound != "+Inf" else "+Inf"}
+        assert registry.get_sample_value("many_bucket", le) == registry.get_sample_value("one_bucket", le), bound
+    assert registry.get_sample_value("many_count", {"m": "x"}) == len(values)
+    assert registry.get_sample_value("many_sum", {"m": "x"}) == pytest.approx(
+        registry.get_sample_value("one_sum", {"m": "x"}), rel=1e-12)
