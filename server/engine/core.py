@@ -93,6 +93,7 @@ class Engine:
         self._gone: deque[Request] = deque()  # cancelled by their callers (appended from their threads)
         self._deadlines: list[tuple[float, int, Request]] = []  # a heap; finished requests leave it lazily
         self._order = count()
+        self._gauges_stale = False
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"engine-{model.name}-{model.version}", daemon=True)
         self._thread.start()
@@ -127,7 +128,7 @@ class Engine:
             self._queued_tokens += sum(request.costs)
             if request.deadline is not None:
                 heapq.heappush(self._deadlines, (request.deadline, next(self._order), request))
-            self._gauges()
+            self._gauges_stale = True
             self._lock.notify()
         request.future.add_done_callback(lambda future: self._gone.append(request) if future.cancelled() else None)
         return request.future
@@ -163,6 +164,8 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self._lock:
+                if self._gauges_stale:
+                    self._gauges()
                 if self._metric and not self._queue and not self._lanes:
                     self._metric.flush()  # idle (a cancellation emptied the lanes): nothing tallied waits
                 while not self._closed and not self._queue and not self._lanes:
@@ -182,6 +185,7 @@ class Engine:
         for request in [*waiting, *self._active.values()]:
             self._fail(request, stopped)
         self._lanes.clear()
+        self._gauges()
         if self._metric:
             self._metric.flush()
 
@@ -232,7 +236,7 @@ class Engine:
             if self._metric:
                 self._metric.queue_time.observe(now - request.enqueued)
         self._rows, self._tokens = rows, tokens
-        self._gauges()
+        self._gauges_stale = True
         return group
 
     def _join(self, group: list[Request]) -> None:
@@ -352,7 +356,7 @@ class Engine:
                 self._rows -= request.search.k * len(unfinished)
                 self._tokens -= request.search.k * sum(request.costs[i] for i in unfinished)
                 request.pending = 0
-                self._gauges()
+                self._gauges_stale = True
             request.status = "done"
 
     def _stop(self, request: Request) -> None:
@@ -372,10 +376,14 @@ class Engine:
         self._queue.remove(request)
         self._queued_tokens -= sum(request.costs)
         request.status = "dequeued"
-        self._gauges()
+        self._gauges_stale = True
 
 
     def _gauges(self) -> None:
+        """Writes the queue and active gauges. What changes them (a submit, an admission, a retirement) only marks
+        them stale; the engine's thread writes them once per turn of its loop, before it waits: in multiprocess
+        mode each write is a lock and a shared-file update, and a request changed them four times."""
+        self._gauges_stale = False
         if self._metric:
             self._metric.queue_requests.set(len(self._queue))
             self._metric.queue_tokens.set(self._queued_tokens)

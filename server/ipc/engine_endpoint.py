@@ -86,7 +86,9 @@ class EngineEndpoint:
     # -- the socket's thread -------------------------------------------------------------------------------------
 
     def _receive(self) -> None:
-        while True:
+        # Reads while the socket says a message waits, rather than until recv raises Again: at one request in
+        # flight the exception, which pyzmq builds in Python, cost more than the read.
+        while self._socket.get(zmq.EVENTS) & zmq.POLLIN:
             try:
                 frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=True)
             except zmq.Again:
