@@ -1,0 +1,106 @@
+"""One client's latency on the bundled model, the designs taking turns (the target "at 1 client, p50 no worse").
+
+    .venv/bin/python bench/one_client.py                           # this commit: one process, 1 and 2 front-ends
+    .venv/bin/python bench/one_client.py --baseline /tmp/before    # and an earlier commit (git worktree add)
+
+One run of bench/overhead.py measures each design once, and on this shared machine one client's p50 moves by up to
+a quarter between runs, more than the differences it is asked to show. Here every design's server is started once
+and kept running; in each of ``--rounds`` rounds each serves one client (one sentence per call, greedy, full
+attention, the Ding test split's full sentences, as overhead.py's bundled rows) for ``--seconds``, the designs in
+turn. Reported per design: every round's p50, their median, and the median of the server CPU per sentence. Results:
+docs/benchmarks/one_client.json and a section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
+from bench.loadgen import ServerProcess  # noqa: E402
+from bench.overhead import _commit, _design, ding_sentences, measure  # noqa: E402
+from bench.sections import replace_section  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+BEGIN, END = "<!-- one-client: written by bench/one_client.py -->", "<!-- /one-client -->"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=6.0, help="measured seconds per design and round")
+    parser.add_argument("--frontends", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--baseline", type=Path, help="a checkout of an earlier commit, measured as 'before'")
+    parser.add_argument("--bundled", type=Path, default=ROOT / "models", help="folder holding de-en-bahdanau")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "one_client.json")
+    parser.add_argument("--report", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    args = parser.parse_args(argv)
+
+    models = ROOT / "runs" / "bench-models"  # the bundled translator alone, as overhead.py serves it
+    models.mkdir(parents=True, exist_ok=True)
+    if not (models / "de-en-bahdanau").exists():
+        (models / "de-en-bahdanau").symlink_to((args.bundled / "de-en-bahdanau").resolve())
+    designs: list[tuple[str, dict[str, Any], Path]] = [(str(n), {"frontends": n}, ROOT) for n in [0, *args.frontends]]
+    if args.baseline:
+        designs.insert(0, ("before", {}, args.baseline))
+    texts = ding_sentences()
+    greedy = pb.DecodingOptions(beam_size=1, attention=pb.ATTENTION_DETAIL_FULL)
+    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                               "commit": _commit(ROOT), "rounds": args.rounds, "seconds_per_run": args.seconds,
+                               "runs": {key: [] for key, _, _ in designs}}
+    if args.baseline:
+        results["baseline"] = _commit(args.baseline)
+    with contextlib.ExitStack() as stack:
+        servers = {key: stack.enter_context(ServerProcess(models, root=root, reload_interval=0, **settings))
+                   for key, settings, root in designs}
+        for round_ in range(args.rounds):
+            for key, server in servers.items():
+                run = measure(server, texts, 1, greedy, args.seconds, 1)
+                run["round"] = round_
+                results["runs"][key].append(run)
+                print(f"round {round_} {_design(key, results)}: p50 {run['p50_ms']} ms, "
+                      f"{run['server_cpu_ms_per_sentence']} ms CPU per sentence", flush=True)
+    results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    write_section(results, args.report)
+    print(f"wrote {args.out} and the one-client section of {args.report}")
+    return 0
+
+
+def summary(runs: list[dict[str, Any]]) -> dict[str, float]:
+    return {"p50_ms": round(statistics.median(r["p50_ms"] for r in runs), 2),
+            "cpu_ms": round(statistics.median(r["server_cpu_ms_per_sentence"] for r in runs), 3)}
+
+
+def write_section(results: dict[str, Any], report: Path) -> None:
+    runs = results["runs"]
+    base_key = "before" if "before" in runs else "0"
+    base = summary(runs[base_key])
+    command = ".venv/bin/python bench/one_client.py" + (" --baseline /tmp/before" if "baseline" in results else "")
+    lines = [BEGIN, "## One client, the designs taking turns", "",
+             f"Produced by `{command}` at commit {results['commit']} on {results['finished']}; raw numbers in "
+             f"`docs/benchmarks/one_client.json`. The bundled de-en-bahdanau, one client, one sentence per call, "
+             f"greedy, full attention; every server started once, then {results['rounds']} rounds of "
+             f"{results['seconds_per_run']} s each, the designs in turn within a round.", "",
+             "| design | p50 ms per round | median p50 ms | vs " + _design(base_key, results)
+             + " | median server CPU ms/sentence |", "|---|---|---|---|---|"]
+    for key, design_runs in runs.items():
+        mine = summary(design_runs)
+        lines.append(f"| {_design(key, results)} | {', '.join(str(r['p50_ms']) for r in design_runs)} | "
+                     f"{mine['p50_ms']} | {mine['p50_ms'] / base['p50_ms']:.2f}× | {mine['cpu_ms']} |")
+    replace_section(report, BEGIN, END, [*lines, "", END])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
