@@ -102,7 +102,7 @@ def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
     bucket that got any. The engine observes three histograms per decoder step; in multiprocess mode each update is
     a lock and a write into a shared file, a sixth of the engine's time under load, so it tallies steps and calls
     this a few times a second. prometheus_client has no bulk observe: this writes the child's ``_sum`` and
-    ``_buckets`` as its ``observe`` does (tests/unit/test_metrics.py checks the two agree)."""
+    ``_buckets`` as its ``observe`` does (tests/unit/test_server_metrics.py checks the two agree)."""
     if not len(values):
         return
     bounds = histogram._upper_bounds  # ascending, +Inf last: the first bound >= v is v's bucket, as observe finds

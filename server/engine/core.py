@@ -378,7 +378,6 @@ class Engine:
         request.status = "dequeued"
         self._gauges_stale = True
 
-
     def _gauges(self) -> None:
         """Writes the queue and active gauges. What changes them (a submit, an admission, a retirement) only marks
         them stale; the engine's thread writes them once per turn of its loop, before it waits: in multiprocess
