@@ -126,6 +126,7 @@ variants: setup
 benchmark: setup
 	$(PY) bench/serving.py
 	$(PY) bench/overhead.py
+	$(PY) bench/one_client.py
 	$(PY) bench/grpc_floor.py
 	$(PY) bench/soak.py
 
