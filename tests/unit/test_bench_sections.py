@@ -1,4 +1,5 @@
-"""Benchmarks share docs/benchmarks.md, each in its own marked section; the soak's reading of its memory series."""
+"""Benchmarks share docs/benchmarks.md, each in its own marked section; the soak's reading of its memory series; the
+one-client benchmark's medians."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from bench.one_client import write_section  # noqa: E402
 from bench.sections import replace_section  # noqa: E402
 from bench.soak import stability, warm_up  # noqa: E402
 
@@ -31,3 +33,19 @@ def test_the_warm_up_ends_where_every_later_reading_stays_in_the_band() -> None:
     assert settled["median_mib"] == 479.0
     assert settled["max_deviation"] == round(19 / 479, 4)
     assert warm_up([100.0, 200.0, 400.0], 0.05) == 2  # still growing: only the last reading is "settled"
+
+
+def test_the_one_client_section_gives_each_design_its_median_against_the_baseline(tmp_path: Path) -> None:
+    def rounds(*p50: float) -> list[dict[str, float]]:
+        return [{"p50_ms": p, "server_cpu_ms_per_sentence": p - 0.5} for p in p50]
+
+    results = {"commit": "abc1234", "baseline": "ace5a15", "finished": "today", "rounds": 3, "seconds_per_run": 6.0,
+               "runs": {"before": rounds(6.0, 9.0, 6.4), "0": rounds(6.2, 6.1, 6.3), "1": rounds(7.2, 6.4, 6.8)}}
+    doc = tmp_path / "benchmarks.md"
+    write_section(results, doc)
+    rows = [line for line in doc.read_text().splitlines() if line.startswith("| ") and "design" not in line]
+    assert rows == [
+        "| commit ace5a15 (before) | 6.0, 9.0, 6.4 | 6.4 | 1.00× | 5.9 |",  # the median, not the mean: 9.0 is noise
+        "| one process (`ATTN_FRONTENDS=0`) | 6.2, 6.1, 6.3 | 6.2 | 0.97× | 5.7 |",
+        "| 1 front-end(s) + engine | 7.2, 6.4, 6.8 | 6.8 | 1.06× | 6.3 |",
+    ]
