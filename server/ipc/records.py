@@ -59,8 +59,9 @@ def unpack(frames: Sequence[bytes]) -> tuple[bytes, dict[str, Any], list[np.ndar
 
 def submit(request_id: int, model: str, version: str, options: Any, timeout: float | None,
            items: Sequence[np.ndarray]) -> Frames:
-    header = {"id": request_id, "model": model, "version": version, "options": dataclasses.asdict(options),
-              "timeout": timeout}
+    # The options' fields as they are (flat scalars): dataclasses.asdict deep-copies, 8 µs of a 14 µs record.
+    fields = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+    header = {"id": request_id, "model": model, "version": version, "options": fields, "timeout": timeout}
     return pack(SUBMIT, header, items)
 
 
