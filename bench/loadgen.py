@@ -137,6 +137,12 @@ def tree_cpu_seconds(root: int) -> float:
     return total
 
 
+def commit_of(checkout: Path = ROOT) -> str:
+    """The short hash of ``checkout``'s HEAD, the commit a benchmark measured ("?" outside a git checkout)."""
+    return subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip() or "?"
+
+
 def stability(totals: list[float], start: int) -> dict[str, float]:
     """Of a series of memory readings, from index ``start`` on (after the warm-up): the median, the largest
     relative deviation from it, and the drift from the first quarter's mean to the last quarter's (relative to the

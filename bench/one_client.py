@@ -27,8 +27,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
-from bench.loadgen import ServerProcess  # noqa: E402
-from bench.overhead import _commit, _design, ding_sentences, measure  # noqa: E402
+from bench.loadgen import ServerProcess, commit_of  # noqa: E402
+from bench.overhead import design_name, ding_sentences, measure  # noqa: E402
 from bench.sections import replace_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,10 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     texts = ding_sentences()
     greedy = pb.DecodingOptions(beam_size=1, attention=pb.ATTENTION_DETAIL_FULL)
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-                               "commit": _commit(ROOT), "rounds": args.rounds, "seconds_per_run": args.seconds,
+                               "commit": commit_of(ROOT), "rounds": args.rounds, "seconds_per_run": args.seconds,
                                "runs": {key: [] for key, _, _ in designs}}
     if args.baseline:
-        results["baseline"] = _commit(args.baseline)
+        results["baseline"] = commit_of(args.baseline)
     with contextlib.ExitStack() as stack:
         servers = {key: stack.enter_context(ServerProcess(models, root=root, reload_interval=0, **settings))
                    for key, settings, root in designs}
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                 run = measure(server, texts, 1, greedy, args.seconds, 1)
                 run["round"] = round_
                 results["runs"][key].append(run)
-                print(f"round {round_} {_design(key, results)}: p50 {run['p50_ms']} ms, "
+                print(f"round {round_} {design_name(key, results)}: p50 {run['p50_ms']} ms, "
                       f"{run['server_cpu_ms_per_sentence']} ms CPU per sentence", flush=True)
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -93,11 +93,11 @@ def write_section(results: dict[str, Any], report: Path) -> None:
              f"`docs/benchmarks/one_client.json`. The bundled de-en-bahdanau, one client, one sentence per call, "
              f"greedy, full attention; every server started once, then {results['rounds']} rounds of "
              f"{results['seconds_per_run']} s each, the designs in turn within a round.", "",
-             "| design | p50 ms per round | median p50 ms | vs " + _design(base_key, results)
+             "| design | p50 ms per round | median p50 ms | vs " + design_name(base_key, results)
              + " | median server CPU ms/sentence |", "|---|---|---|---|---|"]
     for key, design_runs in runs.items():
         mine = summary(design_runs)
-        lines.append(f"| {_design(key, results)} | {', '.join(str(r['p50_ms']) for r in design_runs)} | "
+        lines.append(f"| {design_name(key, results)} | {', '.join(str(r['p50_ms']) for r in design_runs)} | "
                      f"{mine['p50_ms']} | {mine['p50_ms'] / base['p50_ms']:.2f}× | {mine['cpu_ms']} |")
     replace_section(report, BEGIN, END, [*lines, "", END])
 

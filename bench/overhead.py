@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
-from bench.loadgen import ServerProcess, drive, drive_processes  # noqa: E402
+from bench.loadgen import ServerProcess, commit_of, drive, drive_processes  # noqa: E402
 from bench.sections import replace_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,10 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or ROOT / "docs" / "benchmarks" / ("overhead-batched.json" if batched else "overhead.json")
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
                                "seconds_per_run": args.seconds, "client_processes": args.client_processes,
-                               "texts_per_call": args.texts_per_call, "commit": _commit(ROOT)}
+                               "texts_per_call": args.texts_per_call, "commit": commit_of(ROOT)}
     designs: list[tuple[str, int | None, Path]] = [(str(n), n, ROOT) for n in [0, *args.frontends]]
     if args.baseline:
-        results["baseline"] = _commit(args.baseline)
+        results["baseline"] = commit_of(args.baseline)
         designs.insert(0, ("before", None, args.baseline))
 
     def measured(models: Path, texts: list[str], options: pb.DecodingOptions) -> dict[str, list[dict[str, Any]]]:
@@ -153,12 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _commit(checkout: Path) -> str:
-    return subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip() or "?"
-
-
-def _design(key: str, results: dict[str, Any]) -> str:
+def design_name(key: str, results: dict[str, Any]) -> str:
     if key == "before":
         return f"commit {results.get('baseline', '?')} (before)"
     return "one process (`ATTN_FRONTENDS=0`)" if key == "0" else f"{key} front-end(s) + engine"
@@ -169,7 +163,7 @@ def table(runs: dict[str, list[dict[str, Any]]], results: dict[str, Any]) -> lis
              "server CPU ms/sentence | server cores | codes |", "|---|---|---|---|---|---|---|---|---|---|"]
     for key, rows in runs.items():
         for r in rows:
-            lines.append(f"| {_design(key, results)} | {r['concurrency']} | {r['client_processes']} | "
+            lines.append(f"| {design_name(key, results)} | {r['concurrency']} | {r['client_processes']} | "
                          f"{r['sentences_per_s']} | {r['target_tokens_per_s']} | {r['p50_ms']} | {r['p99_ms']} | "
                          f"{r['server_cpu_ms_per_sentence']} | {r['server_cores']} | "
                          f"{', '.join(f'{k} {v}' for k, v in r['codes'].items())} |")
@@ -194,7 +188,7 @@ def ratios(runs: dict[str, list[dict[str, Any]]], concurrency: int) -> dict[str,
 def write_section(results: dict[str, Any], report: Path) -> None:
     """The overhead section of docs/benchmarks.md, between its markers (replaced on every run); with several
     sentences per call, a section of its own."""
-    base = _design("before" if "baseline" in results else "0", results)
+    base = design_name("before" if "baseline" in results else "0", results)
     per_call = results.get("texts_per_call", 1)
     begin, end, title, raw = (BEGIN, END, "Front-end processes and an engine process", "overhead.json")
     command = ".venv/bin/python bench/overhead.py"
@@ -217,7 +211,7 @@ def write_section(results: dict[str, Any], report: Path) -> None:
         lines += [f"### {title}", "", *table(results[key], results), ""]
         for concurrency in (1, 64, 256):
             for design_key, r in ratios(results[key], concurrency).items():
-                lines.append(f"- {concurrency} client(s), {_design(design_key, results)}: {r['throughput']}× the "
+                lines.append(f"- {concurrency} client(s), {design_name(design_key, results)}: {r['throughput']}× the "
                              f"throughput of {base}, {r['cpu_per_sentence']}× its CPU per sentence, {r['p50']}× "
                              "its p50 latency.")
         lines.append("")

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
-from bench.loadgen import ServerProcess, drive, stability  # noqa: E402
+from bench.loadgen import ServerProcess, commit_of, drive, stability  # noqa: E402
 from bench.sections import replace_section  # noqa: E402
 from bench.serving import test_sentences  # noqa: E402
 
@@ -80,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
     totals = [r["total_mib"] for r in readings]
     start = warm_up(totals, args.band)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = commit_of()
     results = {
         "commit": commit, "finished": time.strftime("%Y-%m-%d %H:%M"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
