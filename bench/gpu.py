@@ -1,0 +1,374 @@
+"""The GPU table of the serving targets (issue "GPU-grade serving"), measured in one run of a few minutes.
+
+    bench/gpu-run.sh                      # on the GPU machine: python3 bench/gpu.py --sentences ... --out $OUT
+    .venv/bin/python bench/gpu.py --device cpu --seconds 1 --clients 1 16 --out /tmp/gpu-dry   # its dry run here
+
+docs/benchmarks.md ("Measuring on a GPU") says how to bring the project and its dependencies to a GPU machine
+without network (``bench/gpu-pack.sh``). Everything below runs from one command and writes ``OUT/gpu.json`` and
+``OUT/gpu.md`` a part at a time, so that what was measured comes back even if the machine is taken away before the
+end (``--results OUT/gpu.json``, back here, writes its section of docs/benchmarks.md):
+
+1. **environment**: the GPU (``nvidia-smi -L``), ONNX Runtime's version and providers, the cores;
+2. **the model's own ceiling**: one decoder step of the translator for 1 to 4,096 rows (16 source tokens), with
+   every output left on the device (I/O binding), and as the server runs it (the greedy reduction on the device;
+   the candidates and attention rows copied back): milliseconds per step and row-steps per second;
+3. **serving**: the real server (``python -m server``, ``ATTN_DEVICE``) at each client count, greedy and beam 4,
+   full attention and none, fp32 and the fp16 variant (converted here from the fp32 graphs, as
+   ``attn-export --fp16`` converts them): sentences/s, p50/p99, server cores, and GPU utilisation sampled by
+   ``nvidia-smi`` during the window; each server's first setting at the largest count once more with one client
+   process more, to show that the load generator does not limit the figure;
+4. **the same outputs as on the CPU**: greedy and beam-4 tokens of the device's server against a CPU server's on the
+   first sentences, and the largest attention difference where the tokens agree;
+5. **Caption**: the bundled captioner's first call after ``ready`` and the p50 of the calls after it, on the device
+   and on the CPU (the first measurement on an H200 found one image taking 175 ms on CUDA against 29 ms on the CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
+from bench.loadgen import ServerProcess, commit_of, drive, drive_processes  # noqa: E402
+from bench.sections import replace_section  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE = ROOT / "docs" / "scenes-sat-example-1-input.png"
+BEGIN, END = "<!-- gpu: written by bench/gpu.py -->", "<!-- /gpu -->"
+ATTENTION = {"full": pb.ATTENTION_DETAIL_FULL, "none": pb.ATTENTION_DETAIL_NONE}
+
+
+class GpuUtilisation:
+    """``nvidia-smi`` sampling the device's utilisation every 200 ms while it runs (nothing where there is none)."""
+
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+        self._process: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> GpuUtilisation:
+        if shutil.which("nvidia-smi"):
+            self._process = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "200"],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            threading.Thread(target=self._read, daemon=True).start()
+        return self
+
+    def _read(self) -> None:
+        assert self._process is not None and self._process.stdout is not None
+        for line in self._process.stdout:
+            try:
+                self.samples.append(float(line.split(",")[0]))
+            except ValueError:
+                continue
+
+    def __exit__(self, *exc: object) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            self._process.wait()
+
+    @property
+    def mean(self) -> float | None:
+        return round(statistics.fmean(self.samples), 1) if self.samples else None
+
+
+def environment(device: str) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    gpus = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout.strip() \
+        if shutil.which("nvidia-smi") else ""
+    return {"gpus": gpus or "none", "onnxruntime": ort.__version__, "providers": ort.get_available_providers(),
+            "device": device, "cpus": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform(), "commit": commit_of(ROOT)}
+
+
+def ceiling(model_dir: Path, texts: list[str], device_name: str, sizes: list[int], steps: int) -> list[
+        dict[str, Any]]:
+    """The decoder step alone at each row count: its outputs left on the device (the model's ceiling), and as the
+    engine runs it (greedy reduction where the step ran, candidates and attention copied back). Both run from a
+    state already on the device, as every step after a sentence's first does."""
+    from server.artifacts import Manifest
+    from server.device import choose, default_threads
+    from server.iobinding import BoundStep
+    from server.translation import TranslationModel
+
+    device = choose(device_name)
+    model = TranslationModel(model_dir, Manifest.load(model_dir), device, threads=default_threads())
+    bound = BoundStep(model.decoder, device)
+    binding = model.manifest.decoder
+    names = list(binding.state.values())
+    token_type = next(i.type for i in model.decoder.get_inputs() if i.name == binding.token_input)
+    short = [t for t in texts if 12 <= len(model.prepare([t])[0].ids) <= 16] or texts  # about 16 source tokens
+    rows = []
+    for n in sizes:
+        sources = [model.prepare([short[i % len(short)]])[0].ids for i in range(n)]
+        state, static = model.encode(sources)
+        tokens = np.full(n, model.bos_id, dtype=np.int64 if "int64" in token_type else np.int32)
+        feeds = {binding.token_input: tokens}
+        _, kept, _ = bound.run_outputs([], names, [], feeds, static, state)
+        on_device_state = dict(zip(binding.state, kept, strict=True))
+        _, _, served_state, _ = model.step_reduced(tokens, state, static, False, 1, [])
+
+        steps_of: dict[str, Callable[[], Any]] = {
+            "outputs_on_device": partial(bound.run_outputs, [], names, [binding.log_probs_output,
+                                         binding.attention_output], feeds, static, on_device_state),
+            "as_served": partial(model.step_reduced, tokens, served_state, static, False, 1, []),
+        }
+        row: dict[str, Any] = {"rows": n}
+        for name, fn in steps_of.items():
+            fn()  # the first call at a new shape pays for its allocations (and cuDNN's choices)
+            started = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            ms = 1000 * (time.perf_counter() - started) / steps
+            row[f"{name}_ms"] = round(ms, 3)
+            row[f"{name}_row_steps_per_s"] = round(n * 1000 / ms)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def fp16_copy(source: Path, target: Path) -> Path:
+    """``source``'s model with an fp16 variant converted from its fp32 graphs (exporter.fp16, as ``attn-export
+    --fp16`` makes it; the parity of its outputs is section 4's concern here, not the exporter's)."""
+    from exporter.fp16 import to_fp16
+
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(source, target)
+    manifest = json.loads((target / "manifest.json").read_text())
+    files = {}
+    for graph in ("encoder", "decoder_step"):
+        files[graph] = f"{graph}.fp16.onnx"
+        to_fp16(target / f"{graph}.onnx", target / files[graph])
+    manifest.setdefault("variants", {})["fp16"] = files
+    (target / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return target
+
+
+def models_dir(work: Path, name: str, model: Path) -> Path:
+    """A models folder holding ``model`` alone (a link), so that a server loads and warms up nothing else."""
+    folder = work / name
+    folder.mkdir(parents=True, exist_ok=True)
+    link = folder / model.parent.name
+    if not link.exists():
+        link.symlink_to(model.parent.resolve())
+    return folder
+
+
+def serving(models: Path, texts: list[str], device: str, variant: str, clients: list[int], beams: list[int],
+            attention: list[str], seconds: float, processes: int) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    with ServerProcess(models, device=device, variant=variant, reload_interval=0) as server:
+        for beam in beams:
+            for detail in attention:
+                options = pb.DecodingOptions(beam_size=beam, attention=ATTENTION[detail])
+                drive(server.target, texts, min(clients[-1], 64), options, requests=256)  # warm-up
+                checked = not rows  # each server's first setting: one client process more at the largest count
+                for i, concurrency in enumerate([*clients, clients[-1]] if checked else clients):
+                    extra = i == len(clients)
+                    before = server.cpu_seconds()
+                    with GpuUtilisation() as gpu:
+                        run = drive_processes(server.target, texts, concurrency, options, seconds=seconds,
+                                              processes=(processes + 1 if extra else
+                                                         1 if concurrency == 1 else processes))
+                    cores = (server.cpu_seconds() - before) / run["seconds"]
+                    run.update(variant=variant or "fp32", beam=beam, attention=detail, server_cores=round(cores, 2),
+                               gpu_utilisation=gpu.mean, check="one client process more" if extra else "")
+                    rows.append(run)
+                    print(json.dumps(run), flush=True)
+    return rows
+
+
+def answers(target: str, texts: list[str], beam: int) -> list[tuple[list[int], np.ndarray]]:
+    """The best hypothesis of each text, one call each: token ids and the token-level attention matrix."""
+    import grpc
+
+    from attention_pb.v1 import attention_pb2_grpc as pb_grpc
+
+    out = []
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.AttentionServiceStub(channel)
+        for text in texts:
+            response = stub.Translate(pb.TranslateRequest(texts=[text], options=pb.DecodingOptions(
+                beam_size=beam, attention=pb.ATTENTION_DETAIL_FULL)), timeout=60)
+            best = response.translations[0].hypotheses[0]
+            matrix = np.array(best.attention.values, dtype=np.float32).reshape(best.attention.rows,
+                                                                                 best.attention.cols)
+            out.append(([t.id for t in best.tokens], matrix))
+    return out
+
+
+def same_outputs(models: Path, texts: list[str], device: str, beams: list[int]) -> list[dict[str, Any]]:
+    results = {}
+    for where in ("cpu", device):
+        with ServerProcess(models, device=where, reload_interval=0) as server:
+            results[where] = {beam: answers(server.target, texts, beam) for beam in beams}
+    rows = []
+    for beam in beams:
+        pairs = list(zip(results["cpu"][beam], results[device][beam]))
+        equal = [(a, b) for a, b in pairs if a[0] == b[0]]
+        diff = max((float(np.abs(a[1] - b[1]).max()) for a, b in equal if a[1].size), default=0.0)
+        rows.append({"beam": beam, "sentences": len(pairs), "identical_tokens": len(equal),
+                     "max_attention_difference": diff})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def caption(models: Path, where: str, calls: int) -> dict[str, Any]:
+    import grpc
+
+    from attention_pb.v1 import attention_pb2_grpc as pb_grpc
+
+    image = IMAGE.read_bytes()
+    with ServerProcess(models, device=where, reload_interval=0) as server, \
+            grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.AttentionServiceStub(channel)
+        latencies = []
+        for _ in range(calls + 1):
+            started = time.perf_counter()
+            stub.Caption(pb.CaptionRequest(image=image), timeout=60)
+            latencies.append(1000 * (time.perf_counter() - started))
+    row = {"device": where, "first_ms": round(latencies[0], 1), "p50_ms": round(statistics.median(latencies[1:]), 1),
+           "min_ms": round(min(latencies[1:]), 1), "calls": calls}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def load_sentences(path: Path | None) -> list[str]:
+    """The sentences to translate: a file of one per line (brought to the GPU machine), else Ding's held-out full
+    sentences (``make data``)."""
+    if path is not None:
+        return [line for line in path.read_text().splitlines() if line.strip()]
+    from bench.overhead import ding_sentences
+
+    return ding_sentences()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: the dry run")
+    parser.add_argument("--model", type=Path, default=ROOT / "models" / "de-en-bahdanau" / "1")
+    parser.add_argument("--captioner", type=Path, default=ROOT / "models" / "scenes-sat" / "1")
+    parser.add_argument("--sentences", type=Path, help="one sentence per line (default: Ding's test split)")
+    parser.add_argument("--write-sentences", type=Path, help="write the Ding test split's full sentences here "
+                        "(to bring them to a machine without the corpus) and stop")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 64, 256, 1024])
+    parser.add_argument("--beams", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--attention", nargs="+", default=["full", "none"], choices=list(ATTENTION))
+    parser.add_argument("--variants", nargs="+", default=["fp32", "fp16"], choices=["fp32", "fp16"])
+    parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds per serving run")
+    parser.add_argument("--client-processes", type=int, default=max(1, min(4, (os.cpu_count() or 2) // 4)),
+                        help="load generator processes (16 cores: 4, beside the server's front-ends and engine)")
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 64, 256, 1024, 4096])
+    parser.add_argument("--steps", type=int, default=50, help="timed decoder steps per row count")
+    parser.add_argument("--compare", type=int, default=200, help="sentences compared with the CPU's outputs")
+    parser.add_argument("--caption-calls", type=int, default=30)
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-gpu")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "gpu-results",
+                        help="writes OUT/gpu.json and OUT/gpu.md")
+    parser.add_argument("--results", type=Path, help="measure nothing: write this gpu.json's section into --report")
+    parser.add_argument("--report", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    args = parser.parse_args(argv)
+
+    if args.results:
+        replace_section(args.report, BEGIN, END, [BEGIN, *report(json.loads(args.results.read_text())), END])
+        print(f"wrote the GPU section of {args.report}")
+        return 0
+
+    texts = load_sentences(args.sentences)
+    if args.write_sentences:
+        args.write_sentences.parent.mkdir(parents=True, exist_ok=True)
+        args.write_sentences.write_text("".join(f"{t}\n" for t in texts))
+        print(f"wrote {len(texts)} sentences to {args.write_sentences}")
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"environment": environment(args.device), "sentences": len(texts),
+                               "seconds_per_run": args.seconds, "client_processes": args.client_processes}
+    print(json.dumps(results["environment"]), flush=True)
+
+    def save() -> None:  # after every part: what was measured survives a machine taken away mid-run
+        results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        (args.out / "gpu.json").write_text(json.dumps(results, indent=1) + "\n")
+        (args.out / "gpu.md").write_text("\n".join(report(results)) + "\n")
+
+    results["ceiling"] = ceiling(args.model, texts, args.device, args.rows, args.steps)
+    save()
+    translator = models_dir(args.work, "translator", args.model)
+    results["serving"] = []
+    for variant in args.variants:
+        models = translator
+        if variant == "fp16":
+            models = models_dir(args.work, "translator-fp16",
+                                fp16_copy(args.model, args.work / "fp16" / args.model.parent.name / "1"))
+        results["serving"] += serving(models, texts, args.device, "" if variant == "fp32" else variant,
+                                      args.clients, args.beams, args.attention, args.seconds, args.client_processes)
+        save()
+    if args.device != "cpu" and args.compare:
+        results["same_outputs"] = same_outputs(translator, texts[: args.compare], args.device, args.beams)
+        save()
+    captioner = models_dir(args.work, "captioner", args.captioner)
+    results["caption"] = [caption(captioner, where, args.caption_calls)
+                          for where in dict.fromkeys([args.device, "cpu"])]
+    save()
+    print(f"wrote {args.out / 'gpu.json'} and {args.out / 'gpu.md'}")
+    return 0
+
+
+def report(results: dict[str, Any]) -> list[str]:
+    """The GPU section of docs/benchmarks.md."""
+    env = results["environment"]
+    lines = ["## The GPU table", "", f"Produced by `python bench/gpu.py` at commit {env['commit']} on "
+             f"{results.get('finished', '?')}: {env['gpus']}; {env['cpus']} CPUs; onnxruntime {env['onnxruntime']} "
+             f"({', '.join(env['providers'])}); device `{env['device']}`. {results['sentences']} sentences cycled, "
+             f"{results['seconds_per_run']} s per run, {results['client_processes']} client processes.", ""]
+    if results.get("ceiling"):
+        lines += ["### The decoder step alone", "",
+                  "| rows | outputs on the device: ms/step | row-steps/s | as the server runs it: ms/step | "
+                  "row-steps/s |", "|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['rows']} | {r['outputs_on_device_ms']} | {r['outputs_on_device_row_steps_per_s']:,} | "
+                  f"{r['as_served_ms']} | {r['as_served_row_steps_per_s']:,} |" for r in results["ceiling"]]
+        lines.append("")
+    if results.get("serving"):
+        lines += ["### The server", "", "| variant | beam | attention | clients | client processes | sentences/s | "
+                  "p50 ms | p99 ms | server cores | GPU utilisation % | codes |",
+                  "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for r in results["serving"]:
+            clients = f"{r['concurrency']}" + (" (check)" if r["check"] else "")
+            gpu = "–" if r["gpu_utilisation"] is None else r["gpu_utilisation"]
+            lines.append(f"| {r['variant']} | {r['beam']} | {r['attention']} | {clients} | {r['client_processes']} | "
+                         f"{r['sentences_per_s']} | {r['p50_ms']} | {r['p99_ms']} | {r['server_cores']} | {gpu} | "
+                         f"{', '.join(f'{k} {v}' for k, v in r['codes'].items())} |")
+        lines.append("")
+    if results.get("same_outputs"):
+        lines += ["### The same outputs as on the CPU", "", "| beam | sentences | identical tokens | largest attention "
+                  "difference where they agree |", "|---:|---:|---:|---:|"]
+        lines += [f"| {r['beam']} | {r['sentences']} | {r['identical_tokens']} | {r['max_attention_difference']:.2e} |"
+                  for r in results["same_outputs"]]
+        lines.append("")
+    if results.get("caption"):
+        lines += ["### Caption, one image at a time", "", "| device | first call ms | p50 ms | fastest ms | calls |",
+                  "|---|---:|---:|---:|---:|"]
+        lines += [f"| {r['device']} | {r['first_ms']} | {r['p50_ms']} | {r['min_ms']} | {r['calls']} |"
+                  for r in results["caption"]]
+        lines.append("")
+    return lines
+
+
+if __name__ == "__main__":
+    sys.exit(main())

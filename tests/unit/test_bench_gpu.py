@@ -1,0 +1,62 @@
+"""bench/gpu.py's parts that run without a GPU: the fp16 copy it serves, the decoder-step timing through I/O
+binding (the CPU provider keeps "device" outputs in host memory) and the report it writes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bench.gpu import ceiling, fp16_copy, report  # noqa: E402
+from server.artifacts import Manifest  # noqa: E402
+from server.device import choose  # noqa: E402
+from server.translation import DecodeOptions, TranslationModel  # noqa: E402
+
+SENTENCES = ["Ich habe Hunger.", "Das Haus ist groß.", "Wo ist der Bahnhof?", "Guten Morgen."]
+
+
+def test_the_fp16_copy_is_served_as_the_fp16_variant_with_the_fp32_interface(models_dir: Path,
+                                                                            tmp_path: Path) -> None:
+    copy = fp16_copy(models_dir / "tiny-de-en" / "1", tmp_path / "tiny-de-en" / "1")
+    manifest = Manifest.load(copy)
+    assert manifest.variants["fp16"] == {"encoder": "encoder.fp16.onnx", "decoder_step": "decoder_step.fp16.onnx"}
+    graph = onnx.load(str(copy / "decoder_step.fp16.onnx")).graph
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer)  # the weights are halved
+    assert all(i.type.tensor_type.elem_type != onnx.TensorProto.FLOAT16 for i in graph.input)
+
+    options = DecodeOptions(beam_size=1, max_output_tokens=20)
+    fp32, fp16 = (TranslationModel(copy, manifest, choose("cpu"), variant, threads=1) for variant in ("", "fp16"))
+    full, half = (m.translate(m.prepare(SENTENCES), options) for m in (fp32, fp16))
+    assert all(len(r.hypotheses[0].tokens) > 0 for r in half)
+    same = sum([t.id for t in a.hypotheses[0].tokens] == [t.id for t in b.hypotheses[0].tokens]
+               for a, b in zip(full, half))
+    assert same >= len(SENTENCES) - 1  # the tiny model's near ties may flip one
+
+
+def test_the_step_timing_covers_every_row_count(models_dir: Path) -> None:
+    rows = ceiling(models_dir / "tiny-de-en" / "1", SENTENCES, "cpu", [1, 5], steps=2)
+    assert [r["rows"] for r in rows] == [1, 5]
+    for r in rows:
+        assert r["outputs_on_device_ms"] > 0 and r["as_served_ms"] > 0
+        assert r["as_served_row_steps_per_s"] == pytest.approx(r["rows"] * 1000 / r["as_served_ms"], rel=0.02)
+
+
+def test_the_report_has_a_table_per_measured_part() -> None:
+    results = {
+        "environment": {"commit": "abc1234", "gpus": "GPU 0: NVIDIA H200", "cpus": 16, "onnxruntime": "1.31.1",
+                        "providers": ["CUDAExecutionProvider", "CPUExecutionProvider"], "device": "cuda"},
+        "sentences": 1728, "seconds_per_run": 4.0, "client_processes": 4, "finished": "2026-12-01 08:00:00",
+        "ceiling": [{"rows": 1024, "outputs_on_device_ms": 0.27, "outputs_on_device_row_steps_per_s": 3_792_593,
+                     "as_served_ms": 0.9, "as_served_row_steps_per_s": 1_137_778}],
+        "serving": [{"variant": "fp16", "beam": 4, "attention": "none", "concurrency": 1024, "client_processes": 5,
+                     "sentences_per_s": 3100.5, "p50_ms": 300.0, "p99_ms": 500.0, "server_cores": 9.5,
+                     "gpu_utilisation": 41.0, "codes": {"OK": 12000}, "check": "one client process more"}],
+    }
+    lines = report(results)
+    assert "| 1024 | 0.27 | 3,792,593 | 0.9 | 1,137,778 |" in lines
+    assert "| fp16 | 4 | none | 1024 (check) | 5 | 3100.5 | 300.0 | 500.0 | 9.5 | 41.0 | OK 12000 |" in lines
+    assert not any("Caption" in line or "same outputs" in line for line in lines)  # parts not measured: no table
