@@ -20,7 +20,9 @@ end (``--results OUT/gpu.json``, back here, writes its section of docs/benchmark
 4. **the same outputs as on the CPU**: greedy and beam-4 tokens of the device's server against a CPU server's on the
    first sentences, and the largest attention difference where the tokens agree;
 5. **Caption**: the bundled captioner's first call after ``ready`` and the p50 of the calls after it, on the device
-   and on the CPU (the first measurement on an H200 found one image taking 175 ms on CUDA against 29 ms on the CPU).
+   and on the CPU (the first measurement on an H200 found one image taking 175 ms on CUDA against 29 ms on the CPU);
+   then its two graphs alone on the device, first call and later ones, and ONNX Runtime's profile of them: the
+   time per provider and the costliest operators, which say whether nodes fell back to the CPU.
 """
 
 from __future__ import annotations
@@ -250,6 +252,65 @@ def caption(models: Path, where: str, calls: int) -> dict[str, Any]:
     return row
 
 
+def caption_graphs(model_dir: Path, device_name: str, calls: int, work: Path) -> dict[str, Any]:
+    """Where a caption's time goes on ``device_name``: the image encoder and one decoder step (beam 4's rows), each
+    timed at its first call and over the calls after it, then run once more under ONNX Runtime's profiler, whose
+    per-node records say which provider ran each node and for how long (a node the GPU provider cannot take runs on
+    the CPU, with copies across the bus around it)."""
+    import onnxruntime as ort
+
+    from server.artifacts import Manifest
+    from server.captioning import CaptionModel
+    from server.device import choose, default_threads
+    from server.imaging import decode
+
+    device = choose(device_name)
+    model = CaptionModel(model_dir, Manifest.load(model_dir), device, threads=default_threads())
+    pixels = model.pixels(decode(IMAGE.read_bytes()))
+    binding = model.manifest.decoder
+    rows = 4
+    state, static = model.encode([pixels] * rows)
+    tokens = np.full(rows, model.bos_id, dtype=np.int64)
+    out: dict[str, Any] = {"device": device.name}
+    graphs: dict[str, tuple[str, dict[str, np.ndarray]]] = {
+        "image_encoder": (model.manifest.encoder.file, {model.image_spec["input"]: pixels[None]}),
+        "decoder_step": (model.manifest.decoder_step.file, {binding.token_input: tokens, **static, **state}),
+    }
+    for name, (file, feeds) in graphs.items():
+        options = ort.SessionOptions()
+        options.enable_profiling = True
+        options.profile_file_prefix = str(work / f"profile-{name}")
+        options.intra_op_num_threads = default_threads()
+        started = time.perf_counter()
+        session = ort.InferenceSession(str(model_dir / file), options, providers=device.providers)
+        created = time.perf_counter()
+        session.run(None, feeds)
+        first = time.perf_counter()
+        later = []
+        for _ in range(calls):
+            begun = time.perf_counter()
+            session.run(None, feeds)
+            later.append(time.perf_counter() - begun)
+        trace = json.loads(Path(session.end_profiling()).read_text())
+        nodes = [e for e in trace if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
+        by_provider: dict[str, float] = {}
+        by_op: dict[str, float] = {}
+        for e in nodes:
+            provider, op = e["args"].get("provider", "?"), e["args"].get("op_name", "?")
+            by_provider[provider] = by_provider.get(provider, 0.0) + e["dur"] / 1000
+            by_op[f"{op} ({provider})"] = by_op.get(f"{op} ({provider})", 0.0) + e["dur"] / 1000
+        runs = 2 + calls  # the profile covers every run of the session
+        out[name] = {
+            "session_ms": round(1000 * (created - started), 1), "first_call_ms": round(1000 * (first - created), 2),
+            "later_p50_ms": round(1000 * statistics.median(later), 3),
+            "node_ms_per_call_by_provider": {k: round(v / runs, 3) for k, v in by_provider.items()},
+            "top_ops_ms_per_call": dict(sorted(((k, round(v / runs, 3)) for k, v in by_op.items()),
+                                               key=lambda kv: -kv[1])[:8]),
+        }
+        print(json.dumps({name: out[name]}), flush=True)
+    return out
+
+
 def load_sentences(path: Path | None) -> list[str]:
     """The sentences to translate: a file of one per line (brought to the GPU machine), else Ding's held-out full
     sentences (``make data``)."""
@@ -326,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     results["caption"] = [caption(captioner, where, args.caption_calls)
                           for where in dict.fromkeys([args.device, "cpu"])]
     save()
+    results["caption_graphs"] = caption_graphs(args.captioner, args.device, args.caption_calls, args.work)
+    save()
     print(f"wrote {args.out / 'gpu.json'} and {args.out / 'gpu.md'}")
     return 0
 
@@ -366,6 +429,18 @@ def report(results: dict[str, Any]) -> list[str]:
                   "|---|---:|---:|---:|---:|"]
         lines += [f"| {r['device']} | {r['first_ms']} | {r['p50_ms']} | {r['min_ms']} | {r['calls']} |"
                   for r in results["caption"]]
+        lines.append("")
+    if results.get("caption_graphs"):
+        graphs = results["caption_graphs"]
+        lines += [f"The captioner's graphs alone on `{graphs['device']}` (the decoder step with beam 4's rows):", "",
+                  "| graph | session ms | first call ms | later p50 ms | node ms per call by provider | costliest "
+                  "operators (ms per call) |", "|---|---:|---:|---:|---|---|"]
+        for name in ("image_encoder", "decoder_step"):
+            g = graphs[name]
+            providers = ", ".join(f"{k} {v}" for k, v in g["node_ms_per_call_by_provider"].items())
+            ops = ", ".join(f"{k} {v}" for k, v in list(g["top_ops_ms_per_call"].items())[:5])
+            lines.append(f"| {name} | {g['session_ms']} | {g['first_call_ms']} | {g['later_p50_ms']} | {providers} | "
+                         f"{ops} |")
         lines.append("")
     return lines
 

@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.gpu import ceiling, fp16_copy, report  # noqa: E402
+from bench.gpu import caption_graphs, ceiling, fp16_copy, report  # noqa: E402
 from server.artifacts import Manifest  # noqa: E402
 from server.device import choose  # noqa: E402
 from server.translation import DecodeOptions, TranslationModel  # noqa: E402
@@ -43,6 +43,18 @@ def test_the_step_timing_covers_every_row_count(models_dir: Path) -> None:
     for r in rows:
         assert r["outputs_on_device_ms"] > 0 and r["as_served_ms"] > 0
         assert r["as_served_row_steps_per_s"] == pytest.approx(r["rows"] * 1000 / r["as_served_ms"], rel=0.02)
+
+
+def test_the_captioner_profile_says_where_each_graph_spends_its_time(caption_models_dir: Path,
+                                                                   tmp_path: Path) -> None:
+    graphs = caption_graphs(caption_models_dir / "tiny-scenes" / "1", "cpu", 3, tmp_path)
+    for name in ("image_encoder", "decoder_step"):
+        g = graphs[name]
+        assert list(g["node_ms_per_call_by_provider"]) == ["CPUExecutionProvider"]  # no other provider here
+        assert g["later_p50_ms"] > 0 and g["top_ops_ms_per_call"]
+        total = g["node_ms_per_call_by_provider"]["CPUExecutionProvider"]
+        assert sum(g["top_ops_ms_per_call"].values()) <= total + 0.01  # the costliest, each rounded to 1 µs
+    assert "Conv (CPUExecutionProvider)" in graphs["image_encoder"]["top_ops_ms_per_call"]
 
 
 def test_the_report_has_a_table_per_measured_part() -> None:
