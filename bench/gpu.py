@@ -368,27 +368,39 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "gpu.json").write_text(json.dumps(results, indent=1) + "\n")
         (args.out / "gpu.md").write_text("\n".join(report(results)) + "\n")
 
-    results["ceiling"] = ceiling(args.model, texts, args.device, args.rows, args.steps)
-    save()
+    def part(name: str, measure: Callable[[], Any]) -> None:
+        """One part, saved when it ends; a part that fails is recorded and the next one runs (a machine lent for
+        minutes should not lose the serving table to, say, the profiler)."""
+        try:
+            results[name] = measure()
+        except Exception as error:  # noqa: BLE001 - recorded in the results and printed, then the next part
+            results.setdefault("errors", {})[name] = f"{type(error).__name__}: {error}"
+            print(f"{name} failed: {results['errors'][name]}", flush=True)
+        save()
+
     translator = models_dir(args.work, "translator", args.model)
-    results["serving"] = []
-    for variant in args.variants:
-        models = translator
-        if variant == "fp16":
-            models = models_dir(args.work, "translator-fp16",
-                                fp16_copy(args.model, args.work / "fp16" / args.model.parent.name / "1"))
-        results["serving"] += serving(models, texts, args.device, "" if variant == "fp32" else variant,
-                                      args.clients, args.beams, args.attention, args.seconds, args.client_processes)
-        save()
-    if args.device != "cpu" and args.compare:
-        results["same_outputs"] = same_outputs(translator, texts[: args.compare], args.device, args.beams)
-        save()
+
+    def serving_table() -> list[dict[str, Any]]:
+        rows = []
+        for variant in args.variants:
+            models = translator
+            if variant == "fp16":
+                models = models_dir(args.work, "translator-fp16",
+                                    fp16_copy(args.model, args.work / "fp16" / args.model.parent.name / "1"))
+            rows += serving(models, texts, args.device, "" if variant == "fp32" else variant, args.clients,
+                            args.beams, args.attention, args.seconds, args.client_processes)
+            results["serving"] = rows
+            save()
+        return rows
+
     captioner = models_dir(args.work, "captioner", args.captioner)
-    results["caption"] = [caption(captioner, where, args.caption_calls)
-                          for where in dict.fromkeys([args.device, "cpu"])]
-    save()
-    results["caption_graphs"] = caption_graphs(args.captioner, args.device, args.caption_calls, args.work)
-    save()
+    part("ceiling", lambda: ceiling(args.model, texts, args.device, args.rows, args.steps))
+    part("serving", serving_table)
+    if args.device != "cpu" and args.compare:
+        part("same_outputs", lambda: same_outputs(translator, texts[: args.compare], args.device, args.beams))
+    part("caption", lambda: [caption(captioner, where, args.caption_calls)
+                             for where in dict.fromkeys([args.device, "cpu"])])
+    part("caption_graphs", lambda: caption_graphs(args.captioner, args.device, args.caption_calls, args.work))
     print(f"wrote {args.out / 'gpu.json'} and {args.out / 'gpu.md'}")
     return 0
 
@@ -442,6 +454,8 @@ def report(results: dict[str, Any]) -> list[str]:
             lines.append(f"| {name} | {g['session_ms']} | {g['first_call_ms']} | {g['later_p50_ms']} | {providers} | "
                          f"{ops} |")
         lines.append("")
+    for name, error in results.get("errors", {}).items():
+        lines += [f"- `{name}` failed: {error}"]
     return lines
 
 
