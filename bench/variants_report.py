@@ -305,12 +305,17 @@ def budget_lines(results: list[dict[str, Any]], reference: dict[str, Any] | None
                                             for k, v in reference["model_config"].items())), None)
     rows = [(f"{r['variant']} (this experiment)", r["training"]["target_tokens"], r) for r in
             ([by["none"]] if "none" in by else []) + ([same] if same else [])]
-    rows.append((f"{reference['model']} (the bundled model: the same configuration as "
-                 f"{same['variant'] if same else reference['attention']}, trained longer)",
-                 reference["target_tokens"], reference))
-    lines = ["### The budget", "",
-             "The same test split decoded the same way by the bundled model, which has exactly the configuration of "
-             "one variant here (same data, tokenizer, seed and sizes) but saw more target tokens:", "",
+    if same:
+        what = f"the same configuration as {same['variant']}"
+        intro = ("The same test split decoded the same way by the bundled model, which has exactly the configuration "
+                 "of one variant here (same data, tokenizer, seed and sizes) but saw more target tokens:")
+    else:  # the sizes differ: the variants here are widened to the Bahdanau reference's parameter count
+        what = f"{reference['attention']} attention, hidden {reference['model_config'].get('hidden_dim')}"
+        intro = ("The same test split decoded the same way by the bundled model (same data, tokenizer and seed; "
+                 "its own sizes, none of the variants' here) with its larger budget of target tokens:")
+    rows.append((f"{reference['model']} (the bundled model: {what}, trained longer)", reference["target_tokens"],
+                 reference))
+    lines = ["### The budget", "", intro, "",
              "| model | target tokens | BLEU full sentences | chrF full sentences | BLEU phrases | "
              "attention entropy ÷ log S |", "|---|---:|---:|---:|---:|---:|"]
     for name, tokens, r in rows:

@@ -10,7 +10,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.attention_variants import held_out_sources  # noqa: E402
-from bench.variants_report import domain_lines  # noqa: E402
+from bench.variants_report import budget_lines, domain_lines  # noqa: E402
 from training.data.corpus import Pair  # noqa: E402
 
 
@@ -61,3 +61,26 @@ def test_the_report_has_one_row_per_variant_and_the_reference_per_evaluation_set
     assert "| bahdanau | 2.50 | 2.50 (9.50) | 2.50 / 88% |" in lines
     assert any(line.startswith("| de-en-mixed/1 (reference, 24,000,000 tokens) | 20.00") for line in lines)
     assert domain_lines([{"variant": "none", "evaluation": {}}], None) == []  # a one-domain corpus: no table
+
+
+def budget_row(variant: str, config: dict[str, Any]) -> dict[str, Any]:
+    score = {"bleu": 5.0, "chrf": 20.0, "count": 10}
+    return {"variant": variant, "model_config": config, "training": {"target_tokens": 3_000_000},
+            "evaluation": {"sentences": score, "phrases": score}, "entropy": {"mean_normalised_entropy": 0.5}}
+
+
+def test_the_budget_row_names_the_variant_the_bundled_model_matches_or_its_own_sizes() -> None:
+    variants = [budget_row("none", {"attention": "none", "hidden_dim": 276}),
+                budget_row("bahdanau", {"attention": "bahdanau", "hidden_dim": 256})]
+    bahdanau = {**budget_row("ref", {"attention": "bahdanau", "hidden_dim": 256}), "model": "de-en-mixed/1",
+                "attention": "bahdanau", "target_tokens": 31_000_000}
+    lines = budget_lines(variants, bahdanau)
+    assert any(line.startswith("| bahdanau (this experiment) | 3,000,000 |") for line in lines)
+    assert any("de-en-mixed/1 (the bundled model: the same configuration as bahdanau, trained longer)" in line
+               for line in lines)
+    luong = {**bahdanau, "model": "de-en-mixed/2", "attention": "luong-general",
+             "model_config": {"attention": "luong-general", "hidden_dim": 256}}
+    lines = budget_lines(variants, luong)
+    assert any("de-en-mixed/2 (the bundled model: luong-general attention, hidden 256, trained longer)" in line
+               for line in lines)
+    assert not any(line.startswith("| bahdanau (this experiment)") for line in lines)  # no variant has its sizes
