@@ -48,8 +48,15 @@ def _architecture(manifest: Manifest) -> str:
                 f"{c['heads']} heads, feed-forward {c['ff_dim']}, {vocab}. The alignment served is the "
                 f"cross-attention of decoder layer {a['layer']} ({head}); every layer and head is in the step "
                 f"output `{a['all_heads_output']}`.")
-    what = "no attention (the context is the last encoder states; the served matrix is uniform)" \
-        if a.get("uniform") else f"{a['type']} attention"
+    if a.get("uniform"):
+        what = "no attention (the context is the last encoder states; the served matrix is uniform)"
+    elif a["type"] == "bahdanau":
+        what = "Bahdanau's additive attention, queried with the previous decoder state"
+    else:  # luong-dot|general|concat, local-m|p: queried with the current state (training/models/rnn.py)
+        kind = a["type"].removeprefix("luong-")
+        what = (f"Luong's global attention with the {kind} score" if a["type"].startswith("luong-")
+                else f"Luong's {kind} attention (window {c.get('window')})")
+        what += ", input feeding" if c.get("input_feeding", True) else ", no input feeding"
     return (f"bidirectional-GRU encoder, GRU decoder with {what} (embeddings {c['emb_dim']}, hidden "
             f"{c['hidden_dim']}, {vocab}).")
 

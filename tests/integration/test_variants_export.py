@@ -34,6 +34,13 @@ def test_variant_exports_with_parity(variant: str, variant_models_dir: Path) -> 
         assert set(manifest.decoder.state) == {"position", "self_k_0", "self_v_0", "self_k_1", "self_v_1"}
     else:
         assert manifest.architecture == "rnn" and attention["type"] == variant
+    card = (directory / "README.md").read_text(encoding="utf-8").splitlines()[2]  # what the model is, in words
+    described = {"transformer": "Transformer, ", "none": "no attention", "bahdanau": "Bahdanau's additive attention",
+                 "luong-dot": "global attention with the dot score, input feeding",
+                 "luong-general": "global attention with the general score, input feeding",
+                 "luong-concat": "global attention with the concat score, input feeding",
+                 "local-m": "Luong's local-m attention (window", "local-p": "Luong's local-p attention (window"}
+    assert described[variant] in card
     # Every state entry starts as the encoder output of the same name and is replaced by a step output.
     enc_out = set(manifest.encoder.output_names())
     dec_out = set(manifest.decoder_step.output_names())
