@@ -146,8 +146,9 @@ def ceiling(model_dir: Path, texts: list[str], device_name: str, sizes: list[int
 
 
 def fp16_copy(source: Path, target: Path) -> Path:
-    """``source``'s model with an fp16 variant converted from its fp32 graphs (exporter.fp16, as ``attn-export
-    --fp16`` makes it; the parity of its outputs is section 4's concern here, not the exporter's)."""
+    """``source``'s model with an fp16 variant converted from its fp32 graphs by exporter.fp16, as ``attn-export
+    --fp16`` converts them (that command also checks the variant's parity against PyTorch; here only its speed is
+    measured, and the checkpoint need not be at hand)."""
     from exporter.fp16 import to_fp16
 
     if target.exists():
