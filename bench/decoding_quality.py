@@ -1,6 +1,6 @@
 """BLEU of an exported translator through the server's own decoding (greedy or beam search), per evaluation set.
 
-    .venv/bin/python bench/decoding_quality.py models/de-en-mixed/1 --beams 1 4 --sets ding-phrases --sample 0
+    .venv/bin/python bench/decoding_quality.py models/de-en-mixed/2 --beams 1 4 --sets ding-phrases --sample 0
 
 `training.evaluate` scores a checkpoint's greedy translations in PyTorch; this scores what a client gets from the
 service: the exported graphs, `TranslationModel.translate` with `beam_size` (the engine's search, length penalty 1),
