@@ -57,10 +57,12 @@ ATTENTION = {"full": pb.ATTENTION_DETAIL_FULL, "none": pb.ATTENTION_DETAIL_NONE}
 
 
 class GpuUtilisation:
-    """``nvidia-smi`` sampling the device's utilisation every 200 ms while it runs (nothing where there is none)."""
+    """``nvidia-smi`` sampling the device's utilisation every 200 ms while it runs (nothing where there is none),
+    each sample with the time it was read, so that a run's mean covers its measured window only (not the seconds its
+    client processes take to start)."""
 
     def __init__(self) -> None:
-        self.samples: list[float] = []
+        self.samples: list[tuple[float, float]] = []
         self._process: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> GpuUtilisation:
@@ -75,7 +77,7 @@ class GpuUtilisation:
         assert self._process is not None and self._process.stdout is not None
         for line in self._process.stdout:
             try:
-                self.samples.append(float(line.split(",")[0]))
+                self.samples.append((time.time(), float(line.split(",")[0])))
             except ValueError:
                 continue
 
@@ -84,9 +86,9 @@ class GpuUtilisation:
             self._process.terminate()
             self._process.wait()
 
-    @property
-    def mean(self) -> float | None:
-        return round(statistics.fmean(self.samples), 1) if self.samples else None
+    def mean_since(self, start: float) -> float | None:
+        window = [value for at, value in self.samples if at >= start]
+        return round(statistics.fmean(window), 1) if window else None
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -190,9 +192,11 @@ def serving(models: Path, texts: list[str], device: str, variant: str, clients: 
                         run = drive_processes(server.target, texts, concurrency, options, seconds=seconds,
                                               processes=(processes + 1 if extra else
                                                          1 if concurrency == 1 else processes))
+                    ended = time.time()
                     cores = (server.cpu_seconds() - before) / run["seconds"]
                     run.update(variant=variant or "fp32", beam=beam, attention=detail, server_cores=round(cores, 2),
-                               gpu_utilisation=gpu.mean, check="one client process more" if extra else "")
+                               gpu_utilisation=gpu.mean_since(ended - run["seconds"]),
+                               check="one client process more" if extra else "")
                     rows.append(run)
                     print(json.dumps(run), flush=True)
     return rows

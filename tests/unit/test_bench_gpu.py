@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.gpu import caption_graphs, ceiling, fp16_copy, report  # noqa: E402
+from bench.gpu import GpuUtilisation, caption_graphs, ceiling, fp16_copy, report  # noqa: E402
 from server.artifacts import Manifest  # noqa: E402
 from server.device import choose  # noqa: E402
 from server.translation import DecodeOptions, TranslationModel  # noqa: E402
@@ -72,3 +72,10 @@ def test_the_report_has_a_table_per_measured_part() -> None:
     assert "| 1024 | 0.27 | 3,792,593 | 0.9 | 1,137,778 |" in lines
     assert "| fp16 | 4 | none | 1024 (check) | 5 | 3100.5 | 300.0 | 500.0 | 9.5 | 41.0 | OK 12000 |" in lines
     assert not any("Caption" in line or "same outputs" in line for line in lines)  # parts not measured: no table
+
+
+def test_utilisation_is_averaged_over_the_measured_window_only() -> None:
+    gpu = GpuUtilisation()
+    gpu.samples = [(100.0, 0.0), (101.0, 0.0), (105.0, 60.0), (106.0, 80.0)]  # idle while the clients start
+    assert gpu.mean_since(104.0) == 70.0
+    assert gpu.mean_since(200.0) is None  # nothing sampled (no nvidia-smi): no figure, not zero
