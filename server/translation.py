@@ -18,7 +18,7 @@ import numpy as np
 
 from server import search
 from server.artifacts import GraphSpec, Manifest, ManifestError, Token
-from server.artifacts.alignment import WordAlignment, align_words, token_words, word_matrix, words
+from server.artifacts.alignment import WordAlignment, strongest, token_words, word_matrix, words
 from server.device import Device
 from server.errors import InvalidInput
 from server.logs import event
@@ -155,7 +155,8 @@ class TranslationModel(DecoderRuntime):
                     f"{self.max_source_tokens - 1} (plus end of sentence)"
                 )
             tokens.append(Token(self.eos_id, EOS_PIECE, len(text), len(text)))
-            sources.append(Source(text, tokens, words(text), token_words(text, tokens[:-1]) + [-1]))
+            spans = words(text)
+            sources.append(Source(text, tokens, spans, token_words(text, tokens[:-1], spans) + [-1]))
         return sources
 
     def budget(self, source_tokens: int, max_output_tokens: int) -> int:
@@ -224,8 +225,9 @@ class TranslationModel(DecoderRuntime):
     def _target(self, source: Source, hyp: search.Hypothesis, options: DecodeOptions) -> Target:
         text, tokens = self.tokenizer.decode(hyp.tokens)
         tokens = [*tokens, Token(self.eos_id, EOS_PIECE, len(text), len(text))]
+        spans = words(text)
         target = Target(
-            text, tokens, words(text), token_words(text, tokens[:-1]) + [-1], hyp.score, hyp.log_prob,
+            text, tokens, spans, token_words(text, tokens[:-1], spans) + [-1], hyp.score, hyp.log_prob,
             hyp.attention[:, : len(source.tokens)], hyp.truncated,
         )
         if len(target.tokens) != len(hyp.tokens):
@@ -236,7 +238,7 @@ class TranslationModel(DecoderRuntime):
             rows, cols = min(matrix.shape[0], shaped.shape[0]), min(matrix.shape[1], shaped.shape[1])
             shaped[:rows, :cols] = matrix[:rows, :cols]
             target.word_attention = shaped
-            target.alignments = align_words(target.attention, source.token_words[:-1], target.token_words[:-1])
+            target.alignments = strongest(matrix)
         return target
 
     def warm_up(self) -> float:

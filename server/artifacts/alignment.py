@@ -9,6 +9,7 @@ whitespace, and end-of-sentence, belong to no word and are left out.
 from __future__ import annotations
 
 import re
+from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -31,9 +32,10 @@ def words(text: str) -> list[tuple[int, int]]:
     return [m.span() for m in _WORD.finditer(text)]
 
 
-def token_words(text: str, tokens: Sequence[Token]) -> list[int]:
-    """For each token, the index of its word in ``words(text)``, or -1."""
-    spans = words(text)
+def token_words(text: str, tokens: Sequence[Token], spans: Sequence[tuple[int, int]] | None = None) -> list[int]:
+    """For each token, the index of its word in ``spans`` (default: ``words(text)``), or -1."""
+    spans = words(text) if spans is None else spans
+    starts = [s for s, _ in spans]
     out = []
     for token in tokens:
         position = token.start
@@ -43,7 +45,8 @@ def token_words(text: str, tokens: Sequence[Token]) -> list[int]:
         if position == token.end and token.end > token.start:
             out.append(-1)
             continue
-        out.append(next((i for i, (s, e) in enumerate(spans) if s <= position < e), -1))
+        i = bisect_right(starts, position) - 1  # the last word starting at or before the position
+        out.append(i if i >= 0 and position < spans[i][1] else -1)
     return out
 
 
@@ -66,11 +69,16 @@ def align_words(
     attention: np.ndarray, source_words: Sequence[int], target_words: Sequence[int]
 ) -> list[WordAlignment]:
     """One alignment per target word: the source word that receives most of its attention, with that mass."""
-    matrix = word_matrix(attention, source_words, target_words)
-    out = []
-    for tw in range(matrix.shape[0]):
-        if matrix.shape[1] == 0 or matrix[tw].sum() == 0:
-            continue
-        sw = int(matrix[tw].argmax())
-        out.append(WordAlignment(sw, tw, float(matrix[tw, sw])))
-    return out
+    return strongest(word_matrix(attention, source_words, target_words))
+
+
+def strongest(matrix: np.ndarray) -> list[WordAlignment]:
+    """:func:`align_words` from a :func:`word_matrix`: for each target word with any attention on a source word,
+    the source word with the most."""
+    if matrix.shape[1] == 0:
+        return []
+    best = matrix.argmax(axis=1)
+    weights = matrix[np.arange(len(best)), best]
+    return [WordAlignment(int(sw), tw, float(w))
+            for tw, (sw, w) in enumerate(zip(best.tolist(), weights.tolist()))
+            if matrix[tw].any()]

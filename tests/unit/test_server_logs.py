@@ -46,6 +46,8 @@ logging.getLogger("PIL.TiffImagePlugin").warning("tag %d is odd", 7)
 print("a stray print", file=sys.stderr)
 os.write(2, b"E0000 00:00:1700000000.1  42 chttp2_server.cc:1] raw C-core line\\n")
 os.write(2, b'{"event": "from a child", "level": "info"}\\n')
+os.write(2, b''.join(b'{"ts": "t", "event": "burst", "n": %d}\\n' % i for i in range(300)))
+os.write(2, b'{"ts": "t", "event": "cut short"')  # no newline, and not JSON: wrapped at exit
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -56,5 +58,8 @@ os.write(2, b'{"event": "from a child", "level": "info"}\\n')
     for expected in ("listening", "Corrupt EXIF data", "tag 7 is odd", "a stray print", "raw C-core line",
                      "from a child"):
         assert expected in text, f"{expected!r} missing from {text}"
+    assert [p["n"] for p in parsed if p.get("event") == "burst"] == list(range(300))  # passed whole, in order
+    assert '{"ts": "t", "event": "burst", "n": 7}' in lines
+    assert any(p.get("line") == '{"ts": "t", "event": "cut short"' for p in parsed)
     native = next(p for p in parsed if "raw C-core line" in p.get("line", ""))
     assert native["level"] == "error"
