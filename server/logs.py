@@ -13,13 +13,13 @@ import json
 import logging
 import os
 import re
-import select
 import sys
 import threading
 import time
 from typing import Any, TextIO
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+_stderr_fileno = 2  # where log lines are written: the real stderr, which JSON mode's pipe on fd 2 wraps
 
 
 def event(logger: logging.Logger, name: str, level: int = logging.INFO, exc_info: bool = False, **fields: Any) -> None:
@@ -67,7 +67,9 @@ def configure(level: str = "INFO", fmt: str = "json") -> None:
     Python warnings (a Pillow "Corrupt EXIF data" warning is a log line like any other). In JSON mode, whatever else
     reaches the process's stderr (gRPC's C core writes there directly) is wrapped into JSON lines too, so that
     every line parses. Called by the command line, never on import."""
+    global _stderr_fileno
     stream: Any = _json_stderr() if fmt == "json" else sys.stderr
+    _stderr_fileno = stream.fileno()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     logger = logging.getLogger("attn")
@@ -80,7 +82,11 @@ def configure(level: str = "INFO", fmt: str = "json") -> None:
     logging.captureWarnings(True)
 
 
-JSON_LINE_START = b'{"ts": "'  # how every line of JsonFormatter begins (its first field is the time)
+def stderr_fileno() -> int:
+    """The descriptor this process's log lines are written to (after :func:`configure`): what a child process
+    should take as its stderr, so that its lines go straight out rather than through this process's pipe."""
+    return _stderr_fileno
+
 
 # The first letter of an absl/gRPC C-core log line ("E0000 00:00:… file.cc:12] message") is its severity.
 _NATIVE_LEVEL = re.compile(r"([EWID])\d{4} ")
@@ -97,38 +103,18 @@ def _json_stderr() -> _LineStream:
     os.close(write)
     native = logging.getLogger("attn.stderr")
 
-    def forward_lines(lines: list[bytes]) -> None:
-        passed = []  # JSON lines, written in one block
-        for raw in lines:
-            # A line that starts as our JSON lines do (a child process's) passes unparsed; any other is checked, and
-            # so is a long one: only a write shorter than PIPE_BUF reaches the pipe whole, never interleaved.
-            if raw.startswith(JSON_LINE_START) and raw.endswith(b"}") and len(raw) < select.PIPE_BUF:
-                passed.append(raw)
-                continue
-            text = raw.decode("utf-8", errors="replace")
-            if not text.strip():
-                continue
-            if _is_json_object(text):
-                passed.append(raw)
-                continue
-            if passed:
-                real.write(_joined(passed))
-                passed = []
-            found = _NATIVE_LEVEL.match(text)
-            level = _NATIVE_LEVELS[found.group(1)] if found else logging.WARNING
-            native.log(level, "stderr", extra={"fields": {"line": text}})
-        if passed:
-            real.write(_joined(passed))
-
     def forward() -> None:
-        # Whole reads, not line by line: under load the front-ends' access-log lines arrive by the hundred per
-        # second, and a read's worth of them passes in one write.
-        pending = b""
-        while chunk := os.read(read, 65536):
-            *lines, pending = (pending + chunk).split(b"\n")
-            forward_lines(lines)
-        os.close(read)
-        forward_lines([pending])
+        with os.fdopen(read, "rb") as pipe:
+            for raw in pipe:
+                text = raw.decode("utf-8", errors="replace").rstrip("\n")
+                if not text.strip():
+                    continue
+                if _is_json_object(text):
+                    real.write(text + "\n")
+                    continue
+                found = _NATIVE_LEVEL.match(text)
+                level = _NATIVE_LEVELS[found.group(1)] if found else logging.WARNING
+                native.log(level, "stderr", extra={"fields": {"line": text}})
 
     thread = threading.Thread(target=forward, name="attn-stderr", daemon=True)
     thread.start()
@@ -172,10 +158,6 @@ class _LineStream:
 
     def fileno(self) -> int:
         return self._stream.fileno()
-
-
-def _joined(lines: list[bytes]) -> str:
-    return b"\n".join(lines).decode("utf-8", errors="replace") + "\n"
 
 
 def _is_json_object(text: str) -> bool:

@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from multiprocessing import reduction
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -56,10 +57,30 @@ def frontend_count(settings: Settings) -> int:
 # -- the children ----------------------------------------------------------------------------------------------------
 
 
-def _become_child(parent: int, settings: Settings, runtime_dir: Path | None = None) -> None:
+class Stderr:
+    """The stream the parent's log lines go to, handed to a child as its stderr (pickling it while a child is spawned
+    passes the descriptor along). In JSON mode the parent's own file descriptor 2 is a pipe that its reader thread
+    wraps into JSON lines; a child's lines, JSON already, would pay that hop (a read, a parse, a write and a thread
+    wake-up per access-log line), so they go straight out instead."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple[Any, tuple[Any]]:
+        return _stderr_in_child, (reduction.DupFd(self.fd),)
+
+
+def _stderr_in_child(duplicate: Any) -> Stderr:
+    return Stderr(duplicate.detach())
+
+
+def _become_child(parent: int, settings: Settings, stderr: Stderr, runtime_dir: Path | None = None) -> None:
     """``runtime_dir``: the parent's private folder, removed by this child if the parent dies without removing it
     (the engine's, the last process to use its socket)."""
     os.setpgrp()  # Ctrl-C in a terminal goes to the parent only; it drains the children in order
+    if stderr.fd != 2:
+        os.dup2(stderr.fd, 2)
+        os.close(stderr.fd)
     logs.configure(settings.log_level, settings.log_format)
     try:  # what ps, top and /proc/PID/comm show: attn-engine-0, attn-frontend-1 instead of "python"
         Path("/proc/self/comm").write_text(multiprocessing.current_process().name[:15])
@@ -76,10 +97,10 @@ def _become_child(parent: int, settings: Settings, runtime_dir: Path | None = No
     threading.Thread(target=orphaned, name="attn-parent-watch", daemon=True).start()
 
 
-def run_engine(settings: Settings, address: str, parent: int, status: Connection) -> None:
+def run_engine(settings: Settings, address: str, parent: int, status: Connection, stderr: Stderr) -> None:
     """The engine process: loads the models, serves them at ``address``, reloads on SIGHUP and every
     ``reload_interval`` seconds, stops on SIGTERM (what is still queued fails with UNAVAILABLE)."""
-    _become_child(parent, settings, runtime_dir=Path(address.removeprefix("ipc://")).parent)
+    _become_child(parent, settings, stderr, runtime_dir=Path(address.removeprefix("ipc://")).parent)
     from prometheus_client import CollectorRegistry
 
     from server.app import build_registry
@@ -125,13 +146,13 @@ def run_engine(settings: Settings, address: str, parent: int, status: Connection
     event(log, "engine_stopped")
 
 
-def run_frontend(settings: Settings, address: str, parent: int, status: Connection) -> None:
+def run_frontend(settings: Settings, address: str, parent: int, status: Connection, stderr: Stderr) -> None:
     """A front-end process: the gRPC server on the shared port, its models in the engine process."""
     import asyncio
 
     from server.app import serve
 
-    _become_child(parent, settings)
+    _become_child(parent, settings, stderr)
     code = asyncio.run(serve(settings, engine_address=address, on_ready=lambda: status.send(("ready",))))
     raise SystemExit(code)
 
@@ -221,8 +242,8 @@ class Supervisor:
     def _start(self, role: str, index: int, settings: Settings) -> Child:
         receive, send = self.context.Pipe(duplex=False)
         target: Callable[..., None] = run_engine if role == ENGINE else run_frontend
-        process = self.context.Process(target=target, args=(settings, self.address, os.getpid(), send),
-                                       name=f"attn-{role}-{index}", daemon=False)
+        args = (settings, self.address, os.getpid(), send, Stderr(logs.stderr_fileno()))
+        process = self.context.Process(target=target, args=args, name=f"attn-{role}-{index}", daemon=False)
         process.start()
         send.close()
         event(log, "process_started", role=role, index=index, pid=process.pid)

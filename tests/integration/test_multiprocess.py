@@ -174,6 +174,20 @@ def test_a_crashed_engine_fails_its_calls_promptly_and_is_restarted(slow_server:
     assert [pid for pid in server.pids("engine") if pid != engine]
 
 
+def test_children_write_their_log_lines_straight_to_the_servers_stderr(served: ServerProcess) -> None:
+    """Not through the parent's stderr pipe, whose reader would parse and rewrite every access-log line: each child
+    holds the server's own stderr (the pipe this test reads), and its lines arrive there as JSON."""
+    assert served.process.stderr is not None
+    ours = f"pipe:[{os.fstat(served.process.stderr.fileno()).st_ino}]"
+    for pid in [*served.pids("engine"), *served.pids("frontend")]:
+        held = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")
+                if os.path.islink(f"/proc/{pid}/fd/{fd}")}
+        assert ours in held, f"process {pid} does not hold the server's stderr {ours}: {sorted(held)}"
+    before = len(served.events("rpc"))
+    served.stub.Translate(pb.TranslateRequest(texts=TEXTS[:1]), timeout=60)
+    _until(lambda: len(served.events("rpc")) > before, "the call's access-log line")
+
+
 def test_a_crashed_front_end_is_restarted(served: ServerProcess) -> None:
     victim = served.pids("frontend")[0]
     os.kill(victim, signal.SIGKILL)
