@@ -5,6 +5,7 @@ flight.
     .venv/bin/python bench/engine_micro.py --models bundled --sentences 300 --concurrency 64
     .venv/bin/python bench/engine_micro.py --models --reductions   # only the reductions: numpy against the graph
     PYTHONPATH=DIR .venv/bin/python bench/engine_micro.py --engine other_engine   # another Engine, to compare
+    .venv/bin/python bench/engine_micro.py --mixed-lane-rows 0 128 --repeat 3   # lanes always by length, or not
 
 One sentence per request; ``--concurrency`` requests are kept in flight (a finished one is replaced at once). Two
 models: the bundled ``de-en-bahdanau`` (the decoder's compute dominates) and a tiny one of negligible compute (widths
@@ -109,7 +110,7 @@ def load(directory: Path, texts: list[str], threads: int, device: Device) -> tup
 
 
 def run(engine_class: type[Engine], model: TranslationModel, items: list[Any], options: DecodeOptions,
-        concurrency: int) -> dict[str, Any]:
+        concurrency: int, limits: Limits | None = None) -> dict[str, Any]:
     """One engine, warmed up on ``2 * concurrency`` items, then timed over all of them."""
     registry = CollectorRegistry()
     labels = {"model": model.name, "version": model.version}
@@ -120,7 +121,8 @@ def run(engine_class: type[Engine], model: TranslationModel, items: list[Any], o
             ("attn_compute_duration_seconds_sum", decoder), ("attn_compute_duration_seconds_count", decoder),
             ("attn_batch_hypotheses_sum", labels))]
 
-    engine = engine_class(model, Limits(), Metrics(registry))
+    limits = limits or Limits()
+    engine = engine_class(model, limits, Metrics(registry))
     clock = time.pthread_getcpuclockid(engine._thread.ident or 0)  # the engine thread's CPU time
     try:
         drive(engine, items[: min(len(items), 2 * concurrency)], options, concurrency)
@@ -133,7 +135,7 @@ def run(engine_class: type[Engine], model: TranslationModel, items: list[Any], o
     n = len(items)
     return {
         "model": model.name, "device": model.device.name if model.device else "", "beam": options.beam_size,
-        "concurrency": concurrency, "sentences": n,
+        "concurrency": concurrency, "mixed_lane_rows": limits.mixed_lane_rows, "sentences": n,
         "sentences_per_s": round(n / wall, 1), "cpu_ms_per_sentence": round(1000 * cpu / n, 3),
         "engine_thread_cpu_ms_per_sentence": round(1000 * engine_cpu / n, 3),
         "wall_s": round(wall, 3), "decoder_share": round(seconds / wall, 3), "decoder_calls": int(calls),
@@ -143,21 +145,32 @@ def run(engine_class: type[Engine], model: TranslationModel, items: list[Any], o
 
 def measure(directory: Path, texts: list[str], concurrencies: list[int], beams: list[int], max_output: int,
             threads: int, engine_class: type[Engine] = Engine, repeat: int = 1,
-            device: Device | None = None) -> list[dict[str, Any]]:
+            device: Device | None = None, mixed_lane_rows: list[int] | None = None) -> list[dict[str, Any]]:
+    """Every setting ``repeat`` times (the fastest run is kept); several ``mixed_lane_rows`` take turns within each
+    repetition, so that a noisy machine slows them alike."""
     model, items = load(directory, texts, threads, device or Device("cpu", [CPU], "bench"))
+    limits = [Limits(mixed_lane_rows=m) for m in mixed_lane_rows or [Limits().mixed_lane_rows]]
     rows: list[dict[str, Any]] = []
     for beam in beams:
         options = DecodeOptions(beam_size=beam, max_output_tokens=max_output)
         for concurrency in concurrencies:
-            runs = [run(engine_class, model, items, options, concurrency) for _ in range(repeat)]
-            row = max(runs, key=lambda r: r["sentences_per_s"])
-            rows.append(row)
-            print(f"{row['model']:>16} beam {beam} x{concurrency:>4}: {row['sentences_per_s']:>7} sentences/s, "
-                  f"CPU ms/sentence {row['cpu_ms_per_sentence']:>6} (engine thread "
-                  f"{row['engine_thread_cpu_ms_per_sentence']:>6}), decoder {row['decoder_share']:.0%} of the wall "
-                  f"time, {row['rows_per_call']} rows per call, {row['other_ms_per_sentence']} ms/sentence "
-                  "outside the decoder", flush=True)
+            runs = [run(engine_class, model, items, options, concurrency, chosen)
+                    for _ in range(repeat) for chosen in limits]
+            for chosen in limits:
+                row = max((r for r in runs if r["mixed_lane_rows"] == chosen.mixed_lane_rows),
+                          key=lambda r: r["sentences_per_s"])
+                rows.append(row)
+                _print(row, beam, concurrency, len(limits) > 1)
     return rows
+
+
+def _print(row: dict[str, Any], beam: int, concurrency: int, mixed: bool) -> None:
+    lanes = f" mixed lane up to {row['mixed_lane_rows']:>3} rows" if mixed else ""
+    print(f"{row['model']:>16} beam {beam} x{concurrency:>4}{lanes}: {row['sentences_per_s']:>7} sentences/s, "
+          f"CPU ms/sentence {row['cpu_ms_per_sentence']:>6} (engine thread "
+          f"{row['engine_thread_cpu_ms_per_sentence']:>6}), decoder {row['decoder_share']:.0%} of the wall "
+          f"time, {row['rows_per_call']} rows per call, {row['other_ms_per_sentence']} ms/sentence "
+          "outside the decoder", flush=True)
 
 
 def reductions(vocab: int = 8000, repeat: int = 20) -> list[dict[str, Any]]:
@@ -198,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", default="server.engine",
                         help="the module whose Engine is measured (another implementation, to compare)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per setting; the fastest is reported")
+    parser.add_argument("--mixed-lane-rows", type=int, nargs="+",
+                        help="the engine's Limits.mixed_lane_rows (0: lanes always by source length); several "
+                             "take turns")
     parser.add_argument("--reductions", action="store_true", help="also time the search's reductions alone")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="cuda: the GPU with I/O binding, as the server chooses it")
@@ -209,11 +225,11 @@ def main(argv: list[str] | None = None) -> int:
         if which == "bundled":
             texts = sentences(args.sentences, args.corpus)
             rows += measure(BUNDLED, texts, args.concurrency, args.beams, 0, args.threads, engine_class, args.repeat,
-                            device)
+                            device, args.mixed_lane_rows)
         else:
             texts = sentences(4 * args.sentences, args.corpus)
             rows += measure(build_tiny(), texts, args.concurrency, args.beams, 12, args.threads, engine_class,
-                            args.repeat, device)
+                            args.repeat, device, args.mixed_lane_rows)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0

@@ -23,7 +23,8 @@ calls while the device computes, and hypotheses become responses on other thread
 Rows at different steps can share a call only when the decoder state has a fixed size (RNN state). A Transformer's
 key/value cache grows with the step and the exported step has no mask over cache positions, so for such models
 every admitted group is a *lane* of its own: all lanes step in turn, each in one call, and no group joins a running
-lane (finished sentences still leave it at once). An RNN model's lanes are by source length (``LENGTH_BUCKETS``).
+lane (finished sentences still leave it at once). An RNN model's lanes are by source length (``LENGTH_BUCKETS``),
+except under light load (``Limits.mixed_lane_rows``), when every source up to the last bound joins one lane.
 """
 
 from server.engine.core import ADMISSION_WINDOW, LENGTH_BUCKETS, SEARCHES_KEPT, Engine, Limits, Request

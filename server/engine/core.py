@@ -29,6 +29,7 @@ ADMISSION_WINDOW = 64  # queued requests looked at when filling a group by sourc
 # a lane pads its sources to its own longest, not to the longest in flight, and the static inputs attended over at
 # every step shrink with it.
 LENGTH_BUCKETS = (16, 32, 64)
+MIXED = -1  # the bucket of the lane every length up to LENGTH_BUCKETS[-1] shares under light load (Limits)
 FLUSH_SECONDS = 0.25  # under load the step metrics reach /metrics at least this often
 SEARCHES_KEPT = 64  # decoding settings remembered for sharing (a client can send a new length penalty every call)
 
@@ -40,6 +41,11 @@ class Limits:
     max_batch_requests: int = 1 << 30  # 1: batching off (one request at a time)
     max_queue_requests: int = 1024
     max_queue_tokens: int = 65536
+    # While the engine holds at most this many rows, an RNN model's sources of up to LENGTH_BUCKETS[-1] tokens share
+    # one lane instead of lanes by length: with few rows a decoder call's fixed cost outweighs attending over
+    # padding, and lanes by length made two or three small calls per step (docs/benchmarks.md, "Lanes by length under
+    # light load"). 0: always by length.
+    mixed_lane_rows: int = 128
 
 
 @dataclass(eq=False)
@@ -259,6 +265,8 @@ class Engine:
         parts: dict[int | None, np.ndarray] = {None: np.arange(len(entries))}
         if not model.growing_state:
             buckets = np.array([_bucket(e[3]) for e in entries])
+            if self._rows <= self.limits.mixed_lane_rows:
+                buckets[buckets < len(LENGTH_BUCKETS)] = MIXED
             parts = {int(b): np.flatnonzero(buckets == b) for b in np.unique(buckets)}
         for bucket, chosen in parts.items():
             if len(chosen) == len(entries) and len(repeat) == len(entries):  # one lane, one row each: as encoded

@@ -247,12 +247,12 @@ def test_close_fails_what_is_left(engines: list[Engine]) -> None:
         future.result(timeout=30)
 
 
-def test_sources_of_different_lengths_decode_in_their_own_lanes(engines: list[Engine]) -> None:
-    """A 40-token source does not pad the 3-token ones: separate lanes (separate calls), same outputs as alone."""
+def test_a_source_longer_than_the_buckets_decodes_in_a_lane_of_its_own(engines: list[Engine]) -> None:
+    """A 70-token source does not pad the 3-token ones: separate lanes (separate calls), same outputs as alone."""
     model = FakeModel()
     model.gate = threading.Semaphore(0)
     engine = start(engines, model)
-    long = [(7 * i) % 50 for i in range(40)]
+    long = [(7 * i) % 50 for i in range(70)]
     items = [SOURCES[0], long, SOURCES[2]]
     future = engine.submit(items, Options(beam_size=2, nbest=2))
     model.gate.release(10_000)
@@ -261,6 +261,27 @@ def test_sources_of_different_lengths_decode_in_their_own_lanes(engines: list[En
         same(hyps, model.alone(item, Options(beam_size=2, nbest=2)))
     assert model.encoded == [3]  # one encoder call for the request
     assert model.steps[:2] == [4, 2]  # the two short sources together, the long one in a lane of its own
+
+
+@pytest.mark.parametrize("busy", [False, True])
+def test_sources_share_one_lane_under_light_load_and_split_by_length_under_heavy(engines: list[Engine],
+                                                                                  busy: bool) -> None:
+    """Up to ``mixed_lane_rows`` rows, sources of up to LENGTH_BUCKETS[-1] tokens decode in one call per step (a
+    call's fixed cost outweighs the padding); above it, by length. The outputs are those of each source alone."""
+    from server.engine import LENGTH_BUCKETS
+
+    model = FakeModel()
+    model.gate = threading.Semaphore(0)
+    beam = 3  # two sentences of 3 rows each
+    engine = start(engines, model, mixed_lane_rows=2 * beam - 1 if busy else 2 * beam)
+    longer = [(7 * i) % 50 for i in range(LENGTH_BUCKETS[-1])]  # the last bucket's bound: in another bucket
+    options = Options(beam_size=beam, nbest=1)
+    future = engine.submit([SOURCES[0], longer], options)
+    model.gate.release(10_000)
+    found = future.result(timeout=60)
+    for item, hyps in zip([SOURCES[0], longer], found):
+        same(hyps, model.alone(item, options))
+    assert model.steps[:2] == ([beam, beam] if busy else [2 * beam, 2 * beam])
 
 
 def test_distinct_length_penalties_do_not_grow_the_engine(engines: list[Engine]) -> None:
