@@ -50,8 +50,13 @@ def available_cores() -> int:
 
 
 def frontend_count(settings: Settings) -> int:
-    """``ATTN_FRONTENDS``, or one per two cores (at least one) when it is -1."""
-    return settings.frontends if settings.frontends >= 0 else max(1, available_cores() // 2)
+    """``ATTN_FRONTENDS``, or when it is -1 one per two cores, and two on two or three cores (one on one): a front-end's
+    event loop is one core at most, and on two cores one front-end was what limited the server under load
+    (docs/serving-processes.md)."""
+    if settings.frontends >= 0:
+        return settings.frontends
+    cores = available_cores()
+    return max(min(2, cores), cores // 2)
 
 
 # -- the children ----------------------------------------------------------------------------------------------------

@@ -48,8 +48,8 @@ class Settings:
                                         "instead of keeping the cores that the gRPC event loop and the response "
                                         "threads need busy; on may shave latency on a machine with cores to spare.")
     frontends: int = _setting(-1, "gRPC front-end processes sharing the port (validation, tokenization, responses) "
-                              "beside one engine process that runs the models; -1: one per two cores (at least "
-                              "one); 0: everything in one process (tests, debugging).")
+                              "beside one engine process that runs the models; -1: one per two cores, and two on "
+                              "two or three cores (one on one); 0: everything in one process (tests, debugging).")
     workers: int = _setting(2, "Threads that decode images and turn hypotheses into responses while the models' "
                             "engines decode.")
     max_inflight: int = _setting(1024, "Translate/Caption calls handled at once by the whole server (queued, "

@@ -48,7 +48,6 @@ def test_front_ends_from_the_setting_or_the_core_count(monkeypatch: pytest.Monke
     base = Settings()
     assert frontend_count(replace(base, frontends=0)) == 0
     assert frontend_count(replace(base, frontends=3)) == 3
-    monkeypatch.setattr("server.processes.available_cores", lambda: 16)
-    assert frontend_count(base) == 8
-    monkeypatch.setattr("server.processes.available_cores", lambda: 1)
-    assert frontend_count(base) == 1
+    for cores, frontends in [(16, 8), (5, 2), (3, 2), (2, 2), (1, 1)]:
+        monkeypatch.setattr("server.processes.available_cores", lambda cores=cores: cores)
+        assert frontend_count(base) == frontends, cores
