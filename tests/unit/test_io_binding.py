@@ -272,3 +272,29 @@ def test_the_engine_reorders_drops_and_joins_device_state(engines: list[Engine],
                 np.testing.assert_allclose(h.attention, w.attention, atol=1e-6)
     assert model.device_steps > 0 and model.device_static > 0
     assert not copies  # joined, reordered and dropped on the device: nothing came back to the host
+
+
+def test_a_longer_source_widens_a_running_lane_on_the_device(engines: list[Engine]) -> None:
+    """Under light load sources of different length buckets share a lane (Limits.mixed_lane_rows): a 20-token source
+    joining a lane of 4-token ones widens its static inputs on the device, and every result is still what the item
+    decodes to alone without the binding."""
+    plain, model = OnnxModel(False), OnnxModel(True)
+    model.gate = threading.Semaphore(0)
+    engine = Engine(model, Limits())  # type: ignore[arg-type]
+    engines.append(engine)
+    longer = [(3 * i) % 40 + 2 for i in range(20)]
+    options = Options(beam_size=2, nbest=2, max_steps=12)
+    first = engine.submit([SOURCES[0]], options)
+    model.gate.release(2)
+    wait_until(lambda: model.steps == 2, "two steps")
+    later = engine.submit([longer, SOURCES[1]], options)
+    model.gate.release(10_000)
+    for found, items in ((first.result(timeout=60), [SOURCES[0]]), (later.result(timeout=60), [longer, SOURCES[1]])):
+        for hyps, item in zip(found, items):
+            [want] = plain.decode([item], options)
+            assert [h.tokens for h in hyps] == [h.tokens for h in want]
+            for h, w in zip(hyps, want):
+                assert h.log_prob == pytest.approx(w.log_prob, abs=1e-5)
+                np.testing.assert_allclose(h.attention, w.attention, atol=1e-6)
+    assert model.device_static > 0
+    assert model.steps < 2 * options.max_steps  # one call per step for both requests (two lanes: 27 calls)
