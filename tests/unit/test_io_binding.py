@@ -242,6 +242,16 @@ def wait_until(condition: Any, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def as_alone(found: list[list[Hypothesis]], items: list[list[int]], options: Options, plain: OnnxModel) -> None:
+    """Each item's hypotheses are what it decodes to alone, without the binding (within float tolerance)."""
+    for hyps, item in zip(found, items, strict=True):
+        [want] = plain.decode([item], options)
+        assert [h.tokens for h in hyps] == [h.tokens for h in want]
+        for h, w in zip(hyps, want):
+            assert h.log_prob == pytest.approx(w.log_prob, abs=1e-5)
+            np.testing.assert_allclose(h.attention, w.attention, atol=1e-6)
+
+
 @pytest.mark.parametrize("growing", [False, True])
 def test_the_engine_reorders_drops_and_joins_device_state(engines: list[Engine], growing: bool,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
@@ -264,12 +274,7 @@ def test_the_engine_reorders_drops_and_joins_device_state(engines: list[Engine],
     results = [f.result(timeout=60) for f in first + later]
     expected = [(SOURCES[0:2], beam), ([SOURCES[2]], greedy), (SOURCES[3:5], beam), ([SOURCES[1]], greedy)]
     for found, (items, options) in zip(results, expected):
-        for hyps, item in zip(found, items):
-            [want] = plain.decode([item], options)
-            assert [h.tokens for h in hyps] == [h.tokens for h in want]
-            for h, w in zip(hyps, want):
-                assert h.log_prob == pytest.approx(w.log_prob, abs=1e-5)
-                np.testing.assert_allclose(h.attention, w.attention, atol=1e-6)
+        as_alone(found, items, options, plain)
     assert model.device_steps > 0 and model.device_static > 0
     assert not copies  # joined, reordered and dropped on the device: nothing came back to the host
 
@@ -289,12 +294,7 @@ def test_a_longer_source_widens_a_running_lane_on_the_device(engines: list[Engin
     wait_until(lambda: model.steps == 2, "two steps")
     later = engine.submit([longer, SOURCES[1]], options)
     model.gate.release(10_000)
-    for found, items in ((first.result(timeout=60), [SOURCES[0]]), (later.result(timeout=60), [longer, SOURCES[1]])):
-        for hyps, item in zip(found, items):
-            [want] = plain.decode([item], options)
-            assert [h.tokens for h in hyps] == [h.tokens for h in want]
-            for h, w in zip(hyps, want):
-                assert h.log_prob == pytest.approx(w.log_prob, abs=1e-5)
-                np.testing.assert_allclose(h.attention, w.attention, atol=1e-6)
+    as_alone(first.result(timeout=60), [SOURCES[0]], options, plain)
+    as_alone(later.result(timeout=60), [longer, SOURCES[1]], options, plain)
     assert model.device_static > 0
     assert model.steps < 2 * options.max_steps  # one call per step for both requests (two lanes: 27 calls)
