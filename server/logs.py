@@ -95,8 +95,9 @@ _NATIVE_LEVELS = {"E": logging.ERROR, "W": logging.WARNING, "I": logging.INFO, "
 
 def _json_stderr() -> _LineStream:
     """Points file descriptor 2 at a pipe whose lines come back as JSON on the real stderr, and returns a stream on
-    the real stderr for the log handler. Lines that already are JSON objects (a child process's log) pass as they
-    are; any other line (a C library's, a stray print) becomes a ``stderr`` event holding it."""
+    the real stderr for the log handler. Lines that already are JSON objects pass as they are; any other line (a C
+    library's, a stray print) becomes a ``stderr`` event holding it. Child processes are handed the real stderr
+    (:func:`stderr_fileno`) and write their lines there themselves."""
     real = _LineStream(os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace"))
     read, write = os.pipe()
     os.dup2(write, 2)
@@ -131,10 +132,10 @@ def _json_stderr() -> _LineStream:
 class _LineStream:
     """The real stderr for two writers (the log handler, the pipe's reader): one whole line per write.
 
-    A child process's real stderr is its parent's pipe. If the parent is killed, writes fail with EPIPE: the lines
-    are then dropped. Raising would make logging report the error on stderr, that is into this process's own pipe,
-    whose reader is the thread that was writing: it would block, holding the handler's lock, and with it every thread
-    that logs, so the orphaned process could never stop."""
+    The real stderr may be a pipe (to whatever started the server, a log collector). If its reader is gone, writes
+    fail with EPIPE: the lines are then dropped. Raising would make logging report the error on stderr, that is into
+    this process's own pipe, whose reader is the thread that was writing: it would block, holding the handler's lock,
+    and with it every thread that logs, so the process could never stop."""
 
     def __init__(self, stream: TextIO) -> None:
         self._stream, self._lock, self._gone = stream, threading.Lock(), False
