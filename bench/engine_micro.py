@@ -110,7 +110,7 @@ def load(directory: Path, texts: list[str], threads: int, device: Device) -> tup
 
 
 def run(engine_class: type[Engine], model: TranslationModel, items: list[Any], options: DecodeOptions,
-        concurrency: int, limits: Limits | None = None) -> dict[str, Any]:
+        concurrency: int, limits: Limits) -> dict[str, Any]:
     """One engine, warmed up on ``2 * concurrency`` items, then timed over all of them."""
     registry = CollectorRegistry()
     labels = {"model": model.name, "version": model.version}
@@ -121,7 +121,6 @@ def run(engine_class: type[Engine], model: TranslationModel, items: list[Any], o
             ("attn_compute_duration_seconds_sum", decoder), ("attn_compute_duration_seconds_count", decoder),
             ("attn_batch_hypotheses_sum", labels))]
 
-    limits = limits or Limits()
     engine = engine_class(model, limits, Metrics(registry))
     clock = time.pthread_getcpuclockid(engine._thread.ident or 0)  # the engine thread's CPU time
     try:
