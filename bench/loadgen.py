@@ -4,6 +4,10 @@
 until it is ready, and exposes its pid (for RSS) and metrics (for where the time went). :func:`drive` runs
 ``concurrency`` clients, each sending one ``Translate`` after another over a shared list of sentences, for a fixed
 time or a fixed number of requests, and reports sentences/s, target tokens/s, latency percentiles and status codes.
+
+The clients share connections, one per :data:`CLIENTS_PER_CONNECTION`: a server with several front-end processes
+gives each connection to one of them (the kernel picks by a hash of the client's port), so with one connection per
+client process two processes would land on the same front-end half the time, and the figure would be a coin's.
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ import numpy as np
 
 from attention_pb.v1 import attention_pb2 as pb
 from attention_pb.v1 import attention_pb2_grpc as pb_grpc
+from client.connection import MAX_MESSAGE_BYTES, OWN_CONNECTION
 
 ROOT = Path(__file__).resolve().parents[1]
+CLIENTS_PER_CONNECTION = 8  # clients sharing one connection (the module's docstring says why not all of them)
 
 
 class ServerProcess:
@@ -183,12 +189,13 @@ async def _drive(target: str, texts: list[str], concurrency: int, options: pb.De
                  seconds: float, requests: int, deadline: float, texts_per_call: int = 1) -> Run:
     run = Run(concurrency, 0.0)
     counter = iter(range(10**9))
-    channel = grpc.aio.insecure_channel(target, options=[("grpc.max_receive_message_length", 256 * 2**20)])
-    stub = pb_grpc.AttentionServiceStub(channel)
+    channels = [grpc.aio.insecure_channel(target, options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                                           OWN_CONNECTION])
+                for _ in range(-(-concurrency // CLIENTS_PER_CONNECTION))]
     started = time.perf_counter()
     stop_at = started + seconds if seconds else float("inf")
 
-    async def client() -> None:
+    async def client(stub: pb_grpc.AttentionServiceStub) -> None:
         while time.perf_counter() < stop_at:
             n = next(counter)
             if requests and n >= requests:
@@ -210,9 +217,11 @@ async def _drive(target: str, texts: list[str], concurrency: int, options: pb.De
                 run.target_tokens += len(best.tokens)
                 run.outputs[i] = [t.id for t in best.tokens]
 
-    await asyncio.gather(*(client() for _ in range(concurrency)))
+    stubs = [pb_grpc.AttentionServiceStub(channel) for channel in channels]
+    await asyncio.gather(*(client(stubs[i % len(stubs)]) for i in range(concurrency)))
     run.seconds = time.perf_counter() - started
-    await channel.close()
+    for channel in channels:
+        await channel.close()
     return run
 
 

@@ -6,23 +6,25 @@
     attn batch inputs.txt -o out.jsonl --shard "$JOB_COMPLETION_INDEX/4"    worker i of 4: out.shard-i-of-4.jsonl
 
 The output has one JSON line per non-blank input line, in input order. Several lines go in one Translate request
-(--batch-size) and --concurrency requests are in flight at once. Output is committed in chunks: the file is
-fsynced, then the sidecar ``OUT.checkpoint.json`` (replaced atomically) records the committed output bytes and the
-last input line they cover. Rerunning the same command truncates the output to that length and goes on after that
-line, so a job killed at any moment (SIGKILL included) neither loses nor repeats a line, and rerunning a finished
-job does nothing.
+(--batch-size) and --concurrency requests are in flight at once, taking turns over --connections connections (a
+server runs several front-end processes on one port and gives each connection to one of them: over one connection
+a job would reach one front-end only). Output is committed in chunks: the file is fsynced, then the sidecar
+``OUT.checkpoint.json`` (replaced atomically) records the committed output bytes and the last input line they
+cover. Rerunning the same command truncates the output to that length and goes on after that line, so a job killed
+at any moment (SIGKILL included) neither loses nor repeats a line, and rerunning a finished job does nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +35,7 @@ from google.protobuf import json_format
 
 from attention_pb.v1 import attention_pb2 as pb
 from attention_pb.v1 import attention_pb2_grpc as pb_grpc
+from client import connection
 from client.batch_io import (
     CHECKPOINT_SECONDS,
     BatchError,
@@ -106,6 +109,9 @@ def add_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentPa
                            "word-level matrix; full: also the token-level matrix")
     b.add_argument("--batch-size", type=_positive, default=16, help="texts per Translate request (default 16)")
     b.add_argument("--concurrency", type=_positive, default=8, help="requests in flight at once (default 8)")
+    b.add_argument("--connections", type=_positive, default=8,
+                   help="connections to the server, taken in turn (default 8, at most --concurrency): each reaches "
+                        "one of the server's front-end processes")
     b.add_argument("--max-retries", type=_count, default=8,
                    help="retries of a request refused with UNAVAILABLE or RESOURCE_EXHAUSTED, with exponential "
                         "backoff and jitter (default 8); then the job stops, resumable")
@@ -163,9 +169,9 @@ def result_record(item: Item, response: pb.TranslateResponse, result: pb.Transla
 
 @dataclass
 class Job:
-    """What every worker thread shares: the stub, the request settings, and the stop switch."""
+    """What every worker thread shares: the stubs (one per connection), the request settings, and the stop switch."""
 
-    stub: pb_grpc.AttentionServiceStub
+    stubs: list[pb_grpc.AttentionServiceStub]
     model: str
     version: str
     options: pb.DecodingOptions
@@ -175,13 +181,15 @@ class Job:
     retries: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _calls: set[grpc.Future] = field(default_factory=set)
+    _turns: Iterator[int] = field(default_factory=itertools.count)  # calls take the connections in turn
 
     def invoke(self, texts: list[str]) -> pb.TranslateResponse:
         """One Translate call, cancellable from another thread by :meth:`cancel`."""
         if self.stop.is_set():
             raise Abort("stopped")
         request = pb.TranslateRequest(model=self.model, version=self.version, texts=texts, options=self.options)
-        call = self.stub.Translate.future(request, timeout=self.timeout)
+        stub = self.stubs[next(self._turns) % len(self.stubs)]  # a retry goes out on the next connection
+        call = stub.Translate.future(request, timeout=self.timeout)
         with self._lock:
             self._calls.add(call)
         try:
@@ -349,8 +357,10 @@ def _run(args: argparse.Namespace, channel: grpc.Channel, details: dict[str, Any
     if checkpoint.offset > args.input.stat().st_size:
         raise BatchError(f"{args.input} is shorter than when {output} was checkpointed; use --restart to start over")
     progress = Progress(count_inputs(args.input, fmt, args.column, args.shard), checkpoint.records, args.quiet)
-    job = Job(pb_grpc.AttentionServiceStub(channel), args.model, args.version, options, args.timeout,
-              args.max_retries)
+    config = connection.ChannelConfig.from_args(args)  # as ``channel`` was made, which checked it
+    own = [config.channel([connection.OWN_CONNECTION]) for _ in range(min(args.connections, args.concurrency) - 1)]
+    job = Job([pb_grpc.AttentionServiceStub(c) for c in [channel, *own]], args.model, args.version, options,
+              args.timeout, args.max_retries)
     items = read_items(args.input, fmt, args.column, args.id_column, args.shard, (checkpoint.line, checkpoint.offset))
     writer = Writer(output, checkpoint, args.checkpoint_every)
     status, error = 0, ""
@@ -363,6 +373,8 @@ def _run(args: argparse.Namespace, channel: grpc.Channel, details: dict[str, Any
     finally:
         writer.close()
         progress.finish()
+        for extra in own:
+            extra.close()
     report(args, output, progress, writer.committed, job.retries, error)
     return status
 

@@ -25,6 +25,11 @@ import grpc
 
 TOKEN_ENV = "ATTN_TOKEN"
 MAX_MESSAGE_BYTES = 256 * 2**20  # attention matrices make large responses
+# gRPC gives channels to one target with the same options one shared connection (its global subchannel pool). A
+# server with several front-end processes on one port (SO_REUSEPORT) hands each connection, not each call, to one of
+# them: a client that wants more than one front-end's throughput needs connections of its own, one per channel made
+# with this option (docs/serving-processes.md, "Connections and front-ends").
+OWN_CONNECTION = ("grpc.use_local_subchannel_pool", 1)
 Options = Sequence[tuple[str, Any]]
 
 

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -183,9 +184,11 @@ class RefusingTranslator(pb_grpc.AttentionServiceServicer):
         self.refusals: list[grpc.StatusCode] = []
         self.serve: int | None = None
         self.calls = self.answered = 0
+        self.peers: list[str] = []  # the client address ("ipv4:127.0.0.1:PORT") of every call: its connection
 
     def Translate(self, request: pb.TranslateRequest, context: grpc.ServicerContext) -> pb.TranslateResponse:
         self.calls += 1
+        self.peers.append(context.peer())
         if self.refusals:
             context.abort(self.refusals.pop(0), "busy")
         if self.serve is not None and self.answered >= self.serve:
@@ -237,3 +240,18 @@ def test_exhausted_retries_stop_the_job_and_a_rerun_resumes(fake: tuple[Refusing
     assert [r["translation"] for r in _records(out)] == ["EINS", "ZWEI", "DREI", "VIER"]
     report = json.loads(summary.read_text())
     assert (report["skipped"], report["done"], report["total"]) == (2, 2, 4)
+
+
+def test_calls_take_turns_over_connections_of_their_own(fake: tuple[RefusingTranslator, int], tmp_path: Path) -> None:
+    # A server with several front-ends gives each connection to one of them: one connection would reach one.
+    servicer, port = fake
+    source, out = tmp_path / "in.txt", tmp_path / "out.jsonl"
+    source.write_text("".join(f"satz {i}\n" for i in range(12)), encoding="utf-8")
+    assert _batch(port, str(source), "-o", str(out), "--batch-size", "1", "--concurrency", "3",
+                  "--connections", "3") == 0
+    assert len(_records(out)) == 12
+    assert sorted(Counter(servicer.peers).values()) == [4, 4, 4]
+
+    servicer.peers.clear()  # never more connections than requests in flight
+    assert _batch(port, str(source), "-o", str(out), "--batch-size", "1", "--concurrency", "2", "--restart") == 0
+    assert sorted(Counter(servicer.peers).values()) == [6, 6]
