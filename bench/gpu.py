@@ -14,9 +14,10 @@ end (``--results OUT/gpu.json``, back here, writes its section of docs/benchmark
    the candidates and attention rows copied back): milliseconds per step and row-steps per second;
 3. **serving**: the real server (``python -m server``, ``ATTN_DEVICE``) at each client count, greedy and beam 4,
    full attention and none, fp32 and the fp16 variant (converted here from the fp32 graphs, as
-   ``attn-export --fp16`` converts them): sentences/s, p50/p99, server cores, and GPU utilisation sampled by
-   ``nvidia-smi`` during the window; each server's first setting at the largest count once more with one client
-   process more, to show that the load generator does not limit the figure;
+   ``attn-export --fp16`` converts them): sentences/s, p50/p99, server cores (the engine process's and the
+   front-ends' apart), and GPU utilisation sampled by ``nvidia-smi`` during the window; each server's first setting
+   at the largest count once more with one client process more, to show that the load generator does not limit the
+   figure; then the same with more rows decoded together than the default (``--batch-rows``);
 4. **the same outputs as on the CPU**: greedy and beam-4 tokens of the device's server against a CPU server's on the
    first sentences, and the largest attention difference where the tokens agree;
 5. **Caption**: the bundled captioner's first call after ``ready`` and the p50 of the calls after it, on the device
@@ -177,9 +178,10 @@ def models_dir(work: Path, name: str, model: Path) -> Path:
 
 
 def serving(models: Path, texts: list[str], device: str, variant: str, clients: list[int], beams: list[int],
-            attention: list[str], seconds: float, processes: int) -> list[dict[str, Any]]:
+            attention: list[str], seconds: float, processes: int, **settings: Any) -> list[dict[str, Any]]:
+    """``settings``: more of the server's (``max_batch_rows=1024``), recorded with each row."""
     rows: list[dict[str, Any]] = []
-    with ServerProcess(models, device=device, variant=variant, reload_interval=0) as server:
+    with ServerProcess(models, device=device, variant=variant, reload_interval=0, **settings) as server:
         for beam in beams:
             for detail in attention:
                 options = pb.DecodingOptions(beam_size=beam, attention=ATTENTION[detail])
@@ -187,14 +189,17 @@ def serving(models: Path, texts: list[str], device: str, variant: str, clients: 
                 checked = not rows  # each server's first setting: one client process more at the largest count
                 for i, concurrency in enumerate([*clients, clients[-1]] if checked else clients):
                     extra = i == len(clients)
-                    before = server.cpu_seconds()
+                    before = server.cpu_seconds_by_role()
                     with GpuUtilisation() as gpu:
                         run = drive_processes(server.target, texts, concurrency, options, seconds=seconds,
                                               processes=(processes + 1 if extra else
                                                          1 if concurrency == 1 else processes))
                     ended = time.time()
-                    cores = (server.cpu_seconds() - before) / run["seconds"]
-                    run.update(variant=variant or "fp32", beam=beam, attention=detail, server_cores=round(cores, 2),
+                    cores = {role: round((seconds_now - before[role]) / run["seconds"], 2)
+                             for role, seconds_now in server.cpu_seconds_by_role().items()}
+                    run.update(variant=variant or "fp32", beam=beam, attention=detail,
+                               server_cores=round(sum(cores.values()), 2), engine_cores=cores["engine"],
+                               frontend_cores=cores["frontends"], settings=settings,
                                gpu_utilisation=gpu.mean_since(ended - run["seconds"]),
                                check="one client process more" if extra else "")
                     rows.append(run)
@@ -341,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds per serving run")
     parser.add_argument("--client-processes", type=int, default=max(1, min(4, (os.cpu_count() or 2) // 4)),
                         help="load generator processes (16 cores: 4, beside the server's front-ends and engine)")
+    parser.add_argument("--batch-rows", type=int, nargs="*", default=[1024],
+                        help="ATTN_MAX_BATCH_ROWS settings to serve with besides the default, fp32, full attention, "
+                             "at the largest client count")
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 64, 256, 1024, 4096])
     parser.add_argument("--steps", type=int, default=50, help="timed decoder steps per row count")
     parser.add_argument("--compare", type=int, default=200, help="sentences compared with the CPU's outputs")
@@ -401,6 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     captioner = models_dir(args.work, "captioner", args.captioner)
     part("ceiling", lambda: ceiling(args.model, texts, args.device, args.rows, args.steps))
     part("serving", serving_table)
+    part("batch_rows", lambda: [row for rows in args.batch_rows for row in serving(
+        translator, texts, args.device, "", args.clients[-1:], args.beams, ["full"], args.seconds,
+        args.client_processes, max_batch_rows=rows)])
     if args.device != "cpu" and args.compare:
         part("same_outputs", lambda: same_outputs(translator, texts[: args.compare], args.device, args.beams))
     part("caption", lambda: [caption(captioner, where, args.caption_calls)
@@ -425,16 +436,11 @@ def report(results: dict[str, Any]) -> list[str]:
                   f"{r['as_served_ms']} | {r['as_served_row_steps_per_s']:,} |" for r in results["ceiling"]]
         lines.append("")
     if results.get("serving"):
-        lines += ["### The server", "", "| variant | beam | attention | clients | client processes | sentences/s | "
-                  "p50 ms | p99 ms | server cores | GPU utilisation % | codes |",
-                  "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-        for r in results["serving"]:
-            clients = f"{r['concurrency']}" + (" (check)" if r["check"] else "")
-            gpu = "–" if r["gpu_utilisation"] is None else r["gpu_utilisation"]
-            lines.append(f"| {r['variant']} | {r['beam']} | {r['attention']} | {clients} | {r['client_processes']} | "
-                         f"{r['sentences_per_s']} | {r['p50_ms']} | {r['p99_ms']} | {r['server_cores']} | {gpu} | "
-                         f"{', '.join(f'{k} {v}' for k, v in r['codes'].items())} |")
-        lines.append("")
+        lines += ["### The server", "", *_serving_table(results["serving"]), ""]
+    if results.get("batch_rows"):
+        lines += ["### Larger batches", "", "The server with more rows decoded together than its default "
+                  "(`ATTN_MAX_BATCH_ROWS`, 256), fp32, at the largest client count:", "",
+                  *_serving_table(results["batch_rows"]), ""]
     if results.get("same_outputs"):
         lines += ["### The same outputs as on the CPU", "", "| beam | sentences | identical tokens | largest attention "
                   "difference where they agree |", "|---:|---:|---:|---:|"]
@@ -461,6 +467,24 @@ def report(results: dict[str, Any]) -> list[str]:
         lines.append("")
     for name, error in results.get("errors", {}).items():
         lines += [f"- `{name}` failed: {error}"]
+    return lines
+
+
+
+def _serving_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Server CPU in cores: the whole tree, then the engine process and the front-ends apart (one at 1.0 is a
+    process that limits the server)."""
+    lines = ["| variant | settings | beam | attention | clients | client processes | sentences/s | p50 ms | p99 ms | "
+             "server cores | engine cores | front-end cores | GPU utilisation % | codes |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        clients = f"{r['concurrency']}" + (" (check)" if r["check"] else "")
+        gpu = "–" if r["gpu_utilisation"] is None else r["gpu_utilisation"]
+        settings = ", ".join(f"{k} {v}" for k, v in r.get("settings", {}).items()) or "default"
+        lines.append(f"| {r['variant']} | {settings} | {r['beam']} | {r['attention']} | {clients} | "
+                     f"{r['client_processes']} | {r['sentences_per_s']} | {r['p50_ms']} | {r['p99_ms']} | "
+                     f"{r['server_cores']} | {r.get('engine_cores', '–')} | {r.get('frontend_cores', '–')} | {gpu} | "
+                     f"{', '.join(f'{k} {v}' for k, v in r['codes'].items())} |")
     return lines
 
 

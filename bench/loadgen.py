@@ -90,6 +90,16 @@ class ServerProcess:
         commit's server, whatever its metrics)."""
         return tree_cpu_seconds(self.process.pid)
 
+    def cpu_seconds_by_role(self) -> dict[str, float]:
+        """The same split by role: ``engine`` (the engine processes), ``frontends`` (every front-end) and ``parent``
+        (the server process itself, which in one-process mode is all of it). Under load one role at a full core
+        says which process limits the server."""
+        roles = {"parent": 0.0, "engine": 0.0, "frontends": 0.0}
+        for pid, (name, _) in self.rss_by_process().items():
+            role = "parent" if name == "server" else "engine" if name.startswith("attn-engine") else "frontends"
+            roles[role] += process_cpu_seconds(pid)
+        return roles
+
     def metrics(self) -> dict[str, float]:
         """Every unlabelled-or-labelled sample of /metrics, keyed by its exposition line's name and labels."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as response:
@@ -131,16 +141,18 @@ def process_tree(root: int) -> list[int]:
     return found
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (every thread), from /proc; 0 if it has exited."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def tree_cpu_seconds(root: int) -> float:
     """User + system CPU time of process ``root`` and of every live process below it, from /proc."""
-    total = 0.0
-    for pid in process_tree(root):
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:  # exited meanwhile
-            continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+    return sum(process_cpu_seconds(pid) for pid in process_tree(root))
 
 
 def commit_of(checkout: Path = ROOT) -> str:
