@@ -75,12 +75,16 @@ def ding_sentences() -> list[str]:
 def measure(server: ServerProcess, texts: list[str], concurrency: int, options: pb.DecodingOptions,
             seconds: float, processes: int, texts_per_call: int = 1) -> dict[str, Any]:
     drive(server.target, texts, min(concurrency, 8), options, requests=32)  # warm-up
-    before = server.cpu_seconds()
+    before = server.cpu_seconds_by_role()
     run = drive_processes(server.target, texts, concurrency, options, seconds=seconds, processes=processes,
                           texts_per_call=texts_per_call)
-    server_cpu = server.cpu_seconds() - before  # includes the client processes' start-up wait: none of the server's
-    run["server_cpu_ms_per_sentence"] = round(1000 * server_cpu / max(run["ok"], 1), 3)
+    # Includes the client processes' start-up wait: none of the server's.
+    by_role = {role: used - before[role] for role, used in server.cpu_seconds_by_role().items()}
+    server_cpu, sentences = sum(by_role.values()), max(run["ok"], 1)
+    run["server_cpu_ms_per_sentence"] = round(1000 * server_cpu / sentences, 3)
     run["server_cores"] = round(server_cpu / run["seconds"], 2)
+    run["engine_cpu_ms_per_sentence"] = round(1000 * by_role["engine"] / sentences, 3)
+    run["frontend_cpu_ms_per_sentence"] = round(1000 * by_role["frontends"] / sentences, 3)
     return run
 
 
@@ -160,12 +164,15 @@ def design_name(key: str, results: dict[str, Any]) -> str:
 
 def table(runs: dict[str, list[dict[str, Any]]], results: dict[str, Any]) -> list[str]:
     lines = ["| design | clients | client processes | sentences/s | target tokens/s | p50 ms | p99 ms | "
-             "server CPU ms/sentence | server cores | codes |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "server CPU ms/sentence | of it engine, front-ends | server cores | codes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, rows in runs.items():
         for r in rows:
+            split = (f"{r['engine_cpu_ms_per_sentence']}, {r['frontend_cpu_ms_per_sentence']}"
+                     if r.get("engine_cpu_ms_per_sentence") else "–")  # one process: no split
             lines.append(f"| {design_name(key, results)} | {r['concurrency']} | {r['client_processes']} | "
                          f"{r['sentences_per_s']} | {r['target_tokens_per_s']} | {r['p50_ms']} | {r['p99_ms']} | "
-                         f"{r['server_cpu_ms_per_sentence']} | {r['server_cores']} | "
+                         f"{r['server_cpu_ms_per_sentence']} | {split} | {r['server_cores']} | "
                          f"{', '.join(f'{k} {v}' for k, v in r['codes'].items())} |")
     return lines
 
@@ -201,7 +208,9 @@ def write_section(results: dict[str, Any], report: Path) -> None:
              f"{results['finished']}; raw numbers in `docs/benchmarks/{raw}`. Machine: "
              f"{results['machine']['cpus']} CPUs, no GPU; {results['seconds_per_run']} s per measured run; the "
              "load generator runs in separate processes on the same cores. Server CPU is the user + system time of "
-             "the server's whole process tree over the run (from /proc), per sentence answered"
+             "the server's whole process tree over the run (from /proc), per sentence answered, and of it the engine "
+             "process's and the front-ends' (together) where the design has them; the clients share one connection "
+             "per 8 (`bench/loadgen.py`), so that the front-ends get even shares"
              + (f"; each Translate call carries {per_call} sentences (a client counts as one call in flight)."
                 if per_call > 1 else "."), ""]
     for key, title in (("negligible", "A model of negligible compute (widths 8, outputs capped at 12 tokens): the "
