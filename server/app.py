@@ -89,6 +89,10 @@ class AttentionServer:
             # Alone, a second server on the same port must fail, not share it; front-ends share it on purpose
             # (the parent process made sure that no other server holds it).
             ("grpc.so_reuseport", 0 if self.engine_address is None else 1),
+            # A connection stays with the front-end (and the replica) it reached first, and a client's calls all go
+            # over one: asked to reconnect now and then (gRPC adds ±10 % jitter), clients spread again.
+            *([("grpc.max_connection_age_ms", int(1000 * s.max_connection_age)),
+               ("grpc.max_connection_age_grace_ms", int(1000 * s.grace_seconds))] if s.max_connection_age else []),
         ])
         servicer = AttentionServicer(models, self.pool, s, self.metrics, lambda: self.shutting_down)
         self.servicer = servicer

@@ -72,6 +72,10 @@ class Settings:
     max_receive_bytes: int = _setting(16 * 2**20, "Largest request message accepted, in bytes.")
     max_send_bytes: int = _setting(256 * 2**20, "Largest response message sent, in bytes (attention matrices add up).")
     grace_seconds: float = _setting(30.0, "On SIGTERM/SIGINT: how long in-flight requests may take to finish.")
+    max_connection_age: float = _setting(600.0, "Seconds after which a client connection is asked to move to a new "
+                                         "one (gRPC GOAWAY; calls in flight get grace_seconds to finish), so that "
+                                         "connections spread again over the front-ends and over replicas added "
+                                         "since. 0: never.")
     log_level: str = _setting("INFO", "Log level: DEBUG, INFO, WARNING or ERROR.", LOG_LEVELS)
     log_format: str = _setting("json", "Log lines as JSON objects (json) or key=value text (text).", LOG_FORMATS)
     tls_cert: str = _setting("", "PEM certificate chain of the server; with tls_key the gRPC port speaks TLS only "
@@ -96,8 +100,9 @@ class Settings:
             raise ValueError(f"default_beam_size {self.default_beam_size} exceeds max_beam_size {self.max_beam_size}")
         if self.frontends < -1:
             raise ValueError(f"frontends must be -1 (from the core count), 0 or more, not {self.frontends}")
-        if self.port < 0 or self.ort_threads < 0 or self.grace_seconds < 0 or self.reload_interval < 0:
-            raise ValueError("port, ort_threads, grace_seconds and reload_interval must not be negative")
+        if min(self.port, self.ort_threads, self.grace_seconds, self.reload_interval, self.max_connection_age) < 0:
+            raise ValueError("port, ort_threads, grace_seconds, reload_interval and max_connection_age must not be "
+                             "negative")
         parse_pins(self.pinned_versions)
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key go together: set both or neither")

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -155,3 +156,24 @@ def test_sigterm_lets_in_flight_requests_finish_and_exits_zero(served: subproces
         assert all(h.truncated for t in response.translations for h in t.hypotheses)
     assert served.wait(timeout=120) == 0
     channel.close()
+
+
+def test_clients_are_moved_to_new_connections_after_the_connection_age_and_no_call_fails(models_dir: Path) -> None:
+    # A front-end (or replica) keeps a connection, and a client all its calls: GOAWAY after max_connection_age makes
+    # clients connect anew, and so spread again; calls in flight meanwhile finish on the old connection.
+    running = RunningServer(settings(models_dir, max_connection_age=0.5))
+    states: list[grpc.ChannelConnectivity] = []
+    try:
+        running.channel.subscribe(states.append)
+        request = pb.TranslateRequest(texts=["Hallo Welt", "Guten Morgen"])
+        calls = [running.stub.Translate.future(request, timeout=30) for _ in range(4)]
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            calls.append(running.stub.Translate.future(request, timeout=30))
+            time.sleep(0.02)
+        answers = [call.result() for call in calls]
+        assert all(len(answer.translations) == 2 for answer in answers)
+        assert states.count(grpc.ChannelConnectivity.READY) >= 3  # connected, then anew at least twice
+    finally:
+        running.channel.unsubscribe(states.append)
+        running.close()

@@ -30,6 +30,7 @@ def test_environment_then_flags() -> None:
     ([], {"ATTN_PORT": "fifty"}, "ATTN_PORT='fifty' is not a valid int"),
     (["--max-texts", "0"], {}, "max_texts must be at least 1"),
     (["--default-beam-size", "8", "--max-beam-size", "4"], {}, "exceeds max_beam_size"),
+    ([], {"ATTN_MAX_CONNECTION_AGE": "-1"}, "max_connection_age must not be negative"),
 ])
 def test_bad_settings_exit_with_a_message(argv: list[str], env: dict[str, str], message: str,
                                           capsys: pytest.CaptureFixture[str]) -> None:
