@@ -71,14 +71,23 @@ class ServerProcess:
         """Resident memory of the server and of every live process below it (front-ends, the engine)."""
         return sum(rss for _, rss in self.rss_by_process().values())
 
-    def rss_by_process(self) -> dict[int, tuple[str, int]]:
-        """pid -> (name, resident bytes) of the server's process tree; the name is the process's own
-        (/proc/PID/comm: ``attn-engine-0``, ``attn-frontend-0``; the parent: ``server``)."""
+    def processes(self) -> dict[int, str]:
+        """pid -> name of every live process of the server's tree: the process's own (/proc/PID/comm:
+        ``attn-engine-0``, ``attn-frontend-0``); the parent: ``server``."""
         out = {}
         for pid in process_tree(self.process.pid):
             try:
+                out[pid] = "server" if pid == self.process.pid else Path(f"/proc/{pid}/comm").read_text().strip()
+            except FileNotFoundError:  # exited meanwhile
+                continue
+        return out
+
+    def rss_by_process(self) -> dict[int, tuple[str, int]]:
+        """pid -> (name, resident bytes) of the server's process tree (names as :meth:`processes` gives them)."""
+        out = {}
+        for pid, name in self.processes().items():
+            try:
                 status = Path(f"/proc/{pid}/status").read_text()
-                name = "server" if pid == self.process.pid else Path(f"/proc/{pid}/comm").read_text().strip()
             except FileNotFoundError:  # exited meanwhile
                 continue
             out[pid] = (name, next((int(line.split()[1]) * 1024 for line in status.splitlines()
@@ -92,11 +101,13 @@ class ServerProcess:
 
     def cpu_seconds_by_role(self) -> dict[str, float]:
         """The same split by role: ``engine`` (the engine processes), ``frontends`` (every front-end) and ``parent``
-        (the server process itself, which in one-process mode is all of it). Under load one role at a full core
-        says which process limits the server."""
+        (the server process itself, which in one-process mode is all of it, and its helpers such as
+        multiprocessing's resource tracker). Under load one role at a full core says which process limits the
+        server."""
         roles = {"parent": 0.0, "engine": 0.0, "frontends": 0.0}
-        for pid, (name, _) in self.rss_by_process().items():
-            role = "parent" if name == "server" else "engine" if name.startswith("attn-engine") else "frontends"
+        for pid, name in self.processes().items():
+            role = ("engine" if name.startswith("attn-engine") else "frontends" if name.startswith("attn-frontend")
+                    else "parent")
             roles[role] += process_cpu_seconds(pid)
         return roles
 
