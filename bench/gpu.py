@@ -17,7 +17,8 @@ end (``--results OUT/gpu.json``, back here, writes its section of docs/benchmark
    ``attn-export --fp16`` converts them): sentences/s, p50/p99, server cores (the engine process's and the
    front-ends' apart), and GPU utilisation sampled by ``nvidia-smi`` during the window; each server's first setting
    at the largest count once more with one client process more, to show that the load generator does not limit the
-   figure; then the same with more rows decoded together than the default (``--batch-rows``);
+   figure; then the same with more rows decoded together than the default (``--batch-rows``), and with more
+   engine processes than one (``--engines``);
 4. **the same outputs as on the CPU**: greedy and beam-4 tokens of the device's server against a CPU server's on the
    first sentences, and the largest attention difference where the tokens agree;
 5. **Caption**: the bundled captioner's first call after ``ready`` and the p50 of the calls after it, on the device
@@ -349,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-rows", type=int, nargs="*", default=[1024],
                         help="ATTN_MAX_BATCH_ROWS settings to serve with besides the default, fp32, full attention, "
                              "at the largest client count")
+    parser.add_argument("--engines", type=int, nargs="*", default=[2, 4],
+                        help="ATTN_ENGINES settings to serve with besides the default (one engine process), fp32, "
+                             "full attention, at the largest client count")
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 64, 256, 1024, 4096])
     parser.add_argument("--steps", type=int, default=50, help="timed decoder steps per row count")
     parser.add_argument("--compare", type=int, default=200, help="sentences compared with the CPU's outputs")
@@ -412,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     part("batch_rows", lambda: [row for rows in args.batch_rows for row in serving(
         translator, texts, args.device, "", args.clients[-1:], args.beams, ["full"], args.seconds,
         args.client_processes, max_batch_rows=rows)])
+    part("engines", lambda: [row for engines in args.engines for row in serving(
+        translator, texts, args.device, "", args.clients[-1:], args.beams, ["full"], args.seconds,
+        args.client_processes, engines=engines)])
     if args.device != "cpu" and args.compare:
         part("same_outputs", lambda: same_outputs(translator, texts[: args.compare], args.device, args.beams))
     part("caption", lambda: [caption(captioner, where, args.caption_calls)
@@ -441,6 +448,10 @@ def report(results: dict[str, Any]) -> list[str]:
         lines += ["### Larger batches", "", "The server with more rows decoded together than its default "
                   "(`ATTN_MAX_BATCH_ROWS`, 256), fp32, at the largest client count:", "",
                   *_serving_table(results["batch_rows"]), ""]
+    if results.get("engines"):
+        lines += ["### More engine processes", "", "The server with several engine processes on the device "
+                  "(`ATTN_ENGINES`; the default is one), fp32, at the largest client count; engine cores are all "
+                  "of them together:", "", *_serving_table(results["engines"]), ""]
     if results.get("same_outputs"):
         lines += ["### The same outputs as on the CPU", "", "| beam | sentences | identical tokens | largest attention "
                   "difference where they agree |", "|---:|---:|---:|---:|"]

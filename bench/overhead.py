@@ -88,21 +88,20 @@ def measure(server: ServerProcess, texts: list[str], concurrency: int, options: 
     return run
 
 
-def design(models: Path, texts: list[str], frontends: int | None, options: pb.DecodingOptions, seconds: float,
+def design(models: Path, texts: list[str], settings: dict[str, int], options: pb.DecodingOptions, seconds: float,
            processes: int, root: Path = ROOT, texts_per_call: int = 1) -> list[dict[str, Any]]:
-    """The runs of one design: ``frontends`` front-ends of the server in ``root`` (None: that server's default,
-    for a commit that has no such setting)."""
+    """The runs of one design: the server in ``root`` with ``settings`` (``frontends``, ``engines``; none: that
+    server's defaults, for a commit that has no such settings)."""
     runs = []
-    settings = {} if frontends is None else {"frontends": frontends}
     with ServerProcess(models, root=root, reload_interval=0, **settings) as server:
         for concurrency in CONCURRENCY:
             run = measure(server, texts, concurrency, options, seconds, 1 if concurrency == 1 else processes,
                           texts_per_call)
-            run["frontends"] = frontends
+            run.update(settings)
             runs.append(run)
             print(json.dumps(run), flush=True)
         more = measure(server, texts, CONCURRENCY[-1], options, seconds, processes + 1, texts_per_call)
-        more.update(frontends=frontends, check="one client process more")
+        more.update(settings, check="one client process more")
         runs.append(more)
         print(json.dumps(more), flush=True)
     return runs
@@ -114,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--client-processes", type=int, default=3)
     parser.add_argument("--frontends", type=int, nargs="+", default=[1, 2],
                         help="front-end counts of the new design to measure (0, the old design, always runs)")
+    parser.add_argument("--engines", type=int, nargs="*", default=[],
+                        help="engine process counts above 1 to measure as well, with the most front-ends")
     parser.add_argument("--baseline", type=Path, help="a checkout of an earlier commit, measured as the design "
                         "'before' (its server's default process layout)")
     parser.add_argument("--bundled", type=Path, default=ROOT / "models", help="folder holding de-en-bahdanau")
@@ -130,10 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
                                "seconds_per_run": args.seconds, "client_processes": args.client_processes,
                                "texts_per_call": args.texts_per_call, "commit": commit_of(ROOT)}
-    designs: list[tuple[str, int | None, Path]] = [(str(n), n, ROOT) for n in [0, *args.frontends]]
+    designs: list[tuple[str, dict[str, int], Path]] = [(str(n), {"frontends": n}, ROOT) for n in [0, *args.frontends]]
+    designs += [(f"{max(args.frontends)}x{n}", {"frontends": max(args.frontends), "engines": n}, ROOT)
+                for n in args.engines]
     if args.baseline:
         results["baseline"] = commit_of(args.baseline)
-        designs.insert(0, ("before", None, args.baseline))
+        designs.insert(0, ("before", {}, args.baseline))
 
     def measured(models: Path, texts: list[str], options: pb.DecodingOptions) -> dict[str, list[dict[str, Any]]]:
         return {key: design(models, texts, n, options, args.seconds, args.client_processes, root,
@@ -159,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
 def design_name(key: str, results: dict[str, Any]) -> str:
     if key == "before":
         return f"commit {results.get('baseline', '?')} (before)"
+    if "x" in key:
+        frontends, engines = key.split("x")
+        return f"{frontends} front-end(s) + {engines} engines"
     return "one process (`ATTN_FRONTENDS=0`)" if key == "0" else f"{key} front-end(s) + engine"
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -52,12 +52,12 @@ def build_registry(settings: Settings, metrics: Metrics) -> Registry:
 
 
 class AttentionServer:
-    """The gRPC server. With ``engine_address`` it is one front-end process of several sharing the port, and its
-    models run in the engine process at that address (:class:`RemoteModels`); without, they run here."""
+    """The gRPC server. With ``engine_addresses`` it is one front-end process of several sharing the port, and its
+    models run in the engine processes at those addresses (:class:`RemoteModels`); without, they run here."""
 
     def __init__(self, settings: Settings, metrics_registry: CollectorRegistry | None = None,
-                 engine_address: str | None = None) -> None:
-        self.settings, self.engine_address = settings, engine_address
+                 engine_addresses: Sequence[str] = ()) -> None:
+        self.settings, self.engine_addresses = settings, list(engine_addresses)
         self.metrics = Metrics(metrics_registry if metrics_registry is not None else CollectorRegistry())
         # Threads that turn hypotheses into responses (and decode images) while the engines keep decoding.
         self.pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="attn-worker")
@@ -77,10 +77,10 @@ class AttentionServer:
         """Binds and starts answering (health NOT_SERVING, Translate UNAVAILABLE until :meth:`load`)."""
         s = self.settings
         models: Models
-        if self.engine_address is None:
+        if not self.engine_addresses:
             models = self.registry = build_registry(s, self.metrics)
         else:
-            models = self.remote = RemoteModels(self.engine_address, self._engine_changed)
+            models = self.remote = RemoteModels(self.engine_addresses, self._engine_changed)
             await self.remote.start()
         credentials, interceptors = security.configure(s, self.metrics)
         server = grpc.aio.server(interceptors=interceptors, options=[
@@ -88,7 +88,7 @@ class AttentionServer:
             ("grpc.max_send_message_length", s.max_send_bytes),
             # Alone, a second server on the same port must fail, not share it; front-ends share it on purpose
             # (the parent process made sure that no other server holds it).
-            ("grpc.so_reuseport", 0 if self.engine_address is None else 1),
+            ("grpc.so_reuseport", 1 if self.engine_addresses else 0),
             # A connection stays with the front-end (and the replica) it reached first, and a client's calls all go
             # over one: asked to reconnect now and then (gRPC adds ±10 % jitter), clients spread again.
             *([("grpc.max_connection_age_ms", int(1000 * s.max_connection_age)),
@@ -138,10 +138,10 @@ class AttentionServer:
 
     def role(self, name: str) -> str:
         """A front-end's lifecycle events are its own; the parent process announces the server's."""
-        return name if self.engine_address is None else f"frontend_{name}"
+        return f"frontend_{name}" if self.engine_addresses else name
 
     def _engine_changed(self, ready: bool) -> None:
-        """Health follows the engine process: NOT_SERVING while it is gone or loading."""
+        """Health follows the engine processes: NOT_SERVING while none is ready (all gone or loading)."""
         task = asyncio.ensure_future(self._set_health(SERVING if ready and not self.shutting_down else NOT_SERVING))
         self._health_tasks.add(task)
         task.add_done_callback(self._health_tasks.discard)
@@ -182,11 +182,11 @@ class AttentionServer:
             await self.health.set(service, status)
 
 
-async def serve(settings: Settings, engine_address: str | None = None,
+async def serve(settings: Settings, engine_addresses: Sequence[str] = (),
                 on_ready: Callable[[], None] | None = None) -> int:
     """Runs until SIGTERM/SIGINT; returns the process exit code (0 after a clean drain, 1 if start-up failed).
-    ``engine_address``: serve as a front-end process of the engine there; ``on_ready`` is called once serving."""
-    server = AttentionServer(settings, engine_address=engine_address)
+    ``engine_addresses``: serve as a front-end process of the engines there; ``on_ready`` is called once serving."""
+    server = AttentionServer(settings, engine_addresses=engine_addresses)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

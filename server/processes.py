@@ -1,8 +1,9 @@
-"""``attn-serve`` as several processes: one engine process that owns the ONNX Runtime sessions and does only
-scheduling and model steps, ``N`` front-end processes that serve gRPC on one port (validation, tokenization, auth,
-health, reflection, the V2 protocol, response building), and this parent, which starts them, restarts any that
-dies, serves the one ``/metrics`` endpoint (every process's metrics summed), forwards SIGHUP to the engine and, on
-SIGTERM, drains the front-ends (calls in flight finish) before it stops the engine.
+"""``attn-serve`` as several processes: an engine process that owns the ONNX Runtime sessions and does only
+scheduling and model steps (``ATTN_ENGINES`` of them, one by default), ``N`` front-end processes that serve gRPC on
+one port (validation, tokenization, auth, health, reflection, the V2 protocol, response building), and this parent,
+which starts them, restarts any that dies, serves the one ``/metrics`` endpoint (every process's metrics summed),
+forwards SIGHUP to the engines and, on SIGTERM, drains the front-ends (calls in flight finish) before it stops the
+engines.
 
 Why: one process's Python (tokenizing on the event loop, building responses, the engine's bookkeeping) serialised by
 the interpreter lock was the ceiling on any hardware; front-ends spread that work over cores, and the engine's loop
@@ -57,6 +58,14 @@ def frontend_count(settings: Settings) -> int:
         return settings.frontends
     cores = available_cores()
     return max(min(2, cores), cores // 2)
+
+
+def engine_settings(settings: Settings) -> Settings:
+    """An engine process's settings. With several engines and ``ort_threads`` 0, the cores ONNX Runtime would get in
+    one engine (all but one) are shared out between them, instead of every engine starting a pool that large."""
+    if settings.engines == 1 or settings.ort_threads:
+        return settings
+    return replace(settings, ort_threads=max(1, (available_cores() - 1) // settings.engines))
 
 
 # -- the children ----------------------------------------------------------------------------------------------------
@@ -151,14 +160,14 @@ def run_engine(settings: Settings, address: str, parent: int, status: Connection
     event(log, "engine_stopped")
 
 
-def run_frontend(settings: Settings, address: str, parent: int, status: Connection, stderr: Stderr) -> None:
-    """A front-end process: the gRPC server on the shared port, its models in the engine process."""
+def run_frontend(settings: Settings, addresses: list[str], parent: int, status: Connection, stderr: Stderr) -> None:
+    """A front-end process: the gRPC server on the shared port, its models in the engine processes."""
     import asyncio
 
     from server.app import serve
 
     _become_child(parent, settings, stderr)
-    code = asyncio.run(serve(settings, engine_address=address, on_ready=lambda: status.send(("ready",))))
+    code = asyncio.run(serve(settings, engine_addresses=addresses, on_ready=lambda: status.send(("ready",))))
     raise SystemExit(code)
 
 
@@ -202,8 +211,8 @@ class Supervisor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.frontends = frontend_count(settings)
-        self.runtime_dir = Path(tempfile.mkdtemp(prefix="attn-serve-"))  # private (0700): the IPC socket lives here
-        self.address = f"ipc://{self.runtime_dir / 'engine.sock'}"
+        self.runtime_dir = Path(tempfile.mkdtemp(prefix="attn-serve-"))  # private (0700): the IPC sockets live here
+        self.addresses = [f"ipc://{self.runtime_dir / f'engine-{i}.sock'}" for i in range(settings.engines)]
         self.metrics_dir = self.runtime_dir / "metrics"
         self.metrics_dir.mkdir()
         # Read by prometheus_client when the children import it: their metrics go to files this parent sums.
@@ -233,8 +242,8 @@ class Supervisor:
             self._cleanup()
             return 1
         event(log, "listening", host=s.host, port=port, metrics_port=metrics_port, frontends=self.frontends,
-              engine=self.address)
-        self.children = [self._start(ENGINE, 0, child_settings)]
+              engines=self.addresses)
+        self.children = [self._start(ENGINE, i, child_settings) for i in range(s.engines)]
         self.children += [self._start(FRONTEND, i, child_settings) for i in range(self.frontends)]
         code = self._supervise(child_settings)
         held.close()
@@ -247,7 +256,11 @@ class Supervisor:
     def _start(self, role: str, index: int, settings: Settings) -> Child:
         receive, send = self.context.Pipe(duplex=False)
         target: Callable[..., None] = run_engine if role == ENGINE else run_frontend
-        args = (settings, self.address, os.getpid(), send, Stderr(logs.stderr_fileno()))
+        if role == ENGINE:
+            args: tuple[Any, ...] = (engine_settings(settings), self.addresses[index])
+        else:
+            args = (settings, self.addresses)
+        args += (os.getpid(), send, Stderr(logs.stderr_fileno()))
         process = self.context.Process(target=target, args=args, name=f"attn-{role}-{index}", daemon=False)
         process.start()
         send.close()
@@ -259,9 +272,9 @@ class Supervisor:
             while self.signals:
                 number = self.signals.pop(0)
                 if number == signal.SIGHUP:
-                    engine = self._engine()
-                    if engine.process.pid:
-                        os.kill(engine.process.pid, signal.SIGHUP)
+                    for engine in self._of(ENGINE):
+                        if engine.process.pid:
+                            os.kill(engine.process.pid, signal.SIGHUP)
                 else:
                     return self._drain()
             objects: list[Any] = [c.process.sentinel for c in self.children] + [c.status for c in self.children]
@@ -286,7 +299,8 @@ class Supervisor:
             self.models, self.default_model = message[1], message[2]
         if not self.announced and all(c.ready for c in self.children):
             self.announced = True
-            event(log, "ready", models=self.models, default_model=self.default_model, frontends=self.frontends)
+            event(log, "ready", models=self.models, default_model=self.default_model, frontends=self.frontends,
+                  engines=self.settings.engines)
 
     def _exited(self, child: Child, settings: Settings) -> int | None:
         """A child died on its own: restart it. Before the server was ever ready that is a start-up failure (a model
@@ -309,9 +323,8 @@ class Supervisor:
     def _drain(self) -> int:
         """Front-ends first (they finish what they accepted, which needs the engine), then the engine."""
         event(log, "shutting_down", grace_seconds=self.settings.grace_seconds)
-        frontends = [c for c in self.children if c.role == FRONTEND]
-        ok = self._terminate(frontends, self.settings.grace_seconds + 10.0)
-        ok = self._terminate([c for c in self.children if c.role == ENGINE], 30.0) and ok
+        ok = self._terminate(self._of(FRONTEND), self.settings.grace_seconds + 10.0)
+        ok = self._terminate(self._of(ENGINE), 30.0) and ok
         return 0 if ok else 1
 
     def _terminate(self, children: list[Child], timeout: float) -> bool:
@@ -331,8 +344,8 @@ class Supervisor:
             self._mark_dead(child)
         return ok
 
-    def _engine(self) -> Child:
-        return next(c for c in self.children if c.role == ENGINE)
+    def _of(self, role: str) -> list[Child]:
+        return [c for c in self.children if c.role == role]
 
     def _mark_dead(self, child: Child) -> None:
         from prometheus_client import multiprocess

@@ -48,8 +48,15 @@ class Settings:
                                         "instead of keeping the cores that the gRPC event loop and the response "
                                         "threads need busy; on may shave latency on a machine with cores to spare.")
     frontends: int = _setting(-1, "gRPC front-end processes sharing the port (validation, tokenization, responses) "
-                              "beside one engine process that runs the models; -1: one per two cores, and two on "
-                              "two or three cores (one on one); 0: everything in one process (tests, debugging).")
+                              "beside the engine processes that run the models (engines); -1: one per two cores, and "
+                              "two on two or three cores (one on one); 0: everything in one process (tests, "
+                              "debugging).")
+    engines: int = _setting(1, "Engine processes beside the front-ends, each with every model loaded and a scheduler "
+                            "of its own; a front-end sends each request to the ready one with the fewest of its "
+                            "requests in flight. One engine process's Python is one core: more let a fast device "
+                            "take more sentences per second, at the cost of a copy of the models (and of the CUDA "
+                            "context) each and of smaller batches. With ort_threads 0 the engines share the cores "
+                            "ONNX Runtime would get. Needs frontends other than 0.")
     workers: int = _setting(2, "Threads that decode images and turn hypotheses into responses while the models' "
                             "engines decode.")
     max_inflight: int = _setting(1024, "Translate/Caption calls handled at once by the whole server (queued, "
@@ -100,6 +107,11 @@ class Settings:
             raise ValueError(f"default_beam_size {self.default_beam_size} exceeds max_beam_size {self.max_beam_size}")
         if self.frontends < -1:
             raise ValueError(f"frontends must be -1 (from the core count), 0 or more, not {self.frontends}")
+        if self.engines < 1:
+            raise ValueError(f"engines must be at least 1, not {self.engines}")
+        if self.engines > 1 and self.frontends == 0:
+            raise ValueError(f"engines {self.engines} needs front-end processes: with frontends 0 the models run in "
+                             "the one process")
         if min(self.port, self.ort_threads, self.grace_seconds, self.reload_interval, self.max_connection_age) < 0:
             raise ValueError("port, ort_threads, grace_seconds, reload_interval and max_connection_age must not be "
                              "negative")

@@ -1,10 +1,14 @@
-"""A front-end process's view of the engine process's models (:class:`server.models.Models` over ZeroMQ).
+"""A front-end process's view of the engine processes' models (:class:`server.models.Models` over ZeroMQ).
 
 The front-end opens each served version without its graphs (tokenizer, manifest, limits: what validation,
-tokenization and response building need) and sends only compact records to the engine: token ids or pixels in,
-token ids, scores and attention matrices back. It is ready once the engine's ``models`` record says so, and stops
-being ready the moment the engine process is gone: every request it held then fails with ``UNAVAILABLE`` at once
-(:class:`~server.errors.NotReady`), and it greets the engine again until the restarted one answers.
+tokenization and response building need) and sends only compact records to an engine: token ids or pixels in,
+token ids, scores and attention matrices back.
+
+With several engine processes (``ATTN_ENGINES``) each loads every model, and a request goes to the ready engine that
+serves its version with the fewest of this front-end's requests in flight. The front-end is ready while any engine
+is: an engine process that is gone fails every request it held with ``UNAVAILABLE`` at once
+(:class:`~server.errors.NotReady`), the others go on serving, and the front-end greets the gone one again until the
+restarted process answers.
 """
 
 from __future__ import annotations
@@ -32,8 +36,11 @@ from server.search import Hypothesis
 
 log = logging.getLogger("attn.ipc")
 
-WATCH_SECONDS = 0.1  # how often the engine process's liveness is checked
+WATCH_SECONDS = 0.1  # how often the engine processes' liveness is checked
 HELLO_SECONDS = 0.5  # how often an engine that has not answered is greeted again
+
+Key = tuple[str, str]  # (model name, version)
+Answer = asyncio.Future[tuple[dict[str, Any], list[np.ndarray]]]
 
 
 def alive(pid: int) -> bool:
@@ -51,19 +58,35 @@ def alive(pid: int) -> bool:
         return True
 
 
-class RemoteModels(ModelIndex):
-    def __init__(self, address: str, on_change: Callable[[bool], None] = lambda ready: None) -> None:
-        """``on_change(ready)`` is called on the event loop whenever readiness changes (health follows it)."""
-        self.address, self.on_change = address, on_change
+class _Engine:
+    """One engine process as this front-end sees it: its socket, what it serves, the requests it holds."""
+
+    def __init__(self, context: zmq.asyncio.Context, address: str) -> None:
+        self.address = address
+        self.socket = context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.pending: dict[int, Answer] = {}
+        self.serves: set[Key] = set()
         self.default_model = ""
-        self._models: dict[tuple[str, str], DecoderRuntime] = {}
+        self.device = ""
+        self.pid = 0
+        self.ready = False
+        self.since_hello = HELLO_SECONDS
+
+
+class RemoteModels(ModelIndex):
+    def __init__(self, addresses: Sequence[str], on_change: Callable[[bool], None] = lambda ready: None) -> None:
+        """``addresses``: the engine processes' sockets; ``on_change(ready)`` is called on the event loop whenever
+        readiness changes (health follows it)."""
+        self.on_change = on_change
+        self.default_model = ""
+        self._models: dict[Key, DecoderRuntime] = {}
+        self._views: dict[Key, DecoderRuntime] = {}  # opened once, whichever engines serve them
         self._ready = False
-        self._engine_pid = 0
         self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[tuple[dict[str, Any], list[np.ndarray]]]] = {}
+        self._turn = itertools.count()  # the engine asked first among those equally busy
         self._context = zmq.asyncio.Context()
-        self._socket = self._context.socket(zmq.DEALER)
-        self._socket.setsockopt(zmq.LINGER, 0)
+        self._engines = [_Engine(self._context, address) for address in addresses]
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -71,8 +94,10 @@ class RemoteModels(ModelIndex):
         return self._ready
 
     async def start(self) -> None:
-        self._socket.connect(self.address)
-        self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._watch())]
+        for engine in self._engines:
+            engine.socket.connect(engine.address)
+        self._tasks = [*(asyncio.create_task(self._read(engine)) for engine in self._engines),
+                       asyncio.create_task(self._watch())]
 
     async def wait_ready(self) -> None:
         while not self._ready:
@@ -82,42 +107,55 @@ class RemoteModels(ModelIndex):
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._socket.close(0)
+        for engine in self._engines:
+            engine.socket.close(0)
         self._context.term()
 
     async def decode(self, model: DecoderRuntime, items: Sequence[Any], options: Any,
                      timeout: float | None) -> list[list[Hypothesis]]:
-        if not self._ready:
-            raise NotReady("the engine process is not ready; retry shortly")
+        engine = self._choose((model.name, model.version))
         request_id = next(self._ids)
-        answer: asyncio.Future[tuple[dict[str, Any], list[np.ndarray]]] = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = answer
+        answer: Answer = asyncio.get_running_loop().create_future()
+        engine.pending[request_id] = answer
         try:
-            await self._socket.send_multipart(
+            await engine.socket.send_multipart(
                 records.submit(request_id, model.name, model.version, options, timeout, items), copy=False)
             header, arrays = await answer
         except asyncio.CancelledError:
-            if self._pending.pop(request_id, None) is not None and self._ready:
-                await self._socket.send_multipart(records.pack(records.CANCEL, {"id": request_id}))
+            if engine.pending.pop(request_id, None) is not None and engine.ready:
+                await engine.socket.send_multipart(records.pack(records.CANCEL, {"id": request_id}))
             raise
         finally:
-            self._pending.pop(request_id, None)
+            engine.pending.pop(request_id, None)
         return records.hypotheses(header, arrays)
+
+    def _choose(self, key: Key) -> _Engine:
+        """The ready engine serving ``key`` with the fewest requests in flight; ties go round the engines."""
+        engines = self._engines
+        if len(engines) == 1:  # the default: nothing to choose
+            if not engines[0].ready:
+                raise NotReady("the engine process is not ready; retry shortly")
+            return engines[0]
+        start = next(self._turn) % len(engines)
+        candidates = [e for e in engines[start:] + engines[:start] if e.ready and key in e.serves]
+        if not candidates:
+            raise NotReady(f"no engine process serving {key[0]} version {key[1]} is ready; retry shortly")
+        return min(candidates, key=lambda e: len(e.pending))
 
     # -- background tasks ----------------------------------------------------------------------------------------
 
-    async def _read(self) -> None:
+    async def _read(self, engine: _Engine) -> None:
         while True:
-            frames = await self._socket.recv_multipart()
+            frames = await engine.socket.recv_multipart()
             try:
                 kind, header, arrays = records.unpack(frames)
             except Exception:  # noqa: BLE001 - logged and dropped
                 event(log, "ipc_bad_record", level=logging.ERROR, exc_info=True)
                 continue
             if kind == records.MODELS:
-                await self._update(header)
+                await self._update(engine, header)
                 continue
-            answer = self._pending.pop(int(header["id"]), None)
+            answer = engine.pending.pop(int(header["id"]), None)
             if answer is None or answer.done():
                 continue  # cancelled meanwhile
             if kind == records.DONE:
@@ -126,45 +164,57 @@ class RemoteModels(ModelIndex):
                 answer.set_exception(records.error_of(header))
 
     async def _watch(self) -> None:
-        since_hello = HELLO_SECONDS
         while True:
-            if self._ready and not alive(self._engine_pid):
-                self._lost()
-            if not self._ready:
-                since_hello += WATCH_SECONDS
-                if since_hello >= HELLO_SECONDS:
-                    since_hello = 0.0
-                    await self._socket.send_multipart(records.pack(records.HELLO, {"pid": os.getpid()}))
+            for engine in self._engines:
+                if engine.ready and not alive(engine.pid):
+                    self._lost(engine)
+                if not engine.ready:
+                    engine.since_hello += WATCH_SECONDS
+                    if engine.since_hello >= HELLO_SECONDS:
+                        engine.since_hello = 0.0
+                        await engine.socket.send_multipart(records.pack(records.HELLO, {"pid": os.getpid()}))
             await asyncio.sleep(WATCH_SECONDS)
 
-    async def _update(self, header: dict[str, Any]) -> None:
-        """A ``models`` record: opens the versions not seen before (off the event loop), drops retired ones."""
+    async def _update(self, engine: _Engine, header: dict[str, Any]) -> None:
+        """A ``models`` record: opens the versions not seen before (off the event loop)."""
         wanted = {(m["name"], m["version"]): m for m in header["models"]}
-        known = dict(self._models)
-        fresh = [m for key, m in wanted.items() if key not in known]
+        fresh = [m for key, m in wanted.items() if key not in self._views]
         if fresh:
             opened = await asyncio.to_thread(lambda: [_view(m) for m in fresh])
-            known.update({(v.name, v.version): v for v in opened})
-        for view in known.values():
-            view.device_name = header["device"]
-        self._models = {key: known[key] for key in wanted}
-        self.default_model = header["default_model"]
-        self._engine_pid = int(header["pid"])
-        was, self._ready = self._ready, bool(header["ready"]) and alive(self._engine_pid)
-        if was != self._ready:
-            event(log, "engine_ready" if self._ready else "engine_not_ready", engine_pid=self._engine_pid,
-                  models=[f"{name}/{version}" for name, version in self._models])
-            self.on_change(self._ready)
+            for view in opened:
+                self._views.setdefault((view.name, view.version), view)
+        engine.serves, engine.default_model, engine.device = set(wanted), header["default_model"], header["device"]
+        engine.pid = int(header["pid"])
+        was, engine.ready = engine.ready, bool(header["ready"]) and alive(engine.pid)
+        if was != engine.ready:
+            event(log, "engine_ready" if engine.ready else "engine_not_ready", engine_pid=engine.pid,
+                  models=[f"{name}/{version}" for name, version in sorted(engine.serves)])
+        self._refresh()
 
-    def _lost(self) -> None:
-        event(log, "engine_lost", level=logging.ERROR, engine_pid=self._engine_pid, failed_requests=len(self._pending))
-        self._ready = False
+    def _lost(self, engine: _Engine) -> None:
+        event(log, "engine_lost", level=logging.ERROR, engine_pid=engine.pid, failed_requests=len(engine.pending))
+        engine.ready = False
         failure = NotReady("the engine process stopped while the request was in it; retry")
-        for answer in self._pending.values():
+        for answer in engine.pending.values():
             if not answer.done():
                 answer.set_exception(failure)
-        self._pending.clear()
-        self.on_change(False)
+        engine.pending.clear()
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """The served versions: those of the ready engines (all of them while none is, so that lookups still say
+        what the server serves); readiness follows the engines."""
+        ready = [e for e in self._engines if e.ready]
+        serving = set().union(*(e.serves for e in ready or self._engines))
+        for view in self._views.values():
+            view.device_name = next((e.device for e in ready or self._engines if e.device), "")
+        self._views = {key: view for key, view in self._views.items()
+                       if any(key in e.serves for e in self._engines)}
+        self._models = {key: self._views[key] for key in serving if key in self._views}
+        self.default_model = next((e.default_model for e in ready or self._engines if e.default_model), "")
+        was, self._ready = self._ready, bool(ready)
+        if was != self._ready:
+            self.on_change(self._ready)
 
 
 def _view(model: dict[str, Any]) -> DecoderRuntime:

@@ -1,6 +1,6 @@
-"""The server as several processes (front-ends sharing the port, one engine process): the same answers as the
-server in one process, and everything it promises still holds — refusals, deadlines, cancellation, drain, crashes of
-either kind of process, metrics summed over the processes."""
+"""The server as several processes (front-ends sharing the port, one engine process or several): the same answers
+as the server in one process, and everything it promises still holds — refusals, deadlines, cancellation, drain,
+crashes of either kind of process, metrics summed over the processes."""
 
 from __future__ import annotations
 
@@ -34,6 +34,15 @@ def served(models_dir: Path) -> Iterator[ServerProcess]:
     assert server.stop() == 0
 
 
+@pytest.fixture(scope="module")
+def two_engines(models_dir: Path) -> Iterator[ServerProcess]:
+    server = ServerProcess(models_dir, "--engines", "2")
+    server.wait_for("ready")
+    server.wait_for("engine_ready", count=4)  # both front-ends send to both engines
+    yield server
+    assert server.stop() == 0
+
+
 @pytest.fixture()
 def slow_server(slow_models_dir: Path, request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
     """Every search runs to its full length budget (EOS made impossible), so calls stay in flight; a test's
@@ -50,9 +59,12 @@ def _requests_total(server: ServerProcess, code: str = "OK") -> float:
     return server.metrics().get(key, 0.0)
 
 
+@pytest.mark.parametrize("engines", [1, 2])
 @pytest.mark.parametrize("beam", [1, 4])
-def test_answers_equal_the_single_process_server(served: ServerProcess, running: RunningServer, beam: int) -> None:
+def test_answers_equal_the_single_process_server(running: RunningServer, beam: int, engines: int,
+                                                 request: pytest.FixtureRequest) -> None:
     """200 sentences sent concurrently to both: tokens equal, attention within 1e-5."""
+    served: ServerProcess = request.getfixturevalue("served" if engines == 1 else "two_engines")
     texts = sources()
     options = pb.DecodingOptions(beam_size=beam, nbest=beam, attention=pb.ATTENTION_DETAIL_FULL)
     requests = [pb.TranslateRequest(texts=[t], options=options) for t in texts]
@@ -174,6 +186,39 @@ def test_a_crashed_engine_fails_its_calls_promptly_and_is_restarted(slow_server:
     assert [pid for pid in server.pids("engine") if pid != engine]
 
 
+@pytest.mark.flags("--engines", "2")
+def test_two_engines_share_the_calls_and_a_crashed_one_fails_only_its_own(slow_server: ServerProcess) -> None:
+    """One front-end's calls alternate between the engines; killing one fails the calls it held with UNAVAILABLE,
+    promptly, while the other engine's calls are answered and health stays SERVING; the killed one is restarted."""
+    server = slow_server
+    engines = server.pids("engine")
+    assert len(engines) == 2
+    server.wait_for("engine_ready", count=4)  # each front-end has both engines' models record (its first may precede)
+    calls = [server.stub.Translate.future(LONG, timeout=120) for _ in range(4)]  # one connection: one front-end
+    # One LONG call is more rows than an engine decodes at once: each engine decodes one and queues the next, so
+    # two active calls mean both engines are decoding.
+    _until(lambda: _gauge(server, "attn_active_requests") == 2 and _gauge(server, "attn_queue_requests") == 2,
+           "two calls decoding and two queued, on two engines")
+    health = health_pb2_grpc.HealthStub(server.channel)
+    killed = time.monotonic()
+    os.kill(engines[0], signal.SIGKILL)
+    failed, answered = [], []
+    for call in calls:
+        try:
+            answered.append(call.result(timeout=120))
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+            failed.append(time.monotonic() - killed)
+    assert len(failed) == 2 and max(failed) < 10  # the killed engine's two, promptly
+    assert len(answered) == 2 and all(len(a.translations) == len(LONG.texts) for a in answered)
+    assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+    server.wait_for("process_exited", role="engine", pid=engines[0])
+    server.wait_for("engine_ready", count=6)  # and then the restarted one
+    assert server.metrics()[("attn_process_restarts_total", (("role", "engine"),))] == 1
+    short = pb.TranslateRequest(texts=["Hallo"], options=pb.DecodingOptions(max_output_tokens=3))
+    assert all(server.stub.Translate(short, timeout=60).translations for _ in range(4))
+
+
 def test_children_write_their_log_lines_straight_to_the_servers_stderr(served: ServerProcess) -> None:
     """Not through the parent's stderr pipe, whose reader would parse and rewrite every access-log line: each child
     holds the server's own stderr (the pipe this test reads), and its lines arrive there as JSON."""
@@ -206,19 +251,20 @@ def _serves(server: ServerProcess, request: pb.TranslateRequest) -> bool:
         return False
 
 
-def test_hot_reload_reaches_every_front_end(models_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("engines", [1, 2])
+def test_hot_reload_reaches_every_front_end(models_dir: Path, tmp_path: Path, engines: int) -> None:
     from tests.integration.test_hot_reload import NAME, add_version
 
     root = tmp_path / "models"
     shutil.copytree(models_dir / NAME, root / NAME)
-    server = ServerProcess(root)
+    server = ServerProcess(root, "--engines", str(engines))
     try:
         server.wait_for("ready")
         add_version(root, root / NAME / "1", "2")
-        server.process.send_signal(signal.SIGHUP)  # the parent passes it to the engine process
-        [synced] = server.wait_for("models_synced", loaded=[f"{NAME}/2"])
-        assert synced["retired"] == [f"{NAME}/1"]
-        server.wait_for("engine_ready", count=2)  # each front-end's first view; then the new set reaches both
+        server.process.send_signal(signal.SIGHUP)  # the parent passes it to every engine process
+        synced = server.wait_for("models_synced", count=engines, loaded=[f"{NAME}/2"])
+        assert all(s["retired"] == [f"{NAME}/1"] for s in synced)
+        server.wait_for("engine_ready", count=2 * engines)  # each front-end's first view; then the new set
         channels = [grpc.insecure_channel(f"127.0.0.1:{server.port}", options=[("grpc.use_local_subchannel_pool", 1)])
                     for _ in range(6)]
         try:
@@ -229,7 +275,8 @@ def test_hot_reload_reaches_every_front_end(models_dir: Path, tmp_path: Path) ->
                 _until(lambda stub=stub: [m.version for m in stub.ListModels(pb.ListModelsRequest(),
                                                                               timeout=30).models] == ["2"],
                        "every front-end to serve version 2", timeout=30)
-                assert stub.Translate(pb.TranslateRequest(texts=TEXTS[:1]), timeout=60).version == "2"
+                for _ in range(engines):  # one call after another: each goes to the next engine
+                    assert stub.Translate(pb.TranslateRequest(texts=TEXTS[:1]), timeout=60).version == "2"
         finally:
             for channel in channels:
                 channel.close()

@@ -73,6 +73,10 @@ def test_the_report_has_a_table_per_measured_part() -> None:
                         "server_cores": 10.0, "engine_cores": 1.0, "frontend_cores": 8.9,
                         "settings": {"max_batch_rows": 1024}, "gpu_utilisation": 30.0, "codes": {"OK": 20000},
                         "check": ""}],
+        "engines": [{"variant": "fp32", "beam": 4, "attention": "full", "concurrency": 1024,
+                     "client_processes": 4, "sentences_per_s": 3500.0, "p50_ms": 280.0, "p99_ms": 450.0,
+                     "server_cores": 11.0, "engine_cores": 2.1, "frontend_cores": 8.8,
+                     "settings": {"engines": 2}, "gpu_utilisation": 35.0, "codes": {"OK": 14000}, "check": ""}],
     }
     lines = report(results)
     assert "| 1024 | 0.27 | 3,792,593 | 0.9 | 1,137,778 |" in lines
@@ -80,7 +84,9 @@ def test_the_report_has_a_table_per_measured_part() -> None:
             "OK 12000 |") in lines
     assert ("| fp32 | max_batch_rows 1024 | 1 | full | 1024 | 4 | 5000.0 | 200.0 | 400.0 | 10.0 | 1.0 | 8.9 | 30.0 | "
             "OK 20000 |") in lines
-    assert lines.index("### Larger batches") > lines.index("### The server")
+    assert ("| fp32 | engines 2 | 4 | full | 1024 | 4 | 3500.0 | 280.0 | 450.0 | 11.0 | 2.1 | 8.8 | 35.0 | "
+            "OK 14000 |") in lines
+    assert lines.index("### More engine processes") > lines.index("### Larger batches") > lines.index("### The server")
     assert not any("Caption" in line or "same outputs" in line for line in lines)  # parts not measured: no table
 
 

@@ -1,4 +1,5 @@
-"""The parent of the server's processes: the port it holds for the front-ends, and how many front-ends it starts."""
+"""The parent of the server's processes: the port it holds for the front-ends, how many front-ends it starts, and
+the engines' share of the cores."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from server.errors import StartupError
-from server.processes import frontend_count, reserve_port
+from server.processes import engine_settings, frontend_count, reserve_port
 from server.settings import Settings
 
 
@@ -51,3 +52,13 @@ def test_front_ends_from_the_setting_or_the_core_count(monkeypatch: pytest.Monke
     for cores, frontends in [(16, 8), (5, 2), (3, 2), (2, 2), (1, 1)]:
         monkeypatch.setattr("server.processes.available_cores", lambda cores=cores: cores)
         assert frontend_count(base) == frontends, cores
+
+
+def test_engines_share_the_cores_onnx_runtime_would_get(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("server.processes.available_cores", lambda: 16)
+    assert engine_settings(Settings()).ort_threads == 0  # one engine: ONNX Runtime's default, all cores but one
+    assert engine_settings(Settings(engines=2)).ort_threads == 7
+    assert engine_settings(Settings(engines=4)).ort_threads == 3
+    assert engine_settings(Settings(engines=4, ort_threads=6)).ort_threads == 6  # asked for: as asked
+    monkeypatch.setattr("server.processes.available_cores", lambda: 2)
+    assert engine_settings(Settings(engines=2)).ort_threads == 1

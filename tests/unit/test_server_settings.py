@@ -31,6 +31,8 @@ def test_environment_then_flags() -> None:
     (["--max-texts", "0"], {}, "max_texts must be at least 1"),
     (["--default-beam-size", "8", "--max-beam-size", "4"], {}, "exceeds max_beam_size"),
     ([], {"ATTN_MAX_CONNECTION_AGE": "-1"}, "max_connection_age must not be negative"),
+    (["--engines", "0"], {}, "engines must be at least 1"),
+    (["--engines", "2", "--frontends", "0"], {}, "engines 2 needs front-end processes"),
 ])
 def test_bad_settings_exit_with_a_message(argv: list[str], env: dict[str, str], message: str,
                                           capsys: pytest.CaptureFixture[str]) -> None:
