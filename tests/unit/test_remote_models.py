@@ -1,0 +1,185 @@
+"""A front-end's view of several engine processes (server/ipc/remote_models.py), against fake engines: ROUTER sockets
+in this test that answer with the records an engine process sends. Which engine gets a request, where its
+cancellation goes, what a gone engine fails, and which engines a version may go to."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zmq
+import zmq.asyncio
+
+from server.errors import NotReady
+from server.ipc import records
+from server.ipc.remote_models import RemoteModels
+from server.search import Hypothesis
+from server.translation import DecodeOptions
+
+NAME = "tiny-de-en"
+
+
+class FakeEngine:
+    """Answers ``hello`` with a ``models`` record, records every ``submit`` and ``cancel``, answers when told."""
+
+    def __init__(self, context: zmq.asyncio.Context, address: str, models: list[dict[str, str]], pid: int) -> None:
+        self.socket = context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.bind(address)
+        self.models, self.pid = models, pid
+        self.submits: dict[int, tuple[bytes, dict[str, Any]]] = {}  # request id -> (front-end, header)
+        self.cancels: list[int] = []
+        self.task = asyncio.create_task(self._serve())
+
+    async def _serve(self) -> None:
+        while True:
+            peer, *frames = await self.socket.recv_multipart()
+            kind, header, _ = records.unpack(frames)
+            if kind == records.HELLO:
+                models = {"ready": True, "default_model": NAME, "pid": self.pid, "device": "cpu",
+                          "models": self.models}
+                await self.socket.send_multipart([peer, *records.pack(records.MODELS, models)])
+            elif kind == records.SUBMIT:
+                self.submits[int(header["id"])] = (peer, header)
+            elif kind == records.CANCEL:
+                self.cancels.append(int(header["id"]))
+
+    async def answer(self, request_id: int) -> None:
+        peer, _ = self.submits[request_id]
+        found = [[Hypothesis([5, 2], -1.5, -0.75, np.full((2, 3), 1 / 3, dtype=np.float32))]]
+        await self.socket.send_multipart([peer, *records.done(request_id, found)])
+
+    def close(self) -> None:
+        self.task.cancel()
+        self.socket.close(0)
+
+
+def _model(directory: Path, version: str) -> dict[str, str]:
+    return {"name": NAME, "version": version, "directory": str(directory / NAME / version), "variant": "fp32"}
+
+
+async def _until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+def _run(tmp_path: Path, engines: list[tuple[list[dict[str, str]], int]],
+         body: Callable[[RemoteModels, list[FakeEngine]], Awaitable[None]]) -> None:
+    async def main() -> None:
+        context = zmq.asyncio.Context()
+        addresses = [f"ipc://{tmp_path / f'engine-{i}.sock'}" for i in range(len(engines))]
+        fakes = [FakeEngine(context, address, models, pid) for address, (models, pid) in zip(addresses, engines)]
+        remote = RemoteModels(addresses)
+        await remote.start()
+        try:
+            await asyncio.wait_for(remote.wait_ready(), 10)
+            await _until(lambda: all(f.pid == e.pid and e.ready for f, e in zip(fakes, remote._engines)),
+                         "every engine's models record")
+            await body(remote, fakes)
+        finally:
+            await remote.close()
+            for fake in fakes:
+                fake.close()
+            context.term()
+
+    asyncio.run(main())
+
+
+def _decode(remote: RemoteModels, version: str = "") -> asyncio.Task[list[list[Hypothesis]]]:
+    model = remote.get(NAME, version)
+    return asyncio.create_task(remote.decode(model, [np.array([7, 8, 2])], DecodeOptions(), None))
+
+
+def test_requests_go_to_the_least_busy_engine_and_cancellations_follow_them(models_dir: Path,
+                                                                             tmp_path: Path) -> None:
+    async def body(remote: RemoteModels, engines: list[FakeEngine]) -> None:
+        calls = [_decode(remote) for _ in range(4)]
+        await _until(lambda: sum(len(e.submits) for e in engines) == 4, "four submits")
+        assert [len(e.submits) for e in engines] == [2, 2]
+        # A cancelled call's cancellation reaches the engine that holds it, and only that one.
+        holder, other = (engines[0], engines[1]) if 1 in engines[0].submits else (engines[1], engines[0])
+        cancelled = sorted(holder.submits)
+        for request_id in cancelled:
+            calls[request_id - 1].cancel()
+        await _until(lambda: sorted(holder.cancels) == cancelled, "the cancellations")
+        assert other.cancels == []
+        # The holder has nothing in flight now, the other engine two: the next two calls both go to the holder
+        # (taking the engines in turn would give one to each).
+        more = [_decode(remote) for _ in range(2)]
+        await _until(lambda: {5, 6} <= set(holder.submits), "the next two submits at the less busy engine")
+        assert len(other.submits) == 2
+        for engine in engines:
+            for request_id in engine.submits:
+                if request_id not in cancelled:
+                    await engine.answer(request_id)
+        for call in [*(c for i, c in enumerate(calls, 1) if i not in cancelled), *more]:
+            [[hypothesis]] = await asyncio.wait_for(call, 10)
+            assert hypothesis.tokens == [5, 2] and hypothesis.attention.shape == (2, 3)
+
+    _run(tmp_path, [([_model(models_dir, "1")], os.getpid()), ([_model(models_dir, "1")], os.getpid())], body)
+
+
+@pytest.fixture()
+def sleeper() -> Any:
+    process = subprocess.Popen(["sleep", "60"])
+    yield process
+    process.kill()
+    process.wait()
+
+
+def test_a_gone_engine_fails_only_its_own_requests(models_dir: Path, tmp_path: Path, sleeper: Any) -> None:
+    """The engine's process (here a stand-in whose pid its models record gives) dies: the requests it held fail
+    with NotReady at once, the other engine's go on, the front-end stays ready and sends new requests elsewhere."""
+
+    async def body(remote: RemoteModels, engines: list[FakeEngine]) -> None:
+        calls = [_decode(remote) for _ in range(2)]
+        await _until(lambda: [len(e.submits) for e in engines] == [1, 1], "one submit each")
+        doomed = next(call for call, request_id in zip(calls, (1, 2)) if request_id in engines[0].submits)
+        survivor = next(call for call in calls if call is not doomed)
+        sleeper.kill()
+        sleeper.wait()
+        with pytest.raises(NotReady):
+            await asyncio.wait_for(doomed, 5)
+        assert not survivor.done() and remote.ready
+        await engines[1].answer(next(iter(engines[1].submits)))
+        assert (await asyncio.wait_for(survivor, 10))[0][0].tokens == [5, 2]
+        later = [_decode(remote) for _ in range(3)]
+        await _until(lambda: len(engines[1].submits) == 4, "the later requests at the live engine")
+        assert len(engines[0].submits) == 1
+        for call in later:
+            call.cancel()
+
+    _run(tmp_path, [([_model(models_dir, "1")], sleeper.pid), ([_model(models_dir, "1")], os.getpid())], body)
+
+
+def test_a_version_goes_only_to_the_engines_that_serve_it(models_dir: Path, tmp_path: Path) -> None:
+    """While engines differ (one has loaded version 2 and retired 1, the other not yet), both versions are served,
+    each by the engines that have it."""
+    root = tmp_path / "models"
+    shutil.copytree(models_dir / NAME / "1", root / NAME / "1")
+    shutil.copytree(root / NAME / "1", root / NAME / "2")
+    manifest = json.loads((root / NAME / "2" / "manifest.json").read_text())
+    (root / NAME / "2" / "manifest.json").write_text(json.dumps({**manifest, "version": "2"}))
+
+    async def body(remote: RemoteModels, engines: list[FakeEngine]) -> None:
+        assert [m.version for m in remote.models()] == ["1", "2"]
+        assert remote.get(NAME).version == "2"  # the highest, as ever
+        newer = [_decode(remote, "2") for _ in range(3)]
+        older = [_decode(remote, "1") for _ in range(2)]
+        await _until(lambda: sum(len(e.submits) for e in engines) == 5, "five submits")
+        assert sorted(h["version"] for _, h in engines[0].submits.values()) == ["1", "1"]
+        assert sorted(h["version"] for _, h in engines[1].submits.values()) == ["2", "2", "2"]
+        for call in [*newer, *older]:
+            call.cancel()
+
+    _run(tmp_path, [([_model(root, "1")], os.getpid()), ([_model(root, "2")], os.getpid())], body)
