@@ -190,7 +190,7 @@ def serving(models: Path, texts: list[str], device: str, variant: str, clients: 
                 checked = not rows  # each server's first setting: one client process more at the largest count
                 for i, concurrency in enumerate([*clients, clients[-1]] if checked else clients):
                     extra = i == len(clients)
-                    before = server.cpu_seconds_by_role()
+                    before, steps_before = server.cpu_seconds_by_role(), server.decoder_calls()
                     with GpuUtilisation() as gpu:
                         run = drive_processes(server.target, texts, concurrency, options, seconds=seconds,
                                               processes=(processes + 1 if extra else
@@ -198,9 +198,11 @@ def serving(models: Path, texts: list[str], device: str, variant: str, clients: 
                     ended = time.time()
                     cores = {role: round((seconds_now - before[role]) / run["seconds"], 2)
                              for role, seconds_now in server.cpu_seconds_by_role().items()}
+                    rows, calls = (now - earlier for now, earlier in zip(server.decoder_calls(), steps_before))
                     run.update(variant=variant or "fp32", beam=beam, attention=detail,
                                server_cores=round(sum(cores.values()), 2), engine_cores=cores["engine"],
                                frontend_cores=cores["frontends"], settings=settings,
+                               rows_per_decoder_call=round(rows / calls, 1) if calls else None,
                                gpu_utilisation=gpu.mean_since(ended - run["seconds"]),
                                check="one client process more" if extra else "")
                     rows.append(run)
@@ -484,17 +486,19 @@ def report(results: dict[str, Any]) -> list[str]:
 
 def _serving_table(rows: list[dict[str, Any]]) -> list[str]:
     """Server CPU in cores: the whole tree, then the engine process and the front-ends apart (one at 1.0 is a
-    process that limits the server)."""
+    process that limits the server); rows per decoder call: how many sentences' rows (× beam) each step decoded
+    together, which a device's cost per sentence falls with."""
     lines = ["| variant | settings | beam | attention | clients | client processes | sentences/s | p50 ms | p99 ms | "
-             "server cores | engine cores | front-end cores | GPU utilisation % | codes |",
-             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "server cores | engine cores | front-end cores | rows per decoder call | GPU utilisation % | codes |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         clients = f"{r['concurrency']}" + (" (check)" if r["check"] else "")
         gpu = "–" if r["gpu_utilisation"] is None else r["gpu_utilisation"]
         settings = ", ".join(f"{k} {v}" for k, v in r.get("settings", {}).items()) or "default"
         lines.append(f"| {r['variant']} | {settings} | {r['beam']} | {r['attention']} | {clients} | "
                      f"{r['client_processes']} | {r['sentences_per_s']} | {r['p50_ms']} | {r['p99_ms']} | "
-                     f"{r['server_cores']} | {r.get('engine_cores', '–')} | {r.get('frontend_cores', '–')} | {gpu} | "
+                     f"{r['server_cores']} | {r.get('engine_cores', '–')} | {r.get('frontend_cores', '–')} | "
+                     f"{r.get('rows_per_decoder_call') or '–'} | {gpu} | "
                      f"{', '.join(f'{k} {v}' for k, v in r['codes'].items())} |")
     return lines
 

@@ -122,6 +122,12 @@ class ServerProcess:
                 samples[key] = float(value)
         return samples
 
+    def decoder_calls(self) -> tuple[float, float]:
+        """(rows, decoder calls) so far, every model's, from the engines' ``attn_batch_hypotheses`` histogram."""
+        samples = self.metrics()
+        return (sum(v for k, v in samples.items() if k.startswith("attn_batch_hypotheses_sum")),
+                sum(v for k, v in samples.items() if k.startswith("attn_batch_hypotheses_count")))
+
     def close(self) -> None:
         self.process.terminate()
         try:

@@ -75,11 +75,14 @@ def ding_sentences() -> list[str]:
 def measure(server: ServerProcess, texts: list[str], concurrency: int, options: pb.DecodingOptions,
             seconds: float, processes: int, texts_per_call: int = 1) -> dict[str, Any]:
     drive(server.target, texts, min(concurrency, 8), options, requests=32)  # warm-up
-    before = server.cpu_seconds_by_role()
+    before, steps_before = server.cpu_seconds_by_role(), server.decoder_calls()
     run = drive_processes(server.target, texts, concurrency, options, seconds=seconds, processes=processes,
                           texts_per_call=texts_per_call)
     # Includes the client processes' start-up wait: none of the server's.
     by_role = {role: used - before[role] for role, used in server.cpu_seconds_by_role().items()}
+    rows, calls = (after - earlier for after, earlier in zip(server.decoder_calls(), steps_before))
+    # How many sentences' rows the engine decoded together: its cost per sentence falls as this grows.
+    run["rows_per_decoder_call"] = round(rows / calls, 1) if calls else None
     server_cpu, sentences = sum(by_role.values()), max(run["ok"], 1)
     run["server_cpu_ms_per_sentence"] = round(1000 * server_cpu / sentences, 3)
     run["server_cores"] = round(server_cpu / run["seconds"], 2)
@@ -170,8 +173,8 @@ def design_name(key: str, results: dict[str, Any]) -> str:
 
 def table(runs: dict[str, list[dict[str, Any]]], results: dict[str, Any]) -> list[str]:
     lines = ["| design | clients | client processes | sentences/s | target tokens/s | p50 ms | p99 ms | "
-             "server CPU ms/sentence | of it engine, front-ends | server cores | codes |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "server CPU ms/sentence | of it engine, front-ends | server cores | rows per decoder call | codes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, rows in runs.items():
         for r in rows:
             split = (f"{r['engine_cpu_ms_per_sentence']}, {r['frontend_cpu_ms_per_sentence']}"
@@ -179,6 +182,7 @@ def table(runs: dict[str, list[dict[str, Any]]], results: dict[str, Any]) -> lis
             lines.append(f"| {design_name(key, results)} | {r['concurrency']} | {r['client_processes']} | "
                          f"{r['sentences_per_s']} | {r['target_tokens_per_s']} | {r['p50_ms']} | {r['p99_ms']} | "
                          f"{r['server_cpu_ms_per_sentence']} | {split} | {r['server_cores']} | "
+                         f"{r.get('rows_per_decoder_call') or '–'} | "
                          f"{', '.join(f'{k} {v}' for k, v in r['codes'].items())} |")
     return lines
 
