@@ -178,11 +178,11 @@ class RemoteModels(ModelIndex):
     async def _update(self, engine: _Engine, header: dict[str, Any]) -> None:
         """A ``models`` record: opens the versions not seen before (off the event loop)."""
         wanted = {(m["name"], m["version"]): m for m in header["models"]}
-        fresh = [m for key, m in wanted.items() if key not in self._views]
+        fresh = [(key, m) for key, m in wanted.items() if key not in self._views]
         if fresh:
-            opened = await asyncio.to_thread(lambda: [_view(m) for m in fresh])
-            for view in opened:
-                self._views.setdefault((view.name, view.version), view)
+            opened = await asyncio.to_thread(lambda: [(key, _view(m)) for key, m in fresh])
+            for key, view in opened:
+                self._views.setdefault(key, view)
         engine.serves, engine.default_model, engine.device = set(wanted), header["default_model"], header["device"]
         engine.pid = int(header["pid"])
         was, engine.ready = engine.ready, bool(header["ready"]) and alive(engine.pid)
@@ -206,8 +206,9 @@ class RemoteModels(ModelIndex):
         what the server serves); readiness follows the engines."""
         ready = [e for e in self._engines if e.ready]
         serving = set().union(*(e.serves for e in ready or self._engines))
+        device = next((e.device for e in ready or self._engines if e.device), "")
         for view in self._views.values():
-            view.device_name = next((e.device for e in ready or self._engines if e.device), "")
+            view.device_name = device
         self._views = {key: view for key, view in self._views.items()
                        if any(key in e.serves for e in self._engines)}
         self._models = {key: self._views[key] for key in serving if key in self._views}
