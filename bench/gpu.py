@@ -198,11 +198,11 @@ def serving(models: Path, texts: list[str], device: str, variant: str, clients: 
                     ended = time.time()
                     cores = {role: round((seconds_now - before[role]) / run["seconds"], 2)
                              for role, seconds_now in server.cpu_seconds_by_role().items()}
-                    rows, calls = (now - earlier for now, earlier in zip(server.decoder_calls(), steps_before))
+                    decoded, calls = (now - earlier for now, earlier in zip(server.decoder_calls(), steps_before))
                     run.update(variant=variant or "fp32", beam=beam, attention=detail,
                                server_cores=round(sum(cores.values()), 2), engine_cores=cores["engine"],
                                frontend_cores=cores["frontends"], settings=settings,
-                               rows_per_decoder_call=round(rows / calls, 1) if calls else None,
+                               rows_per_decoder_call=round(decoded / calls, 1) if calls else None,
                                gpu_utilisation=gpu.mean_since(ended - run["seconds"]),
                                check="one client process more" if extra else "")
                     rows.append(run)
