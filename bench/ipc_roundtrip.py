@@ -32,7 +32,7 @@ ANSWER = [[Hypothesis(list(range(14)), -3.2, -2.1, np.full((14, 16), 1 / 16, dty
 def zmq_echo(address: str, count: int) -> None:
     import zmq
 
-    socket = zmq.Context.instance().socket(zmq.ROUTER)
+    socket: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
     socket.bind(address)
     for _ in range(count):
         peer, *frames = socket.recv_multipart()
@@ -44,7 +44,7 @@ def zmq_echo(address: str, count: int) -> None:
 def zmq_client(address: str, count: int, window: int) -> tuple[float, float]:
     import zmq
 
-    socket = zmq.Context.instance().socket(zmq.DEALER)
+    socket: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
     socket.connect(address)
     options = DecodeOptions()
     started, cpu = time.perf_counter(), time.process_time()

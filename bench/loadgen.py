@@ -224,7 +224,7 @@ async def _drive(target: str, texts: list[str], concurrency: int, options: pb.De
     started = time.perf_counter()
     stop_at = started + seconds if seconds else float("inf")
 
-    async def client(stub: pb_grpc.AttentionServiceStub) -> None:
+    async def client(stub: pb_grpc.AttentionServiceAsyncStub) -> None:
         while time.perf_counter() < stop_at:
             n = next(counter)
             if requests and n >= requests:
