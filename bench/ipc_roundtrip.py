@@ -22,6 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from server.ipc import records  # noqa: E402
+from server.processes import process_cpu_seconds  # noqa: E402
 from server.search import Hypothesis  # noqa: E402
 from server.translation import DecodeOptions  # noqa: E402
 
@@ -90,17 +91,10 @@ def run(transport: str, count: int, window: int) -> dict[str, Any]:
         echo = context.Process(target=pipe_echo, args=(theirs, count))
         echo.start()
         wall, client_cpu = pipe_client(ours, count, window)
-    echo_cpu = _cpu(echo.pid or 0)
+    echo_cpu = process_cpu_seconds(echo.pid or 0)
     echo.join()
     return {"transport": transport, "round_trips_per_s": round(count / wall),
             "client_cpu_us": round(1e6 * client_cpu / count, 1), "engine_side_cpu_us": round(1e6 * echo_cpu / count, 1)}
-
-
-def _cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    import os
-
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> int:

@@ -31,6 +31,7 @@ import numpy as np
 from attention_pb.v1 import attention_pb2 as pb
 from attention_pb.v1 import attention_pb2_grpc as pb_grpc
 from client.connection import MAX_MESSAGE_BYTES, OWN_CONNECTION
+from server.processes import process_cpu_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENTS_PER_CONNECTION = 8  # clients sharing one connection (the module's docstring says why not all of them)
@@ -156,15 +157,6 @@ def process_tree(root: int) -> list[int]:
         found.append(pid)
         pending.extend(int(child) for child in children)
     return found
-
-
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` (every thread), from /proc; 0 if it has exited."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except FileNotFoundError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def tree_cpu_seconds(root: int) -> float:

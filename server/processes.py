@@ -388,7 +388,7 @@ class TreeCollector:
         memory = _rss(os.getpid())
         for child in self.supervisor.children:
             if child.process.pid and child.process.is_alive():
-                cpu += _cpu(child.process.pid)
+                cpu += process_cpu_seconds(child.process.pid)
                 memory += _rss(child.process.pid)
         help_of = {m.name: m.help for m in COLLECTED}
         yield CounterMetricFamily("attn_process_cpu_seconds", help_of["attn_process_cpu_seconds"], value=cpu)
@@ -400,8 +400,9 @@ class TreeCollector:
         yield restarts
 
 
-def _cpu(pid: int) -> float:
-    """User + system seconds of a live process (its own threads; not its children)."""
+def process_cpu_seconds(pid: int) -> float:
+    """User + system seconds of a live process (every thread; not its children), from /proc; 0 once it has exited
+    (the benchmarks read their servers' processes with it too)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
