@@ -54,7 +54,7 @@ export FLOORS
 LOWEST_TESTS := tests/integration tests/unit/test_server_*.py tests/unit/test_dockerfile.py tests/unit/test_tokenizer.py \
 	tests/unit/test_engine.py tests/unit/test_search.py tests/unit/test_io_binding.py tests/unit/test_security.py \
 	tests/unit/test_triton_tensors.py tests/unit/test_caption_imaging.py tests/unit/test_deploy.py \
-	tests/unit/test_quantize.py tests/unit/test_batch_io.py tests/unit/test_client_render.py tests/unit/test_remote_models.py \
+	tests/unit/test_quantize.py tests/unit/test_batch_io.py tests/unit/test_client_render.py tests/unit/test_remote_models.py tests/unit/test_ipc_framing.py tests/unit/test_engine_endpoint.py \
 	tests/unit/test_processes.py
 
 $(LOWEST)/.installed: pyproject.toml constraints.txt

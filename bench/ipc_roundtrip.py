@@ -3,16 +3,27 @@
     .venv/bin/python bench/ipc_roundtrip.py     # prints a table; docs/serving-processes.md quotes it
 
 A client process sends ``submit`` records (a 16-token source) and an echo process answers each with a ``done``
-record (a 14-token hypothesis and its 14×16 attention matrix), ``window`` requests in flight, as a front-end under
-load does. Measured: round trips per second and the CPU time of both processes per round trip, for ZeroMQ with the
-project's records (:mod:`server.ipc.records`) over ``ipc://``, and for ``multiprocessing`` pipes with pickled objects.
+record (a 14-token hypothesis and its 14×16 attention matrix), ``window`` requests in flight: 64, as a front-end
+under load, and 1, as one client's call (there the time per round trip is the latency the hop adds). The client
+side of each transport runs as a front-end's does, on an asyncio event loop where the server's does. Measured: round
+trips per second and the CPU time of both processes per round trip (every thread of each: ZeroMQ's I/O threads
+too), counted over the exchange only, not the start-up. Transports:
+
+- the server's: a Unix stream socket carrying :mod:`server.ipc.records` framed by :mod:`server.ipc.framing`;
+- ZeroMQ ROUTER/DEALER over ``ipc://`` with the same records (the server's transport before; pyzmq from the dev
+  extra);
+- ``multiprocessing`` pipes with pickled objects.
 """
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
+import socket
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -21,58 +32,131 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from server.ipc import records  # noqa: E402
-from server.processes import process_cpu_seconds  # noqa: E402
+from server.ipc import framing, records  # noqa: E402
 from server.search import Hypothesis  # noqa: E402
 from server.translation import DecodeOptions  # noqa: E402
 
 SOURCE = np.arange(16, dtype=np.int64)
 ANSWER = [[Hypothesis(list(range(14)), -3.2, -2.1, np.full((14, 16), 1 / 16, dtype=np.float32))]]
+OPTIONS = DecodeOptions()
 
 
-def zmq_echo(address: str, count: int) -> None:
+def _submit(request_id: int) -> records.Frames:
+    return records.submit(request_id, "m", "1", OPTIONS, 30.0, [SOURCE])
+
+
+# -- the echo processes: each answers ``count`` requests, then reports its CPU seconds over them ---------------------
+
+
+def unix_echo(address: str, count: int, report: Connection) -> None:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(address)
+    listener.listen(1)
+    report.send("listening")
+    connection, _ = listener.accept()
+    decoder, answered, cpu = framing.Decoder(), 0, time.process_time()
+    while answered < count:
+        for frames in decoder.feed(connection.recv(1 << 20)):
+            _, header, _ = records.unpack(frames)
+            connection.sendall(framing.encode(records.done(header["id"], ANSWER)))
+            answered += 1
+    report.send(time.process_time() - cpu)
+    connection.recv(1)  # until the client closes
+
+
+def zmq_echo(address: str, count: int, report: Connection) -> None:
     import zmq
 
-    socket: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
-    socket.bind(address)
+    socket_: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
+    socket_.bind(address)
+    report.send("listening")
+    cpu = time.process_time()
     for _ in range(count):
-        peer, *frames = socket.recv_multipart()
+        peer, *frames = socket_.recv_multipart()
         _, header, _ = records.unpack(frames)
-        socket.send_multipart([peer, *records.done(header["id"], ANSWER)])
+        socket_.send_multipart([peer, *records.done(header["id"], ANSWER)])
+    report.send(time.process_time() - cpu)
     time.sleep(0.5)
+
+
+def pipe_echo(conn: Connection, count: int, report: Connection) -> None:
+    report.send("listening")
+    cpu = time.process_time()
+    for _ in range(count):
+        request: Any = conn.recv()
+        conn.send((request[0], ANSWER))
+    report.send(time.process_time() - cpu)
+
+
+# -- the clients: send ``count`` requests, ``window`` in flight; return (wall seconds, CPU seconds) ----------------
+
+
+async def _window(send: Callable[[int], None], answers: asyncio.Queue[None], count: int, window: int) -> None:
+    sent = received = 0
+    while received < count:
+        while sent < count and sent - received < window:
+            send(sent)
+            sent += 1
+        await answers.get()
+        received += 1
+
+
+def unix_client(address: str, count: int, window: int) -> tuple[float, float]:
+    class Link(asyncio.Protocol):  # as server/ipc/remote_models.py's: records handled as they arrive
+        def __init__(self) -> None:
+            self.decoder, self.answers = framing.Decoder(), asyncio.Queue[None]()
+
+        def data_received(self, data: bytes) -> None:
+            for frames in self.decoder.feed(data):
+                records.hypotheses(*records.unpack(frames)[1:])
+                self.answers.put_nowait(None)
+
+    async def main() -> tuple[float, float]:
+        transport, link = await asyncio.get_running_loop().create_unix_connection(Link, address)
+        started, cpu = time.perf_counter(), time.process_time()
+        await _window(lambda i: transport.write(framing.encode(_submit(i))), link.answers, count, window)
+        measured = time.perf_counter() - started, time.process_time() - cpu
+        transport.close()
+        return measured
+
+    return asyncio.run(main())
 
 
 def zmq_client(address: str, count: int, window: int) -> tuple[float, float]:
     import zmq
+    import zmq.asyncio
 
-    socket: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
-    socket.connect(address)
-    options = DecodeOptions()
-    started, cpu = time.perf_counter(), time.process_time()
-    sent = received = 0
-    while received < count:
-        while sent < count and sent - received < window:
-            socket.send_multipart(records.submit(sent, "m", "1", options, 30.0, [SOURCE]), copy=False)
-            sent += 1
-        _, header, arrays = records.unpack(socket.recv_multipart())
-        records.hypotheses(header, arrays)
-        received += 1
-    return time.perf_counter() - started, time.process_time() - cpu
+    async def main() -> tuple[float, float]:
+        socket_ = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+        socket_.connect(address)
+        answers = asyncio.Queue[None]()
 
+        async def read() -> None:
+            while True:
+                _, header, arrays = records.unpack(await socket_.recv_multipart())
+                records.hypotheses(header, arrays)
+                answers.put_nowait(None)
 
-def pipe_echo(conn: Connection, count: int) -> None:
-    for _ in range(count):
-        request: Any = conn.recv()
-        conn.send((request[0], ANSWER))
+        reader = asyncio.create_task(read())
+        started, cpu = time.perf_counter(), time.process_time()
+        def send(request_id: int) -> None:  # a DEALER never blocks on send: no need to await it
+            socket_.send_multipart(_submit(request_id), copy=False)
+
+        await _window(send, answers, count, window)
+        measured = time.perf_counter() - started, time.process_time() - cpu
+        reader.cancel()
+        socket_.close(0)
+        return measured
+
+    return asyncio.run(main())
 
 
 def pipe_client(conn: Connection, count: int, window: int) -> tuple[float, float]:
-    options = DecodeOptions()
     started, cpu = time.perf_counter(), time.process_time()
     sent = received = 0
     while received < count:
         while sent < count and sent - received < window:
-            conn.send((sent, "m", "1", options, 30.0, [SOURCE]))
+            conn.send((sent, "m", "1", OPTIONS, 30.0, [SOURCE]))
             sent += 1
         conn.recv()
         received += 1
@@ -81,28 +165,41 @@ def pipe_client(conn: Connection, count: int, window: int) -> tuple[float, float
 
 def run(transport: str, count: int, window: int) -> dict[str, Any]:
     context = multiprocessing.get_context("spawn")
-    if transport == "zeromq":
-        address = f"ipc:///tmp/attn-ipc-bench-{time.time_ns()}.sock"
-        echo = context.Process(target=zmq_echo, args=(address, count))
-        echo.start()
-        wall, client_cpu = zmq_client(address, count, window)
-    else:
-        ours, theirs = context.Pipe()
-        echo = context.Process(target=pipe_echo, args=(theirs, count))
-        echo.start()
-        wall, client_cpu = pipe_client(ours, count, window)
-    echo_cpu = process_cpu_seconds(echo.pid or 0)
-    echo.join()
-    return {"transport": transport, "round_trips_per_s": round(count / wall),
-            "client_cpu_us": round(1e6 * client_cpu / count, 1), "engine_side_cpu_us": round(1e6 * echo_cpu / count, 1)}
+    report, theirs = context.Pipe()
+    with tempfile.TemporaryDirectory() as folder:
+        address = f"{folder}/engine.sock"
+        if transport == "unix socket":
+            echo = context.Process(target=unix_echo, args=(address, count, theirs))
+            echo.start()
+            report.recv()
+            wall, client_cpu = unix_client(address, count, window)
+        elif transport == "zeromq":
+            echo = context.Process(target=zmq_echo, args=(f"ipc://{address}", count, theirs))
+            echo.start()
+            report.recv()
+            wall, client_cpu = zmq_client(f"ipc://{address}", count, window)
+        else:
+            ours, pipe = context.Pipe()
+            echo = context.Process(target=pipe_echo, args=(pipe, count, theirs))
+            echo.start()
+            report.recv()
+            wall, client_cpu = pipe_client(ours, count, window)
+        echo_cpu = report.recv()
+        echo.join()
+    return {"transport": transport, "window": window, "round_trips_per_s": round(count / wall),
+            "us_per_round_trip": round(1e6 * wall / count, 1), "client_cpu_us": round(1e6 * client_cpu / count, 1),
+            "engine_side_cpu_us": round(1e6 * echo_cpu / count, 1)}
 
 
 def main() -> int:
-    print("| transport | round trips/s | front-end CPU µs per request | engine-side CPU µs per request |")
-    print("|---|---|---|---|")
-    for transport in ("zeromq", "pipe+pickle"):
-        r = run(transport, 20_000, 64)
-        print(f"| {r['transport']} | {r['round_trips_per_s']} | {r['client_cpu_us']} | {r['engine_side_cpu_us']} |")
+    print("| transport | in flight | round trips/s | µs per round trip | front-end CPU µs per request | "
+          "engine-side CPU µs per request |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for window, count in ((64, 20_000), (1, 5_000)):
+        for transport in ("unix socket", "zeromq", "pipe+pickle"):
+            r = run(transport, count, window)
+            print(f"| {r['transport']} | {window} | {r['round_trips_per_s']:,} | {r['us_per_round_trip']} | "
+                  f"{r['client_cpu_us']} | {r['engine_side_cpu_us']} |")
     return 0
 
 

@@ -114,7 +114,7 @@ def _become_child(parent: int, settings: Settings, stderr: Stderr, runtime_dir: 
 def run_engine(settings: Settings, address: str, parent: int, status: Connection, stderr: Stderr) -> None:
     """The engine process: loads the models, serves them at ``address``, reloads on SIGHUP and every
     ``reload_interval`` seconds, stops on SIGTERM (what is still queued fails with UNAVAILABLE)."""
-    _become_child(parent, settings, stderr, runtime_dir=Path(address.removeprefix("ipc://")).parent)
+    _become_child(parent, settings, stderr, runtime_dir=Path(address).parent)
     from prometheus_client import CollectorRegistry
 
     from server.app import build_registry
@@ -212,7 +212,7 @@ class Supervisor:
         self.settings = settings
         self.frontends = frontend_count(settings)
         self.runtime_dir = Path(tempfile.mkdtemp(prefix="attn-serve-"))  # private (0700): the IPC sockets live here
-        self.addresses = [f"ipc://{self.runtime_dir / f'engine-{i}.sock'}" for i in range(settings.engines)]
+        self.addresses = [str(self.runtime_dir / f"engine-{i}.sock") for i in range(settings.engines)]
         self.metrics_dir = self.runtime_dir / "metrics"
         self.metrics_dir.mkdir()
         # Read by prometheus_client when the children import it: their metrics go to files this parent sums.

@@ -1,9 +1,9 @@
 """The records front-ends and the engine process exchange: a kind, a small JSON header, and numpy arrays as raw
 frames (token ids, images' pixels, attention matrices travel as their bytes, never as per-token Python objects).
 
-A message is a ZeroMQ multipart message ``[kind, header, *arrays]``; the header's ``arrays`` entry lists each
-array's dtype and shape. JSON rather than pickle: the socket is local and private, but a record is data, and reading
-one must never run code.
+A message is the frames ``[kind, header, *arrays]`` (:mod:`server.ipc.framing` puts them on the socket); the
+header's ``arrays`` entry lists each array's dtype and shape. JSON rather than pickle: the socket is local and
+private, but a record is data, and reading one must never run code.
 
 Front-end → engine: ``hello`` (announces the front-end; the engine answers with ``models``), ``submit`` (one
 request: model, version, decoding options, timeout, the items as arrays), ``cancel`` (the caller went away).

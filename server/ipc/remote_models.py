@@ -1,14 +1,14 @@
-"""A front-end process's view of the engine processes' models (:class:`server.models.Models` over ZeroMQ).
+"""A front-end process's view of the engine processes' models (:class:`server.models.Models` over Unix sockets).
 
 The front-end opens each served version without its graphs (tokenizer, manifest, limits: what validation,
 tokenization and response building need) and sends only compact records to an engine: token ids or pixels in,
-token ids, scores and attention matrices back.
+token ids, scores and attention matrices back (:mod:`server.ipc.records`, framed by :mod:`server.ipc.framing`).
 
 With several engine processes (``ATTN_ENGINES``) each loads every model, and a request goes to the ready engine that
 serves its version with the fewest of this front-end's requests in flight. The front-end is ready while any engine
-is: an engine process that is gone fails every request it held with ``UNAVAILABLE`` at once
-(:class:`~server.errors.NotReady`), the others go on serving, and the front-end greets the gone one again until the
-restarted process answers.
+is. An engine process that is gone closes its connection: every request it held fails with ``UNAVAILABLE`` at once
+(:class:`~server.errors.NotReady`), the others go on serving, and the front-end connects again until the restarted
+process answers.
 """
 
 from __future__ import annotations
@@ -22,12 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zmq
-import zmq.asyncio
 
 from server.artifacts import Manifest
 from server.errors import NotReady
-from server.ipc import records
+from server.ipc import framing, records
 from server.logs import event
 from server.models import ModelIndex
 from server.registry import RUNTIMES
@@ -36,48 +34,66 @@ from server.search import Hypothesis
 
 log = logging.getLogger("attn.ipc")
 
-WATCH_SECONDS = 0.1  # how often the engine processes' liveness is checked
-HELLO_SECONDS = 0.5  # how often an engine that has not answered is greeted again
+CONNECT_SECONDS = 0.2  # how often an engine process that is not listening (yet, or again) is tried
 
 Key = tuple[str, str]  # (model name, version)
 Answer = asyncio.Future[tuple[dict[str, Any], list[np.ndarray]]]
 
 
-def alive(pid: int) -> bool:
-    """The process exists and is not a zombie (an exited child its parent has not reaped yet)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            return stat.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return True
+class _Link(asyncio.Protocol):
+    """The connection to one engine process: whole records go to :meth:`RemoteModels._record` as they arrive (no
+    reader task between the socket and the waiting call)."""
+
+    def __init__(self, owner: RemoteModels, engine: _Engine) -> None:
+        self.owner, self.engine = owner, engine
+        self.decoder = framing.Decoder()
+        self.transport: asyncio.Transport | None = None
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            messages = self.decoder.feed(data)
+        except framing.BrokenStream as exc:
+            event(log, "ipc_bad_stream", level=logging.ERROR, error=str(exc))
+            assert self.transport is not None
+            self.transport.close()
+            return
+        for frames in messages:
+            self.owner._record(self.engine, frames)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner._disconnected(self.engine)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def send(self, frames: records.Frames) -> None:
+        assert self.transport is not None
+        self.transport.write(framing.encode(frames))
 
 
 class _Engine:
-    """One engine process as this front-end sees it: its socket, what it serves, the requests it holds."""
+    """One engine process as this front-end sees it: its connection, what it serves, the requests it holds."""
 
-    def __init__(self, context: zmq.asyncio.Context, address: str) -> None:
+    def __init__(self, address: str) -> None:
         self.address = address
-        self.socket = context.socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.LINGER, 0)
+        self.link: _Link | None = None  # while connected
+        self.announced: asyncio.Queue[dict[str, Any]] = asyncio.Queue()  # its models records, in order
         self.pending: dict[int, Answer] = {}
         self.serves: set[Key] = set()
         self.default_model = ""
         self.device = ""
         self.pid = 0
         self.ready = False
-        self.since_hello = HELLO_SECONDS
 
 
 class RemoteModels(ModelIndex):
     def __init__(self, addresses: Sequence[str], on_change: Callable[[bool], None] = lambda ready: None) -> None:
-        """``addresses``: the engine processes' sockets; ``on_change(ready)`` is called on the event loop whenever
-        readiness changes (health follows it)."""
+        """``addresses``: the engine processes' socket paths; ``on_change(ready)`` is called on the event loop
+        whenever readiness changes (health follows it)."""
         self.on_change = on_change
         self.default_model = ""
         self._models: dict[Key, DecoderRuntime] = {}
@@ -85,45 +101,44 @@ class RemoteModels(ModelIndex):
         self._ready = False
         self._ids = itertools.count(1)
         self._turn = itertools.count()  # the engine asked first among those equally busy
-        self._context = zmq.asyncio.Context()
-        self._engines = [_Engine(self._context, address) for address in addresses]
+        self._engines = [_Engine(address) for address in addresses]
         self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
 
     @property
     def ready(self) -> bool:
         return self._ready
 
     async def start(self) -> None:
-        for engine in self._engines:
-            engine.socket.connect(engine.address)
-        self._tasks = [*(asyncio.create_task(self._read(engine)) for engine in self._engines),
-                       asyncio.create_task(self._watch())]
+        self._tasks = [asyncio.create_task(self._keep_connected(engine)) for engine in self._engines]
 
     async def wait_ready(self) -> None:
         while not self._ready:
-            await asyncio.sleep(WATCH_SECONDS)
+            await asyncio.sleep(CONNECT_SECONDS)
 
     async def close(self) -> None:
+        self._closing = True  # the connections closed from here on are ours: no engine was lost
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for engine in self._engines:
-            engine.socket.close(0)
-        self._context.term()
+            if engine.link is not None and engine.link.transport is not None:
+                engine.link.transport.close()
 
     async def decode(self, model: DecoderRuntime, items: Sequence[Any], options: Any,
                      timeout: float | None) -> list[list[Hypothesis]]:
         engine = self._choose((model.name, model.version))
+        link = engine.link
+        assert link is not None  # a ready engine is connected
         request_id = next(self._ids)
         answer: Answer = asyncio.get_running_loop().create_future()
         engine.pending[request_id] = answer
         try:
-            await engine.socket.send_multipart(
-                records.submit(request_id, model.name, model.version, options, timeout, items), copy=False)
+            link.send(records.submit(request_id, model.name, model.version, options, timeout, items))
             header, arrays = await answer
         except asyncio.CancelledError:
-            if engine.pending.pop(request_id, None) is not None and engine.ready:
-                await engine.socket.send_multipart(records.pack(records.CANCEL, {"id": request_id}))
+            if engine.pending.pop(request_id, None) is not None and engine.link is link:
+                link.send(records.pack(records.CANCEL, {"id": request_id}))
             raise
         finally:
             engine.pending.pop(request_id, None)
@@ -142,40 +157,65 @@ class RemoteModels(ModelIndex):
             raise NotReady(f"no engine process serving {key[0]} version {key[1]} is ready; retry shortly")
         return min(candidates, key=lambda e: len(e.pending))
 
-    # -- background tasks ----------------------------------------------------------------------------------------
+    # -- the connections -----------------------------------------------------------------------------------------
 
-    async def _read(self, engine: _Engine) -> None:
+    async def _keep_connected(self, engine: _Engine) -> None:
+        """Connects to the engine process, greets it, applies its ``models`` records in order; connects again
+        after it is gone (the parent restarts it at the same address)."""
+        loop = asyncio.get_running_loop()
         while True:
-            frames = await engine.socket.recv_multipart()
             try:
-                kind, header, arrays = records.unpack(frames)
-            except Exception:  # noqa: BLE001 - logged and dropped
-                event(log, "ipc_bad_record", level=logging.ERROR, exc_info=True)
+                _, link = await loop.create_unix_connection(lambda: _Link(self, engine), engine.address)
+            except OSError:  # not listening yet, or not again
+                await asyncio.sleep(CONNECT_SECONDS)
                 continue
-            if kind == records.MODELS:
-                await self._update(engine, header)
-                continue
-            answer = engine.pending.pop(int(header["id"]), None)
-            if answer is None or answer.done():
-                continue  # cancelled meanwhile
-            if kind == records.DONE:
-                answer.set_result((header, arrays))
-            elif kind == records.FAILED:
-                answer.set_exception(records.error_of(header))
+            engine.link = link
+            link.send(records.pack(records.HELLO, {"pid": os.getpid()}))
+            while not link.closed.done():
+                announced = asyncio.ensure_future(engine.announced.get())
+                await asyncio.wait([announced, link.closed], return_when=asyncio.FIRST_COMPLETED)
+                if not announced.done():
+                    announced.cancel()
+                    break
+                await self._update(engine, link, announced.result())
+            await asyncio.sleep(CONNECT_SECONDS)
 
-    async def _watch(self) -> None:
-        while True:
-            for engine in self._engines:
-                if engine.ready and not alive(engine.pid):
-                    self._lost(engine)
-                if not engine.ready:
-                    engine.since_hello += WATCH_SECONDS
-                    if engine.since_hello >= HELLO_SECONDS:
-                        engine.since_hello = 0.0
-                        await engine.socket.send_multipart(records.pack(records.HELLO, {"pid": os.getpid()}))
-            await asyncio.sleep(WATCH_SECONDS)
+    def _record(self, engine: _Engine, frames: list[bytes]) -> None:
+        try:
+            kind, header, arrays = records.unpack(frames)
+        except Exception:  # noqa: BLE001 - logged and dropped
+            event(log, "ipc_bad_record", level=logging.ERROR, exc_info=True)
+            return
+        if kind == records.MODELS:
+            engine.announced.put_nowait(header)
+            return
+        answer = engine.pending.pop(int(header["id"]), None)
+        if answer is None or answer.done():
+            return  # cancelled meanwhile
+        if kind == records.DONE:
+            answer.set_result((header, arrays))
+        elif kind == records.FAILED:
+            answer.set_exception(records.error_of(header))
 
-    async def _update(self, engine: _Engine, header: dict[str, Any]) -> None:
+    def _disconnected(self, engine: _Engine) -> None:
+        """The engine process closed the connection: it exited or crashed. What it held fails now."""
+        engine.link = None
+        if self._closing:
+            return
+        while not engine.announced.empty():  # what it announced before it went no longer holds
+            engine.announced.get_nowait()
+        if engine.ready or engine.pending:
+            event(log, "engine_lost", level=logging.ERROR, engine_pid=engine.pid,
+                  failed_requests=len(engine.pending))
+        engine.ready = False
+        failure = NotReady("the engine process stopped while the request was in it; retry")
+        for answer in engine.pending.values():
+            if not answer.done():
+                answer.set_exception(failure)
+        engine.pending.clear()
+        self._refresh()
+
+    async def _update(self, engine: _Engine, link: _Link, header: dict[str, Any]) -> None:
         """A ``models`` record: opens the versions not seen before (off the event loop)."""
         wanted = {(m["name"], m["version"]): m for m in header["models"]}
         fresh = [(key, m) for key, m in wanted.items() if key not in self._views]
@@ -183,22 +223,14 @@ class RemoteModels(ModelIndex):
             opened = await asyncio.to_thread(lambda: [(key, _view(m)) for key, m in fresh])
             for key, view in opened:
                 self._views.setdefault(key, view)
+        if engine.link is not link:  # the engine went away while the versions were being opened
+            return
         engine.serves, engine.default_model, engine.device = set(wanted), header["default_model"], header["device"]
         engine.pid = int(header["pid"])
-        was, engine.ready = engine.ready, bool(header["ready"]) and alive(engine.pid)
+        was, engine.ready = engine.ready, bool(header["ready"])
         if was != engine.ready:
             event(log, "engine_ready" if engine.ready else "engine_not_ready", engine_pid=engine.pid,
                   models=[f"{name}/{version}" for name, version in sorted(engine.serves)])
-        self._refresh()
-
-    def _lost(self, engine: _Engine) -> None:
-        event(log, "engine_lost", level=logging.ERROR, engine_pid=engine.pid, failed_requests=len(engine.pending))
-        engine.ready = False
-        failure = NotReady("the engine process stopped while the request was in it; retry")
-        for answer in engine.pending.values():
-            if not answer.done():
-                answer.set_exception(failure)
-        engine.pending.clear()
         self._refresh()
 
     def _refresh(self) -> None:

@@ -1,5 +1,5 @@
-"""A front-end's view of several engine processes (server/ipc/remote_models.py), against fake engines: ROUTER sockets
-in this test that answer with the records an engine process sends. Which engine gets a request, where its
+"""A front-end's view of several engine processes (server/ipc/remote_models.py), against fake engines: Unix socket
+servers in this test that answer with the records an engine process sends. Which engine gets a request, where its
 cancellation goes, what a gone engine fails, and which engines a version may go to."""
 
 from __future__ import annotations
@@ -8,18 +8,15 @@ import asyncio
 import json
 import os
 import shutil
-import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import zmq
-import zmq.asyncio
 
 from server.errors import NotReady
-from server.ipc import records
+from server.ipc import framing, records
 from server.ipc.remote_models import RemoteModels
 from server.search import Hypothesis
 from server.translation import DecodeOptions
@@ -27,39 +24,58 @@ from server.translation import DecodeOptions
 NAME = "tiny-de-en"
 
 
+class _Connection(asyncio.Protocol):
+    def __init__(self, engine: FakeEngine) -> None:
+        self.engine, self.decoder = engine, framing.Decoder()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.engine.connections.append(transport)
+
+    def data_received(self, data: bytes) -> None:
+        for frames in self.decoder.feed(data):
+            self.engine.received(self, *records.unpack(frames))
+
+    def send(self, frames: records.Frames) -> None:
+        assert self.transport is not None
+        self.transport.write(framing.encode(frames))
+
+
 class FakeEngine:
     """Answers ``hello`` with a ``models`` record, records every ``submit`` and ``cancel``, answers when told."""
 
-    def __init__(self, context: zmq.asyncio.Context, address: str, models: list[dict[str, str]], pid: int) -> None:
-        self.socket = context.socket(zmq.ROUTER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.bind(address)
-        self.models, self.pid = models, pid
-        self.submits: dict[int, tuple[bytes, dict[str, Any]]] = {}  # request id -> (front-end, header)
+    def __init__(self, address: str, models: list[dict[str, str]], pid: int) -> None:
+        self.address, self.models, self.pid = address, models, pid
+        self.submits: dict[int, tuple[_Connection, dict[str, Any]]] = {}  # request id -> (front-end, header)
         self.cancels: list[int] = []
-        self.task = asyncio.create_task(self._serve())
+        self.connections: list[asyncio.Transport] = []
+        self.server: asyncio.AbstractServer | None = None
 
-    async def _serve(self) -> None:
-        while True:
-            peer, *frames = await self.socket.recv_multipart()
-            kind, header, _ = records.unpack(frames)
-            if kind == records.HELLO:
-                models = {"ready": True, "default_model": NAME, "pid": self.pid, "device": "cpu",
-                          "models": self.models}
-                await self.socket.send_multipart([peer, *records.pack(records.MODELS, models)])
-            elif kind == records.SUBMIT:
-                self.submits[int(header["id"])] = (peer, header)
-            elif kind == records.CANCEL:
-                self.cancels.append(int(header["id"]))
+    async def start(self) -> None:
+        self.server = await asyncio.get_running_loop().create_unix_server(lambda: _Connection(self), self.address)
+
+    def received(self, connection: _Connection, kind: bytes, header: dict[str, Any], _: Any) -> None:
+        if kind == records.HELLO:
+            models = {"ready": True, "default_model": NAME, "pid": self.pid, "device": "cpu", "models": self.models}
+            connection.send(records.pack(records.MODELS, models))
+        elif kind == records.SUBMIT:
+            self.submits[int(header["id"])] = (connection, header)
+        elif kind == records.CANCEL:
+            self.cancels.append(int(header["id"]))
 
     async def answer(self, request_id: int) -> None:
-        peer, _ = self.submits[request_id]
+        connection, _ = self.submits[request_id]
         found = [[Hypothesis([5, 2], -1.5, -0.75, np.full((2, 3), 1 / 3, dtype=np.float32))]]
-        await self.socket.send_multipart([peer, *records.done(request_id, found)])
+        connection.send(records.done(request_id, found))
 
     def close(self) -> None:
-        self.task.cancel()
-        self.socket.close(0)
+        """As the engine's process exiting: it stops listening and its connections close."""
+        if self.server is not None:
+            self.server.close()
+        for transport in self.connections:
+            transport.close()
 
 
 def _model(directory: Path, version: str) -> dict[str, str]:
@@ -76,9 +92,10 @@ async def _until(condition: Callable[[], bool], what: str, timeout: float = 10.0
 def _run(tmp_path: Path, engines: list[tuple[list[dict[str, str]], int]],
          body: Callable[[RemoteModels, list[FakeEngine]], Awaitable[None]]) -> None:
     async def main() -> None:
-        context = zmq.asyncio.Context()
-        addresses = [f"ipc://{tmp_path / f'engine-{i}.sock'}" for i in range(len(engines))]
-        fakes = [FakeEngine(context, address, models, pid) for address, (models, pid) in zip(addresses, engines)]
+        addresses = [str(tmp_path / f"engine-{i}.sock") for i in range(len(engines))]
+        fakes = [FakeEngine(address, models, pid) for address, (models, pid) in zip(addresses, engines)]
+        for fake in fakes:
+            await fake.start()
         remote = RemoteModels(addresses)
         await remote.start()
         try:
@@ -90,7 +107,6 @@ def _run(tmp_path: Path, engines: list[tuple[list[dict[str, str]], int]],
             await remote.close()
             for fake in fakes:
                 fake.close()
-            context.term()
 
     asyncio.run(main())
 
@@ -129,25 +145,16 @@ def test_requests_go_to_the_least_busy_engine_and_cancellations_follow_them(mode
     _run(tmp_path, [([_model(models_dir, "1")], os.getpid()), ([_model(models_dir, "1")], os.getpid())], body)
 
 
-@pytest.fixture()
-def sleeper() -> Any:
-    process = subprocess.Popen(["sleep", "60"])
-    yield process
-    process.kill()
-    process.wait()
-
-
-def test_a_gone_engine_fails_only_its_own_requests(models_dir: Path, tmp_path: Path, sleeper: Any) -> None:
-    """The engine's process (here a stand-in whose pid its models record gives) dies: the requests it held fail
-    with NotReady at once, the other engine's go on, the front-end stays ready and sends new requests elsewhere."""
+def test_a_gone_engine_fails_only_its_own_requests(models_dir: Path, tmp_path: Path) -> None:
+    """An engine's connection closes (its process exited): the requests it held fail with NotReady at once, the
+    other engine's go on, the front-end stays ready and sends new requests elsewhere."""
 
     async def body(remote: RemoteModels, engines: list[FakeEngine]) -> None:
         calls = [_decode(remote) for _ in range(2)]
         await _until(lambda: [len(e.submits) for e in engines] == [1, 1], "one submit each")
         doomed = next(call for call, request_id in zip(calls, (1, 2)) if request_id in engines[0].submits)
         survivor = next(call for call in calls if call is not doomed)
-        sleeper.kill()
-        sleeper.wait()
+        engines[0].close()
         with pytest.raises(NotReady):
             await asyncio.wait_for(doomed, 5)
         assert not survivor.done() and remote.ready
@@ -159,7 +166,7 @@ def test_a_gone_engine_fails_only_its_own_requests(models_dir: Path, tmp_path: P
         for call in later:
             call.cancel()
 
-    _run(tmp_path, [([_model(models_dir, "1")], sleeper.pid), ([_model(models_dir, "1")], os.getpid())], body)
+    _run(tmp_path, [([_model(models_dir, "1")], os.getpid()), ([_model(models_dir, "1")], os.getpid())], body)
 
 
 def test_a_version_goes_only_to_the_engines_that_serve_it(models_dir: Path, tmp_path: Path) -> None:

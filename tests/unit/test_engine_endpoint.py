@@ -1,0 +1,130 @@
+"""The engine process's end of the IPC (server/ipc/engine_endpoint.py) against a front-end played by this test on a
+plain socket: replies reach the connection that asked, whole even when they outgrow the socket's buffer, and a
+front-end that goes away has its requests cancelled."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from server.errors import Overloaded
+from server.ipc import framing, records
+from server.ipc.engine_endpoint import EngineEndpoint
+from server.search import Hypothesis
+from server.translation import DecodeOptions
+
+
+class FakeEngine:
+    def __init__(self) -> None:
+        self.submitted: list[Future[Any]] = []
+
+    def submit(self, items: list[np.ndarray], options: DecodeOptions, timeout: float | None) -> Future[Any]:
+        if len(self.submitted) >= 3:
+            raise Overloaded("the queue is full")
+        future: Future[Any] = Future()  # pending, and cancellable, as the engine's
+        self.submitted.append(future)
+        return future
+
+
+class FakeRegistry:
+    def __init__(self) -> None:
+        self.engine = FakeEngine()
+
+    def engine_of(self, name: str, version: str) -> FakeEngine:
+        return self.engine
+
+
+class FrontEnd:
+    def __init__(self, address: str) -> None:
+        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.socket.connect(address)
+        self.socket.settimeout(10)
+        self.decoder = framing.Decoder()
+        self.waiting: list[list[bytes]] = []
+
+    def send(self, frames: records.Frames) -> None:
+        self.socket.sendall(framing.encode(frames))
+
+    def receive(self) -> tuple[bytes, dict[str, Any], list[np.ndarray]]:
+        while not self.waiting:
+            data = self.socket.recv(65536)
+            assert data, "the engine closed the connection"
+            self.waiting += self.decoder.feed(data)
+        return records.unpack(self.waiting.pop(0))
+
+
+@pytest.fixture()
+def endpoint(tmp_path: Path) -> Iterator[tuple[EngineEndpoint, FakeRegistry]]:
+    registry = FakeRegistry()
+    served = EngineEndpoint(registry, str(tmp_path / "engine-0.sock"),  # type: ignore[arg-type]
+                            lambda: {"ready": True, "models": []})
+    stop = threading.Event()
+    thread = threading.Thread(target=served.run, args=(stop,), daemon=True)
+    thread.start()
+    yield served, registry
+    stop.set()
+    thread.join(5)
+    served.close()
+
+
+def _submit(request_id: int) -> records.Frames:
+    return records.submit(request_id, "m", "1", DecodeOptions(), None, [np.array([4, 5, 2])])
+
+
+def _until(condition: Any, what: str) -> None:
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_each_reply_reaches_the_front_end_that_asked_whole(endpoint: tuple[EngineEndpoint, FakeRegistry]) -> None:
+    served, registry = endpoint
+    first, second = FrontEnd(served.address), FrontEnd(served.address)
+    for front_end in (first, second):
+        front_end.send(records.pack(records.HELLO, {"pid": 1}))
+        assert front_end.receive()[0] == records.MODELS
+    first.send(_submit(1))
+    _until(lambda: len(registry.engine.submitted) == 1, "the first submit")
+    second.send(_submit(1))  # the same request id from another front-end
+    _until(lambda: len(registry.engine.submitted) == 2, "the second submit")
+    # Several megabytes: more than the socket holds, so the endpoint keeps the rest until the front-end reads.
+    attention = np.random.default_rng(0).random((2000, 1000), dtype=np.float32)
+    registry.engine.submitted[0].set_result([[Hypothesis([7, 2], -1.0, -0.5, attention)]])
+    registry.engine.submitted[1].set_result([[Hypothesis([9, 2], -2.0, -1.0, attention[:2, :3])]])
+    kind, header, arrays = second.receive()
+    assert kind == records.DONE and records.hypotheses(header, arrays)[0][0].tokens == [9, 2]
+    time.sleep(0.2)  # the first front-end reads late
+    kind, header, arrays = first.receive()
+    [[hypothesis]] = records.hypotheses(header, arrays)
+    assert kind == records.DONE and hypothesis.tokens == [7, 2]
+    np.testing.assert_array_equal(hypothesis.attention, attention)
+    # A refusal travels as a failed record that names its error.
+    first.send(_submit(2))
+    _until(lambda: len(registry.engine.submitted) == 3, "the third submit")
+    first.send(_submit(3))
+    kind, header, _ = first.receive()
+    assert kind == records.FAILED and header["id"] == 3
+    assert isinstance(records.error_of(header), Overloaded)
+
+
+def test_a_front_end_that_goes_away_has_its_requests_cancelled(
+        endpoint: tuple[EngineEndpoint, FakeRegistry]) -> None:
+    served, registry = endpoint
+    leaving, staying = FrontEnd(served.address), FrontEnd(served.address)
+    leaving.send(_submit(1))
+    staying.send(_submit(1))
+    _until(lambda: len(registry.engine.submitted) == 2, "both submits")
+    leaving.socket.close()
+    _until(lambda: any(f.cancelled() for f in registry.engine.submitted), "the cancellation")
+    assert [f.cancelled() for f in registry.engine.submitted].count(True) == 1
+    staying.send(records.pack(records.CANCEL, {"id": 1}))
+    _until(lambda: all(f.cancelled() for f in registry.engine.submitted), "the cancel record")
