@@ -43,6 +43,7 @@ log = logging.getLogger("attn.server")
 
 ENGINE, FRONTEND = "engine", "frontend"
 PARENT_CHECK_SECONDS = 0.5
+SOCKET_PATH_BYTES = 107  # sockaddr_un.sun_path on Linux, less its terminating zero
 
 
 def available_cores() -> int:
@@ -207,6 +208,14 @@ def reserve_port(host: str, port: int) -> socket.socket:
     return held
 
 
+def check_socket_path(path: str) -> None:
+    """A Unix socket's path must fit the kernel's 108-byte ``sun_path`` (with its terminating zero); raises
+    StartupError naming the way out rather than letting the engine process fail to bind."""
+    if len(os.fsencode(path)) > SOCKET_PATH_BYTES:
+        raise StartupError(f"the engine's socket path {path} is longer than the {SOCKET_PATH_BYTES} bytes a Unix "
+                           "socket allows; point TMPDIR at a shorter folder")
+
+
 class Supervisor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -231,6 +240,8 @@ class Supervisor:
         s = self.settings
         metrics_server: Any = None
         try:
+            for address in self.addresses:
+                check_socket_path(address)
             held = reserve_port(s.host, s.port)
             port = held.getsockname()[1]
             child_settings = replace(s, port=port, metrics_port=-1)

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import socket
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from server.errors import StartupError
-from server.processes import engine_settings, frontend_count, reserve_port
+from server.processes import SOCKET_PATH_BYTES, check_socket_path, engine_settings, frontend_count, reserve_port
 from server.settings import Settings
 
 
@@ -62,3 +63,17 @@ def test_engines_share_the_cores_onnx_runtime_would_get(monkeypatch: pytest.Monk
     assert engine_settings(Settings(engines=4, ort_threads=6)).ort_threads == 6  # asked for: as asked
     monkeypatch.setattr("server.processes.available_cores", lambda: 2)
     assert engine_settings(Settings(engines=2)).ort_threads == 1
+
+
+def test_an_engine_socket_path_too_long_for_the_kernel_is_refused_up_front(tmp_path: Path) -> None:
+    """The longest path check_socket_path lets through binds; one byte more is refused with the way out."""
+    folder = tmp_path / "d"
+    folder.mkdir()
+    longest = str(folder / ("x" * (SOCKET_PATH_BYTES - len(str(folder)) - 1)))
+    check_socket_path(longest)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as bound:
+        bound.bind(longest)
+    with pytest.raises(StartupError, match="TMPDIR"):
+        check_socket_path(longest + "x")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as refused, pytest.raises(OSError):
+        refused.bind(longest + "x")  # what the engine process would have met
