@@ -24,7 +24,9 @@ end (``--results OUT/gpu.json``, back here, writes its section of docs/benchmark
 5. **Caption**: the bundled captioner's first call after ``ready`` and the p50 of the calls after it, on the device
    and on the CPU (the first measurement on an H200 found one image taking 175 ms on CUDA against 29 ms on the CPU);
    then its two graphs alone on the device, first call and later ones, and ONNX Runtime's profile of them: the
-   time per provider and the costliest operators, which say whether nodes fell back to the CPU.
+   time per provider and the costliest operators, which say whether nodes fell back to the CPU; and the same graphs
+   with cuDNN's HEURISTIC convolution search instead of the default EXHAUSTIVE one, which says whether that search
+   is what a first call pays.
 """
 
 from __future__ import annotations
@@ -294,16 +296,7 @@ def caption_graphs(model_dir: Path, device_name: str, calls: int, work: Path) ->
         options.enable_profiling = True
         options.profile_file_prefix = str(work / f"profile-{name}")
         options.intra_op_num_threads = default_threads()
-        started = time.perf_counter()
-        session = ort.InferenceSession(str(model_dir / file), options, providers=device.providers)
-        created = time.perf_counter()
-        session.run(None, feeds)
-        first = time.perf_counter()
-        later = []
-        for _ in range(calls):
-            begun = time.perf_counter()
-            session.run(None, feeds)
-            later.append(time.perf_counter() - begun)
+        session, timings = _timed_session(model_dir / file, options, device.providers, feeds, calls)
         trace = json.loads(Path(session.end_profiling()).read_text())
         nodes = [e for e in trace if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
         by_provider: dict[str, float] = {}
@@ -314,13 +307,56 @@ def caption_graphs(model_dir: Path, device_name: str, calls: int, work: Path) ->
             by_op[f"{op} ({provider})"] = by_op.get(f"{op} ({provider})", 0.0) + e["dur"] / 1000
         runs = 2 + calls  # the profile covers every run of the session
         out[name] = {
-            "session_ms": round(1000 * (created - started), 1), "first_call_ms": round(1000 * (first - created), 2),
-            "later_p50_ms": round(1000 * statistics.median(later), 3),
+            **timings,
             "node_ms_per_call_by_provider": {k: round(v / runs, 3) for k, v in by_provider.items()},
             "top_ops_ms_per_call": dict(sorted(((k, round(v / runs, 3)) for k, v in by_op.items()),
                                                key=lambda kv: -kv[1])[:8]),
         }
         print(json.dumps({name: out[name]}), flush=True)
+    if device.name == "cuda":
+        try:  # a failure here must not lose the profile above
+            out.update(_heuristic_search(model_dir, graphs, calls))
+        except Exception as exc:  # noqa: BLE001 - reported beside the results
+            out["heuristic_error"] = repr(exc)
+    return out
+
+
+def _timed_session(graph: Path, options: Any, providers: list[Any], feeds: dict[str, np.ndarray],
+                   calls: int) -> tuple[Any, dict[str, float]]:
+    """A session for ``graph`` and what it cost: to create, its first call, the median of ``calls`` after it."""
+    import onnxruntime as ort
+
+    started = time.perf_counter()
+    session = ort.InferenceSession(str(graph), options, providers=providers)
+    created = time.perf_counter()
+    session.run(None, feeds)
+    first = time.perf_counter()
+    later = []
+    for _ in range(calls):
+        begun = time.perf_counter()
+        session.run(None, feeds)
+        later.append(time.perf_counter() - begun)
+    return session, {"session_ms": round(1000 * (created - started), 1),
+                     "first_call_ms": round(1000 * (first - created), 2),
+                     "later_p50_ms": round(1000 * statistics.median(later), 3)}
+
+
+def _heuristic_search(model_dir: Path, graphs: dict[str, tuple[str, dict[str, np.ndarray]]],
+                      calls: int) -> dict[str, Any]:
+    """The CUDA provider's default cuDNN convolution search (EXHAUSTIVE) benchmarks every algorithm at a shape's
+    first call; HEURISTIC picks one from cuDNN's heuristics at once. The same graphs with it, unprofiled, say whether
+    that search is what a first call pays."""
+    import onnxruntime as ort
+
+    from server.device import CPU, CUDA, default_threads
+
+    providers: list[Any] = [(CUDA, {"cudnn_conv_algo_search": "HEURISTIC"}), CPU]
+    out: dict[str, Any] = {}
+    for name, (file, feeds) in graphs.items():
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = default_threads()
+        out[f"{name}_heuristic"] = _timed_session(model_dir / file, options, providers, feeds, calls)[1]
+        print(json.dumps({f"{name}_heuristic": out[f"{name}_heuristic"]}), flush=True)
     return out
 
 
@@ -477,6 +513,12 @@ def report(results: dict[str, Any]) -> list[str]:
             ops = ", ".join(f"{k} {v}" for k, v in list(g["top_ops_ms_per_call"].items())[:5])
             lines.append(f"| {name} | {g['session_ms']} | {g['first_call_ms']} | {g['later_p50_ms']} | {providers} | "
                          f"{ops} |")
+            if f"{name}_heuristic" in graphs:
+                h = graphs[f"{name}_heuristic"]
+                lines.append(f"| {name}, cuDNN search HEURISTIC | {h['session_ms']} | {h['first_call_ms']} | "
+                             f"{h['later_p50_ms']} | | |")
+        if "heuristic_error" in graphs:
+            lines.append(f"\nThe graphs with cuDNN's HEURISTIC search failed: {graphs['heuristic_error']}")
         lines.append("")
     for name, error in results.get("errors", {}).items():
         lines += [f"- `{name}` failed: {error}"]
