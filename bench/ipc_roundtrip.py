@@ -168,24 +168,22 @@ def run(transport: str, count: int, window: int) -> dict[str, Any]:
     report, theirs = context.Pipe()
     with tempfile.TemporaryDirectory() as folder:
         address = f"{folder}/engine.sock"
+        echo: Callable[..., None]
+        client: Callable[..., tuple[float, float]]
+        ours: Any
+        echoed: Any
         if transport == "unix socket":
-            echo = context.Process(target=unix_echo, args=(address, count, theirs))
-            echo.start()
-            report.recv()
-            wall, client_cpu = unix_client(address, count, window)
+            echo, client, ours, echoed = unix_echo, unix_client, address, address
         elif transport == "zeromq":
-            echo = context.Process(target=zmq_echo, args=(f"ipc://{address}", count, theirs))
-            echo.start()
-            report.recv()
-            wall, client_cpu = zmq_client(f"ipc://{address}", count, window)
+            echo, client, ours, echoed = zmq_echo, zmq_client, f"ipc://{address}", f"ipc://{address}"
         else:
-            ours, pipe = context.Pipe()
-            echo = context.Process(target=pipe_echo, args=(pipe, count, theirs))
-            echo.start()
-            report.recv()
-            wall, client_cpu = pipe_client(ours, count, window)
+            (ours, echoed), echo, client = context.Pipe(), pipe_echo, pipe_client
+        process = context.Process(target=echo, args=(echoed, count, theirs))
+        process.start()
+        report.recv()  # listening
+        wall, client_cpu = client(ours, count, window)
         echo_cpu = report.recv()
-        echo.join()
+        process.join()
     return {"transport": transport, "window": window, "round_trips_per_s": round(count / wall),
             "us_per_round_trip": round(1e6 * wall / count, 1), "client_cpu_us": round(1e6 * client_cpu / count, 1),
             "engine_side_cpu_us": round(1e6 * echo_cpu / count, 1)}

@@ -10,6 +10,7 @@ has every request it still held cancelled the same way.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import selectors
@@ -63,7 +64,7 @@ class EngineEndpoint:
         self._outbox: deque[tuple[Key, Future[Any]]] = deque()
         self._pending: dict[Key, Future[Any]] = {}
         self._front_ends: dict[int, _FrontEnd] = {}
-        self._numbers = iter(range(1, 1 << 62))
+        self._numbers = itertools.count(1)
         self._publish = threading.Event()
         self._woken = False  # a wake-up byte is in the pipe and not yet read
         self._sleeping = False  # the socket's thread is (about to be) in select

@@ -1,14 +1,26 @@
 """The engine's hooks that every fake model of the engine tests shares: sources are lists of ints, one source
-position per int, a fixed step budget from the options, the server's own search."""
+position per int, a fixed step budget from the options, the server's own search; and the wait those tests share
+for what an engine's thread does."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from server.search import Search
 
 BOS, EOS = 0, 1
+
+
+def wait_until(condition: Callable[[], object], what: str, seconds: float = 6.0) -> None:
+    """Returns once ``condition()`` holds; fails the test naming ``what`` after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from server.engine import Engine, Limits
 from server.errors import DeadlineExceeded, Overloaded
 from server.reductions import Reduction
 from server.search import Hypothesis, State, run_search
-from tests.unit.engine_fakes import EngineHooks, Options
+from tests.unit.engine_fakes import EngineHooks, Options, wait_until
 
 BOS, EOS, VOCAB, HIDDEN = 0, 1, 9, 6
 
@@ -101,14 +101,6 @@ def start(engines: list[Engine], model: FakeModel, **limits: int) -> Engine:
     engine = Engine(model, Limits(**limits))  # type: ignore[arg-type]
     engines.append(engine)
     return engine
-
-
-def wait_until(condition: Any, what: str) -> None:
-    for _ in range(600):
-        if condition():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def same(found: list[Hypothesis], expected: list[Hypothesis]) -> None:

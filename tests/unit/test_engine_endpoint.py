@@ -20,6 +20,7 @@ from server.ipc import framing, records
 from server.ipc.engine_endpoint import EngineEndpoint
 from server.search import Hypothesis
 from server.translation import DecodeOptions
+from tests.unit.engine_fakes import wait_until
 
 
 class FakeEngine:
@@ -79,13 +80,6 @@ def _submit(request_id: int) -> records.Frames:
     return records.submit(request_id, "m", "1", DecodeOptions(), None, [np.array([4, 5, 2])])
 
 
-def _until(condition: Any, what: str) -> None:
-    deadline = time.monotonic() + 10
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
 def test_each_reply_reaches_the_front_end_that_asked_whole(endpoint: tuple[EngineEndpoint, FakeRegistry]) -> None:
     served, registry = endpoint
     first, second = FrontEnd(served.address), FrontEnd(served.address)
@@ -93,9 +87,9 @@ def test_each_reply_reaches_the_front_end_that_asked_whole(endpoint: tuple[Engin
         front_end.send(records.pack(records.HELLO, {"pid": 1}))
         assert front_end.receive()[0] == records.MODELS
     first.send(_submit(1))
-    _until(lambda: len(registry.engine.submitted) == 1, "the first submit")
+    wait_until(lambda: len(registry.engine.submitted) == 1, "the first submit", seconds=10)
     second.send(_submit(1))  # the same request id from another front-end
-    _until(lambda: len(registry.engine.submitted) == 2, "the second submit")
+    wait_until(lambda: len(registry.engine.submitted) == 2, "the second submit", seconds=10)
     # Several megabytes: more than the socket holds, so the endpoint keeps the rest until the front-end reads.
     attention = np.random.default_rng(0).random((2000, 1000), dtype=np.float32)
     registry.engine.submitted[0].set_result([[Hypothesis([7, 2], -1.0, -0.5, attention)]])
@@ -109,7 +103,7 @@ def test_each_reply_reaches_the_front_end_that_asked_whole(endpoint: tuple[Engin
     np.testing.assert_array_equal(hypothesis.attention, attention)
     # A refusal travels as a failed record that names its error.
     first.send(_submit(2))
-    _until(lambda: len(registry.engine.submitted) == 3, "the third submit")
+    wait_until(lambda: len(registry.engine.submitted) == 3, "the third submit", seconds=10)
     first.send(_submit(3))
     kind, header, _ = first.receive()
     assert kind == records.FAILED and header["id"] == 3
@@ -122,9 +116,9 @@ def test_a_front_end_that_goes_away_has_its_requests_cancelled(
     leaving, staying = FrontEnd(served.address), FrontEnd(served.address)
     leaving.send(_submit(1))
     staying.send(_submit(1))
-    _until(lambda: len(registry.engine.submitted) == 2, "both submits")
+    wait_until(lambda: len(registry.engine.submitted) == 2, "both submits", seconds=10)
     leaving.socket.close()
-    _until(lambda: any(f.cancelled() for f in registry.engine.submitted), "the cancellation")
+    wait_until(lambda: any(f.cancelled() for f in registry.engine.submitted), "the cancellation", seconds=10)
     assert [f.cancelled() for f in registry.engine.submitted].count(True) == 1
     staying.send(records.pack(records.CANCEL, {"id": 1}))
-    _until(lambda: all(f.cancelled() for f in registry.engine.submitted), "the cancel record")
+    wait_until(lambda: all(f.cancelled() for f in registry.engine.submitted), "the cancel record", seconds=10)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gc
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,7 +23,7 @@ from server.engine import Engine, Limits
 from server.iobinding import BoundStep, DeviceTensor, RowGather, Uploads, concat_graph, gather_graph, join_rows
 from server.reductions import Reduction
 from server.search import Hypothesis, State, run_search
-from tests.unit.engine_fakes import EngineHooks, Options
+from tests.unit.engine_fakes import EngineHooks, Options, wait_until
 
 BOS, EOS, VOCAB, HIDDEN = 0, 1, 11, 8
 BOUND_CPU = Device("cpu", [CPU], "test", io_binding=True)
@@ -234,14 +233,6 @@ def engines() -> Iterator[list[Engine]]:
         engine.close()
 
 
-def wait_until(condition: Any, what: str) -> None:
-    for _ in range(3000):
-        if condition():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def as_alone(found: list[list[Hypothesis]], items: list[list[int]], options: Options, plain: OnnxModel) -> None:
     """Each item's hypotheses are what it decodes to alone, without the binding (within float tolerance)."""
     for hyps, item in zip(found, items, strict=True):
@@ -268,7 +259,7 @@ def test_the_engine_reorders_drops_and_joins_device_state(engines: list[Engine],
     beam, greedy = Options(beam_size=3, nbest=2, max_steps=14), Options(max_steps=9)
     first = [engine.submit([SOURCES[0], SOURCES[1]], beam), engine.submit([SOURCES[2]], greedy)]
     model.gate.release(2)
-    wait_until(lambda: model.steps == 2, "two steps")
+    wait_until(lambda: model.steps == 2, "two steps", seconds=30)
     later = [engine.submit([SOURCES[3], SOURCES[4]], beam), engine.submit([SOURCES[1]], greedy)]
     model.gate.release(10_000)
     results = [f.result(timeout=60) for f in first + later]
@@ -291,7 +282,7 @@ def test_a_longer_source_widens_a_running_lane_on_the_device(engines: list[Engin
     options = Options(beam_size=2, nbest=2, max_steps=12)
     first = engine.submit([SOURCES[0]], options)
     model.gate.release(2)
-    wait_until(lambda: model.steps == 2, "two steps")
+    wait_until(lambda: model.steps == 2, "two steps", seconds=30)
     later = engine.submit([longer, SOURCES[1]], options)
     model.gate.release(10_000)
     as_alone(first.result(timeout=60), [SOURCES[0]], options, plain)
