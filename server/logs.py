@@ -19,6 +19,7 @@ import time
 from typing import Any, TextIO
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+_process = ""  # this process's role in a multi-process server (frontend-1, engine-0): every line names it
 _stderr_fileno = 2  # where log lines are written: the real stderr, which JSON mode's pipe on fd 2 wraps
 
 
@@ -33,6 +34,8 @@ def _record_fields(record: logging.LogRecord) -> dict[str, Any]:
         "logger": record.name,
         "event": record.getMessage(),
     }
+    if _process:
+        out["process"] = _process
     rid = request_id.get()
     if rid:
         out["request_id"] = rid
@@ -62,12 +65,15 @@ def _text_value(value: Any) -> str:
     return json.dumps(text, ensure_ascii=False) if (" " in text or not text) else text
 
 
-def configure(level: str = "INFO", fmt: str = "json") -> None:
+def configure(level: str = "INFO", fmt: str = "json", process: str = "") -> None:
     """Route the ``attn`` loggers to stderr, one line per event, and with them every other library's log records and
     Python warnings (a Pillow "Corrupt EXIF data" warning is a log line like any other). In JSON mode, whatever else
     reaches the process's stderr (gRPC's C core writes there directly) is wrapped into JSON lines too, so that
-    every line parses. Called by the command line, never on import."""
-    global _stderr_fileno
+    every line parses. ``process``: a child process's role and number, added to each of its lines (the children
+    write to the same stderr, and an access-log line or an error should say which front-end or engine wrote it).
+    Called by the command line and the child processes, never on import."""
+    global _stderr_fileno, _process
+    _process = process
     stream: Any = _json_stderr() if fmt == "json" else sys.stderr
     _stderr_fileno = stream.fileno()
     handler = logging.StreamHandler(stream)

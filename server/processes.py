@@ -96,9 +96,10 @@ def _become_child(parent: int, settings: Settings, stderr: Stderr, runtime_dir: 
     if stderr.fd != 2:
         os.dup2(stderr.fd, 2)
         os.close(stderr.fd)
-    logs.configure(settings.log_level, settings.log_format)
-    try:  # what ps, top and /proc/PID/comm show: attn-engine-0, attn-frontend-1 instead of "python"
-        Path("/proc/self/comm").write_text(multiprocessing.current_process().name[:15])
+    name = multiprocessing.current_process().name  # attn-engine-0, attn-frontend-1
+    logs.configure(settings.log_level, settings.log_format, process=name.removeprefix("attn-"))
+    try:  # what ps, top and /proc/PID/comm show instead of "python"
+        Path("/proc/self/comm").write_text(name[:15])
     except OSError:  # not Linux
         pass
 

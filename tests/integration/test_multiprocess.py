@@ -231,6 +231,11 @@ def test_children_write_their_log_lines_straight_to_the_servers_stderr(served: S
     before = len(served.events("rpc"))
     served.stub.Translate(pb.TranslateRequest(texts=TEXTS[:1]), timeout=60)
     _until(lambda: len(served.events("rpc")) > before, "the call's access-log line")
+    # Each line names the child that wrote it; the parent's lines name none.
+    assert served.events("rpc")[-1]["process"] in {"frontend-0", "frontend-1"}
+    assert {r.get("process") for r in served.events("model_loaded")} == {"engine-0"}
+    assert {r.get("process") for r in served.events("frontend_ready")} == {"frontend-0", "frontend-1"}
+    assert "process" not in served.events("ready")[0]
 
 
 def test_a_crashed_front_end_is_restarted(served: ServerProcess) -> None:

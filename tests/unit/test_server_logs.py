@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 
+import pytest
+
 from server import logs
 
 
@@ -28,6 +30,16 @@ def test_json_lines_with_request_id() -> None:
 def test_text_lines() -> None:
     line = logs.TextFormatter().format(_record("listening", port=50051, host="0.0.0.0", note="two words"))
     assert line.endswith('info    listening port=50051 host=0.0.0.0 note="two words"')
+
+
+def test_a_child_process_names_itself_in_every_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Front-ends and the engine write to one stderr: each line says which process wrote it."""
+    monkeypatch.setattr(logs, "_process", "frontend-1")
+    data = json.loads(logs.JsonFormatter().format(_record("rpc", rpc="Translate")))
+    assert (data["event"], data["process"], data["rpc"]) == ("rpc", "frontend-1", "Translate")
+    assert logs.TextFormatter().format(_record("rpc", rpc="Translate")).endswith("rpc process=frontend-1 rpc=Translate")
+    monkeypatch.setattr(logs, "_process", "")  # one process: nothing to tell apart
+    assert "process" not in json.loads(logs.JsonFormatter().format(_record("rpc")))
 
 
 def test_json_mode_makes_every_stderr_line_json() -> None:
