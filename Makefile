@@ -124,13 +124,16 @@ variants: setup
 # eager and batching off ((a) needs the checkpoint that `make models` leaves in runs/de-en-bahdanau/);
 # bench/overhead.py: the server's own cost per sentence, one process against front-ends and an engine process;
 # bench/grpc_floor.py: the same load against a gRPC server that does nothing, the floor under that cost;
+# bench/engine_ceiling.py: one engine process driven on its socket, without gRPC or front-ends;
 # bench/soak.py: 40,000 requests with every bundled model loaded, the memory of each server process (5 minutes).
-# Each writes its own section of docs/benchmarks.md.
+# Each writes its results under docs/benchmarks/, and all but grpc_floor.py and engine_ceiling.py their own section
+# of docs/benchmarks.md.
 benchmark: setup
 	$(PY) bench/serving.py
 	$(PY) bench/overhead.py
 	$(PY) bench/one_client.py
 	$(PY) bench/grpc_floor.py
+	$(PY) bench/engine_ceiling.py
 	$(PY) bench/soak.py
 
 # Serves the bundled models (models/, or ATTN_MODELS_DIR) on localhost:50051, metrics on :9464; Ctrl-C drains.

@@ -22,7 +22,7 @@ part_mib=${PART_MB:-$(( ${LIMIT_MB:-64} - tree_mib - 2 ))}
 rm -f "$dest"/ort.part-*
 tar -C "$work" -cf - . | xz -T0 -6 | split -b "${part_mib}m" -d - "$dest/ort.part-"
 rm -rf "$work"
-pins=$(.venv/bin/pip freeze | grep -iE '^(grpcio|grpcio-health-checking|grpcio-reflection|protobuf|prometheus.client|nvidia-ml-py|pyzmq|sentencepiece)==')
+pins=$(.venv/bin/pip freeze | grep -iE '^(grpcio|grpcio-health-checking|grpcio-reflection|protobuf|prometheus.client|nvidia-ml-py|sentencepiece)==')
 download -d "$dest/wheels" $pins
 .venv/bin/python bench/gpu.py --write-sentences "$dest/sentences.txt"
 grep -qxF "/$dest/" .git/info/exclude 2>/dev/null || echo "/$dest/" >> .git/info/exclude

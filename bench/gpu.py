@@ -18,7 +18,8 @@ end (``--results OUT/gpu.json``, back here, writes its section of docs/benchmark
    front-ends' apart), and GPU utilisation sampled by ``nvidia-smi`` during the window; each server's first setting
    at the largest count once more with one client process more, to show that the load generator does not limit the
    figure; then the same with more rows decoded together than the default (``--batch-rows``), and with more
-   engine processes than one (``--engines``);
+   engine processes than one (``--engines``); and one engine process driven on its socket without front-ends
+   (``bench/engine_ceiling.py``): the cap of its Python, which says how many engines a device needs;
 4. **the same outputs as on the CPU**: greedy and beam-4 tokens of the device's server against a CPU server's on the
    first sentences, and the largest attention difference where the tokens agree;
 5. **Caption**: the bundled captioner's first call after ``ready`` and the p50 of the calls after it, on the device
@@ -51,6 +52,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
+from bench import engine_ceiling  # noqa: E402
 from bench.loadgen import ServerProcess, commit_of, drive, drive_processes  # noqa: E402
 from bench.sections import replace_section  # noqa: E402
 
@@ -457,6 +459,11 @@ def main(argv: list[str] | None = None) -> int:
     part("engines", lambda: [row for engines in args.engines for row in serving(
         translator, texts, args.device, "", args.clients[-1:], args.beams, ["full"], args.seconds,
         args.client_processes, engines=engines)])
+    part("engine_ceiling", lambda: engine_ceiling.ceiling(
+        translator / args.model.parent.name / args.model.name, texts,
+        pb.DecodingOptions(beam_size=1, attention=pb.ATTENTION_DETAIL_FULL),
+        [args.client_processes, args.client_processes + 1], window=256, seconds=args.seconds, device=args.device,
+        max_batch_rows=1024, max_queue_requests=1024))
     if args.device != "cpu" and args.compare:
         part("same_outputs", lambda: same_outputs(translator, texts[: args.compare], args.device, args.beams))
     part("caption", lambda: [caption(captioner, where, args.caption_calls)
@@ -490,6 +497,11 @@ def report(results: dict[str, Any]) -> list[str]:
         lines += ["### More engine processes", "", "The server with several engine processes on the device "
                   "(`ATTN_ENGINES`; the default is one), fp32, at the largest client count; engine cores are all "
                   "of them together:", "", *_serving_table(results["engines"]), ""]
+    if results.get("engine_ceiling"):
+        lines += ["### One engine process without front-ends", "", "Submitter processes speaking the engine's "
+                  "records on its socket (`bench/engine_ceiling.py`), greedy, full attention, 1,024 rows per batch: "
+                  "what one engine process answers when no front-end limits it.", "",
+                  *engine_ceiling.table(results["engine_ceiling"]), ""]
     if results.get("same_outputs"):
         lines += ["### The same outputs as on the CPU", "", "| beam | sentences | identical tokens | largest attention "
                   "difference where they agree |", "|---:|---:|---:|---:|"]

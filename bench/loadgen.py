@@ -50,11 +50,13 @@ class ServerProcess:
         self.process = subprocess.Popen([sys.executable, "-m", "server"], env=env, cwd=root,
                                         stderr=subprocess.PIPE, text=True)
         self.port = self.metrics_port = 0
+        self.engine_addresses: list[str] = []  # the engine processes' sockets (none in one-process mode)
         assert self.process.stderr is not None
         for line in self.process.stderr:
             record = json.loads(line) if line.startswith("{") else {}
             if record.get("event") == "listening":
                 self.port, self.metrics_port = int(record["port"]), int(record["metrics_port"])
+                self.engine_addresses = list(record.get("engines", []))
             if record.get("event") == "ready":
                 break
             if record.get("event") == "startup_failed":

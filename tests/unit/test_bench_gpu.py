@@ -77,6 +77,9 @@ def test_the_report_has_a_table_per_measured_part() -> None:
                      "client_processes": 4, "sentences_per_s": 3500.0, "p50_ms": 280.0, "p99_ms": 450.0,
                      "server_cores": 11.0, "engine_cores": 2.1, "frontend_cores": 8.8,
                      "settings": {"engines": 2}, "gpu_utilisation": 35.0, "codes": {"OK": 14000}, "check": ""}],
+        "engine_ceiling": [{"model": "de-en-bahdanau", "beam": 1, "submitters": 4, "window": 256,
+                            "sentences_per_s": 6200.0, "refused": {}, "engine_cores": 1.1,
+                            "engine_cpu_ms_per_sentence": 0.177, "rows_per_decoder_call": 640.5}],
     }
     lines = report(results)
     assert "| 1024 | 0.27 | 3,792,593 | 0.9 | 1,137,778 |" in lines
@@ -86,7 +89,9 @@ def test_the_report_has_a_table_per_measured_part() -> None:
             "30.0 | OK 20000 |") in lines
     assert ("| fp32 | engines 2 | 4 | full | 1024 | 4 | 3500.0 | 280.0 | 450.0 | 11.0 | 2.1 | 8.8 | – | 35.0 | "
             "OK 14000 |") in lines
-    assert lines.index("### More engine processes") > lines.index("### Larger batches") > lines.index("### The server")
+    assert "| de-en-bahdanau | 1 | 4 × 256 | 6,200 | 1.1 | 0.177 | 640.5 |" in lines
+    assert (lines.index("### One engine process without front-ends") > lines.index("### More engine processes")
+            > lines.index("### Larger batches") > lines.index("### The server"))
     assert not any("Caption" in line or "same outputs" in line for line in lines)  # parts not measured: no table
 
 
