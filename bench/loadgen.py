@@ -21,6 +21,7 @@ import threading
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,11 +108,20 @@ class ServerProcess:
         (the server process itself, which in one-process mode is all of it, and its helpers such as
         multiprocessing's resource tracker). Under load one role at a full core says which process limits the
         server."""
+        return self._by_role(process_cpu_seconds)
+
+    def wakeups_by_role(self) -> dict[str, float]:
+        """Per role as :meth:`cpu_seconds_by_role`: how many times the processes' threads have gone to sleep to be
+        woken later (their voluntary context switches). A wake-up is a fixed cost, however little the thread then
+        does: with one request at a time the server pays every one of them on each request."""
+        return self._by_role(process_wakeups)
+
+    def _by_role(self, count: Callable[[int], float]) -> dict[str, float]:
         roles = {"parent": 0.0, "engine": 0.0, "frontends": 0.0}
         for pid, name in self.processes().items():
             role = ("engine" if name.startswith("attn-engine") else "frontends" if name.startswith("attn-frontend")
                     else "parent")
-            roles[role] += process_cpu_seconds(pid)
+            roles[role] += count(pid)
         return roles
 
     def metrics(self) -> dict[str, float]:
@@ -159,6 +169,23 @@ def process_tree(root: int) -> list[int]:
         found.append(pid)
         pending.extend(int(child) for child in children)
     return found
+
+
+def process_wakeups(pid: int) -> int:
+    """Voluntary context switches of a live process, summed over its threads, from /proc; 0 once it has exited."""
+    total = 0
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return 0
+    for task in tasks:
+        try:
+            status = (task / "status").read_text()
+        except OSError:  # the thread exited meanwhile
+            continue
+        total += next((int(line.split()[1]) for line in status.splitlines()
+                       if line.startswith("voluntary_ctxt_switches:")), 0)
+    return total
 
 
 def tree_cpu_seconds(root: int) -> float:

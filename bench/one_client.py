@@ -7,7 +7,10 @@ One run of bench/overhead.py measures each design once, and on this shared machi
 a quarter between runs, more than the differences it is asked to show. Here every design's server is started once
 and kept running; in each of ``--rounds`` rounds each serves one client (one sentence per call, greedy, full
 attention, the Ding test split's full sentences, as overhead.py's bundled rows) for ``--seconds``, the designs in
-turn. Reported per design: every round's p50, their median, and the median of the server CPU per sentence. Results:
+turn. Reported per design: every round's p50, their median, and the medians of the server CPU and of its threads'
+wake-ups (voluntary context switches) per sentence, the engine process's apart: with one request at a time each
+wake-up is paid on the call's path (bench/ipc_roundtrip.py: one message in flight between two processes, two
+wake-ups a round trip, takes about 0.2 ms here). Results:
 docs/benchmarks/one_client.json and a section of docs/benchmarks.md.
 """
 
@@ -69,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
                 run["round"] = round_
                 results["runs"][key].append(run)
                 print(f"round {round_} {design_name(key, results)}: p50 {run['p50_ms']} ms, "
-                      f"{run['server_cpu_ms_per_sentence']} ms CPU per sentence", flush=True)
+                      f"{run['server_cpu_ms_per_sentence']} ms CPU and {run['wakeups_per_sentence']} thread "
+                      "wake-ups per sentence", flush=True)
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
@@ -80,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def summary(runs: list[dict[str, Any]]) -> dict[str, float]:
     return {"p50_ms": round(statistics.median(r["p50_ms"] for r in runs), 2),
-            "cpu_ms": round(statistics.median(r["server_cpu_ms_per_sentence"] for r in runs), 3)}
+            "cpu_ms": round(statistics.median(r["server_cpu_ms_per_sentence"] for r in runs), 3),
+            "wakeups": round(statistics.median(sum(r["wakeups_per_sentence"].values()) for r in runs), 1),
+            "engine_wakeups": round(statistics.median(r["wakeups_per_sentence"]["engine"] for r in runs), 1)}
 
 
 def write_section(results: dict[str, Any], report: Path) -> None:
@@ -94,11 +100,14 @@ def write_section(results: dict[str, Any], report: Path) -> None:
              f"greedy, full attention; every server started once, then {results['rounds']} rounds of "
              f"{results['seconds_per_run']} s each, the designs in turn within a round.", "",
              "| design | p50 ms per round | median p50 ms | vs " + design_name(base_key, results)
-             + " | median server CPU ms/sentence |", "|---|---|---|---|---|"]
+             + " | median server CPU ms/sentence | median thread wake-ups/sentence (engine process's) |",
+             "|---|---|---|---|---|---|"]
     for key, design_runs in runs.items():
         mine = summary(design_runs)
+        engine = f" ({mine['engine_wakeups']})" if mine["engine_wakeups"] else ""
         lines.append(f"| {design_name(key, results)} | {', '.join(str(r['p50_ms']) for r in design_runs)} | "
-                     f"{mine['p50_ms']} | {mine['p50_ms'] / base['p50_ms']:.2f}× | {mine['cpu_ms']} |")
+                     f"{mine['p50_ms']} | {mine['p50_ms'] / base['p50_ms']:.2f}× | {mine['cpu_ms']} | "
+                     f"{mine['wakeups']}{engine} |")
     replace_section(report, BEGIN, END, [*lines, "", END])
 
 

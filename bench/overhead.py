@@ -75,7 +75,7 @@ def ding_sentences() -> list[str]:
 def measure(server: ServerProcess, texts: list[str], concurrency: int, options: pb.DecodingOptions,
             seconds: float, processes: int, texts_per_call: int = 1) -> dict[str, Any]:
     drive(server.target, texts, min(concurrency, 8), options, requests=32)  # warm-up
-    before, steps_before = server.cpu_seconds_by_role(), server.decoder_calls()
+    before, steps_before, wakeups = server.cpu_seconds_by_role(), server.decoder_calls(), server.wakeups_by_role()
     run = drive_processes(server.target, texts, concurrency, options, seconds=seconds, processes=processes,
                           texts_per_call=texts_per_call)
     # Includes the client processes' start-up wait: none of the server's.
@@ -88,6 +88,9 @@ def measure(server: ServerProcess, texts: list[str], concurrency: int, options: 
     run["server_cores"] = round(server_cpu / run["seconds"], 2)
     run["engine_cpu_ms_per_sentence"] = round(1000 * by_role["engine"] / sentences, 3)
     run["frontend_cpu_ms_per_sentence"] = round(1000 * by_role["frontends"] / sentences, 3)
+    # Threads put to sleep and woken per sentence, by role: under light load each costs the call latency.
+    run["wakeups_per_sentence"] = {role: round((woken - wakeups[role]) / sentences, 1)
+                                   for role, woken in server.wakeups_by_role().items()}
     return run
 
 
