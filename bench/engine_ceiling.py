@@ -69,6 +69,7 @@ def submit_for(args: tuple[str, str, str, list[np.ndarray], DecodeOptions, int, 
     address, name, version, items, options, window, start_at, seconds = args
     connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     connection.connect(address)
+    connection.settimeout(60)  # an engine that stops answering fails the run instead of hanging it
     decoder, sent, counts = framing.Decoder(), 0, {"done": 0}
 
     def send() -> None:
