@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -36,16 +37,19 @@ def test_the_warm_up_ends_where_every_later_reading_stays_in_the_band() -> None:
 
 
 def test_the_one_client_section_gives_each_design_its_median_against_the_baseline(tmp_path: Path) -> None:
-    def rounds(*p50: float) -> list[dict[str, float]]:
-        return [{"p50_ms": p, "server_cpu_ms_per_sentence": p - 0.5} for p in p50]
+    def rounds(*p50: float, engine: float = 0.0) -> list[dict[str, Any]]:
+        return [{"p50_ms": p, "server_cpu_ms_per_sentence": p - 0.5,
+                 "wakeups_per_sentence": {"parent": 0.0 if engine else 2 * p, "engine": engine,
+                                          "frontends": 2 * p - engine if engine else 0.0}} for p in p50]
 
     results = {"commit": "abc1234", "baseline": "ace5a15", "finished": "today", "rounds": 3, "seconds_per_run": 6.0,
-               "runs": {"before": rounds(6.0, 9.0, 6.4), "0": rounds(6.2, 6.1, 6.3), "1": rounds(7.2, 6.4, 6.8)}}
+               "runs": {"before": rounds(6.0, 9.0, 6.4), "0": rounds(6.2, 6.1, 6.3),
+                        "1": rounds(7.2, 6.4, 6.8, engine=3.3)}}
     doc = tmp_path / "benchmarks.md"
     write_section(results, doc)
     rows = [line for line in doc.read_text().splitlines() if line.startswith("| ") and "design" not in line]
     assert rows == [
-        "| commit ace5a15 (before) | 6.0, 9.0, 6.4 | 6.4 | 1.00× | 5.9 |",  # the median, not the mean: 9.0 is noise
-        "| one process (`ATTN_FRONTENDS=0`) | 6.2, 6.1, 6.3 | 6.2 | 0.97× | 5.7 |",
-        "| 1 front-end(s) + engine | 7.2, 6.4, 6.8 | 6.8 | 1.06× | 6.3 |",
+        "| commit ace5a15 (before) | 6.0, 9.0, 6.4 | 6.4 | 1.00× | 5.9 | 12.8 |",  # the median, not the mean
+        "| one process (`ATTN_FRONTENDS=0`) | 6.2, 6.1, 6.3 | 6.2 | 0.97× | 5.7 | 12.4 |",
+        "| 1 front-end(s) + engine | 7.2, 6.4, 6.8 | 6.8 | 1.06× | 6.3 | 13.6 (3.3) |",  # the engine's apart
     ]
