@@ -1,6 +1,7 @@
 """The GPU table of the serving targets (issue "GPU-grade serving"), measured in one run of a few minutes.
 
     bench/gpu-run.sh                      # on the GPU machine: python3 bench/gpu.py --sentences ... --out $OUT
+    bench/gpu-run.sh --parts ceiling serving       # the same in two commands, where each has a time limit
     .venv/bin/python bench/gpu.py --device cpu --seconds 1 --clients 1 16 --out /tmp/gpu-dry   # its dry run here
 
 docs/benchmarks.md ("Measuring on a GPU") says how to bring the project and its dependencies to a GPU machine
@@ -18,8 +19,10 @@ end (``--results OUT/gpu.json``, back here, writes its section of docs/benchmark
    front-ends' apart), and GPU utilisation sampled by ``nvidia-smi`` during the window; each server's first setting
    at the largest count once more with one client process more, to show that the load generator does not limit the
    figure; then the same with more rows decoded together than the default (``--batch-rows``), and with more
-   engine processes than one (``--engines``); and one engine process driven on its socket without front-ends
-   (``bench/engine_ceiling.py``): the cap of its Python, which says how many engines a device needs;
+   engine processes than one (``--engines``); as a batch job calls it, several sentences in each call
+   (``--texts-per-call``), with as many engine processes as the most of ``--engines``; and one engine process
+   driven on its socket without front-ends (``bench/engine_ceiling.py``): the cap of its Python, which says how
+   many engines a device needs;
 4. **the same outputs as on the CPU**: greedy and beam-4 tokens of the device's server against a CPU server's on the
    first sentences, and the largest attention difference where the tokens agree;
 5. **Caption**: the bundled captioner's first call after ``ready`` and the p50 of the calls after it, on the device
@@ -60,6 +63,9 @@ ROOT = Path(__file__).resolve().parents[1]
 IMAGE = ROOT / "docs" / "scenes-sat-example-1-input.png"
 BEGIN, END = "<!-- gpu: written by bench/gpu.py -->", "<!-- /gpu -->"
 ATTENTION = {"full": pb.ATTENTION_DETAIL_FULL, "none": pb.ATTENTION_DETAIL_NONE}
+BATCH_CLIENTS = 128  # clients of the batch-job runs, each call holding --texts-per-call sentences
+PARTS = ["ceiling", "serving", "batch_rows", "engines", "batch_jobs", "engine_ceiling", "same_outputs", "caption",
+         "caption_graphs"]
 
 
 class GpuUtilisation:
@@ -183,8 +189,10 @@ def models_dir(work: Path, name: str, model: Path) -> Path:
 
 
 def serving(models: Path, texts: list[str], device: str, variant: str, clients: list[int], beams: list[int],
-            attention: list[str], seconds: float, processes: int, **settings: Any) -> list[dict[str, Any]]:
-    """``settings``: more of the server's (``max_batch_rows=1024``), recorded with each row."""
+            attention: list[str], seconds: float, processes: int, texts_per_call: int = 1,
+            **settings: Any) -> list[dict[str, Any]]:
+    """``settings``: more of the server's (``max_batch_rows=1024``), recorded with each row; ``texts_per_call``:
+    sentences in each Translate call."""
     rows: list[dict[str, Any]] = []
     with ServerProcess(models, device=device, variant=variant, reload_interval=0, **settings) as server:
         for beam in beams:
@@ -198,7 +206,8 @@ def serving(models: Path, texts: list[str], device: str, variant: str, clients: 
                     with GpuUtilisation() as gpu:
                         run = drive_processes(server.target, texts, concurrency, options, seconds=seconds,
                                               processes=(processes + 1 if extra else
-                                                         1 if concurrency == 1 else processes))
+                                                         1 if concurrency == 1 else processes),
+                                              texts_per_call=texts_per_call)
                     ended = time.time()
                     cores = {role: round((seconds_now - before[role]) / run["seconds"], 2)
                              for role, seconds_now in server.cpu_seconds_by_role().items()}
@@ -393,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engines", type=int, nargs="*", default=[2, 4],
                         help="ATTN_ENGINES settings to serve with besides the default (one engine process), fp32, "
                              "full attention, at the largest client count")
+    parser.add_argument("--texts-per-call", type=int, default=16,
+                        help=f"sentences in each call of the batch-job runs ({BATCH_CLIENTS} clients; 1: none)")
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 64, 256, 1024, 4096])
     parser.add_argument("--steps", type=int, default=50, help="timed decoder steps per row count")
     parser.add_argument("--compare", type=int, default=200, help="sentences compared with the CPU's outputs")
@@ -400,12 +411,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-gpu")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "gpu-results",
                         help="writes OUT/gpu.json and OUT/gpu.md")
-    parser.add_argument("--results", type=Path, help="measure nothing: write this gpu.json's section into --report")
+    parser.add_argument("--parts", nargs="+", default=PARTS, choices=PARTS,
+                        help="the parts to measure (a machine that limits each command's time can run them in two "
+                             "commands, each writing its own gpu.json)")
+    parser.add_argument("--results", type=Path, nargs="+",
+                        help="measure nothing: write the section of these gpu.json files (the parts of one or more "
+                             "runs) into --report")
     parser.add_argument("--report", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args(argv)
 
     if args.results:
-        replace_section(args.report, BEGIN, END, [BEGIN, *report(json.loads(args.results.read_text())), END])
+        replace_section(args.report, BEGIN, END, [BEGIN, *report(merged(args.results)), END])
         print(f"wrote the GPU section of {args.report}")
         return 0
 
@@ -428,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     def part(name: str, measure: Callable[[], Any]) -> None:
         """One part, saved when it ends; a part that fails is recorded and the next one runs (a machine lent for
         minutes should not lose the serving table to, say, the profiler)."""
+        if name not in args.parts:
+            return
         try:
             results[name] = measure()
         except Exception as error:  # noqa: BLE001 - recorded in the results and printed, then the next part
@@ -459,6 +477,13 @@ def main(argv: list[str] | None = None) -> int:
     part("engines", lambda: [row for engines in args.engines for row in serving(
         translator, texts, args.device, "", args.clients[-1:], args.beams, ["full"], args.seconds,
         args.client_processes, engines=engines)])
+    if args.texts_per_call > 1:
+        # A batch job's calls: the call's own cost (gRPC, a front-end's turn) is paid once per many sentences. Its
+        # queue limits are raised so that every client's call fits: BATCH_CLIENTS calls of this many sentences.
+        part("batch_jobs", lambda: serving(
+            translator, texts, args.device, "", [BATCH_CLIENTS], [1], ["full"], args.seconds, args.client_processes,
+            texts_per_call=args.texts_per_call, engines=max([1, *args.engines]), max_batch_rows=1024,
+            max_queue_tokens=BATCH_CLIENTS * args.texts_per_call * 128, max_texts=args.texts_per_call))
     part("engine_ceiling", lambda: engine_ceiling.ceiling(
         translator / args.model.parent.name / args.model.name, texts,
         pb.DecodingOptions(beam_size=1, attention=pb.ATTENTION_DETAIL_FULL),
@@ -471,6 +496,18 @@ def main(argv: list[str] | None = None) -> int:
     part("caption_graphs", lambda: caption_graphs(args.captioner, args.device, args.caption_calls, args.work))
     print(f"wrote {args.out / 'gpu.json'} and {args.out / 'gpu.md'}")
     return 0
+
+
+def merged(files: list[Path]) -> dict[str, Any]:
+    """The results of runs that measured different parts, as one: the first file's environment, every file's
+    parts and errors (a later file's part replaces an earlier one's, and its error then goes)."""
+    results: dict[str, Any] = {}
+    for file in files:
+        run = json.loads(file.read_text())
+        errors = {name: error for name, error in results.get("errors", {}).items() if name not in run}
+        results = {**run, **results, **{name: run[name] for name in PARTS if name in run}}
+        results["errors"] = {**errors, **run.get("errors", {})}
+    return results
 
 
 def report(results: dict[str, Any]) -> list[str]:
@@ -497,6 +534,11 @@ def report(results: dict[str, Any]) -> list[str]:
         lines += ["### More engine processes", "", "The server with several engine processes on the device "
                   "(`ATTN_ENGINES`; the default is one), fp32, at the largest client count; engine cores are all "
                   "of them together:", "", *_serving_table(results["engines"]), ""]
+    if results.get("batch_jobs"):
+        lines += ["### Batch jobs", "", "Several sentences in each call, as a batch job sends them (`texts`), fp32, "
+                  "greedy, full attention, 1,024 rows per batch, as many engine processes as the most measured "
+                  "above. The call's own cost is paid once per call, not per sentence:", "",
+                  *_serving_table(results["batch_jobs"]), ""]
     if results.get("engine_ceiling"):
         lines += ["### One engine process without front-ends", "", "Submitter processes speaking the engine's "
                   "records on its socket (`bench/engine_ceiling.py`), greedy, full attention, 1,024 rows per batch: "
@@ -546,7 +588,9 @@ def _serving_table(rows: list[dict[str, Any]]) -> list[str]:
              "server cores | engine cores | front-end cores | rows per decoder call | GPU utilisation % | codes |",
              "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        clients = f"{r['concurrency']}" + (" (check)" if r["check"] else "")
+        per_call = r.get("texts_per_call", 1)
+        clients = f"{r['concurrency']}" + (f" × {per_call} sentences" if per_call > 1 else "") + \
+            (" (check)" if r["check"] else "")
         gpu = "–" if r["gpu_utilisation"] is None else r["gpu_utilisation"]
         settings = ", ".join(f"{k} {v}" for k, v in r.get("settings", {}).items()) or "default"
         lines.append(f"| {r['variant']} | {settings} | {r['beam']} | {r['attention']} | {clients} | "

@@ -3,6 +3,7 @@ binding (the CPU provider keeps "device" outputs in host memory) and the report 
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.gpu import GpuUtilisation, caption_graphs, ceiling, fp16_copy, report  # noqa: E402
+from bench.gpu import GpuUtilisation, caption_graphs, ceiling, fp16_copy, main, merged, report  # noqa: E402
 from server.artifacts import Manifest  # noqa: E402
 from server.device import choose  # noqa: E402
 from server.translation import DecodeOptions, TranslationModel  # noqa: E402
@@ -77,6 +78,11 @@ def test_the_report_has_a_table_per_measured_part() -> None:
                      "client_processes": 4, "sentences_per_s": 3500.0, "p50_ms": 280.0, "p99_ms": 450.0,
                      "server_cores": 11.0, "engine_cores": 2.1, "frontend_cores": 8.8,
                      "settings": {"engines": 2}, "gpu_utilisation": 35.0, "codes": {"OK": 14000}, "check": ""}],
+        "batch_jobs": [{"variant": "fp32", "beam": 1, "attention": "full", "concurrency": 128, "texts_per_call": 16,
+                        "client_processes": 4, "sentences_per_s": 12000.0, "p50_ms": 150.0, "p99_ms": 300.0,
+                        "server_cores": 12.0, "engine_cores": 3.5, "frontend_cores": 8.0,
+                        "settings": {"engines": 4}, "gpu_utilisation": 60.0, "codes": {"OK": 3000},
+                        "check": ""}],
         "engine_ceiling": [{"model": "de-en-bahdanau", "beam": 1, "submitters": 4, "window": 256,
                             "sentences_per_s": 6200.0, "refused": {}, "engine_cores": 1.1,
                             "engine_cpu_ms_per_sentence": 0.177, "rows_per_decoder_call": 640.5}],
@@ -89,8 +95,11 @@ def test_the_report_has_a_table_per_measured_part() -> None:
             "30.0 | OK 20000 |") in lines
     assert ("| fp32 | engines 2 | 4 | full | 1024 | 4 | 3500.0 | 280.0 | 450.0 | 11.0 | 2.1 | 8.8 | – | 35.0 | "
             "OK 14000 |") in lines
+    assert ("| fp32 | engines 4 | 1 | full | 128 × 16 sentences | 4 | 12000.0 | 150.0 | 300.0 | 12.0 | 3.5 | 8.0 | – "
+            "| 60.0 | OK 3000 |") in lines
     assert "| de-en-bahdanau | 1 | 4 × 256 | 6,200 | 1.1 | 0.177 | 640.5 |" in lines
-    assert (lines.index("### One engine process without front-ends") > lines.index("### More engine processes")
+    assert (lines.index("### One engine process without front-ends") > lines.index("### Batch jobs")
+            > lines.index("### More engine processes")
             > lines.index("### Larger batches") > lines.index("### The server"))
     assert not any("Caption" in line or "same outputs" in line for line in lines)  # parts not measured: no table
 
@@ -100,3 +109,37 @@ def test_utilisation_is_averaged_over_the_measured_window_only() -> None:
     gpu.samples = [(100.0, 0.0), (101.0, 0.0), (105.0, 60.0), (106.0, 80.0)]  # idle while the clients start
     assert gpu.mean_since(104.0) == 70.0
     assert gpu.mean_since(200.0) is None  # nothing sampled (no nvidia-smi): no figure, not zero
+
+
+def test_a_run_measures_only_its_parts_and_two_runs_make_one_report(models_dir: Path, tmp_path: Path) -> None:
+    """A machine that limits each command's time runs the parts in two commands (``--parts``); ``--results`` with
+    both files writes one section: the first run's environment, both runs' parts, and no error of a part that the
+    other run measured."""
+    sentences = tmp_path / "sentences.txt"
+    sentences.write_text("".join(f"{s}\n" for s in SENTENCES))
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = ["--device", "cpu", "--model", str(models_dir / "tiny-de-en" / "1"), "--sentences", str(sentences),
+              "--work", str(tmp_path / "work")]
+    assert main([*common, "--parts", "ceiling", "--rows", "1", "2", "--steps", "1", "--out", str(first)]) == 0
+    measured = json.loads((first / "gpu.json").read_text())
+    assert [r["rows"] for r in measured["ceiling"]] == [1, 2]
+    assert not {"serving", "engines", "caption", "errors"} & set(measured)  # only the part asked for ran
+    assert "### The decoder step alone" in (first / "gpu.md").read_text()
+
+    later = {**measured, "environment": {**measured["environment"], "commit": "later"}, "ceiling": [],
+             "errors": {"ceiling": "ValueError: gone"}}
+    later["caption"] = [{"device": "cpu", "first_ms": 30.0, "p50_ms": 20.0, "min_ms": 19.0, "calls": 3}]
+    second.mkdir()
+    (second / "gpu.json").write_text(json.dumps(later))
+    both = merged([first / "gpu.json", second / "gpu.json"])
+    assert both["environment"]["commit"] == measured["environment"]["commit"]
+    assert both["caption"] == later["caption"] and both["errors"] == {"ceiling": "ValueError: gone"}
+    assert both["ceiling"] == []  # the later run's part replaces the earlier one's
+    fixed = {**later, "errors": {}, "ceiling": measured["ceiling"]}
+    (second / "gpu.json").write_text(json.dumps(fixed))
+    assert merged([second / "gpu.json", first / "gpu.json"])["errors"] == {}
+    report_file = tmp_path / "benchmarks.md"
+    report_file.write_text("before\n<!-- gpu: written by bench/gpu.py -->\nold\n<!-- /gpu -->\nafter\n")
+    assert main(["--results", str(first / "gpu.json"), str(second / "gpu.json"), "--report", str(report_file)]) == 0
+    text = report_file.read_text()
+    assert "### The decoder step alone" in text and "### Caption, one image at a time" in text and "old" not in text
