@@ -16,7 +16,7 @@ SENTENCES = ["Ich habe Hunger.", "Das Haus ist groß.", "Wo ist der Bahnhof?", "
 
 
 def _clients() -> set[int]:
-    return {p.pid for p in multiprocessing.active_children() if "PoolWorker" in p.name}
+    return {p.pid for p in multiprocessing.active_children() if "PoolWorker" in p.name and p.pid is not None}
 
 
 def test_client_processes_serve_run_after_run(models_dir: Path) -> None:
