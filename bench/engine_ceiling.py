@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import platform
 import socket
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
-from bench.loadgen import ServerProcess, commit_of  # noqa: E402
+from bench.loadgen import CLIENTS, ServerProcess, commit_of  # noqa: E402
 from bench.overhead import ding_sentences, fixture_sources, negligible_model  # noqa: E402
 from server.artifacts import Manifest  # noqa: E402
 from server.codec import translate_job  # noqa: E402
@@ -100,24 +100,22 @@ def submit_for(args: tuple[str, str, str, list[np.ndarray], DecodeOptions, int, 
 def measure(server: ServerProcess, directory: Path, items: list[np.ndarray], options: DecodeOptions,
             submitters: int, window: int, seconds: float) -> dict[str, Any]:
     manifest = Manifest.load(directory)
-    start_at = time.time() + 1.5 + 0.3 * submitters  # after every submitter process has started
+    start_at = CLIENTS.start(submitters)  # the load generator's processes serve as submitters
     work = [(server.engine_addresses[0], manifest.name, directory.name, items, options, window, start_at, seconds)
             ] * submitters
-    with multiprocessing.get_context("spawn").Pool(submitters) as pool:
-        pending = pool.map_async(submit_for, work)
-        time.sleep(max(0.0, start_at - time.time()))
-        cpu, (rows, calls) = server.cpu_seconds_by_role()["engine"], server.decoder_calls()
-        time.sleep(seconds)
-        cpu = server.cpu_seconds_by_role()["engine"] - cpu
-        rows, calls = (now - before for now, before in zip(server.decoder_calls(), (rows, calls)))
-        parts = pending.get()
+    pending = CLIENTS.map_async(submit_for, work)
+    time.sleep(max(0.0, start_at - time.time()))
+    cpu, (rows, calls) = server.cpu_seconds_by_role()["engine"], server.decoder_calls()
+    time.sleep(seconds)
+    cpu = server.cpu_seconds_by_role()["engine"] - cpu
+    rows, calls = (now - before for now, before in zip(server.decoder_calls(), (rows, calls)))
+    parts = pending.get()
     done = sum(p.pop("done") for p in parts)
-    refused: dict[str, int] = {}
+    refused: Counter[str] = Counter()
     for part in parts:
-        for error, count in part.items():
-            refused[error] = refused.get(error, 0) + count
+        refused.update(part)
     return {"model": manifest.name, "beam": options.beam_size, "submitters": submitters, "window": window,
-            "sentences_per_s": round(done / seconds, 1), "refused": refused,
+            "sentences_per_s": round(done / seconds, 1), "refused": dict(refused),
             "engine_cores": round(cpu / seconds, 2),
             "engine_cpu_ms_per_sentence": round(1000 * cpu / max(done, 1), 3),
             "rows_per_decoder_call": round(rows / calls, 1) if calls else None}

@@ -302,14 +302,23 @@ class ClientProcesses:
         self.size = 0
         self.warm = False  # a run has gone through every process: they have imported what they need
 
-    def pool(self, processes: int) -> Any:
+    def start(self, processes: int) -> float:
+        """Makes sure ``processes`` are up; returns when a run on them should start its window, so that every part
+        measures the same one: once each has its task (the first time, once each has started and imported)."""
         if processes > self.size:
             import multiprocessing
 
             self.close()
             self._pool = multiprocessing.get_context("spawn").Pool(processes)
             self.size = processes
-        return self._pool
+        return time.time() + (0.5 if self.warm else 2.0 + 0.5 * processes)
+
+    def map_async(self, fn: Callable[[Any], Any], tasks: list[Any]) -> Any:
+        """``fn`` on each task, one per process (after :meth:`start` for as many)."""
+        def ran(_: object) -> None:
+            self.warm = self.warm or len(tasks) == self.size
+
+        return self._pool.map_async(fn, tasks, chunksize=1, callback=ran)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -329,13 +338,9 @@ def drive_processes(target: str, texts: list[str], concurrency: int, options: pb
     next run (:data:`CLIENTS`)."""
     processes = max(1, min(processes, concurrency))
     shares = [concurrency // processes + (1 if i < concurrency % processes else 0) for i in range(processes)]
-    pool = CLIENTS.pool(processes)
-    # Every part measures the same window: it starts once every process has its task (and, the first time, has
-    # started and imported what it needs).
-    start_at = time.time() + (0.5 if CLIENTS.warm else 2.0 + 0.5 * processes)
-    parts = pool.map(_drive_part, [(target, texts, share, options.SerializeToString(), seconds, start_at,
-                                    texts_per_call) for share in shares], chunksize=1)
-    CLIENTS.warm = CLIENTS.warm or len(parts) == CLIENTS.size
+    start_at = CLIENTS.start(processes)
+    parts = CLIENTS.map_async(_drive_part, [(target, texts, share, options.SerializeToString(), seconds, start_at,
+                                             texts_per_call) for share in shares]).get()
     wall = max(p["seconds"] for p in parts)
     latencies = np.array([x for p in parts for x in p["latencies"]] or [0.0])
     codes: Counter[str] = Counter()
