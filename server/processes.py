@@ -352,7 +352,11 @@ class Supervisor:
                 event(log, "process_killed", level=logging.ERROR, role=child.role, pid=child.process.pid)
                 child.process.kill()
                 child.process.join()
-            ok = ok and child.process.exitcode == 0
+            code = child.process.exitcode
+            # A child that crashed while draining (a negative code: the signal that ended it) says so here.
+            event(log, "process_stopped", level=logging.INFO if code == 0 else logging.ERROR, role=child.role,
+                  index=child.index, pid=child.process.pid, exit_code=code)
+            ok = ok and code == 0
             self._mark_dead(child)
         return ok
 

@@ -10,7 +10,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.integration.serving import RunningServer, settings
+from tests.integration.serving import RunningServer, ServerProcess, settings
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    ServerProcess.started.clear()  # from here on: the servers this test starts, its fixtures' included
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test's report carries the log of each server process it used (what every one of its processes
+    did, which the client's error alone does not say), whether its fixtures or its body started them."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if not report.failed:
+        return
+    used = [v for v in getattr(item, "funcargs", {}).values() if isinstance(v, ServerProcess)]
+    for server in dict.fromkeys([*used, *ServerProcess.started]):
+        report.sections.append((f"server log, pid {server.process.pid}", server.log_tail()))
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import unicodedata
 from collections.abc import Coroutine, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import grpc
 import numpy as np
@@ -145,12 +145,15 @@ class ServerProcess:
     """``attn-serve`` in a process of its own (by default several front-end processes and an engine process), with
     its JSON log lines read on a thread: tests wait for events instead of sleeping."""
 
+    started: ClassVar[list[ServerProcess]] = []  # every one, in order: a failed test's report shows their logs
+
     def __init__(self, models_dir: Path, *flags: str, frontends: int = 2, env: dict[str, str] | None = None) -> None:
         import json
         import os
         import subprocess
         import sys
 
+        ServerProcess.started.append(self)
         self.log: list[dict[str, Any]] = []
         self._changed = threading.Condition()
         self.process = subprocess.Popen(
@@ -227,3 +230,10 @@ class ServerProcess:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(30)
+
+    def log_tail(self, lines: int = 60) -> str:
+        """The last ``lines`` log lines of every process of this server, as the server wrote them."""
+        import json
+
+        with self._changed:
+            return "\n".join(json.dumps(r) for r in self.log[-lines:])

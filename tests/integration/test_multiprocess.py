@@ -159,6 +159,9 @@ def test_sigterm_drains_every_process_and_loses_nothing(slow_server: ServerProce
     assert server.process.wait(120) == 0
     server.wait_for("stopped", exit_code=0)
     assert len(server.events("frontend_stopped", exit_code=0)) == 2
+    # The parent's account of each child's exit: both front-ends first, then the engine, every one 0.
+    assert [(e["role"], e["exit_code"]) for e in server.events("process_stopped")] == [
+        ("frontend", 0), ("frontend", 0), ("engine", 0)]
 
 
 def test_a_crashed_engine_fails_its_calls_promptly_and_is_restarted(slow_server: ServerProcess) -> None:
