@@ -154,9 +154,15 @@ def test_sigterm_drains_every_process_and_loses_nothing(slow_server: ServerProce
     server.wait_for("rpc_received", count=4)  # all four accepted, on one front-end or both
     server.process.send_signal(signal.SIGTERM)
     server.wait_for("shutting_down")
-    for call in calls:  # accepted before the signal: every one is answered
-        assert len(call.result(timeout=120).translations) == len(LONG.texts)
-    assert server.process.wait(120) == 0
+    answers: list[object] = []
+    for call in calls:
+        try:
+            answers.append(len(call.result(timeout=120).translations))
+        except grpc.RpcError as exc:  # kept, so that the server's whole drain is in the log the report shows
+            answers.append(f"{exc.code().name}: {exc.details()}")
+    code = server.process.wait(120)
+    assert answers == [len(LONG.texts)] * len(calls)  # accepted before the signal: every one is answered
+    assert code == 0
     server.wait_for("stopped", exit_code=0)
     assert len(server.events("frontend_stopped", exit_code=0)) == 2
     # The parent's account of each child's exit: both front-ends first, then the engine, every one 0.
