@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import contextvars
+import faulthandler
 import json
 import logging
 import os
@@ -71,7 +72,8 @@ def configure(level: str = "INFO", fmt: str = "json", process: str = "") -> None
     reaches the process's stderr (gRPC's C core writes there directly) is wrapped into JSON lines too, so that
     every line parses. ``process``: a child process's role and number, added to each of its lines (the children
     write to the same stderr, and an access-log line or an error should say which front-end or engine wrote it).
-    Called by the command line and the child processes, never on import."""
+    A fatal signal's stack dump goes to the real stderr too, as plain text. Called by the command line and the child
+    processes, never on import."""
     global _stderr_fileno, _process
     _process = process
     stream: Any = _json_stderr() if fmt == "json" else sys.stderr
@@ -86,6 +88,10 @@ def configure(level: str = "INFO", fmt: str = "json", process: str = "") -> None
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)  # other libraries: their warnings and errors only
     logging.captureWarnings(True)
+    # A process that dies on a fatal signal (a crash in a native library: gRPC's core, ONNX Runtime) writes every
+    # thread's Python stack to the real stderr first. Plain text: in JSON mode the thread that would wrap it into
+    # JSON dies with the process, and fd 2 (its pipe) with it.
+    faulthandler.enable(file=stream, all_threads=True)
 
 
 def stderr_fileno() -> int:

@@ -84,7 +84,9 @@ class Settings:
                                          "connections spread again over the front-ends and over replicas added "
                                          "since. 0: never.")
     log_level: str = _setting("INFO", "Log level: DEBUG, INFO, WARNING or ERROR.", LOG_LEVELS)
-    log_format: str = _setting("json", "Log lines as JSON objects (json) or key=value text (text).", LOG_FORMATS)
+    log_format: str = _setting("json", "Log lines as JSON objects (json) or key=value text (text). A process that "
+                               "crashes (a fatal signal) writes its threads' stacks after them, as plain text.",
+                               LOG_FORMATS)
     tls_cert: str = _setting("", "PEM certificate chain of the server; with tls_key the gRPC port speaks TLS only "
                              "(empty: plaintext).")
     tls_key: str = _setting("", "PEM private key (unencrypted) of tls_cert; keep the file readable by the server only.")

@@ -167,7 +167,10 @@ class ServerProcess:
         def read() -> None:
             assert self.process.stderr is not None
             for line in self.process.stderr:
-                record = json.loads(line)  # every line the server writes is JSON
+                try:
+                    record = json.loads(line)  # every line the server writes is JSON ...
+                except ValueError:  # ... but a crashing process's stack dump (server/logs.py): kept for the report
+                    record = {"event": "not_json", "line": line.rstrip("\n")}
                 with self._changed:
                     self.log.append(record)
                     self._changed.notify_all()
@@ -224,6 +227,7 @@ class ServerProcess:
             self.process.send_signal(signal.SIGTERM)
         code = self.process.wait(timeout)
         self._reader.join(10)
+        assert not self.events("not_json"), f"lines that are not JSON: {self.events('not_json')}"
         return code
 
     def kill(self) -> None:

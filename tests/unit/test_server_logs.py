@@ -75,3 +75,28 @@ os.write(2, b'{"ts": "t", "event": "cut short"')  # no newline, and not JSON: wr
     assert any(p.get("line") == '{"ts": "t", "event": "cut short"' for p in parsed)
     native = next(p for p in parsed if "raw C-core line" in p.get("line", ""))
     assert native["level"] == "error"
+
+
+def test_a_crash_leaves_every_threads_stack_on_the_real_stderr() -> None:
+    """A fatal signal in JSON mode: the stacks reach the process's real stderr (plain text), though the thread that
+    wraps fd 2's lines into JSON dies with the process; the lines logged before it are whole JSON lines."""
+    import subprocess
+    import sys
+
+    script = """
+import logging, os, signal, threading
+from server import logs
+logs.configure("INFO", "json")
+logs.event(logging.getLogger("attn.server"), "listening", port=1)
+def engine_loop():
+    threading.Event().wait()
+threading.Thread(target=engine_loop, name="attn-engine", daemon=True).start()
+os.kill(os.getpid(), signal.SIGSEGV)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == -11, done.stderr
+    first, *dump = done.stderr.splitlines()
+    assert json.loads(first)["event"] == "listening"
+    text = "\n".join(dump)
+    assert "Fatal Python error: Segmentation fault" in text
+    assert "engine_loop" in text and "<string>" in text  # the other thread's stack too, and the crashing one's
