@@ -145,7 +145,7 @@ class ServerProcess:
     """``attn-serve`` in a process of its own (by default several front-end processes and an engine process), with
     its JSON log lines read on a thread: tests wait for events instead of sleeping."""
 
-    started: ClassVar[list[ServerProcess]] = []  # every one, in order: a failed test's report shows their logs
+    started: ClassVar[list[ServerProcess]] = []  # those of the test running now (conftest.py): its report on failure
 
     def __init__(self, models_dir: Path, *flags: str, frontends: int = 2, env: dict[str, str] | None = None) -> None:
         import json
