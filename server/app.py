@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from attention_pb.v1 import attention_pb2 as pb
-from server import device, security, triton, wire
+from server import device, drain, security, triton, wire
 from server.engine import Limits
 from server.errors import StartupError
 from server.health import NOT_SERVING, SERVING, HealthServicer
@@ -168,7 +169,13 @@ class AttentionServer:
             self._watcher.cancel()
         await self.health.shut_down()
         if self._server is not None:
-            await self._server.stop(grace)
+            # gRPC's stop would close each connection once its answers are written, not yet delivered: a slow
+            # client could lose them to a reset (server/drain.py). Let them arrive first, within the same grace.
+            started = time.monotonic()
+            if self.servicer is not None and not await drain.settle(self.servicer.unanswered, grace):
+                event(log, self.role("drain_unsettled"), level=logging.WARNING, grace_seconds=grace,
+                      unanswered=self.servicer.unanswered.count, unacknowledged_bytes=drain.unacknowledged_bytes())
+            await self._server.stop(None if grace is None else max(grace - (time.monotonic() - started), 0.0))
             self._server = None
         if self.registry is not None:
             await asyncio.to_thread(self.registry.close)

@@ -26,6 +26,7 @@ from attention_pb.v1 import attention_pb2 as pb
 from attention_pb.v1 import attention_pb2_grpc as pb_grpc
 from server import codec, logs
 from server.captioning import CaptionModel, CaptionResult
+from server.drain import Unanswered
 from server.errors import InvalidInput, Overloaded, ShuttingDown, to_status
 from server.imaging import DecodedImage, decode
 from server.metrics import Metrics
@@ -70,10 +71,12 @@ def _request_id(context: grpc.aio.ServicerContext) -> str:
     return uuid.uuid4().hex[:16]
 
 
-def rpc(name: str) -> Callable[
+def rpc(name: str, streamed: bool = False) -> Callable[
     [Callable[[Any, Req, grpc.aio.ServicerContext, Call], Awaitable[Resp]]],
     Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]],
 ]:
+    """``streamed``: each message of a stream is a call of its own here; its answer leaves with the stream, so a
+    drain does not wait for it (:class:`server.drain.Unanswered` counts unary calls)."""
     def decorate(handler: Callable[[Any, Req, grpc.aio.ServicerContext, Call], Awaitable[Resp]]) -> Callable[
             [Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]:
         @functools.wraps(handler)
@@ -83,6 +86,8 @@ def rpc(name: str) -> Callable[
             started = time.monotonic()
             code, error, internal, recorded = grpc.StatusCode.OK, "", False, False
             self.metrics.inflight.labels(name).inc()
+            if not streamed:
+                self.unanswered.begin(context)
             logs.event(log, "rpc_received", level=logging.DEBUG, rpc=name)
             context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
 
@@ -138,6 +143,7 @@ class AttentionServicer(pb_grpc.AttentionServiceServicer):
         self.models, self.pool, self.settings, self.metrics = models, pool, settings, metrics
         self.shutting_down = shutting_down
         self.inflight = 0  # Translate/Caption calls between admission and answer, against settings.max_inflight
+        self.unanswered = Unanswered()  # every call until its status is sent: what a drain waits for
 
     @rpc("Translate")
     async def Translate(self, request: pb.TranslateRequest, context: grpc.aio.ServicerContext,

@@ -113,6 +113,7 @@ class TritonServicer(v2_grpc.GRPCInferenceServiceServicer):
         self.core = core
         self.models, self.settings, self.metrics = core.models, core.settings, core.metrics
         self.shutting_down: Callable[[], bool] = core.shutting_down
+        self.unanswered = core.unanswered
 
     async def ServerLive(self, request: v2.ServerLiveRequest,
                          context: grpc.aio.ServicerContext) -> v2.ServerLiveResponse:
@@ -211,7 +212,7 @@ class TritonServicer(v2_grpc.GRPCInferenceServiceServicer):
                 continue
             yield v2.ModelStreamInferResponse(infer_response=response)
 
-    @rpc("ModelStreamInfer")
+    @rpc("ModelStreamInfer", streamed=True)
     async def _stream_message(self, request: v2.ModelInferRequest, context: grpc.aio.ServicerContext,
                               call: Call) -> v2.ModelInferResponse:
         return await self._infer(request, context, call)

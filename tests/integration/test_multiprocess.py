@@ -17,7 +17,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from attention_pb.v1 import attention_pb2 as pb
-from tests.integration.serving import RunningServer, ServerProcess, matrix
+from attention_pb.v1 import attention_pb2_grpc as pb_grpc
+from tests.integration.serving import RunningServer, ServerProcess, SlowReader, matrix
 from tests.integration.test_batching_equivalence import sources
 
 TEXTS = ["Ich hoffe, es geht dir gut.", "Das Haus ist groß und schön.", "Wo ist der Bahnhof?"]
@@ -168,6 +169,30 @@ def test_sigterm_drains_every_process_and_loses_nothing(slow_server: ServerProce
     # The parent's account of each child's exit: both front-ends first, then the engine, every one 0.
     assert [(e["role"], e["exit_code"]) for e in server.events("process_stopped")] == [
         ("frontend", 0), ("frontend", 0), ("engine", 0)]
+
+
+@pytest.mark.flags("--log-level", "DEBUG")
+def test_sigterm_loses_no_answer_to_a_client_that_reads_slowly(slow_server: ServerProcess) -> None:
+    # gRPC's own stop closes a connection once its answers are written, not delivered: the slow client's next frame
+    # then met a closed socket, the kernel reset the connection and dropped the rest of the answers (server/drain.py).
+    server = slow_server
+    relay = SlowReader(server.port)
+    channel = grpc.insecure_channel(relay.target)
+    stub = pb_grpc.AttentionServiceStub(channel)
+    calls = [stub.Translate.future(LONG, timeout=120) for _ in range(4)]
+    server.wait_for("rpc_received", count=4)
+    server.process.send_signal(signal.SIGTERM)
+    answers: list[object] = []
+    for call in calls:
+        try:
+            response = call.result(timeout=120)
+            answers.append((len(response.translations), response.ByteSize() > 100_000))  # large enough to wait
+        except grpc.RpcError as exc:
+            answers.append(f"{exc.code().name}: {exc.details()}")
+    channel.close()
+    assert answers == [(len(LONG.texts), True)] * len(calls)
+    assert relay.resets == 0
+    assert server.process.wait(120) == 0
 
 
 def test_a_crashed_engine_fails_its_calls_promptly_and_is_restarted(slow_server: ServerProcess) -> None:

@@ -177,3 +177,31 @@ def test_clients_are_moved_to_new_connections_after_the_connection_age_and_no_ca
     finally:
         running.channel.unsubscribe(states.append)
         running.close()
+
+
+def test_every_call_leaves_the_drains_count_of_unanswered_calls_however_it_ends(slow_models_dir: Path) -> None:
+    # A drain waits for this count to reach 0 (server/drain.py): a call that never left it would hold every drain
+    # for its whole grace.
+    running = RunningServer(settings(slow_models_dir))
+    unanswered = running.server.servicer.unanswered  # type: ignore[union-attr]
+    long = pb.TranslateRequest(texts=["Hallo Welt " * 10] * 32, options=pb.DecodingOptions(beam_size=16))
+    try:
+        running.stub.Translate(pb.TranslateRequest(texts=["Hallo"], options=pb.DecodingOptions(max_output_tokens=3)))
+        codes = []
+        for request, timeout in ((pb.TranslateRequest(texts=["Hallo"], model="nope"), 10.0), (long, 0.3)):
+            with pytest.raises(grpc.RpcError) as failed:
+                running.stub.Translate(request, timeout=timeout)
+            codes.append(failed.value.code())
+        assert codes == [grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DEADLINE_EXCEEDED]
+        cancelled = running.stub.Translate.future(long, timeout=60)
+        deadline = time.monotonic() + 10
+        while unanswered.count == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert unanswered.count == 1  # inside the server
+        cancelled.cancel()
+        deadline = time.monotonic() + 10
+        while unanswered.count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert unanswered.count == 0
+    finally:
+        running.close()
