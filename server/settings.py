@@ -82,7 +82,8 @@ class Settings:
     max_connection_age: float = _setting(600.0, "Seconds after which a client connection is asked to move to a new "
                                          "one (gRPC GOAWAY; calls in flight get grace_seconds to finish), so that "
                                          "connections spread again over the front-ends and over replicas added "
-                                         "since. 0: never.")
+                                         "since. 0: never. A client still reading a large answer when gRPC closes "
+                                         "the old connection can lose it (UNAVAILABLE; docs/serving-processes.md).")
     log_level: str = _setting("INFO", "Log level: DEBUG, INFO, WARNING or ERROR.", LOG_LEVELS)
     log_format: str = _setting("json", "Log lines as JSON objects (json) or key=value text (text). A process that "
                                "crashes (a fatal signal) writes its threads' stacks after them, as plain text.",
