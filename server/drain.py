@@ -39,12 +39,12 @@ class Unanswered:
         self.count -= 1
 
 
-def unacknowledged_bytes(proc: str = "/proc") -> int:
+def unacknowledged_bytes() -> int:
     """Bytes this process has written to its open TCP connections that their peers have not acknowledged yet. Read
     from ``/proc/net/tcp`` and ``tcp6`` (the column ``tx_queue``), matched to this process's sockets by inode; 0
     where there is no such table (not Linux)."""
     inodes = set()
-    fds = f"{proc}/self/fd"
+    fds = "/proc/self/fd"
     try:
         names = os.listdir(fds)
     except OSError:
@@ -59,7 +59,7 @@ def unacknowledged_bytes(proc: str = "/proc") -> int:
     total = 0
     for table in ("tcp", "tcp6"):
         try:
-            with open(f"{proc}/net/{table}") as rows:
+            with open(f"/proc/net/{table}") as rows:
                 next(rows, None)  # the header
                 for row in rows:
                     # sl local remote st tx_queue:rx_queue tr:when retrnsmt uid timeout inode ...
