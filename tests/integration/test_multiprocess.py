@@ -8,7 +8,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -117,6 +117,18 @@ def _until(condition: object, what: str, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
+def _answers(calls: list[grpc.Future], answer: Callable[[pb.TranslateResponse], object]) -> list[object]:
+    """Each call's answer through ``answer``, or its error as "CODE: details". Every call is waited for, rather than
+    failing at the first error, so that a failed test's report holds the server's whole drain."""
+    out: list[object] = []
+    for call in calls:
+        try:
+            out.append(answer(call.result(timeout=120)))
+        except grpc.RpcError as exc:
+            out.append(f"{exc.code().name}: {exc.details()}")
+    return out
+
+
 @pytest.mark.flags("--max-batch-rows", "16", "--max-queue-requests", "1")
 def test_full_queue_deadline_and_cancellation(slow_server: ServerProcess) -> None:
     server = slow_server
@@ -155,12 +167,7 @@ def test_sigterm_drains_every_process_and_loses_nothing(slow_server: ServerProce
     server.wait_for("rpc_received", count=4)  # all four accepted, on one front-end or both
     server.process.send_signal(signal.SIGTERM)
     server.wait_for("shutting_down")
-    answers: list[object] = []
-    for call in calls:
-        try:
-            answers.append(len(call.result(timeout=120).translations))
-        except grpc.RpcError as exc:  # kept, so that the server's whole drain is in the log the report shows
-            answers.append(f"{exc.code().name}: {exc.details()}")
+    answers = _answers(calls, lambda response: len(response.translations))
     code = server.process.wait(120)
     assert answers == [len(LONG.texts)] * len(calls)  # accepted before the signal: every one is answered
     assert code == 0
@@ -182,13 +189,8 @@ def test_sigterm_loses_no_answer_to_a_client_that_reads_slowly(slow_server: Serv
     calls = [stub.Translate.future(LONG, timeout=120) for _ in range(4)]
     server.wait_for("rpc_received", count=4)
     server.process.send_signal(signal.SIGTERM)
-    answers: list[object] = []
-    for call in calls:
-        try:
-            response = call.result(timeout=120)
-            answers.append((len(response.translations), response.ByteSize() > 100_000))  # large enough to wait
-        except grpc.RpcError as exc:
-            answers.append(f"{exc.code().name}: {exc.details()}")
+    # Each answer large enough to wait in the server's send queue.
+    answers = _answers(calls, lambda response: (len(response.translations), response.ByteSize() > 100_000))
     channel.close()
     assert answers == [(len(LONG.texts), True)] * len(calls)
     assert relay.resets == 0

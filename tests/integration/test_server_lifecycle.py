@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from attention_pb.v1 import attention_pb2 as pb
 from attention_pb.v1 import attention_pb2_grpc as pb_grpc
 from tests.integration.serving import RunningServer, settings
+from tests.unit.engine_fakes import wait_until
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -194,14 +195,9 @@ def test_every_call_leaves_the_drains_count_of_unanswered_calls_however_it_ends(
             codes.append(failed.value.code())
         assert codes == [grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DEADLINE_EXCEEDED]
         cancelled = running.stub.Translate.future(long, timeout=60)
-        deadline = time.monotonic() + 10
-        while unanswered.count == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: unanswered.count, "the call to reach the server", 10)
         assert unanswered.count == 1  # inside the server
         cancelled.cancel()
-        deadline = time.monotonic() + 10
-        while unanswered.count and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert unanswered.count == 0
+        wait_until(lambda: unanswered.count == 0, "the cancelled call to leave the count", 10)
     finally:
         running.close()

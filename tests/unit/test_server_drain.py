@@ -11,6 +11,7 @@ import time
 import pytest
 
 from server.drain import Unanswered, settle, unacknowledged_bytes
+from tests.unit.engine_fakes import wait_until
 
 linux = pytest.mark.skipif(sys.platform != "linux", reason="the send queues are read from Linux's /proc/net/tcp")
 
@@ -27,15 +28,6 @@ class _Context:
     def done(self) -> None:
         for callback in self.callbacks:
             callback(self)
-
-
-def _until(condition: object, seconds: float = 10.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return True
-        time.sleep(0.01)
-    return False
 
 
 @linux
@@ -58,7 +50,7 @@ def test_bytes_the_peer_has_not_acknowledged_are_counted_until_it_reads_them() -
         received = 0
         while received < sent:
             received += len(reader.recv(1 << 20))
-        assert _until(lambda: unacknowledged_bytes() == 0)
+        wait_until(lambda: unacknowledged_bytes() == 0, "the peer's acknowledgement of every byte", 10)
     finally:
         for end in (writer, reader, listener):
             end.close()
