@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from attention_pb.v1 import attention_pb2 as pb
-from server import device, drain, security, triton, wire
+from server import device, drain, logs, security, triton, wire
 from server.engine import Limits
 from server.errors import StartupError
 from server.health import NOT_SERVING, SERVING, HealthServicer
@@ -196,6 +196,7 @@ async def serve(settings: Settings, engine_addresses: Sequence[str] = (),
     server = AttentionServer(settings, engine_addresses=engine_addresses)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    logs.gather_on(loop)  # the loop's log lines leave once per turn of it (if the server fails, at exit)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     reloads: set[asyncio.Task[object]] = set()
@@ -229,4 +230,5 @@ async def serve(settings: Settings, engine_addresses: Sequence[str] = (),
           inflight=server.servicer.inflight if server.servicer else 0)
     await server.stop(settings.grace_seconds)
     event(log, server.role("stopped"), exit_code=code)
+    logs.gather_on(None)
     return code

@@ -100,3 +100,86 @@ os.kill(os.getpid(), signal.SIGSEGV)
     text = "\n".join(dump)
     assert "Fatal Python error: Segmentation fault" in text
     assert "engine_loop" in text and "<string>" in text  # the other thread's stack too, and the crashing one's
+
+
+class _Writes:
+    """A stream that keeps each write apart."""
+
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def fileno(self) -> int:
+        return 2
+
+
+def _handler_on(writes: _Writes) -> tuple[logs._LineStream, logging.Logger]:
+    stream = logs._LineStream(writes)  # type: ignore[arg-type]
+    handler = logs._Handler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.Logger("attn.test")
+    logger.addHandler(handler)
+    return stream, logger
+
+
+def test_an_event_loops_lines_leave_together_on_its_next_turn() -> None:
+    """One write per turn of the loop instead of one per line; a warning goes out at once, after what waited; a
+    line from another thread is not held; and nothing is left behind when gathering ends."""
+    import asyncio
+    import threading
+
+    writes = _Writes()
+    stream, logger = _handler_on(writes)
+
+    async def serve() -> None:
+        stream.gather_on(asyncio.get_running_loop())
+        logger.info("a")
+        logger.info("b")
+        assert writes.writes == []  # held until the turn ends
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert writes.writes == ["a\nb\n"]
+        logger.info("c")
+        logger.warning("d")
+        assert writes.writes == ["a\nb\n", "c\nd\n"]  # the warning went out at once, with the line before it
+        other = threading.Thread(target=logger.info, args=("from a worker thread",))
+        other.start()
+        other.join()
+        assert writes.writes[-1] == "from a worker thread\n"
+        logger.info("e")
+        stream.gather_on(None)
+        assert writes.writes[-1] == "e\n"
+        logger.info("f")
+        assert writes.writes[-1] == "f\n"  # no longer gathered
+
+    asyncio.run(serve())
+
+
+def test_a_failed_server_still_writes_its_last_gathered_lines() -> None:
+    """The loop dies with lines still gathered: they are written at exit, in order, as whole JSON lines."""
+    import subprocess
+    import sys
+
+    script = """
+import asyncio, logging
+from server import logs
+logs.configure("INFO", "json")
+log = logging.getLogger("attn.server")
+async def serve():
+    logs.gather_on(asyncio.get_running_loop())
+    for i in range(3):
+        logs.event(log, "rpc", n=i)
+    raise RuntimeError("boom")
+asyncio.run(serve())
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    events = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    assert [e["n"] for e in events if e.get("event") == "rpc"] == [0, 1, 2]
+    assert "boom" in done.stderr
