@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from attention_pb.v1 import attention_pb2 as pb
+from server import protobuf_fields
 from server.artifacts import Token
 from server.artifacts.alignment import token_words
 from server.captioning import CaptionModel, CaptionResult
@@ -89,9 +90,14 @@ def _words(field: Any, text: str, spans: Sequence[tuple[int, int]]) -> None:
         add(text=text[s:e], start=s, end=e)
 
 
+_MATRIX_VALUES = pb.Matrix.DESCRIPTOR.fields_by_name["values"].number
+
+
 def _matrix(field: pb.Matrix, values: np.ndarray) -> None:
     field.rows, field.cols = values.shape
-    field.values.extend(values.astype(np.float32).ravel().tolist())
+    # The values as the packed field's bytes, which protobuf parses in C: extending the repeated field makes a Python
+    # float of every value first (a 13 × 33 matrix: 10 µs against 1.5 µs).
+    field.MergeFromString(protobuf_fields.field(_MATRIX_VALUES, values.astype("<f4").tobytes()))
 
 
 def _hypothesis(hyp: pb.Hypothesis, target: Target, detail: int, eos_id: int) -> None:

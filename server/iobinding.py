@@ -38,6 +38,7 @@ import numpy as np
 import onnxruntime as ort
 
 from server.device import TENSORRT, Device, session
+from server.protobuf_fields import field
 
 # OrtValue.data_type() → ONNX TensorProto element type, numpy dtype
 ELEMENT_TYPES: dict[str, tuple[int, type[np.generic]]] = {
@@ -47,42 +48,24 @@ ELEMENT_TYPES: dict[str, tuple[int, type[np.generic]]] = {
 }
 
 
-def _varint(value: int) -> bytes:
-    value &= (1 << 64) - 1  # a negative int64 is its two's complement, ten bytes long
-    out = bytearray()
-    while True:
-        bits, value = value & 0x7F, value >> 7
-        out.append(bits | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _field(number: int, value: int | str | bytes) -> bytes:
-    """One protocol-buffers field: an integer (varint), or a string or nested message (length-delimited)."""
-    if isinstance(value, int):
-        return _varint(number << 3) + _varint(value)
-    data = value.encode() if isinstance(value, str) else value
-    return _varint(number << 3 | 2) + _varint(len(data)) + data
-
-
 def value_info(name: str, elem_type: int, dims: list[int | str]) -> bytes:
     """ValueInfoProto{name, type: TypeProto{tensor_type: {elem_type, shape: {dim: [{dim_value | dim_param}]}}}}."""
-    shape = b"".join(_field(1, _field(1, d) if isinstance(d, int) else _field(2, d)) for d in dims)
-    return _field(1, name) + _field(2, _field(1, _field(1, elem_type) + _field(2, shape)))
+    shape = b"".join(field(1, field(1, d) if isinstance(d, int) else field(2, d)) for d in dims)
+    return field(1, name) + field(2, field(1, field(1, elem_type) + field(2, shape)))
 
 
 def node(op: str, inputs: list[str], outputs: list[str], **ints: int) -> bytes:
     """NodeProto{input, output, name, op_type, attribute: [AttributeProto{name, i, type: INT}]}."""
-    attributes = b"".join(_field(5, _field(1, k) + _field(3, v) + _field(20, 2)) for k, v in ints.items())
-    return (b"".join(_field(1, i) for i in inputs) + b"".join(_field(2, o) for o in outputs)
-            + _field(3, f"{op.lower()}_{outputs[0]}") + _field(4, op) + attributes)
+    attributes = b"".join(field(5, field(1, k) + field(3, v) + field(20, 2)) for k, v in ints.items())
+    return (b"".join(field(1, i) for i in inputs) + b"".join(field(2, o) for o in outputs)
+            + field(3, f"{op.lower()}_{outputs[0]}") + field(4, op) + attributes)
 
 
 def model_bytes(name: str, nodes: list[bytes], inputs: list[bytes], outputs: list[bytes]) -> bytes:
     """ModelProto{ir_version 8, graph: GraphProto{node, name, input, output}, opset_import: [{version 13}]}."""
-    graph = (b"".join(_field(1, n) for n in nodes) + _field(2, name) + b"".join(_field(11, i) for i in inputs)
-             + b"".join(_field(12, o) for o in outputs))
-    return _field(1, 8) + _field(7, graph) + _field(8, _field(2, 13))
+    graph = (b"".join(field(1, n) for n in nodes) + field(2, name) + b"".join(field(11, i) for i in inputs)
+             + b"".join(field(12, o) for o in outputs))
+    return field(1, 8) + field(7, graph) + field(8, field(2, 13))
 
 
 def _dims(name: str, rank: int) -> list[int | str]:

@@ -6,10 +6,10 @@ offsets; the API speaks in Python string (code point) offsets, so both direction
 
 from __future__ import annotations
 
+from itertools import accumulate
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
 import sentencepiece as spm
 
 
@@ -23,14 +23,18 @@ class Token(NamedTuple):
     end: int
 
 
+# Bytes that start a UTF-8 character map to 1, continuation bytes (0b10xxxxxx) to 0.
+_STARTS = bytes(0 if 0x80 <= b < 0xC0 else 1 for b in range(256))
+
+
 def _char_offsets(text: str) -> list[int] | None:
-    """Map every UTF-8 byte offset of ``text`` (and its end) to a code point offset; None for ASCII, where the
-    two are equal."""
+    """Map every UTF-8 byte offset of ``text`` (and its end) to a code point offset: that of the character the byte
+    belongs to; None for ASCII, where the two are equal. A running count in C: for a sentence, several times faster
+    than numpy's calls."""
     if text.isascii():
         return None
-    data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
-    starts = (data & 0xC0) != 0x80  # a byte that is not a continuation byte starts a character
-    table: list[int] = (np.cumsum(starts) - 1).tolist()
+    table = list(accumulate(text.encode("utf-8").translate(_STARTS), initial=-1))
+    del table[0]  # table[b]: character starts in bytes 0..b, less one
     table.append(len(text))
     return table
 

@@ -1,8 +1,11 @@
+import random
+
 import numpy as np
 import pytest
 
 from server.artifacts import Tokenizer
-from server.artifacts.alignment import align_words, token_words, word_matrix, words
+from server.artifacts.alignment import align_words, strongest, token_words, word_matrix, words
+from server.artifacts.tokenizer import Token, _char_offsets
 from training.data.corpus import Pair
 from training.tokenizer import BOS_ID, EOS_ID, PAD_ID, train_tokenizer
 
@@ -61,3 +64,69 @@ def test_word_alignment_sums_subwords_and_skips_eos(tokenizer: Tokenizer) -> Non
     assert [(a.source_word, a.target_word) for a in alignments] == [(0, 0), (1, 1)]
     assert all(a.weight == pytest.approx(1.0) for a in alignments)
     assert words("a  bc d") == [(0, 1), (3, 5), (6, 7)]
+
+
+# Unicode whitespace of several kinds, letters of one to four UTF-8 bytes.
+_SPACES = [" ", "  ", "\t", "\n", "\u00a0", "\u2009", "\u3000", "\x1c", "\x85"]
+_LETTERS = list("abzäöß€☃.,") + ["\U0001f600"]
+
+
+def _random_text(rng: random.Random) -> str:
+    return "".join(rng.choice(_SPACES) if rng.random() < 0.4 else
+                   "".join(rng.choice(_LETTERS) for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(0, 8)))
+
+
+def _random_tokens(rng: random.Random, text: str) -> list[Token]:
+    """Consecutive spans of 0-3 characters, as a tokenizer gives them, and a few anywhere."""
+    tokens, position = [], 0
+    while position < len(text):
+        end = min(len(text), position + rng.choice([0, 1, 1, 2, 3]))
+        tokens.append(Token(5, "x", position, end))
+        position = end if end > position else position + rng.randint(0, 1)
+    for _ in range(3):
+        start = rng.randint(0, len(text))
+        tokens.append(Token(5, "x", start, rng.randint(start, len(text))))
+    return tokens
+
+
+def test_each_token_belongs_to_the_word_of_its_first_visible_character() -> None:
+    rng = random.Random(7)
+    for _ in range(3000):
+        text = _random_text(rng)
+        spans = words(text)
+        for token, word in zip(tokens := _random_tokens(rng, text), token_words(text, tokens), strict=True):
+            visible = [p for p in range(token.start, token.end) if not text[p].isspace()]
+            if token.end > token.start and not visible:
+                assert word == -1, (text, token)  # whitespace only
+                continue
+            position = visible[0] if visible else token.start
+            inside = [i for i, (s, e) in enumerate(spans) if s <= position < e]
+            assert word == (inside[0] if inside else -1), (text, token)
+
+
+def test_byte_offsets_map_to_the_character_they_fall_in() -> None:
+    rng = random.Random(3)
+    for _ in range(500):
+        text = "".join(rng.choice(_LETTERS + _SPACES) for _ in range(rng.randint(1, 30)))
+        expected = [i for i, c in enumerate(text) for _ in c.encode()] + [len(text)]
+        assert _char_offsets(text) == (None if text.isascii() else expected)
+
+
+def test_word_matrix_is_the_mean_over_target_tokens_of_the_mass_on_each_source_word() -> None:
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        source_words = sorted(rng.integers(-1, 4, rng.integers(0, 10)).tolist())
+        target_words = sorted(rng.integers(-1, 3, rng.integers(0, 8)).tolist())
+        attention = rng.random((len(target_words) + 1, len(source_words) + 1)).astype(np.float32)  # + EOS
+        matrix = word_matrix(attention, source_words, target_words)
+        expected = np.zeros((max(target_words, default=-1) + 1, max(source_words, default=-1) + 1))
+        for tw in range(expected.shape[0]):
+            rows = [t for t, w in enumerate(target_words) if w == tw]
+            for sw in range(expected.shape[1]):
+                mass = [float(attention[t, s]) for t in rows for s, w in enumerate(source_words) if w == sw]
+                expected[tw, sw] = sum(mass) / max(len(rows), 1)
+        np.testing.assert_allclose(matrix, expected, rtol=1e-12, atol=1e-15)
+        alignments = strongest(matrix)
+        assert [a.target_word for a in alignments] == [t for t in range(len(expected)) if expected[t].any()]
+        assert all(a.weight == expected[a.target_word].max() == expected[a.target_word, a.source_word]
+                   for a in alignments)
