@@ -234,9 +234,11 @@ class TranslationModel(DecoderRuntime):
             raise RuntimeError(f"detokenized {len(target.tokens)} tokens for {len(hyp.tokens)} ids: {hyp.tokens}")
         if options.word_alignments:
             matrix = word_matrix(target.attention, source.token_words[:-1], target.token_words[:-1])
-            shaped = np.zeros((len(target.words), len(source.words)), dtype=np.float32)
-            rows, cols = min(matrix.shape[0], shaped.shape[0]), min(matrix.shape[1], shaped.shape[1])
-            shaped[:rows, :cols] = matrix[:rows, :cols]
+            shaped = matrix.astype(np.float32)
+            if shaped.shape != (len(target.words), len(source.words)):  # a word that no token starts in
+                shaped = np.zeros((len(target.words), len(source.words)), dtype=np.float32)
+                rows, cols = min(matrix.shape[0], shaped.shape[0]), min(matrix.shape[1], shaped.shape[1])
+                shaped[:rows, :cols] = matrix[:rows, :cols]
             target.word_attention = shaped
             target.alignments = strongest(matrix)
         return target
