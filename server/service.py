@@ -14,7 +14,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -42,9 +42,9 @@ REQUEST_ID_KEY = "x-request-id"
 # Status codes that mean the request was refused or stopped, and the metric's reason for each.
 REFUSALS = {"RESOURCE_EXHAUSTED": "queue_full", "DEADLINE_EXCEEDED": "deadline", "CANCELLED": "cancelled",
             "INVALID_ARGUMENT": "invalid"}
-# Translate calls within both bounds are tokenized and answered on the event loop (see Translate), where a worker
-# thread would hold the interpreter lock for the same work and add two hops: at the bounds (16 texts, 1,825
-# characters, the bundled model) the work takes about 3 ms, under the 5 ms after which Python hands the lock to
+# Translations within both bounds (Translate calls, V2 inferences) are tokenized and answered on the event loop,
+# where a worker thread would hold the interpreter lock for the same work and add two hops: at the bounds (16 texts,
+# 1,825 characters, the bundled model) the work takes about 3 ms, under the 5 ms after which Python hands the lock to
 # another thread. So a call within them delays the loop no more than the pool would; anything longer goes to the
 # pool, which lets the loop take turns with it.
 INLINE_CHARS = 2000
@@ -155,15 +155,13 @@ class AttentionServicer(pb_grpc.AttentionServiceServicer):
         if not isinstance(model, TranslationModel):
             raise InvalidInput(f"model {model.name!r} is a {model.family} model; Translate needs a translation model")
         call.model, call.version = model.name, model.version
-        # A short request is tokenized and answered on the loop: its work costs less than the hops to a worker
-        # thread and back (submit, wake-up, future chaining), and under load the loop's thread is what limits.
-        inline = sum(len(text) for text in request.texts) <= INLINE_CHARS
+        inline = self.inline_texts(request.texts)
         job = await self.offload(codec.translate_job, request, model, self.settings, inline=inline)
         call.fields = {"texts": len(job.sources), "beam_size": job.options.beam_size}
 
         async with self.admitted():
             found = await self.decode_translation(model, job, context.time_remaining())
-            inline = inline and len(job.sources) * job.options.nbest <= INLINE_HYPOTHESES
+            inline = inline and self.inline_answers(job)
             results, response = await self.offload(self._translated, model, job, found, inline=inline)
         source_tokens = sum(len(r.source.tokens) for r in results)
         target_tokens = sum(len(h.tokens) for r in results for h in r.hypotheses)
@@ -206,6 +204,16 @@ class AttentionServicer(pb_grpc.AttentionServiceServicer):
         finally:
             self.inflight -= 1
 
+    @staticmethod
+    def inline_texts(texts: Sequence[str]) -> bool:
+        """Whether a translation's texts are tokenized on the event loop (``INLINE_CHARS`` says why)."""
+        return sum(len(text) for text in texts) <= INLINE_CHARS
+
+    @staticmethod
+    def inline_answers(job: codec.TranslateJob) -> bool:
+        """Whether its hypotheses are detokenized and answered there too."""
+        return len(job.sources) * job.options.nbest <= INLINE_HYPOTHESES
+
     async def offload(self, fn: Callable[..., T], *args: Any, inline: bool = False) -> T:
         """Runs CPU work (detokenizing, word alignments, building responses) on the worker pool, off the event
         loop and off the engines' threads; ``inline``: here, where the work is smaller than the hop."""
@@ -215,11 +223,11 @@ class AttentionServicer(pb_grpc.AttentionServiceServicer):
         return await asyncio.get_running_loop().run_in_executor(self.pool, context.run, fn, *args)
 
     async def run_translate(self, model: TranslationModel, job: codec.TranslateJob,
-                            timeout: float | None) -> list[Result]:
+                            timeout: float | None, inline: bool = False) -> list[Result]:
         """Decodes a validated job on the model's engine; raises the domain errors of :mod:`server.errors`
         (deadline, cancelled, overloaded). Cancelling the caller takes the job out of the batch."""
         found = await self.decode_translation(model, job, timeout)
-        return await self.offload(model.finish, job.sources, found, job.options)
+        return await self.offload(model.finish, job.sources, found, job.options, inline=inline)
 
     async def decode_translation(self, model: TranslationModel, job: codec.TranslateJob,
                                  timeout: float | None) -> list[list[Hypothesis]]:

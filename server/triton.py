@@ -240,12 +240,12 @@ class TritonServicer(v2_grpc.GRPCInferenceServiceServicer):
         options = decoding_options(request.parameters, codec.FULL if "ATTENTION" in wanted else codec.NONE)
         async with self.core.admitted():
             if isinstance(model, TranslationModel):
-                tensors = await self._translate(model, request, options, timeout, call)
+                tensors, inline = await self._translate(model, request, options, timeout, call)
             elif isinstance(model, CaptionModel):
-                tensors = await self._caption(model, request, options, timeout, call)
+                tensors, inline = await self._caption(model, request, options, timeout, call), False
             else:
                 raise Unimplemented(f"model {model.name!r} is a {model.family} model, which has no V2 tensors")
-            chosen = await self.core.offload(lambda: [tensors[name]() for name in wanted])
+            chosen = await self.core.offload(lambda: [tensors[name]() for name in wanted], inline=inline)
         if "ATTENTION" in wanted:
             self.metrics.attention_bytes.labels(call.rpc, model.name).observe(
                 sum(len(t.raw) for t in chosen if t.name == "ATTENTION"))
@@ -257,13 +257,17 @@ class TritonServicer(v2_grpc.GRPCInferenceServiceServicer):
         )
 
     async def _translate(self, model: TranslationModel, request: v2.ModelInferRequest, options: pb.DecodingOptions,
-                         timeout: float | None, call: Call) -> dict[str, Callable[[], Tensor]]:
+                         timeout: float | None, call: Call) -> tuple[dict[str, Callable[[], Tensor]], bool]:
+        """The output tensors, built when asked for, and whether to build them on the event loop (as Translate
+        answers a call of the same size)."""
         values, shape = read_input(request, "TEXT")
         texts = [text_of(v, i) for i, v in enumerate(values)]
+        inline = self.core.inline_texts(texts)
         job = await self.core.offload(codec.translate_job, pb.TranslateRequest(texts=texts, options=options), model,
-                                      self.settings)
+                                      self.settings, inline=inline)
         call.fields = {"texts": len(job.sources), "beam_size": job.options.beam_size}
-        results = await self.core.run_translate(model, job, timeout)
+        inline = inline and self.core.inline_answers(job)
+        results = await self.core.run_translate(model, job, timeout, inline=inline)
         sources = [r.source for r in results]
         best = [r.hypotheses[0] for r in results]
         source_tokens, target_tokens = sum(len(s.tokens) for s in sources), sum(len(t.tokens) for t in best)
@@ -277,7 +281,7 @@ class TritonServicer(v2_grpc.GRPCInferenceServiceServicer):
                                                                     for s in sources]),
             "SOURCE_LENGTHS": lambda: array_tensor("SOURCE_LENGTHS", np.array([len(s.tokens) for s in sources])),
             "ATTENTION": lambda: array_tensor("ATTENTION", padded_attention([t.attention for t in best])),
-        }
+        }, inline
 
     async def _caption(self, model: CaptionModel, request: v2.ModelInferRequest, options: pb.DecodingOptions,
                        timeout: float | None, call: Call) -> dict[str, Callable[[], Tensor]]:

@@ -30,6 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from attention_pb.v1 import attention_pb2 as pb
 from attention_pb.v1 import attention_pb2_grpc as pb_grpc
+from server.service import INLINE_HYPOTHESES
 
 tc = pytest.importorskip("tritonclient.grpc", reason="the stock V2 client (dev extra: tritonclient)")
 from tritonclient.grpc import service_pb2 as v2  # noqa: E402  (tritonclient's own copy of the protocol)
@@ -235,6 +236,22 @@ def test_flat_batch_and_typed_contents(served: Served, client: Any) -> None:
         response = v2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
     assert response.id == "typed-1" and response.model_version == "1"
     assert tc.InferResult(response).as_numpy("TRANSLATION").tolist() == flat.as_numpy("TRANSLATION").tolist()
+
+
+def test_a_batch_beyond_the_inline_bounds_translates_as_small_ones(served: Served, client: Any) -> None:
+    """More texts than a call answered on the event loop may hold (INLINE_HYPOTHESES): this batch goes through the
+    worker pool, the small one stays on the loop; both give the same tensors."""
+    copies = INLINE_HYPOTHESES // len(TEXTS) + 1
+    texts = TEXTS * copies
+    wanted = outputs("TRANSLATION", "TARGET_LENGTHS", "ATTENTION")
+    large = client.infer(TRANSLATOR, [text_input(texts)], outputs=wanted)
+    small = client.infer(TRANSLATOR, [text_input(TEXTS)], outputs=wanted)
+    assert large.as_numpy("TRANSLATION")[:, 0].tolist() == small.as_numpy("TRANSLATION")[:, 0].tolist() * copies
+    lengths = small.as_numpy("TARGET_LENGTHS")
+    assert large.as_numpy("TARGET_LENGTHS").tolist() == lengths.tolist() * copies
+    for b, n in enumerate(lengths):
+        np.testing.assert_allclose(large.as_numpy("ATTENTION")[b + len(texts) - len(TEXTS), :n],
+                                   small.as_numpy("ATTENTION")[b, :n], atol=1e-5)
 
 
 def test_caption_of_an_encoded_png(served: Served, client: Any) -> None:
