@@ -216,7 +216,7 @@ class AttentionServicer(pb_grpc.AttentionServiceServicer):
 
     async def offload(self, fn: Callable[..., T], *args: Any, inline: bool = False) -> T:
         """Runs CPU work (detokenizing, word alignments, building responses) on the worker pool, off the event
-        loop and off the engines' threads; ``inline``: here, where the work is smaller than the hop."""
+        loop and off the engines' threads; ``inline``: here, on the loop (``INLINE_CHARS`` says when)."""
         if inline:
             return fn(*args)
         context = contextvars.copy_context()  # the request id follows the work into the thread

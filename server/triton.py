@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import replace
 from importlib import metadata
 from typing import Any, NoReturn, cast
 
@@ -265,6 +266,7 @@ class TritonServicer(v2_grpc.GRPCInferenceServiceServicer):
         inline = self.core.inline_texts(texts)
         job = await self.core.offload(codec.translate_job, pb.TranslateRequest(texts=texts, options=options), model,
                                       self.settings, inline=inline)
+        job.options = replace(job.options, word_alignments=False)  # no V2 tensor carries them
         call.fields = {"texts": len(job.sources), "beam_size": job.options.beam_size}
         inline = inline and self.core.inline_answers(job)
         results = await self.core.run_translate(model, job, timeout, inline=inline)
