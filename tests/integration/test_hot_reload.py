@@ -3,6 +3,7 @@ refused and counted while the old one keeps serving, the version policy and pins
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -84,8 +85,10 @@ def test_new_version_swaps_in_under_load_and_a_corrupt_one_is_refused(models_roo
     try:
         load.wait_for("1")
         add_version(models_root, models_root / NAME / "1", "2")
+        gc.unfreeze()
         report = server.call(server.server.reload())
         assert report == {"loaded": [f"{NAME}/2"], "refused": [], "retired": [f"{NAME}/1"]}
+        assert gc.get_freeze_count() > 0  # what the process keeps is settled again (server/heap.py)
         load.wait_for("2")
 
         broken = add_version(models_root, models_root / NAME / "2", "3")
@@ -102,6 +105,7 @@ def test_new_version_swaps_in_under_load_and_a_corrupt_one_is_refused(models_roo
     finally:
         load.stop()
         server.close()
+        gc.unfreeze()
     assert set(load.codes) == {"OK"}, f"requests failed during the reloads: {dict(load.codes)}"
     assert load.versions["1"] > 0 and load.versions["2"] > 0 and "3" not in load.versions
 
