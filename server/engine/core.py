@@ -6,8 +6,9 @@ import heapq
 import logging
 import threading
 import time
+import weakref
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from itertools import count, islice
@@ -97,7 +98,8 @@ class Engine:
         self._rows = self._tokens = 0
         self._searches: OrderedDict[tuple[Any, ...], Search] = OrderedDict()
         self._gone: deque[Request] = deque()  # cancelled by their callers (appended from their threads)
-        self._deadlines: list[tuple[float, int, Request]] = []  # a heap; finished requests leave it lazily
+        # A heap of weak references (see _cancelled_hook); finished requests' entries leave it lazily.
+        self._deadlines: list[tuple[float, int, weakref.ref[Request]]] = []
         self._order = count()
         self._gauges_stale = False
         self._closed = False
@@ -133,11 +135,24 @@ class Engine:
             self._queue.append(request)
             self._queued_tokens += sum(request.costs)
             if request.deadline is not None:
-                heapq.heappush(self._deadlines, (request.deadline, next(self._order), request))
+                heapq.heappush(self._deadlines, (request.deadline, next(self._order), weakref.ref(request)))
             self._gauges_stale = True
             self._lock.notify()
-        request.future.add_done_callback(lambda future: self._gone.append(request) if future.cancelled() else None)
+        request.future.add_done_callback(self._cancelled_hook(request))
         return request.future
+
+    def _cancelled_hook(self, request: Request) -> Callable[[Future[Any]], None]:
+        """The future's callback that hands a cancelled request to the engine's thread. It holds the request weakly,
+        as the deadline heap does: the request holds its future, and a strong reference back made a cycle that only
+        the garbage collector frees, so every finished request waited for a collection (a cancelled one is still
+        queued or active when its callback runs)."""
+        held = weakref.ref(request)
+
+        def hook(future: Future[Any]) -> None:
+            if future.cancelled() and (cancelled := held()) is not None:
+                self._gone.append(cancelled)
+
+        return hook
 
     def _search_for(self, options: Any) -> Search:
         """One search object per setting, so that requests with the same setting advance in one vectorised call.
@@ -203,9 +218,10 @@ class Engine:
         while self._gone:
             stopped.append(self._gone.popleft())
         while self._deadlines and self._deadlines[0][0] < now:
-            stopped.append(heapq.heappop(self._deadlines)[2])
+            if (due := heapq.heappop(self._deadlines)[2]()) is not None:  # None: finished and freed
+                stopped.append(due)
         if len(self._deadlines) > 2 * (len(self._queue) + len(self._active)) + 64:  # forget the finished ones
-            self._deadlines = [d for d in self._deadlines if d[2].status != "done"]
+            self._deadlines = [d for d in self._deadlines if (r := d[2]()) is not None and r.status != "done"]
             heapq.heapify(self._deadlines)
         unique = {id(r): r for r in stopped if r.status != "done"}
         for request in unique.values():

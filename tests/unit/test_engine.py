@@ -6,8 +6,10 @@ asserts, only waits with generous bounds.
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from concurrent.futures import CancelledError
 from typing import Any
@@ -227,6 +229,21 @@ def test_cancellation_frees_the_slot_for_the_next_request(engines: list[Engine])
     with pytest.raises(CancelledError):
         endless.result()
     wait_until(lambda: engine.active == 0, "the engine to be idle")
+
+
+def test_a_finished_request_is_freed_without_the_garbage_collector(engines: list[Engine]) -> None:
+    """Nothing the engine keeps (the deadline heap, the cancel callback) holds a finished request strongly or in a
+    reference cycle: once the caller drops its future, reference counting frees it, with the collector off."""
+    engine = start(engines, FakeModel())
+    gc.disable()
+    try:
+        future = engine.submit([SOURCES[0]], Options(), timeout=60)
+        future.result(timeout=30)
+        freed = weakref.ref(future)
+        del future
+        wait_until(lambda: freed() is None, "the finished request to be freed")
+    finally:
+        gc.enable()
 
 
 def test_close_fails_what_is_left(engines: list[Engine]) -> None:
