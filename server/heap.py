@@ -3,14 +3,14 @@
 A server process makes its long-lived objects once: the modules it imports, the models' runtimes, tokenizers and
 metrics (some 45,000 tracked objects in a front-end, 70,000 in an engine process). Under load a call then allocates
 objects that live for milliseconds, and CPython's collector, besides its cheap young collections, starts a full one
-every two seconds or so that walks every tracked object again: 20–40 ms each in every process, while the event loop or
-the engine's thread waits for the interpreter lock. :func:`settle` collects once and moves what is alive into the
+every two or three seconds that walks every tracked object again: 17–40 ms each, while the event loop or the
+engine's thread waits for the interpreter lock. :func:`settle` collects once and moves what is alive into the
 permanent generation (``gc.freeze``), which later collections skip; per-call garbage is collected as before.
 
-It runs when a process is ready to serve and after each reload that loaded or retired a version. A frozen object is
-still freed when its last reference goes (a retired model's runtime, once its engine has drained); only garbage in
-reference cycles among frozen objects waits, until the next settle unfreezes them first. docs/benchmarks.md ("The
-garbage collector") has the measurements.
+It runs when a process is ready to serve and, in a process that loads models, after each reload that loaded or
+retired a version. A frozen object is still freed when its last reference goes (a retired model's runtime, once its
+engine has drained); only garbage in reference cycles among frozen objects waits, until the next settle unfreezes
+them first. docs/benchmarks.md ("The garbage collector") has the measurements.
 """
 
 from __future__ import annotations
