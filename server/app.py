@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from attention_pb.v1 import attention_pb2 as pb
-from server import device, drain, heap, logs, security, triton, wire
+from server import device, drain, logs, security, triton, wire
 from server.engine import Limits
 from server.errors import StartupError
 from server.health import NOT_SERVING, SERVING, HealthServicer
@@ -152,17 +152,10 @@ class AttentionServer:
         assert self.registry is not None and self.registry.ready, "load() first"
         async with self._reloading:
             try:
-                return await asyncio.to_thread(self._reload)
+                return await asyncio.to_thread(self.registry.reload)
             except Exception:  # the folder vanished, a disk error: keep serving what is loaded
                 event(log, "reload_failed", level=logging.ERROR, exc_info=True)
                 return {"loaded": [], "refused": [], "retired": []}
-
-    def _reload(self) -> dict[str, list[str]]:
-        assert self.registry is not None
-        report = self.registry.reload()
-        if report["loaded"] or report["retired"]:
-            heap.settle()
-        return report
 
     async def _watch(self, interval: float) -> None:
         while not self.shutting_down:
@@ -224,7 +217,6 @@ async def serve(settings: Settings, engine_addresses: Sequence[str] = (),
         await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if loading.done():
             loading.result()  # raises what loading raised
-            heap.settle()
             if on_ready is not None:
                 on_ready()
         await stopping

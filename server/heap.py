@@ -7,10 +7,12 @@ every two or three seconds that walks every tracked object again: 17–40 ms eac
 engine's thread waits for the interpreter lock. :func:`settle` collects once and moves what is alive into the
 permanent generation (``gc.freeze``), which later collections skip; per-call garbage is collected as before.
 
-It runs when a process is ready to serve and, in a process that loads models, after each reload that loaded or
-retired a version. A frozen object is still freed when its last reference goes (a retired model's runtime, once its
-engine has drained); only garbage in reference cycles among frozen objects waits, until the next settle unfreezes
-them first. docs/benchmarks.md ("The garbage collector") has the measurements.
+It runs wherever the set of models a process holds changes, which is also when that process becomes ready: the
+registry's load and each reload that loaded or retired a version (the engine process, or the single process), and a
+front-end's views of the engines' models (:mod:`server.ipc.remote_models`). A frozen object is still freed when its
+last reference goes (a retired model's runtime, once its engine has drained); only garbage in reference cycles among
+frozen objects waits, until the next settle unfreezes them first. docs/benchmarks.md ("The garbage collector") has
+the measurements.
 """
 
 from __future__ import annotations

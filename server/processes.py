@@ -34,7 +34,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
-from server import heap, logs
+from server import logs
 from server.errors import StartupError
 from server.logs import event
 from server.settings import Settings
@@ -142,7 +142,6 @@ def run_engine(settings: Settings, address: str, parent: int, status: Connection
     except StartupError as exc:
         event(log, "startup_failed", level=logging.ERROR, error=str(exc))
         raise SystemExit(1) from None
-    heap.settle()
     endpoint.publish()
     status.send(("ready", [f"{m.name}/{m.version}" for m in registry.models()], registry.default_model))
     next_look = time.monotonic() + settings.reload_interval
@@ -151,12 +150,9 @@ def run_engine(settings: Settings, address: str, parent: int, status: Connection
         if reload_now.is_set() or due:
             reload_now.clear()
             try:
-                report = registry.reload()
+                registry.reload()
             except Exception:  # the folder vanished, a disk error: keep serving what is loaded
                 event(log, "reload_failed", level=logging.ERROR, exc_info=True)
-            else:
-                if report["loaded"] or report["retired"]:
-                    heap.settle()
             endpoint.publish()
             next_look = time.monotonic() + settings.reload_interval
     registry.close()  # anything still queued or decoding fails with ShuttingDown; the endpoint sends those replies

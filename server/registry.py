@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from server import heap
 from server.artifacts import Manifest, ManifestError
 from server.captioning import CaptionModel
 from server.device import Device
@@ -164,6 +165,8 @@ class Registry(ModelIndex):
             for key in retired:
                 self._retire(key, old_engines[key])
             self._publish()
+            if report["loaded"] or report["retired"]:
+                heap.settle()  # what this process keeps changed: freeze it anew (server/heap.py)
             if report["loaded"] or report["retired"] or report["refused"]:
                 event(log, "models_synced", loaded=report["loaded"], refused=report["refused"],
                       retired=report["retired"])

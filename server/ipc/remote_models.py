@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from server import heap
 from server.artifacts import Manifest
 from server.errors import NotReady
 from server.ipc import framing, records
@@ -218,6 +219,7 @@ class RemoteModels(ModelIndex):
     async def _update(self, engine: _Engine, link: _Link, header: dict[str, Any]) -> None:
         """A ``models`` record: opens the versions not seen before (off the event loop)."""
         wanted = {(m["name"], m["version"]): m for m in header["models"]}
+        viewed = set(self._views)
         fresh = [(key, m) for key, m in wanted.items() if key not in self._views]
         if fresh:
             opened = await asyncio.to_thread(lambda: [(key, _view(m)) for key, m in fresh])
@@ -232,6 +234,8 @@ class RemoteModels(ModelIndex):
             event(log, "engine_ready" if engine.ready else "engine_not_ready", engine_pid=engine.pid,
                   models=[f"{name}/{version}" for name, version in sorted(engine.serves)])
         self._refresh()
+        if set(self._views) != viewed:
+            heap.settle()  # what this process keeps changed: freeze it anew (server/heap.py)
 
     def _refresh(self) -> None:
         """The served versions: those of the ready engines (all of them while none is, so that lookups still say

@@ -5,6 +5,7 @@ cancellation goes, what a gone engine fails, and which engines a version may go 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import shutil
@@ -179,6 +180,7 @@ def test_a_version_goes_only_to_the_engines_that_serve_it(models_dir: Path, tmp_
     (root / NAME / "2" / "manifest.json").write_text(json.dumps({**manifest, "version": "2"}))
 
     async def body(remote: RemoteModels, engines: list[FakeEngine]) -> None:
+        assert gc.get_freeze_count() > 0  # the views it opened are settled (server/heap.py)
         assert [m.version for m in remote.models()] == ["1", "2"]
         assert remote.get(NAME).version == "2"  # the highest, as ever
         newer = [_decode(remote, "2") for _ in range(3)]
@@ -189,4 +191,8 @@ def test_a_version_goes_only_to_the_engines_that_serve_it(models_dir: Path, tmp_
         for call in [*newer, *older]:
             call.cancel()
 
-    _run(tmp_path, [([_model(root, "1")], os.getpid()), ([_model(root, "2")], os.getpid())], body)
+    gc.unfreeze()
+    try:
+        _run(tmp_path, [([_model(root, "1")], os.getpid()), ([_model(root, "2")], os.getpid())], body)
+    finally:
+        gc.unfreeze()
