@@ -11,9 +11,9 @@ import contextlib
 import contextvars
 import functools
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -71,7 +71,7 @@ def _request_id(context: grpc.aio.ServicerContext) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_KEY and isinstance(value, str) and _REQUEST_ID.fullmatch(value):
             return value
-    return uuid.uuid4().hex[:16]
+    return os.urandom(8).hex()
 
 
 def rpc(name: str, streamed: bool = False) -> Callable[

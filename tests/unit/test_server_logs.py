@@ -183,3 +183,41 @@ asyncio.run(serve())
     events = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
     assert [e["n"] for e in events if e.get("event") == "rpc"] == [0, 1, 2]
     assert "boom" in done.stderr
+
+
+@pytest.mark.parametrize("formatter", [logs.JsonFormatter, logs.TextFormatter])
+def test_an_event_is_written_without_a_record_as_the_handler_would_write_it(
+        formatter: type[logging.Formatter], monkeypatch: pytest.MonkeyPatch) -> None:
+    """``logs.event`` writes an INFO or DEBUG line itself when the process's handler is the only one to get it (the
+    access-log line, once per call): the same line the handler writes from a record. With another handler on the
+    way (a test's capture), the records go through ``logging`` as before."""
+    import time
+
+    writes = _Writes()
+    _, logger = _handler_on(writes)
+    handler = logger.handlers[0]
+    handler.setFormatter(formatter())
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    monkeypatch.setattr(logs, "_handler", handler)
+    monkeypatch.setattr(logs, "_process", "frontend-1")
+    monkeypatch.setattr(time, "time", lambda: 1_700_000_000.1239)
+    token = logs.request_id.set("abc")
+    try:
+        with monkeypatch.context() as no_records:
+            no_records.setattr(logger, "makeRecord", lambda *a, **k: pytest.fail("a LogRecord was made"))
+            logs.event(logger, "rpc", rpc="Translate", seconds=0.0123, note="two words")
+            logs.event(logger, "rpc_received", level=logging.DEBUG)  # below the logger's level: nothing
+        direct = writes.writes[-1]
+        logger.info("rpc", extra={"fields": {"rpc": "Translate", "seconds": 0.0123, "note": "two words"}})
+        assert writes.writes == [direct, direct]
+        assert "2023-11-14T22:13:20.123Z" in direct and "abc" in direct and "frontend-1" in direct
+
+        captured: list[logging.LogRecord] = []
+        capture = logging.Handler()
+        capture.emit = captured.append  # type: ignore[method-assign]
+        logger.addHandler(capture)
+        logs.event(logger, "rpc", rpc="Translate", seconds=0.0123, note="two words")
+        assert writes.writes[-1] == direct and [r.getMessage() for r in captured] == ["rpc"]
+    finally:
+        logs.request_id.reset(token)
