@@ -41,7 +41,9 @@ def event(logger: logging.Logger, name: str, level: int = logging.INFO, exc_info
     logger.log(level, name, extra={"fields": fields}, exc_info=exc_info)
 
 
-_LEVEL_NAMES = {logging.DEBUG: "debug", logging.INFO: "info"}  # the levels written that way (WARNING and above flush)
+# The levels event() writes itself. WARNING and above go through the handler, which writes them at once, with the
+# lines gathered before them.
+_LEVEL_NAMES = {logging.DEBUG: "debug", logging.INFO: "info"}
 
 
 def _only(handler: logging.Handler, logger: logging.Logger) -> bool:

@@ -202,6 +202,7 @@ def test_an_event_is_written_without_a_record_as_the_handler_would_write_it(
     monkeypatch.setattr(logs, "_handler", handler)
     monkeypatch.setattr(logs, "_process", "frontend-1")
     monkeypatch.setattr(time, "time", lambda: 1_700_000_000.1239)
+    monkeypatch.setattr(time, "time_ns", lambda: 1_700_000_000_123_900_000)  # what logging reads since Python 3.12
     token = logs.request_id.set("abc")
     try:
         with monkeypatch.context() as no_records:
