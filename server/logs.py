@@ -36,8 +36,11 @@ def event(logger: logging.Logger, name: str, level: int = logging.INFO, exc_info
         # The line as the handler would write it, without a LogRecord and the logging module's handling of it: a
         # front-end writes one per call (the access-log line), which took 58-59 µs of its loop thread's CPU under
         # load that way and takes 36-38 µs this way (docs/benchmarks.md, "The access-log line").
-        handler.stream.write(handler.line(_fields(time.time(), _LEVEL_NAMES[level], logger.name, name, fields)))
-        return
+        try:
+            handler.stream.write(handler.line(_fields(time.time(), _LEVEL_NAMES[level], logger.name, name, fields)))
+            return
+        except Exception:  # a field that does not format: logging's own handling reports it, never the caller
+            pass
     logger.log(level, name, extra={"fields": fields}, exc_info=exc_info)
 
 

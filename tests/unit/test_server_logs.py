@@ -222,3 +222,23 @@ def test_an_event_is_written_without_a_record_as_the_handler_would_write_it(
         assert writes.writes[-1] == direct and [r.getMessage() for r in captured] == ["rpc"]
     finally:
         logs.request_id.reset(token)
+
+
+def test_a_field_that_does_not_format_never_fails_the_caller(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The access-log line is written inside the call's handler: a field whose ``str`` raises is reported the way
+    ``logging`` reports a bad record, and the call goes on."""
+
+    class Unprintable:
+        def __str__(self) -> str:
+            raise RuntimeError("no text")
+
+    writes = _Writes()
+    _, logger = _handler_on(writes)
+    handler = logger.handlers[0]
+    handler.setFormatter(logs.TextFormatter())
+    logger.propagate = False
+    monkeypatch.setattr(logs, "_handler", handler)
+    reported: list[logging.LogRecord] = []
+    monkeypatch.setattr(handler, "handleError", reported.append)
+    logs.event(logger, "rpc", field=Unprintable())
+    assert [r.getMessage() for r in reported] == ["rpc"] and writes.writes == []
