@@ -23,7 +23,6 @@ from typing import Any, TextIO
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 _process = ""  # this process's role in a multi-process server (frontend-1, engine-0): every line names it
-_stream: _LineStream | None = None  # the handler's stream, once configured
 _handler: _Handler | None = None  # the handler of the attn loggers and the root logger, once configured
 _stderr_fileno = 2  # where log lines are written: the real stderr, which JSON mode's pipe on fd 2 wraps
 
@@ -135,10 +134,10 @@ def configure(level: str = "INFO", fmt: str = "json", process: str = "") -> None
     write to the same stderr, and an access-log line or an error should say which front-end or engine wrote it).
     A fatal signal's stack dump goes to the real stderr too, as plain text. Called by the command line and the child
     processes, never on import."""
-    global _stderr_fileno, _process, _stream, _handler
+    global _stderr_fileno, _process, _handler
     _process = process
     stream = _json_stderr() if fmt == "json" else _LineStream(sys.stderr)
-    _stream, _stderr_fileno = stream, stream.fileno()
+    _stderr_fileno = stream.fileno()
     # Where a line was logged from is in no line: logging's walk up the stack to find it is skipped (the logging
     # HOWTO's "Optimization").
     logging._srcfile = None
@@ -294,8 +293,8 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
 def gather_on(loop: asyncio.AbstractEventLoop | None) -> None:
     """Log lines written on ``loop``'s thread (the caller's) leave once per turn of it (:class:`_LineStream`);
     ``None``: each as it comes again. Called by the server around its event loop; nothing before :func:`configure`."""
-    if _stream is not None:
-        _stream.gather_on(loop)
+    if _handler is not None:
+        _handler.stream.gather_on(loop)
 
 
 def _is_json_object(text: str) -> bool:
