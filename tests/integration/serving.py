@@ -248,21 +248,27 @@ class ServerProcess:
 class SlowReader:
     """A TCP relay that plays a client reading its answers slowly (a busy host, a thin link): what it sends reaches
     the server at once, what the server sends it reads in 8 KiB pieces, a pause between them, through a small
-    receive buffer, so that an answer waits in the server's send queue. One connection; ``target`` is its
-    address."""
+    receive buffer, so that an answer waits in the server's send queue. Each connection made to ``target`` gets a
+    connection of its own to the server."""
 
     def __init__(self, port: int, pause: float = 0.005, receive_buffer: int = 16384) -> None:
         self.upstream_port, self.pause, self.receive_buffer = port, pause, receive_buffer
         self.listener = socket.create_server(("127.0.0.1", 0))
-        self.resets = 0  # connections the server reset
-        threading.Thread(target=self._relay, name="slow-reader", daemon=True).start()
+        self.connections = 0  # connections relayed
+        self.resets = 0  # of those, connections the server reset
+        threading.Thread(target=self._accept, name="slow-reader", daemon=True).start()
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.listener.getsockname()[1]}"
 
-    def _relay(self) -> None:
-        client, _ = self.listener.accept()
+    def _accept(self) -> None:
+        while True:
+            client, _ = self.listener.accept()
+            self.connections += 1
+            threading.Thread(target=self._relay, args=(client,), name="slow-reader-down", daemon=True).start()
+
+    def _relay(self, client: socket.socket) -> None:
         server = socket.socket()
         server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.receive_buffer)  # before connect: the window
         server.connect(("127.0.0.1", self.upstream_port))
