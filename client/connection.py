@@ -25,13 +25,13 @@ import grpc
 
 TOKEN_ENV = "ATTN_TOKEN"
 MAX_MESSAGE_BYTES = 256 * 2**20  # attention matrices make large responses
-# A server closes a connection as soon as its last answer is written to the socket once the connection has been asked
-# to move (ATTN_MAX_CONNECTION_AGE), and a frame the client sends while it still reads that answer
-# meets a closed socket, whose kernel resets the connection and drops the rest of the answer. gRPC's client sends two
-# kinds of such frames on its own: the pings of its bandwidth-delay probe, which grows the flow-control window as data
-# arrives, and window updates once half the window is read. So the probe is off and the window fixed, larger than any
-# answer but the rarest: none of them is sent while an answer arrives (docs/serving-processes.md, "What the age
-# costs"). 64 MiB is also more than a 10 Gbit/s link with 50 ms of round trip needs to stay full.
+# Once a server has asked a connection to move (its ATTN_MAX_CONNECTION_AGE), gRPC closes it as soon as the last
+# answer is written to the socket, and a frame the client sends while it still reads that answer meets a closed
+# socket, whose kernel resets the connection and drops the rest of the answer. gRPC's client sends two kinds of such
+# frames on its own: the pings of its bandwidth-delay probe, which grows the flow-control window as data arrives, and
+# window updates once half the window is read. So the probe is off and the window fixed, larger than any answer but
+# the rarest: none of them is sent while an answer arrives (docs/serving-processes.md, "What the age costs"). 64 MiB
+# is also more than a 10 Gbit/s link with 50 ms of round trip needs to stay full.
 ANSWER_WINDOW = 64 * 2**20
 QUIET_WHILE_READING = (("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", ANSWER_WINDOW))
 # gRPC gives channels to one target with the same options one shared connection (its global subchannel pool). A
