@@ -16,6 +16,7 @@ from server.errors import (
     Unimplemented,
     to_status,
 )
+from server.service import DEADLINE_SLACK, cancellation_code
 
 
 @pytest.mark.parametrize(("exc", "code"), [
@@ -51,3 +52,16 @@ def test_no_message_reaches_the_client_whole_past_the_cap() -> None:
 
     code, message = to_status(InvalidInput("y" * 50_000), "rid")
     assert code == grpc.StatusCode.INVALID_ARGUMENT and len(message) <= MESSAGE_CHARS + 1
+
+
+@pytest.mark.parametrize(("remaining", "code"), [
+    (None, grpc.StatusCode.CANCELLED),  # no deadline: the client went away
+    (30.0, grpc.StatusCode.CANCELLED),
+    (-0.2, grpc.StatusCode.DEADLINE_EXCEEDED),
+    # The client's timer fires first and its cancellation can arrive a little before the server's own timer.
+    (DEADLINE_SLACK / 2, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (DEADLINE_SLACK * 3, grpc.StatusCode.CANCELLED),
+])
+def test_a_cancelled_handler_is_a_deadline_when_its_deadline_had_passed_or_was_about_to(
+        remaining: float | None, code: grpc.StatusCode) -> None:
+    assert cancellation_code(remaining) == code
