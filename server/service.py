@@ -27,7 +27,7 @@ from attention_pb.v1 import attention_pb2_grpc as pb_grpc
 from server import codec, logs
 from server.captioning import CaptionModel, CaptionResult
 from server.drain import Unanswered
-from server.errors import InvalidInput, Overloaded, ShuttingDown, to_status
+from server.errors import InvalidInput, Overloaded, ShuttingDown, cancellation_code, to_status
 from server.imaging import DecodedImage, decode
 from server.metrics import Metrics
 from server.models import Models
@@ -49,7 +49,6 @@ REFUSALS = {"RESOURCE_EXHAUSTED": "queue_full", "DEADLINE_EXCEEDED": "deadline",
 # pool, which lets the loop take turns with it.
 INLINE_CHARS = 2000
 INLINE_HYPOTHESES = 16
-DEADLINE_SLACK = 0.1  # seconds; see cancellation_code
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 T = TypeVar("T")
@@ -73,17 +72,6 @@ def _request_id(context: grpc.aio.ServicerContext) -> str:
         if key == REQUEST_ID_KEY and isinstance(value, str) and _REQUEST_ID.fullmatch(value):
             return value
     return os.urandom(8).hex()
-
-
-def cancellation_code(remaining: float | None) -> grpc.StatusCode:
-    """Why gRPC cancelled a handler, from the seconds its deadline had left then. gRPC cancels both when the client
-    goes away and when the deadline passes; only the second is an answer that came too late (and counts against the
-    error ratio). Within ``DEADLINE_SLACK`` of the deadline it is the deadline: the client's timer starts when the call
-    leaves it and the server's when the call arrives, so the client's fires first, and its cancellation can reach a
-    busy server before the server's own timer fires (the tests' call with a 1 s deadline, cancelled mid-decode on this
-    2-core machine under the suite's load, was once recorded as CANCELLED)."""
-    expired = remaining is not None and remaining <= DEADLINE_SLACK
-    return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
 
 
 def rpc(name: str, streamed: bool = False) -> Callable[

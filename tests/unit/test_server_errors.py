@@ -6,6 +6,7 @@ import grpc
 import pytest
 
 from server.errors import (
+    DEADLINE_SLACK,
     Cancelled,
     DeadlineExceeded,
     InvalidInput,
@@ -14,9 +15,9 @@ from server.errors import (
     Overloaded,
     ShuttingDown,
     Unimplemented,
+    cancellation_code,
     to_status,
 )
-from server.service import DEADLINE_SLACK, cancellation_code
 
 
 @pytest.mark.parametrize(("exc", "code"), [
