@@ -1,10 +1,9 @@
 """The server's exception hierarchy and the one place where exceptions become gRPC status codes.
 
 Code below the transport raises these; only :func:`to_status` knows about gRPC, and :func:`cancellation_code` for a
-call gRPC itself cancelled. The message of a
-:class:`ServiceError` goes to the client as is, so it must say what was wrong without leaking internals; any other
-exception is a bug and reaches the client only as a generic ``INTERNAL`` with the request id (the traceback goes to
-the log).
+call gRPC itself cancelled. The message of a :class:`ServiceError` goes to the client as is, so it must say what was
+wrong without leaking internals; any other exception is a bug and reaches the client only as a generic ``INTERNAL``
+with the request id (the traceback goes to the log).
 """
 
 from __future__ import annotations
