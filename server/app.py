@@ -36,6 +36,7 @@ from server.settings import Settings, parse_pins
 log = logging.getLogger("attn.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AttentionService"].full_name
+REQUEST_WINDOW = 4 * 2**20  # bytes a stream may send unread: 80 MB/s over a 50 ms round trip
 
 
 def build_registry(settings: Settings, metrics: Metrics) -> Registry:
@@ -87,6 +88,13 @@ class AttentionServer:
         server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", s.max_receive_bytes),
             ("grpc.max_send_message_length", s.max_send_bytes),
+            # The server's own bandwidth-delay probe pings the client (and may resize its window with a SETTINGS
+            # frame) as requests arrive; the client's answer to either, sent while it still reads an answer queued
+            # ahead of them, can reach a connection that the age has closed meanwhile, and the reset drops the rest
+            # of that answer (docs/serving-processes.md, "What the age costs"). A fixed window instead, large enough
+            # for an image over a distant link.
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.http2.lookahead_bytes", REQUEST_WINDOW),
             # Alone, a second server on the same port must fail, not share it; front-ends share it on purpose
             # (the parent process made sure that no other server holds it).
             ("grpc.so_reuseport", 1 if self.engine_addresses else 0),
