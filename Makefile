@@ -126,8 +126,9 @@ variants: setup
 # bench/grpc_floor.py: the same load against a gRPC server that does nothing, the floor under that cost;
 # bench/engine_ceiling.py: one engine process driven on its socket, without gRPC or front-ends;
 # bench/soak.py: 40,000 requests with every bundled model loaded, the memory of each server process (5 minutes).
-# Each writes its results under docs/benchmarks/, and all but grpc_floor.py and engine_ceiling.py their own section
-# of docs/benchmarks.md.
+# bench/connection_age.py: the answers a client reading slowly loses when the connection age moves it (2 minutes).
+# Each writes its results under docs/benchmarks/, and all but grpc_floor.py, engine_ceiling.py and connection_age.py
+# their own section of docs/benchmarks.md.
 benchmark: setup
 	$(PY) bench/serving.py
 	$(PY) bench/overhead.py
@@ -135,6 +136,7 @@ benchmark: setup
 	$(PY) bench/grpc_floor.py
 	$(PY) bench/engine_ceiling.py
 	$(PY) bench/soak.py
+	$(PY) bench/connection_age.py
 
 # Serves the bundled models (models/, or ATTN_MODELS_DIR) on localhost:50051, metrics on :9464; Ctrl-C drains.
 # The mixed-corpus translator (docs/translation-quality.md) answers requests that name no model, when it is there.

@@ -31,7 +31,7 @@ MAX_MESSAGE_BYTES = 256 * 2**20  # attention matrices make large responses
 # frames on its own: the pings of its bandwidth-delay probe, which grows the flow-control window as data arrives, and
 # window updates once half the window is read. So the probe is off and the window fixed, larger than any answer but
 # the rarest. What the client still sends while it reads (window updates riding on its answer to the server's GOAWAY
-# ping) makes a loss rare, not impossible: attn batch retries it (docs/serving-processes.md, "What the age costs").
+# ping) makes losses fewer, not none: attn batch retries them (docs/serving-processes.md, "What the age costs").
 # 64 MiB is also more than a 10 Gbit/s link with 50 ms of round trip needs to stay full.
 ANSWER_WINDOW = 64 * 2**20
 QUIET_WHILE_READING = (("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", ANSWER_WINDOW))

@@ -83,10 +83,10 @@ class Settings:
                                          "one (gRPC GOAWAY; calls in flight get grace_seconds to finish), so that "
                                          "connections spread again over the front-ends and over replicas added "
                                          "since. 0: never. A client still reading a large answer when gRPC closes "
-                                         "the old connection can lose it (UNAVAILABLE): rarely if its channel "
-                                         "sends nothing while it reads (the attn commands' channels turn off gRPC's "
-                                         "bandwidth probe and fix the window: "
-                                         "client.connection.QUIET_WHILE_READING), and attn batch retries it "
+                                         "the old connection can lose it (UNAVAILABLE), less often if its channel "
+                                         "sends as little as it can while it reads (the attn commands' channels "
+                                         "turn off gRPC's bandwidth probe and fix the window: "
+                                         "client.connection.QUIET_WHILE_READING); attn batch retries it "
                                          "(docs/serving-processes.md).")
     log_level: str = _setting("INFO", "Log level: DEBUG, INFO, WARNING or ERROR.", LOG_LEVELS)
     log_format: str = _setting("json", "Log lines as JSON objects (json) or key=value text (text). A process that "

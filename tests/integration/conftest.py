@@ -7,9 +7,9 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 
+from bench.slow_reader import ban_end_of_sentence
 from tests.integration.serving import RunningServer, ServerProcess, settings
 
 
@@ -43,24 +43,8 @@ def running(models_dir: Path) -> Iterator[RunningServer]:
 def slow_models_dir(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model with end-of-sentence made impossible, so every search runs to its full length budget:
     requests that stay in flight long enough to be caught by a SIGTERM, whatever the machine's speed."""
-    import onnx
-    from onnx import helper, numpy_helper
-
-    from server.artifacts import Manifest
-
     root = tmp_path_factory.mktemp("slow-models")
     target = root / "tiny-de-en" / "1"
     shutil.copytree(models_dir / "tiny-de-en" / "1", target)
-    manifest = Manifest.load(target)
-    path = target / manifest.decoder_step.file
-    graph_model = onnx.load(str(path))
-    graph = graph_model.graph
-    name = manifest.decoder.log_probs_output
-    for node in graph.node:
-        node.output[:] = [f"{name}_unbiased" if o == name else o for o in node.output]
-    bias = np.zeros(manifest.vocab_size, dtype=np.float32)
-    bias[manifest.special_ids["eos"]] = -1e4
-    graph.initializer.append(numpy_helper.from_array(bias, "eos_bias"))
-    graph.node.append(helper.make_node("Add", [f"{name}_unbiased", "eos_bias"], [name]))
-    onnx.save(graph_model, str(path))
+    ban_end_of_sentence(target)
     return root

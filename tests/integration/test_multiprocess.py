@@ -19,8 +19,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from attention_pb.v1 import attention_pb2 as pb
 from attention_pb.v1 import attention_pb2_grpc as pb_grpc
+from bench.slow_reader import SlowReader
 from client.cli import main
-from tests.integration.serving import RunningServer, ServerProcess, SlowReader, matrix
+from tests.integration.serving import RunningServer, ServerProcess, matrix
 from tests.integration.test_batching_equivalence import sources
 
 TEXTS = ["Ich hoffe, es geht dir gut.", "Das Haus ist groß und schön.", "Wo ist der Bahnhof?"]
@@ -205,7 +206,7 @@ def test_a_batch_job_read_slowly_loses_no_line_while_its_connection_moves(slow_s
     # Once a connection has been asked to move, gRPC closes it as soon as its last answer is written; a frame the
     # client sends while still reading meets a closed socket, and the reset takes the rest of the answer:
     # UNAVAILABLE. The server's probe is off and client.connection's channels keep quiet while they read, which
-    # makes such losses rare, not impossible (docs/serving-processes.md, "What the age costs"); attn batch retries
+    # makes such losses fewer, not none (docs/serving-processes.md, "What the age costs"); attn batch retries
     # them. Large answers (full attention at beam 16), read at 1.6 MB/s, over one connection that moves every 0.5 s.
     server = slow_server
     relay = SlowReader(server.port)
