@@ -16,7 +16,6 @@ Results: ``docs/benchmarks/connection_age.json``; the figures are quoted in docs
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -33,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
 from attention_pb.v1 import attention_pb2_grpc as pb_grpc  # noqa: E402
-from bench.loadgen import ServerProcess, commit_of  # noqa: E402
+from bench.loadgen import ServerProcess, commit_of, save_results  # noqa: E402
 from bench.overhead import negligible_model  # noqa: E402
 from bench.slow_reader import SlowReader, ban_end_of_sentence  # noqa: E402
 from client.connection import MAX_MESSAGE_BYTES, ChannelConfig  # noqa: E402
@@ -107,9 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                     results["runs"].append(run)
                     print(f"{run['server']:<22} {client:<32} {nbest:>5} {run['calls']:>6} {run['lost']:>5} "
                           f"{run['answer_bytes'] / 1e6:>9.2f} {run['connections']:>11}", flush=True)
-    results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    save_results(args.out, results)
     print(f"wrote {args.out}")
     return 0
 

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
 from attention_pb.v1 import attention_pb2_grpc as pb_grpc  # noqa: E402
-from bench.loadgen import ServerProcess, drive, drive_processes, tree_cpu_seconds  # noqa: E402
+from bench.loadgen import ServerProcess, drive, drive_processes, save_results, tree_cpu_seconds  # noqa: E402
 from bench.overhead import fixture_sources, negligible_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,9 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         results[f"{name}_one_client_process_more"] = more
         print(name, json.dumps(results[name]), "| one client process more:", more["calls_per_s"], "calls/s",
               flush=True)
-    results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    save_results(args.out, results)
     print(f"wrote {args.out}")
     return 0
 

@@ -194,6 +194,13 @@ def tree_cpu_seconds(root: int) -> float:
     return sum(process_cpu_seconds(pid) for pid in process_tree(root))
 
 
+def save_results(path: Path, results: dict[str, Any]) -> None:
+    """Stamps ``results`` with the time the benchmark finished and writes them to ``path`` as JSON."""
+    results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1) + "\n")
+
+
 def commit_of(checkout: Path = ROOT) -> str:
     """The short hash of ``checkout``'s HEAD, the commit a benchmark measured ("?" outside a git checkout)."""
     return subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True,

@@ -18,19 +18,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
-from bench.loadgen import ServerProcess, commit_of  # noqa: E402
+from bench.loadgen import ServerProcess, commit_of, save_results  # noqa: E402
 from bench.overhead import design_name, ding_sentences, measure  # noqa: E402
 from bench.sections import replace_section  # noqa: E402
 
@@ -74,9 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"round {round_} {design_name(key, results)}: p50 {run['p50_ms']} ms, "
                       f"{run['server_cpu_ms_per_sentence']} ms CPU and {run['wakeups_per_sentence']} thread "
                       "wake-ups per sentence", flush=True)
-    results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    save_results(args.out, results)
     write_section(results, args.report)
     print(f"wrote {args.out} and the one-client section of {args.report}")
     return 0
