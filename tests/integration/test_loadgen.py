@@ -33,7 +33,7 @@ def test_client_processes_serve_run_after_run(models_dir: Path) -> None:
             grown = _clients()
             assert len(grown) == 3 and not grown & started  # three processes: a new pool replaced the two
         for run, processes in ((first, 2), (second, 2), (third, 3)):
-            assert run["client_processes"] == processes and run["ok"] > 0 and set(run["codes"]) == {"OK"}
+            assert run["client_processes"] == processes and run["ok"] > 0 and set(run["codes"]) == {"OK"}, run
         assert first["ok"] == 2 * first["codes"]["OK"]  # two sentences per call, counted as sentences
     finally:
         CLIENTS.close()
