@@ -29,6 +29,13 @@ class Overloaded(ServiceError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class AnswerTooLarge(ServiceError):
+    """The answer is larger than the server sends in one message (``max_send_bytes``). gRPC would refuse it too, with
+    the same code, but only after the handler returned, where the call is already logged and counted as answered."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class NotReady(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
 

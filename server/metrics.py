@@ -25,7 +25,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 COMPUTE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 BYTES_BUCKETS = tuple(float(4**k) for k in range(4, 14))  # 256 B .. 64 MiB
-REFUSAL_REASONS = ("queue_full", "deadline", "cancelled", "invalid", "unauthenticated")
+REFUSAL_REASONS = ("queue_full", "deadline", "cancelled", "invalid", "unauthenticated", "too_large")
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,8 @@ METRICS = [
            "Target tokens generated over all returned hypotheses (end of sentence included)."),
     Metric("images", "attn_images", "counter", MODEL, "Images captioned."),
     Metric("refusals", "attn_refused_requests", "counter", ("rpc", "reason"),
-           "Requests refused or stopped: queue_full, deadline, cancelled, invalid, unauthenticated."),
+           "Requests refused or stopped: queue_full, deadline, cancelled, invalid, unauthenticated, too_large (an "
+           "answer over the largest message sent)."),
     Metric("attention_bytes", "attn_attention_payload_bytes", "histogram", ("rpc", "model"),
            "Bytes of attention (matrices and alignments) in one response.", BYTES_BUCKETS),
     Metric("models_loaded", "attn_models_loaded", "gauge", (), "Model versions loaded and warmed up.",

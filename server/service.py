@@ -27,7 +27,7 @@ from attention_pb.v1 import attention_pb2_grpc as pb_grpc
 from server import codec, logs
 from server.captioning import CaptionModel, CaptionResult
 from server.drain import Unanswered
-from server.errors import InvalidInput, Overloaded, ShuttingDown, cancellation_code, to_status
+from server.errors import AnswerTooLarge, InvalidInput, Overloaded, ShuttingDown, cancellation_code, to_status
 from server.imaging import DecodedImage, decode
 from server.metrics import Metrics
 from server.models import Models
@@ -39,9 +39,13 @@ from server.wire import Malformed
 log = logging.getLogger("attn.rpc")
 
 REQUEST_ID_KEY = "x-request-id"
-# Status codes that mean the request was refused or stopped, and the metric's reason for each.
+# Status codes that mean the request was refused or stopped, and the metric's reason for each (an answer too large
+# to send is RESOURCE_EXHAUSTED too, and has a reason of its own).
 REFUSALS = {"RESOURCE_EXHAUSTED": "queue_full", "DEADLINE_EXCEEDED": "deadline", "CANCELLED": "cancelled",
             "INVALID_ARGUMENT": "invalid"}
+TOO_LARGE = "too_large"
+# What a message of a stream adds to its answer: ModelStreamInferResponse's field tag and the answer's length.
+STREAM_ENVELOPE = 6
 # Translations within both bounds (Translate calls, V2 inferences) are tokenized and answered on the event loop,
 # where a worker thread would hold the interpreter lock for the same work and add two hops: at the bounds (16 texts,
 # 1,825 characters, the bundled model) the work takes about 3 ms, under the 5 ms after which Python hands the lock to
@@ -88,6 +92,7 @@ def rpc(name: str, streamed: bool = False) -> Callable[
             token = logs.request_id.set(call.request_id)
             started = time.monotonic()
             code, error, internal, recorded = grpc.StatusCode.OK, "", False, False
+            refusal = ""
             self.metrics.inflight.labels(name).inc()
             if not streamed:
                 self.unanswered.begin(context)
@@ -98,8 +103,8 @@ def rpc(name: str, streamed: bool = False) -> Callable[
                 nonlocal recorded
                 recorded = True
                 seconds = time.monotonic() - started
-                if code.name in REFUSALS:
-                    self.metrics.refusals.labels(name, REFUSALS[code.name]).inc()
+                if refusal or code.name in REFUSALS:
+                    self.metrics.refusals.labels(name, refusal or REFUSALS[code.name]).inc()
                 self.metrics.inflight.labels(name).dec()
                 self.metrics.observe(name, call.model, call.version, code.name, seconds)
                 fields = {**(call.fields or {}), **({"error": error} if error else {})}
@@ -112,13 +117,16 @@ def rpc(name: str, streamed: bool = False) -> Callable[
                     raise InvalidInput(f"the request is not a valid {request.message_type}: {request.error}")
                 if self.shutting_down():
                     raise ShuttingDown("the server is shutting down; retry on another instance")
-                return await handler(self, request, context, call)
+                response = await handler(self, request, context, call)
+                _check_size(response, self.settings.max_send_bytes, streamed)
+                return response
             except asyncio.CancelledError:
                 code = cancellation_code(context.time_remaining())
                 raise
             except Exception as exc:
                 code, message = to_status(exc, call.request_id)
                 internal = code == grpc.StatusCode.INTERNAL
+                refusal = TOO_LARGE if isinstance(exc, AnswerTooLarge) else ""
                 error = str(exc) or type(exc).__name__
                 if internal:  # the traceback goes to the log, never to the client
                     logs.event(log, "rpc_internal_error", level=logging.ERROR, exc_info=True, rpc=name)
@@ -134,6 +142,18 @@ def rpc(name: str, streamed: bool = False) -> Callable[
         return wrapper
 
     return decorate
+
+
+def _check_size(response: Any, limit: int, streamed: bool) -> None:
+    """Refuses an answer larger than the server sends in one message. gRPC refuses it as well, but after the
+    handler, where the call has already been logged and counted as answered, and with an error line of its own."""
+    # protobuf's C code sizes a message by encoding it: 1.5 µs for a sentence with its attention, as long as gRPC's own
+    # encoding for a large answer (3 ms for 10 MB), which is rare and whose decoding took far longer.
+    size = response.ByteSize() + (STREAM_ENVELOPE if streamed else 0)
+    if size > limit:
+        raise AnswerTooLarge(f"the answer is {size:,} bytes, more than this server sends in one message ({limit:,}, "
+                             "ATTN_MAX_SEND_BYTES); send fewer texts per call or ask for less attention (attention "
+                             "WORDS or NONE; in V2 leave out the ATTENTION output)")
 
 
 class AttentionServicer(pb_grpc.AttentionServiceServicer):

@@ -12,6 +12,8 @@ import grpc
 import pytest
 
 from attention_pb.v1 import attention_pb2 as pb
+from kserve_v2_pb import grpc_service_pb2 as v2
+from kserve_v2_pb import grpc_service_pb2_grpc as v2_grpc
 from server.translation import TranslationModel
 from tests.integration.serving import RunningServer, settings
 
@@ -130,6 +132,46 @@ def test_full_queue_is_resource_exhausted_naming_the_limit(short_queue_server: R
     refused = running.server.metrics.registry.get_sample_value(
         "attn_refused_requests_total", {"rpc": "Translate", "reason": "queue_full"})
     assert refused == 1.0
+
+
+@pytest.fixture()
+def small_answers_server(models_dir: Path) -> Iterator[RunningServer]:
+    server = RunningServer(settings(models_dir, max_send_bytes=6000))
+    yield server
+    server.close()
+
+
+def test_an_answer_over_the_largest_message_is_refused_saying_how_to_shrink_it(
+        small_answers_server: RunningServer) -> None:
+    """gRPC would refuse it after the handler, with the call logged and counted as answered: the servicer refuses it
+    itself, counted as too large, and says which limit and what to ask for instead."""
+    running = small_answers_server
+    texts = ["Hallo Welt, guten Tag"] * 12
+    full = pb.DecodingOptions(attention=pb.ATTENTION_DETAIL_FULL, beam_size=4, nbest=4)
+    error = _error(running.stub.Translate, pb.TranslateRequest(texts=texts, options=full))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "more than this server sends in one message (6,000, ATTN_MAX_SEND_BYTES)" in error.details()
+    assert "less attention" in error.details()
+    sample = running.server.metrics.registry.get_sample_value
+    assert sample("attn_refused_requests_total", {"rpc": "Translate", "reason": "too_large"}) == 1.0
+    assert sample("attn_refused_requests_total", {"rpc": "Translate", "reason": "queue_full"}) is None
+    # The same texts without attention fit.
+    none = pb.DecodingOptions(attention=pb.ATTENTION_DETAIL_NONE)
+    assert len(running.stub.Translate(pb.TranslateRequest(texts=texts, options=none), timeout=30).translations) == 12
+
+    # A V2 stream answers that message with the error and goes on with the next.
+    def infer(count: int, request_id: str) -> v2.ModelInferRequest:
+        request = v2.ModelInferRequest(model_name="tiny-de-en", id=request_id)
+        tensor = request.inputs.add(name="TEXT", datatype="BYTES", shape=[count, 1])
+        tensor.contents.bytes_contents.extend([b"Hallo Welt, guten Tag"] * count)
+        request.outputs.add(name="ATTENTION")
+        return request
+
+    stream = v2_grpc.GRPCInferenceServiceStub(running.channel).ModelStreamInfer
+    answers = list(stream(iter([infer(32, "big"), infer(1, "small")]), timeout=30))
+    assert [a.infer_response.id for a in answers] == ["big", "small"]
+    assert answers[0].error_message.startswith("RESOURCE_EXHAUSTED: the answer is ")
+    assert not answers[1].error_message and answers[1].infer_response.outputs
 
 
 def test_deadline_stops_the_search(one_slot_server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:

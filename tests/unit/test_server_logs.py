@@ -242,3 +242,34 @@ def test_a_field_that_does_not_format_never_fails_the_caller(monkeypatch: pytest
     monkeypatch.setattr(handler, "handleError", reported.append)
     logs.event(logger, "rpc", field=Unprintable())
     assert [r.getMessage() for r in reported] == ["rpc"] and writes.writes == []
+
+
+def test_a_status_grpc_could_not_send_is_an_info_line_without_a_traceback() -> None:
+    """gRPC's asyncio server logs an error with a traceback when the call ended (deadline, client gone) a moment
+    before its status could leave; the server's filter makes that one record an INFO line, and no other."""
+    import io
+
+    from server.app import StatusAfterTheCallEnded
+
+    logger = logging.getLogger("tests.grpc-aio")
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logs.JsonFormatter())
+    logger.addHandler(handler)
+    logger.addFilter(StatusAfterTheCallEnded())
+    logger.propagate = False
+    try:
+        try:
+            raise RuntimeError('Failed "execute_batch"')
+        except RuntimeError:  # as gRPC's Cython logs it
+            logger.exception("ExecuteBatchError raised in core by servicer method "
+                             "[/attention.v1.AttentionService/Translate]")
+        logger.error("Unexpected [ValueError] raised by servicer method [/attention.v1.AttentionService/Caption]")
+    finally:
+        logger.removeHandler(handler)
+    undelivered, other = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert (undelivered["level"], undelivered["event"], undelivered["method"]) == (
+        "info", "rpc_status_undelivered", "/attention.v1.AttentionService/Translate")
+    assert "traceback" not in undelivered
+    assert (other["level"], other["event"]) == (
+        "error", "Unexpected [ValueError] raised by servicer method [/attention.v1.AttentionService/Caption]")
