@@ -137,6 +137,7 @@ benchmark: setup
 	$(PY) bench/engine_ceiling.py
 	$(PY) bench/soak.py
 	$(PY) bench/connection_age.py
+	$(PY) bench/hostile.py
 
 # Serves the bundled models (models/, or ATTN_MODELS_DIR) on localhost:50051, metrics on :9464; Ctrl-C drains.
 # The mixed-corpus translator (docs/translation-quality.md) answers requests that name no model, when it is there.

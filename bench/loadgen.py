@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import grpc
 import numpy as np
@@ -42,8 +42,9 @@ CLIENTS_PER_CONNECTION = 8  # clients sharing one connection (the module's docst
 class ServerProcess:
     """``attn-serve`` in a child process; ``settings`` are ``ATTN_*`` names without the prefix, lower case."""
 
-    def __init__(self, models_dir: Path, root: Path = ROOT, **settings: Any) -> None:
-        """``root``: the checkout whose server runs (another commit's, to compare with)."""
+    def __init__(self, models_dir: Path, root: Path = ROOT, log_path: Path | None = None, **settings: Any) -> None:
+        """``root``: the checkout whose server runs (another commit's, to compare with); ``log_path``: a file that
+        gets every line the server logs."""
         env = {**os.environ, "ATTN_MODELS_DIR": str(models_dir), "ATTN_PORT": "0", "ATTN_METRICS_PORT": "0",
                "ATTN_HOST": "127.0.0.1", "ATTN_LOG_FORMAT": "json", "ATTN_LOG_LEVEL": "WARNING"}
         env.update({f"ATTN_{k.upper()}": str(v).lower() if isinstance(v, bool) else str(v)
@@ -54,7 +55,10 @@ class ServerProcess:
         self.port = self.metrics_port = 0
         self.engine_addresses: list[str] = []  # the engine processes' sockets (none in one-process mode)
         assert self.process.stderr is not None
+        sink = open(log_path, "w", encoding="utf-8") if log_path else None  # noqa: SIM115 (the drain's to close)
         for line in self.process.stderr:
+            if sink:
+                sink.write(line)
             record = json.loads(line) if line.startswith("{") else {}
             if record.get("event") == "listening":
                 self.port, self.metrics_port = int(record["port"]), int(record["metrics_port"])
@@ -66,7 +70,15 @@ class ServerProcess:
         else:
             raise RuntimeError(f"the server exited with {self.process.wait()} before it was ready")
         # Keep draining its log so that it never blocks on a full pipe.
-        threading.Thread(target=lambda: [None for _ in self.process.stderr or ()], daemon=True).start()
+        threading.Thread(target=self._drain, args=(sink,), daemon=True).start()
+
+    def _drain(self, sink: TextIO | None) -> None:
+        for line in self.process.stderr or ():
+            if sink:
+                sink.write(line)
+                sink.flush()
+        if sink:
+            sink.close()
 
     @property
     def target(self) -> str:

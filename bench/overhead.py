@@ -94,7 +94,7 @@ def measure(server: ServerProcess, texts: list[str], concurrency: int, options: 
     return run
 
 
-def design(models: Path, texts: list[str], settings: dict[str, int], options: pb.DecodingOptions, seconds: float,
+def design(models: Path, texts: list[str], settings: dict[str, Any], options: pb.DecodingOptions, seconds: float,
            processes: int, root: Path = ROOT, texts_per_call: int = 1) -> list[dict[str, Any]]:
     """The runs of one design: the server in ``root`` with ``settings`` (``frontends``, ``engines``; none: that
     server's defaults, for a commit that has no such settings)."""
