@@ -37,6 +37,10 @@ log = logging.getLogger("attn.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AttentionService"].full_name
 REQUEST_WINDOW = 4 * 2**20  # bytes a stream may send unread: 80 MB/s over a 50 ms round trip
+# A connection that has not finished its handshake (TLS, HTTP/2's preface) by then is closed. gRPC's stop waits for
+# such connections, so with its default of 20 s one idle TCP connection (a port scanner, a stuck client) held every
+# drain for 20 s, or the whole grace when shorter, with nothing in flight. A client's handshake takes milliseconds.
+HANDSHAKE_SECONDS = 5.0
 
 
 class StatusAfterTheCallEnded(logging.Filter):
@@ -119,6 +123,7 @@ class AttentionServer:
             # for an image over a distant link.
             ("grpc.http2.bdp_probe", 0),
             ("grpc.http2.lookahead_bytes", REQUEST_WINDOW),
+            ("grpc.server_handshake_timeout_ms", int(1000 * HANDSHAKE_SECONDS)),
             # Alone, a second server on the same port must fail, not share it; front-ends share it on purpose
             # (the parent process made sure that no other server holds it).
             ("grpc.so_reuseport", 1 if self.engine_addresses else 0),

@@ -159,6 +159,25 @@ def test_sigterm_lets_in_flight_requests_finish_and_exits_zero(served: subproces
     channel.close()
 
 
+def test_a_connection_that_never_handshakes_holds_the_drain_no_longer_than_the_handshake_limit(
+        models_dir: Path) -> None:
+    """gRPC's stop waits for connections still in their handshake: an idle TCP connection (a port scanner, a stuck
+    client) held a drain for gRPC's default of 20 s, whatever the grace."""
+    import socket
+
+    from server.app import HANDSHAKE_SECONDS
+
+    server = RunningServer(settings(models_dir, grace_seconds=60.0))
+    idle = socket.create_connection(("127.0.0.1", server.port))
+    try:
+        started = time.monotonic()
+        server.call(server.server.stop(60.0), timeout=90)
+        assert time.monotonic() - started < HANDSHAKE_SECONDS + 5 < 20
+    finally:
+        idle.close()
+        server.channel.close()
+
+
 def test_clients_are_moved_to_new_connections_after_the_connection_age_and_no_call_fails(models_dir: Path) -> None:
     # A front-end (or replica) keeps a connection, and a client all its calls: GOAWAY after max_connection_age makes
     # clients connect anew, and so spread again; calls in flight meanwhile finish on the old connection.
