@@ -44,6 +44,7 @@ from PIL import Image  # noqa: E402
 from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
 from attention_pb.v1 import attention_pb2_grpc as pb_grpc  # noqa: E402
 from bench.loadgen import ServerProcess, commit_of, save_results  # noqa: E402
+from bench.overhead import design_name  # noqa: E402
 from bench.sections import replace_section  # noqa: E402
 from kserve_v2_pb import grpc_service_pb2 as v2  # noqa: E402
 from kserve_v2_pb import grpc_service_pb2_grpc as v2_grpc  # noqa: E402
@@ -285,10 +286,9 @@ def report(results: list[dict[str, Any]], commit: str) -> list[str]:
 
 
 def design(settings: dict[str, Any]) -> str:
-    frontends, engines = settings.get("frontends"), settings.get("engines", 1)
-    if frontends == 0:
-        return "one process (`ATTN_FRONTENDS=0`)"
-    return f"{frontends if frontends is not None else 'default'} front-end(s) + {engines} engine(s)"
+    """The design's name as bench/overhead.py's tables write it."""
+    frontends, engines = settings["frontends"], settings.get("engines", 1)
+    return design_name(str(frontends) if engines == 1 or not frontends else f"{frontends}x{engines}", {})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ class ServiceError(Exception):
     """An error whose message is meant for the client."""
 
     code = grpc.StatusCode.UNKNOWN
+    refusal = ""  # the refusals metric's reason where its code's (server.service.REFUSALS) is not the one
 
 
 class InvalidInput(ServiceError):
@@ -34,6 +35,7 @@ class AnswerTooLarge(ServiceError):
     the same code, but only after the handler returned, where the call is already logged and counted as answered."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    refusal = "too_large"
 
 
 class NotReady(ServiceError):

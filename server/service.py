@@ -39,11 +39,10 @@ from server.wire import Malformed
 log = logging.getLogger("attn.rpc")
 
 REQUEST_ID_KEY = "x-request-id"
-# Status codes that mean the request was refused or stopped, and the metric's reason for each (an answer too large
-# to send is RESOURCE_EXHAUSTED too, and has a reason of its own).
+# Status codes that mean the request was refused or stopped, and the metric's reason for each (an error whose code
+# has other causes too names its own: ServiceError.refusal).
 REFUSALS = {"RESOURCE_EXHAUSTED": "queue_full", "DEADLINE_EXCEEDED": "deadline", "CANCELLED": "cancelled",
             "INVALID_ARGUMENT": "invalid"}
-TOO_LARGE = "too_large"
 # What a message of a stream adds to its answer: ModelStreamInferResponse's field tag and the answer's length.
 STREAM_ENVELOPE = 6
 # Translations within both bounds (Translate calls, V2 inferences) are tokenized and answered on the event loop,
@@ -126,7 +125,7 @@ def rpc(name: str, streamed: bool = False) -> Callable[
             except Exception as exc:
                 code, message = to_status(exc, call.request_id)
                 internal = code == grpc.StatusCode.INTERNAL
-                refusal = TOO_LARGE if isinstance(exc, AnswerTooLarge) else ""
+                refusal = getattr(exc, "refusal", "")
                 error = str(exc) or type(exc).__name__
                 if internal:  # the traceback goes to the log, never to the client
                     logs.event(log, "rpc_internal_error", level=logging.ERROR, exc_info=True, rpc=name)
