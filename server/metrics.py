@@ -101,9 +101,10 @@ DESCRIPTIONS = [(m.exposed, m.kind, ", ".join(m.labels), m.help) for m in METRIC
 def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
     """``histogram.observe(v)`` for every ``v`` of ``values`` (a labelled child), as one update of its sum and one per
     bucket that got any. The engine observes three histograms per decoder step; in multiprocess mode each update is
-    a lock and a write into a shared file, a sixth of the engine's time under load, so it tallies steps and calls
-    this a few times a second. prometheus_client has no bulk observe: this writes the child's ``_sum`` and
-    ``_buckets`` as its ``observe`` does (tests/unit/test_server_metrics.py checks the two agree)."""
+    a lock and a write into a shared file, a sixth of the engine's time under load, so it tallies steps (and each
+    request's wait and each encoder call) and calls this a few times a second. prometheus_client has no bulk
+    observe: this writes the child's ``_sum`` and ``_buckets`` as its ``observe`` does
+    (tests/unit/test_server_metrics.py checks the two agree)."""
     if not len(values):
         return
     bounds = histogram._upper_bounds  # ascending, +Inf last: the first bound >= v is v's bucket, as observe finds

@@ -31,7 +31,7 @@ ADMISSION_WINDOW = 64  # queued requests looked at when filling a group by sourc
 # every step shrink with it.
 LENGTH_BUCKETS = (16, 32, 64)
 MIXED = -1  # the bucket of the lane every length up to LENGTH_BUCKETS[-1] shares under light load (Limits)
-FLUSH_SECONDS = 0.25  # under load the step metrics reach /metrics at least this often
+FLUSH_SECONDS = 0.25  # under load the engine's histograms reach /metrics at least this often
 SEARCHES_KEPT = 64  # decoding settings remembered for sharing (a client can send a new length penalty every call)
 
 
@@ -256,7 +256,7 @@ class Engine:
             request.status = "active"
             self._active[id(request)] = request
             if self._metric:
-                self._metric.queue_time.observe(now - request.enqueued)
+                self._metric.waits.append(now - request.enqueued)
         self._rows, self._tokens = rows, tokens
         self._gauges_stale = True
         return group
@@ -268,7 +268,7 @@ class Engine:
             started = time.perf_counter()
             state, static = model.encode([item for r in group for item in r.items])
             if self._metric:
-                self._metric.encoder.observe(time.perf_counter() - started)
+                self._metric.encodes.append(time.perf_counter() - started)
         except Exception as exc:
             event(log, "encoder_failed", level=logging.ERROR, exc_info=True, model=model.name, requests=len(group))
             for request in group:
@@ -288,7 +288,9 @@ class Engine:
             if len(chosen) == len(entries) and len(repeat) == len(entries):  # one lane, one row each: as encoded
                 part_state, part_static = state, static
             else:
-                rows = repeat[np.isin(repeat, chosen)]
+                in_part = np.zeros(len(entries), dtype=bool)
+                in_part[chosen] = True
+                rows = repeat[in_part[repeat]]
                 part_state = {n: v.take(rows, axis=0) for n, v in state.items()}
                 part_static = {n: v.take(rows, axis=0) for n, v in static.items()}
             part_static = self._narrowed(part_static, [entries[j][3] for j in chosen])
@@ -415,10 +417,14 @@ class Engine:
 
 class _Children:
     """The engine's metrics with its model's labels, looked up once (a label lookup costs more than the update).
-    The three observed at every decoder step are tallied and written by :meth:`flush` (:func:`observe_many`)."""
+    The histograms (three observed at every decoder step, a request's wait at its admission, an encoder call's time)
+    are tallied and written by :meth:`flush` (:func:`observe_many`): in multiprocess mode each observation is two
+    locked writes into a shared file."""
 
     def __init__(self, metrics: Metrics, labels: tuple[str, str]) -> None:
         self.steps: list[tuple[float, int, int]] = []  # (decoder seconds, requests, rows) since the last flush
+        self.waits: list[float] = []  # seconds each request admitted since the last flush waited in the queue
+        self.encodes: list[float] = []  # seconds of each encoder call since the last flush
         self.flushed = time.monotonic()
         self.queue_time = metrics.queue_time.labels(*labels)
         self.encoder = metrics.compute_time.labels(*labels, "encoder")
@@ -442,4 +448,7 @@ class _Children:
             observe_many(self.batch_requests, requests)
             observe_many(self.batch_rows, rows)
             self.steps.clear()
+        for histogram, values in ((self.queue_time, self.waits), (self.encoder, self.encodes)):
+            observe_many(histogram, values)
+            values.clear()
         self.flushed = time.monotonic()

@@ -16,10 +16,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
 
 from server.device import CPU, Device
 from server.engine import Engine, Limits
 from server.errors import DeadlineExceeded, Overloaded
+from server.metrics import Metrics
 from server.reductions import Reduction
 from server.search import Hypothesis, State, run_search
 from tests.unit.engine_fakes import EngineHooks, Options, wait_until
@@ -244,6 +246,22 @@ def test_a_finished_request_is_freed_without_the_garbage_collector(engines: list
         wait_until(lambda: freed() is None, "the finished request to be freed")
     finally:
         gc.enable()
+
+
+def test_the_engines_histograms_are_written_before_the_answer_that_leaves_it_idle(engines: list[Engine]) -> None:
+    # The engine tallies its histograms and writes them a few times a second; a caller that reads /metrics after its
+    # answer (the engine then has nothing left to decode) sees its wait, its encoder call and its steps.
+    registry = CollectorRegistry()
+    model = FakeModel()
+    engine = Engine(model, Limits(), Metrics(registry))  # type: ignore[arg-type]
+    engines.append(engine)
+    labels = {"model": "fake", "version": "1"}
+    for answered in range(1, 4):
+        engine.submit([SOURCES[0], SOURCES[1]], Options()).result(timeout=30)
+        assert registry.get_sample_value("attn_queue_duration_seconds_count", labels) == answered
+        assert registry.get_sample_value("attn_compute_duration_seconds_count", {**labels, "stage": "encoder"}) == (
+            answered)
+        assert registry.get_sample_value("attn_batch_hypotheses_sum", labels) == sum(model.steps)
 
 
 def test_close_fails_what_is_left(engines: list[Engine]) -> None:
