@@ -30,7 +30,8 @@ end (``--results OUT/gpu.json``, back here, writes its section of docs/benchmark
    then its two graphs alone on the device, first call and later ones, and ONNX Runtime's profile of them: the
    time per provider and the costliest operators, which say whether nodes fell back to the CPU; and the same graphs
    with cuDNN's HEURISTIC convolution search instead of the default EXHAUSTIVE one, which says whether that search
-   is what a first call pays.
+   is what a first call pays; and the image encoder's first and second call at each of several batch sizes (under
+   load the engine encodes the images it admits together, in batches of sizes the warm-up never ran).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ from bench.sections import replace_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = ROOT / "docs" / "scenes-sat-example-1-input.png"
+WAVE = 6  # Caption calls sent together
 BEGIN, END = "<!-- gpu: written by bench/gpu.py -->", "<!-- /gpu -->"
 ATTENTION = {"full": pb.ATTENTION_DETAIL_FULL, "none": pb.ATTENTION_DETAIL_NONE}
 BATCH_CLIENTS = 128  # clients of the batch-job runs, each call holding --texts-per-call sentences
@@ -272,8 +274,16 @@ def caption(models: Path, where: str, calls: int) -> dict[str, Any]:
             started = time.perf_counter()
             stub.Caption(pb.CaptionRequest(image=image), timeout=60)
             latencies.append(1000 * (time.perf_counter() - started))
+        # Waves of calls sent together, which the engine encodes in batches larger than its warm-up's: the first wave
+        # meets those batch sizes first, the second again.
+        waves = []
+        for _ in range(2):
+            started = time.perf_counter()
+            for future in [stub.Caption.future(pb.CaptionRequest(image=image), timeout=60) for _ in range(WAVE)]:
+                future.result()
+            waves.append(round(1000 * (time.perf_counter() - started), 1))
     row = {"device": where, "first_ms": round(latencies[0], 1), "p50_ms": round(statistics.median(latencies[1:]), 1),
-           "min_ms": round(min(latencies[1:]), 1), "calls": calls}
+           "min_ms": round(min(latencies[1:]), 1), "calls": calls, "wave": WAVE, "waves_ms": waves}
     print(json.dumps(row), flush=True)
     return row
 
@@ -287,7 +297,7 @@ def caption_graphs(model_dir: Path, device_name: str, calls: int, work: Path) ->
 
     from server.artifacts import Manifest
     from server.captioning import CaptionModel
-    from server.device import choose, default_threads
+    from server.device import CPU, CUDA, choose, default_threads
     from server.imaging import decode
 
     device = choose(device_name)
@@ -324,11 +334,46 @@ def caption_graphs(model_dir: Path, device_name: str, calls: int, work: Path) ->
                                                key=lambda kv: -kv[1])[:8]),
         }
         print(json.dumps({name: out[name]}), flush=True)
+    out["encoder_batches"] = _batch_shapes(model_dir / model.manifest.encoder.file, model.image_spec["input"],
+                                           pixels, device.providers)
+    print(json.dumps({"encoder_batches": out["encoder_batches"]}), flush=True)
     if device.name == "cuda":
         try:  # a failure here must not lose the profile above
             out.update(_heuristic_search(model_dir, graphs, calls))
+            out["encoder_batches_heuristic"] = _batch_shapes(
+                model_dir / model.manifest.encoder.file, model.image_spec["input"], pixels,
+                [(CUDA, {"cudnn_conv_algo_search": "HEURISTIC"}), CPU])
+            print(json.dumps({"encoder_batches_heuristic": out["encoder_batches_heuristic"]}), flush=True)
         except Exception as exc:  # noqa: BLE001 - reported beside the results
             out["heuristic_error"] = repr(exc)
+    return out
+
+
+ENCODER_BATCHES = (1, 2, 3, 4, 6, 8, 16)
+
+
+def _batch_shapes(graph: Path, name: str, pixels: np.ndarray, providers: list[Any]) -> dict[str, list[float]]:
+    """The image encoder's first call at each batch size of :data:`ENCODER_BATCHES` (in that order, one session)
+    and a second call at the same size, ms. The engine encodes the images it admits together in one call, so under
+    load a captioner meets batch sizes its warm-up (1 and 2 images) never ran; where a new size's first call costs
+    far more than its second, each new size pays a search of its own (cuDNN's EXHAUSTIVE one on CUDA)."""
+    import onnxruntime as ort
+
+    from server.device import default_threads
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = default_threads()
+    session = ort.InferenceSession(str(graph), options, providers=providers)
+    session.run(None, {name: pixels[None]})  # the session's own first call, timed in the table above
+    out = {}
+    for size in ENCODER_BATCHES:
+        feeds = {name: np.repeat(pixels[None], size, axis=0)}
+        times = []
+        for _ in range(2):
+            started = time.perf_counter()
+            session.run(None, feeds)
+            times.append(round(1000 * (time.perf_counter() - started), 2))
+        out[str(size)] = times
     return out
 
 
@@ -551,9 +596,10 @@ def report(results: dict[str, Any]) -> list[str]:
                   for r in results["same_outputs"]]
         lines.append("")
     if results.get("caption"):
-        lines += ["### Caption, one image at a time", "", "| device | first call ms | p50 ms | fastest ms | calls |",
-                  "|---|---:|---:|---:|---:|"]
-        lines += [f"| {r['device']} | {r['first_ms']} | {r['p50_ms']} | {r['min_ms']} | {r['calls']} |"
+        lines += ["### Caption, one image at a time", "", "| device | first call ms | p50 ms | fastest ms | calls | "
+                  "calls sent together: first wave ms, second wave ms |", "|---|---:|---:|---:|---:|---|"]
+        lines += [f"| {r['device']} | {r['first_ms']} | {r['p50_ms']} | {r['min_ms']} | {r['calls']} | "
+                  f"{r.get('wave', '–')}: {', '.join(str(w) for w in r.get('waves_ms', []))} |"
                   for r in results["caption"]]
         lines.append("")
     if results.get("caption_graphs"):
@@ -573,6 +619,16 @@ def report(results: dict[str, Any]) -> list[str]:
                              f"{h['later_p50_ms']} | | |")
         if "heuristic_error" in graphs:
             lines.append(f"\nThe graphs with cuDNN's HEURISTIC search failed: {graphs['heuristic_error']}")
+        if "encoder_batches" in graphs:
+            searches = [("default", graphs["encoder_batches"])]
+            if "encoder_batches_heuristic" in graphs:
+                searches.append(("cuDNN search HEURISTIC", graphs["encoder_batches_heuristic"]))
+            lines += ["", "The image encoder at batch sizes its warm-up did not run (one session; first and second "
+                      "call at each size, ms):", "",
+                      "| search | " + " | ".join(f"{b} images" for b in graphs["encoder_batches"]) + " |",
+                      "|---|" + "---:|" * len(graphs["encoder_batches"])]
+            lines += [f"| {label} | " + " | ".join(f"{t[0]} / {t[1]}" for t in batches.values()) + " |"
+                      for label, batches in searches]
         lines.append("")
     for name, error in results.get("errors", {}).items():
         lines += [f"- `{name}` failed: {error}"]
