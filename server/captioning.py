@@ -117,10 +117,17 @@ class CaptionModel(DecoderRuntime):
     def warm_up(self) -> float:
         """Runs both graphs (greedy and beam) once, so the first request pays no lazy initialisation."""
         started = time.monotonic()
-        height, width = (int(v) for v in self.image_spec["size"])
-        blank = DecodedImage(Image.new("RGB", (width, height), (128, 128, 128)), "PNG", 1)
+        blank = self._blank()
         self.caption([blank], DecodeOptions(beam_size=1))
         self.caption([blank, blank], DecodeOptions(beam_size=2, nbest=2, max_output_tokens=4))
         seconds = time.monotonic() - started
         event(log, "model_warm", model=self.name, version=self.version, seconds=round(seconds, 3))
         return seconds
+
+    def warm_up_requests(self) -> list[tuple[list[Any], Any]]:
+        pixels = self.pixels(self._blank())
+        return [([pixels], DecodeOptions(beam_size=4, nbest=2)), ([pixels] * 2, DecodeOptions(beam_size=1))]
+
+    def _blank(self) -> DecodedImage:
+        height, width = (int(v) for v in self.image_spec["size"])
+        return DecodedImage(Image.new("RGB", (width, height), (128, 128, 128)), "PNG", 1)

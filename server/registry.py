@@ -20,7 +20,7 @@ from server import heap
 from server.artifacts import Manifest, ManifestError
 from server.captioning import CaptionModel
 from server.device import Device
-from server.engine import Engine, Limits
+from server.engine import Engine, Limits, warm_serving_path
 from server.errors import NotReady, StartupError
 from server.logs import event
 from server.metrics import Metrics
@@ -186,6 +186,7 @@ class Registry(ModelIndex):
                 return None
             model = factory(directory, manifest, self.device, self.variant, self.threads)
             model.warm_up()
+            warm_serving_path(model)
         except Exception as exc:  # a broken graph fails in ONNX Runtime's own exception types
             raise ModelLoadError(f"invalid model {directory}: {exc}") from exc
         if self.metrics:

@@ -82,6 +82,11 @@ class DecoderRuntime:
         """Runs every graph once, so the first request pays no lazy initialisation; returns the seconds it took."""
         raise NotImplementedError
 
+    def warm_up_requests(self) -> list[tuple[list[Any], Any]]:
+        """Engine requests (items, decoding options) that take the serving path where :meth:`warm_up` does not go:
+        beam and greedy search, several items (:func:`server.engine.warm_serving_path` sends them)."""
+        raise NotImplementedError
+
     # -- what the engine calls ---------------------------------------------------------------------------------
 
     def encode(self, items: Sequence[Any]) -> tuple[search.State, search.State]:

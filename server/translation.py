@@ -252,3 +252,7 @@ class TranslationModel(DecoderRuntime):
         seconds = time.monotonic() - started
         event(log, "model_warm", model=self.name, version=self.version, seconds=round(seconds, 3))
         return seconds
+
+    def warm_up_requests(self) -> list[tuple[list[Any], Any]]:
+        [source] = self.prepare([WARM_UP_TEXT])
+        return [([source.ids], DecodeOptions(beam_size=4, nbest=2)), ([source.ids] * 2, DecodeOptions(beam_size=1))]

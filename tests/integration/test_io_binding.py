@@ -4,15 +4,17 @@ alone and through the serving engine."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from server import iobinding, reductions
 from server.artifacts import Manifest
-from server.device import CPU, Device
-from server.engine import Engine, Limits
+from server.device import CPU, Device, session
+from server.engine import Engine, Limits, warm_serving_path
 from server.iobinding import DeviceTensor
 from server.translation import DecodeOptions, Result, TranslationModel
 
@@ -89,3 +91,36 @@ def test_the_engine_serves_bound_models(models_dir: Path, transformer_dir: Path,
                     np.testing.assert_allclose(h.attention, w.attention, atol=1e-5)
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize(("which", "device"), [("recurrent", PLAIN), ("recurrent", BOUND), ("transformer", BOUND)],
+                         ids=["recurrent-plain", "recurrent-bound", "transformer-bound"])
+def test_after_the_warm_up_at_load_serving_makes_no_session(models_dir: Path, transformer_dir: Path, which: str,
+                                                             device: Device, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the serving path makes on first use (the search's reductions, the joins and gathers of rows on the
+    device) is made while the model loads (``warm_serving_path``, as the registry does), not on a request: with a
+    provider that is slow to start a session (CUDA) a first request paid for each."""
+    directory = models_dir / "tiny-de-en" / "1" if which == "recurrent" else transformer_dir
+    model = load(directory, device)
+    model.warm_up()
+    warm_serving_path(model)
+    made: list[object] = []
+
+    def counted(graph: Path | bytes, on: Device, threads: int) -> object:
+        made.append(graph)
+        return session(graph, on, threads)
+
+    monkeypatch.setattr(iobinding, "session", counted)
+    monkeypatch.setattr(reductions, "session", counted)
+    engine = Engine(model, Limits())
+    try:
+        first = engine.submit([s.ids for s in model.prepare(TEXTS[:2])], DecodeOptions(beam_size=4, nbest=2))
+        while engine.active == 0 and not first.done():  # the others join its lane while it decodes
+            time.sleep(0.0005)
+        others = [engine.submit([s.ids for s in model.prepare([text])], DecodeOptions(beam_size=beam))
+                  for text, beam in zip(TEXTS[2:], [1, 3])]
+        for future in [first, *others]:
+            assert future.result(timeout=120)
+    finally:
+        engine.close()
+    assert made == []
