@@ -133,6 +133,7 @@ benchmark: setup
 	$(PY) bench/serving.py
 	$(PY) bench/overhead.py
 	$(PY) bench/one_client.py
+	$(PY) bench/first_call.py
 	$(PY) bench/grpc_floor.py
 	$(PY) bench/engine_ceiling.py
 	$(PY) bench/soak.py
