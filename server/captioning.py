@@ -124,9 +124,8 @@ class CaptionModel(DecoderRuntime):
         event(log, "model_warm", model=self.name, version=self.version, seconds=round(seconds, 3))
         return seconds
 
-    def warm_up_requests(self) -> list[tuple[list[Any], Any]]:
-        pixels = self.pixels(self._blank())
-        return [([pixels], DecodeOptions(beam_size=4, nbest=2)), ([pixels] * 2, DecodeOptions(beam_size=1))]
+    def warm_up_item(self) -> np.ndarray:
+        return self.pixels(self._blank())
 
     def _blank(self) -> DecodedImage:
         height, width = (int(v) for v in self.image_spec["size"])

@@ -16,18 +16,21 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from server import heap
 from server.artifacts import Manifest, ManifestError
 from server.captioning import CaptionModel
 from server.device import Device
-from server.engine import Engine, Limits, warm_serving_path
+from server.engine import Engine, Limits
 from server.errors import NotReady, StartupError
+from server.iobinding import join_rows
 from server.logs import event
 from server.metrics import Metrics
 from server.models import ModelIndex, version_key
 from server.runtime import DecoderRuntime
 from server.search import Hypothesis
-from server.translation import TranslationModel
+from server.translation import DecodeOptions, TranslationModel
 
 log = logging.getLogger("attn.registry")
 
@@ -63,6 +66,28 @@ class ModelLoadError(Exception):
 def _signature(directory: Path) -> tuple[float, ...]:
     """Changes when the version's files change: a refused version is tried again only then."""
     return tuple(sorted(p.stat().st_mtime for p in directory.iterdir() if p.is_file()))
+
+
+def warm_serving_path(model: Runtime) -> None:
+    """Makes what the serving path makes on first use and :meth:`~DecoderRuntime.warm_up` does not reach, while the
+    model loads rather than on its first request: a beam and a greedy request through an engine of their own (no
+    metrics) make the search's reductions on the step's provider and import what numpy imports lazily; with I/O
+    binding, a join and a gather of every decoder input's rows on the device make their sessions (one per element
+    type and rank), which a lane makes when rows join it while it decodes. A model that fails here fails to load
+    instead of failing every request."""
+    item = model.warm_up_item()
+    engine = Engine(model)
+    try:
+        for future in [engine.submit([item], DecodeOptions(beam_size=4, nbest=2)),
+                       engine.submit([item, item], DecodeOptions(beam_size=1))]:
+            future.result()
+    finally:
+        engine.close()
+    kernels = model.device_kernels
+    if kernels is not None:
+        state, static = model.encode([item])
+        for value in [*state.values(), *static.values()]:
+            join_rows(kernels.upload(value), value).take(np.zeros(1, dtype=np.int64), axis=0)
 
 
 class Registry(ModelIndex):

@@ -82,9 +82,9 @@ class DecoderRuntime:
         """Runs every graph once, so the first request pays no lazy initialisation; returns the seconds it took."""
         raise NotImplementedError
 
-    def warm_up_requests(self) -> list[tuple[list[Any], Any]]:
-        """Engine requests (items, decoding options) that take the serving path where :meth:`warm_up` does not go:
-        beam and greedy search, several items (:func:`server.engine.warm_serving_path` sends them)."""
+    def warm_up_item(self) -> Any:
+        """An engine item (what :meth:`encode` takes) for the warm-up of the serving path at load
+        (:func:`server.registry.warm_serving_path`)."""
         raise NotImplementedError
 
     # -- what the engine calls ---------------------------------------------------------------------------------

@@ -253,6 +253,5 @@ class TranslationModel(DecoderRuntime):
         event(log, "model_warm", model=self.name, version=self.version, seconds=round(seconds, 3))
         return seconds
 
-    def warm_up_requests(self) -> list[tuple[list[Any], Any]]:
-        [source] = self.prepare([WARM_UP_TEXT])
-        return [([source.ids], DecodeOptions(beam_size=4, nbest=2)), ([source.ids] * 2, DecodeOptions(beam_size=1))]
+    def warm_up_item(self) -> np.ndarray:
+        return self.prepare([WARM_UP_TEXT])[0].ids

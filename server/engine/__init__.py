@@ -34,7 +34,6 @@ from server.engine.core import (
     Engine,
     Limits,
     Request,
-    warm_serving_path,
 )
 
-__all__ = ["ADMISSION_WINDOW", "LENGTH_BUCKETS", "SEARCHES_KEPT", "Engine", "Limits", "Request", "warm_serving_path"]
+__all__ = ["ADMISSION_WINDOW", "LENGTH_BUCKETS", "SEARCHES_KEPT", "Engine", "Limits", "Request"]

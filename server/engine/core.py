@@ -18,7 +18,6 @@ import numpy as np
 
 from server.engine.lanes import Lane, Owner
 from server.errors import Cancelled, DeadlineExceeded, Overloaded, ShuttingDown
-from server.iobinding import join_rows
 from server.logs import event
 from server.metrics import Metrics, observe_many
 from server.runtime import DecoderRuntime
@@ -414,27 +413,6 @@ class Engine:
             self._metric.queue_requests.set(len(self._queue))
             self._metric.queue_tokens.set(self._queued_tokens)
             self._metric.active_requests.set(len(self._active))
-
-
-def warm_serving_path(model: DecoderRuntime) -> None:
-    """Makes what the serving path makes on first use and the model's own warm-up does not reach, while the model
-    loads rather than on its first request: ``model.warm_up_requests()`` go through an engine of their own (no
-    metrics): the search's reductions on the step's provider, the parts of numpy the engine imports lazily; and,
-    with I/O binding, a join and a gather of every decoder input's rows on the device (a session per element type
-    and rank), which a lane makes when rows join it while it decodes. A model that fails here fails to load instead
-    of failing every request."""
-    requests = model.warm_up_requests()
-    engine = Engine(model)
-    try:
-        for future in [engine.submit(items, options) for items, options in requests]:
-            future.result()
-    finally:
-        engine.close()
-    kernels = model.device_kernels
-    if kernels is not None:
-        state, static = model.encode(requests[0][0])
-        for value in [*state.values(), *static.values()]:
-            join_rows(kernels.upload(value), value).take(np.zeros(1, dtype=np.int64), axis=0)
 
 
 class _Children:

@@ -14,8 +14,9 @@ import pytest
 from server import iobinding, reductions
 from server.artifacts import Manifest
 from server.device import CPU, Device, session
-from server.engine import Engine, Limits, warm_serving_path
+from server.engine import Engine, Limits
 from server.iobinding import DeviceTensor
+from server.registry import warm_serving_path
 from server.translation import DecodeOptions, Result, TranslationModel
 
 PLAIN = Device("cpu", [CPU], "test")
