@@ -18,7 +18,9 @@ end (``--results OUT/gpu.json``, back here, writes its section of docs/benchmark
    ``attn-export --fp16`` converts them): sentences/s, p50/p99, server cores (the engine process's and the
    front-ends' apart), and GPU utilisation sampled by ``nvidia-smi`` during the window; each server's first setting
    at the largest count once more with one client process more, to show that the load generator does not limit the
-   figure; then the same with more rows decoded together than the default (``--batch-rows``), and with more
+   figure; then the same with more rows decoded together than the default (``--batch-rows``), with the default
+   lanes (by source length above 128 rows: a decoder call per lane and step) and with one lane up to that many
+   rows (``ATTN_MIXED_LANE_ROWS``), and with more
    engine processes than one (``--engines``); as a batch job calls it, several sentences in each call
    (``--texts-per-call``), with as many engine processes as the most of ``--engines``; and one engine process
    driven on its socket without front-ends (``bench/engine_ceiling.py``): the cap of its Python, which says how
@@ -516,9 +518,11 @@ def main(argv: list[str] | None = None) -> int:
     captioner = models_dir(args.work, "captioner", args.captioner)
     part("ceiling", lambda: ceiling(args.model, texts, args.device, args.rows, args.steps))
     part("serving", serving_table)
-    part("batch_rows", lambda: [row for rows in args.batch_rows for row in serving(
+    # Each number of rows with the default lanes (by source length above ATTN_MIXED_LANE_ROWS, 128: several
+    # decoder calls per step) and with every source of up to 64 tokens in one call per step.
+    part("batch_rows", lambda: [row for rows in args.batch_rows for mixed in (None, rows) for row in serving(
         translator, texts, args.device, "", args.clients[-1:], args.beams, ["full"], args.seconds,
-        args.client_processes, max_batch_rows=rows)])
+        args.client_processes, max_batch_rows=rows, **({} if mixed is None else {"mixed_lane_rows": mixed}))])
     part("engines", lambda: [row for engines in args.engines for row in serving(
         translator, texts, args.device, "", args.clients[-1:], args.beams, ["full"], args.seconds,
         args.client_processes, engines=engines)])
@@ -573,7 +577,9 @@ def report(results: dict[str, Any]) -> list[str]:
         lines += ["### The server", "", *_serving_table(results["serving"]), ""]
     if results.get("batch_rows"):
         lines += ["### Larger batches", "", "The server with more rows decoded together than its default "
-                  "(`ATTN_MAX_BATCH_ROWS`, 256), fp32, at the largest client count:", "",
+                  "(`ATTN_MAX_BATCH_ROWS`, 256), fp32, at the largest client count; with the default lanes (above "
+                  "`ATTN_MIXED_LANE_ROWS`, 128 rows, one decoder call per source-length lane and step) and with one "
+                  "lane up to that many rows:", "",
                   *_serving_table(results["batch_rows"]), ""]
     if results.get("engines"):
         lines += ["### More engine processes", "", "The server with several engine processes on the device "

@@ -72,7 +72,8 @@ def build_registry(settings: Settings, metrics: Metrics) -> Registry:
     s = settings
     limits = Limits(max_batch_rows=s.max_batch_rows, max_batch_tokens=s.max_batch_tokens,
                     max_batch_requests=Limits.max_batch_requests if s.batching else 1,
-                    max_queue_requests=s.max_queue_requests, max_queue_tokens=s.max_queue_tokens)
+                    max_queue_requests=s.max_queue_requests, max_queue_tokens=s.max_queue_tokens,
+                    mixed_lane_rows=s.mixed_lane_rows)
     chosen = device.choose(s.device, allow_spinning=s.ort_allow_spinning)
     if chosen.name == "cuda":
         metrics.watch_gpu()

@@ -66,6 +66,12 @@ class Settings:
     max_batch_rows: int = _setting(256, "Most hypotheses (texts × beam) one model decodes together.")
     max_batch_tokens: int = _setting(32768, "Most source positions (tokens, or grid cells of images) over the "
                                      "hypotheses one model decodes together.")
+    mixed_lane_rows: int = _setting(128, "While one model's engine decodes at most this many hypotheses, an RNN "
+                                    "model's sources of up to 64 tokens share one decoder call per step; above it "
+                                    "they decode in lanes by source length, one call each, so that short sources "
+                                    "do not attend over long ones' padding. 0: always by length. On a GPU, where "
+                                    "padding costs little and each call a launch, a value as large as "
+                                    "max_batch_rows decodes all those sources in one call per step.")
     max_queue_requests: int = _setting(256, "Most requests waiting for one model; more get RESOURCE_EXHAUSTED.")
     max_queue_tokens: int = _setting(32768, "Most source tokens (grid cells for images) waiting for one model; more "
                                      "get RESOURCE_EXHAUSTED.")
@@ -122,6 +128,8 @@ class Settings:
         if min(self.port, self.ort_threads, self.grace_seconds, self.reload_interval, self.max_connection_age) < 0:
             raise ValueError("port, ort_threads, grace_seconds, reload_interval and max_connection_age must not be "
                              "negative")
+        if self.mixed_lane_rows < 0:
+            raise ValueError(f"mixed_lane_rows must not be negative, not {self.mixed_lane_rows}")
         parse_pins(self.pinned_versions)
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key go together: set both or neither")

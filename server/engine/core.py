@@ -45,7 +45,7 @@ class Limits:
     # While the engine holds at most this many rows, an RNN model's sources of up to LENGTH_BUCKETS[-1] tokens share
     # one lane instead of lanes by length: with few rows a decoder call's fixed cost outweighs attending over
     # padding, and lanes by length made two or three small calls per step (docs/benchmarks.md, "Lanes by length under
-    # light load"). 0: always by length.
+    # light load"). 0: always by length. The server's ATTN_MIXED_LANE_ROWS.
     mixed_lane_rows: int = 128
 
 

@@ -31,6 +31,7 @@ def test_environment_then_flags() -> None:
     (["--max-texts", "0"], {}, "max_texts must be at least 1"),
     (["--default-beam-size", "8", "--max-beam-size", "4"], {}, "exceeds max_beam_size"),
     ([], {"ATTN_MAX_CONNECTION_AGE": "-1"}, "max_connection_age must not be negative"),
+    (["--mixed-lane-rows", "-1"], {}, "mixed_lane_rows must not be negative"),
     (["--engines", "0"], {}, "engines must be at least 1"),
     (["--engines", "2", "--frontends", "0"], {}, "engines 2 needs front-end processes"),
 ])
@@ -40,6 +41,20 @@ def test_bad_settings_exit_with_a_message(argv: list[str], env: dict[str, str], 
         Settings.from_sources(argv, environ=env)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_engines_limits_come_from_the_settings() -> None:
+    """What the engines of this process (or of the engine process) schedule by: build_registry's Limits."""
+    from prometheus_client import CollectorRegistry
+
+    from server.app import build_registry
+    from server.metrics import Metrics
+
+    s = Settings.from_sources(["--device", "cpu", "--max-batch-rows", "1024", "--mixed-lane-rows", "1024"],
+                              environ={"ATTN_MAX_QUEUE_TOKENS": "4096", "ATTN_BATCHING": "false"})
+    limits = build_registry(s, Metrics(CollectorRegistry())).limits
+    assert (limits.max_batch_rows, limits.mixed_lane_rows, limits.max_queue_tokens, limits.max_batch_requests) == (
+        1024, 1024, 4096, 1)
 
 
 def test_readme_documents_every_setting() -> None:
