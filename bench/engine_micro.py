@@ -6,6 +6,7 @@ flight.
     .venv/bin/python bench/engine_micro.py --models --reductions   # only the reductions: numpy against the graph
     PYTHONPATH=DIR .venv/bin/python bench/engine_micro.py --engine other_engine   # another Engine, to compare
     .venv/bin/python bench/engine_micro.py --mixed-lane-rows 0 128 --repeat 3   # lanes always by length, or not
+    .venv/bin/python bench/engine_micro.py --models tiny --beams 1 --concurrency 64 256 1024 --max-batch-rows 1024
 
 One sentence per request; ``--concurrency`` requests are kept in flight (a finished one is replaced at once). Two
 models: the bundled ``de-en-bahdanau`` (the decoder's compute dominates) and a tiny one of negligible compute (widths
@@ -16,9 +17,11 @@ test fixture as the test session does.
 Reported per run: sentences/s (wall); CPU milliseconds per sentence (``time.process_time``: every thread of this
 process, ONNX Runtime's and the submitting thread's included) and the engine thread's own (its Python, and the
 ONNX Runtime calls it makes); the decoder's share of the wall time (the engine's ``compute_time`` metric, which
-includes the search's reductions done with the step); the mean rows per decoder call; and the wall time per sentence
-outside the decoder. On a machine shared with other work the CPU times are the steadier figures; ``--repeat`` keeps
-each setting's fastest run. Nothing is asserted; results go to stdout and, with ``--json``, to a file.
+includes the search's reductions done with the step); the mean rows per decoder call; the wall time per sentence
+outside the decoder; and the engine thread's CPU outside the encoder's and decoder's calls (its Python and numpy:
+what stays on the CPU when a GPU runs the graphs). On a machine shared with other work the CPU times are the
+steadier figures; ``--repeat`` keeps each setting's fastest run. Nothing is asserted; results go to stdout and, with
+``--json``, to a file.
 """
 
 from __future__ import annotations
@@ -114,12 +117,12 @@ def run(engine_class: type[Engine], model: TranslationModel, items: list[Any], o
     """One engine, warmed up on ``2 * concurrency`` items, then timed over all of them."""
     registry = CollectorRegistry()
     labels = {"model": model.name, "version": model.version}
-    decoder = {**labels, "stage": "decoder"}
+    decoder, encoder = {**labels, "stage": "decoder"}, {**labels, "stage": "encoder"}
 
-    def read() -> list[float]:  # the decoder's seconds and calls, the rows over its calls
+    def read() -> list[float]:  # the decoder's seconds and calls, the rows over its calls, the encoder's seconds
         return [registry.get_sample_value(name, where) or 0.0 for name, where in (
             ("attn_compute_duration_seconds_sum", decoder), ("attn_compute_duration_seconds_count", decoder),
-            ("attn_batch_hypotheses_sum", labels))]
+            ("attn_batch_hypotheses_sum", labels), ("attn_compute_duration_seconds_sum", encoder))]
 
     engine = engine_class(model, limits, Metrics(registry))
     clock = time.pthread_getcpuclockid(engine._thread.ident or 0)  # the engine thread's CPU time
@@ -128,27 +131,35 @@ def run(engine_class: type[Engine], model: TranslationModel, items: list[Any], o
         before, engine_cpu = read(), time.clock_gettime(clock)
         wall, cpu = drive(engine, items, options, concurrency)
         engine_cpu = time.clock_gettime(clock) - engine_cpu
-        seconds, calls, rows = (after - first for after, first in zip(read(), before))
+        seconds, calls, rows, encoding = (after - first for after, first in zip(read(), before))
     finally:
         engine.close()
     n = len(items)
     return {
         "model": model.name, "device": model.device.name if model.device else "", "beam": options.beam_size,
-        "concurrency": concurrency, "mixed_lane_rows": limits.mixed_lane_rows, "sentences": n,
+        "concurrency": concurrency, "mixed_lane_rows": limits.mixed_lane_rows,
+        "max_batch_rows": limits.max_batch_rows, "sentences": n,
         "sentences_per_s": round(n / wall, 1), "cpu_ms_per_sentence": round(1000 * cpu / n, 3),
         "engine_thread_cpu_ms_per_sentence": round(1000 * engine_cpu / n, 3),
         "wall_s": round(wall, 3), "decoder_share": round(seconds / wall, 3), "decoder_calls": int(calls),
         "rows_per_call": round(rows / max(calls, 1), 1), "other_ms_per_sentence": round(1000 * (wall - seconds) / n, 3),
+        # The engine thread's CPU outside the timed encoder and decoder calls (the decoder's time includes the
+        # reductions done with the step): the scheduler's and the search's Python and numpy, what a GPU does not
+        # take over. Exact where ONNX Runtime runs on the calling thread alone (one intra-op thread, the server's
+        # setting on two cores); with more, their CPU is not the engine thread's and this comes out too low.
+        "engine_thread_outside_graphs_ms_per_sentence": round(1000 * (engine_cpu - seconds - encoding) / n, 3),
     }
 
 
 def measure(directory: Path, texts: list[str], concurrencies: list[int], beams: list[int], max_output: int,
             threads: int, engine_class: type[Engine] = Engine, repeat: int = 1,
-            device: Device | None = None, mixed_lane_rows: list[int] | None = None) -> list[dict[str, Any]]:
+            device: Device | None = None, mixed_lane_rows: list[int] | None = None,
+            max_batch_rows: int = Limits().max_batch_rows) -> list[dict[str, Any]]:
     """Every setting ``repeat`` times (the fastest run is kept); several ``mixed_lane_rows`` take turns within each
     repetition, so that a noisy machine slows them alike."""
     model, items = load(directory, texts, threads, device or Device("cpu", [CPU], "bench"))
-    limits = [Limits(mixed_lane_rows=m) for m in mixed_lane_rows or [Limits().mixed_lane_rows]]
+    limits = [Limits(max_batch_rows=max_batch_rows, mixed_lane_rows=m)
+              for m in mixed_lane_rows or [Limits().mixed_lane_rows]]
     rows: list[dict[str, Any]] = []
     for beam in beams:
         options = DecodeOptions(beam_size=beam, max_output_tokens=max_output)
@@ -169,7 +180,8 @@ def _print(row: dict[str, Any], beam: int, concurrency: int, mixed: bool) -> Non
           f"CPU ms/sentence {row['cpu_ms_per_sentence']:>6} (engine thread "
           f"{row['engine_thread_cpu_ms_per_sentence']:>6}), decoder {row['decoder_share']:.0%} of the wall "
           f"time, {row['rows_per_call']} rows per call, {row['other_ms_per_sentence']} ms/sentence "
-          "outside the decoder", flush=True)
+          f"outside the decoder, engine thread outside the graphs "
+          f"{row['engine_thread_outside_graphs_ms_per_sentence']} ms/sentence", flush=True)
 
 
 def reductions(vocab: int = 8000, repeat: int = 20) -> list[dict[str, Any]]:
@@ -213,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mixed-lane-rows", type=int, nargs="+",
                         help="the engine's Limits.mixed_lane_rows (0: lanes always by source length); several "
                              "take turns")
+    parser.add_argument("--max-batch-rows", type=int, default=Limits().max_batch_rows,
+                        help="the engine's Limits.max_batch_rows (ATTN_MAX_BATCH_ROWS): raise it with --concurrency "
+                             "to see the engine's cost per sentence at the batches a GPU decodes")
     parser.add_argument("--reductions", action="store_true", help="also time the search's reductions alone")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="cuda: the GPU with I/O binding, as the server chooses it")
@@ -224,11 +239,11 @@ def main(argv: list[str] | None = None) -> int:
         if which == "bundled":
             texts = sentences(args.sentences, args.corpus)
             rows += measure(BUNDLED, texts, args.concurrency, args.beams, 0, args.threads, engine_class, args.repeat,
-                            device, args.mixed_lane_rows)
+                            device, args.mixed_lane_rows, args.max_batch_rows)
         else:
             texts = sentences(4 * args.sentences, args.corpus)
             rows += measure(build_tiny(), texts, args.concurrency, args.beams, 12, args.threads, engine_class,
-                            args.repeat, device, args.mixed_lane_rows)
+                            args.repeat, device, args.mixed_lane_rows, args.max_batch_rows)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0
