@@ -643,20 +643,24 @@ def report(results: dict[str, Any]) -> list[str]:
 
 
 def _serving_table(rows: list[dict[str, Any]]) -> list[str]:
-    """Server CPU in cores: the whole tree, then the engine process and the front-ends apart (one at 1.0 is a
+    """Client cores: the load generator's processes together, and the busiest one (near 1.0: the clients limit);
+    server CPU in cores: the whole tree, then the engine process and the front-ends apart (one at 1.0 is a
     process that limits the server); rows per decoder call: how many sentences' rows (× beam) each step decoded
     together, which a device's cost per sentence falls with."""
-    lines = ["| variant | settings | beam | attention | clients | client processes | sentences/s | p50 ms | p99 ms | "
-             "server cores | engine cores | front-end cores | rows per decoder call | GPU utilisation % | codes |",
-             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| variant | settings | beam | attention | clients | client processes | client cores (busiest process) | "
+             "sentences/s | p50 ms | p99 ms | server cores | engine cores | front-end cores | rows per decoder call | "
+             "GPU utilisation % | codes |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         per_call = r.get("texts_per_call", 1)
         clients = f"{r['concurrency']}" + (f" × {per_call} sentences" if per_call > 1 else "") + \
             (" (check)" if r["check"] else "")
         gpu = "–" if r["gpu_utilisation"] is None else r["gpu_utilisation"]
         settings = ", ".join(f"{k} {v}" for k, v in r.get("settings", {}).items()) or "default"
+        client_cores = f"{r['client_cores']} ({r['busiest_client_cores']})" if "client_cores" in r else "–"
         lines.append(f"| {r['variant']} | {settings} | {r['beam']} | {r['attention']} | {clients} | "
-                     f"{r['client_processes']} | {r['sentences_per_s']} | {r['p50_ms']} | {r['p99_ms']} | "
+                     f"{r['client_processes']} | {client_cores} | {r['sentences_per_s']} | {r['p50_ms']} | "
+                     f"{r['p99_ms']} | "
                      f"{r['server_cores']} | {r.get('engine_cores', '–')} | {r.get('frontend_cores', '–')} | "
                      f"{r.get('rows_per_decoder_call') or '–'} | {gpu} | "
                      f"{', '.join(f'{k} {v}' for k, v in r['codes'].items())} |")

@@ -305,10 +305,11 @@ def drive(target: str, texts: list[str], concurrency: int, options: pb.DecodingO
 def _drive_part(args: tuple[str, list[str], int, bytes, float, float, int]) -> dict[str, Any]:
     target, texts, concurrency, options, seconds, start_at, texts_per_call = args
     time.sleep(max(0.0, start_at - time.time()))  # every part measures the same window
+    cpu = time.process_time()  # every thread of this client process, gRPC's included
     run = drive(target, texts, concurrency, pb.DecodingOptions.FromString(options), seconds=seconds,
                 texts_per_call=texts_per_call)
     return {"ok": run.sentences, "codes": dict(run.codes), "target_tokens": run.target_tokens,
-            "latencies": run.latencies, "seconds": run.seconds}
+            "latencies": run.latencies, "seconds": run.seconds, "cpu_seconds": time.process_time() - cpu}
 
 
 class ClientProcesses:
@@ -366,8 +367,12 @@ def drive_processes(target: str, texts: list[str], concurrency: int, options: pb
     for p in parts:
         codes.update(p["codes"])
     ok = sum(p["ok"] for p in parts)
+    # The load generator's own CPU over the run: a client process near a whole core is what limits the figure
+    # (the run with one client process more shows it from outside).
     return {"concurrency": concurrency, "client_processes": processes, "texts_per_call": texts_per_call,
             "seconds": round(wall, 2), "ok": ok,
+            "client_cores": round(sum(p["cpu_seconds"] for p in parts) / wall, 2),
+            "busiest_client_cores": round(max(p["cpu_seconds"] / p["seconds"] for p in parts), 2),
             "sentences_per_s": round(ok / wall, 1), "target_tokens_per_s": round(sum(p["target_tokens"] for p in parts)
                                                                                / wall, 1),
             "p50_ms": round(float(np.percentile(latencies, 50)) * 1000, 2),

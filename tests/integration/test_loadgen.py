@@ -4,6 +4,7 @@ reuses them instead of starting new ones (each start costs a second or two of a 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import sys
 from pathlib import Path
 
@@ -34,6 +35,8 @@ def test_client_processes_serve_run_after_run(models_dir: Path) -> None:
             assert len(grown) == 3 and not grown & started  # three processes: a new pool replaced the two
         for run, processes in ((first, 2), (second, 2), (third, 3)):
             assert run["client_processes"] == processes and run["ok"] > 0 and set(run["codes"]) == {"OK"}, run
+            # the clients' own CPU: something, and no process more than the machine's cores
+            assert run["busiest_client_cores"] > 0 and 0 < run["client_cores"] <= (os.cpu_count() or 1), run
         assert first["ok"] == 2 * first["codes"]["OK"]  # two sentences per call, counted as sentences
     finally:
         CLIENTS.close()

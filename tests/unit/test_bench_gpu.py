@@ -66,6 +66,7 @@ def test_the_report_has_a_table_per_measured_part() -> None:
         "ceiling": [{"rows": 1024, "outputs_on_device_ms": 0.27, "outputs_on_device_row_steps_per_s": 3_792_593,
                      "as_served_ms": 0.9, "as_served_row_steps_per_s": 1_137_778}],
         "serving": [{"variant": "fp16", "beam": 4, "attention": "none", "concurrency": 1024, "client_processes": 5,
+                     "client_cores": 4.1, "busiest_client_cores": 0.86,
                      "sentences_per_s": 3100.5, "p50_ms": 300.0, "p99_ms": 500.0, "server_cores": 9.5,
                      "engine_cores": 1.0, "frontend_cores": 8.4, "settings": {}, "rows_per_decoder_call": 212.5,
                      "gpu_utilisation": 41.0, "codes": {"OK": 12000}, "check": "one client process more"}],
@@ -89,14 +90,14 @@ def test_the_report_has_a_table_per_measured_part() -> None:
     }
     lines = report(results)
     assert "| 1024 | 0.27 | 3,792,593 | 0.9 | 1,137,778 |" in lines
-    assert ("| fp16 | default | 4 | none | 1024 (check) | 5 | 3100.5 | 300.0 | 500.0 | 9.5 | 1.0 | 8.4 | 212.5 | "
-            "41.0 | OK 12000 |") in lines
-    assert ("| fp32 | max_batch_rows 1024 | 1 | full | 1024 | 4 | 5000.0 | 200.0 | 400.0 | 10.0 | 1.0 | 8.9 | – | "
+    assert ("| fp16 | default | 4 | none | 1024 (check) | 5 | 4.1 (0.86) | 3100.5 | 300.0 | 500.0 | 9.5 | 1.0 | 8.4 | "
+            "212.5 | 41.0 | OK 12000 |") in lines
+    assert ("| fp32 | max_batch_rows 1024 | 1 | full | 1024 | 4 | – | 5000.0 | 200.0 | 400.0 | 10.0 | 1.0 | 8.9 | – | "
             "30.0 | OK 20000 |") in lines
-    assert ("| fp32 | engines 2 | 4 | full | 1024 | 4 | 3500.0 | 280.0 | 450.0 | 11.0 | 2.1 | 8.8 | – | 35.0 | "
+    assert ("| fp32 | engines 2 | 4 | full | 1024 | 4 | – | 3500.0 | 280.0 | 450.0 | 11.0 | 2.1 | 8.8 | – | 35.0 | "
             "OK 14000 |") in lines
-    assert ("| fp32 | engines 4 | 1 | full | 128 × 16 sentences | 4 | 12000.0 | 150.0 | 300.0 | 12.0 | 3.5 | 8.0 | – "
-            "| 60.0 | OK 3000 |") in lines
+    assert ("| fp32 | engines 4 | 1 | full | 128 × 16 sentences | 4 | – | 12000.0 | 150.0 | 300.0 | 12.0 | 3.5 | 8.0 "
+            "| – | 60.0 | OK 3000 |") in lines
     assert "| de-en-bahdanau | 1 | 4 × 256 | 6,200 | 1.1 | 0.177 | 640.5 |" in lines
     assert (lines.index("### One engine process without front-ends") > lines.index("### Batch jobs")
             > lines.index("### More engine processes")
