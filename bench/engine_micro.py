@@ -146,8 +146,10 @@ def run(engine_class: type[Engine], model: TranslationModel, items: list[Any], o
         # The engine thread's CPU outside the timed encoder and decoder calls (the decoder's time includes the
         # reductions done with the step): the scheduler's and the search's Python and numpy, what a GPU does not
         # take over. Exact where ONNX Runtime runs on the calling thread alone (one intra-op thread, the server's
-        # setting on two cores); with more, their CPU is not the engine thread's and this comes out too low.
-        "engine_thread_outside_graphs_ms_per_sentence": round(1000 * (engine_cpu - seconds - encoding) / n, 3),
+        # setting on two cores); with more, their CPU is not the engine thread's and this comes out too low. On a
+        # GPU the calls' time is mostly the device's, not the thread's CPU: not reported there.
+        "engine_thread_outside_graphs_ms_per_sentence": round(1000 * (engine_cpu - seconds - encoding) / n, 3)
+        if model.device is None or model.device.name == "cpu" else None,
     }
 
 
@@ -176,12 +178,13 @@ def measure(directory: Path, texts: list[str], concurrencies: list[int], beams: 
 
 def _print(row: dict[str, Any], beam: int, concurrency: int, mixed: bool) -> None:
     lanes = f" mixed lane up to {row['mixed_lane_rows']:>3} rows" if mixed else ""
+    outside = row["engine_thread_outside_graphs_ms_per_sentence"]
     print(f"{row['model']:>16} beam {beam} x{concurrency:>4}{lanes}: {row['sentences_per_s']:>7} sentences/s, "
           f"CPU ms/sentence {row['cpu_ms_per_sentence']:>6} (engine thread "
           f"{row['engine_thread_cpu_ms_per_sentence']:>6}), decoder {row['decoder_share']:.0%} of the wall "
           f"time, {row['rows_per_call']} rows per call, {row['other_ms_per_sentence']} ms/sentence "
-          f"outside the decoder, engine thread outside the graphs "
-          f"{row['engine_thread_outside_graphs_ms_per_sentence']} ms/sentence", flush=True)
+          "outside the decoder" + ("" if outside is None else
+                                   f", engine thread outside the graphs {outside} ms/sentence"), flush=True)
 
 
 def reductions(vocab: int = 8000, repeat: int = 20) -> list[dict[str, Any]]:
