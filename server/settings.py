@@ -125,11 +125,10 @@ class Settings:
         if self.engines > 1 and self.frontends == 0:
             raise ValueError(f"engines {self.engines} needs front-end processes: with frontends 0 the models run in "
                              "the one process")
-        if min(self.port, self.ort_threads, self.grace_seconds, self.reload_interval, self.max_connection_age) < 0:
-            raise ValueError("port, ort_threads, grace_seconds, reload_interval and max_connection_age must not be "
-                             "negative")
-        if self.mixed_lane_rows < 0:
-            raise ValueError(f"mixed_lane_rows must not be negative, not {self.mixed_lane_rows}")
+        for name in ("port", "ort_threads", "grace_seconds", "reload_interval", "max_connection_age",
+                     "mixed_lane_rows"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, not {getattr(self, name)}")
         parse_pins(self.pinned_versions)
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key go together: set both or neither")

@@ -27,13 +27,6 @@ lane (finished sentences still leave it at once). An RNN model's lanes are by so
 except under light load (``Limits.mixed_lane_rows``), when every source up to the last bound joins one lane.
 """
 
-from server.engine.core import (
-    ADMISSION_WINDOW,
-    LENGTH_BUCKETS,
-    SEARCHES_KEPT,
-    Engine,
-    Limits,
-    Request,
-)
+from server.engine.core import ADMISSION_WINDOW, LENGTH_BUCKETS, SEARCHES_KEPT, Engine, Limits, Request
 
 __all__ = ["ADMISSION_WINDOW", "LENGTH_BUCKETS", "SEARCHES_KEPT", "Engine", "Limits", "Request"]
