@@ -57,6 +57,18 @@ def test_the_engines_limits_come_from_the_settings() -> None:
         1024, 1024, 4096, 1)
 
 
+def test_the_lanes_setting_says_what_the_engine_does() -> None:
+    """ATTN_MIXED_LANE_ROWS's help names the engine's longest length bucket and its default is the engine's: the
+    settings module imports nothing of the engine's, so the two are written twice and checked here."""
+    from dataclasses import fields
+
+    from server.engine import LENGTH_BUCKETS, Limits
+
+    setting = next(f for f in fields(Settings) if f.name == "mixed_lane_rows")
+    assert f"sources of up to {LENGTH_BUCKETS[-1]} tokens share" in setting.metadata["help"]
+    assert setting.default == Limits().mixed_lane_rows
+
+
 def test_readme_documents_every_setting() -> None:
     """The README's settings table is Settings.table(), row by row (flag pairs such as --batching/--no-batching)."""
     readme = README.read_text(encoding="utf-8").splitlines()
