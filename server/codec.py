@@ -14,7 +14,7 @@ from server import protobuf_fields
 from server.artifacts import Token
 from server.artifacts.alignment import token_words
 from server.captioning import CaptionModel, CaptionResult
-from server.errors import InvalidInput
+from server.errors import FieldError, InvalidInput
 from server.imaging import ImageError, ImageLimits
 from server.settings import Settings
 from server.translation import DecodeOptions, Result, Source, Target, TranslationModel
@@ -39,7 +39,7 @@ def check_texts(texts: Sequence[str], settings: Settings) -> None:
         raise InvalidInput(f"{len(texts)} texts in one request; the limit is {settings.max_texts}")
     for i, text in enumerate(texts):
         if len(text) > settings.max_text_chars:
-            raise InvalidInput(f"texts[{i}] has {len(text)} characters; the limit is {settings.max_text_chars}")
+            raise FieldError("texts", i, f"has {len(text)} characters; the limit is {settings.max_text_chars}")
 
 
 def decode_options(options: pb.DecodingOptions, settings: Settings, max_target_tokens: int) -> tuple[
@@ -146,7 +146,7 @@ def caption_job(request: pb.CaptionRequest, model: CaptionModel, settings: Setti
     """Validates the options and the encoded size; the header and pixel checks come with decoding."""
     limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
     if len(request.image) > limits.max_bytes:
-        raise ImageError(f"image is {len(request.image)} bytes; the limit is {limits.max_bytes} bytes "
+        raise ImageError(f"is {len(request.image)} bytes; the limit is {limits.max_bytes} bytes "
                          "(max_image_bytes)")
     options, detail = decode_options(request.options, settings, model.max_target_tokens)
     if options.attention_layer is not None or options.attention_head is not None:

@@ -22,6 +22,22 @@ class InvalidInput(ServiceError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
+class FieldError(InvalidInput):
+    """What one input of a request holds is refused: a field, or one item of a repeated field (``index``). The
+    message names the input as ``attention.v1`` does (``texts[2]``, ``image``); a protocol with names of its own for
+    the same inputs says them with :meth:`renamed` (the V2 protocol's ``TEXT[2]``, ``IMAGE[2]``)."""
+
+    def __init__(self, field: str, index: int | None, problem: str) -> None:
+        self.field, self.index, self.problem = field, index, problem
+        super().__init__(f"{field if index is None else f'{field}[{index}]'} {problem}")
+
+    def renamed(self, field: str, index: int | None = None) -> FieldError:
+        """The same refusal of the same kind, naming ``field`` (and ``index`` where given, else this one's)."""
+        renamed = type(self).__new__(type(self))
+        FieldError.__init__(renamed, field, self.index if index is None else index, self.problem)
+        return renamed
+
+
 class ModelNotFound(ServiceError):
     code = grpc.StatusCode.NOT_FOUND
 

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError, WebPImagePlugin  # noqa: F401 - see preinit below
 
-from server.errors import InvalidInput
+from server.errors import FieldError
 
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 # Pillow loads its decoders on the first open, five of them for 4.5 ms (PNG, JPEG) or all of them for 20 ms (WEBP,
@@ -38,8 +38,11 @@ DEFAULT_MAX_BYTES = 10 * 2**20
 DEFAULT_MAX_PIXELS = 40_000_000
 
 
-class ImageError(InvalidInput):
+class ImageError(FieldError):
     """An image the server will not decode; the message says why."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__("image", None, problem)
 
 
 @dataclass(frozen=True)
@@ -66,24 +69,24 @@ class DecodedImage:
 def decode(data: bytes, limits: ImageLimits = ImageLimits()) -> DecodedImage:
     """The first frame of ``data`` as 8-bit RGB; raises :class:`ImageError`."""
     if not data:
-        raise ImageError("image is empty (0 bytes)")
+        raise ImageError("is empty (0 bytes)")
     if len(data) > limits.max_bytes:
-        raise ImageError(f"image is {len(data)} bytes; the limit is {limits.max_bytes} bytes (max_image_bytes)")
+        raise ImageError(f"is {len(data)} bytes; the limit is {limits.max_bytes} bytes (max_image_bytes)")
     try:
         opened = Image.open(io.BytesIO(data), formats=FORMATS)  # parses the header only
     except Image.DecompressionBombError as exc:  # Pillow's own guard fired first, while reading the header
-        raise ImageError(f"image header claims {_claimed(exc)} pixels; the limit is {limits.max_pixels} pixels "
+        raise ImageError(f"header claims {_claimed(exc)} pixels; the limit is {limits.max_pixels} pixels "
                          "(max_image_pixels)") from exc
     except UnidentifiedImageError as exc:
-        raise ImageError(f"image is not a {', '.join(FORMATS[:-1])} or {FORMATS[-1]} file") from exc
+        raise ImageError(f"is not a {', '.join(FORMATS[:-1])} or {FORMATS[-1]} file") from exc
     except Exception as exc:  # Pillow's parsers raise many types (SyntaxError, struct.error, ...) for bad headers
-        raise ImageError(f"image header is corrupt: {_reason(exc)}") from exc
+        raise ImageError(f"header is corrupt: {_reason(exc)}") from exc
     with opened:
         width, height = opened.size
         if width < 1 or height < 1:
-            raise ImageError(f"image has no pixels ({width}×{height})")
+            raise ImageError(f"has no pixels ({width}×{height})")
         if width * height > limits.max_pixels:
-            raise ImageError(f"image is {width}×{height} = {width * height} pixels; the limit is {limits.max_pixels}"
+            raise ImageError(f"is {width}×{height} = {width * height} pixels; the limit is {limits.max_pixels}"
                              " pixels (max_image_pixels)")
         frames = int(getattr(opened, "n_frames", 1))
         try:
@@ -91,10 +94,10 @@ def decode(data: bytes, limits: ImageLimits = ImageLimits()) -> DecodedImage:
             opened.load()
             image = to_rgb(_oriented(opened))
         except Image.DecompressionBombError as exc:
-            raise ImageError(f"image claims too many pixels; the limit is {limits.max_pixels} pixels "
+            raise ImageError(f"claims too many pixels; the limit is {limits.max_pixels} pixels "
                              "(max_image_pixels)") from exc
         except Exception as exc:  # truncated data, decoder errors
-            raise ImageError(f"image data is truncated or corrupt: {_reason(exc)}") from exc
+            raise ImageError(f"data is truncated or corrupt: {_reason(exc)}") from exc
         return DecodedImage(image, str(opened.format), frames)
 
 

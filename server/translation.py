@@ -20,7 +20,7 @@ from server import search
 from server.artifacts import GraphSpec, Manifest, ManifestError, Token
 from server.artifacts.alignment import WordAlignment, strongest, token_words, word_matrix, words
 from server.device import Device
-from server.errors import InvalidInput
+from server.errors import FieldError, InvalidInput
 from server.logs import event
 from server.runtime import DecoderRuntime
 
@@ -143,15 +143,15 @@ class TranslationModel(DecoderRuntime):
     # -- input -------------------------------------------------------------------------------------------------
 
     def prepare(self, texts: list[str]) -> list[Source]:
-        """Tokenizes and checks every text against the model's limits; raises :class:`InvalidInput`."""
+        """Tokenizes and checks every text against the model's limits; raises :class:`~server.errors.FieldError`."""
         sources = []
         for i, text in enumerate(texts):
             if not text.strip():
-                raise InvalidInput(f"texts[{i}] is empty or only whitespace")
+                raise FieldError("texts", i, "is empty or only whitespace")
             tokens = self.tokenizer.encode(text)
             if len(tokens) + 1 > self.max_source_tokens:
-                raise InvalidInput(
-                    f"texts[{i}] has {len(tokens)} tokens; model {self.name} accepts at most "
+                raise FieldError(
+                    "texts", i, f"has {len(tokens)} tokens; model {self.name} accepts at most "
                     f"{self.max_source_tokens - 1} (plus end of sentence)"
                 )
             tokens.append(Token(self.eos_id, EOS_PIECE, len(text), len(text)))

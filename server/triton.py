@@ -46,9 +46,10 @@ from kserve_v2_pb import grpc_service_pb2 as v2
 from kserve_v2_pb import grpc_service_pb2_grpc as v2_grpc
 from kserve_v2_pb import model_config_pb2 as mc
 from server import codec, wire
-from server.captioning import CaptionModel
-from server.errors import InvalidInput, ModelNotFound, NotReady, Unimplemented
+from server.captioning import CaptionModel, CaptionResult
+from server.errors import FieldError, InvalidInput, ModelNotFound, NotReady, Unimplemented
 from server.service import AttentionServicer, Call, rpc
+from server.settings import Settings, parse_pins
 from server.translation import TranslationModel
 from server.v2_tensors import (
     Spec,
@@ -169,7 +170,7 @@ class TritonServicer(v2_grpc.GRPCInferenceServiceServicer):
         info = model.info()
         config = mc.ModelConfig(
             name=model.name, platform=f"attention_{model.family}", max_batch_size=self.settings.max_texts,
-            version_policy=mc.ModelVersionPolicy(all=mc.ModelVersionPolicy.All()),
+            version_policy=version_policy(model.name, self.settings),
             input=[mc.ModelInput(name=s.name, data_type=CONFIG_TYPES[s.datatype], dims=s.dims)
                    for s in inputs_for(model)],
             # One value per batch item: dims [1] reshaped to [], as Triton writes it.
@@ -264,8 +265,11 @@ class TritonServicer(v2_grpc.GRPCInferenceServiceServicer):
         values, shape = read_input(request, "TEXT")
         texts = [text_of(v, i) for i, v in enumerate(values)]
         inline = self.core.inline_texts(texts)
-        job = await self.core.offload(codec.translate_job, pb.TranslateRequest(texts=texts, options=options), model,
-                                      self.settings, inline=inline)
+        try:
+            job = await self.core.offload(codec.translate_job, pb.TranslateRequest(texts=texts, options=options),
+                                          model, self.settings, inline=inline)
+        except FieldError as exc:  # it names attention.v1's texts[i]
+            raise exc.renamed("TEXT") from exc
         job.options = replace(job.options, word_alignments=False)  # no V2 tensor carries them
         call.fields = {"texts": len(job.sources), "beam_size": job.options.beam_size}
         inline = inline and self.core.inline_answers(job)
@@ -291,12 +295,22 @@ class TritonServicer(v2_grpc.GRPCInferenceServiceServicer):
         if len(images) > self.settings.max_texts:
             raise InvalidInput(f"{len(images)} images in one request; the limit is {self.settings.max_texts} "
                                "(max_texts)")
-        jobs = [codec.caption_job(pb.CaptionRequest(image=image, options=options), model, self.settings)
-                for image in images]  # every image's options and size are checked before any is decoded
+        jobs = []  # every image's options and size are checked before any is decoded
+        for i, image in enumerate(images):
+            try:
+                jobs.append(codec.caption_job(pb.CaptionRequest(image=image, options=options), model, self.settings))
+            except FieldError as exc:  # it names attention.v1's one image
+                raise exc.renamed("IMAGE", i) from exc
         call.fields = {"images": len(jobs), "image_bytes": sum(len(i) for i in images),
                        "beam_size": jobs[0].options.beam_size}
         # Submitted together, so the model's engine can decode them in one batch; the first failure cancels the rest.
-        tasks = [asyncio.ensure_future(self.core.run_caption(model, job, timeout)) for job in jobs]
+        async def captioned(i: int, job: codec.CaptionJob) -> CaptionResult:
+            try:
+                return await self.core.run_caption(model, job, timeout)
+            except FieldError as exc:  # an image that does not decode
+                raise exc.renamed("IMAGE", i) from exc
+
+        tasks = [asyncio.ensure_future(captioned(i, job)) for i, job in enumerate(jobs)]
         try:
             results = await asyncio.gather(*tasks)
         except BaseException:
@@ -316,6 +330,17 @@ class TritonServicer(v2_grpc.GRPCInferenceServiceServicer):
             "GRID": lambda: array_tensor("GRID", np.array([r.grid for r in results])),
             "ATTENTION": lambda: array_tensor("ATTENTION", padded_attention([h.attention for h in best], cells)),
         }
+
+
+def version_policy(name: str, settings: Settings) -> mc.ModelVersionPolicy:
+    """Which versions of model ``name`` the server serves, in Triton's terms: the one pinned (``specific``, where its
+    name is a number, as Triton's versions are), the highest (``latest``), or every one (``all``)."""
+    pinned = parse_pins(settings.pinned_versions).get(name)
+    if pinned is not None and pinned.isdigit():
+        return mc.ModelVersionPolicy(specific=mc.ModelVersionPolicy.Specific(versions=[int(pinned)]))
+    if pinned is not None or settings.version_policy == "latest":
+        return mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=1))
+    return mc.ModelVersionPolicy(all=mc.ModelVersionPolicy.All())
 
 
 def add_to_server(core: AttentionServicer, server: grpc.aio.Server) -> None:

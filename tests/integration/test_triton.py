@@ -166,7 +166,7 @@ def test_model_config(client: Any) -> None:
     assert by_name["ATTENTION"]["data_type"] == "TYPE_FP32" and by_name["ATTENTION"]["dims"] == ["-1", "-1"]
     assert by_name["TARGET_LENGTHS"]["dims"] == ["1"] and "reshape" in by_name["TARGET_LENGTHS"]
     assert config["parameters"]["family"]["string_value"] == "translation"
-    assert "all" in config["version_policy"]
+    assert config["version_policy"] == {"latest": {"num_versions": 1}}  # ATTN_VERSION_POLICY's default
 
 
 def test_reflection_describes_the_v2_service(served: Served) -> None:
@@ -295,9 +295,13 @@ def test_triton_timeout_parameter_is_the_servers_deadline(client: Any) -> None:
      None, "INVALID_ARGUMENT", "takes one input TEXT"),
     (TRANSLATOR, lambda: [text_input(TEXTS)], {"nbest": 2}, "INVALID_ARGUMENT", "unknown parameter"),
     (TRANSLATOR, lambda: [text_input(TEXTS)], {"beam_size": 99}, "INVALID_ARGUMENT", "beam_size"),
-    (TRANSLATOR, lambda: [text_input([""])], None, "INVALID_ARGUMENT", "empty"),
-    (CAPTIONER, lambda: [tc.InferInput("IMAGE", [1], "BYTES").set_data_from_numpy(
-        np.array([b"not an image"], dtype=object))], None, "INVALID_ARGUMENT", "image"),
+    # An item of a batch is named as this protocol names it, not as attention.v1 does (texts[1], image).
+    (TRANSLATOR, lambda: [text_input(["Guten Morgen.", " "])], None, "INVALID_ARGUMENT", "TEXT[1] is empty"),
+    (TRANSLATOR, lambda: [text_input(["x" * 2001])], None, "INVALID_ARGUMENT", "TEXT[0] has 2001 characters"),
+    (CAPTIONER, lambda: [tc.InferInput("IMAGE", [2], "BYTES").set_data_from_numpy(
+        np.array([scene_png(), b"not an image"], dtype=object))], None, "INVALID_ARGUMENT", "IMAGE[1] is not a PNG"),
+    (CAPTIONER, lambda: [tc.InferInput("IMAGE", [2], "BYTES").set_data_from_numpy(
+        np.array([scene_png(), b""], dtype=object))], None, "INVALID_ARGUMENT", "IMAGE[1] is empty"),
 ])
 def test_errors_carry_their_status(client: Any, model: str, make_inputs: Any, parameters: dict[str, int] | None,
                                    code: str, words: str) -> None:

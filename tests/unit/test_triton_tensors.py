@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from google.protobuf.json_format import MessageToDict
 
 from kserve_v2_pb import grpc_service_pb2 as v2
-from server.errors import InvalidInput
+from server.errors import FieldError, InvalidInput
+from server.imaging import ImageError
+from server.settings import Settings
+from server.triton import version_policy
 from server.v2_tensors import (
     Spec,
     array_tensor,
@@ -129,3 +133,25 @@ def test_time_limit_takes_the_shorter_of_deadline_and_timeout() -> None:
     assert time_limit(params, None) is None and time_limit(params, 5.0) == 5.0
     params["timeout"].int64_param = 2_000_000  # microseconds
     assert time_limit(params, None) == 2.0 and time_limit(params, 5.0) == 2.0 and time_limit(params, 1.0) == 1.0
+
+
+@pytest.mark.parametrize(("policy", "pins", "expected"), [
+    ("latest", "", {"latest": {"num_versions": 1}}),
+    ("all", "", {"all": {}}),
+    ("all", "de-en=3", {"specific": {"versions": ["3"]}}),  # int64 in JSON: a string
+    ("all", "de-en=beta", {"latest": {"num_versions": 1}}),  # one version, which Triton cannot name
+    ("all", "other=3", {"all": {}}),
+])
+def test_the_version_policy_is_the_servers(policy: str, pins: str, expected: dict[str, object]) -> None:
+    found = version_policy("de-en", Settings(version_policy=policy, pinned_versions=pins))
+    assert MessageToDict(found, preserving_proto_field_name=True, always_print_fields_with_no_presence=True) == expected
+
+
+def test_a_field_error_renamed_keeps_its_kind_and_problem() -> None:
+    text = FieldError("texts", 2, "is empty or only whitespace")
+    assert str(text) == "texts[2] is empty or only whitespace"
+    assert str(text.renamed("TEXT")) == "TEXT[2] is empty or only whitespace"
+    image = ImageError("is empty (0 bytes)")
+    assert str(image) == "image is empty (0 bytes)"
+    renamed = image.renamed("IMAGE", 1)
+    assert type(renamed) is ImageError and str(renamed) == "IMAGE[1] is empty (0 bytes)"
