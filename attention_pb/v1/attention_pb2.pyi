@@ -193,15 +193,18 @@ class Token(_message.Message):
     whitespace-only token that detokenization drops (leading or repeated whitespace) has an empty span. Of the
     byte-fallback tokens that spell one character, the last covers the character and the others have an empty
     span at its start. Where the model's NFKC normalisation changed characters (e.g. the ligature `ﬁ`), spans
-    cover the original characters that the normaliser mapped to the token. Special tokens have the empty span at
-    the end of the text.
+    cover the original characters that the normaliser mapped to the token; where it made one character several
+    tokens (`Ⅻ` → `▁X`, `I`, `I`), the last covers the character and the others have an empty span at its start,
+    except that a first `▁X` spans the whitespace before it. Special tokens have the empty span at the end of the
+    text.
     """
     end: _builtins.int
     special: _builtins.bool
     """True for the end-of-sentence token, which is part of the matrix but of no word."""
     word: _builtins.int
     """Index into the words of the same text (`Translation.source_words` or `Hypothesis.words`) of the word this
-    token belongs to, or -1 (whitespace-only and special tokens).
+    token belongs to, or -1 (whitespace-only and special tokens). Every token of a character that the
+    normalisation made several (above) belongs to that character's word.
     """
     def __init__(
         self,

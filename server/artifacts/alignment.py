@@ -40,13 +40,16 @@ def token_words(text: str, tokens: Sequence[Token], spans: Sequence[tuple[int, i
     starts = [s for s, _ in spans] + [len(text) + 1]  # past the last word: no word
     ends = [e for _, e in spans]
     out = []
-    for _, _, start, end in tokens:
+    for _, piece, start, end in tokens:
         # The first word that ends after the token starts holds the token's first visible character, if the token
         # has one: the whitespace a "▁" piece covers lies between words. A token with an empty span (a leading
-        # byte of a byte-fallback character) belongs to the word around its position.
+        # byte of a byte-fallback character) belongs to the word around its position. So does a "▁" piece that
+        # carries more than the whitespace but spans only it, up to a word: the first piece of a character that
+        # the normaliser expanded ("▁X" of "Ⅻ" → "XII"), whose last piece spans the character itself.
         i = bisect_right(ends, start)
         first = starts[i]
-        out.append(i if first < end or first == start else -1)
+        visible = first < end or first == start or (first == end and piece[:1] == "▁" and piece.strip("▁") != "")
+        out.append(i if visible else -1)
     return out
 
 

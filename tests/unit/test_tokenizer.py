@@ -77,15 +77,16 @@ def _random_text(rng: random.Random) -> str:
 
 
 def _random_tokens(rng: random.Random, text: str) -> list[Token]:
-    """Consecutive spans of 0-3 characters, as a tokenizer gives them, and a few anywhere."""
+    """Consecutive spans of 0-3 characters, as a tokenizer gives them, and a few anywhere; pieces with and without
+    a "▁", and "▁" alone."""
     tokens, position = [], 0
     while position < len(text):
         end = min(len(text), position + rng.choice([0, 1, 1, 2, 3]))
-        tokens.append(Token(5, "x", position, end))
+        tokens.append(Token(5, rng.choice(["x", "▁x", "▁"]), position, end))
         position = end if end > position else position + rng.randint(0, 1)
     for _ in range(3):
         start = rng.randint(0, len(text))
-        tokens.append(Token(5, "x", start, rng.randint(start, len(text))))
+        tokens.append(Token(5, rng.choice(["x", "▁x", "▁"]), start, rng.randint(start, len(text))))
     return tokens
 
 
@@ -96,12 +97,29 @@ def test_each_token_belongs_to_the_word_of_its_first_visible_character() -> None
         spans = words(text)
         for token, word in zip(tokens := _random_tokens(rng, text), token_words(text, tokens), strict=True):
             visible = [p for p in range(token.start, token.end) if not text[p].isspace()]
-            if token.end > token.start and not visible:
-                assert word == -1, (text, token)  # whitespace only
+            if token.end > token.start and not visible:  # whitespace only: of no word, unless the piece carries
+                # more than a "▁" and a word starts where the span ends (an expanded character's first piece)
+                after = [i for i, (s, _) in enumerate(spans) if s == token.end]
+                carries = token.piece.startswith("▁") and token.piece != "▁"
+                assert word == (after[0] if carries and after else -1), (text, token)
                 continue
             position = visible[0] if visible else token.start
             inside = [i for i, (s, e) in enumerate(spans) if s <= position < e]
             assert word == (inside[0] if inside else -1), (text, token)
+
+
+def test_the_pieces_of_a_character_the_normaliser_expanded_belong_to_its_word() -> None:
+    # NFKC turns "Ⅻ" into "XII" and "½" into "1⁄2": one character, several pieces. The first, "▁XI" or "▁1", spans
+    # the whitespace before the character and the last spans the character, as SentencePiece reports them.
+    texts = ["Lies Kapitel XII und XI heute.", "Nimm 12 kg Mehl und 1 Liter Milch."]
+    tokenizer = Tokenizer(train_tokenizer([Pair(text, text) for text in texts] * 40, vocab_size=400))
+    for text, character in [("Kapitel Ⅻ lesen", "Ⅻ"), ("Nimm ½ Liter Milch", "½"), ("x ㎏ y", "㎏"), ("㎏", "㎏")]:
+        tokens = tokenizer.encode(text)
+        owned = list(zip(tokens, token_words(text, tokens), strict=True))
+        position = text.index(character)
+        pieces = [w for t, w in owned if t.piece.strip("▁") and t.end in (position, position + 1)]
+        assert len(pieces) > 1 and set(pieces) == {text.split().index(character)}, (text, owned)
+        assert all(w >= 0 for t, w in owned if t.piece.strip("▁")), (text, owned)  # only "▁" alone is of no word
 
 
 def test_byte_offsets_map_to_the_character_they_fall_in() -> None:
