@@ -46,7 +46,18 @@ def _jsonl(line: str, text_field: str, id_field: str) -> tuple[str, Any]:
     text = value.get(text_field)
     if not isinstance(text, str):
         raise ValueError(f"no string field {text_field!r}")
-    return text, value.get(id_field)
+    return _unicode(text, text_field), _unicode(value.get(id_field), id_field)
+
+
+def _unicode(value: Any, field: str) -> Any:
+    """``value``, if its strings are Unicode text: JSON may escape a lone surrogate ("\\ud800"), which is no
+    character, and which neither a request's text nor the output's UTF-8 can hold."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise ValueError(f"field {field!r} holds a lone surrogate (an escape such as \\ud800, which is no "
+                         "character)") from None
+    return value
 
 
 def _tsv(line: str, index: int, id_index: int | None) -> tuple[str, Any]:

@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from attention_pb.v1 import attention_pb2 as pb
 from attention_pb.v1 import attention_pb2_grpc as pb_grpc
 from client import batch, caption, connection, render
-from client.options import add_decoding_arguments, decoding_options
+from client.options import add_decoding_arguments, decoding_options, text
 
 DETAILS = {"full": pb.ATTENTION_DETAIL_FULL, "words": pb.ATTENTION_DETAIL_WORDS, "none": pb.ATTENTION_DETAIL_NONE}
 MAX_MESSAGE_BYTES = 256 * 2**20
@@ -40,7 +40,7 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="attn", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     commands = top.add_subparsers(dest="command", required=True)
     t = commands.add_parser("translate", parents=[common], help="translate texts and show the alignment")
-    t.add_argument("texts", nargs="+", help="texts to translate (one batch)")
+    t.add_argument("texts", nargs="+", type=text, help="texts to translate (one batch)")
     add_decoding_arguments(t, DETAILS, "full", "attention detail (default full)")
     t.add_argument("--heatmap", type=Path, help="write the best hypothesis's attention matrix to this PNG")
     caption.add_parser(commands, common, DETAILS)

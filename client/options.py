@@ -3,9 +3,36 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import Any
 
 from attention_pb.v1 import attention_pb2 as pb
+
+
+def _bounded(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer from ``low`` to ``high``, the range of the request field it goes into (protobuf
+    refuses any other with a ValueError, which would end the command in a traceback)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not between {low} and {high}")
+        return value
+
+    parse.__name__ = "integer"  # what argparse's message calls a value that is no integer
+    return parse
+
+
+UINT32, INT32 = _bounded(0, 2**32 - 1), _bounded(-(2**31), 2**31 - 1)
+
+
+def text(value: str) -> str:
+    """An argparse type: an argument sent as a request's text. An argument that is not UTF-8 reaches Python with
+    its bytes escaped (PEP 383), which no protobuf string holds."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"{value.encode(errors='surrogateescape')!r} is not UTF-8 text") from None
+    return value
 
 
 def decoding_options(args: argparse.Namespace, details: dict[str, Any]) -> pb.DecodingOptions:
@@ -25,15 +52,17 @@ def add_decoding_arguments(parser: argparse.ArgumentParser, details: dict[str, A
                            attention_help: str, heads: bool = True, model_help: str = "") -> None:
     """``--model --version --beam --nbest --max-output-tokens --length-penalty --attention`` and, for translation,
     ``--attention-layer --attention-head``."""
-    parser.add_argument("--model", default="", help=model_help or "model name (default: the server's default)")
-    parser.add_argument("--version", default="", help="model version (default: the highest)")
-    parser.add_argument("--beam", type=int, default=0, help="beam size (default: the server's; 1 = greedy)")
-    parser.add_argument("--nbest", type=int, default=0, help="hypotheses per input (default 1)")
-    parser.add_argument("--max-output-tokens", type=int, default=0, help="token budget per output (default: model's)")
+    parser.add_argument("--model", type=text, default="",
+                        help=model_help or "model name (default: the server's default)")
+    parser.add_argument("--version", type=text, default="", help="model version (default: the highest)")
+    parser.add_argument("--beam", type=UINT32, default=0, help="beam size (default: the server's; 1 = greedy)")
+    parser.add_argument("--nbest", type=UINT32, default=0, help="hypotheses per input (default 1)")
+    parser.add_argument("--max-output-tokens", type=UINT32, default=0,
+                        help="token budget per output (default: model's)")
     parser.add_argument("--length-penalty", type=float, default=None, help="length penalty alpha (default 1.0)")
     if heads:
-        parser.add_argument("--attention-layer", type=int, default=None,
+        parser.add_argument("--attention-layer", type=UINT32, default=None,
                             help="multi-head models: the decoder layer whose cross-attention to show (0-based)")
-        parser.add_argument("--attention-head", type=int, default=None,
+        parser.add_argument("--attention-head", type=INT32, default=None,
                             help="multi-head models: the head to show (0-based), or -1 for the mean over heads")
     parser.add_argument("--attention", choices=details, default=attention_default, help=attention_help)

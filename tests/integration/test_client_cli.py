@@ -57,6 +57,23 @@ def test_errors_are_reported_with_their_code(running: RunningServer, capsys: pyt
     assert capsys.readouterr().err.strip() == "attn: INVALID_ARGUMENT: texts[0] is empty or only whitespace"
 
 
+@pytest.mark.parametrize(("argv", "message"), [
+    (["translate", "Hallo", "--beam", "-1"], "argument --beam: -1 is not between 0 and 4294967295"),
+    (["translate", "Hallo", "--max-output-tokens", "5000000000"], "--max-output-tokens: 5000000000 is not between"),
+    (["translate", "Hallo", "--attention-head", str(-(2**31) - 1)], "--attention-head: -2147483649 is not between"),
+    (["caption", "x.png", "--nbest", "-2"], "argument --nbest: -2 is not between"),
+    (["batch", "in.txt", "-o", "out.jsonl", "--beam", "-1"], "argument --beam: -1 is not between"),
+    # An argument that is not UTF-8 reaches Python with its bytes escaped (PEP 383): no request can hold it.
+    (["translate", "Hallo \udcff Welt"], "argument texts: b'Hallo \\xff Welt' is not UTF-8 text"),
+    (["translate", "Hallo", "--model", "m\udcff"], "argument --model: b'm\\xff' is not UTF-8 text"),
+])
+def test_options_a_request_cannot_hold_are_usage_errors(argv: list[str], message: str,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stopped:  # before any channel: no server needed
+        main(argv)
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_health(running: RunningServer, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["health", *_target(running)]) == 0
     assert capsys.readouterr().out.strip() == "SERVING"

@@ -60,6 +60,16 @@ def test_jsonl_reads_text_and_id_and_turns_bad_lines_into_errors(tmp_path: Path)
     assert [(i.line, i.text, i.id) for i in custom if i.error is None] == [(6, "drei", "k")]
 
 
+def test_a_jsonl_line_with_a_lone_surrogate_escape_is_a_failed_line(tmp_path: Path) -> None:
+    # Valid JSON, but "\ud800" alone is no character: no request or UTF-8 output can hold it.
+    lines = ['{"text": "eins"}', '{"text": "a\\ud800b"}', '{"text": "drei", "id": ["x", {"\\udc00": 1}]}',
+             '{"text": "vier", "id": "\\ud83d\\ude00"}']  # a surrogate pair is one character: fine
+    items = list(read_items(_write(tmp_path, "in.jsonl", "\n".join(lines) + "\n"), "jsonl"))
+    assert [(i.line, i.text, i.id) for i in items if i.error is None] == [(1, "eins", None), (4, "vier", "😀")]
+    errors = {i.line: i.error for i in items if i.error is not None}
+    assert "field 'text' holds a lone surrogate" in errors[2] and "field 'id' holds a lone surrogate" in errors[3]
+
+
 def test_tsv_takes_the_first_column_or_a_named_one(tmp_path: Path) -> None:
     path = _write(tmp_path, "in.tsv", "eins\tone\nzwei\n")
     assert [(i.line, i.text) for i in read_items(path, "tsv")] == [(1, "eins"), (2, "zwei")]
