@@ -188,11 +188,13 @@ class Child:
 def reserve_port(host: str, port: int) -> socket.socket:
     """A socket bound (not listening) to the gRPC port, held for as long as the server runs: it picks the port when
     ``port`` is 0, and keeps it ours while front-ends restart. Binding once without SO_REUSEPORT first makes a
-    second server on a port in use fail instead of joining it."""
+    second server on a port in use fail instead of joining it; with SO_REUSEADDR, so that the connections a server
+    just closed (TIME-WAIT, a minute on Linux) do not keep it from starting again on its port."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     address = host.strip("[]")
     if port:
         probe = socket.socket(family, socket.SOCK_STREAM)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((address, port))
         except OSError as exc:

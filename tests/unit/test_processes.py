@@ -4,6 +4,7 @@ the engines' share of the cores."""
 from __future__ import annotations
 
 import socket
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -44,6 +45,23 @@ def test_a_port_in_use_is_refused(reuse: bool) -> None:
             reserve_port("127.0.0.1", other.getsockname()[1]).close()
     finally:
         other.close()
+
+
+def test_a_port_whose_last_server_closed_connections_is_free_again() -> None:
+    """The server closing a connection first leaves it in TIME-WAIT for a minute: a restart must still bind."""
+    listener = socket.socket()
+    for option in (socket.SO_REUSEADDR, socket.SO_REUSEPORT):  # as gRPC's listeners have them
+        listener.setsockopt(socket.SOL_SOCKET, option, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = listener.accept()
+    accepted.close()  # the server's side closes first: its end waits in TIME-WAIT
+    client.close()
+    listener.close()
+    time.sleep(0.05)
+    reserve_port("127.0.0.1", port).close()
 
 
 def test_front_ends_from_the_setting_or_the_core_count(monkeypatch: pytest.MonkeyPatch) -> None:
