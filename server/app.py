@@ -29,6 +29,7 @@ from server.ipc.remote_models import RemoteModels
 from server.logs import event
 from server.metrics import Metrics
 from server.models import Models
+from server.processes import handle_signals
 from server.registry import Registry
 from server.service import AttentionServicer
 from server.settings import Settings, parse_pins
@@ -246,6 +247,7 @@ async def serve(settings: Settings, engine_addresses: Sequence[str] = (),
             task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, hang_up)
+    handle_signals()  # a front-end process starts with them blocked until here
     code = 0
     loading: asyncio.Task[None] | None = None
     try:

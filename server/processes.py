@@ -43,6 +43,13 @@ log = logging.getLogger("attn.server")
 
 ENGINE, FRONTEND = "engine", "frontend"
 PARENT_CHECK_SECONDS = 0.5
+# A child is restarted at once, unless it is the second or later in a row to die within STABLE_SECONDS of its
+# start: then after RESTART_DELAY_SECONDS, doubling with each such death up to RESTART_DELAY_MAX_SECONDS, so that a
+# cause that outlives restarts (a model file broken on disk, memory short) costs a log line now and then, not a core.
+STABLE_SECONDS, RESTART_DELAY_SECONDS, RESTART_DELAY_MAX_SECONDS = 30.0, 0.5, 30.0
+# Blocked in a child from its start until it has its handlers (the parent starts it with them blocked), so that a
+# SIGHUP or SIGTERM sent while it starts waits for them instead of killing it.
+HANDLED_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 SOCKET_PATH_BYTES = 107  # sockaddr_un.sun_path on Linux, less its terminating zero
 
 
@@ -113,9 +120,23 @@ def _become_child(parent: int, settings: Settings, stderr: Stderr, runtime_dir: 
     threading.Thread(target=orphaned, name="attn-parent-watch", daemon=True).start()
 
 
-def run_engine(settings: Settings, address: str, parent: int, status: Connection, stderr: Stderr) -> None:
+def restart_delay(quick: int) -> float:
+    """Seconds before a child is restarted that is the ``quick``-th in a row to die within STABLE_SECONDS of its
+    start (0: it lived longer)."""
+    return 0.0 if quick < 2 else min(RESTART_DELAY_SECONDS * 2 ** (quick - 2), RESTART_DELAY_MAX_SECONDS)
+
+
+def handle_signals() -> None:
+    """Lets the signals in that the parent's :meth:`Supervisor._start` blocked: call it once they have handlers."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+
+
+def run_engine(settings: Settings, address: str, parent: int, status: Connection, stderr: Stderr,
+               strict: bool = True) -> None:
     """The engine process: loads the models, serves them at ``address``, reloads on SIGHUP and every
-    ``reload_interval`` seconds, stops on SIGTERM (what is still queued fails with UNAVAILABLE)."""
+    ``reload_interval`` seconds, stops on SIGTERM (what is still queued fails with UNAVAILABLE). ``strict``: any
+    model that fails to load stops it (the server's start); else such a version is refused and skipped, as a reload
+    does (an engine restarted after a crash, which comes back with what was served)."""
     _become_child(parent, settings, stderr, runtime_dir=Path(address).parent)
     from prometheus_client import CollectorRegistry
 
@@ -135,10 +156,11 @@ def run_engine(settings: Settings, address: str, parent: int, status: Connection
     stop, reload_now, endpoint_stop = threading.Event(), threading.Event(), threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, lambda *_: reload_now.set())
+    handle_signals()
     thread = threading.Thread(target=endpoint.run, args=(endpoint_stop,), name="attn-ipc", daemon=True)
     thread.start()
     try:
-        registry.load()
+        registry.load(strict)
     except StartupError as exc:
         event(log, "startup_failed", level=logging.ERROR, error=str(exc))
         raise SystemExit(1) from None
@@ -182,6 +204,7 @@ class Child:
     index: int
     process: BaseProcess
     status: Connection
+    started: float  # time.monotonic()
     ready: bool = False
 
 
@@ -232,6 +255,8 @@ class Supervisor:
         self.context = multiprocessing.get_context("spawn")
         self.children: list[Child] = []
         self.restarts = {ENGINE: 0, FRONTEND: 0}
+        self.quick_deaths: dict[tuple[str, int], int] = {}  # in a row, each within STABLE_SECONDS of its start
+        self.delayed: list[tuple[float, str, int]] = []  # restarts waiting for their time: (due, role, index)
         self.signals: list[int] = []
         self.announced = False
         self.models: list[str] = []
@@ -270,16 +295,20 @@ class Supervisor:
     def _start(self, role: str, index: int, settings: Settings) -> Child:
         receive, send = self.context.Pipe(duplex=False)
         target: Callable[..., None] = run_engine if role == ENGINE else run_frontend
-        if role == ENGINE:
-            args: tuple[Any, ...] = (engine_settings(settings), self.addresses[index])
+        args: tuple[Any, ...] = (os.getpid(), send, Stderr(logs.stderr_fileno()))
+        if role == ENGINE:  # once the server has served, a restarted engine skips a version that fails to load
+            args = (engine_settings(settings), self.addresses[index], *args, not self.announced)
         else:
-            args = (settings, self.addresses)
-        args += (os.getpid(), send, Stderr(logs.stderr_fileno()))
+            args = (settings, self.addresses, *args)
         process = self.context.Process(target=target, args=args, name=f"attn-{role}-{index}", daemon=False)
-        process.start()
+        masked = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)  # the child inherits the mask
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, masked)
         send.close()
         event(log, "process_started", role=role, index=index, pid=process.pid)
-        return Child(role, index, process, receive)
+        return Child(role, index, process, receive, time.monotonic())
 
     def _supervise(self, settings: Settings) -> int:
         while True:
@@ -291,6 +320,10 @@ class Supervisor:
                             os.kill(engine.process.pid, signal.SIGHUP)
                 else:
                     return self._drain()
+            now = time.monotonic()
+            for due, role, index in [d for d in self.delayed if d[0] <= now]:
+                self.delayed.remove((due, role, index))
+                self.children.append(self._start(role, index, settings))
             objects: list[Any] = [c.process.sentinel for c in self.children] + [c.status for c in self.children]
             for ready in wait(objects, timeout=0.2):
                 for child in list(self.children):
@@ -328,10 +361,17 @@ class Supervisor:
             self._terminate([c for c in self.children if c is not child], 10.0)
             return 1
         self.restarts[child.role] += 1
+        slot = (child.role, child.index)
+        quick = self.quick_deaths.get(slot, 0) + 1 if time.monotonic() - child.started < STABLE_SECONDS else 0
+        self.quick_deaths[slot] = quick
+        delay = restart_delay(quick)
         event(log, "process_exited", level=logging.ERROR, role=child.role, index=child.index, pid=child.process.pid,
-              exit_code=code, restarts=self.restarts[child.role])
+              exit_code=code, restarts=self.restarts[child.role], restart_in_seconds=delay)
         self.children.remove(child)
-        self.children.append(self._start(child.role, child.index, settings))
+        if delay:
+            self.delayed.append((time.monotonic() + delay, child.role, child.index))
+        else:
+            self.children.append(self._start(child.role, child.index, settings))
         return None
 
     def _drain(self) -> int:

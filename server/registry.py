@@ -121,11 +121,13 @@ class Registry(ModelIndex):
     def ready(self) -> bool:
         return self._ready.is_set()
 
-    def load(self) -> None:
+    def load(self, strict: bool = True) -> None:
         """Loads and warms what the policy wants (blocking: run it off the event loop). Any model that fails stops
-        the start-up with :class:`StartupError`: serving a model set other than the one asked for is worse."""
+        the start-up with :class:`StartupError`: serving a model set other than the one asked for is worse. Not
+        ``strict`` (an engine process restarted after a crash), such a version is refused and skipped as a reload
+        does, and the start fails only when nothing loads."""
         try:
-            self._sync(strict=True)
+            self._sync(strict=strict)
         except ModelLoadError as exc:
             raise StartupError(str(exc)) from exc
         if not self._models:

@@ -421,6 +421,61 @@ def test_tls_on_every_front_end(models_dir: Path, tmp_path: Path) -> None:
         assert server.stop() == 0
 
 
+def test_a_restarted_engine_skips_a_version_that_reload_refused(models_dir: Path, tmp_path: Path) -> None:
+    """A broken version on disk, refused by the reload that found it, does not keep a crashed engine from coming back:
+    the restarted engine refuses it too and serves the version that was served."""
+    from tests.integration.test_hot_reload import NAME
+
+    root = tmp_path / "models"
+    shutil.copytree(models_dir / NAME, root / NAME)
+    server = ServerProcess(root)
+    try:
+        server.wait_for("ready")
+        staging = root / NAME / ".2.staging"
+        shutil.copytree(root / NAME / "1", staging)
+        manifest = json.loads((staging / "manifest.json").read_text())
+        (staging / "manifest.json").write_text(json.dumps({**manifest, "version": "2"}))
+        (staging / "decoder_step.onnx").write_bytes(b"not a graph")
+        os.rename(staging, root / NAME / "2")
+        server.process.send_signal(signal.SIGHUP)
+        server.wait_for("model_refused", version="2")
+        [engine] = server.pids("engine")
+        os.kill(engine, signal.SIGKILL)
+        server.wait_for("process_exited", role="engine")
+        server.wait_for("model_refused", count=2, version="2")  # by the restarted engine, which goes on
+        _until(lambda: _serves(server, pb.TranslateRequest(texts=TEXTS[:1])), "the restarted engine to serve")
+        assert server.stub.Translate(pb.TranslateRequest(texts=TEXTS[:1]), timeout=60).version == "1"
+        assert server.metrics()[("attn_process_restarts_total", (("role", "engine"),))] == 1
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_child_that_keeps_dying_young_is_restarted_later_each_time() -> None:
+    from server.processes import RESTART_DELAY_MAX_SECONDS, restart_delay
+
+    assert [restart_delay(quick) for quick in range(5)] == [0.0, 0.0, 0.5, 1.0, 2.0]  # the first two at once
+    assert restart_delay(40) == RESTART_DELAY_MAX_SECONDS
+
+
+@pytest.mark.parametrize("signal_name", ["SIGHUP", "SIGTERM"])
+def test_a_signal_while_the_processes_start_is_handled_not_fatal(models_dir: Path, signal_name: str) -> None:
+    """Sent as soon as the children exist, before they have handlers: SIGHUP (passed on to the engine) is a
+    reload once it is up, SIGTERM a clean stop (exit 0), never a child killed by the signal."""
+    server = ServerProcess(models_dir)
+    try:
+        server.wait_for("process_started", count=3)
+        server.process.send_signal(getattr(signal, signal_name))
+        if signal_name == "SIGHUP":
+            server.wait_for("ready")
+            assert server.stub.Translate(pb.TranslateRequest(texts=TEXTS[:1]), timeout=60).translations
+            assert server.stop() == 0
+        else:
+            assert server.process.wait(120) == 0
+        assert not server.events("process_exited") and not server.events("startup_failed")
+    finally:
+        server.kill()
+
+
 @pytest.mark.parametrize("failing", ["engine", "frontend"])
 def test_a_start_up_failure_of_either_process_stops_the_server(models_dir: Path, tmp_path: Path,
                                                               failing: str) -> None:
