@@ -7,6 +7,7 @@ the same metadata, so they cannot drift apart (a test checks the README).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
@@ -16,6 +17,7 @@ DEVICES = ("auto", "cpu", "cuda", "tensorrt")
 VERSION_POLICIES = ("latest", "all")
 LOG_FORMATS = ("json", "text")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+MAX_PORT = 65535
 VARIANTS = ("", "int8", "fp16")  # "": the fp32 graphs; the others as the exporter names them in the manifest
 
 
@@ -125,10 +127,17 @@ class Settings:
         if self.engines > 1 and self.frontends == 0:
             raise ValueError(f"engines {self.engines} needs front-end processes: with frontends 0 the models run in "
                              "the one process")
+        for f in fields(self):  # nan compares false with everything, and slips past every check below
+            if isinstance(getattr(self, f.name), float) and not math.isfinite(getattr(self, f.name)):
+                raise ValueError(f"{f.name} must be a finite number, not {getattr(self, f.name)}")
         for name in ("port", "ort_threads", "grace_seconds", "reload_interval", "max_connection_age",
                      "mixed_lane_rows"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, not {getattr(self, name)}")
+        if self.port > MAX_PORT:
+            raise ValueError(f"port must be at most {MAX_PORT}, not {self.port}")
+        if not -1 <= self.metrics_port <= MAX_PORT:
+            raise ValueError(f"metrics_port must be -1 (off) or 0 to {MAX_PORT}, not {self.metrics_port}")
         parse_pins(self.pinned_versions)
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key go together: set both or neither")

@@ -34,6 +34,12 @@ def test_environment_then_flags() -> None:
     (["--mixed-lane-rows", "-1"], {}, "mixed_lane_rows must not be negative"),
     (["--engines", "0"], {}, "engines must be at least 1"),
     (["--engines", "2", "--frontends", "0"], {}, "engines 2 needs front-end processes"),
+    (["--port", "99999"], {}, "port must be at most 65535"),
+    ([], {"ATTN_METRICS_PORT": "70000"}, "metrics_port must be -1 (off) or 0 to 65535, not 70000"),
+    (["--metrics-port", "-5"], {}, "metrics_port must be -1 (off) or 0 to 65535, not -5"),
+    (["--grace-seconds", "nan"], {}, "grace_seconds must be a finite number, not nan"),
+    ([], {"ATTN_RELOAD_INTERVAL": "nan"}, "reload_interval must be a finite number, not nan"),
+    (["--max-connection-age", "inf"], {}, "max_connection_age must be a finite number, not inf"),
 ])
 def test_bad_settings_exit_with_a_message(argv: list[str], env: dict[str, str], message: str,
                                           capsys: pytest.CaptureFixture[str]) -> None:
