@@ -272,7 +272,9 @@ class AttentionServicer(pb_grpc.AttentionServiceServicer):
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext,
                          call: Call) -> pb.ListModelsResponse:
         ready = self.models.ready
+        # The default is the version a request naming no model gets: under the policy "all", its model's highest.
+        default = self.models.get(self.models.default_model, "") if ready else None
+        chosen = (default.name, default.version) if default is not None else None
         return pb.ListModelsResponse(models=[
-            codec.model_info(m.info(), ready, ready and m.name == self.models.default_model)
-            for m in self.models.models()
+            codec.model_info(m.info(), ready, (m.name, m.version) == chosen) for m in self.models.models()
         ])

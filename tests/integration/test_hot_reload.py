@@ -118,6 +118,7 @@ def test_policy_all_serves_every_version_and_a_pin_holds_one(models_root: Path) 
         try:
             listed = server.stub.ListModels(pb.ListModelsRequest(), timeout=10).models
             assert [m.version for m in listed] == served
+            assert [m.version for m in listed if m.is_default] == [default]  # the one a request naming none gets
             response = server.stub.Translate(pb.TranslateRequest(texts=["Hallo"]), timeout=30)
             assert response.version == default
             for version in served:
