@@ -178,6 +178,8 @@ def _digest(token: str) -> bytes:
 
 def _denial(handler: grpc.RpcMethodHandler | None, message: str, rpc: str, metrics: Metrics) -> grpc.RpcMethodHandler:
     async def deny(_request: Any, context: grpc.aio.ServicerContext) -> Any:
+        # Answered, by its final code, like the servicer's own refusals; no model was looked up.
+        metrics.observe(rpc, "", "", grpc.StatusCode.UNAUTHENTICATED.name, 0.0)
         metrics.refusals.labels(rpc, "unauthenticated").inc()
         event(log, "unauthenticated", level=logging.WARNING, rpc=rpc, peer=context.peer(), reason=message)
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)

@@ -240,14 +240,16 @@ def test_no_token_is_unauthenticated_and_counted(token_server: RunningServer) ->
     assert _refused(token_server, "ListModels") == before + 1
 
 
-def _answered(server: RunningServer, rpc: str) -> float:
-    """RPCs the servicer answered (any code): refused calls never get there."""
+def _answered(server: RunningServer, rpc: str, code: str) -> float:
+    """RPCs answered with ``code``, the refused ones included."""
     return sum(sample.value for metric in server.server.metrics.registry.collect() if metric.name == "attn_requests"
-               for sample in metric.samples if sample.name.endswith("_total") and sample.labels["rpc"] == rpc)
+               for sample in metric.samples if sample.name.endswith("_total") and sample.labels["rpc"] == rpc
+               and sample.labels["code"] == code)
 
 
 def test_wrong_token_is_unauthenticated_without_echoing_it(token_server: RunningServer) -> None:
-    before, answered = _refused(token_server, "Translate"), _answered(token_server, "Translate")
+    before, answered = _refused(token_server, "Translate"), _answered(token_server, "Translate", "UNAUTHENTICATED")
+    translated = _answered(token_server, "Translate", "OK")
     for metadata in (_bearer(WRONG_TOKEN), (("authorization", WRONG_TOKEN),), _bearer(TOKEN[:-1])):
         with pytest.raises(grpc.RpcError) as info:
             token_server.stub.Translate(pb.TranslateRequest(texts=[TEXT]), timeout=10, metadata=metadata)
@@ -255,7 +257,8 @@ def test_wrong_token_is_unauthenticated_without_echoing_it(token_server: Running
         details = info.value.details()  # type: ignore[attr-defined]
         assert WRONG_TOKEN not in details and TOKEN[:-1] not in details
     assert _refused(token_server, "Translate") == before + 3
-    assert _answered(token_server, "Translate") == answered
+    assert _answered(token_server, "Translate", "UNAUTHENTICATED") == answered + 3  # in the requests by code too
+    assert _answered(token_server, "Translate", "OK") == translated
 
 
 @pytest.mark.parametrize("token", [TOKEN, OTHER_TOKEN])
