@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -261,9 +262,11 @@ class Registry(ModelIndex):
             self.metrics.model_info.labels(*labels).set(1)
             published.add(labels)
         for labels in self._published - published:
-            # 0 first: with several server processes the value lives on in this process's metrics file
+            # With several server processes the value lives on in this process's metrics file, which prometheus_client
+            # cannot remove a series from (it warns, in lines of its own): there a retired version reads 0.
             self.metrics.model_info.labels(*labels).set(0)
-            self.metrics.model_info.remove(*labels)
+            if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+                self.metrics.model_info.remove(*labels)
         self._published = published
         self.metrics.models_loaded.set(len(self._models))
 
