@@ -98,7 +98,8 @@ class Registry(ModelIndex):
     (requests naming none get the highest); a pin (``name=version``) serves exactly that version. :meth:`reload`
     brings the loaded set in line with the directory while requests go on: a new version is loaded and warmed
     beside the old one, then swapped in; a version that fails is refused, logged and counted, and what was serving
-    keeps serving; a version that is no longer wanted stops getting requests and its engine is closed once idle.
+    keeps serving; a version that is no longer wanted stops getting requests and its engine is closed once idle. A
+    served version is read once: its files changed in place are logged, not loaded.
     """
 
     def __init__(self, models_dir: Path, device: Device, default_model: str = "", variant: str = "",
@@ -113,6 +114,7 @@ class Registry(ModelIndex):
         self._models: dict[tuple[str, str], Runtime] = {}
         self._engines: dict[tuple[str, str], Engine] = {}
         self._refused: dict[tuple[str, str], tuple[float, ...]] = {}
+        self._served: dict[tuple[str, str], tuple[float, ...]] = {}  # a loaded version's files, as last seen
         self._draining: dict[tuple[str, str], Engine] = {}
         self._syncing = threading.Lock()
         self._ready = threading.Event()
@@ -161,9 +163,17 @@ class Registry(ModelIndex):
                     candidates = sorted(versions, key=version_key, reverse=True)
                 for version in candidates:
                     key = (name, version)
+                    seen = _signature(versions[version])
+                    if key in models and self._served.get(key) != seen:
+                        # A version is read once (changing a model is publishing a new version, staged and renamed
+                        # as the exporter does): a served one keeps what it loaded, and says so once per change.
+                        self._served[key] = seen
+                        event(log, "model_changed_in_place", level=logging.WARNING, model=name, version=version,
+                              reason="a served version's files changed; it serves what it loaded until the server "
+                                     "restarts: publish a new version to change the model")
                     if key not in models:
                         directory = versions[version]
-                        if self._refused.get(key) == _signature(directory):
+                        if self._refused.get(key) == seen:
                             continue  # refused before and unchanged since
                         try:
                             model = self._load_one(directory)
@@ -176,6 +186,7 @@ class Registry(ModelIndex):
                         if model is None:
                             continue
                         models[key], engines[key] = model, Engine(model, self.limits, self.metrics)
+                        self._served[key] = seen
                         self._refused.pop(key, None)
                         report["loaded"].append(f"{name}/{version}")
                     wanted.add(key)
@@ -191,6 +202,7 @@ class Registry(ModelIndex):
             self._models, old_engines = models, engines
             self._engines = {key: engines[key] for key in models}
             for key in retired:
+                self._served.pop(key, None)
                 self._retire(key, old_engines[key])
             self._publish()
             if report["loaded"] or report["retired"]:

@@ -36,8 +36,9 @@ class Settings:
                                    "loads) or all (requests naming none get the highest).", VERSION_POLICIES)
     pinned_versions: str = _setting("", "Models held at one version whatever else the folder has, as "
                                     "NAME=VERSION,NAME=VERSION.")
-    reload_interval: float = _setting(10.0, "Seconds between looks at the models folder for new, changed or removed "
-                                      "versions (0: only on SIGHUP).")
+    reload_interval: float = _setting(10.0, "Seconds between looks at the models folder for new or removed versions, "
+                                      "and refused ones whose files changed (0: only on SIGHUP). A served version "
+                                      "is read once: change a model by publishing a new version.")
     device: str = _setting("auto", "Where ONNX Runtime runs: cuda if usable (auto), or force cpu / cuda; tensorrt "
                            "puts TensorRT in front of CUDA (only when asked for: it builds engines per input-shape "
                            "range, so first requests of new shapes are slow).", DEVICES)

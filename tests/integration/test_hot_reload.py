@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import shutil
 import signal
@@ -108,6 +109,23 @@ def test_new_version_swaps_in_under_load_and_a_corrupt_one_is_refused(models_roo
         gc.unfreeze()
     assert set(load.codes) == {"OK"}, f"requests failed during the reloads: {dict(load.codes)}"
     assert load.versions["1"] > 0 and load.versions["2"] > 0 and "3" not in load.versions
+
+
+def test_a_served_version_changed_in_place_keeps_serving_and_says_so_once(models_root: Path,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    server = RunningServer(settings(models_root, reload_interval=0.0))
+    try:
+        manifest = models_root / NAME / "1" / "manifest.json"
+        later = time.time() + 5  # a new modification time, whatever the file system's clock resolution
+        os.utime(manifest, (later, later))
+        with caplog.at_level(logging.WARNING, logger="attn.server"):
+            for _ in range(2):
+                assert server.call(server.server.reload()) == {"loaded": [], "refused": [], "retired": []}
+        said = [r for r in caplog.records if r.getMessage() == "model_changed_in_place"]
+        assert len(said) == 1 and said[0].fields["version"] == "1"  # type: ignore[attr-defined]
+        assert server.stub.Translate(pb.TranslateRequest(texts=["Hallo"]), timeout=30).version == "1"
+    finally:
+        server.close()
 
 
 def test_policy_all_serves_every_version_and_a_pin_holds_one(models_root: Path) -> None:
