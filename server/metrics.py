@@ -138,6 +138,15 @@ class GpuCollector(Collector):
         yield busy
 
 
+def watch_gpu(registry: CollectorRegistry) -> None:
+    """Adds the GPU gauges to ``registry`` (call once, when the models run on CUDA); without NVML they are left out,
+    with a log line, rather than stopping the server."""
+    try:
+        registry.register(GpuCollector())
+    except Exception as exc:  # pynvml missing, or NVML cannot initialise in this container
+        logging.getLogger("attn.metrics").warning("GPU metrics unavailable: %s", exc)
+
+
 class Metrics:
     requests: Counter
     latency: Histogram
@@ -172,12 +181,7 @@ class Metrics:
         self._thread: threading.Thread | None = None
 
     def watch_gpu(self) -> None:
-        """Adds the GPU gauges (call once, when the models run on CUDA); without NVML they are left out, with a
-        log line, rather than stopping the server."""
-        try:
-            self.registry.register(GpuCollector())
-        except Exception as exc:  # pynvml missing, or NVML cannot initialise in this container
-            logging.getLogger("attn.metrics").warning("GPU metrics unavailable: %s", exc)
+        watch_gpu(self.registry)
 
     def observe(self, rpc: str, model: str, version: str, code: str, seconds: float) -> None:
         self.requests.labels(rpc, model, version, code).inc()

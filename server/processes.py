@@ -165,7 +165,8 @@ def run_engine(settings: Settings, address: str, parent: int, status: Connection
         event(log, "startup_failed", level=logging.ERROR, error=str(exc))
         raise SystemExit(1) from None
     endpoint.publish()
-    status.send(("ready", [f"{m.name}/{m.version}" for m in registry.models()], registry.default_model))
+    status.send(("ready", [f"{m.name}/{m.version}" for m in registry.models()], registry.default_model,
+                 registry.device.name))
     next_look = time.monotonic() + settings.reload_interval
     while not stop.wait(0.2):
         due = settings.reload_interval > 0 and time.monotonic() >= next_look
@@ -259,6 +260,8 @@ class Supervisor:
         self.delayed: list[tuple[float, str, int]] = []  # restarts waiting for their time: (due, role, index)
         self.signals: list[int] = []
         self.announced = False
+        self.metrics_registry: Any = None  # what /metrics serves, once it is served
+        self.gpu_watched = False
         self.models: list[str] = []
         self.default_model = ""
 
@@ -344,6 +347,12 @@ class Supervisor:
         child.ready = True
         if child.role == ENGINE:
             self.models, self.default_model = message[1], message[2]
+            if message[3] == "cuda" and not self.gpu_watched and self.metrics_registry is not None:
+                # The engines' own registries are never scraped: /metrics is this parent's, which reads NVML itself.
+                from server.metrics import watch_gpu
+
+                self.gpu_watched = True
+                watch_gpu(self.metrics_registry)
         if not self.announced and all(c.ready for c in self.children):
             self.announced = True
             event(log, "ready", models=self.models, default_model=self.default_model, frontends=self.frontends,
@@ -414,7 +423,7 @@ class Supervisor:
     def _serve_metrics(self) -> tuple[Any, int]:
         from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 
-        registry = CollectorRegistry()
+        registry = self.metrics_registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=str(self.metrics_dir))
         registry.register(TreeCollector(self))
         try:

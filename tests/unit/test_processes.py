@@ -95,3 +95,34 @@ def test_an_engine_socket_path_too_long_for_the_kernel_is_refused_up_front(tmp_p
         check_socket_path(longest + "x")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as refused, pytest.raises(OSError):
         refused.bind(longest + "x")  # what the engine process would have met
+
+
+def test_the_gpu_gauges_are_the_parents_when_an_engine_runs_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With front-end processes /metrics is the parent's, so the parent reads NVML once an engine says it runs on
+    CUDA (the engine's own registry is never scraped). NVML here is a stand-in with one GPU, half busy."""
+    import multiprocessing
+    import sys
+    import types
+
+    from prometheus_client import CollectorRegistry
+
+    from server.processes import ENGINE, Child, Supervisor
+
+    nvml = types.SimpleNamespace(
+        nvmlInit=lambda: None, nvmlDeviceGetCount=lambda: 1, nvmlDeviceGetHandleByIndex=lambda i: i,
+        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(used=123.0),
+        nvmlDeviceGetUtilizationRates=lambda h: types.SimpleNamespace(gpu=50))
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "")  # the Supervisor sets it: restored after the test
+    supervisor = Supervisor(Settings())
+    try:
+        supervisor.metrics_registry = registry = CollectorRegistry()
+        for device in ("cpu", "cuda", "cuda"):  # a restarted engine says it again: registered once
+            receive, send = multiprocessing.Pipe(duplex=False)
+            send.send(("ready", ["m/1"], "m", device))
+            supervisor._message(Child(ENGINE, 0, multiprocessing.current_process(), receive, time.monotonic()))
+            watched = registry.get_sample_value("attn_gpu_utilization_ratio", {"gpu": "0"})
+            assert watched == (None if device == "cpu" else 0.5)
+        assert registry.get_sample_value("attn_gpu_memory_used_bytes", {"gpu": "0"}) == 123.0
+    finally:
+        supervisor._cleanup()
