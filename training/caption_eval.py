@@ -178,7 +178,9 @@ def evaluate(
     tokens, rows = caption_images(model, data.images(range(len(data))))
     hypotheses = [sp.decode(t) for t in tokens]
     result: dict[str, Any] = {"images": len(data), **bleu(hypotheses, data.captions)}
-    result["exact_match"] = round(float(np.mean([h in refs for h, refs in zip(hypotheses, data.captions)])), 4)
+    # None, not the NaN of an empty mean: NaN is not JSON.
+    matches = [h in refs for h, refs in zip(hypotheses, data.captions)]
+    result["exact_match"] = round(float(np.mean(matches)), 4) if matches else None
     if data.scenes is not None:
         grid, size = model.grid(), model.cfg.image_size
         token_words = [word_of_tokens(sp, h)[1] for h in hypotheses]

@@ -12,6 +12,7 @@ import io
 import logging
 import random
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from training.data.captions import CaptionSet, data_hash, load_caption_data
 from training.loop import Step
 from training.models.caption import ShowAttendTell, ShowAttendTellConfig, doubly_stochastic_penalty, normalise
 from training.recipe import Recipe, run
-from training.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from training.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, too_small_vocabulary_is_input_error
 
 log = logging.getLogger("attn.caption")
 
@@ -103,6 +104,10 @@ class CaptionTrainConfig:
         kind, _, rest = self.data.partition(":")
         if kind not in ("scenes", "flickr8k", "coco") or (kind != "scenes" and not rest):
             raise ValueError(f"--data {self.data!r}: use scenes, flickr8k:DIR or coco:ANNOTATIONS.json[:IMAGES]")
+        if self.backbone == "resnet-small" and self.image_size < 2**self.stages:
+            raise ValueError(f"--image-size {self.image_size} leaves no grid cell after --stages {self.stages} "
+                             f"(the grid is image_size / 2**stages = {self.image_size / 2**self.stages:g} cells a "
+                             "side): lower --stages or raise --image-size")
         torchvision = self.backbone.startswith("torchvision:") and self.backbone.removeprefix("torchvision:")
         if self.backbone != "resnet-small" and not torchvision:
             raise ValueError(f"--backbone {self.backbone!r}: use resnet-small or torchvision:NAME")
@@ -111,11 +116,12 @@ class CaptionTrainConfig:
 def train_caption_tokenizer(captions: list[str], vocab_size: int, kind: str) -> bytes:
     """A SentencePiece model over the training captions, with the project's special ids."""
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(captions), model_writer=model, vocab_size=vocab_size, hard_vocab_limit=False,
-        model_type=kind, byte_fallback=kind != "word", character_coverage=0.9999, pad_id=PAD_ID, unk_id=UNK_ID,
-        bos_id=BOS_ID, eos_id=EOS_ID, num_threads=2, minloglevel=2,
-    )
+    with too_small_vocabulary_is_input_error(vocab_size):
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(captions), model_writer=model, vocab_size=vocab_size, hard_vocab_limit=False,
+            model_type=kind, byte_fallback=kind != "word", character_coverage=0.9999, pad_id=PAD_ID, unk_id=UNK_ID,
+            bos_id=BOS_ID, eos_id=EOS_ID, num_threads=2, minloglevel=2,
+        )
     return model.getvalue()
 
 
@@ -238,6 +244,8 @@ class CaptionRecipe(Recipe):
                 f"{sum(p.numel() for p in model.parameters())} parameters")
 
 
-def train(cfg: CaptionTrainConfig, resume_path: Path | None = None) -> Path:
-    """Train and return the path of the best checkpoint."""
-    return run(CaptionRecipe(cfg), resume_path)
+def train(cfg: CaptionTrainConfig, resume_path: Path | None = None,
+          given: Collection[str] | None = None) -> Path:
+    """Train and return the path of the best checkpoint; ``given``: the fields given on the command line
+    (:func:`training.recipe.run`)."""
+    return run(CaptionRecipe(cfg), resume_path, given)

@@ -10,11 +10,14 @@ for the Luong and no-attention variants: the defaults of those fields mean the B
 from __future__ import annotations
 
 import os
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from training.config import InputError
 from training.models.caption import ShowAttendTell, ShowAttendTellConfig
 from training.models.rnn import Seq2Seq, Seq2SeqConfig
 from training.models.transformer import Transformer, TransformerConfig
@@ -33,12 +36,29 @@ def save(path: Path, payload: dict[str, Any]) -> None:
 
 
 def load(path: Path, kind: str | None = "translation") -> dict[str, Any]:
-    """The payload of a checkpoint of ``kind`` (any known kind when ``kind`` is None)."""
-    payload: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
-    found = payload.get("kind")
+    """The payload of a checkpoint of ``kind`` (any known kind when ``kind`` is None); :class:`InputError` naming
+    the file when it is missing, unreadable, not a checkpoint or of another kind."""
+    payload = _read(path)
+    found = payload.get("kind") if isinstance(payload, dict) else None
     if (kind is None and found not in KINDS) or (kind is not None and found != kind):
-        raise ValueError(f"{path} is not a {kind or ' or '.join(KINDS)} checkpoint (kind={found!r})")
+        raise InputError(f"{path} is not a {kind or ' or '.join(KINDS)} checkpoint (kind={found!r})")
     return payload
+
+
+def _read(path: Path) -> Any:
+    """What ``torch.save`` wrote at ``path``. The errors are those of a file that is missing or a directory
+    (OSError), truncated or not a zip archive (RuntimeError, EOFError) or holding something other than tensors and
+    plain data (pickle.UnpicklingError, which weights_only raises)."""
+    # torch.save writes a zip archive; on other bytes torch.load may raise anything (a KeyError, say), so look first.
+    if path.is_file() and not zipfile.is_zipfile(path):
+        raise InputError(f"{path} is not a checkpoint (not a torch.save archive, or truncated)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise InputError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        first_sentence = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
+        raise InputError(f"{path} is not a readable checkpoint ({first_sentence})") from None
 
 
 def new_model(arch: str, model_config: dict[str, Any]) -> TranslationModel:

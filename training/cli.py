@@ -14,27 +14,37 @@ import torch
 
 from training import checkpoint
 from training.caption_train import CaptionTrainConfig
+from training.config import InputError
 from training.train import TrainConfig, model_config
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, config: type = TrainConfig) -> None:
     """One flag per config field, its help and choices from the field's metadata (training/config.py), so the
-    dataclass stays the single description of a run."""
+    dataclass stays the single description of a run.
+
+    Every flag's argparse default is None and its help names the field's default: None then means "not on the
+    command line", which a resumed run needs to know (``--lr 0.001`` replaces a saved 0.5 even though 0.001 is the
+    default)."""
     for f in dataclasses.fields(config):
         flag = "--" + f.name.replace("_", "-")
-        help = f.metadata["help"].replace("%", "%%") + " (default: %(default)s)"
+        help = f.metadata["help"].replace("%", "%%") + f" (default: {str(f.default).replace('%', '%%')})"
         if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
         else:
             kind = {"int": int, "float": float, "str": str}[str(f.type)]
-            parser.add_argument(flag, type=kind, default=f.default, choices=f.metadata["choices"], help=help)
+            parser.add_argument(flag, type=kind, default=None, choices=f.metadata["choices"], help=help)
+
+
+def _given_fields(config: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields given on the command line, with their values."""
+    names = {f.name for f in dataclasses.fields(config)}
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
 
 
 def _config(parser: argparse.ArgumentParser, config: type, args: argparse.Namespace) -> Any:
     """The run's config from the parsed flags; a value the config refuses is a usage error, not a traceback."""
-    names = {f.name for f in dataclasses.fields(config)}
     try:
-        cfg = config(**{k: v for k, v in vars(args).items() if k in names})
+        cfg = config(**_given_fields(config, args))
         if isinstance(cfg, TrainConfig):
             _check_model(cfg)
     except ValueError as exc:
@@ -74,47 +84,73 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the split to evaluate on (default: %(default)s)")
     ev.add_argument("--data", help="corpus (default: the one the checkpoint was trained on)")
     ev.add_argument("--out", type=Path, help="write the results as JSON here")
-    ev.add_argument("--limit", type=int, default=0, help="evaluate only the first N pairs (images)")
+    ev.add_argument("--limit", type=_count, default=0, help="evaluate only the first N pairs (images); 0 = all "
+                    "(default: %(default)s)")
     return parser
+
+
+def _count(text: str) -> int:
+    """An argparse type: a whole number ≥ 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (all) or more, not {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = _config(args.subparser, args.config, args) if args.command in ("translation", "caption") else None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        return _run(args, cfg)
+    except InputError as exc:  # a mistake in the data, a checkpoint or the machine: its one line, no traceback
+        print(f"attn-train: error: {exc}", file=sys.stderr)
+        return 1
 
-    if args.command == "translation":
-        from training.train import train
 
-        best = train(cfg, args.resume)
-        print(f"best checkpoint: {best}")
-        return 0
-
-    if args.command == "caption":
+def _run(args: argparse.Namespace, cfg: Any) -> int:
+    if args.command in ("translation", "caption"):
         from training.caption_train import train as train_captioner
+        from training.train import train as train_translator
 
-        best = train_captioner(cfg, args.resume)
-        print(f"best checkpoint: {best}")
+        train = train_translator if args.command == "translation" else train_captioner
+        _report_best(train(cfg, args.resume, set(_given_fields(args.config, args))))
         return 0
-
-    import sentencepiece as spm
 
     if checkpoint.load(args.checkpoint, kind=None)["kind"] == "captioning":
         return _evaluate_captioner(args)
-    from training.data.corpus import load_corpus, split
+    return _evaluate_translation(args)
+
+
+def _report_best(best: Path) -> None:
+    """Name the best checkpoint; a resumed run that neither found a best.pt to carry over nor beat its restored best
+    has none in its folder, and says so rather than naming a file that is not there."""
+    if best.exists():
+        print(f"best checkpoint: {best}")
+    else:
+        print(f"no best checkpoint in {best.parent}: this run did not beat the best of the run it resumed")
+
+
+def _evaluate_translation(args: argparse.Namespace) -> int:
+    import sentencepiece as spm
+
+    from training.data.corpus import checkpoint_corpus, split
     from training.evaluate import evaluate, write_json
 
     payload = checkpoint.load(args.checkpoint)
     model = checkpoint.build_model(payload)
     sp = spm.SentencePieceProcessor(model_proto=bytes(payload["tokenizer"]))
-    pairs = split(load_corpus(args.data or payload["data"]["corpus"]))[args.split]
+    pairs = split(checkpoint_corpus(payload["data"], args.data))[args.split]
     if args.limit:
         pairs = pairs[: args.limit]
+    if not pairs:
+        raise InputError(f"{args.checkpoint}: the {args.split} split of its corpus has no pairs to evaluate")
     result = {"checkpoint": str(args.checkpoint), "split": args.split, "pairs": len(pairs),
               **evaluate(model, sp, pairs)}
     if args.out:
         write_json(result, args.out)
-    json.dump({k: v for k, v in result.items() if k != "examples"}, sys.stdout, indent=2, ensure_ascii=False)
+    json.dump({k: v for k, v in result.items() if k != "examples"}, sys.stdout, indent=2, ensure_ascii=False,
+              allow_nan=False)
     print()
     return 0
 
@@ -135,10 +171,13 @@ def _evaluate_captioner(args: argparse.Namespace) -> int:
         sizes[args.split] = min(sizes[args.split], args.limit)
     data = load_caption_data(args.data or cfg["data"], cfg["image_size"], sizes, cfg["scene_seed"], [args.split])
     images = data[args.split].subset(args.limit) if args.limit else data[args.split]
+    if not len(images):
+        raise InputError(f"{args.checkpoint}: the {args.split} split has no images to evaluate")
     result = {"checkpoint": str(args.checkpoint), "split": args.split, **evaluate(model, sp, images)}
     if args.out:
         write_json(result, args.out)
-    json.dump({k: v for k, v in result.items() if k != "examples"}, sys.stdout, indent=2, ensure_ascii=False)
+    json.dump({k: v for k, v in result.items() if k != "examples"}, sys.stdout, indent=2, ensure_ascii=False,
+              allow_nan=False)
     print()
     return 0
 

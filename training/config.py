@@ -13,6 +13,12 @@ from typing import Any
 DEVICES = ("auto", "cpu", "cuda")
 
 
+class InputError(ValueError):
+    """A mistake in what the user gave a run (a corpus, a checkpoint, a device) found while running: ``attn-train``
+    prints its one-line message and exits 1. A ValueError, so that library callers catching those still do; the CLI
+    catches only this class, so a genuine bug still shows its traceback."""
+
+
 def option(default: Any, help: str, choices: Sequence[str] | None = None, on_resume: bool = False) -> Any:
     """A config field with its ``help`` and, where the value is one of a fixed set, its ``choices``. An
     ``on_resume`` field may be given anew when a run is resumed (the schedule, the run folder, the threads); every
@@ -29,7 +35,7 @@ def check(
     config: Any, positive: Sequence[str] = (), non_negative: Sequence[str] = (), fractions: Sequence[str] = ()
 ) -> None:
     """Raise ``ValueError`` naming the flag of the first field outside its choices, or of the named fields not
-    positive, negative, or outside [0, 1)."""
+    positive, negative, or outside [0, 1) (NaN is none of these)."""
     for f in fields(config):
         choices = f.metadata.get("choices")
         value = getattr(config, f.name)
@@ -39,7 +45,7 @@ def check(
         if not getattr(config, name) > 0:
             raise ValueError(f"{flag(name)} must be positive, not {getattr(config, name)}")
     for name in non_negative:
-        if getattr(config, name) < 0:
+        if not getattr(config, name) >= 0:  # `not >=` rather than `<`: NaN fails every comparison
             raise ValueError(f"{flag(name)} must not be negative, not {getattr(config, name)}")
     for name in fractions:
         if not 0 <= getattr(config, name) < 1:

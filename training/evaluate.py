@@ -294,7 +294,8 @@ def attention_entropy(rows: Sequence[np.ndarray]) -> dict[str, float]:
 
 def write_json(result: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    # allow_nan=False: a NaN would be written as the bare word NaN, which no JSON reader accepts.
+    path.write_text(json.dumps(result, indent=2, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8")
 
 
 # -- does a placeholder's attention point at its source? -----------------------------------------------------------
@@ -521,13 +522,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from training import checkpoint
-    from training.data.corpus import load_corpus, split
+    from training.data.corpus import checkpoint_corpus, split
 
     torch.set_num_threads(args.threads)
     payload = checkpoint.load(args.checkpoint)
     model = checkpoint.build_model(payload)
     sp = spm.SentencePieceProcessor(model_proto=bytes(payload["tokenizer"]))
-    corpus = load_corpus(args.data or payload["data"]["corpus"])
+    corpus = checkpoint_corpus(payload["data"], args.data)
     if args.table:
         rows = read_table(args.table)
         hypotheses = translate(model, sp, [s for _, s, _ in rows])

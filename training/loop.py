@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from training import checkpoint
+from training.config import InputError
 
 
 @dataclass
@@ -54,6 +55,7 @@ def train_epochs(
     bar = tqdm(total=cfg.max_steps or None, initial=progress.step, disable=rank != 0, dynamic_ncols=True, unit="step")
     started = time.monotonic() - progress.elapsed_s
     window_tokens, window_items, window_start = 0, 0, time.monotonic()
+    validated_at = None  # the step last validated: a budget that ends on a --valid-every step is validated once
     while not should_stop(cfg, progress, world):
         epoch = batches(progress.epoch)
         epoch = epoch[: len(epoch) - len(epoch) % world] if world > 1 else epoch
@@ -75,13 +77,15 @@ def train_epochs(
                 window_tokens, window_items, window_start = 0, 0, time.monotonic()
             if progress.step % cfg.valid_every == 0:
                 checkpoint_now()
+                validated_at = progress.step
             if should_stop(cfg, progress, world):
                 break
         else:
             progress.epoch += 1
             progress.batch_in_epoch = 0
     bar.close()
-    checkpoint_now()
+    if validated_at != progress.step:
+        checkpoint_now()
     if world > 1:
         dist.barrier()
 
@@ -106,6 +110,8 @@ def device_for(name: str, rank: int) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
+        if not torch.cuda.is_available():  # else device_count() is 0 and `rank % 0` a ZeroDivisionError
+            raise InputError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
         torch.cuda.set_device(rank % torch.cuda.device_count())
         return torch.device("cuda", rank % torch.cuda.device_count())
     return torch.device(name)
@@ -117,12 +123,17 @@ def hardware(device: torch.device, world: int) -> str:
     return f"{world}x {name} ({os.cpu_count()} cores)"
 
 
-def resumed_config(cls: type, cfg: Any, saved: dict[str, Any]) -> Any:
+def resumed_config(cls: type, cfg: Any, saved: dict[str, Any], given: Collection[str] | None = None) -> Any:
     """The saved run's config, with the ``on_resume`` fields (training.config.option: budgets, schedule, run
-    folder, threads) given on the command line a value other than their default: a budget given anew extends it."""
-    given = {f.name: getattr(cfg, f.name) for f in fields(cls)
-             if f.metadata.get("on_resume") and f.default is not MISSING and getattr(cfg, f.name) != f.default}
-    return cls(**{**saved, **given})
+    folder, threads) that were given anew taken from ``cfg``: a budget given anew extends it.
+
+    ``given`` names the fields given on the command line (even with their default's value: ``--lr 0.001`` over a
+    saved 0.5 is 0.001). Without it (a library caller) a field counts as given when ``cfg`` holds another value
+    than the default."""
+    if given is None:
+        given = [f.name for f in fields(cls) if f.default is not MISSING and getattr(cfg, f.name) != f.default]
+    replaced = {f.name: getattr(cfg, f.name) for f in fields(cls) if f.metadata.get("on_resume") and f.name in given}
+    return cls(**{**saved, **replaced})
 
 
 def should_stop(cfg: Any, progress: Progress, world: int) -> bool:

@@ -11,7 +11,9 @@ implement its hooks.)
 from __future__ import annotations
 
 import logging
+import shutil
 from abc import ABC, abstractmethod
+from collections.abc import Collection
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from training import checkpoint
+from training.config import InputError
 from training.loop import (
     Progress,
     Step,
@@ -111,13 +114,37 @@ def shared_tokenizer(recipe: Recipe, rank: int, world: int, resume: dict[str, An
     return path.read_bytes()
 
 
-def run(recipe: Recipe, resume_path: Path | None = None) -> Path:
-    """Train until a budget runs out and return the path of the best checkpoint."""
+def check_same_data(data_info: dict[str, Any], resume: dict[str, Any]) -> None:
+    """Refuse to resume on other data than the run was trained on: a corpus edited since, or a relative path read
+    from another directory, would otherwise be trained on silently."""
+    saved = resume["data"]
+    if data_info["hash"] != saved["hash"]:
+        raise InputError(f"cannot resume: data {data_info['corpus']!r} hashes to {data_info['hash']}, but the run was "
+                         f"trained on {saved['corpus']!r} hashing to {saved['hash']}")
+
+
+def carry_run_files(resume_path: Path, resume: dict[str, Any], out: Path) -> None:
+    """A run resumed into a new folder gets there what its first folder had: spm.model, and best.pt (the restored
+    best), so that the folder is a whole run even if this part never beats that best."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "spm.model").exists():
+        (out / "spm.model").write_bytes(bytes(resume["tokenizer"]))
+    best = resume_path if resume_path.name == "best.pt" else resume_path.parent / "best.pt"
+    if best.is_file() and not (out / "best.pt").exists():
+        shutil.copyfile(best, out / "best.pt")
+
+
+def run(recipe: Recipe, resume_path: Path | None = None, given: Collection[str] | None = None) -> Path:
+    """Train until a budget runs out and return the path of the best checkpoint (which a resumed run that holds no
+    best.pt and never beats its restored best does not write: check that it exists).
+
+    ``given``: the config fields given on the command line, which a resumed run takes anew where they may change
+    (:func:`training.loop.resumed_config`)."""
     rank, world = distributed()
     device = device_for(recipe.cfg.device, rank)
     resume = checkpoint.load(resume_path, kind=recipe.kind) if resume_path else None
     if resume is not None:
-        recipe.cfg = resumed_config(type(recipe.cfg), recipe.cfg, resume["train_config"])
+        recipe.cfg = resumed_config(type(recipe.cfg), recipe.cfg, resume["train_config"], given)
     recipe.configure()
     cfg = recipe.cfg
     torch.manual_seed(cfg.seed)
@@ -126,6 +153,10 @@ def run(recipe: Recipe, resume_path: Path | None = None) -> Path:
     out = Path(cfg.out)
 
     data_info = recipe.load_data()
+    if resume is not None:
+        check_same_data(data_info, resume)
+        if rank == 0 and resume_path is not None:
+            carry_run_files(resume_path, resume, out)
     sp_bytes = shared_tokenizer(recipe, rank, world, resume)
     sp = spm.SentencePieceProcessor(model_proto=sp_bytes)
     data_info["train_examples"] = recipe.prepare(sp)

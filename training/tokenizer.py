@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import random
-from collections.abc import Sequence
+import re
+from collections.abc import Iterator, Sequence
 
 import sentencepiece as spm
 
+from training.config import InputError
 from training.data.corpus import Pair
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -23,6 +26,12 @@ def train_tokenizer(pairs: Sequence[Pair], vocab_size: int, seed: int = 1, max_s
     if len(texts) > max_sentences:
         texts = random.Random(seed).sample(texts, max_sentences)
     model = io.BytesIO()
+    with too_small_vocabulary_is_input_error(vocab_size):
+        _train(texts, model, vocab_size)
+    return model.getvalue()
+
+
+def _train(texts: list[str], model: io.BytesIO, vocab_size: int) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts),
         model_writer=model,
@@ -38,4 +47,17 @@ def train_tokenizer(pairs: Sequence[Pair], vocab_size: int, seed: int = 1, max_s
         num_threads=2,
         minloglevel=2,
     )
-    return model.getvalue()
+
+
+@contextlib.contextmanager
+def too_small_vocabulary_is_input_error(vocab_size: int) -> Iterator[None]:
+    """Sentencepiece's "Vocabulary size is smaller than required_chars. 5 vs 338" (an internal-check RuntimeError)
+    as the one-line --vocab-size error it is; any other RuntimeError propagates as it was."""
+    try:
+        yield
+    except RuntimeError as exc:
+        needed = re.search(r"Vocabulary size is smaller than required_chars\. \d+ vs (\d+)", str(exc))
+        if not needed:
+            raise
+        raise InputError(f"--vocab-size {vocab_size} is too small for this corpus: its characters and the special "
+                         f"pieces need at least {needed[1]}") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,8 @@ from torch import nn
 from training import checkpoint
 from training.batching import Example, collate, make_batches
 from training.checkpoint import TranslationModel
-from training.config import DEVICES, check, option
-from training.data.corpus import DOMAINS, Pair, data_hash, load_corpus, split
+from training.config import DEVICES, InputError, check, option
+from training.data.corpus import DOMAINS, Pair, absolute_spec, data_hash, load_corpus, split
 from training.evaluate import EVAL_SETS, eval_set_of, group_references, required_placeholders, score, translate
 from training.loop import Step
 from training.models.rnn import ATTENTIONS, Seq2SeqConfig
@@ -204,6 +205,9 @@ class TranslationRecipe(Recipe):
     def configure(self) -> None:
         if self.cfg.arch == "transformer" and self.cfg.attention == "bahdanau":
             self.cfg = replace(self.cfg, attention="multihead")  # what the run is, in its saved config
+        # Saved absolute, so that evaluate, resume and export read this corpus from any directory. An old checkpoint's
+        # relative path resolves against the current directory, as it always did (and its hash is checked).
+        self.cfg = replace(self.cfg, data=absolute_spec(self.cfg.data))
         model_config(self.cfg, self.cfg.vocab_size)  # an unknown --arch or --attention fails now, not after the data
 
     def checkpoint_fields(self) -> dict[str, Any]:
@@ -221,6 +225,8 @@ class TranslationRecipe(Recipe):
     def load_data(self) -> dict[str, Any]:
         pairs = load_corpus(self.cfg.data)
         self.splits = split(pairs)
+        if not self.splits["train"]:  # else sentencepiece fails on no sentences, in words only its developers read
+            raise InputError(f"corpus {self.cfg.data!r}: no training pairs ({len(pairs)} pairs in all)")
         return {"corpus": self.cfg.data, "hash": data_hash(pairs),
                 "sizes": {name: len(v) for name, v in self.splits.items()},
                 "sentences": {name: sum(p.sentence for p in v) for name, v in self.splits.items()}}
@@ -232,7 +238,8 @@ class TranslationRecipe(Recipe):
         self.train_examples = _examples(self.splits["train"], sp, self.cfg.max_source_tokens, self.cfg.repeat)
         self.valid_examples = _examples(self.splits["valid"], sp, self.cfg.max_source_tokens)
         if not self.train_examples:
-            raise ValueError(f"no training pairs left from {self.cfg.data!r}")
+            raise InputError(f"no training pairs left from {self.cfg.data!r}: every source is longer than "
+                             f"--max-source-tokens {self.cfg.max_source_tokens} tokens (or its target twice that)")
         return len(self.train_examples)
 
     def build_model(self, vocab_size: int) -> tuple[nn.Module, dict[str, Any]]:
@@ -259,6 +266,8 @@ class TranslationRecipe(Recipe):
                 f"{sum(p.numel() for p in model.parameters())} parameters")
 
 
-def train(cfg: TrainConfig, resume_path: Path | None = None) -> Path:
-    """Train and return the path of the best checkpoint."""
-    return run(TranslationRecipe(cfg), resume_path)
+def train(cfg: TrainConfig, resume_path: Path | None = None,
+          given: Collection[str] | None = None) -> Path:
+    """Train and return the path of the best checkpoint; ``given``: the fields given on the command line
+    (:func:`training.recipe.run`)."""
+    return run(TranslationRecipe(cfg), resume_path, given)

@@ -112,6 +112,51 @@ def test_a_run_resumed_into_another_folder_decays_its_learning_rate_there(tiny_c
     assert after["data"]["train_examples"] > saved["data"]["train_examples"]  # the sentences twice
 
 
+def test_a_resumed_run_in_a_new_folder_is_a_whole_run(tiny_checkpoint: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    last = tiny_checkpoint.parent / "last.pt"
+    out = tmp_path / "more"
+    step = checkpoint.load(last)["progress"]["step"]
+    assert train_main(["translation", "--resume", str(last), "--out", str(out), "--max-steps", str(step + 1)]) == 0
+    assert (out / "spm.model").read_bytes() == (tiny_checkpoint.parent / "spm.model").read_bytes()
+    assert f"best checkpoint: {out / 'best.pt'}" in capsys.readouterr().out and (out / "best.pt").exists()
+
+
+TINY = ["--vocab-size", "400", "--emb-dim", "16", "--hidden-dim", "16", "--attn-dim", "16", "--device", "cpu",
+        "--threads", "1", "--valid-bleu-sample", "5", "--max-tokens", "1000"]
+
+
+def test_a_checkpoint_reads_its_own_corpus_from_anywhere_and_refuses_a_changed_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from training.data.corpus import load_corpus
+
+    ours, elsewhere = tmp_path / "ours", tmp_path / "elsewhere"
+    ours.mkdir()
+    elsewhere.mkdir()
+    pairs = load_corpus(f"ding:{DING_SAMPLE}")
+    (ours / "corpus.tsv").write_text("".join(f"{p.source}\t{p.target}\n" for p in pairs), encoding="utf-8")
+    (elsewhere / "corpus.tsv").write_text("".join(f"{p.source}\t{p.target} (other)\n" for p in pairs),
+                                          encoding="utf-8")
+    monkeypatch.chdir(ours)
+    assert train_main(["translation", "--data", "corpus.tsv", "--out", "run", "--max-steps", "2", *TINY]) == 0
+    payload = checkpoint.load(ours / "run" / "best.pt")
+    assert payload["data"]["corpus"] == payload["train_config"]["data"] == str(ours / "corpus.tsv")
+
+    # From another directory holding another corpus.tsv: the run's own corpus is scored.
+    monkeypatch.chdir(elsewhere)
+    assert train_main(["evaluate", str(ours / "run" / "best.pt"), "--split", "test", "--out", "eval.json"]) == 0
+    assert "(other)" not in (elsewhere / "eval.json").read_text()
+    capsys.readouterr()
+    # The corpus changed since: evaluate and resume refuse it, in one line.
+    with (ours / "corpus.tsv").open("a", encoding="utf-8") as f:
+        f.write("Neu\tnew\n")
+    assert train_main(["evaluate", str(ours / "run" / "best.pt")]) == 1
+    assert "the checkpoint was trained on data hashing to" in capsys.readouterr().err
+    assert train_main(["translation", "--resume", str(ours / "run" / "last.pt"), "--max-steps", "3"]) == 1
+    assert "cannot resume: data" in capsys.readouterr().err
+
+
 def test_two_process_torchrun_on_cpu(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     command = [

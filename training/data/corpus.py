@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from training.config import InputError
 
 SPLITS = ("train", "valid", "test")
 
@@ -92,28 +96,44 @@ def _looks_like_sentence(text: str) -> bool:
     return is_sentence(text)
 
 
+def read_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file, split on '\\n' only (a trailing '\\r' dropped) and without a leading BOM.
+
+    Not ``str.splitlines()``: it also splits on U+2028, form feeds, NEL and other characters that may sit inside a
+    sentence, which would shift one side of a line-aligned corpus against the other.
+    """
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise InputError(f"{path}:{line}: not UTF-8 text (byte {data[exc.start]:#04x})") from None
+    lines = text.split("\n")
+    if lines[-1] == "":  # the newline that ends the last line starts no line of its own
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
+
+
 def read_tsv(path: Path) -> list[Pair]:
     """A user corpus as ``source<TAB>target`` lines; blank lines are skipped, malformed lines are an error."""
     pairs = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if not line.strip():
-                continue
-            fields = line.split("\t")
-            if len(fields) != 2 or not fields[0].strip() or not fields[1].strip():
-                raise ValueError(f"{path}:{number}: expected 'source<TAB>target', got {line[:80]!r}")
-            source, target = fields[0].strip(), fields[1].strip()
-            pairs.append(Pair(source, target, _looks_like_sentence(source)))
+    for number, line in enumerate(read_lines(path), 1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) != 2 or not fields[0].strip() or not fields[1].strip():
+            raise InputError(f"{path}:{number}: expected 'source<TAB>target', got {line[:80]!r}")
+        source, target = fields[0].strip(), fields[1].strip()
+        pairs.append(Pair(source, target, _looks_like_sentence(source)))
     return pairs
 
 
 def read_parallel(source_path: Path, target_path: Path) -> list[Pair]:
     """A user corpus as two line-aligned files."""
-    sources = source_path.read_text(encoding="utf-8").splitlines()
-    targets = target_path.read_text(encoding="utf-8").splitlines()
+    sources = read_lines(source_path)
+    targets = read_lines(target_path)
     if len(sources) != len(targets):
-        raise ValueError(f"{source_path} has {len(sources)} lines but {target_path} has {len(targets)}")
+        raise InputError(f"{source_path} has {len(sources)} lines but {target_path} has {len(targets)}")
     return [
         Pair(s.strip(), t.strip(), _looks_like_sentence(s.strip()))
         for s, t in zip(sources, targets)
@@ -173,7 +193,21 @@ def held_out(pairs: Iterable[Pair], domain: str, split_name: str = "test") -> li
 def load_corpus(spec: str) -> list[Pair]:
     """``ding`` (or ``ding:PATH``), ``mixed`` (or ``mixed:DIR``: the corpus ``make data`` builds, Ding + Debian
     package descriptions + gettext catalogs), a directory holding such a build, ``PATH.tsv``, or
-    ``SRC_PATH,TGT_PATH``."""
+    ``SRC_PATH,TGT_PATH``. A file that cannot be read is an :class:`InputError` naming it."""
+    try:
+        return _read_corpus(spec)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"corpus {spec!r}: {_reason(exc)}") from None
+
+
+def _reason(exc: Exception) -> str:
+    """An OS error as its file and reason ("No such file or directory: 'x.tsv'"), without errno's "[Errno 2]"."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}: {exc.filename!r}" if exc.filename else exc.strerror
+    return str(exc)
+
+
+def _read_corpus(spec: str) -> list[Pair]:
     from training.data.ding import DING_PATH, read_ding
 
     if spec == "ding":
@@ -190,3 +224,31 @@ def load_corpus(spec: str) -> list[Pair]:
         src, tgt = spec.split(",", 1)
         return read_parallel(Path(src), Path(tgt))
     return read_tsv(Path(spec))
+
+
+def absolute_spec(spec: str) -> str:
+    """``spec`` with its paths made absolute, so that a checkpoint names the corpus it was trained on whatever the
+    directory it is later used from (``ding`` and ``mixed`` name fixed places already)."""
+    for prefix in ("ding:", "mixed:"):
+        if spec.startswith(prefix):
+            return prefix + os.path.abspath(spec[len(prefix):])
+    if spec in ("ding", "mixed"):
+        return spec
+    if "," in spec and not Path(spec).is_dir():
+        return ",".join(os.path.abspath(part) for part in spec.split(",", 1))
+    return os.path.abspath(spec)
+
+
+def checkpoint_corpus(data: dict[str, Any], spec: str | None = None) -> list[Pair]:
+    """The corpus of a checkpoint's ``data`` section, refused (:class:`InputError`) when it no longer hashes to the
+    recorded ``hash``: a corpus edited since, or a relative path read from another directory, would otherwise be
+    scored (or trained on) silently. ``spec`` (a ``--data`` given anew) is read as it is: the user chose it."""
+    if spec:
+        return load_corpus(spec)
+    pairs = load_corpus(data["corpus"])
+    found = data_hash(pairs)
+    if found != data["hash"]:
+        raise InputError(f"corpus {data['corpus']!r} hashes to {found}, but the checkpoint was trained on data "
+                         f"hashing to {data['hash']}: the file changed, or a relative path is read from another "
+                         "directory (run from the training directory, or give --data)")
+    return pairs

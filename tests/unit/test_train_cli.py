@@ -1,0 +1,252 @@
+"""attn-train's edges: corpora read as the user wrote them, checkpoints tied to their data, resumed options given
+anew, and one-line errors (no tracebacks) for mistakes in data, checkpoints, options and the machine."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import asdict
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from tests.conftest import DING_SAMPLE
+from training import checkpoint, loop
+from training import cli as train_cli
+from training.caption_train import CaptionTrainConfig
+from training.config import InputError
+from training.data.corpus import (
+    Pair,
+    absolute_spec,
+    checkpoint_corpus,
+    data_hash,
+    load_corpus,
+    read_parallel,
+    read_tsv,
+)
+from training.evaluate import write_json
+from training.loop import Progress, Step, resumed_config, train_epochs
+from training.recipe import carry_run_files
+from training.train import TrainConfig
+
+TINY = ["--vocab-size", "400", "--emb-dim", "16", "--hidden-dim", "16", "--attn-dim", "16", "--device", "cpu",
+        "--threads", "1", "--valid-bleu-sample", "5"]
+
+
+def _input_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Run attn-train, expect exit 1 and return its single stderr line."""
+    assert train_cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("attn-train: error: ")]
+    return line
+
+
+# -- 2: lines are '\n'-separated, BOM-free ------------------------------------------------------------------------
+
+
+def test_two_file_corpora_split_lines_on_newline_only(tmp_path: Path) -> None:
+    src, tgt = tmp_path / "a.de", tmp_path / "a.en"
+    # U+2028, a form feed and NEL inside a sentence: str.splitlines() would split there and shift the pairs.
+    src.write_bytes("eins\u2028zwei\r\ndrei\x0cvier\nfünf\x85sechs\n".encode())
+    tgt.write_bytes(b"one two\r\nthree four\nfive six\n")
+    assert [(p.source, p.target) for p in read_parallel(src, tgt)] == [
+        ("eins\u2028zwei", "one two"), ("drei\x0cvier", "three four"), ("fünf\x85sechs", "five six")]
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_source(tmp_path: Path) -> None:
+    tsv = tmp_path / "bom.tsv"
+    tsv.write_bytes("\ufeffHaus\thouse\r\nBaum\ttree\n".encode())
+    assert read_tsv(tsv) == [Pair("Haus", "house"), Pair("Baum", "tree")]
+    src, tgt = tmp_path / "b.de", tmp_path / "b.en"
+    src.write_bytes("\ufeffHaus\n".encode())
+    tgt.write_bytes("\ufeffhouse\n".encode())
+    assert read_parallel(src, tgt) == [Pair("Haus", "house")]
+
+
+# -- 1: a checkpoint names its corpus absolutely and refuses other data ------------------------------------------
+
+
+def test_corpus_specs_are_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert absolute_spec("corpus.tsv") == str(tmp_path / "corpus.tsv")
+    assert absolute_spec("a.de,a.en") == f"{tmp_path / 'a.de'},{tmp_path / 'a.en'}"
+    assert absolute_spec("ding:sample.txt") == f"ding:{tmp_path / 'sample.txt'}"
+    assert absolute_spec("mixed:build") == f"mixed:{tmp_path / 'build'}"
+    assert (absolute_spec("ding"), absolute_spec("mixed")) == ("ding", "mixed")
+
+
+def test_a_checkpoints_corpus_must_hash_as_recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    for folder, word in ((ours, "Haus\thouse\n"), (theirs, "Katze\tcat\n")):
+        folder.mkdir()
+        (folder / "corpus.tsv").write_text(word, encoding="utf-8")
+    # An old checkpoint: a relative path, read from its own directory, still works.
+    data = {"corpus": "corpus.tsv", "hash": data_hash([Pair("Haus", "house")])}
+    monkeypatch.chdir(ours)
+    assert checkpoint_corpus(data) == [Pair("Haus", "house")]
+    # From another directory holding another corpus.tsv: refused, not silently scored.
+    monkeypatch.chdir(theirs)
+    with pytest.raises(InputError, match="corpus.tsv' hashes to .* trained on data hashing to"):
+        checkpoint_corpus(data)
+    # --data given anew is the user's choice: read as it is.
+    assert checkpoint_corpus(data, "corpus.tsv") == [Pair("Katze", "cat")]
+
+
+# -- 7: mistakes in data and checkpoints are one-line errors -----------------------------------------------------
+
+
+def test_unreadable_corpora_are_input_errors_naming_the_file(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="No such file or directory: '.*missing.tsv'"):
+        load_corpus(str(tmp_path / "missing.tsv"))
+    with pytest.raises(InputError, match="nope.txt"):
+        load_corpus(f"ding:{tmp_path / 'nope.txt'}")
+    latin1 = tmp_path / "latin1.tsv"
+    latin1.write_bytes("Haus\thouse\nMädchen\tgirl\n".encode("latin-1"))
+    with pytest.raises(InputError, match=r"latin1.tsv:2: not UTF-8 text \(byte 0xe4\)"):
+        load_corpus(str(latin1))
+    src, tgt = tmp_path / "c.de", tmp_path / "c.en"
+    src.write_text("eins\nzwei\n", encoding="utf-8")
+    tgt.write_text("one\n", encoding="utf-8")
+    with pytest.raises(InputError, match="c.de has 2 lines but .*c.en has 1"):
+        load_corpus(f"{src},{tgt}")
+    (tmp_path / "notab.tsv").write_text("no tab here\n", encoding="utf-8")
+    with pytest.raises(InputError, match="notab.tsv:1: expected 'source<TAB>target'"):
+        load_corpus(str(tmp_path / "notab.tsv"))
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--data", "{tmp}/missing.tsv"], "corpus '{tmp}/missing.tsv': No such file or directory"),
+    (["--data", "ding:{tmp}/nope.txt"], "nope.txt not found"),
+    (["--data", "{tmp}/empty.tsv"], "empty.tsv': no training pairs (0 pairs in all)"),
+    (["--data", "ding:{ding}", "--vocab-size", "5"], "--vocab-size 5 is too small for this corpus"),
+    (["--data", "ding:{ding}", "--max-source-tokens", "1"], "every source is longer than --max-source-tokens 1"),
+    (["--resume", "{tmp}/missing.pt"], "cannot read checkpoint {tmp}/missing.pt: No such file or directory"),
+    (["--resume", "{tmp}"], "cannot read checkpoint {tmp}: Is a directory"),
+    (["--resume", "{tmp}/empty.tsv"], "empty.tsv is not a checkpoint (not a torch.save archive, or truncated)"),
+    (["--resume", "{tmp}/truncated.pt"], "truncated.pt is not a checkpoint"),
+    (["--resume", "{tmp}/caption.pt"], "caption.pt is not a translation checkpoint (kind='captioning')"),
+])
+def test_training_mistakes_are_one_line_errors(argv: list[str], message: str, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "empty.tsv").write_text("\n", encoding="utf-8")
+    torch.save({"kind": "captioning"}, tmp_path / "caption.pt")
+    whole = (tmp_path / "caption.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(whole[: len(whole) // 2])
+    argv = [a.format(tmp=tmp_path, ding=DING_SAMPLE) for a in argv]
+    line = _input_error(["translation", "--out", str(tmp_path / "run"), *TINY, "--max-steps", "1", *argv], capsys)
+    assert message.format(tmp=tmp_path) in line
+
+
+def test_evaluating_a_non_checkpoint_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "notes.txt").write_text("not a checkpoint", encoding="utf-8")
+    assert "notes.txt is not a checkpoint" in _input_error(["evaluate", str(tmp_path / "notes.txt")], capsys)
+
+
+# -- 6: no CUDA --------------------------------------------------------------------------------------------------
+
+
+def test_cuda_without_a_device_is_an_input_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(InputError, match="--device cuda: no CUDA device is available"):
+        loop.device_for("cuda", 0)
+    assert loop.device_for("auto", 0) == torch.device("cpu")
+
+
+# -- 4: an option given on resume replaces the saved one, even with the default's value ---------------------------
+
+
+def _parsed(argv: list[str]) -> dict[str, Any]:
+    args = train_cli.build_parser().parse_args(argv)
+    return train_cli._given_fields(args.config, args)
+
+
+def test_flags_given_with_their_default_value_count_as_given() -> None:
+    assert _parsed(["translation", "--lr", "0.001", "--max-steps", "0", "--no-amp"]) == {
+        "lr": 0.001, "max_steps": 0, "amp": False}
+    assert _parsed(["translation"]) == {}
+    saved = asdict(TrainConfig(lr=0.5, max_steps=12, threads=1))
+    given = _parsed(["translation", "--lr", "0.001", "--max-steps", "0"])
+    cfg = resumed_config(TrainConfig, TrainConfig(**given), saved, set(given))
+    assert (cfg.lr, cfg.max_steps, cfg.threads) == (0.001, 0, 1)
+
+
+def test_help_still_names_each_default() -> None:
+    parser = train_cli.build_parser()
+    (sub,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    text = " ".join(sub.choices["translation"].format_help().split())
+    assert "(default: 0.001)" in text and "(default: True)" in text
+
+
+# -- 5: --limit; NaN is never written as JSON ------------------------------------------------------------------
+
+
+def test_a_negative_limit_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        train_cli.main(["evaluate", str(tmp_path / "best.pt"), "--limit", "-3"])
+    assert exit_info.value.code == 2
+    assert "--limit: must be 0 (all) or more, not -3" in capsys.readouterr().err
+
+
+def test_json_results_never_hold_nan(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="JSON"):
+        write_json({"exact_match": math.nan}, tmp_path / "out.json")
+
+
+# -- 3: the best checkpoint named is one that exists --------------------------------------------------------------
+
+
+def test_a_missing_best_checkpoint_is_not_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    train_cli._report_best(tmp_path / "best.pt")
+    assert capsys.readouterr().out.startswith(f"no best checkpoint in {tmp_path}")
+    (tmp_path / "best.pt").write_bytes(b"")
+    train_cli._report_best(tmp_path / "best.pt")
+    assert capsys.readouterr().out == f"best checkpoint: {tmp_path / 'best.pt'}\n"
+
+
+# -- 8: minor --------------------------------------------------------------------------------------------------------
+
+
+def test_a_budget_ending_on_a_validation_step_validates_it_once() -> None:
+    cfg = SimpleNamespace(max_steps=4, valid_every=2, max_target_tokens=0, max_minutes=0.0, epochs=10)
+    validated: list[int] = []
+    progress = Progress()
+    train_epochs(cfg, progress, 0, 1, lambda epoch: [[0]] * 10, lambda batch: Step(1, 1),
+                 lambda: validated.append(progress.step), items="sent")
+    assert validated == [2, 4]
+    validated.clear()
+    cfg.max_steps = 5  # a budget off the validation grid is still validated at its end
+    train_epochs(cfg, Progress(), 0, 1, lambda epoch: [[0]] * 10, lambda batch: Step(1, 1),
+                 lambda: validated.append(-1), items="sent")
+    assert len(validated) == 3
+
+
+def test_nan_budgets_and_gridless_images_are_refused() -> None:
+    with pytest.raises(ValueError, match="--max-minutes must not be negative, not nan"):
+        TrainConfig(max_minutes=math.nan)
+    with pytest.raises(ValueError, match="--max-minutes"):
+        CaptionTrainConfig(max_minutes=math.nan)
+    with pytest.raises(ValueError, match="--image-size 32 leaves no grid cell after --stages 10"):
+        CaptionTrainConfig(image_size=32, stages=10)
+    assert CaptionTrainConfig(image_size=32, stages=5).stages == 5  # a 1 × 1 grid
+
+
+def test_checkpoint_load_still_reads_real_checkpoints(tmp_path: Path) -> None:
+    checkpoint.save(tmp_path / "c.pt", {"kind": "translation", "x": torch.zeros(1)})
+    assert checkpoint.load(tmp_path / "c.pt")["kind"] == "translation"
+
+
+def test_a_run_resumed_into_a_new_folder_starts_with_its_tokenizer_and_best(tmp_path: Path) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    (first / "best.pt").write_bytes(b"the restored best")
+    resume = {"tokenizer": b"spm bytes"}
+    carry_run_files(first / "last.pt", resume, second)
+    assert (second / "spm.model").read_bytes() == b"spm bytes"
+    assert (second / "best.pt").read_bytes() == b"the restored best"
+    (second / "best.pt").write_bytes(b"a newer best")  # a folder that has its own best keeps it
+    carry_run_files(first / "last.pt", resume, second)
+    assert (second / "best.pt").read_bytes() == b"a newer best"
