@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import torch
+from PIL import Image
 
 from exporter.caption_graphs import (
     STATE,
@@ -117,14 +118,25 @@ def training_command(train_config: dict[str, Any]) -> str:
     return " ".join(["attn-train caption", *flags])
 
 
+def caption_words(pieces: Sequence[str], rows: np.ndarray) -> list[str]:
+    """The words an overlay labels ``rows`` with: the caption's pieces, then ``<eos>`` only when the caption ended
+    with one (greedy decoding gives EOS's row too); a caption cut at the maximum length has one row per piece."""
+    words = [piece.lstrip("▁") for piece in pieces]
+    return words + ["<eos>"] if len(rows) > len(words) else words
+
+
 class CaptionExporter(ModelExporter[ShowAttendTell]):
     kind = "captioning"
     encoder_file = "image_encoder.onnx"
+    parity_inputs = "images (test split)"
 
     # Kept by the parity check for the card's examples.
     held_out: CaptionSet
     images: np.ndarray
     onnx_model: OnnxCaptioner
+    # With --overlays, the card's pictures by path: drawn with the card, saved only once the export has succeeded,
+    # so that a failed export leaves no picture behind.
+    pictures: dict[Path, Image.Image]
 
     def __init__(self, checkpoint_path: Path, options: ExportOptions) -> None:
         if options.int8 or options.fp16:  # before the checkpoint is read: the options alone are wrong
@@ -133,6 +145,14 @@ class CaptionExporter(ModelExporter[ShowAttendTell]):
 
     def build_model(self, payload: dict[str, Any]) -> ShowAttendTell:
         return checkpoint.build_captioner(payload)
+
+    def run(self, out: Path) -> Manifest:
+        self.pictures = {}
+        manifest = super().run(out)
+        for path, picture in self.pictures.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            picture.save(path)
+        return manifest
 
     def write_graphs(self, encoder: Path, decoder: Path) -> None:
         export_graphs(self.model, str(encoder), str(decoder))
@@ -188,7 +208,7 @@ class CaptionExporter(ModelExporter[ShowAttendTell]):
         examples = []
         for k, i in enumerate(order[:count], 1):
             tokens, rows = self.onnx_model(_normalised(self.model, images[i : i + 1]).numpy())
-            words = [self.sp.id_to_piece(t).lstrip("▁") for t in tokens[0]] + ["<eos>"]
+            words = caption_words([self.sp.id_to_piece(t) for t in tokens[0]], rows[0])
             example: dict[str, Any] = {
                 "caption": self.sp.decode(tokens[0]), "reference": held_out.captions[i][0],
                 "regions": [(w, peak_box(r, grid, size, size)) for w, r in zip(words, rows[0])],
@@ -196,13 +216,10 @@ class CaptionExporter(ModelExporter[ShowAttendTell]):
             overlays = getattr(self.options, "overlays", None)
             if overlays is not None:
                 folder = Path(overlays)
-                folder.mkdir(parents=True, exist_ok=True)
-                from PIL import Image
-
                 picture = Image.fromarray(images[i])
                 stem = f"{manifest.name}-example-{k}"
-                picture.save(folder / f"{stem}-input.png")
-                overlay(picture, words, rows[0], grid, panel=128).save(folder / f"{stem}.png")
+                self.pictures[folder / f"{stem}-input.png"] = picture
+                self.pictures[folder / f"{stem}.png"] = overlay(picture, words, rows[0], grid, panel=128)
                 example["overlay"] = os.path.relpath(folder / f"{stem}.png", out)
                 example["input"] = os.path.relpath(folder / f"{stem}-input.png", out)
             examples.append(example)

@@ -10,7 +10,39 @@ from pathlib import Path
 
 from exporter.caption_export import CaptionExportOptions, export_captioner
 from exporter.export import ExportOptions, ParityError, export
+from exporter.template import check_replaceable, model_folder_names, read_metrics
 from training import checkpoint
+
+
+def positive_int(text: str) -> int:
+    """An argparse type for counts that must be at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def checkpoint_kind(path: Path) -> str:
+    """The kind of the checkpoint at ``path``; a ValueError naming the file (training.checkpoint.load's) when it is
+    missing, unreadable or not a checkpoint of `attn-train`."""
+    kind: str = checkpoint.load(path, kind=None)["kind"]
+    return kind
+
+
+def model_folder(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, str]:
+    """NAME and VERSION of --out = models/NAME/VERSION; a usage error for an --out that cannot be a model version
+    folder, or a --name the server would refuse (it serves a manifest only from the folders it names)."""
+    try:
+        name, version = model_folder_names(args.out)
+    except ValueError as exc:
+        parser.error(f"--out: {exc}")
+    if args.name is not None and args.name != name:
+        parser.error(f"--name {args.name!r} differs from the NAME folder of --out ({name!r}): the server serves a "
+                     "model only under the name of its folder; leave --name out or change --out")
+    return name, version
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a best.pt/last.pt checkpoint of `attn-train translation` or `attn-train caption`")
     parser.add_argument("--out", type=Path, required=True,
                         help="the model version folder to write, models/NAME/VERSION (the server's layout)")
-    parser.add_argument("--name", help="model name (default: the parent folder of --out)")
-    parser.add_argument("--parity-sentences", type=int, default=500,
+    parser.add_argument("--name", help="model name; must be NAME, the parent folder of --out (the default), which "
+                        "is the name the server serves it under")
+    parser.add_argument("--parity-sentences", type=positive_int, default=500,
                         help="held-out sentences (images) decoded by ONNX Runtime and PyTorch for the parity check; "
                         "nothing is written if they disagree (default: %(default)s)")
     parser.add_argument("--int8", action="store_true", help="also write a dynamically quantised int8 variant")
@@ -37,14 +70,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _failed(exc: Exception) -> int:
+    print(f"attn-export: {exc}", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    name, version = model_folder(parser, args)
+    # Everything the arguments name is checked before the (minutes-long) export: the folder it may replace, the
+    # metrics file for the card, the checkpoint.
+    try:
+        check_replaceable(args.out, args.force)
+        if args.metrics is not None:
+            read_metrics(args.metrics)
+        captioning = checkpoint_kind(args.checkpoint) == "captioning"
+    except (FileExistsError, ValueError) as exc:
+        return _failed(exc)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    captioning = checkpoint.load(args.checkpoint, kind=None)["kind"] == "captioning"
     options = (CaptionExportOptions if captioning else ExportOptions)(
-        name=args.name or args.out.parent.name,
-        version=args.out.name,
+        name=name,
+        version=version,
         parity_sentences=args.parity_sentences,
         int8=args.int8,
         fp16=args.fp16,
@@ -62,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             manifest = export(args.checkpoint, args.out, options)
     except (ParityError, FileExistsError, ValueError) as exc:
-        print(f"attn-export: {exc}", file=sys.stderr)
-        return 1
+        return _failed(exc)
     print(f"exported {manifest.name}/{manifest.version} to {args.out}: parity {manifest.parity}")
     return 0
 

@@ -102,7 +102,8 @@ class ParityReport:
 
     @property
     def passed(self) -> bool:
-        return (self.identical_tokens >= self.agreement * self.sentences
+        # Over no sentences every bar holds vacuously, and a parity check that checked nothing passes nothing.
+        return (self.sentences > 0 and self.identical_tokens >= self.agreement * self.sentences
                 and self.max_attention_diff <= self.tolerance)
 
     def as_dict(self) -> dict[str, object]:

@@ -35,7 +35,7 @@ Model = TypeVar("Model")
 
 
 class ParityError(RuntimeError):
-    """The exported graphs do not reproduce PyTorch; nothing was written."""
+    """The exported graphs do not reproduce PyTorch, or there was nothing to compare them on; nothing was written."""
 
 
 @dataclass
@@ -50,6 +50,63 @@ class ExportOptions:
     metrics_file: Path | None = None  # JSON written by `attn-train evaluate`
     force: bool = False
     command: str = ""
+
+    def __post_init__(self) -> None:
+        # 0 would check nothing (and translation's held-out pool used to read it as "all"): parity needs an input.
+        if self.parity_sentences < 1:
+            raise ValueError(f"parity_sentences must be at least 1, not {self.parity_sentences}")
+
+
+def model_folder_names(out: Path) -> tuple[str, str]:
+    """(NAME, VERSION) of ``out`` = models/NAME/VERSION, the folder names the server discovers it by
+    (server/registry.py ``discover``); ValueError for a path that cannot be a model version folder.
+
+    Read from the path as written: ``.``, ``..``, ``/`` or a bare ``v1`` have no NAME/VERSION of their own, and
+    the server skips hidden (dot) folders, so none of those is ever served."""
+    out = Path(out)
+    for part, value in (("VERSION", out.name), ("NAME", out.parent.name)):
+        if value in ("", ".", "..") or value.startswith("."):
+            raise ValueError(f"{out} is not a model version folder models/NAME/VERSION: its {part} would be "
+                             f"{value!r}, which the server does not serve")
+    return out.parent.name, out.name
+
+
+def is_model_version_folder(path: Path) -> bool:
+    """A real folder holding a manifest.json, or an empty folder: the only things an export may replace."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    return (path / "manifest.json").is_file() or not any(path.iterdir())
+
+
+def check_replaceable(out: Path, force: bool) -> None:
+    """Raise FileExistsError unless ``out`` is free, or is a model version folder and ``force`` says replace it.
+
+    Whatever ``force`` says, nothing but a model version folder is ever removed: ``--out .`` or ``--out ~`` must not
+    empty a working or home directory."""
+    out = Path(out)
+    if not out.exists() and not out.is_symlink():
+        return
+    if not is_model_version_folder(out):
+        raise FileExistsError(f"{out} exists and is not a model version folder (no manifest.json): refusing to "
+                              "replace it")
+    if not force:
+        raise FileExistsError(f"{out} exists; pass --force to replace it")
+
+
+def read_metrics(path: Path) -> dict[str, Any]:
+    """The evaluation JSON for the card (``attn-train evaluate --out``); ValueError naming the file otherwise."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"metrics file {path} cannot be read: {getattr(exc, 'strerror', None) or exc}") from exc
+    try:
+        metrics = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"metrics file {path} is not JSON ({exc}); expected the output of attn-train evaluate") \
+            from exc
+    if not isinstance(metrics, dict):
+        raise ValueError(f"metrics file {path} is not a JSON object; expected the output of attn-train evaluate")
+    return metrics
 
 
 def training_section(payload: dict[str, Any]) -> dict[str, Any]:
@@ -69,13 +126,13 @@ def staged(out: Path, force: bool) -> Iterator[Path]:
     load it, nor a staging directory behind.
     """
     out = Path(out)
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} exists; pass --force to replace it")
+    check_replaceable(out, force)
     staging = out.parent / f".{out.name}.staging"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
         yield staging
+        check_replaceable(out, force)  # again: the block ran for minutes, and rmtree must only ever meet a model
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
@@ -93,6 +150,7 @@ class ModelExporter(ABC, Generic[Model]):
     kind: ClassVar[str]  # the checkpoint kind `training.checkpoint.load` insists on
     encoder_file: ClassVar[str]
     decoder_file: ClassVar[str] = "decoder_step.onnx"
+    parity_inputs: ClassVar[str]  # what the parity check decodes and where from, for its messages
 
     def __init__(self, checkpoint_path: Path, options: ExportOptions) -> None:
         self.options = options
@@ -103,6 +161,8 @@ class ModelExporter(ABC, Generic[Model]):
 
     def run(self, out: Path) -> Manifest:
         """Write the model version folder ``out`` (replacing one only with ``options.force``); its manifest."""
+        self.check_target(out)
+        evaluation = read_metrics(self.options.metrics_file) if self.options.metrics_file else None
         with staged(out, self.options.force) as staging:
             started = time.monotonic()
             (staging / "spm.model").write_bytes(self.tokenizer)
@@ -112,17 +172,29 @@ class ModelExporter(ABC, Generic[Model]):
                 onnx.checker.check_model(str(graph), full_check=True)
             report = self.parity(encoder, decoder)
             log.info("parity: %s", report.as_dict())
+            if report.sentences == 0:
+                raise ParityError(f"parity check had nothing to check: no held-out {self.parity_inputs} in the "
+                                  "checkpoint's data; nothing written")
             if not report.passed:
                 raise ParityError(f"parity check failed, nothing written: {report.as_dict()} {report.mismatches[:2]}")
             manifest = self.manifest(report)
             self.write_variants(staging, manifest)
-            if self.options.metrics_file:
-                manifest.metrics["evaluation"] = json.loads(Path(self.options.metrics_file).read_text(encoding="utf-8"))
+            if evaluation is not None:
+                manifest.metrics["evaluation"] = evaluation
             manifest.training["export_seconds"] = round(time.monotonic() - started, 1)
             manifest.save(staging)
             Manifest.load(staging)  # the server's own validation, before anything is moved into place
             self.write_card(staging, manifest, out)
         return manifest
+
+    def check_target(self, out: Path) -> None:
+        """The manifest's name and version are the folder names of ``out``: the server refuses a model whose
+        manifest says otherwise (server/registry.py), so such an export would only ever be refused there."""
+        name, version = model_folder_names(out)
+        if (self.options.name, self.options.version) != (name, version):
+            raise ValueError(f"the model name and version {self.options.name}/{self.options.version} differ from the "
+                             f"folders of {out} ({name}/{version}); the server refuses a manifest that does not "
+                             "match its folder")
 
     @abstractmethod
     def build_model(self, payload: dict[str, Any]) -> Model:

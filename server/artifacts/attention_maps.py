@@ -64,7 +64,13 @@ def overlay(
 ) -> Image.Image:
     """One panel per word: the image lit by that word's attention (dark where the word did not look), the word
     above it and, optionally, the box of its peak. attention: (len(words), rows * columns). The first panel is the
-    image itself with the whole caption."""
+    image itself with the whole caption.
+
+    A caption cut at the maximum length has no EOS and so no EOS row: its words are its tokens alone. A word without
+    a row of its own is the caller's mistake, refused here by name rather than as an IndexError halfway through."""
+    if len(attention) < len(words):
+        raise ValueError(f"overlay: {len(words)} words but {len(attention)} attention rows; every word needs its row "
+                         "(append an EOS word only when the caption has an EOS row)")
     rgb = image.convert("RGB").resize((panel, panel), Image.Resampling.BILINEAR)
     base = np.asarray(rgb, dtype=np.float32)
     font = ImageFont.load_default(size=max(10, panel // 9))

@@ -1,0 +1,173 @@
+"""attn-export refuses what it cannot export before it touches anything: an --out that is not models/NAME/VERSION, a
+--name the server would refuse, a folder that is not a model version, a bad --metrics or checkpoint, a parity check
+over nothing. No model is trained here: every refusal comes before the checkpoint would be used."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from exporter import cli
+from exporter.caption_export import caption_words
+from exporter.parity import ParityReport
+from exporter.template import ExportOptions, model_folder_names, read_metrics, staged
+from server.artifacts.attention_maps import overlay
+
+
+def _usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert "Traceback" not in err and "usage: attn-export" in err
+    return err
+
+
+def _failure(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """The CLI's own error convention: exit status 1 and one line ``attn-export: ...``."""
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("attn-export: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A current directory with a file in it that no refused export may remove."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "keep.txt").write_text("mine")
+    return tmp_path
+
+
+@pytest.mark.parametrize("out", [".", "..", "v1", "/", "../v1", "models/m/..", "models/.hidden/1", "models/m/.1"])
+def test_an_out_that_is_not_models_name_version_is_a_usage_error(
+    out: str, workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = _usage_error(["missing.pt", "--out", out, "--force"], capsys)
+    assert "models/NAME/VERSION" in err
+    assert (workdir / "keep.txt").read_text() == "mine" and sorted(p.name for p in workdir.iterdir()) == ["keep.txt"]
+
+
+def test_model_folder_names_are_the_folders_the_server_discovers() -> None:
+    assert model_folder_names(Path("models/tiny-de-en/1")) == ("tiny-de-en", "1")
+    assert model_folder_names(Path("/srv/models/tiny/20240101/")) == ("tiny", "20240101")
+    with pytest.raises(ValueError, match="NAME would be ''"):
+        model_folder_names(Path("v1"))
+
+
+@pytest.mark.parametrize("name", ["other", "../evil", ""])
+def test_a_name_other_than_the_folder_of_out_is_a_usage_error(
+    name: str, workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = _usage_error(["missing.pt", "--out", "models/m/1", "--name", name], capsys)
+    assert f"--name {name!r} differs" in err and "server" in err
+    assert not (workdir / "models").exists()
+
+
+@pytest.mark.parametrize("count", ["0", "-5"])
+def test_parity_sentences_must_be_at_least_one(count: str, workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = _usage_error(["missing.pt", "--out", "models/m/1", "--parity-sentences", count], capsys)
+    assert "--parity-sentences: must be at least 1" in err
+
+
+def test_export_options_refuse_a_parity_check_over_nothing() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        ExportOptions(name="m", parity_sentences=0)
+
+
+def test_a_parity_report_over_nothing_does_not_pass() -> None:
+    assert not ParityReport().passed
+    assert ParityReport(sentences=1, identical_tokens=1).passed
+
+
+def test_a_folder_that_is_not_a_model_version_is_never_replaced(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `--out ~` or `--out .` spelled as a path that does look like NAME/VERSION: home/user, tmp/work...
+    err = _failure(["missing.pt", "--out", str(workdir), "--force"], capsys)
+    assert "is not a model version folder" in err
+    assert (workdir / "keep.txt").read_text() == "mine"
+
+
+def test_staging_refuses_to_replace_a_folder_without_a_manifest_even_with_force(tmp_path: Path) -> None:
+    out = tmp_path / "home" / "user"
+    out.mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a model version folder"), staged(out, force=True) as staging:
+        (staging / "manifest.json").write_text("{}")
+    assert (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["user"]  # no staging folder left behind
+
+
+def test_staging_replaces_a_model_version_folder_with_force(tmp_path: Path) -> None:
+    out = tmp_path / "m" / "1"
+    out.mkdir(parents=True)
+    (out / "manifest.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="pass --force"), staged(out, force=False):
+        pass
+    with staged(out, force=True) as staging:
+        (staging / "new.onnx").write_bytes(b"")
+    assert sorted(p.name for p in out.iterdir()) == ["new.onnx"]
+
+
+def test_metrics_are_checked_before_the_checkpoint_and_named(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = _failure(["missing.pt", "--out", "models/m/1", "--metrics", "missing.json"], capsys)
+    assert "metrics file missing.json" in err
+    (workdir / "corpus.tsv").write_text("Hallo\tHello\n")
+    err = _failure(["missing.pt", "--out", "models/m/1", "--metrics", "corpus.tsv"], capsys)
+    assert "metrics file corpus.tsv is not JSON" in err
+    assert not (workdir / "models").exists()
+
+
+def test_read_metrics_wants_a_json_object(tmp_path: Path) -> None:
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps([1, 2]))
+    with pytest.raises(ValueError, match=f"metrics file {path} is not a JSON object"):
+        read_metrics(path)
+    path.write_text(json.dumps({"split": "test"}))
+    assert read_metrics(path) == {"split": "test"}
+
+
+def _checkpoints(folder: Path) -> dict[str, Path]:
+    """Files that are not checkpoints of attn-train, in the ways a tester finds them."""
+    torch.save({"kind": "translation", "model": {"w": torch.zeros(4096)}}, folder / "whole.pt")
+    whole = (folder / "whole.pt").read_bytes()
+    files = {"truncated": folder / "truncated.pt", "text": folder / "corpus.tsv", "tensor": folder / "tensor.pt",
+             "directory": folder / "run", "missing": folder / "missing.pt"}
+    files["truncated"].write_bytes(whole[: len(whole) // 2])
+    files["text"].write_text("Hallo\tHello\n")
+    torch.save(torch.zeros(3), files["tensor"])
+    files["directory"].mkdir()
+    return files
+
+
+@pytest.mark.parametrize("what", ["missing", "directory", "truncated", "text", "tensor"])
+def test_a_missing_or_corrupt_checkpoint_is_a_one_line_error_naming_it(
+    what: str, workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _checkpoints(workdir)[what]
+    err = _failure([str(path), "--out", "models/m/1"], capsys)
+    assert str(path) in err and "Traceback" not in err
+    assert not (workdir / "models").exists()
+
+
+def test_caption_words_have_an_eos_only_when_the_caption_has_its_row() -> None:
+    rows = np.full((3, 4), 0.25)
+    assert caption_words(["▁a", "▁red", "▁disc"], rows) == ["a", "red", "disc"]  # cut at the maximum length
+    assert caption_words(["▁a", "▁disc"], rows) == ["a", "disc", "<eos>"]
+
+
+def test_overlay_draws_a_caption_without_eos_and_names_a_missing_row() -> None:
+    grid = (2, 2)
+    rows = np.full((2, 4), 0.25)
+    sheet = overlay(Image.new("RGB", (32, 32)), ["a", "disc"], rows, grid, panel=32)
+    assert sheet.size == (3 * 32, 32 + 32 // 6)
+    with pytest.raises(ValueError, match="3 words but 2 attention rows"):
+        overlay(Image.new("RGB", (32, 32)), ["a", "disc", "<eos>"], rows, grid, panel=32)
