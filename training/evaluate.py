@@ -558,4 +558,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from training.config import InputError
+
+    try:
+        sys.exit(main())
+    except InputError as exc:  # a mistake in the data or the checkpoint: its one line, as attn-train says it
+        sys.exit(f"python -m training.evaluate: error: {exc}")

@@ -102,8 +102,9 @@ def test_a_checkpoints_corpus_must_hash_as_recorded(tmp_path: Path, monkeypatch:
 def test_unreadable_corpora_are_input_errors_naming_the_file(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="No such file or directory: '.*missing.tsv'"):
         load_corpus(str(tmp_path / "missing.tsv"))
-    with pytest.raises(InputError, match="nope.txt"):
+    with pytest.raises(InputError, match="nope.txt") as no_ding:
         load_corpus(f"ding:{tmp_path / 'nope.txt'}")
+    assert "trans-de-en" not in str(no_ding.value)  # the package's hint is for its own path, not one typed here
     latin1 = tmp_path / "latin1.tsv"
     latin1.write_bytes("Haus\thouse\nMädchen\tgirl\n".encode("latin-1"))
     with pytest.raises(InputError, match=r"latin1.tsv:2: not UTF-8 text \(byte 0xe4\)"):
@@ -250,3 +251,13 @@ def test_a_run_resumed_into_a_new_folder_starts_with_its_tokenizer_and_best(tmp_
     (second / "best.pt").write_bytes(b"a newer best")  # a folder that has its own best keeps it
     carry_run_files(first / "last.pt", resume, second)
     assert (second / "best.pt").read_bytes() == b"a newer best"
+
+
+def test_the_evaluation_module_says_a_mistake_in_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "training.evaluate", str(tmp_path / "missing.pt")],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("python -m training.evaluate: error: ") and "missing.pt" in done.stderr

@@ -106,7 +106,8 @@ def parse_lines(lines: Iterable[str]) -> Iterator[Pair]:
 
 
 def read_ding(path: Path = DING_PATH) -> list[Pair]:
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: install the Debian package trans-de-en (make setup does)")
+    if not path.exists():  # the package's hint only for its own path: another is the user's to mend
+        hint = ": install the Debian package trans-de-en (make setup does)" if path == DING_PATH else ""
+        raise FileNotFoundError(f"{path} not found{hint}")
     with path.open(encoding="utf-8") as f:
         return list(parse_lines(f))
