@@ -25,13 +25,6 @@ def positive_int(text: str) -> int:
     return value
 
 
-def checkpoint_kind(path: Path) -> str:
-    """The kind of the checkpoint at ``path``; a ValueError naming the file (training.checkpoint.load's) when it is
-    missing, unreadable or not a checkpoint of `attn-train`."""
-    kind: str = checkpoint.load(path, kind=None)["kind"]
-    return kind
-
-
 def model_folder(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, str]:
     """NAME and VERSION of --out = models/NAME/VERSION; a usage error for an --out that cannot be a model version
     folder, or a --name the server would refuse (it serves a manifest only from the folders it names)."""
@@ -85,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         check_replaceable(args.out, args.force)
         if args.metrics is not None:
             read_metrics(args.metrics)
-        captioning = checkpoint_kind(args.checkpoint) == "captioning"
+        # load names the file when it is missing, unreadable or not a checkpoint of attn-train (a ValueError)
+        captioning = checkpoint.load(args.checkpoint, kind=None)["kind"] == "captioning"
     except (FileExistsError, ValueError) as exc:
         return _failed(exc)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")

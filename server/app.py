@@ -27,7 +27,7 @@ from server.errors import StartupError
 from server.health import NOT_SERVING, SERVING, HealthServicer
 from server.ipc.remote_models import RemoteModels
 from server.logs import event
-from server.metrics import Metrics
+from server.metrics import Metrics, watch_gpu
 from server.models import Models
 from server.processes import handle_signals
 from server.registry import Registry
@@ -77,7 +77,7 @@ def build_registry(settings: Settings, metrics: Metrics) -> Registry:
                     mixed_lane_rows=s.mixed_lane_rows)
     chosen = device.choose(s.device, allow_spinning=s.ort_allow_spinning)
     if chosen.name == "cuda":
-        metrics.watch_gpu()
+        watch_gpu(metrics.registry)
     return Registry(Path(s.models_dir), chosen, s.default_model, s.variant, s.ort_threads, limits, metrics,
                     s.version_policy, parse_pins(s.pinned_versions))
 

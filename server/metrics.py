@@ -180,9 +180,6 @@ class Metrics:
         self._http: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
-    def watch_gpu(self) -> None:
-        watch_gpu(self.registry)
-
     def observe(self, rpc: str, model: str, version: str, code: str, seconds: float) -> None:
         self.requests.labels(rpc, model, version, code).inc()
         self.latency.labels(rpc, model, version).observe(seconds)
