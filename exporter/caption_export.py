@@ -36,7 +36,7 @@ from server.artifacts.attention_maps import overlay, peak_box
 from training import checkpoint
 from training.caption_eval import MAX_CAPTION_TOKENS
 from training.caption_train import CaptionTrainConfig
-from training.data.captions import CaptionSet, load_caption_data
+from training.data.captions import CaptionSet, checkpoint_split
 from training.models.caption import ShowAttendTell, normalise
 
 
@@ -99,11 +99,8 @@ def check(model: ShowAttendTell, onnx_model: OnnxCaptioner, images: np.ndarray, 
 
 
 def held_out_images(payload: dict[str, Any], count: int) -> CaptionSet:
-    """The first ``count`` images of the checkpoint's own test split."""
-    cfg = payload["train_config"]
-    sizes = {"train": 0, "valid": 0, "test": count}
-    data = load_caption_data(cfg["data"], cfg["image_size"], sizes, cfg["scene_seed"], ["test"])["test"]
-    return data.subset(count)
+    """The first ``count`` images of the checkpoint's own test split (refused if its data changed since training)."""
+    return checkpoint_split(payload["data"], payload["train_config"], "test", count)
 
 
 def training_command(train_config: dict[str, Any]) -> str:

@@ -13,7 +13,7 @@ import logging
 import random
 import time
 from collections.abc import Collection
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from torch import nn
 from training.batching import pad
 from training.caption_eval import MAX_CAPTION_TOKENS, bleu, caption_images, teacher_forced_correctness
 from training.config import DEVICES, check, option
-from training.data.captions import CaptionSet, data_hash, load_caption_data
+from training.data.captions import CaptionSet, absolute_spec, data_hash, load_caption_data
 from training.loop import Step
 from training.models.caption import ShowAttendTell, ShowAttendTellConfig, doubly_stochastic_penalty, normalise
 from training.recipe import Recipe, run
@@ -188,6 +188,11 @@ class CaptionRecipe(Recipe):
     @property
     def best_by(self) -> str:
         return str(self.cfg.best_by)
+
+    def configure(self) -> None:
+        # Saved absolute, so that evaluate, resume and export read these images from any directory (an old
+        # checkpoint's relative path resolves against the current directory, and its hash is checked).
+        self.cfg = replace(self.cfg, data=absolute_spec(self.cfg.data))
 
     def load_data(self) -> dict[str, Any]:
         started = time.monotonic()

@@ -159,18 +159,13 @@ def _evaluate_captioner(args: argparse.Namespace) -> int:
     import sentencepiece as spm
 
     from training.caption_eval import evaluate
-    from training.data.captions import load_caption_data
+    from training.data.captions import checkpoint_split
     from training.evaluate import write_json
 
     payload = checkpoint.load(args.checkpoint, kind="captioning")
     model = checkpoint.build_captioner(payload)
     sp = spm.SentencePieceProcessor(model_proto=bytes(payload["tokenizer"]))
-    cfg = payload["train_config"]
-    sizes = {"train": cfg["train_images"], "valid": cfg["valid_images"], "test": cfg["test_images"]}
-    if args.limit:
-        sizes[args.split] = min(sizes[args.split], args.limit)
-    data = load_caption_data(args.data or cfg["data"], cfg["image_size"], sizes, cfg["scene_seed"], [args.split])
-    images = data[args.split].subset(args.limit) if args.limit else data[args.split]
+    images = checkpoint_split(payload["data"], payload["train_config"], args.split, args.limit, args.data)
     if not len(images):
         raise InputError(f"{args.checkpoint}: the {args.split} split has no images to evaluate")
     result = {"checkpoint": str(args.checkpoint), "split": args.split, **evaluate(model, sp, images)}

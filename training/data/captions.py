@@ -12,6 +12,10 @@
 
 Without official split lists an image's split is a hash of its file name (5% valid, 5% test), so it never moves
 when images are added. Real images are read lazily and prepared exactly as the server prepares them.
+
+A checkpoint records its data with absolute paths (:func:`absolute_spec`) and the hash of every split
+(:func:`data_hash`); :func:`checkpoint_split` reads a split back for ``evaluate`` and the export and refuses data
+that no longer hashes as recorded.
 """
 
 from __future__ import annotations
@@ -19,13 +23,16 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from training.config import InputError
 from training.data import scenes as scene_data
 
 SPLITS = ("train", "valid", "test")
@@ -171,3 +178,45 @@ def data_hash(sets: dict[str, CaptionSet]) -> str:
         for i, refs in enumerate(s.captions):
             h.update(f"{name}\t{s.paths[i].name if s.paths else i}\t{'|'.join(refs)}\n".encode())
     return h.hexdigest()[:16]
+
+
+def absolute_spec(spec: str) -> str:
+    """``spec`` with its paths made absolute, so that a checkpoint names the data it was trained on whatever the
+    directory it is later evaluated, resumed or exported from (``scenes`` names no file)."""
+    kind, _, rest = spec.partition(":")
+    if kind == "flickr8k" and rest:
+        return f"flickr8k:{os.path.abspath(rest)}"
+    if kind == "coco" and rest:
+        annotations, _, folder = rest.partition(":")
+        return ":".join(["coco", os.path.abspath(annotations), *([os.path.abspath(folder)] if folder else [])])
+    return spec
+
+
+def _scene_captions(sizes: dict[str, int], seed: int, image_size: int) -> dict[str, CaptionSet]:
+    """Every split of the generated scenes without their pixels: what :func:`data_hash` reads, for a fraction of the
+    cost of rendering 20,000 training images to check a test split."""
+    return {name: CaptionSet([[s.caption] for s in scene_data.scenes(name, sizes[name], seed, image_size)], image_size)
+            for name in SPLITS}
+
+
+def checkpoint_split(data: dict[str, Any], train_config: dict[str, Any], split: str, count: int = 0,
+                     spec: str | None = None) -> CaptionSet:
+    """The first ``count`` images (0: all) of ``split`` of the data a captioning checkpoint was trained on, refused
+    (:class:`InputError`) when that data no longer hashes to the recorded ``hash``, which covers every split: edited
+    captions, a folder with other images, or a relative path read from another directory would otherwise be scored
+    (or exported against) silently. ``spec`` (a ``--data`` given anew) is read as it is: the user chose it."""
+    image_size, seed = int(train_config["image_size"]), int(train_config["scene_seed"])
+    sizes = {name: int(train_config[f"{name}_images"]) for name in SPLITS}
+    wanted = {**sizes, split: min(sizes[split], count)} if count else sizes  # scenes: render no more than asked
+    corpus = spec or data["corpus"]
+    if corpus.partition(":")[0] == "scenes":
+        chosen = load_caption_data(corpus, image_size, wanted, seed, [split])[split]
+        found = None if spec else data_hash(_scene_captions(sizes, seed, image_size))
+    else:
+        every = load_caption_data(corpus, image_size, sizes, seed)  # captions and file names; no pixel is read
+        chosen, found = every[split], None if spec else data_hash(every)
+    if found is not None and found != data["hash"]:
+        raise InputError(f"captioning data {corpus!r} hashes to {found}, but the checkpoint was trained on data "
+                         f"hashing to {data['hash']}: its captions or image names changed, or a relative path is read "
+                         "from another directory (run from the training directory, or give --data)")
+    return chosen.subset(count) if count else chosen
