@@ -142,6 +142,29 @@ def test_training_mistakes_are_one_line_errors(argv: list[str], message: str, tm
     assert message.format(tmp=tmp_path) in line
 
 
+@pytest.mark.parametrize(("data", "message"), [
+    ("flickr8k:{tmp}/nowhere", "{tmp}/nowhere has neither captions.txt nor Flickr8k.token.txt (there is no such"),
+    ("flickr8k:{tmp}/wrong-header", "captions.txt: expected a header line 'image,caption'"),
+    ("coco:{tmp}/missing.json", "captioning data 'coco:{tmp}/missing.json': No such file or directory"),
+    ("coco:{tmp}/notes.json", "notes.json: not JSON"),
+    ("coco:{tmp}/other.json", "other.json: not COCO captions (KeyError: 'annotations'"),
+    ("coco:{tmp}/latin1.json", "not UTF-8 text (byte 0xe4)"),
+    ("coco:{tmp}/lost.json", "1 of the captioned images are not in {tmp} (the first: lost.jpg)"),
+])
+def test_captioning_data_mistakes_are_one_line_errors(data: str, message: str, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "wrong-header").mkdir()
+    (tmp_path / "wrong-header" / "captions.txt").write_text("file,text\na.jpg,a cat\n", encoding="utf-8")
+    (tmp_path / "notes.json").write_text("not json", encoding="utf-8")
+    (tmp_path / "other.json").write_text('{"images": []}', encoding="utf-8")
+    (tmp_path / "latin1.json").write_bytes('{"images": [], "annotations": [], "note": "Mädchen"}'.encode("latin-1"))
+    (tmp_path / "lost.json").write_text('{"images": [{"id": 1, "file_name": "lost.jpg"}], '
+                                        '"annotations": [{"image_id": 1, "caption": "a cat"}]}', encoding="utf-8")
+    line = _input_error(["caption", "--data", data.format(tmp=tmp_path), "--out", str(tmp_path / "run"),
+                         "--device", "cpu", "--max-steps", "1"], capsys)
+    assert message.format(tmp=tmp_path) in line
+
+
 def test_evaluating_a_non_checkpoint_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "notes.txt").write_text("not a checkpoint", encoding="utf-8")
     assert "notes.txt is not a checkpoint" in _input_error(["evaluate", str(tmp_path / "notes.txt")], capsys)

@@ -101,7 +101,10 @@ def _flickr_captions(directory: Path) -> dict[str, list[str]]:
     csv_file, token_file = directory / "captions.txt", directory / "Flickr8k.token.txt"
     if csv_file.is_file():
         with csv_file.open(encoding="utf-8", newline="") as f:
-            for row in csv.DictReader(f):
+            reader = csv.DictReader(f)
+            if not {"image", "caption"} <= set(reader.fieldnames or ()):
+                raise InputError(f"{csv_file}: expected a header line 'image,caption', found {reader.fieldnames}")
+            for row in reader:
                 captions.setdefault(row["image"].strip(), []).append(row["caption"])
     elif token_file.is_file():
         for line in token_file.read_text(encoding="utf-8").splitlines():
@@ -109,7 +112,8 @@ def _flickr_captions(directory: Path) -> dict[str, list[str]]:
                 key, caption = line.split("\t", 1)
                 captions.setdefault(key.split("#")[0].strip(), []).append(caption)
     else:
-        raise FileNotFoundError(f"{directory} has neither captions.txt nor Flickr8k.token.txt")
+        raise InputError(f"{directory} has neither captions.txt nor Flickr8k.token.txt"
+                         + ("" if directory.is_dir() else " (there is no such folder)"))
     return captions
 
 
@@ -131,11 +135,18 @@ def _flickr8k(directory: Path, image_size: int) -> dict[str, CaptionSet]:
 def _coco(spec: str, image_size: int) -> dict[str, CaptionSet]:
     annotations, _, folder = spec.partition(":")
     path = Path(annotations)
-    data = json.loads(path.read_text(encoding="utf-8"))
-    names = {img["id"]: img["file_name"] for img in data["images"]}
-    captions: dict[str, list[str]] = {}
-    for ann in data["annotations"]:
-        captions.setdefault(names[ann["image_id"]], []).append(ann["caption"])
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: not JSON ({exc.msg}, line {exc.lineno})") from None
+    try:
+        names = {img["id"]: img["file_name"] for img in data["images"]}
+        captions: dict[str, list[str]] = {}
+        for ann in data["annotations"]:
+            captions.setdefault(names[ann["image_id"]], []).append(ann["caption"])
+    except (KeyError, TypeError) as exc:  # another JSON file, or an annotation naming an image it does not list
+        raise InputError(f"{path}: not COCO captions ({type(exc).__name__}: {exc}; expected 'images' with "
+                         "id/file_name and 'annotations' with image_id/caption)") from None
     return _assemble(captions, Path(folder) if folder else path.parent, image_size, {})
 
 
@@ -151,7 +162,11 @@ def _assemble(
                 out[split].captions.append(refs)
                 out[split].paths.append(folder / name)
     if not out["train"].captions:
-        raise ValueError(f"no training images with captions under {folder}")
+        raise InputError(f"no training images with captions under {folder}")
+    # Images are read lazily: one listed but missing would otherwise stop a run at its first batch, hours in.
+    missing = [p for s in out.values() for p in s.paths if not p.is_file()]
+    if missing:
+        raise InputError(f"{len(missing)} of the captioned images are not in {folder} (the first: {missing[0].name})")
     return out
 
 
@@ -163,10 +178,15 @@ def load_caption_data(
     kind, _, rest = spec.partition(":")
     if kind == "scenes":
         return _scenes(sizes, seed, image_size, wanted)
-    if kind == "flickr8k" and rest:
-        return _flickr8k(Path(rest), image_size)
-    if kind == "coco" and rest:
-        return _coco(rest, image_size)
+    try:
+        if kind == "flickr8k" and rest:
+            return _flickr8k(Path(rest), image_size)
+        if kind == "coco" and rest:
+            return _coco(rest, image_size)
+    except OSError as exc:  # a missing or unreadable file: its one line, as for a translation corpus
+        raise InputError(f"captioning data {spec!r}: {exc.strerror or exc}: {exc.filename}") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"captioning data {spec!r}: not UTF-8 text (byte {exc.object[exc.start]:#04x})") from None
     raise ValueError(f"unknown captioning data {spec!r}: use scenes, flickr8k:DIR or coco:ANNOTATIONS.json[:IMAGES]")
 
 
