@@ -7,10 +7,9 @@
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from google.protobuf import json_format
@@ -18,6 +17,9 @@ from google.protobuf import json_format
 from attention_pb.v1 import attention_pb2 as pb
 from attention_pb.v1 import attention_pb2_grpc as pb_grpc
 from client.options import add_decoding_arguments, decoding_options
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 def add_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentParser,
@@ -47,20 +49,26 @@ def text(response: pb.CaptionResponse) -> str:
     return "\n".join(lines)
 
 
+def picture(image_bytes: bytes, response: pb.CaptionResponse) -> Image.Image:
+    """The picture the server captioned, made as the server makes it (:func:`server.imaging.decode`): the first
+    frame, EXIF orientation applied (the orientation its boxes refer to), 16-bit greys scaled to 8 bits and
+    transparency over white. A plain ``convert("RGB")`` clips a 16-bit grey to white and drops transparency to
+    whatever colour the clear pixels hold."""
+    from server.imaging import ImageLimits, decode
+
+    size = response.image_size  # the server accepted these bytes: its limits, not the defaults, were the ones to pass
+    return decode(image_bytes, ImageLimits(len(image_bytes), max(1, size.width * size.height))).image
+
+
 def draw(image_bytes: bytes, response: pb.CaptionResponse, path: Path) -> None:
     """The best caption's words, each over its attention map (Xu et al. 2015, Figures 2-3)."""
-    from PIL import Image, ImageOps
-
     from server.artifacts.attention_maps import overlay
 
     hyp = response.hypotheses[0]
-    with Image.open(io.BytesIO(image_bytes)) as opened:
-        opened.seek(0)
-        picture = ImageOps.exif_transpose(opened).convert("RGB")  # the orientation the server's boxes refer to
     words = ["</s>" if t.special else hyp.text[t.start : t.end].strip() or t.piece for t in hyp.tokens]
     grid = (response.grid.height, response.grid.width)
     panel = max(96, min(256, 1024 // max(1, min(len(words) + 1, 5))))
-    overlay(picture, words, matrix(hyp.attention), grid, columns=5, panel=panel).save(path)
+    overlay(picture(image_bytes, response), words, matrix(hyp.attention), grid, columns=5, panel=panel).save(path)
 
 
 def caption(args: argparse.Namespace, stub: pb_grpc.AttentionServiceStub, details: dict[str, Any]) -> int:

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
 from attention_pb.v1 import attention_pb2 as pb
-from client import render
+from client import caption, render
+from tests.unit.test_caption_imaging import encode
 
 
 def _words(text: str) -> list[pb.Word]:
@@ -51,3 +59,37 @@ def test_models_table() -> None:
     )])
     header, row = render.models(response).splitlines()
     assert row.split() == ["de-en", "1", "translation", "de→en", "bahdanau", "cpu", "fp32", "yes", "*"]
+
+
+def _captioned(width: int, height: int) -> pb.CaptionResponse:
+    """An answer for a width × height image: one word looking at the whole 2 × 2 grid alike."""
+    hyp = pb.CaptionHypothesis(text="grey", tokens=[pb.Token(piece="▁grey", start=0, end=4), pb.Token(special=True)],
+                               attention=pb.Matrix(rows=2, cols=4, values=[0.25] * 8))
+    return pb.CaptionResponse(image_size=pb.ImageSize(width=width, height=height), grid=pb.Grid(height=2, width=2),
+                              hypotheses=[hyp])
+
+
+# One EXIF entry that claims 400 bytes at an offset past the block's end: the server ignores it, so must the client.
+BROKEN_EXIF = (b"Exif\x00\x00II*\x00" + struct.pack("<IH", 8, 1) + struct.pack("<HHII", 0x010E, 2, 400, 26)
+               + struct.pack("<I", 0))
+
+
+PICTURES = {
+    "16-bit grey PNG": lambda: encode(Image.fromarray(np.full((30, 40), 100 * 257, dtype=np.uint16)), "PNG"),
+    "transparent PNG": lambda: encode(Image.new("RGBA", (40, 30), (0, 0, 0, 0)), "PNG"),  # clear black: white
+    "broken EXIF JPEG": lambda: encode(Image.new("RGB", (40, 30), (100, 100, 100)), "JPEG", exif=BROKEN_EXIF),
+}
+
+
+@pytest.mark.parametrize("name", PICTURES)
+def test_the_overlay_shows_the_picture_the_server_captioned(name: str, tmp_path: Path) -> None:
+    from server.imaging import decode
+
+    image = PICTURES[name]()
+    # The server's 8-bit RGB: grey 100, or white over clear pixels.
+    seen = np.asarray(decode(image).image)[15, 20].astype(int)
+    caption.draw(image, _captioned(40, 30), tmp_path / "overlay.png")
+    with Image.open(tmp_path / "overlay.png") as sheet:
+        panel = 256  # the image panel, under its label: two panels (image, "grey") of the largest size
+        shown = np.asarray(sheet.convert("RGB"))[panel // 6 + panel // 2, panel // 2].astype(int)
+    assert np.abs(shown - seen).max() <= 3, f"{name}: drawn {shown}, captioned {seen}"
