@@ -472,7 +472,7 @@ class CaptionRequest(_message.Message):
     version: _builtins.str
     """Model version; empty selects the highest version loaded."""
     image: _builtins.bytes
-    """The encoded image (PNG or JPEG)."""
+    """The encoded image: PNG, JPEG, WebP, BMP or GIF (its first frame), EXIF orientation applied by the server."""
     @_builtins.property
     def options(self) -> Global___DecodingOptions:
         """Search options; the same rules as for Translate."""

@@ -128,3 +128,15 @@ def test_grid_geometry_and_overlay() -> None:
     assert peak_region(attention, grid, share=0.5) == [(1, 2), (1, 3)]
     sheet = overlay(Image.new("RGB", (100, 60)), ["a", "dog"], np.stack([attention, attention]), grid, panel=64)
     assert sheet.size[0] == 3 * 64
+
+
+def test_the_contract_names_every_format_the_server_accepts() -> None:
+    """Clients read the .proto: its CaptionRequest.image comment must not promise fewer formats than are decoded."""
+    from pathlib import Path
+
+    from server.imaging import FORMATS
+
+    proto = (Path(__file__).resolve().parents[2] / "proto" / "attention" / "v1" / "attention.proto").read_text()
+    comment = proto.split("bytes image = 3;")[0].rstrip().splitlines()[-1]
+    assert comment.lstrip().startswith("//")
+    assert [f for f in FORMATS if f.lower() not in comment.lower()] == []
