@@ -89,3 +89,20 @@ def test_evaluate_and_export_refuse_a_captioning_checkpoints_changed_data(
     err = capsys.readouterr().err
     assert "Traceback" not in err and "attn-export: captioning data 'flickr8k:" in err
     assert not (tmp_path / "models" / "m" / "1").exists()
+
+
+def test_exporting_a_captioner_whose_test_split_is_empty_says_so(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = flickr_folder(tmp_path / "f8k", images=24)
+    names = sorted(p.name for p in (folder / "Images").iterdir())  # the official lists: no test images
+    (folder / "Flickr_8k.trainImages.txt").write_text("\n".join(names[:20]), encoding="utf-8")
+    (folder / "Flickr_8k.devImages.txt").write_text("\n".join(names[20:]), encoding="utf-8")
+    (folder / "Flickr_8k.testImages.txt").write_text("", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    assert train_cli.main(["caption", "--data", "flickr8k:f8k", "--out", "run", *TINY]) == 0
+    capsys.readouterr()
+    assert export_main(["run/last.pt", "--out", "models/m/1", "--parity-sentences", "4"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "attn-export: parity check had nothing to check: no held-out images (test split)" in err
+    assert not (tmp_path / "models" / "m" / "1").exists()

@@ -64,7 +64,9 @@ class CaptionSet:
         return len(self.captions)
 
     def images(self, indices: Sequence[int]) -> np.ndarray:
-        """(len(indices), size, size, 3) uint8."""
+        """(len(indices), size, size, 3) uint8; no indices, no images (an empty split is a caller's case to report)."""
+        if not len(indices):
+            return np.zeros((0, self.image_size, self.image_size, 3), dtype=np.uint8)
         if self.array is not None:
             return self.array[np.asarray(indices, dtype=np.int64)]
         return np.stack([load_image(self.paths[i], self.image_size) for i in indices])
