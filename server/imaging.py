@@ -92,7 +92,7 @@ def decode(data: bytes, limits: ImageLimits = ImageLimits()) -> DecodedImage:
         try:
             opened.seek(0)
             opened.load()
-            image = to_rgb(_oriented(opened))
+            image = as_seen(opened)
         except Image.DecompressionBombError as exc:
             raise ImageError(f"claims too many pixels; the limit is {limits.max_pixels} pixels "
                              "(max_image_pixels)") from exc
@@ -108,6 +108,12 @@ def _claimed(exc: BaseException) -> str:
 
 def _reason(exc: BaseException) -> str:
     return (str(exc) or type(exc).__name__)[:200]
+
+
+def as_seen(image: Image.Image) -> Image.Image:
+    """The picture as its owner sees it, in 8-bit RGB: EXIF orientation applied, then :func:`to_rgb`. What the server
+    captions, and what ``training.data.captions.load_image`` trains on."""
+    return to_rgb(_oriented(image))
 
 
 def _oriented(image: Image.Image) -> Image.Image:

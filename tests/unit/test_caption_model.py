@@ -127,11 +127,24 @@ def test_real_image_loaders(tmp_path: Path) -> None:
 def test_training_images_are_prepared_as_the_server_prepares_them(tmp_path: Path) -> None:
     from server.imaging import decode, prepare
 
-    pixels = np.random.default_rng(1).integers(0, 256, (37, 53, 3), dtype=np.uint8)
-    for mode in ("RGB", "L"):
-        path = tmp_path / f"{mode}.png"
-        Image.fromarray(pixels).convert(mode).save(path)
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    half_clear = np.dstack([pixels, rng.integers(0, 256, (37, 53), dtype=np.uint8)])
+    palette = Image.fromarray(pixels).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    pictures = {
+        "RGB.png": Image.fromarray(pixels), "L.png": Image.fromarray(pixels).convert("L"),
+        # What a plain convert("RGB") gets wrong: a 16-bit grey clipped to white, transparency dropped.
+        "I16.png": Image.fromarray(pixels[:, :, 0].astype(np.uint16) * 257),
+        "RGBA.png": Image.fromarray(half_clear, "RGBA"), "LA.png": Image.fromarray(half_clear, "RGBA").convert("LA"),
+        "P-transparent.png": palette,
+        "CMYK.jpg": Image.fromarray(pixels).convert("CMYK"),
+    }
+    for name, picture in pictures.items():
+        path = tmp_path / name
+        if name.startswith("P-"):
+            picture.info["transparency"] = 3  # one palette entry is clear
+        picture.save(path)
         mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
         trained = normalise(torch.from_numpy(load_image(path, 32))[None], mean, std)[0].numpy()
         served = prepare(decode(path.read_bytes()).image, {"size": [32, 32], "mean": mean, "std": std})
-        np.testing.assert_allclose(served, trained, atol=1e-5)
+        np.testing.assert_allclose(served, trained, atol=1e-5, err_msg=name)

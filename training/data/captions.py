@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
+from server.imaging import as_seen
 from training.config import InputError
 from training.data import scenes as scene_data
 
@@ -39,12 +40,13 @@ SPLITS = ("train", "valid", "test")
 
 
 def load_image(path: Path, size: int) -> np.ndarray:
-    """(size, size, 3) uint8: EXIF orientation, RGB, a plain (stretching) bilinear resize.
+    """(size, size, 3) uint8: the picture as the server makes it from a request (``server.imaging.as_seen``: EXIF
+    orientation, 16-bit greys scaled, transparency over white), then a plain (stretching) bilinear resize.
 
     The server's ``server.imaging.prepare`` does the same for requests; a unit test keeps the two identical.
     """
     with Image.open(path) as opened:
-        image = ImageOps.exif_transpose(opened).convert("RGB")
+        image = as_seen(opened)
         if image.size != (size, size):
             image = image.resize((size, size), Image.Resampling.BILINEAR)
         return np.asarray(image, dtype=np.uint8)
