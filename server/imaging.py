@@ -72,6 +72,7 @@ def decode(data: bytes, limits: ImageLimits = ImageLimits()) -> DecodedImage:
         raise ImageError("is empty (0 bytes)")
     if len(data) > limits.max_bytes:
         raise ImageError(f"is {len(data)} bytes; the limit is {limits.max_bytes} bytes (max_image_bytes)")
+    _pillow_guard_behind(limits.max_pixels)
     try:
         opened = Image.open(io.BytesIO(data), formats=FORMATS)  # parses the header only
     except Image.DecompressionBombError as exc:  # Pillow's own guard fired first, while reading the header
@@ -99,6 +100,14 @@ def decode(data: bytes, limits: ImageLimits = ImageLimits()) -> DecodedImage:
         except Exception as exc:  # truncated data, decoder errors
             raise ImageError(f"data is truncated or corrupt: {_reason(exc)}") from exc
         return DecodedImage(image, str(opened.format), frames)
+
+
+def _pillow_guard_behind(max_pixels: int) -> None:
+    """Keeps Pillow's decompression-bomb guard behind ours: it refuses images over twice ``Image.MAX_IMAGE_PIXELS``
+    (89.5M) while opening them, so a server set to allow more (max_image_pixels above 179M) refused images under its
+    own limit, with a message naming that limit. Pillow's limit is one per process, as the server's setting is."""
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
 
 
 def _claimed(exc: BaseException) -> str:

@@ -108,6 +108,15 @@ def test_refusals_name_the_limit_and_come_before_decoding(monkeypatch: pytest.Mo
         decode(b"\x89PNG" + b"\0" * 2000, ImageLimits(max_bytes=1000))
 
 
+def test_a_pixel_limit_above_pillows_own_is_the_one_applied(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored afterwards
+    claims = png_claiming(15000, 12000)  # 180M pixels: over twice Pillow's default guard of 89.5M
+    with pytest.raises(ImageError, match="data is truncated or corrupt"):  # past the header: only its data is short
+        decode(claims, ImageLimits(max_pixels=200_000_000))
+    with pytest.raises(ImageError, match=r"is 15000×12000 = 180000000 pixels; the limit is 100000000"):
+        decode(claims, ImageLimits(max_pixels=100_000_000))
+
+
 def test_prepare_follows_the_manifest() -> None:
     image = Image.fromarray(PIXELS)
     spec = {"size": [24, 32], "scale": 1 / 255, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.25, 0.5]}
