@@ -522,10 +522,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from training import checkpoint
+    from training.config import InputError
     from training.data.corpus import checkpoint_corpus, split
 
     torch.set_num_threads(args.threads)
-    payload = checkpoint.load(args.checkpoint)
+    payload = checkpoint.load(args.checkpoint, kind=None)
+    if payload["kind"] != "translation":  # this module's sets and checks are translation's
+        raise InputError(f"{args.checkpoint} is a {payload['kind']} checkpoint; this module evaluates translation "
+                         "checkpoints: evaluate it with attn-train evaluate (BLEU-1..4 and attention correctness)")
     model = checkpoint.build_model(payload)
     sp = spm.SentencePieceProcessor(model_proto=bytes(payload["tokenizer"]))
     corpus = checkpoint_corpus(payload["data"], args.data)

@@ -284,3 +284,11 @@ def test_the_evaluation_module_says_a_mistake_in_one_line(tmp_path: Path) -> Non
                           capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], timeout=120)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.startswith("python -m training.evaluate: error: ") and "missing.pt" in done.stderr
+
+
+def test_the_evaluation_module_points_a_captioning_checkpoint_to_attn_train_evaluate(tmp_path: Path) -> None:
+    from training import evaluate
+
+    torch.save({"kind": "captioning"}, tmp_path / "caption.pt")
+    with pytest.raises(InputError, match="caption.pt is a captioning checkpoint; .* attn-train evaluate"):
+        evaluate.main([str(tmp_path / "caption.pt")])
