@@ -56,34 +56,37 @@ def train_epochs(
     started = time.monotonic() - progress.elapsed_s
     window_tokens, window_items, window_start = 0, 0, time.monotonic()
     validated_at = None  # the step last validated: a budget that ends on a --valid-every step is validated once
-    while not should_stop(cfg, progress, world):
-        epoch = batches(progress.epoch)
-        epoch = epoch[: len(epoch) - len(epoch) % world] if world > 1 else epoch
-        while progress.batch_in_epoch < len(epoch):
-            done = step(epoch[progress.batch_in_epoch + rank])
-            progress.step += 1
-            progress.batch_in_epoch += world
-            progress.target_tokens += done.target_tokens * world
-            progress.elapsed_s = time.monotonic() - started
-            window_tokens += done.target_tokens * world
-            window_items += done.items * world
-            bar.update(1)
-            if progress.step % 10 == 0:
-                seconds = max(time.monotonic() - window_start, 1e-6)
-                tokens_per_s = window_tokens / seconds
-                bar.set_postfix({**{name: f"{loss.item():.3f}" for name, loss in done.losses.items()},
-                                 "tok_s": f"{tokens_per_s:,.0f}", f"{items}_s": f"{window_items / seconds:,.1f}",
-                                 "epoch": progress.epoch, "eta": eta(cfg, progress, tokens_per_s, len(epoch), world)})
-                window_tokens, window_items, window_start = 0, 0, time.monotonic()
-            if progress.step % cfg.valid_every == 0:
-                checkpoint_now()
-                validated_at = progress.step
-            if should_stop(cfg, progress, world):
-                break
-        else:
-            progress.epoch += 1
-            progress.batch_in_epoch = 0
-    bar.close()
+    try:  # closed on an error too, so that its message starts a line of its own, not the bar's
+        while not should_stop(cfg, progress, world):
+            epoch = batches(progress.epoch)
+            epoch = epoch[: len(epoch) - len(epoch) % world] if world > 1 else epoch
+            while progress.batch_in_epoch < len(epoch):
+                done = step(epoch[progress.batch_in_epoch + rank])
+                progress.step += 1
+                progress.batch_in_epoch += world
+                progress.target_tokens += done.target_tokens * world
+                progress.elapsed_s = time.monotonic() - started
+                window_tokens += done.target_tokens * world
+                window_items += done.items * world
+                bar.update(1)
+                if progress.step % 10 == 0:
+                    seconds = max(time.monotonic() - window_start, 1e-6)
+                    tokens_per_s = window_tokens / seconds
+                    bar.set_postfix({**{name: f"{loss.item():.3f}" for name, loss in done.losses.items()},
+                                     "tok_s": f"{tokens_per_s:,.0f}", f"{items}_s": f"{window_items / seconds:,.1f}",
+                                     "epoch": progress.epoch,
+                                     "eta": eta(cfg, progress, tokens_per_s, len(epoch), world)})
+                    window_tokens, window_items, window_start = 0, 0, time.monotonic()
+                if progress.step % cfg.valid_every == 0:
+                    checkpoint_now()
+                    validated_at = progress.step
+                if should_stop(cfg, progress, world):
+                    break
+            else:
+                progress.epoch += 1
+                progress.batch_in_epoch = 0
+    finally:
+        bar.close()
     if validated_at != progress.step:
         checkpoint_now()
     if world > 1:

@@ -165,6 +165,26 @@ def test_captioning_data_mistakes_are_one_line_errors(data: str, message: str, t
     assert message.format(tmp=tmp_path) in line
 
 
+def test_an_unreadable_training_image_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from PIL import Image
+
+    (tmp_path / "Images").mkdir()
+    lines = ["image,caption"]
+    for i in range(40):
+        Image.new("RGB", (8, 8), "red").save(tmp_path / "Images" / f"{i}.png")
+        lines.append(f"{i}.png,a red square")
+    (tmp_path / "captions.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    for i in range(40):  # whichever image the first batch reads
+        (tmp_path / "Images" / f"{i}.png").write_bytes(b"not a PNG after all")
+    assert train_cli.main(["caption", "--data", f"flickr8k:{tmp_path}", "--out", str(tmp_path / "run"), "--device",
+                           "cpu", "--image-size", "16", "--stages", "2", "--max-steps", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    # The progress bar had begun: the message starts a line of its own all the same.
+    (line,) = [line for line in err.splitlines() if line.startswith("attn-train: error: ")]
+    assert f"cannot read image {tmp_path / 'Images'}/" in line and "cannot identify image file" in line
+
+
 def test_evaluating_a_non_checkpoint_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "notes.txt").write_text("not a checkpoint", encoding="utf-8")
     assert "notes.txt is not a checkpoint" in _input_error(["evaluate", str(tmp_path / "notes.txt")], capsys)

@@ -45,11 +45,14 @@ def load_image(path: Path, size: int) -> np.ndarray:
 
     The server's ``server.imaging.prepare`` does the same for requests; a unit test keeps the two identical.
     """
-    with Image.open(path) as opened:
-        image = as_seen(opened)
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.Resampling.BILINEAR)
-        return np.asarray(image, dtype=np.uint8)
+    try:
+        with Image.open(path) as opened:
+            image = as_seen(opened)
+    except (OSError, SyntaxError, ValueError) as exc:  # missing, not an image, truncated: Pillow's many types
+        raise InputError(f"cannot read image {path}: {str(exc) or type(exc).__name__}") from None
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)
 
 
 @dataclass
