@@ -99,19 +99,22 @@ class CaptionModel(DecoderRuntime):
     def caption(self, images: list[DecodedImage], options: DecodeOptions,
                 check: search.Check | None = None) -> list[CaptionResult]:
         """One batch, start to end (the engine is the serving path; this is for warm-up, tests and tools)."""
-        return self.finish(images, self.decode([self.pixels(d) for d in images], options, check))
+        found = self.decode([self.pixels(d) for d in images], options, check)
+        return self.finish([(d.width, d.height) for d in images], found)
 
-    def finish(self, images: Sequence[DecodedImage], found: list[list[search.Hypothesis]]) -> list[CaptionResult]:
-        return [CaptionResult(d.width, d.height, self.grid, [self._hypothesis(d, h) for h in hyps])
-                for d, hyps in zip(images, found)]
+    def finish(self, sizes: Sequence[tuple[int, int]], found: list[list[search.Hypothesis]]) -> list[CaptionResult]:
+        """The results of images of these (width, height): their sizes are all the results need of them, so that
+        the serving path keeps no decoded picture (up to 120 MB each) while its caption is decoded."""
+        return [CaptionResult(width, height, self.grid, [self._hypothesis(width, height, h) for h in hyps])
+                for (width, height), hyps in zip(sizes, found)]
 
-    def _hypothesis(self, image: DecodedImage, hyp: search.Hypothesis) -> CaptionHypothesis:
+    def _hypothesis(self, width: int, height: int, hyp: search.Hypothesis) -> CaptionHypothesis:
         text, tokens = self.tokenizer.decode(hyp.tokens)
         tokens = [*tokens, Token(self.eos_id, EOS_PIECE, len(text), len(text))]
         if len(tokens) != len(hyp.tokens):
             raise RuntimeError(f"detokenized {len(tokens)} tokens for {len(hyp.tokens)} ids: {hyp.tokens}")
         attention = hyp.attention.astype(np.float32)
-        boxes = [peak_box(row, self.grid, image.width, image.height) for row in attention]
+        boxes = [peak_box(row, self.grid, width, height) for row in attention]
         return CaptionHypothesis(text, tokens, hyp.score, hyp.log_prob, attention, boxes, hyp.truncated)
 
     def warm_up(self) -> float:

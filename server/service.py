@@ -28,7 +28,7 @@ from server import codec, logs
 from server.captioning import CaptionModel, CaptionResult
 from server.drain import Unanswered
 from server.errors import AnswerTooLarge, InvalidInput, Overloaded, ShuttingDown, cancellation_code, to_status
-from server.imaging import DecodedImage, decode
+from server.imaging import decode
 from server.metrics import Metrics
 from server.models import Models
 from server.search import Hypothesis
@@ -257,16 +257,18 @@ class AttentionServicer(pb_grpc.AttentionServiceServicer):
 
     async def run_caption(self, model: CaptionModel, job: codec.CaptionJob, timeout: float | None) -> CaptionResult:
         started = time.monotonic()
-        image, pixels = await self.offload(self._pixels, model, job)
+        size, pixels = await self.offload(self._pixels, model, job)
         if timeout is not None:
             timeout -= time.monotonic() - started
         found = await self.models.decode(model, [pixels], job.options, timeout)
-        return (await self.offload(model.finish, [image], found))[0]
+        return (await self.offload(model.finish, [size], found))[0]
 
     @staticmethod
-    def _pixels(model: CaptionModel, job: codec.CaptionJob) -> tuple[DecodedImage, np.ndarray]:
+    def _pixels(model: CaptionModel, job: codec.CaptionJob) -> tuple[tuple[int, int], np.ndarray]:
+        """The image's (width, height) and the model's input: the decoded picture itself is dropped here, not held
+        while the caption waits for and goes through the engine (a 40M-pixel picture is 120 MB)."""
         image = decode(job.image, job.limits)  # header and pixel limits before any pixel
-        return image, model.pixels(image)
+        return (image.width, image.height), model.pixels(image)
 
     @rpc("ListModels")
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext,
