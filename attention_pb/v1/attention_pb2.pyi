@@ -643,7 +643,9 @@ class CaptionResponse(_message.Message):
     version: _builtins.str
     @_builtins.property
     def image_size(self) -> Global___ImageSize:
-        """The size of the image as it was sent, before any resizing."""
+        """The size of the image as it was sent, with its EXIF orientation applied (a JPEG stored 200×100 with orientation
+        6 is 100×200), before any resizing: the pixels `peak_boxes` are given in.
+        """
 
     @_builtins.property
     def grid(self) -> Global___Grid:

@@ -139,8 +139,9 @@ def test_grid_geometry_and_overlay() -> None:
     assert sheet.size[0] == 3 * 64
 
 
-def test_the_contract_names_every_format_the_server_accepts() -> None:
-    """Clients read the .proto: its CaptionRequest.image comment must not promise fewer formats than are decoded."""
+def test_the_contract_describes_images_as_the_server_treats_them() -> None:
+    """Clients read the .proto: its CaptionRequest.image comment must not promise fewer formats than are decoded, nor
+    CaptionResponse.image_size leave out the EXIF orientation its width and height follow."""
     from pathlib import Path
 
     from server.imaging import FORMATS
@@ -149,3 +150,6 @@ def test_the_contract_names_every_format_the_server_accepts() -> None:
     comment = proto.split("bytes image = 3;")[0].rstrip().splitlines()[-1]
     assert comment.lstrip().startswith("//")
     assert [f for f in FORMATS if f.lower() not in comment.lower()] == []
+    # The size answered is the oriented one (test_exif_orientation_is_applied): so the contract says.
+    size = " ".join(proto.split("ImageSize image_size = 3;")[0].rstrip().splitlines()[-2:])
+    assert "EXIF orientation applied" in size and "peak_boxes" in size
