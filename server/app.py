@@ -25,6 +25,7 @@ from server import device, drain, logs, security, triton, wire
 from server.engine import Limits
 from server.errors import StartupError
 from server.health import NOT_SERVING, SERVING, HealthServicer
+from server.inflight import CallsInFlight
 from server.ipc.remote_models import RemoteModels
 from server.logs import event
 from server.metrics import Metrics, watch_gpu
@@ -87,8 +88,10 @@ class AttentionServer:
     models run in the engine processes at those addresses (:class:`RemoteModels`); without, they run here."""
 
     def __init__(self, settings: Settings, metrics_registry: CollectorRegistry | None = None,
-                 engine_addresses: Sequence[str] = ()) -> None:
+                 engine_addresses: Sequence[str] = (), inflight: CallsInFlight | None = None) -> None:
+        """``inflight``: a front-end process's share of the server's count of calls (server/inflight.py)."""
         self.settings, self.engine_addresses = settings, list(engine_addresses)
+        self.inflight = inflight
         self.metrics = Metrics(metrics_registry if metrics_registry is not None else CollectorRegistry())
         # Threads that turn hypotheses into responses (and decode images) while the engines keep decoding.
         self.pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="attn-worker")
@@ -134,7 +137,8 @@ class AttentionServer:
             *([("grpc.max_connection_age_ms", int(1000 * s.max_connection_age)),
                ("grpc.max_connection_age_grace_ms", int(1000 * s.grace_seconds))] if s.max_connection_age else []),
         ])
-        servicer = AttentionServicer(models, self.pool, s, self.metrics, lambda: self.shutting_down)
+        servicer = AttentionServicer(models, self.pool, s, self.metrics, lambda: self.shutting_down,
+                                     self.inflight)
         self.servicer = servicer
         wire.add_servicer(server, servicer, pb.DESCRIPTOR.services_by_name["AttentionService"])
         triton.add_to_server(servicer, server)  # the Triton / KServe V2 protocol on the same port
@@ -229,10 +233,11 @@ class AttentionServer:
 
 
 async def serve(settings: Settings, engine_addresses: Sequence[str] = (),
-                on_ready: Callable[[], None] | None = None) -> int:
+                on_ready: Callable[[], None] | None = None, inflight: CallsInFlight | None = None) -> int:
     """Runs until SIGTERM/SIGINT; returns the process exit code (0 after a clean drain, 1 if start-up failed).
-    ``engine_addresses``: serve as a front-end process of the engines there; ``on_ready`` is called once serving."""
-    server = AttentionServer(settings, engine_addresses=engine_addresses)
+    ``engine_addresses``: serve as a front-end process of the engines there, counting calls into ``inflight``;
+    ``on_ready`` is called once serving."""
+    server = AttentionServer(settings, engine_addresses=engine_addresses, inflight=inflight)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     logs.gather_on(loop)  # the loop's log lines leave once per turn of it (if the server fails, at exit)
@@ -267,7 +272,7 @@ async def serve(settings: Settings, engine_addresses: Sequence[str] = (),
     if loading is not None and not loading.done():
         loading.cancel()  # the loading thread itself runs to its end; nothing waits for it
     event(log, server.role("shutting_down"), grace_seconds=settings.grace_seconds,
-          inflight=server.servicer.inflight if server.servicer else 0)
+          inflight=server.servicer.inflight.here if server.servicer else 0)
     await server.stop(settings.grace_seconds)
     event(log, server.role("stopped"), exit_code=code)
     logs.gather_on(None)

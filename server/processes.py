@@ -36,6 +36,7 @@ from typing import Any
 
 from server import logs
 from server.errors import StartupError
+from server.inflight import CallsInFlight
 from server.logs import event
 from server.settings import Settings
 
@@ -185,14 +186,17 @@ def run_engine(settings: Settings, address: str, parent: int, status: Connection
     event(log, "engine_stopped")
 
 
-def run_frontend(settings: Settings, addresses: list[str], parent: int, status: Connection, stderr: Stderr) -> None:
-    """A front-end process: the gRPC server on the shared port, its models in the engine processes."""
+def run_frontend(settings: Settings, addresses: list[str], inflight: CallsInFlight, parent: int, status: Connection,
+                 stderr: Stderr) -> None:
+    """A front-end process: the gRPC server on the shared port, its models in the engine processes; ``inflight``
+    its slot of the calls every front-end handles (``max_inflight`` bounds the whole server)."""
     import asyncio
 
     from server.app import serve
 
     _become_child(parent, settings, stderr)
-    code = asyncio.run(serve(settings, engine_addresses=addresses, on_ready=lambda: status.send(("ready",))))
+    code = asyncio.run(serve(settings, engine_addresses=addresses, on_ready=lambda: status.send(("ready",)),
+                             inflight=inflight))
     raise SystemExit(code)
 
 
@@ -254,6 +258,8 @@ class Supervisor:
         # Read by prometheus_client when the children import it: their metrics go to files this parent sums.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)
         self.context = multiprocessing.get_context("spawn")
+        # One count of calls in flight per front-end, in shared memory: max_inflight bounds their sum.
+        self.inflight = self.context.RawArray("q", max(1, self.frontends))
         self.children: list[Child] = []
         self.restarts = {ENGINE: 0, FRONTEND: 0}
         self.quick_deaths: dict[tuple[str, int], int] = {}  # in a row, each within STABLE_SECONDS of its start
@@ -302,7 +308,7 @@ class Supervisor:
         if role == ENGINE:  # once the server has served, a restarted engine skips a version that fails to load
             args = (engine_settings(settings), self.addresses[index], *args, not self.announced)
         else:
-            args = (settings, self.addresses, *args)
+            args = (settings, self.addresses, CallsInFlight(self.inflight, index), *args)
         process = self.context.Process(target=target, args=args, name=f"attn-{role}-{index}", daemon=False)
         masked = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)  # the child inherits the mask
         try:
@@ -417,6 +423,8 @@ class Supervisor:
     def _mark_dead(self, child: Child) -> None:
         from prometheus_client import multiprocess
 
+        if child.role == FRONTEND:  # its calls ended with it; its restart may come only later (restart_delay)
+            self.inflight[child.index] = 0
         if child.process.pid:
             multiprocess.mark_process_dead(child.process.pid, str(self.metrics_dir))
 

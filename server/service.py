@@ -29,6 +29,7 @@ from server.captioning import CaptionModel, CaptionResult
 from server.drain import Unanswered
 from server.errors import AnswerTooLarge, InvalidInput, Overloaded, ShuttingDown, cancellation_code, to_status
 from server.imaging import decode
+from server.inflight import CallsInFlight
 from server.metrics import Metrics
 from server.models import Models
 from server.search import Hypothesis
@@ -157,10 +158,12 @@ def _check_size(response: Any, limit: int, streamed: bool) -> None:
 
 class AttentionServicer(pb_grpc.AttentionServiceServicer):
     def __init__(self, models: Models, pool: Executor, settings: Settings, metrics: Metrics,
-                 shutting_down: Callable[[], bool]) -> None:
+                 shutting_down: Callable[[], bool], inflight: CallsInFlight | None = None) -> None:
         self.models, self.pool, self.settings, self.metrics = models, pool, settings, metrics
         self.shutting_down = shutting_down
-        self.inflight = 0  # Translate/Caption calls between admission and answer, against settings.max_inflight
+        # Translate/Caption calls between admission and answer, against settings.max_inflight (with front-end
+        # processes, every front-end's: server/inflight.py)
+        self.inflight = inflight if inflight is not None else CallsInFlight()
         self.unanswered = Unanswered()  # every call until its status is sent: what a drain waits for
 
     @rpc("Translate")
@@ -210,14 +213,14 @@ class AttentionServicer(pb_grpc.AttentionServiceServicer):
     @contextlib.asynccontextmanager
     async def admitted(self) -> AsyncIterator[None]:
         """Counts a call against ``max_inflight`` (the whole server's bound on calls being handled)."""
-        if self.inflight >= self.settings.max_inflight:
-            raise Overloaded(f"{self.inflight} calls are being handled, the server's limit (max_inflight); "
-                             "retry later")
-        self.inflight += 1
+        handled = self.inflight.total()
+        if handled >= self.settings.max_inflight:
+            raise Overloaded(f"{handled} calls are being handled, the server's limit (max_inflight); retry later")
+        self.inflight.add(1)
         try:
             yield
         finally:
-            self.inflight -= 1
+            self.inflight.add(-1)
 
     @staticmethod
     def inline_texts(texts: Sequence[str]) -> bool:

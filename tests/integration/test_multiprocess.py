@@ -21,6 +21,7 @@ from attention_pb.v1 import attention_pb2 as pb
 from attention_pb.v1 import attention_pb2_grpc as pb_grpc
 from bench.slow_reader import SlowReader
 from client.cli import main
+from client.connection import OWN_CONNECTION
 from tests.integration.serving import RunningServer, ServerProcess, matrix
 from tests.integration.test_batching_equivalence import sources
 
@@ -161,6 +162,32 @@ def test_full_queue_deadline_and_cancellation(slow_server: ServerProcess) -> Non
     _until(lambda: server.metrics().get(reason) == 1, "the deadline to be counted")
     assert server.metrics()[("attn_refused_requests_total", (("reason", "queue_full"), ("rpc", "Translate")))] == 1
     _until(lambda: _gauge(server, "attn_active_requests") == 0, "the expired call to leave the engine")
+
+
+@pytest.mark.flags("--max-inflight", "1")
+def test_max_inflight_bounds_the_calls_of_every_front_end_together(slow_server: ServerProcess) -> None:
+    """One call decoding on one front-end: every other front-end refuses too (each counted only its own calls, so
+    N front-ends held N times the bound), and once it ends the next call is served."""
+    server = slow_server
+    first = server.stub.Translate.future(LONG, timeout=120)
+    _until(lambda: _gauge(server, "attn_active_requests") == 1, "the first call decoding")
+    # 16 connections of their own: the kernel spreads them over both front-ends (all on one: odds 2 in 65,536).
+    channels = [grpc.insecure_channel(f"127.0.0.1:{server.port}", options=[OWN_CONNECTION]) for _ in range(16)]
+    try:
+        for channel in channels:
+            with pytest.raises(grpc.RpcError) as refused:
+                pb_grpc.AttentionServiceStub(channel).Translate(pb.TranslateRequest(texts=TEXTS[:1]), timeout=30)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "1 calls are being handled, the server's limit (max_inflight)" in refused.value.details()
+        refusers = {r["process"] for r in server.events("rpc", code="RESOURCE_EXHAUSTED")}
+        assert refusers == {"frontend-0", "frontend-1"}
+        first.cancel()
+        _until(lambda: _gauge(server, "attn_active_requests") == 0, "the first call to leave the engine")
+        reply = pb_grpc.AttentionServiceStub(channels[0]).Translate(pb.TranslateRequest(texts=TEXTS[:1]), timeout=60)
+        assert reply.translations
+    finally:
+        for channel in channels:
+            channel.close()
 
 
 @pytest.mark.flags("--log-level", "DEBUG")
