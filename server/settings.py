@@ -77,7 +77,7 @@ class Settings:
                                     "max_batch_rows decodes all those sources in one call per step.")
     max_queue_requests: int = _setting(256, "Most requests waiting for one model; more get RESOURCE_EXHAUSTED.")
     max_queue_tokens: int = _setting(32768, "Most source tokens (grid cells for images) waiting for one model; more "
-                                     "get RESOURCE_EXHAUSTED.")
+                                     "get RESOURCE_EXHAUSTED, and a request with more on its own INVALID_ARGUMENT.")
     max_texts: int = _setting(32, "Most texts in one Translate request.")
     max_text_chars: int = _setting(2000, "Most characters in one text.")
     default_beam_size: int = _setting(4, "Beam size when a request leaves it at 0 (1 = greedy).")

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from server.engine.lanes import Lane, Owner
-from server.errors import Cancelled, DeadlineExceeded, Overloaded, ShuttingDown
+from server.errors import Cancelled, DeadlineExceeded, InvalidInput, Overloaded, ShuttingDown
 from server.logs import event
 from server.metrics import Metrics, observe_many
 from server.runtime import DecoderRuntime
@@ -121,19 +121,24 @@ class Engine:
             None if timeout is None else now + timeout, now,
         )
         request.results, request.pending = [[] for _ in items], len(items)
+        limits, tokens = self.limits, sum(request.costs)
+        if tokens > limits.max_queue_tokens:  # not even an empty queue takes it: a retry would be refused the same
+            raise InvalidInput(f"the request has {tokens} source tokens (grid cells for images), more than the "
+                               f"queue of model {model.name} holds (max_queue_tokens {limits.max_queue_tokens}); "
+                               "send fewer or shorter texts per call")
         with self._lock:
             if self._closed:
                 raise ShuttingDown("the model is being unloaded; retry")
-            limits, queued = self.limits, len(self._queue)
+            queued = len(self._queue)
             if queued >= limits.max_queue_requests:
                 raise Overloaded(f"the queue of model {model.name} holds {queued} requests, its limit "
                                  f"(max_queue_requests); retry later")
-            if self._queued_tokens + sum(request.costs) > limits.max_queue_tokens:
+            if self._queued_tokens + tokens > limits.max_queue_tokens:
                 raise Overloaded(f"the queue of model {model.name} holds {self._queued_tokens} source tokens; "
-                                 f"{sum(request.costs)} more would pass its limit of {limits.max_queue_tokens} "
+                                 f"{tokens} more would pass its limit of {limits.max_queue_tokens} "
                                  "(max_queue_tokens); retry later")
             self._queue.append(request)
-            self._queued_tokens += sum(request.costs)
+            self._queued_tokens += tokens
             if request.deadline is not None:
                 heapq.heappush(self._deadlines, (request.deadline, next(self._order), weakref.ref(request)))
             self._gauges_stale = True

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from server.device import CPU, Device
 from server.engine import Engine, Limits
-from server.errors import DeadlineExceeded, Overloaded
+from server.errors import DeadlineExceeded, InvalidInput, Overloaded
 from server.metrics import Metrics
 from server.reductions import Reduction
 from server.search import Hypothesis, State, run_search
@@ -165,13 +165,27 @@ def test_full_queue_is_refused_at_once_naming_the_limit(engines: list[Engine]) -
         engine.submit([SOURCES[2]], Options())
     model.gate.release(10_000)
     running.result(timeout=30), waiting.result(timeout=30)
+
+
+def test_a_request_over_the_queues_tokens_is_refused_by_tokens_waiting_or_as_invalid_alone(
+        engines: list[Engine]) -> None:
+    """Over max_queue_tokens with what waits: RESOURCE_EXHAUSTED, retry later. Over it alone: no retry could pass,
+    so it is invalid (a client such as attn batch retries RESOURCE_EXHAUSTED, and stopped its whole job on it)."""
+    model = FakeModel()
     model.gate = threading.Semaphore(0)
+    engine = start(engines, model, max_queue_requests=4, max_queue_tokens=8, max_batch_requests=1)
     running = engine.submit([SOURCES[0]], Options())
     wait_until(lambda: engine.active == 1, "admission")
+    waiting = engine.submit([SOURCES[1]], Options())  # 7 of the 8 tokens
     with pytest.raises(Overloaded, match="max_queue_tokens"):
-        engine.submit([[1] * 9], Options())  # 9 source tokens, the limit is 8
+        engine.submit([SOURCES[2]], Options())  # 2 more
+    with pytest.raises(InvalidInput, match=r"9 source tokens .* \(max_queue_tokens 8\)"):
+        engine.submit([[1] * 4, [1] * 5], Options())  # 9 source tokens, the limit is 8
     model.gate.release(10_000)
-    running.result(timeout=30)
+    running.result(timeout=30), waiting.result(timeout=30)
+    with pytest.raises(InvalidInput, match="max_queue_tokens"):  # an empty queue does not take it either
+        engine.submit([[1] * 9], Options())
+    assert engine.submit([[1] * 8], Options()).result(timeout=30)
 
 
 def test_admission_respects_the_row_budget_and_takes_the_oldest_first(engines: list[Engine]) -> None:
