@@ -46,6 +46,7 @@ class ModelIndex:
 
     default_model: str
     _models: dict[tuple[str, str], DecoderRuntime]
+    not_ready = "the server is still loading its models; retry shortly"  # what a call hears while not ready
 
     @property
     def ready(self) -> bool:
@@ -54,7 +55,7 @@ class ModelIndex:
     def get(self, name: str = "", version: str = "") -> DecoderRuntime:
         """The model version a request names (empty name: the default; empty version: the highest)."""
         if not self.ready:
-            raise NotReady("the server is still loading its models; retry shortly")
+            raise NotReady(self.not_ready)
         name = name or self.default_model
         versions = sorted((v for n, v in self._models if n == name), key=version_key)
         if not versions:

@@ -209,6 +209,9 @@ class RemoteModels(ModelIndex):
             event(log, "engine_lost", level=logging.ERROR, engine_pid=engine.pid,
                   failed_requests=len(engine.pending))
         engine.ready = False
+        # Calls that find no engine ready from here on are told why; "still loading" would send an operator
+        # looking at a start-up, and the parent is restarting the engine.
+        self.not_ready = "the engine process stopped and is being restarted; retry shortly"
         failure = NotReady("the engine process stopped while the request was in it; retry")
         for answer in engine.pending.values():
             if not answer.done():

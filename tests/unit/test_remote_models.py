@@ -170,6 +170,18 @@ def test_a_gone_engine_fails_only_its_own_requests(models_dir: Path, tmp_path: P
     _run(tmp_path, [([_model(models_dir, "1")], os.getpid()), ([_model(models_dir, "1")], os.getpid())], body)
 
 
+def test_with_its_engine_gone_a_call_is_told_the_engine_is_restarting(models_dir: Path, tmp_path: Path) -> None:
+    """Not that the server is still loading its models: it served, and the parent is restarting the engine."""
+
+    async def body(remote: RemoteModels, engines: list[FakeEngine]) -> None:
+        engines[0].close()
+        await _until(lambda: not remote.ready, "the engine's loss")
+        with pytest.raises(NotReady, match="the engine process stopped and is being restarted; retry shortly"):
+            remote.get(NAME)
+
+    _run(tmp_path, [([_model(models_dir, "1")], os.getpid())], body)
+
+
 def test_a_version_goes_only_to_the_engines_that_serve_it(models_dir: Path, tmp_path: Path) -> None:
     """While engines differ (one has loaded version 2 and retired 1, the other not yet), both versions are served,
     each by the engines that have it."""
