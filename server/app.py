@@ -228,7 +228,8 @@ class AttentionServer:
         self.metrics.close()
 
     async def _set_health(self, status: int) -> None:
-        for service in ("", SERVICE_NAME):
+        # The server and each inference service on the port: a probe may name the V2 one (reflection lists it).
+        for service in ("", SERVICE_NAME, triton.SERVICE_NAME):
             await self.health.set(service, status)
 
 

@@ -28,28 +28,32 @@ from tests.unit.engine_fakes import wait_until
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE = "attention.v1.AttentionService"
+V2_SERVICE = "inference.GRPCInferenceService"  # served on the same port: a probe may name it
 
 
 def test_health_not_serving_until_loaded_then_serving_then_not_serving_on_stop(models_dir: Path) -> None:
     running = RunningServer(settings(models_dir), load=False)
     try:
         health = health_pb2_grpc.HealthStub(running.channel)
-        for service in ("", SERVICE):
+        for service in ("", SERVICE, V2_SERVICE):
             assert health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status == NOT_SERVING
         watch = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE), timeout=60)
-        assert next(watch).status == NOT_SERVING
+        v2_watch = health.Watch(health_pb2.HealthCheckRequest(service=V2_SERVICE), timeout=60)
+        assert next(watch).status == NOT_SERVING and next(v2_watch).status == NOT_SERVING
         with pytest.raises(grpc.RpcError) as error:
             running.stub.Translate(pb.TranslateRequest(texts=["Hallo"]), timeout=10)
         assert error.value.code() == grpc.StatusCode.UNAVAILABLE and "loading" in error.value.details()
         running.load()
-        assert next(watch).status == SERVING
-        assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == SERVING
+        assert next(watch).status == SERVING and next(v2_watch).status == SERVING
+        for service in ("", SERVICE, V2_SERVICE):
+            assert health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status == SERVING
         with pytest.raises(grpc.RpcError) as error:
             health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=10)
         assert error.value.code() == grpc.StatusCode.NOT_FOUND
         stopping = running.submit(running.server.stop(30.0))
-        assert next(watch).status == NOT_SERVING
+        assert next(watch).status == NOT_SERVING and next(v2_watch).status == NOT_SERVING
         assert next(watch, None) is None  # the stream ends: open watches do not hold the drain for the grace period
+        assert next(v2_watch, None) is None
         stopping.result(10)
     finally:
         running.close()
