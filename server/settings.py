@@ -18,6 +18,10 @@ VERSION_POLICIES = ("latest", "all")
 LOG_FORMATS = ("json", "text")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 MAX_PORT = 65535
+# What a Caption request holds beside its image (model, version, options, the field's tag and length), with room to
+# spare: an image of max_image_bytes must fit in a request of max_receive_bytes, or gRPC refuses it before the server
+# can say which limit it passed.
+REQUEST_FIELDS_BYTES = 1024
 VARIANTS = ("", "int8", "fp16")  # "": the fp32 graphs; the others as the exporter names them in the manifest
 
 
@@ -82,7 +86,8 @@ class Settings:
     max_text_chars: int = _setting(2000, "Most characters in one text.")
     default_beam_size: int = _setting(4, "Beam size when a request leaves it at 0 (1 = greedy).")
     max_beam_size: int = _setting(16, "Largest beam size a request may ask for.")
-    max_image_bytes: int = _setting(10 * 2**20, "Largest encoded image a Caption request may send, in bytes.")
+    max_image_bytes: int = _setting(10 * 2**20, "Largest encoded image a Caption request may send, in bytes; with "
+                                    "its request it must fit in max_receive_bytes.")
     max_image_pixels: int = _setting(40_000_000, "Largest image (width × height, read from its header before "
                                      "decoding) a Caption request may send.")
     max_receive_bytes: int = _setting(16 * 2**20, "Largest request message accepted, in bytes.")
@@ -119,6 +124,10 @@ class Settings:
                      "max_receive_bytes", "max_send_bytes", "max_image_bytes", "max_image_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.max_image_bytes + REQUEST_FIELDS_BYTES > self.max_receive_bytes:
+            raise ValueError(f"max_image_bytes {self.max_image_bytes} does not fit in a request of max_receive_bytes "
+                             f"{self.max_receive_bytes} (with {REQUEST_FIELDS_BYTES} bytes for its other fields): "
+                             "raise max_receive_bytes too")
         if self.default_beam_size > self.max_beam_size:
             raise ValueError(f"default_beam_size {self.default_beam_size} exceeds max_beam_size {self.max_beam_size}")
         if self.frontends < -1:

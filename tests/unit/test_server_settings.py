@@ -30,6 +30,10 @@ def test_environment_then_flags() -> None:
     ([], {"ATTN_PORT": "fifty"}, "ATTN_PORT='fifty' is not a valid int"),
     (["--max-texts", "0"], {}, "max_texts must be at least 1"),
     (["--default-beam-size", "8", "--max-beam-size", "4"], {}, "exceeds max_beam_size"),
+    # An image the settings allow but gRPC's receive limit refuses: RESOURCE_EXHAUSTED naming no setting.
+    ([], {"ATTN_MAX_IMAGE_BYTES": str(20 * 2**20)}, "max_image_bytes 20971520 does not fit in a request of "
+     "max_receive_bytes 16777216"),
+    (["--max-receive-bytes", "1000"], {}, "raise max_receive_bytes too"),
     ([], {"ATTN_MAX_CONNECTION_AGE": "-1"}, "max_connection_age must not be negative"),
     (["--mixed-lane-rows", "-1"], {}, "mixed_lane_rows must not be negative"),
     (["--engines", "0"], {}, "engines must be at least 1"),
