@@ -12,8 +12,10 @@ Conventions used throughout:
 * An empty `model` selects the server's default model; an empty `version` the highest version loaded.
 * Unset numeric options (0) take the server's default; the defaults are listed in the README's settings table.
 * Errors are gRPC status codes: INVALID_ARGUMENT (the message says which field was wrong and why), NOT_FOUND
-  (unknown model or version), RESOURCE_EXHAUSTED (too many requests in flight), UNAVAILABLE (not ready yet, or
-  shutting down), DEADLINE_EXCEEDED, INTERNAL (with a request id to quote; details are in the server log).
+  (unknown model or version), RESOURCE_EXHAUSTED (the model's queue or the server's in-flight limit is full, or
+  the answer is larger than the largest message the server sends; the message names the limit), UNAVAILABLE (not
+  ready yet, or shutting down), DEADLINE_EXCEEDED, INTERNAL (with a request id to quote; details are in the server
+  log).
 * Every call may send an `x-request-id` metadata entry; the server uses it (or makes one up) in its logs and
   returns it in the `x-request-id` trailing metadata.
 """
@@ -472,7 +474,10 @@ class CaptionRequest(_message.Message):
     version: _builtins.str
     """Model version; empty selects the highest version loaded."""
     image: _builtins.bytes
-    """The encoded image: PNG, JPEG, WebP, BMP or GIF (its first frame), EXIF orientation applied by the server."""
+    """The encoded image: PNG, JPEG, WebP, BMP or GIF (its first frame), at most ATTN_MAX_IMAGE_BYTES bytes and
+    ATTN_MAX_IMAGE_PIXELS pixels (width × height, read from its header before decoding); the server applies its
+    EXIF orientation.
+    """
     @_builtins.property
     def options(self) -> Global___DecodingOptions:
         """Search options; the same rules as for Translate."""
@@ -729,7 +734,9 @@ class ModelInfo(_message.Message):
     ready: _builtins.bool
     """Loaded, warmed up and answering."""
     is_default: _builtins.bool
-    """Selected by requests that leave `model` empty."""
+    """Selected by requests that leave `model` empty. A Caption request that leaves it empty while the default is a
+    translation model gets the first captioning model by name instead.
+    """
     max_source_tokens: _builtins.int
     """Input limit in tokens (end of sentence included) and output budget in tokens."""
     max_target_tokens: _builtins.int

@@ -64,7 +64,8 @@ class AttentionServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Caption(self, request, context):
-        """Describes an image. Returns UNIMPLEMENTED until a captioning model family is served.
+        """Describes an image, with each token's attention over the image's feature grid. NOT_FOUND when no captioning
+        model is loaded.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

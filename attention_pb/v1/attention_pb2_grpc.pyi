@@ -12,8 +12,10 @@ Conventions used throughout:
 * An empty `model` selects the server's default model; an empty `version` the highest version loaded.
 * Unset numeric options (0) take the server's default; the defaults are listed in the README's settings table.
 * Errors are gRPC status codes: INVALID_ARGUMENT (the message says which field was wrong and why), NOT_FOUND
-  (unknown model or version), RESOURCE_EXHAUSTED (too many requests in flight), UNAVAILABLE (not ready yet, or
-  shutting down), DEADLINE_EXCEEDED, INTERNAL (with a request id to quote; details are in the server log).
+  (unknown model or version), RESOURCE_EXHAUSTED (the model's queue or the server's in-flight limit is full, or
+  the answer is larger than the largest message the server sends; the message names the limit), UNAVAILABLE (not
+  ready yet, or shutting down), DEADLINE_EXCEEDED, INTERNAL (with a request id to quote; details are in the server
+  log).
 * Every call may send an `x-request-id` metadata entry; the server uses it (or makes one up) in its logs and
   returns it in the `x-request-id` trailing metadata.
 """
@@ -51,7 +53,9 @@ class AttentionServiceStub:
     Translate: _grpc.UnaryUnaryMultiCallable[_attention_pb2.TranslateRequest, _attention_pb2.TranslateResponse]
     """Translates a batch of texts with one model; returns for each text its hypotheses, best first."""
     Caption: _grpc.UnaryUnaryMultiCallable[_attention_pb2.CaptionRequest, _attention_pb2.CaptionResponse]
-    """Describes an image. Returns UNIMPLEMENTED until a captioning model family is served."""
+    """Describes an image, with each token's attention over the image's feature grid. NOT_FOUND when no captioning
+    model is loaded.
+    """
     ListModels: _grpc.UnaryUnaryMultiCallable[_attention_pb2.ListModelsRequest, _attention_pb2.ListModelsResponse]
     """The models this server has loaded."""
 
@@ -63,7 +67,9 @@ class AttentionServiceAsyncStub(AttentionServiceStub):
     Translate: _aio.UnaryUnaryMultiCallable[_attention_pb2.TranslateRequest, _attention_pb2.TranslateResponse]  # type: ignore[assignment]
     """Translates a batch of texts with one model; returns for each text its hypotheses, best first."""
     Caption: _aio.UnaryUnaryMultiCallable[_attention_pb2.CaptionRequest, _attention_pb2.CaptionResponse]  # type: ignore[assignment]
-    """Describes an image. Returns UNIMPLEMENTED until a captioning model family is served."""
+    """Describes an image, with each token's attention over the image's feature grid. NOT_FOUND when no captioning
+    model is loaded.
+    """
     ListModels: _aio.UnaryUnaryMultiCallable[_attention_pb2.ListModelsRequest, _attention_pb2.ListModelsResponse]  # type: ignore[assignment]
     """The models this server has loaded."""
 
@@ -84,7 +90,9 @@ class AttentionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _attention_pb2.CaptionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_attention_pb2.CaptionResponse, _abc.Awaitable[_attention_pb2.CaptionResponse]]:
-        """Describes an image. Returns UNIMPLEMENTED until a captioning model family is served."""
+        """Describes an image, with each token's attention over the image's feature grid. NOT_FOUND when no captioning
+        model is loaded.
+        """
 
     @_abc_1.abstractmethod
     def ListModels(
