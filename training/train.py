@@ -36,8 +36,10 @@ log = logging.getLogger("attn.train")
 
 @dataclass
 class TrainConfig:
-    data: str = option("ding", "Parallel corpus: ding (the Ding German-English dictionary), ding:PATH, PATH.tsv "
-                       "(source<TAB>target lines) or SRC_PATH,TGT_PATH (two line-aligned files).")
+    data: str = option("ding", "Parallel corpus: ding (the Ding German-English dictionary), ding:PATH, mixed (the "
+                       "corpus that make data builds in data/de-en: Ding, Debian package descriptions, gettext "
+                       "messages), mixed:DIR or DIR (another such build), PATH.tsv (source<TAB>target lines) or "
+                       "SRC_PATH,TGT_PATH (two line-aligned files).")
     out: str = option("runs/de-en-bahdanau", "Run folder: spm.model, last.pt and best.pt are written here.",
                       on_resume=True)
     vocab_size: int = option(8000, "Pieces of the joint SentencePiece unigram model trained on the training split.")
