@@ -349,3 +349,14 @@ def test_compose_runs_server_prometheus_and_grafana() -> None:
     assert source["uid"] == next(v for v in load_dashboard()["templating"]["list"]
                                  if v["name"] == "datasource")["current"]["value"]
     assert "9090:9090" in services["prometheus"]["ports"]
+
+
+def test_kubernetes_and_compose_serve_the_same_default_translator() -> None:
+    """A request (or an ``attn batch`` Job) that names no model gets the model ``make run`` makes the default, on
+    Kubernetes as under compose; left unset it would be the first model by name."""
+    (deployment,) = manifests("Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    compose = yaml.safe_load(COMPOSE.read_text())["services"]["attention"]["environment"]
+    default = env(container).get("ATTN_DEFAULT_MODEL")
+    assert default == compose["ATTN_DEFAULT_MODEL"] == "de-en-mixed"
+    assert (ROOT / "models" / default).is_dir()
