@@ -35,18 +35,20 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--target", default=os.environ.get("ATTN_TARGET", "localhost:50051"),
                         help="server host:port [ATTN_TARGET, default localhost:50051]")
     common.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds (default 60)")
-    common.add_argument("--json", action="store_true", help="print the response as JSON")
     connection.add_arguments(common)  # --tls, --tls-ca, --tls-cert/--tls-key, --tls-server-name, --token-file
+    # Not for ``attn batch``, which writes JSONL whatever it is told: there --json would be accepted and do nothing.
+    printing = argparse.ArgumentParser(add_help=False, parents=[common])
+    printing.add_argument("--json", action="store_true", help="print the response as JSON")
     top = argparse.ArgumentParser(prog="attn", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     commands = top.add_subparsers(dest="command", required=True)
-    t = commands.add_parser("translate", parents=[common], help="translate texts and show the alignment")
+    t = commands.add_parser("translate", parents=[printing], help="translate texts and show the alignment")
     t.add_argument("texts", nargs="+", type=text, help="texts to translate (one batch)")
     add_decoding_arguments(t, DETAILS, "full", "attention detail (default full)")
     t.add_argument("--heatmap", type=Path, help="write the best hypothesis's attention matrix to this PNG")
-    caption.add_parser(commands, common, DETAILS)
+    caption.add_parser(commands, printing, DETAILS)
     batch.add_parser(commands, common, DETAILS)
-    commands.add_parser("models", parents=[common], help="list the served models")
-    commands.add_parser("health", parents=[common], help="exit 0 if the server is SERVING, 1 otherwise")
+    commands.add_parser("models", parents=[printing], help="list the served models")
+    commands.add_parser("health", parents=[printing], help="exit 0 if the server is SERVING, 1 otherwise")
     return top
 
 

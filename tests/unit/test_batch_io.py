@@ -150,3 +150,14 @@ def test_the_progress_line_shows_position_rate_and_eta() -> None:
     line = progress.line()
     assert line.startswith("attn batch: 22/100 lines (22.0%), ") and "lines/s, ETA " in line
     assert line.endswith(", 1 failed")
+
+
+def test_batch_refuses_json_which_only_the_printing_commands_take(capsys: pytest.CaptureFixture[str]) -> None:
+    """``attn batch`` writes JSONL whatever it is told, so a ``--json`` it accepted would do nothing."""
+    from client.cli import parser
+
+    with pytest.raises(SystemExit) as exit_:
+        parser().parse_args(["batch", "in.txt", "-o", "out.jsonl", "--json"])
+    assert exit_.value.code == 2 and "unrecognized arguments: --json" in capsys.readouterr().err
+    for argv in (["translate", "Hallo"], ["caption", "x.png"], ["models"], ["health"]):
+        assert parser().parse_args([*argv, "--json"]).json, argv
