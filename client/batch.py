@@ -20,6 +20,7 @@ import argparse
 import itertools
 import json
 import random
+import signal
 import sys
 import threading
 import time
@@ -332,9 +333,18 @@ def _settings(args: argparse.Namespace, fmt: str, options: pb.DecodingOptions) -
             "options": json_format.MessageToDict(options)}
 
 
+class Terminated(Exception):
+    """SIGTERM: a Kubernetes pod or a container stopped, or ``kill``."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated
+
+
 def run(args: argparse.Namespace, channel: grpc.Channel, details: dict[str, Any]) -> int:
     """Exit status: 0 when every line is written (failed lines included), 1 when the job stopped early (rerun to
-    resume), 2 for a problem with the files or options, 130 on Ctrl-C."""
+    resume), 2 for a problem with the files or options, 130 on Ctrl-C, 143 on SIGTERM."""
     try:
         return _run(args, channel, details)
     except BatchError as exc:
@@ -364,13 +374,21 @@ def _run(args: argparse.Namespace, channel: grpc.Channel, details: dict[str, Any
     items = read_items(args.input, fmt, args.column, args.id_column, args.shard, (checkpoint.line, checkpoint.offset))
     writer = Writer(output, checkpoint, args.checkpoint_every)
     status, error = 0, ""
+    # SIGTERM stops the job as Ctrl-C does: what is written is committed and the summary says where it stopped
+    # (by default the signal would end the process at once, the lines since the last commit to be translated again).
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
     try:
         pipeline(job, batches(items, args.batch_size), writer, progress, args.concurrency)
     except Abort as exc:
         status, error = 1, str(exc)
     except KeyboardInterrupt:
         status, error = 130, "interrupted"
+    except Terminated:
+        status, error = 143, "terminated"
     finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
         writer.close()
         progress.finish()
         for extra in own:

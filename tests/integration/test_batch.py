@@ -184,11 +184,13 @@ class RefusingTranslator(pb_grpc.AttentionServiceServicer):
         self.refusals: list[grpc.StatusCode] = []
         self.serve: int | None = None
         self.calls = self.answered = 0
+        self.delay = 0.0  # seconds each call takes, so that a job is still running when a test stops it
         self.peers: list[str] = []  # the client address ("ipv4:127.0.0.1:PORT") of every call: its connection
 
     def Translate(self, request: pb.TranslateRequest, context: grpc.ServicerContext) -> pb.TranslateResponse:
         self.calls += 1
         self.peers.append(context.peer())
+        time.sleep(self.delay)
         if self.refusals:
             context.abort(self.refusals.pop(0), "busy")
         if self.serve is not None and self.answered >= self.serve:
@@ -255,3 +257,40 @@ def test_calls_take_turns_over_connections_of_their_own(fake: tuple[RefusingTran
     servicer.peers.clear()  # never more connections than requests in flight
     assert _batch(port, str(source), "-o", str(out), "--batch-size", "1", "--concurrency", "2", "--restart") == 0
     assert sorted(Counter(servicer.peers).values()) == [6, 6]
+
+
+def test_sigterm_commits_what_is_written_and_says_so_in_the_summary(fake: tuple[RefusingTranslator, int],
+                                                                     tmp_path: Path) -> None:
+    # A Kubernetes pod is stopped with SIGTERM: the job stops as on Ctrl-C instead of dying with its last lines
+    # uncommitted and no summary.
+    servicer, port = fake
+    servicer.delay = 0.01
+    source, out, summary = tmp_path / "in.txt", tmp_path / "out.jsonl", tmp_path / "summary.json"
+    state = tmp_path / "out.jsonl.checkpoint.json"
+    source.write_text("".join(f"satz {i}\n" for i in range(2000)), encoding="utf-8")
+    command = [sys.executable, "-m", "client.cli", "batch", str(source), "-o", str(out), "--batch-size", "1",
+               "--concurrency", "1", "--checkpoint-every", "100000", "--summary", str(summary), "--quiet",
+               *_target(port)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while process.poll() is None and time.monotonic() < deadline and not (out.exists() and out.stat().st_size):
+            time.sleep(0.005)
+        assert process.poll() is None, "the job ended before it could be stopped"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 143
+    finally:
+        process.kill()
+        process.wait(30)
+        assert process.stderr is not None
+        process.stderr.close()
+    report = json.loads(summary.read_text())
+    assert (report["complete"], report["error"]) == (False, "terminated")
+    committed = json.loads(state.read_text())
+    assert 0 < committed["records"] == report["total"] == report["done"] < 2000
+    assert out.stat().st_size == committed["output_bytes"]  # every line written is committed
+
+    servicer.delay = 0.0
+    assert _batch(port, str(source), "-o", str(out), "--batch-size", "50") == 0
+    assert [r["line"] for r in _records(out)] == list(range(1, 2001))
