@@ -507,12 +507,14 @@ def main(argv: list[str] | None = None) -> int:
         description="Per-domain BLEU/chrF, placeholder share and placeholder alignment of a translation checkpoint "
         "on seeded samples of each held-out set; or the translations of a fixed table of sentences.",
     )
-    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("checkpoint", type=Path, help="a translation best.pt/last.pt checkpoint")
     parser.add_argument("--data", help="corpus (default: the one the checkpoint was trained on)")
-    parser.add_argument("--split", default="test", choices=["valid", "test"])
+    parser.add_argument("--split", default="test", choices=["valid", "test"],
+                        help="the held-out split to sample (default: %(default)s)")
     parser.add_argument("--sample", type=int, default=2000, help="sources per evaluation set; 0 = all (default: "
                         "%(default)s)")
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=1, help="seed of the samples, so that runs compare on the same "
+                        "sources (default: %(default)s)")
     parser.add_argument("--alignment", type=int, default=30, help="gettext messages with placeholders for the "
                         "alignment check (default: %(default)s)")
     parser.add_argument("--table", type=Path, help="translate this category<TAB>source<TAB>reference file instead, "
