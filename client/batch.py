@@ -249,8 +249,12 @@ def _translate(job: Job, items: list[Item]) -> dict[int, Record]:
         code, message = _status(exc)
         if code in FATAL:
             raise Abort(f"{code.name}: {message}") from None
-        if len(items) > 1:  # one bad text (INVALID_ARGUMENT, say) must not fail the others: retry them one by one
-            return {line: record for item in items for line, record in _translate(job, [item]).items()}
+        if len(items) > 1:
+            # One bad text (INVALID_ARGUMENT, say) must not fail the others: retry the halves, down to single texts
+            # where the error is. Halves, not single texts at once: a --batch-size over the server's ATTN_MAX_TEXTS
+            # then costs one refused call per batch, not a call per line.
+            half = len(items) // 2
+            return {**_translate(job, items[:half]), **_translate(job, items[half:])}
         return {items[0].line: error_record(items[0], code.name, message)}
     detail = job.options.attention
     return {item.line: result_record(item, response, result, detail)

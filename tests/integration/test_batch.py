@@ -185,12 +185,18 @@ class RefusingTranslator(pb_grpc.AttentionServiceServicer):
         self.serve: int | None = None
         self.calls = self.answered = 0
         self.delay = 0.0  # seconds each call takes, so that a job is still running when a test stops it
+        self.max_texts: int | None = None  # refuse larger requests, as a server with a smaller ATTN_MAX_TEXTS
         self.peers: list[str] = []  # the client address ("ipv4:127.0.0.1:PORT") of every call: its connection
 
     def Translate(self, request: pb.TranslateRequest, context: grpc.ServicerContext) -> pb.TranslateResponse:
         self.calls += 1
         self.peers.append(context.peer())
         time.sleep(self.delay)
+        if self.max_texts is not None and len(request.texts) > self.max_texts:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{len(request.texts)} texts in one request; the limit is "
+                          f"{self.max_texts}")
+        if any(text == "kaputt" for text in request.texts):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "kaputt")
         if self.refusals:
             context.abort(self.refusals.pop(0), "busy")
         if self.serve is not None and self.answered >= self.serve:
@@ -294,3 +300,22 @@ def test_sigterm_commits_what_is_written_and_says_so_in_the_summary(fake: tuple[
     servicer.delay = 0.0
     assert _batch(port, str(source), "-o", str(out), "--batch-size", "50") == 0
     assert [r["line"] for r in _records(out)] == list(range(1, 2001))
+
+
+def test_a_batch_larger_than_the_server_takes_is_split_in_halves_not_sent_line_by_line(
+        fake: tuple[RefusingTranslator, int], tmp_path: Path) -> None:
+    servicer, port = fake
+    servicer.max_texts = 4
+    source, out = tmp_path / "in.txt", tmp_path / "out.jsonl"
+    source.write_text("".join(f"satz {i}\n" for i in range(16)), encoding="utf-8")
+    assert _batch(port, str(source), "-o", str(out), "--batch-size", "8", "--concurrency", "1") == 0
+    assert [r["translation"] for r in _records(out)] == [f"SATZ {i}" for i in range(16)]
+    assert servicer.calls == 2 * 3  # per batch of 8: refused, then two of 4
+
+    # A bad text still fails only its own line.
+    servicer.calls, servicer.max_texts = 0, None
+    source.write_text("eins\nzwei\nkaputt\nvier\n", encoding="utf-8")
+    assert _batch(port, str(source), "-o", str(out), "--batch-size", "4", "--restart") == 0
+    records = _records(out)
+    assert [r.get("translation") for r in records] == ["EINS", "ZWEI", None, "VIER"]
+    assert records[2]["error"] == {"code": "INVALID_ARGUMENT", "message": "kaputt"}
