@@ -360,3 +360,10 @@ def test_kubernetes_and_compose_serve_the_same_default_translator() -> None:
     default = env(container).get("ATTN_DEFAULT_MODEL")
     assert default == compose["ATTN_DEFAULT_MODEL"] == "de-en-mixed"
     assert (ROOT / "models" / default).is_dir()
+
+
+def test_the_loaded_models_panel_leaves_out_retired_versions() -> None:
+    # attn_model_info keeps a version retired by a hot reload at 0 (with front-end processes until the server
+    # restarts): a table of its series would list it as loaded, and as serving.
+    queries = [expr for _title, expr in dashboard_expressions(load_dashboard()) if "attn_model_info" in expr]
+    assert queries and all(" ".join(expr.split()).endswith("== 1") for expr in queries), queries
