@@ -134,12 +134,20 @@ class Registry(ModelIndex):
         except ModelLoadError as exc:
             raise StartupError(str(exc)) from exc
         if not self._models:
-            raise StartupError(f"no servable model under {self.models_dir} (expected <name>/<version>/manifest.json)")
+            raise StartupError(f"no servable model under {self.models_dir} ({self._why_nothing_loads()})")
         names = sorted({name for name, _ in self._models})
         if self.requested_default and self.requested_default not in names:
             raise StartupError(f"default model {self.requested_default!r} is not among the loaded models {names}")
         self.default_model = self.requested_default or names[0]
         self._ready.set()
+
+    def _why_nothing_loads(self) -> str:
+        """The folder may hold models that pinned versions exclude: say so, not that it holds none."""
+        found = {(d.parent.name, d.name) for d in discover(self.models_dir)}
+        missing = [f"{name}={version}" for name, version in sorted(self.pins.items()) if (name, version) not in found]
+        if found and missing:
+            return f"the pinned versions {', '.join(missing)} (pinned_versions) are not in it"
+        return "expected <name>/<version>/manifest.json"
 
     def reload(self) -> dict[str, list[str]]:
         """Brings the loaded versions in line with the directory; returns what was loaded, refused and retired."""

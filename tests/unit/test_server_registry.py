@@ -49,6 +49,13 @@ def test_empty_models_dir(tmp_path: Path) -> None:
         Registry(tmp_path, CPU_DEVICE).load()
 
 
+def test_a_pin_to_a_missing_version_is_named_when_nothing_loads(tmp_path: Path) -> None:
+    (tmp_path / "m" / "1").mkdir(parents=True)
+    (tmp_path / "m" / "1" / "manifest.json").write_text("{}")
+    with pytest.raises(StartupError, match=r"the pinned versions m=9 \(pinned_versions\) are not in it"):
+        Registry(tmp_path, CPU_DEVICE, pins={"m": "9"}).load()
+
+
 def test_lookup_defaults_and_versions(tmp_path: Path) -> None:
     registry = Registry(tmp_path, CPU_DEVICE)
     with pytest.raises(NotReady):
