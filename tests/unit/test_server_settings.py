@@ -92,5 +92,8 @@ def test_readme_documents_every_metric() -> None:
     from server.metrics import DESCRIPTIONS
 
     readme = README.read_text(encoding="utf-8")
-    for name, kind, _, _ in DESCRIPTIONS:
-        assert f"| `{name}` | {kind} |" in readme, f"{name} is missing from the README's metrics table"
+    for name, kind, labels, _ in DESCRIPTIONS:
+        assert f"| `{name}` | {kind} | {labels or '—'} |" in readme, \
+            f"{name} ({kind}; labels {labels or '—'}) is missing from the README's metrics table"
+    documented = {line.split("`")[1] for line in readme.splitlines() if line.startswith("| `attn_")}
+    assert documented == {name for name, *_ in DESCRIPTIONS}, "the README's metrics table lists metrics never exported"
