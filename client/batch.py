@@ -356,12 +356,37 @@ def run(args: argparse.Namespace, channel: grpc.Channel, details: dict[str, Any]
         return 2
 
 
+def _make_folder(path: Path, what: str) -> None:
+    """``path``'s folder, made if missing; a place nothing can be written (a file in the way, say) fails the start
+    with one line, not a traceback."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BatchError(f"{what}: cannot write: {exc.strerror or exc}") from None
+
+
+def _check_summary(path: Path) -> None:
+    """The summary is written after the job: a place it cannot go must fail the start, not the end of a long run."""
+    _make_folder(path, f"--summary {path}")  # as the output's folder is made
+    existed = path.exists()
+    try:
+        with path.open("a"):
+            pass
+    except OSError as exc:
+        raise BatchError(f"--summary {path}: cannot write: {exc.strerror or exc}") from None
+    if not existed:
+        path.unlink()
+
+
 def _run(args: argparse.Namespace, channel: grpc.Channel, details: dict[str, Any]) -> int:
     if not args.input.is_file():
         raise BatchError(f"{args.input}: no such file")
+    if args.summary:
+        _check_summary(args.summary)
     fmt = detect_format(args.input, args.format)
     options = decoding_options(args, details)
     output = shard_path(args.output, args.shard)
+    _make_folder(output, str(output))
     settings = _settings(args, fmt, options)
     checkpoint = None if args.restart else Checkpoint.load(checkpoint_path(output))
     if checkpoint is not None and checkpoint.job != settings:
@@ -376,7 +401,10 @@ def _run(args: argparse.Namespace, channel: grpc.Channel, details: dict[str, Any
     job = Job([pb_grpc.AttentionServiceStub(c) for c in [channel, *own]], args.model, args.version, options,
               args.timeout, args.max_retries)
     items = read_items(args.input, fmt, args.column, args.id_column, args.shard, (checkpoint.line, checkpoint.offset))
-    writer = Writer(output, checkpoint, args.checkpoint_every)
+    try:
+        writer = Writer(output, checkpoint, args.checkpoint_every)
+    except OSError as exc:
+        raise BatchError(f"{output}: cannot write: {exc.strerror or exc}") from None
     status, error = 0, ""
     # SIGTERM stops the job as Ctrl-C does: what is written is committed and the summary says where it stopped
     # (by default the signal would end the process at once, the lines since the last commit to be translated again).

@@ -161,3 +161,22 @@ def test_batch_refuses_json_which_only_the_printing_commands_take(capsys: pytest
     assert exit_.value.code == 2 and "unrecognized arguments: --json" in capsys.readouterr().err
     for argv in (["translate", "Hallo"], ["caption", "x.png"], ["models"], ["health"]):
         assert parser().parse_args([*argv, "--json"]).json, argv
+
+
+def test_a_summary_or_output_that_cannot_be_written_fails_the_start(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Exit 2 with one line before any line is translated (no server answers here), not a traceback after the job."""
+    from client.cli import main
+
+    source = _write(tmp_path, "in.txt", "Hallo\n")
+    blocker = _write(tmp_path, "file", "")  # a file where a folder would have to be
+    nowhere = ["--target", "127.0.0.1:1", "--max-retries", "0", "--quiet"]
+    assert main(["batch", str(source), "-o", str(tmp_path / "out.jsonl"), "--summary", str(blocker / "s.json"),
+                 *nowhere]) == 2
+    assert capsys.readouterr().err.startswith(f"attn batch: --summary {blocker / 's.json'}: cannot write")
+    assert main(["batch", str(source), "-o", str(blocker / "out.jsonl"), *nowhere]) == 2
+    assert capsys.readouterr().err.startswith(f"attn batch: {blocker / 'out.jsonl'}: cannot write")
+    # A summary whose folder is missing gets it, as the output does (the job then stops: no server).
+    assert main(["batch", str(source), "-o", str(tmp_path / "out.jsonl"), "--summary",
+                 str(tmp_path / "new" / "s.json"), *nowhere]) == 1
+    assert json.loads((tmp_path / "new" / "s.json").read_text())["complete"] is False
