@@ -39,14 +39,27 @@ def detect_format(path: Path, fmt: str = "auto") -> str:
     return FORMATS.get(path.suffix.lower(), "text") if fmt == "auto" else fmt
 
 
+class UnreadableText(ValueError):
+    """A line whose text cannot be had, though its id can: the failed line carries the id, so that it joins back to
+    its input by id like every other line."""
+
+    def __init__(self, message: str, id: Any) -> None:
+        super().__init__(message)
+        self.id = id
+
+
 def _jsonl(line: str, text_field: str, id_field: str) -> tuple[str, Any]:
     value = json.loads(line)
     if not isinstance(value, dict):
         raise ValueError("not a JSON object")
+    id_ = _unicode(value.get(id_field), id_field)
     text = value.get(text_field)
     if not isinstance(text, str):
-        raise ValueError(f"no string field {text_field!r}")
-    return _unicode(text, text_field), _unicode(value.get(id_field), id_field)
+        raise UnreadableText(f"no string field {text_field!r}", id_)
+    try:
+        return _unicode(text, text_field), id_
+    except ValueError as exc:
+        raise UnreadableText(str(exc), id_) from None
 
 
 def _unicode(value: Any, field: str) -> Any:
@@ -62,9 +75,10 @@ def _unicode(value: Any, field: str) -> Any:
 
 def _tsv(line: str, index: int, id_index: int | None) -> tuple[str, Any]:
     cells = line.split("\t")
+    id_ = cells[id_index] if id_index is not None and id_index < len(cells) else None
     if index >= len(cells):
-        raise ValueError(f"only {len(cells)} column(s), the text is in column {index + 1}")
-    return cells[index], cells[id_index] if id_index is not None and id_index < len(cells) else None
+        raise UnreadableText(f"only {len(cells)} column(s), the text is in column {index + 1}", id_)
+    return cells[index], id_
 
 
 def _plain(line: str) -> tuple[str, Any]:
@@ -115,7 +129,7 @@ def read_items(path: Path, fmt: str, column: str | None = None, id_column: str =
                 text = content.decode("utf-8")
                 yield Item(number, end, *parse(text.removeprefix("\ufeff") if number == 1 else text))
             except ValueError as exc:  # also UnicodeDecodeError and json.JSONDecodeError
-                yield Item(number, end, error=f"line {number}: {exc}")
+                yield Item(number, end, id=getattr(exc, "id", None), error=f"line {number}: {exc}")
 
 
 def count_inputs(path: Path, fmt: str, column: str | None, shard: tuple[int, int]) -> int:

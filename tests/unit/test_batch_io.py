@@ -60,6 +60,16 @@ def test_jsonl_reads_text_and_id_and_turns_bad_lines_into_errors(tmp_path: Path)
     assert [(i.line, i.text, i.id) for i in custom if i.error is None] == [(6, "drei", "k")]
 
 
+def test_a_failed_line_keeps_the_id_it_has(tmp_path: Path) -> None:
+    """Output joined back to the input by id must find the failed lines too."""
+    jsonl = _write(tmp_path, "in.jsonl", '{"id": "x"}\n{"text": 5, "id": 2}\n{"text": "\\ud800", "id": 3}\nnot json\n')
+    assert [(i.id, i.error is not None) for i in read_items(jsonl, "jsonl")] == [
+        ("x", True), (2, True), (3, True), (None, True)]
+    tsv = _write(tmp_path, "in.tsv", "id\tsentence\na1\n")
+    (item,) = read_items(tsv, "tsv", column="sentence")
+    assert (item.id, item.error) == ("a1", "line 2: only 1 column(s), the text is in column 2")
+
+
 def test_a_jsonl_line_with_a_lone_surrogate_escape_is_a_failed_line(tmp_path: Path) -> None:
     # Valid JSON, but "\ud800" alone is no character: no request or UTF-8 output can hold it.
     lines = ['{"text": "eins"}', '{"text": "a\\ud800b"}', '{"text": "drei", "id": ["x", {"\\udc00": 1}]}',
