@@ -154,8 +154,9 @@ def batches(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
 
 def shard_path(output: Path, shard: tuple[int, int]) -> Path:
     i, n = shard
-    if "{i}" in output.name or "{n}" in output.name:
-        return output.with_name(output.name.replace("{i}", str(i)).replace("{n}", str(n)))
+    path = str(output)  # a folder per shard (results/{i}/out.jsonl) as well as a file name
+    if "{i}" in path or "{n}" in path:
+        return Path(path.replace("{i}", str(i)).replace("{n}", str(n)))
     return output if n == 1 else output.with_name(f"{output.stem}.shard-{i}-of-{n}{output.suffix}")
 
 

@@ -114,6 +114,7 @@ def test_shard_options_and_output_names() -> None:
     assert shard_path(Path("o/out.jsonl"), (0, 1)) == Path("o/out.jsonl")
     assert shard_path(Path("o/out.jsonl"), (1, 4)) == Path("o/out.shard-1-of-4.jsonl")
     assert shard_path(Path("o/part-{i}-{n}.jsonl"), (1, 4)) == Path("o/part-1-4.jsonl")
+    assert shard_path(Path("o/shard-{i}/out.jsonl"), (1, 4)) == Path("o/shard-1/out.jsonl")  # --help: "the path"
     assert checkpoint_path(Path("o/out.jsonl")) == Path("o/out.jsonl.checkpoint.json")
 
 
