@@ -63,8 +63,9 @@ class Request:
     future: Future[list[list[Hypothesis]]] = field(default_factory=Future)
     results: list[list[Hypothesis]] = field(default_factory=list)
     pending: int = 0
-    status: str = "queued"  # then "active", then "done"
+    status: str = "queued"  # then "active", then "done"; "held": a later part, not queued yet
     placements: list[tuple[Lane, int, int]] = field(default_factory=list)  # (lane, group, slot) of each sentence
+    next_part: Request | None = None  # of a request queued in parts (Engine.submit): queued once this one is admitted
 
     @property
     def rows(self) -> int:
@@ -77,6 +78,38 @@ class Request:
     @property
     def length(self) -> float:
         return sum(self.costs) / len(self.costs)
+
+
+def _whole(parts: list[Request]) -> Future[list[list[Hypothesis]]]:
+    """The future of a request queued in parts: every part's results in order once all have them, or the first
+    part's error, which cancels the others (so that they leave the queue and the batch); cancelling it cancels them
+    all."""
+    whole: Future[list[list[Hypothesis]]] = Future()
+    futures = [p.future for p in parts]
+
+    def part_done(part: Future[list[list[Hypothesis]]]) -> None:
+        if whole.done() or part.cancelled():
+            return
+        try:
+            if (error := part.exception()) is not None:
+                whole.set_exception(error)
+            elif all(f.done() for f in futures):
+                whole.set_result([found for f in futures for found in f.result()])
+        except InvalidStateError:  # the caller cancelled it meanwhile
+            pass
+        if error is not None:
+            for future in futures:
+                future.cancel()
+
+    def whole_done(done: Future[list[list[Hypothesis]]]) -> None:
+        if done.cancelled():
+            for future in futures:
+                future.cancel()
+
+    whole.add_done_callback(whole_done)
+    for future in futures:
+        future.add_done_callback(part_done)
+    return whole
 
 
 def _bucket(length: int | None) -> int:
@@ -111,17 +144,26 @@ class Engine:
     def submit(self, items: Sequence[Any], options: Any, timeout: float | None = None) -> Future[
             list[list[Hypothesis]]]:
         """Queues one request; its future gets each item's hypotheses (best first) or the error that stopped it.
-        Cancelling the future takes the request out of the batch at the next step. Raises :class:`Overloaded`."""
+        Cancelling the future takes the request out of the batch at the next step. Raises :class:`Overloaded`.
+
+        A request of more hypotheses than half of ``max_batch_rows`` is queued in parts of at most that many, each
+        part once the one before it is admitted: whole, it ran alone (nothing fits beside a batch's whole budget) and
+        every call behind it waited the seconds it took (32 texts at beam 16 are 512 hypotheses); in parts, what
+        arrived meanwhile is queued before the next part and fits beside it."""
         model = self.model
         search = self._search_for(options)
         now = time.monotonic()
-        request = Request(
-            list(items), options, search, model.selection(options), [model.src_len(i) for i in items],
-            [model.cost(i) for i in items], [model.budget_for(i, options) for i in items],
-            None if timeout is None else now + timeout, now,
-        )
-        request.results, request.pending = [[] for _ in items], len(items)
-        limits, tokens = self.limits, sum(request.costs)
+        deadline = None if timeout is None else now + timeout
+        selection = model.selection(options)
+        per_part = max(1, self.limits.max_batch_rows // 2 // search.k)
+        parts = [Request(list(chunk), options, search, selection, [model.src_len(i) for i in chunk],
+                         [model.cost(i) for i in chunk], [model.budget_for(i, options) for i in chunk], deadline, now)
+                 for chunk in (items[at:at + per_part] for at in range(0, len(items), per_part))]
+        for part, later in zip(parts, parts[1:]):
+            part.next_part, later.status = later, "held"
+        for part in parts:
+            part.results, part.pending = [[] for _ in part.items], len(part.items)
+        request, limits, tokens = parts[0], self.limits, sum(sum(p.costs) for p in parts)
         if tokens > limits.max_queue_tokens:  # not even an empty queue takes it: a retry would be refused the same
             raise InvalidInput(f"the request has {tokens} source tokens (grid cells for images), more than the "
                                f"queue of model {model.name} holds (max_queue_tokens {limits.max_queue_tokens}); "
@@ -137,14 +179,20 @@ class Engine:
                 raise Overloaded(f"the queue of model {model.name} holds {self._queued_tokens} source tokens; "
                                  f"{tokens} more would pass its limit of {limits.max_queue_tokens} "
                                  "(max_queue_tokens); retry later")
-            self._queue.append(request)
-            self._queued_tokens += tokens
-            if request.deadline is not None:
-                heapq.heappush(self._deadlines, (request.deadline, next(self._order), weakref.ref(request)))
-            self._gauges_stale = True
+            self._enqueue(request)
             self._lock.notify()
-        request.future.add_done_callback(self._cancelled_hook(request))
-        return request.future
+        for part in parts:
+            part.future.add_done_callback(self._cancelled_hook(part))
+        return request.future if len(parts) == 1 else _whole(parts)
+
+    def _enqueue(self, request: Request) -> None:
+        """Called with the lock held."""
+        self._queue.append(request)
+        self._queued_tokens += sum(request.costs)
+        request.status = "queued"
+        if request.deadline is not None:
+            heapq.heappush(self._deadlines, (request.deadline, next(self._order), weakref.ref(request)))
+        self._gauges_stale = True
 
     def _cancelled_hook(self, request: Request) -> Callable[[Future[Any]], None]:
         """The future's callback that hands a cancelled request to the engine's thread. It holds the request weakly,
@@ -262,6 +310,9 @@ class Engine:
             self._active[id(request)] = request
             if self._metric:
                 self._metric.waits.append(now - request.enqueued)
+            if (part := request.next_part) is not None and part.status == "held":  # not cancelled meanwhile
+                part.enqueued = now  # its wait in the queue, not its parts' before it
+                self._enqueue(part)
         self._rows, self._tokens = rows, tokens
         self._gauges_stale = True
         return group

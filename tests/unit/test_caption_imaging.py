@@ -142,13 +142,15 @@ def test_grid_geometry_and_overlay() -> None:
 def test_the_contract_describes_images_as_the_server_treats_them() -> None:
     """Clients read the .proto: its CaptionRequest.image comment must not promise fewer formats than are decoded, nor
     CaptionResponse.image_size leave out the EXIF orientation its width and height follow."""
+    from itertools import takewhile
     from pathlib import Path
 
     from server.imaging import FORMATS
 
     proto = (Path(__file__).resolve().parents[2] / "proto" / "attention" / "v1" / "attention.proto").read_text()
-    comment = proto.split("bytes image = 3;")[0].rstrip().splitlines()[-1]
-    assert comment.lstrip().startswith("//")
+    above = proto.split("bytes image = 3;")[0].rstrip().splitlines()
+    comment = " ".join(takewhile(lambda line: line.lstrip().startswith("//"), reversed(above)))
+    assert comment
     assert [f for f in FORMATS if f.lower() not in comment.lower()] == []
     # The size answered is the oriented one (test_exif_orientation_is_applied): so the contract says.
     size = " ".join(proto.split("ImageSize image_size = 3;")[0].rstrip().splitlines()[-2:])

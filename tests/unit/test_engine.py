@@ -467,3 +467,53 @@ def test_a_request_cancelled_mid_flight_leaves_its_lane_to_the_others(engines: l
     uncancelled, cancelled = cancelling(engines, False), cancelling(engines, True)
     assert cancelled[:3] == uncancelled[:3] and len(cancelled) > 5
     assert cancelled[4:] == [rows - 2 for rows in uncancelled[4 : len(cancelled)]]
+
+
+@pytest.mark.parametrize("growing_state", [False, True])
+def test_a_request_over_half_the_row_budget_decodes_in_parts_and_gets_what_it_gets_alone(
+        engines: list[Engine], growing_state: bool) -> None:
+    model = FakeModel(growing_state=growing_state)
+    engine = start(engines, model, max_batch_rows=8)
+    options = Options(beam_size=3, nbest=2)
+    items = [*SOURCES, SOURCES[0][::-1], SOURCES[3][:2]]  # 6 items × 3 rows: 18 rows, parts of one item
+    found = engine.submit(items, options).result(timeout=30)
+    assert len(found) == len(items)
+    for hyps, item in zip(found, items):
+        same(hyps, model.alone(item, options))
+    assert max(model.steps) <= 8 and len(model.encoded) == len(items)
+
+
+def test_a_call_after_a_request_over_the_row_budget_is_not_held_until_that_one_ends(engines: list[Engine]) -> None:
+    """Whole, 16 rows under a budget of 8 ran alone and the greedy call behind it waited for all of it; in parts of
+    at most 4 rows (half the budget) it is admitted beside them and ends first."""
+    model = FakeModel()
+    model.gate = threading.Semaphore(0)
+    engine = start(engines, model, max_batch_rows=8)
+    ended: list[str] = []
+    large = engine.submit([SOURCES[0], SOURCES[1], SOURCES[2], SOURCES[3]], Options(beam_size=4, max_steps=12))
+    large.add_done_callback(lambda _: ended.append("large"))
+    wait_until(lambda: engine.active == 1, "the first part's admission")
+    small = engine.submit([SOURCES[2]], Options(max_steps=2))
+    small.add_done_callback(lambda _: ended.append("small"))
+    model.gate.release(10_000)
+    small.result(timeout=30), large.result(timeout=30)
+    assert ended == ["small", "large"]
+    assert max(model.steps) <= 8
+
+
+def test_a_request_in_parts_fails_or_is_cancelled_whole(engines: list[Engine]) -> None:
+    """Its deadline or its cancellation ends every part, queued, decoding or not queued yet, and the engine idles."""
+    model = FakeModel(endless=True)
+    engine = start(engines, model, max_batch_rows=2)
+    options = Options(max_steps=10**6)
+    expiring = engine.submit([SOURCES[0], SOURCES[1], SOURCES[2]], options, timeout=0.2)  # parts of one item
+    with pytest.raises(DeadlineExceeded):
+        expiring.result(timeout=30)
+    wait_until(lambda: engine.active == 0 and engine.queued == 0, "every part to leave")
+    cancelled = engine.submit([SOURCES[0], SOURCES[1], SOURCES[2]], options)
+    wait_until(lambda: len(model.steps) > 3, "the first part to decode")
+    assert cancelled.cancel()
+    wait_until(lambda: engine.active == 0 and engine.queued == 0, "every part to leave")
+    steps = len(model.steps)
+    time.sleep(0.05)
+    assert len(model.steps) == steps  # nothing decodes any more
