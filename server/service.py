@@ -152,7 +152,7 @@ def _check_size(response: Any, limit: int, streamed: bool) -> None:
     size = response.ByteSize() + (STREAM_ENVELOPE if streamed else 0)
     if size > limit:
         raise AnswerTooLarge(f"the answer is {size:,} bytes, more than this server sends in one message ({limit:,}, "
-                             "ATTN_MAX_SEND_BYTES); send fewer texts per call or ask for less attention (attention "
+                             "max_send_bytes); send fewer texts per call or ask for less attention (attention "
                              "WORDS or NONE; in V2 leave out the ATTENTION output)")
 
 
@@ -170,9 +170,9 @@ class AttentionServicer(pb_grpc.AttentionServiceServicer):
     async def Translate(self, request: pb.TranslateRequest, context: grpc.aio.ServicerContext,
                         call: Call) -> pb.TranslateResponse:
         model = self.models.get_for("translation", request.model, request.version)
+        call.model, call.version = model.name, model.version
         if not isinstance(model, TranslationModel):
             raise InvalidInput(f"model {model.name!r} is a {model.family} model; Translate needs a translation model")
-        call.model, call.version = model.name, model.version
         inline = self.inline_texts(request.texts)
         job = await self.offload(codec.translate_job, request, model, self.settings, inline=inline)
         call.fields = {"texts": len(job.sources), "beam_size": job.options.beam_size}
@@ -192,9 +192,9 @@ class AttentionServicer(pb_grpc.AttentionServiceServicer):
     async def Caption(self, request: pb.CaptionRequest, context: grpc.aio.ServicerContext,
                       call: Call) -> pb.CaptionResponse:
         model = self.models.get_for("captioning", request.model, request.version)
+        call.model, call.version = model.name, model.version
         if not isinstance(model, CaptionModel):
             raise InvalidInput(f"model {model.name!r} is a {model.family} model; Caption needs a captioning model")
-        call.model, call.version = model.name, model.version
         job = codec.caption_job(request, model, self.settings)
         call.fields = {"image_bytes": len(job.image), "beam_size": job.options.beam_size}
 

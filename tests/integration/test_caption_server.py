@@ -105,6 +105,11 @@ def test_families_do_not_mix(server: RunningServer) -> None:
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     families = {m.name: m.family for m in server.stub.ListModels(pb.ListModelsRequest(), timeout=30).models}
     assert families == {"tiny-de-en": "translation", "tiny-scenes": "captioning"}
+    # Counted under the model the call named, which is loaded (an unknown model is counted under model="")
+    registry = server.server.metrics.registry
+    for rpc, model in (("Caption", "tiny-de-en"), ("Translate", "tiny-scenes")):
+        labels = {"rpc": rpc, "model": model, "version": "1", "code": "INVALID_ARGUMENT"}
+        assert registry.get_sample_value("attn_requests_total", labels) == 1, rpc
 
 
 def test_attn_caption_command(server: RunningServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

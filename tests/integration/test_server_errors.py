@@ -150,7 +150,7 @@ def test_an_answer_over_the_largest_message_is_refused_saying_how_to_shrink_it(
     full = pb.DecodingOptions(attention=pb.ATTENTION_DETAIL_FULL, beam_size=4, nbest=4)
     error = _error(running.stub.Translate, pb.TranslateRequest(texts=texts, options=full))
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "more than this server sends in one message (6,000, ATTN_MAX_SEND_BYTES)" in error.details()
+    assert "more than this server sends in one message (6,000, max_send_bytes)" in error.details()
     assert "less attention" in error.details()
     sample = running.server.metrics.registry.get_sample_value
     assert sample("attn_refused_requests_total", {"rpc": "Translate", "reason": "too_large"}) == 1.0
