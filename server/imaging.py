@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError, WebPImagePlugin  # noqa: F401 - see preinit below
+from PIL import Image, UnidentifiedImageError, WebPImagePlugin  # noqa: F401 - see preinit below
 
+from server.artifacts.pictures import as_seen
 from server.errors import FieldError
 
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
@@ -117,36 +118,6 @@ def _claimed(exc: BaseException) -> str:
 
 def _reason(exc: BaseException) -> str:
     return (str(exc) or type(exc).__name__)[:200]
-
-
-def as_seen(image: Image.Image) -> Image.Image:
-    """The picture as its owner sees it, in 8-bit RGB: EXIF orientation applied, then :func:`to_rgb`. What the server
-    captions, and what ``training.data.captions.load_image`` trains on."""
-    return to_rgb(_oriented(image))
-
-
-def _oriented(image: Image.Image) -> Image.Image:
-    """EXIF orientation applied; an unreadable EXIF block leaves the image as stored rather than refusing it."""
-    try:
-        return ImageOps.exif_transpose(image)
-    except Exception:  # malformed EXIF: orientation is a nicety, the pixels are fine
-        return image
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB: 16- and 32-bit greys scaled, transparency composited over white, CMYK and palettes converted."""
-    mode = image.mode
-    if mode.startswith("I;16") or mode == "I":
-        values = np.asarray(image).astype(np.float64)
-        grey = np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8)  # 0..65535 -> 0..255
-        return Image.fromarray(grey, "L").convert("RGB")
-    if mode == "F":
-        return Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), "L").convert("RGB")
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image if mode == "RGB" else image.convert("RGB")
 
 
 def prepare(image: Image.Image, spec: dict[str, Any]) -> np.ndarray:

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from server.imaging import as_seen
+from server.artifacts.pictures import as_seen
 from training.config import InputError
 from training.data import scenes as scene_data
 
@@ -40,8 +40,9 @@ SPLITS = ("train", "valid", "test")
 
 
 def load_image(path: Path, size: int) -> np.ndarray:
-    """(size, size, 3) uint8: the picture as the server makes it from a request (``server.imaging.as_seen``: EXIF
-    orientation, 16-bit greys scaled, transparency over white), then a plain (stretching) bilinear resize.
+    """(size, size, 3) uint8: the picture as the server makes it from a request
+    (``server.artifacts.pictures.as_seen``: EXIF orientation, 16-bit greys scaled, transparency over white), then a
+    plain (stretching) bilinear resize.
 
     The server's ``server.imaging.prepare`` does the same for requests; a unit test keeps the two identical.
     """

@@ -1,0 +1,38 @@
+"""A picture as its owner sees it, in the 8-bit RGB a captioning model reads: EXIF orientation, 16-bit greys and
+transparency. Pillow and numpy only: shared by the server (every Caption request, and ``attn caption --overlay``
+through it) and training (every image it trains on), so that a model trains on the pixels it will be served."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageOps
+
+
+def as_seen(image: Image.Image) -> Image.Image:
+    """The picture as its owner sees it, in 8-bit RGB: EXIF orientation applied, then :func:`to_rgb`. What the server
+    captions (``server.imaging.decode``), and what ``training.data.captions.load_image`` trains on."""
+    return to_rgb(oriented(image))
+
+
+def oriented(image: Image.Image) -> Image.Image:
+    """EXIF orientation applied; an unreadable EXIF block leaves the image as stored rather than refusing it."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # malformed EXIF: orientation is a nicety, the pixels are fine
+        return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB: 16- and 32-bit greys scaled, transparency composited over white, CMYK and palettes converted."""
+    mode = image.mode
+    if mode.startswith("I;16") or mode == "I":
+        values = np.asarray(image).astype(np.float64)
+        grey = np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8)  # 0..65535 -> 0..255
+        return Image.fromarray(grey, "L").convert("RGB")
+    if mode == "F":
+        return Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image if mode == "RGB" else image.convert("RGB")
