@@ -4,11 +4,11 @@ Requests enter a bounded queue: beyond ``max_queue_requests`` requests or ``max_
 request is refused at once (RESOURCE_EXHAUSTED, naming the limit) rather than queueing without end. At every step
 boundary the engine admits waiting requests under its budget (``max_batch_rows`` hypotheses, ``max_batch_tokens``
 source positions over them): the oldest first, so nothing starves, then those whose source length is closest to it,
-so the group pads little (a request of more than half the budget's hypotheses is queued in parts, so that calls
-arriving meanwhile fit beside it). The encoder runs once for the admitted group and its rows join the batch; every
-decoder step then runs on all active hypotheses of all admitted requests in one ONNX Runtime call, and a sentence
-that finishes leaves the batch at once. Deadlines (a heap) and cancellations (the futures' callbacks) are checked
-while queued and before every step.
+so the group pads little (a request of more than half the budget's hypotheses is decoded in parts, one after the
+other, so that calls arriving meanwhile fit beside it). The encoder runs once for the admitted group and its rows
+join the batch; every decoder step then runs on all active hypotheses of all admitted requests in one ONNX Runtime
+call, and a sentence that finishes leaves the batch at once. Deadlines (a heap) and cancellations (the futures'
+callbacks) are checked while queued and before every step.
 
 The batch lives in preallocated slots (:mod:`server.engine.lanes`): a joining row is written into free room, a
 leaving row's place is taken by the last row, so the static inputs (encoder memory, projected keys, mask) are

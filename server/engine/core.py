@@ -65,7 +65,7 @@ class Request:
     pending: int = 0
     status: str = "queued"  # then "active", then "done"; "held": a later part, not queued yet
     placements: list[tuple[Lane, int, int]] = field(default_factory=list)  # (lane, group, slot) of each sentence
-    next_part: Request | None = None  # of a request queued in parts (Engine.submit): queued once this one is admitted
+    next_part: Request | None = None  # of a request in parts (Engine.submit): queued once this one is decoded
 
     @property
     def rows(self) -> int:
@@ -146,10 +146,12 @@ class Engine:
         """Queues one request; its future gets each item's hypotheses (best first) or the error that stopped it.
         Cancelling the future takes the request out of the batch at the next step. Raises :class:`Overloaded`.
 
-        A request of more hypotheses than half of ``max_batch_rows`` is queued in parts of at most that many, each
-        part once the one before it is admitted: whole, it ran alone (nothing fits beside a batch's whole budget) and
-        every call behind it waited the seconds it took (32 texts at beam 16 are 512 hypotheses); in parts, what
-        arrived meanwhile is queued before the next part and fits beside it."""
+        A request of more hypotheses than half of ``max_batch_rows`` is decoded in parts of at most that many, each
+        part queued once the one before it is decoded: whole, it ran alone (nothing fits beside a batch's whole
+        budget) and every call behind it waited the seconds it took (32 texts at beam 16 are 512 hypotheses). In
+        parts it holds at most half the budget, so that calls arriving meanwhile fit beside it, and one place in the
+        queue or the batch at a time, so that it counts as one request against the queue's limit and in the
+        gauges."""
         model = self.model
         search = self._search_for(options)
         now = time.monotonic()
@@ -310,9 +312,6 @@ class Engine:
             self._active[id(request)] = request
             if self._metric:
                 self._metric.waits.append(now - request.enqueued)
-            if (part := request.next_part) is not None and part.status == "held":  # not cancelled meanwhile
-                part.enqueued = now  # its wait in the queue, not its parts' before it
-                self._enqueue(part)
         self._rows, self._tokens = rows, tokens
         self._gauges_stale = True
         return group
@@ -428,7 +427,11 @@ class Engine:
             try:
                 request.future.set_result(request.results)
             except InvalidStateError:  # cancelled meanwhile
-                pass
+                return
+            if (part := request.next_part) is not None and part.status == "held" and not part.future.done():
+                with self._lock:
+                    part.enqueued = time.monotonic()  # its own wait in the queue, not its parts' before it
+                    self._enqueue(part)
 
     def _retire(self, request: Request) -> None:
         """``request`` leaves the active set; the rows of its unfinished sentences are given back."""

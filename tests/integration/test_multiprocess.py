@@ -276,7 +276,7 @@ def test_a_crashed_engine_fails_its_calls_promptly_and_is_restarted(slow_server:
     assert [pid for pid in server.pids("engine") if pid != engine]
 
 
-@pytest.mark.flags("--engines", "2")
+@pytest.mark.flags("--engines", "2", "--no-batching")
 def test_two_engines_share_the_calls_and_a_crashed_one_fails_only_its_own(slow_server: ServerProcess) -> None:
     """One front-end's calls alternate between the engines; killing one fails the calls it held with UNAVAILABLE,
     promptly, while the other engine's calls are answered and health stays SERVING; the killed one is restarted."""
@@ -285,8 +285,8 @@ def test_two_engines_share_the_calls_and_a_crashed_one_fails_only_its_own(slow_s
     assert len(engines) == 2
     server.wait_for("engine_ready", count=4)  # each front-end has both engines' models record (its first may precede)
     calls = [server.stub.Translate.future(LONG, timeout=120) for _ in range(4)]  # one connection: one front-end
-    # One LONG call is more rows than an engine decodes at once: each engine decodes one and queues the next, so
-    # two active calls mean both engines are decoding.
+    # With batching off each engine decodes one call (a part of a LONG one) at a time and queues the next, so two
+    # active calls mean both engines are decoding.
     _until(lambda: _gauge(server, "attn_active_requests") == 2 and _gauge(server, "attn_queue_requests") == 2,
            "two calls decoding and two queued, on two engines")
     health = health_pb2_grpc.HealthStub(server.channel)
