@@ -32,7 +32,7 @@ FP16_TOKEN_AGREEMENT = 0.95
 
 
 def greedy_loop(step: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], batch: int, bos_id: int, eos_id: int,
-                max_steps: int) -> tuple[list[list[int]], list[np.ndarray]]:
+                max_steps: int, banned: Sequence[int] = ()) -> tuple[list[list[int]], list[np.ndarray]]:
     """:func:`training.models.decoding.greedy_loop` over a numpy step (previous tokens → log-probabilities,
     attention; the closure keeps the state), so that the graphs are checked by the very loop PyTorch decodes with."""
 
@@ -40,7 +40,7 @@ def greedy_loop(step: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], bat
         log_probs, weights = step(token.numpy())
         return torch.from_numpy(log_probs), torch.from_numpy(weights)
 
-    tokens, rows = decoding.greedy_loop(torch_step, batch, bos_id, eos_id, max_steps, torch.device("cpu"))
+    tokens, rows = decoding.greedy_loop(torch_step, batch, bos_id, eos_id, max_steps, torch.device("cpu"), banned)
     return tokens, [row.numpy() for row in rows]
 
 
@@ -87,7 +87,8 @@ class OnnxGreedy:
             state = dict(zip(bind.state, next_state))
             return log_probs, weights
 
-        tokens, rows = greedy_loop(step, len(batch), self.bos_id, self.eos_id, max_target_len(src.shape[1]))
+        tokens, rows = greedy_loop(step, len(batch), self.bos_id, self.eos_id, max_target_len(src.shape[1]),
+                                   decoding.never_generated(self.pad_id, self.bos_id, self.eos_id))
         return tokens, [r[:, : len(b)] for r, b in zip(rows, batch)]
 
 

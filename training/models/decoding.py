@@ -6,7 +6,7 @@ per model. The attention of a sentence has one row per emitted token including t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,15 +16,27 @@ import torch
 GreedyStep = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
+def never_generated(pad_id: int, bos_id: int, eos_id: int) -> list[int]:
+    """The ids a translation never emits, as server/runtime.py bans them in its search: padding and the start
+    token. An undertrained model can rank BOS first; decoded here it would score a translation (evaluate, the
+    export's parity check and card) that the server never gives."""
+    return sorted({pad_id, bos_id} - {eos_id})
+
+
 def greedy_loop(
-    step: GreedyStep, batch: int, bos_id: int, eos_id: int, max_len: int, device: torch.device
+    step: GreedyStep, batch: int, bos_id: int, eos_id: int, max_len: int, device: torch.device,
+    banned: Sequence[int] = (),
 ) -> tuple[list[list[int]], list[torch.Tensor]]:
-    """Each sentence's tokens (without EOS) and attention rows (tokens + 1 or all steps, src_len)."""
+    """Each sentence's tokens (without EOS) and attention rows (tokens + 1 or all steps, src_len); ``banned`` ids
+    are never chosen."""
     token = torch.full((batch,), bos_id, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     steps, step_weights = [], []
     for _ in range(max_len):
         logits, weights = step(token)
+        if banned:
+            logits = logits.clone()
+            logits[:, list(banned)] = -torch.inf
         token = logits.argmax(-1)
         steps.append(token)
         step_weights.append(weights)
@@ -66,4 +78,6 @@ def greedy(model: Any, src: torch.Tensor, lengths: torch.Tensor, max_len: int) -
         logits, state, weights, _ = model.named_step(token, state, static, mask)
         return logits, weights
 
-    return greedy_loop(step, src.size(0), model.cfg.bos_id, model.cfg.eos_id, max_len, src.device)
+    cfg = model.cfg
+    return greedy_loop(step, src.size(0), cfg.bos_id, cfg.eos_id, max_len, src.device,
+                       never_generated(cfg.pad_id, cfg.bos_id, cfg.eos_id))
