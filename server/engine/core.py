@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import heapq
 import logging
 import threading
@@ -83,32 +84,35 @@ class Request:
 def _whole(parts: list[Request]) -> Future[list[list[Hypothesis]]]:
     """The future of a request queued in parts: every part's results in order once all have them, or the first
     part's error, which cancels the others (so that they leave the queue and the batch); cancelling it cancels them
-    all."""
+    all. It holds its parts' futures weakly (their requests hold them while the engine has them) and they gather
+    into a list of their own: each holding the other made a cycle, so a finished request and its hypotheses waited
+    for the garbage collector."""
     whole: Future[list[list[Hypothesis]]] = Future()
-    futures = [p.future for p in parts]
+    futures = [weakref.ref(p.future) for p in parts]
+    found: list[list[list[Hypothesis]] | None] = [None] * len(parts)  # each part's results, once it has them
 
-    def part_done(part: Future[list[list[Hypothesis]]]) -> None:
+    def part_done(index: int, part: Future[list[list[Hypothesis]]]) -> None:
         if whole.done() or part.cancelled():
             return
         try:
             if (error := part.exception()) is not None:
-                whole.set_exception(error)
-            elif all(f.done() for f in futures):
-                whole.set_result([found for f in futures for found in f.result()])
+                whole.set_exception(error)  # whole_done cancels the other parts
+                return
+            found[index] = part.result()
+            if all(f is not None for f in found):
+                whole.set_result([items for f in found for items in f])  # type: ignore[union-attr]
         except InvalidStateError:  # the caller cancelled it meanwhile
             pass
-        if error is not None:
-            for future in futures:
-                future.cancel()
 
     def whole_done(done: Future[list[list[Hypothesis]]]) -> None:
-        if done.cancelled():
-            for future in futures:
-                future.cancel()
+        if done.cancelled() or done.exception() is not None:
+            for held in futures:
+                if (future := held()) is not None:  # None: its part ended and was freed
+                    future.cancel()
 
     whole.add_done_callback(whole_done)
-    for future in futures:
-        future.add_done_callback(part_done)
+    for index, part in enumerate(parts):
+        part.future.add_done_callback(functools.partial(part_done, index))
     return whole
 
 

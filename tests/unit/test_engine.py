@@ -517,3 +517,19 @@ def test_a_request_in_parts_fails_or_is_cancelled_whole(engines: list[Engine]) -
     steps = len(model.steps)
     time.sleep(0.05)
     assert len(model.steps) == steps  # nothing decodes any more
+
+
+def test_a_finished_request_in_parts_is_freed_without_the_garbage_collector(engines: list[Engine]) -> None:
+    """The future of a request queued in parts and its parts' futures hold each other only one way: once the caller
+    drops it, reference counting frees it and the hypotheses it holds, with the collector off."""
+    engine = start(engines, FakeModel(), max_batch_rows=2)
+    gc.disable()
+    try:
+        future = engine.submit([SOURCES[0], SOURCES[1], SOURCES[2]], Options(), timeout=60)  # parts of one item
+        future.result(timeout=30)
+        freed = weakref.ref(future)
+        del future
+        wait_until(lambda: freed() is None, "the finished request to be freed")
+    finally:
+        gc.enable()
+
