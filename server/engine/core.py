@@ -129,7 +129,7 @@ class Engine:
         self._metric = _Children(metrics, self._labels) if metrics else None
         self._lock = threading.Condition()
         self._queue: deque[Request] = deque()
-        self._queued_tokens = 0
+        self._queued_tokens = 0  # of the requests queued and of the later parts not queued yet: all of them wait
         self._active: dict[int, Request] = {}
         self._lanes: list[Lane] = []
         self._rows = self._tokens = 0
@@ -185,6 +185,7 @@ class Engine:
                 raise Overloaded(f"the queue of model {model.name} holds {self._queued_tokens} source tokens; "
                                  f"{tokens} more would pass its limit of {limits.max_queue_tokens} "
                                  "(max_queue_tokens); retry later")
+            self._queued_tokens += tokens  # every part's: a later one leaves the count when it leaves the queue
             self._enqueue(request)
             self._lock.notify()
         for part in parts:
@@ -192,9 +193,8 @@ class Engine:
         return request.future if len(parts) == 1 else _whole(parts)
 
     def _enqueue(self, request: Request) -> None:
-        """Called with the lock held."""
+        """Called with the lock held; its tokens were counted when it was submitted."""
         self._queue.append(request)
-        self._queued_tokens += sum(request.costs)
         request.status = "queued"
         if request.deadline is not None:
             heapq.heappush(self._deadlines, (request.deadline, next(self._order), weakref.ref(request)))
@@ -261,7 +261,8 @@ class Engine:
                 self._step(lane)
         stopped = ShuttingDown("the server is shutting down; retry on another instance")
         with self._lock:
-            waiting, self._queue = list(self._queue), deque()
+            # (the later parts of a request not queued yet end with their whole, which the earlier parts fail)
+            waiting, self._queue, self._queued_tokens = list(self._queue), deque(), 0
         for request in [*waiting, *self._active.values()]:
             self._fail(request, stopped)
         self._lanes.clear()
@@ -284,7 +285,7 @@ class Engine:
             heapq.heapify(self._deadlines)
         unique = {id(r): r for r in stopped if r.status != "done"}
         for request in unique.values():
-            if request.status == "queued":
+            if request.status in ("queued", "held"):  # a held part leaves too: never queued after its whole ended
                 self._dequeue(request)
         return list(unique.values())
 
@@ -462,7 +463,9 @@ class Engine:
             pass
 
     def _dequeue(self, request: Request) -> None:
-        self._queue.remove(request)
+        """Takes a request out of what waits: the queue, or the later parts of a request not queued yet."""
+        if request.status == "queued":
+            self._queue.remove(request)
         self._queued_tokens -= sum(request.costs)
         request.status = "dequeued"
         self._gauges_stale = True

@@ -533,3 +533,22 @@ def test_a_finished_request_in_parts_is_freed_without_the_garbage_collector(engi
     finally:
         gc.enable()
 
+
+def test_the_later_parts_of_a_request_count_against_the_queues_tokens_until_they_leave(engines: list[Engine]) -> None:
+    """A request queued in parts waits whole: its parts not queued yet count against max_queue_tokens (only the first
+    did, so the queue took a call that put it past its limit), and a cancelled request gives every token back."""
+    model = FakeModel(endless=True)
+    model.gate = threading.Semaphore(0)
+    engine = start(engines, model, max_batch_rows=2, max_queue_tokens=20)
+    options = Options(max_steps=10**6)
+    engine.submit([SOURCES[0]], Options(beam_size=2, max_steps=10**6))  # decoding, every row taken
+    wait_until(lambda: engine.active == 1, "the first call's admission")
+    try:
+        parts = engine.submit([SOURCES[1], SOURCES[3], SOURCES[2]], options)  # 7 + 5 + 2 tokens, parts of one item
+        with pytest.raises(Overloaded, match="holds 14 source tokens"):
+            engine.submit([SOURCES[1]], options)  # 7 more: 21 would wait
+        assert parts.cancel()
+        model.gate.release(1)  # a step boundary, where the cancellation is handled
+        wait_until(lambda: engine.queued == 0 and engine._queued_tokens == 0, "every part to give its tokens back")
+    finally:
+        model.gate.release(10_000)
