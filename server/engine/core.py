@@ -161,7 +161,7 @@ class Engine:
         now = time.monotonic()
         deadline = None if timeout is None else now + timeout
         selection = model.selection(options)
-        per_part = max(1, self.limits.max_batch_rows // 2 // search.k)
+        per_part = self._part_items(search.k, len(items))
         parts = [Request(list(chunk), options, search, selection, [model.src_len(i) for i in chunk],
                          [model.cost(i) for i in chunk], [model.budget_for(i, options) for i in chunk], deadline, now)
                  for chunk in (items[at:at + per_part] for at in range(0, len(items), per_part))]
@@ -191,6 +191,12 @@ class Engine:
         for part in parts:
             part.future.add_done_callback(self._cancelled_hook(part))
         return request.future if len(parts) == 1 else _whole(parts)
+
+    def _part_items(self, k: int, items: int) -> int:
+        """Items per part of a request of ``k`` hypotheses per item: half the row budget's worth, or all of them with
+        batching off (one request at a time), where nothing is admitted beside a part."""
+        limits = self.limits
+        return max(1, limits.max_batch_rows // 2 // k if limits.max_batch_requests > 1 else items)
 
     def _enqueue(self, request: Request) -> None:
         """Called with the lock held; its tokens were counted when it was submitted."""

@@ -552,3 +552,16 @@ def test_the_later_parts_of_a_request_count_against_the_queues_tokens_until_they
         wait_until(lambda: engine.queued == 0 and engine._queued_tokens == 0, "every part to give its tokens back")
     finally:
         model.gate.release(10_000)
+
+
+def test_with_batching_off_a_request_over_half_the_row_budget_decodes_whole(engines: list[Engine]) -> None:
+    """Batching off decodes one request at a time (the comparison the benchmarks make): nothing is admitted beside a
+    part, so parts only made the request decode a part at a time, with calls taking turns between them."""
+    model = FakeModel()
+    engine = start(engines, model, max_batch_rows=8, max_batch_requests=1)
+    options = Options(beam_size=4)
+    items = [SOURCES[0], SOURCES[1], SOURCES[2], SOURCES[3]]
+    found = engine.submit(items, options).result(timeout=30)
+    for hyps, item in zip(found, items):
+        same(hyps, model.alone(item, options))
+    assert model.encoded == [len(items)] and model.steps[0] == 4 * len(items)
