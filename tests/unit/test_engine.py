@@ -565,3 +565,20 @@ def test_with_batching_off_a_request_over_half_the_row_budget_decodes_whole(engi
     for hyps, item in zip(found, items):
         same(hyps, model.alone(item, options))
     assert model.encoded == [len(items)] and model.steps[0] == 4 * len(items)
+
+
+def test_a_request_in_parts_is_one_call_in_the_queue_and_in_the_batch(engines: list[Engine]) -> None:
+    """One part at a time: its later parts neither fill the queue (max_queue_requests of 1 takes the next call) nor
+    count as more requests decoding."""
+    model = FakeModel()
+    model.gate = threading.Semaphore(0)
+    engine = start(engines, model, max_batch_rows=8, max_queue_requests=1)
+    try:
+        large = engine.submit([SOURCES[0], SOURCES[1], SOURCES[2], SOURCES[3]], Options(beam_size=4))  # 4 parts
+        wait_until(lambda: engine.active == 1, "the first part's admission")
+        assert engine.queued == 0
+        small = engine.submit([SOURCES[2]], Options())  # the queue holds no part of the large call: it is taken
+    finally:
+        model.gate.release(10_000)
+    small.result(timeout=30), large.result(timeout=30)
+    wait_until(lambda: (engine.active, engine.queued) == (0, 0), "the engine to be idle")
