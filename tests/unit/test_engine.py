@@ -247,13 +247,14 @@ def test_cancellation_frees_the_slot_for_the_next_request(engines: list[Engine])
     wait_until(lambda: engine.active == 0, "the engine to be idle")
 
 
-def test_a_finished_request_is_freed_without_the_garbage_collector(engines: list[Engine]) -> None:
+@pytest.mark.parametrize("rows", [256, 2])  # 2: parts of one item, whose future and its parts' hold each other one way
+def test_a_finished_request_is_freed_without_the_garbage_collector(engines: list[Engine], rows: int) -> None:
     """Nothing the engine keeps (the deadline heap, the cancel callback) holds a finished request strongly or in a
     reference cycle: once the caller drops its future, reference counting frees it, with the collector off."""
-    engine = start(engines, FakeModel())
+    engine = start(engines, FakeModel(), max_batch_rows=rows)
     gc.disable()
     try:
-        future = engine.submit([SOURCES[0]], Options(), timeout=60)
+        future = engine.submit([SOURCES[0], SOURCES[1], SOURCES[2]], Options(), timeout=60)
         future.result(timeout=30)
         freed = weakref.ref(future)
         del future
@@ -517,21 +518,6 @@ def test_a_request_in_parts_fails_or_is_cancelled_whole(engines: list[Engine]) -
     steps = len(model.steps)
     time.sleep(0.05)
     assert len(model.steps) == steps  # nothing decodes any more
-
-
-def test_a_finished_request_in_parts_is_freed_without_the_garbage_collector(engines: list[Engine]) -> None:
-    """The future of a request queued in parts and its parts' futures hold each other only one way: once the caller
-    drops it, reference counting frees it and the hypotheses it holds, with the collector off."""
-    engine = start(engines, FakeModel(), max_batch_rows=2)
-    gc.disable()
-    try:
-        future = engine.submit([SOURCES[0], SOURCES[1], SOURCES[2]], Options(), timeout=60)  # parts of one item
-        future.result(timeout=30)
-        freed = weakref.ref(future)
-        del future
-        wait_until(lambda: freed() is None, "the finished request to be freed")
-    finally:
-        gc.enable()
 
 
 def test_the_later_parts_of_a_request_count_against_the_queues_tokens_until_they_leave(engines: list[Engine]) -> None:
