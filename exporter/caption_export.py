@@ -28,6 +28,7 @@ from exporter.caption_graphs import (
     encoder_outputs,
     export_graphs,
 )
+from exporter.card import bold
 from exporter.parity import ParityReport, greedy_loop
 from exporter.template import EXPORTER_VERSION, ExportOptions, ModelExporter, training_section
 from exporter.template import ParityError as ParityError  # callers catch it from here
@@ -290,7 +291,7 @@ def _card(directory: Path, manifest: Manifest, command: str, examples: Sequence[
               f"greedy captions, largest attention difference {p['max_attention_abs_diff']} (tolerance "
               f"{p['attention_tolerance']}).", "", "## Examples", ""]
     for e in examples:
-        lines += [f"- **{e['caption']}** (reference: {e['reference']})", ""]
+        lines += [f"- {bold(e['caption'], 'caption')} (reference: {e['reference']})", ""]
         if "overlay" in e:
             lines += [f"  ![input]({e['input']}) ![attention of every word]({e['overlay']})", ""]
         lines += [f"  - `{w}`: peak at x {b[0]}–{b[2]}, y {b[1]}–{b[3]}" for w, b in e["regions"]]

@@ -14,11 +14,11 @@ from server.artifacts.alignment import align_words, token_words, words
 from training.data.corpus import Pair
 
 
-def _bold(text: str) -> str:
+def bold(text: str, what: str = "translation") -> str:
     """``text`` in Markdown bold. An undertrained model's text can end in whitespace (trailing "▁" pieces) or be
     empty, and Markdown renders neither "**text **" nor "****" bold: the asterisks would show."""
     shown = text.strip()
-    return f"**{shown}**" if shown else "*(empty translation)*"
+    return f"**{shown}**" if shown else f"*(empty {what})*"
 
 
 def _example(onnx: OnnxGreedy, tokenizer: Tokenizer, source: str) -> list[str]:
@@ -28,7 +28,7 @@ def _example(onnx: OnnxGreedy, tokenizer: Tokenizer, source: str) -> list[str]:
     text, tgt_tokens = tokenizer.decode(tokens[0])
     src_words, tgt_words = words(source), words(text)
     alignments = align_words(attention[0], token_words(source, src_tokens), token_words(text, tgt_tokens))
-    lines = [f"- **{source}** → {_bold(text)}", ""]
+    lines = [f"- **{source}** → {bold(text)}", ""]
     for a in alignments:
         s0, s1 = src_words[a.source_word]
         t0, t1 = tgt_words[a.target_word]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from exporter.card import _example
+from exporter.card import _example, bold
 from server.artifacts import Tokenizer
 from training.data.corpus import Pair
 from training.tokenizer import train_tokenizer
@@ -42,3 +42,12 @@ def test_a_translation_that_ends_in_a_space_stays_bold(tokenizer: Tokenizer) -> 
 
 def test_an_empty_translation_is_named_not_left_as_four_asterisks(tokenizer: Tokenizer) -> None:
     assert _headline(tokenizer, []) == f"- **{SOURCE}** → *(empty translation)*"
+
+
+@pytest.mark.parametrize(("text", "what", "shown"), [
+    ("a cat ", "caption", "**a cat**"),
+    ("", "caption", "*(empty caption)*"),
+    (" ", "translation", "*(empty translation)*"),
+])
+def test_bold_text_on_a_card_is_trimmed_or_named_empty(text: str, what: str, shown: str) -> None:
+    assert bold(text, what) == shown
