@@ -41,10 +41,12 @@ from client.batch_io import (
     CHECKPOINT_SECONDS,
     BatchError,
     Checkpoint,
+    InputDigest,
     Item,
     Record,
     Writer,
     batches,
+    check_unchanged,
     checkpoint_path,
     count_inputs,
     detect_format,
@@ -393,8 +395,8 @@ def _run(args: argparse.Namespace, channel: grpc.Channel, details: dict[str, Any
         raise BatchError(f"{output} was started with other settings ({checkpoint.job}); use the same ones to "
                          "resume, or --restart")
     checkpoint = checkpoint or Checkpoint(settings)
-    if checkpoint.offset > args.input.stat().st_size:
-        raise BatchError(f"{args.input} is shorter than when {output} was checkpointed; use --restart to start over")
+    digest = InputDigest(args.input)
+    check_unchanged(digest, checkpoint, output)
     progress = Progress(count_inputs(args.input, fmt, args.column, args.shard), checkpoint.records, args.quiet)
     config = connection.ChannelConfig.from_args(args)  # as ``channel`` was made, which checked it
     own = [config.channel([connection.OWN_CONNECTION]) for _ in range(min(args.connections, args.concurrency) - 1)]
@@ -402,7 +404,7 @@ def _run(args: argparse.Namespace, channel: grpc.Channel, details: dict[str, Any
               args.timeout, args.max_retries)
     items = read_items(args.input, fmt, args.column, args.id_column, args.shard, (checkpoint.line, checkpoint.offset))
     try:
-        writer = Writer(output, checkpoint, args.checkpoint_every)
+        writer = Writer(output, checkpoint, args.checkpoint_every, digest)
     except OSError as exc:
         raise BatchError(f"{output}: cannot write: {exc.strerror or exc}") from None
     status, error = 0, ""

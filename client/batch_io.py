@@ -5,6 +5,7 @@ repeating a line. No gRPC here (:mod:`client.batch` is the job)."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import time
@@ -175,6 +176,7 @@ class Checkpoint:
     output_bytes: int = 0
     records: int = 0
     failed: int = 0
+    input_sha256: str = ""  # of the input's bytes before ``offset`` (absent from older checkpoints)
 
     @classmethod
     def load(cls, path: Path) -> Checkpoint | None:
@@ -200,11 +202,44 @@ class Checkpoint:
             os.close(directory)
 
 
-class Writer:
-    """Appends records in input order; :meth:`commit` fsyncs them, then records them in the checkpoint."""
+class InputDigest:
+    """SHA-256 of the input's first bytes, advanced as lines are committed. A resumed job skips the lines before its
+    checkpoint's offset by position alone; if the input was edited since, the output would be joined to the wrong
+    lines, so the resume compares this digest first."""
 
-    def __init__(self, path: Path, checkpoint: Checkpoint, every: int) -> None:
-        self.state_path, self.every = checkpoint_path(path), every
+    def __init__(self, path: Path) -> None:
+        self.path, self.hash, self.offset = path, hashlib.sha256(), 0
+
+    def up_to(self, offset: int) -> str:
+        """The digest of the bytes before ``offset``, reading only those not yet hashed (the pages are still cached:
+        the reader passed them moments ago)."""
+        with self.path.open("rb") as f:
+            f.seek(self.offset)
+            while self.offset < offset:
+                block = f.read(min(offset - self.offset, 1 << 20))
+                if not block:
+                    raise BatchError(f"{self.path} became shorter while the job read it")
+                self.hash.update(block)
+                self.offset += len(block)
+        return self.hash.hexdigest()
+
+
+def check_unchanged(digest: InputDigest, checkpoint: Checkpoint, output: Path) -> None:
+    """Refuse to resume over an input whose lines before the checkpoint are no longer the ones translated."""
+    if checkpoint.offset > digest.path.stat().st_size:
+        raise BatchError(f"{digest.path} is shorter than when {output} was checkpointed; use --restart to start "
+                         "over")
+    if checkpoint.input_sha256 and digest.up_to(checkpoint.offset) != checkpoint.input_sha256:
+        raise BatchError(f"{digest.path} changed before line {checkpoint.line} since {output} was checkpointed "
+                         "(its output would no longer match the input's lines); use --restart to start over")
+
+
+class Writer:
+    """Appends records in input order; :meth:`commit` fsyncs them, then records them (and the digest of the input
+    they cover) in the checkpoint."""
+
+    def __init__(self, path: Path, checkpoint: Checkpoint, every: int, digest: InputDigest) -> None:
+        self.state_path, self.every, self.digest = checkpoint_path(path), every, digest
         path.parent.mkdir(parents=True, exist_ok=True)
         size = path.stat().st_size if path.exists() else 0
         if size < checkpoint.output_bytes:
@@ -230,6 +265,7 @@ class Writer:
     def commit(self) -> None:
         self.file.flush()
         os.fsync(self.file.fileno())  # the bytes first: the checkpoint must never point past them
+        self.pending.input_sha256 = self.digest.up_to(self.pending.offset)
         self.pending.save(self.state_path)
         self.committed, self.committed_at = replace(self.pending), time.monotonic()
 

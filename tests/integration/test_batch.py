@@ -250,6 +250,26 @@ def test_exhausted_retries_stop_the_job_and_a_rerun_resumes(fake: tuple[Refusing
     assert (report["skipped"], report["done"], report["total"]) == (2, 2, 4)
 
 
+def test_a_resume_over_an_edited_input_is_refused(fake: tuple[RefusingTranslator, int], tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    # Resuming skips the lines before the checkpoint by their byte offset: over an edited input the output would
+    # hold translations of lines that are no longer there, joined to the wrong line numbers.
+    servicer, port = fake
+    servicer.serve = 1
+    source, out = tmp_path / "in.txt", tmp_path / "out.jsonl"
+    source.write_text("eins\nzwei\ndrei\nvier\n", encoding="utf-8")
+    command = [str(source), "-o", str(out), "--batch-size", "2", "--concurrency", "1", "--max-retries", "0"]
+    assert _batch(port, *command) == 1
+    servicer.serve = None
+    source.write_text("null\neins\nzwei\ndrei\nvier\n", encoding="utf-8")  # a line put in front
+    capsys.readouterr()
+    assert _batch(port, *command) == 2
+    assert "changed before line 2" in capsys.readouterr().err
+    assert [r["translation"] for r in _records(out)] == ["EINS", "ZWEI"]  # left as it was
+    assert _batch(port, *command, "--restart") == 0
+    assert [r["translation"] for r in _records(out)] == ["NULL", "EINS", "ZWEI", "DREI", "VIER"]
+
+
 def test_calls_take_turns_over_connections_of_their_own(fake: tuple[RefusingTranslator, int], tmp_path: Path) -> None:
     # A server with several front-ends gives each connection to one of them: one connection would reach one.
     servicer, port = fake

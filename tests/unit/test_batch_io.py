@@ -4,6 +4,7 @@ writer, and the small helpers."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
@@ -13,9 +14,11 @@ from client.batch import BACKOFF_CAP, Progress, backoff, parse_shard
 from client.batch_io import (
     BatchError,
     Checkpoint,
+    InputDigest,
     Item,
     Writer,
     batches,
+    check_unchanged,
     checkpoint_path,
     count_inputs,
     detect_format,
@@ -127,8 +130,8 @@ def test_batches_and_backoff() -> None:
 
 
 def test_the_writer_commits_in_chunks_and_a_reopen_drops_the_uncommitted_tail(tmp_path: Path) -> None:
-    out = tmp_path / "out.jsonl"
-    writer = Writer(out, Checkpoint({"k": 1}), every=2)
+    out, source = tmp_path / "out.jsonl", _write(tmp_path, "in.txt", "x" * 40)
+    writer = Writer(out, Checkpoint({"k": 1}), every=2, digest=InputDigest(source))
     writer.write(Item(1, 10), [{"line": 1}])
     assert not checkpoint_path(out).exists()  # one line: not yet committed
     writer.write(Item(3, 30), [{"line": 2}, {"line": 3, "error": {"code": "X", "message": ""}}])
@@ -138,7 +141,7 @@ def test_the_writer_commits_in_chunks_and_a_reopen_drops_the_uncommitted_tail(tm
     writer.write(Item(4, 40), [{"line": 4}])  # written, not committed: as if killed now
     writer.file.flush()
     assert out.stat().st_size > state.output_bytes
-    resumed = Writer(out, state, every=2)
+    resumed = Writer(out, state, every=2, digest=InputDigest(source))
     assert out.stat().st_size == state.output_bytes
     resumed.write(Item(4, 40), [{"line": 4}])
     resumed.close()
@@ -149,10 +152,33 @@ def test_the_writer_commits_in_chunks_and_a_reopen_drops_the_uncommitted_tail(tm
 def test_a_checkpoint_that_points_past_the_output_is_refused(tmp_path: Path) -> None:
     out = _write(tmp_path, "out.jsonl", "{}\n")
     with pytest.raises(BatchError, match="--restart"):
-        Writer(out, Checkpoint({}, output_bytes=100), every=1)
+        Writer(out, Checkpoint({}, output_bytes=100), every=1, digest=InputDigest(out))
     checkpoint_path(out).write_text("{")
     with pytest.raises(BatchError, match="unreadable checkpoint"):
         Checkpoint.load(checkpoint_path(out))
+
+
+def test_a_checkpoint_holds_the_digest_of_the_input_it_covers_and_a_resume_checks_it(tmp_path: Path) -> None:
+    source = _write(tmp_path, "in.txt", "eins\nzwei\ndrei\n")
+    out = tmp_path / "out.jsonl"
+    writer = Writer(out, Checkpoint({}), every=1, digest=InputDigest(source))
+    writer.write(Item(1, 5), [{"line": 1}])
+    writer.write(Item(2, 10), [{"line": 2}])
+    writer.close()
+    state = Checkpoint.load(checkpoint_path(out))
+    assert state is not None and state.input_sha256 == hashlib.sha256(b"eins\nzwei\n").hexdigest()
+    check_unchanged(InputDigest(source), state, out)  # the same input resumes
+
+    source.write_text("eins\nzwei\ndrei\nvier\n")  # lines added after the checkpoint: resumes too
+    check_unchanged(InputDigest(source), state, out)
+    source.write_text("eins\nZWEI\ndrei\n")  # a line before it edited, the length the same
+    with pytest.raises(BatchError, match="changed before line 2 .*--restart"):
+        check_unchanged(InputDigest(source), state, out)
+    source.write_text("eins\n")
+    with pytest.raises(BatchError, match="shorter"):
+        check_unchanged(InputDigest(source), state, out)
+    # A checkpoint written before digests were kept resumes as before (by position).
+    check_unchanged(InputDigest(source), Checkpoint({}, line=1, offset=5), out)
 
 
 def test_the_progress_line_shows_position_rate_and_eta() -> None:
