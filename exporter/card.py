@@ -15,8 +15,8 @@ from training.data.corpus import Pair
 
 
 def bold(text: str, what: str = "translation") -> str:
-    """``text`` in Markdown bold. An undertrained model's text can end in whitespace (trailing "▁" pieces) or be
-    empty, and Markdown renders neither "**text **" nor "****" bold: the asterisks would show."""
+    """``text`` in Markdown bold. An undertrained model's text can be empty, and Markdown renders neither "****"
+    nor "**text **" bold: the asterisks would show."""
     shown = text.strip()
     return f"**{shown}**" if shown else f"*(empty {what})*"
 

@@ -77,7 +77,16 @@ class Tokenizer:
         if not kept:  # sentencepiece 0.2.2 takes an empty list for an empty string, and fails on it as a proto
             return "", []
         proto = self.processor.decode(kept, return_type="proto")
-        return proto.text, _tokens(proto, proto.text)
+        text = proto.text
+        tokens = _tokens(proto, text)
+        # SentencePiece drops the space of a leading "▁" piece but keeps a trailing one's, and an undertrained
+        # model may end on "▁" pieces: the text would end in whitespace. Those tokens keep an empty span at the
+        # text's end, as a leading "▁" has one at its start (and belong to no word).
+        shown = text.rstrip()
+        if len(shown) < len(text):
+            n = len(shown)
+            tokens = [t if t.end <= n else t._replace(start=min(t.start, n), end=n) for t in tokens]
+        return shown, tokens
 
     def piece(self, token_id: int) -> str:
         return str(self.processor.id_to_piece(token_id))

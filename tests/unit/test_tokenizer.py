@@ -46,6 +46,18 @@ def test_decoded_spans_cut_each_token_out_of_the_output(tokenizer: Tokenizer) ->
     assert "".join(text[t.start : t.end] for t in tokens).strip() == text
 
 
+def test_trailing_word_start_pieces_leave_no_whitespace_at_the_end(tokenizer: Tokenizer) -> None:
+    # An undertrained model can end on lone "▁" pieces; SentencePiece would keep their spaces at the text's end.
+    space = tokenizer.processor.piece_to_id("▁")
+    ids = tokenizer.encode_ids("Die Brücke") + [space, space, EOS_ID]
+    text, tokens = tokenizer.decode(ids)
+    assert text == "Die Brücke"
+    assert [(t.start, t.end) for t in tokens[-2:]] == [(10, 10), (10, 10)]
+    assert "".join(text[t.start : t.end] for t in tokens).strip() == text
+    assert token_words(text, tokens)[-2:] == [-1, -1]  # whitespace belongs to no word
+    assert tokenizer.decode([space, space]) == ("", [Token(space, "▁", 0, 0), Token(space, "▁", 0, 0)])
+
+
 def test_word_alignment_sums_subwords_and_skips_eos(tokenizer: Tokenizer) -> None:
     source = "Brücke gesperrt"
     src_tokens = tokenizer.encode(source)
