@@ -52,7 +52,8 @@ METRICS = [
     Metric("latency", "attn_request_duration_seconds", "histogram", ("rpc", "model", "version"),
            "Time from receiving an RPC to answering it.", LATENCY_BUCKETS),
     Metric("queue_time", "attn_queue_duration_seconds", "histogram", MODEL,
-           "Time a request waited in its model's queue before the engine admitted it.", LATENCY_BUCKETS),
+           "Time a request waited in its model's queue before the engine admitted it (one decoded in parts: its "
+           "parts' waits together).", LATENCY_BUCKETS),
     Metric("compute_time", "attn_compute_duration_seconds", "histogram", (*MODEL, "stage"),
            "ONNX Runtime time per call: stage=encoder for one admitted group, stage=decoder for one step of the "
            "whole batch.", COMPUTE_BUCKETS),

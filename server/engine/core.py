@@ -67,6 +67,7 @@ class Request:
     status: str = "queued"  # then "active", then "done"; "held": a later part, not queued yet
     placements: list[tuple[Lane, int, int]] = field(default_factory=list)  # (lane, group, slot) of each sentence
     next_part: Request | None = None  # of a request in parts (Engine.submit): queued once this one is decoded
+    waited: float = 0.0  # in the queue, by the request's parts before this one
 
     @property
     def rows(self) -> int:
@@ -321,8 +322,11 @@ class Engine:
             self._dequeue(request)
             request.status = "active"
             self._active[id(request)] = request
-            if self._metric:
-                self._metric.waits.append(now - request.enqueued)
+            waited = request.waited + now - request.enqueued
+            if request.next_part is not None:  # a request in parts is observed once, its parts' waits together
+                request.next_part.waited = waited
+            elif self._metric:
+                self._metric.waits.append(waited)
         self._rows, self._tokens = rows, tokens
         self._gauges_stale = True
         return group

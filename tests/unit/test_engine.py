@@ -263,19 +263,23 @@ def test_a_finished_request_is_freed_without_the_garbage_collector(engines: list
         gc.enable()
 
 
-def test_the_engines_histograms_are_written_before_the_answer_that_leaves_it_idle(engines: list[Engine]) -> None:
+@pytest.mark.parametrize("rows", [256, 2])  # 2: the request decodes in two parts, one encoder call each
+def test_the_engines_histograms_are_written_before_the_answer_that_leaves_it_idle(engines: list[Engine],
+                                                                                  rows: int) -> None:
     # The engine tallies its histograms and writes them a few times a second; a caller that reads /metrics after its
-    # answer (the engine then has nothing left to decode) sees its wait, its encoder call and its steps.
+    # answer (the engine then has nothing left to decode) sees its wait, its encoder calls and its steps. A request
+    # in parts waited once, its parts' waits together: one observation, as every request has.
     registry = CollectorRegistry()
     model = FakeModel()
-    engine = Engine(model, Limits(), Metrics(registry))  # type: ignore[arg-type]
+    engine = Engine(model, Limits(max_batch_rows=rows), Metrics(registry))  # type: ignore[arg-type]
     engines.append(engine)
     labels = {"model": "fake", "version": "1"}
+    parts = 1 if rows > 2 else 2
     for answered in range(1, 4):
         engine.submit([SOURCES[0], SOURCES[1]], Options()).result(timeout=30)
         assert registry.get_sample_value("attn_queue_duration_seconds_count", labels) == answered
         assert registry.get_sample_value("attn_compute_duration_seconds_count", {**labels, "stage": "encoder"}) == (
-            answered)
+            answered * parts)
         assert registry.get_sample_value("attn_batch_hypotheses_sum", labels) == sum(model.steps)
 
 
