@@ -149,7 +149,9 @@ class Engine:
     def submit(self, items: Sequence[Any], options: Any, timeout: float | None = None) -> Future[
             list[list[Hypothesis]]]:
         """Queues one request; its future gets each item's hypotheses (best first) or the error that stopped it.
-        Cancelling the future takes the request out of the batch at the next step. Raises :class:`Overloaded`.
+        Cancelling the future takes the request out of the batch at the next step. Raises :class:`Overloaded` when
+        the queue is full (a retry may fit), :class:`InvalidInput` when the request alone has more source tokens than
+        the queue holds (a retry never fits), :class:`ShuttingDown` once the engine is closing.
 
         A request of more hypotheses than half of ``max_batch_rows`` is decoded in parts of at most that many, each
         part queued once the one before it is decoded: whole, it ran alone (nothing fits beside a batch's whole
