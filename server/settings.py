@@ -46,8 +46,10 @@ class Settings:
     device: str = _setting("auto", "Where ONNX Runtime runs: cuda if usable (auto), or force cpu / cuda; tensorrt "
                            "puts TensorRT in front of CUDA (only when asked for: it builds engines per input-shape "
                            "range, so first requests of new shapes are slow).", DEVICES)
-    variant: str = _setting("", "Graph variant from the manifest: int8 (for CPUs) or fp16 (for GPUs) where the export "
-                            "wrote it; empty serves the fp32 graphs.", VARIANTS)
+    variant: str = _setting("", "Graph variant from the manifest, for every model served: int8 (for CPUs) or fp16 "
+                            "(for GPUs). A translation model whose export did not write it stops the start (a version "
+                            "published later without it is refused); captioners ship fp32 graphs only and serve "
+                            "those. Empty serves the fp32 graphs.", VARIANTS)
     ort_threads: int = _setting(0, "ONNX Runtime intra-op threads per session; 0: all cores but one (the other "
                                 "serves gRPC and builds responses).")
     ort_allow_spinning: bool = _setting(False, "Let ONNX Runtime's idle worker threads spin-wait for work "
