@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
             manifest = export(args.checkpoint, args.out, options)
     except (ParityError, FileExistsError, ValueError) as exc:
         return _failed(exc)
+    except KeyboardInterrupt:  # the staging folder is gone (exporter/template.py) and the target untouched
+        print(f"attn-export: interrupted; {args.out} was not written", file=sys.stderr)
+        return 130
     print(f"exported {manifest.name}/{manifest.version} to {args.out}: parity {manifest.parity}")
     return 0
 

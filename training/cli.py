@@ -106,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:  # a mistake in the data, a checkpoint or the machine: its one line, no traceback
         print(f"attn-train: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C ends a run on purpose: say where it can go on, not torch's stack
+        where = f"; {Path(cfg.out) / 'last.pt'} (written at every validation) resumes it with --resume" if cfg else ""
+        print(f"attn-train: interrupted{where}", file=sys.stderr)
+        return 130
 
 
 def _run(args: argparse.Namespace, cfg: Any) -> int:

@@ -94,6 +94,17 @@ def test_a_folder_that_is_not_a_model_version_is_never_replaced(
     assert (workdir / "keep.txt").read_text() == "mine"
 
 
+def test_ctrl_c_during_an_export_says_the_folder_was_not_written(workdir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    def interrupted(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.checkpoint, "load", lambda *_, **__: {"kind": "translation"})
+    monkeypatch.setattr(cli, "export", interrupted)
+    assert cli.main(["run/best.pt", "--out", "models/m/1"]) == 130
+    assert capsys.readouterr().err == "attn-export: interrupted; models/m/1 was not written\n"
+
+
 def test_staging_refuses_to_replace_a_folder_without_a_manifest_even_with_force(tmp_path: Path) -> None:
     out = tmp_path / "home" / "user"
     out.mkdir(parents=True)

@@ -185,6 +185,19 @@ def test_an_unreadable_training_image_is_a_one_line_error(tmp_path: Path, capsys
     assert f"cannot read image {tmp_path / 'Images'}/" in line and "cannot identify image file" in line
 
 
+def test_ctrl_c_ends_a_run_with_where_it_resumes_not_a_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    def interrupted(*_: Any) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_cli, "_run", interrupted)
+    assert train_cli.main(["translation", "--out", str(tmp_path / "run"), *TINY]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err == (f"attn-train: interrupted; {tmp_path / 'run' / 'last.pt'} (written at every validation) resumes "
+                   "it with --resume\n")
+
+
 def test_evaluating_a_non_checkpoint_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "notes.txt").write_text("not a checkpoint", encoding="utf-8")
     assert "notes.txt is not a checkpoint" in _input_error(["evaluate", str(tmp_path / "notes.txt")], capsys)
