@@ -23,8 +23,9 @@ computed only when a request names it; a request naming no outputs gets every ot
 in ``attention.v1.DecodingOptions``; Triton's ``timeout`` (microseconds) shortens the call's deadline.
 
 ``ServerLive`` and ``ServerReady`` are probes (like ``grpc.health.v1``) and go unlogged; every other call goes through
-:func:`server.service.rpc` under its V2 name, ModelStreamInfer once per message. In a stream an error answers that
-message (``error_message``, prefixed with the status code name) and the stream goes on, as in Triton.
+:func:`server.service.rpc` under its V2 name, ModelStreamInfer once per message. In a stream each answer carries
+``triton_final_response: true``; an error answers that message (``error_message``, prefixed with the status code name)
+and the stream goes on, as in Triton.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ from server.v2_tensors import (
 SERVICE_NAME = v2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "attention-serving"
 CONFIG_TYPES = {"BYTES": mc.TYPE_STRING, "FP32": mc.TYPE_FP32, "INT32": mc.TYPE_INT32}
+FINAL_RESPONSE = "triton_final_response"  # the response parameter ending a request in a stream
 
 
 class _Failed(Exception):
@@ -217,7 +219,12 @@ class TritonServicer(v2_grpc.GRPCInferenceServiceServicer):
     @rpc("ModelStreamInfer", streamed=True)
     async def _stream_message(self, request: v2.ModelInferRequest, context: grpc.aio.ServicerContext,
                               call: Call) -> v2.ModelInferResponse:
-        return await self._infer(request, context, call)
+        response = await self._infer(request, context, call)
+        # A message has one answer, so it is its request's last. Triton marks every answer of a stream this way, and
+        # clients that also talk to decoupled models wait for the mark before they take a request as done. Set here,
+        # before rpc() sizes the answer against max_send_bytes.
+        response.parameters[FINAL_RESPONSE].bool_param = True
+        return response
 
     ModelStatistics = _unimplemented("ModelStatistics")
     RepositoryModelLoad = _unimplemented("RepositoryModelLoad")

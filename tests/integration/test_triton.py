@@ -343,6 +343,28 @@ def test_stream_infer_answers_each_message_and_survives_errors(client: Any) -> N
     assert second_error is not None and "NOT_FOUND" in second_error.message()
 
 
+def test_every_stream_answer_is_marked_final(client: Any) -> None:
+    """One answer per message, so each is its request's last: Triton marks it so (``triton_final_response``), and
+    clients that also serve decoupled models read the mark to know a request is done. Asking for an empty final
+    response adds none: the answer itself is final."""
+    answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)), stream_timeout=120)
+    try:
+        client.async_stream_infer(TRANSLATOR, [text_input(TEXTS[:1])], request_id="plain")
+        client.async_stream_infer(TRANSLATOR, [text_input(TEXTS[1:2])], request_id="asks-for-empty-final",
+                                  enable_empty_final_response=True)
+        received = [answers.get(timeout=60) for _ in range(2)]
+        with pytest.raises(queue.Empty):  # and nothing after them
+            answers.get(timeout=1)
+    finally:
+        client.stop_stream()
+    assert [error for _, error in received] == [None, None]
+    responses = [result.get_response() for result, _ in received]
+    assert [r.id for r in responses] == ["plain", "asks-for-empty-final"]
+    assert all(r.parameters["triton_final_response"].bool_param for r in responses)
+    assert all(r.outputs for r in responses)
+
+
 # -- observability -------------------------------------------------------------------------------------------------
 
 
