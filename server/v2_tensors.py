@@ -18,6 +18,9 @@ from server.registry import Runtime
 
 INT_OPTIONS = ("beam_size", "max_output_tokens", "attention_layer", "attention_head")
 PARAMETERS = (*INT_OPTIONS, "length_penalty", "timeout", "priority")  # priority: accepted, nothing to order
+# The one key of Triton's reserved triton_* prefix that a client sends (tritonclient's enable_empty_final_response);
+# Triton refuses the others. Every answer here is final, so it changes nothing.
+TRITON_PARAMETERS = ("triton_enable_empty_final_response",)
 
 
 # -- tensors -------------------------------------------------------------------------------------------------------
@@ -158,9 +161,25 @@ def decoding_options(parameters: Mapping[str, v2.InferParameter], detail: int) -
         elif key == "timeout":
             if kind not in ("int64_param", "uint64_param"):
                 raise InvalidInput("parameter timeout must be an integer (microseconds)")
-        elif key not in PARAMETERS and not key.startswith("triton_"):  # triton_*: the client's own bookkeeping
+        elif key == "priority" or key.startswith("triton_"):
+            _check_reserved(key, param)
+        elif key not in PARAMETERS:
             raise InvalidInput(f"unknown parameter {echo(key)}; this server takes {', '.join(PARAMETERS)}")
     return options
+
+
+def _check_reserved(key: str, param: v2.InferParameter) -> None:
+    """Parameters that Triton reads itself and this server ignores, refused where Triton refuses them: a client that
+    works here works against Triton."""
+    kind = param.WhichOneof("parameter_choice")
+    if key == "priority":
+        if kind not in ("int64_param", "uint64_param") or param.int64_param < 0:
+            raise InvalidInput("parameter priority must be an integer of 0 or more")
+    elif key not in TRITON_PARAMETERS:
+        raise InvalidInput(f"parameter {echo(key)}: keys starting with 'triton_' are reserved; the one accepted is "
+                           f"{', '.join(TRITON_PARAMETERS)}")
+    elif kind != "bool_param":
+        raise InvalidInput(f"parameter {key} must be a bool")
 
 
 def time_limit(parameters: Mapping[str, v2.InferParameter], remaining: float | None) -> float | None:

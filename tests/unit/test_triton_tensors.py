@@ -128,6 +128,31 @@ def test_parameters_become_decoding_options() -> None:
         decoding_options(negative, 1)
 
 
+@pytest.mark.parametrize(("key", "setter", "value"), [
+    ("priority", "string_param", "high"),
+    ("priority", "int64_param", -1),
+    ("priority", "double_param", 1.5),
+    ("triton_enable_empty_final_response", "int64_param", 1),
+    ("triton_something_else", "bool_param", True),
+])
+def test_triton_reserved_parameters_are_checked_as_triton_checks_them(key: str, setter: str, value: object) -> None:
+    params = v2.ModelInferRequest().parameters
+    setattr(params[key], setter, value)
+    with pytest.raises(InvalidInput, match=key):
+        decoding_options(params, 1)
+
+
+@pytest.mark.parametrize(("key", "setter", "value"), [
+    ("priority", "uint64_param", 3),
+    ("priority", "int64_param", 0),
+    ("triton_enable_empty_final_response", "bool_param", False),
+])
+def test_triton_reserved_parameters_of_the_right_type_are_accepted(key: str, setter: str, value: object) -> None:
+    params = v2.ModelInferRequest().parameters
+    setattr(params[key], setter, value)
+    assert decoding_options(params, 1) == decoding_options(v2.ModelInferRequest().parameters, 1)
+
+
 def test_time_limit_takes_the_shorter_of_deadline_and_timeout() -> None:
     params = v2.ModelInferRequest().parameters
     assert time_limit(params, None) is None and time_limit(params, 5.0) == 5.0
