@@ -110,6 +110,7 @@ def read_input(request: v2.ModelInferRequest, name: str) -> tuple[list[bytes], l
         raise InvalidInput(f"model {echo(request.model_name)} takes one input {name} (BYTES, [batch, 1] or "
                            f"[batch]); the request has {echo(names)}")
     tensor = request.inputs[0]
+    _refuse_shared_memory(tensor.parameters, f"input {name}")
     shape = list(tensor.shape)
     if tensor.datatype != "BYTES":
         raise InvalidInput(f"input {name} must be BYTES, not {echo(tensor.datatype) if tensor.datatype else 'unset'}")
@@ -136,9 +137,20 @@ def requested_outputs(request: v2.ModelInferRequest, specs: Sequence[Spec]) -> l
         raise InvalidInput(f"model {echo(request.model_name)} has no output {cut(', '.join(unknown))}; it has {names}")
     if len(set(wanted)) != len(wanted):
         raise InvalidInput(f"an output is requested twice: {echo(wanted)}")
-    if any(o.parameters for o in request.outputs):
-        raise InvalidInput("output parameters (classification) are not supported")
+    # Only parameters that would change the answer are refused; others (KServe's binary_data, which a gRPC answer
+    # always honours: its outputs are raw) are ignored, as Triton ignores them.
+    for output in request.outputs:
+        if "classification" in output.parameters:
+            raise InvalidInput(f"output {output.name} asks for classification results, which this server does not "
+                               "give")
+        _refuse_shared_memory(output.parameters, f"output {output.name}")
     return wanted
+
+
+def _refuse_shared_memory(parameters: Mapping[str, v2.InferParameter], tensor: str) -> None:
+    if any(key.startswith("shared_memory_") for key in parameters):
+        raise InvalidInput(f"{tensor} names a shared memory region, which this server does not support: tensors "
+                           "travel in the messages")
 
 
 def decoding_options(parameters: Mapping[str, v2.InferParameter], detail: int) -> pb.DecodingOptions:

@@ -316,6 +316,9 @@ def test_unknown_output_and_unimplemented_rpcs(client: Any) -> None:
         client.infer(TRANSLATOR, [text_input(TEXTS)], outputs=outputs("LOGITS"))
     assert status(error.value) == "StatusCode.INVALID_ARGUMENT" and "LOGITS" in error.value.message()
     with pytest.raises(InferenceServerException) as error:
+        client.infer(TRANSLATOR, [text_input(TEXTS)], outputs=[tc.InferRequestedOutput("TRANSLATION", class_count=2)])
+    assert status(error.value) == "StatusCode.INVALID_ARGUMENT" and "classification" in error.value.message()
+    with pytest.raises(InferenceServerException) as error:
         client.get_inference_statistics(TRANSLATOR)
     assert status(error.value) == "StatusCode.UNIMPLEMENTED"
 

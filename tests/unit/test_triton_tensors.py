@@ -104,6 +104,27 @@ def test_requested_outputs() -> None:
         requested_outputs(req, specs)
 
 
+def test_output_parameters_this_server_cannot_honour_are_refused_by_name() -> None:
+    """binary_data (what a KServe request converted from REST carries) is what gRPC answers always are, so it is
+    ignored, as Triton ignores it; classification and shared memory would change the answer, so they are refused."""
+    specs = [Spec("TRANSLATION", "BYTES", (1,))]
+    req = v2.ModelInferRequest(model_name="m")
+    req.outputs.add(name="TRANSLATION").parameters["binary_data"].bool_param = True
+    assert requested_outputs(req, specs) == ["TRANSLATION"]
+    for key, words in (("classification", "classification"), ("shared_memory_region", "shared memory")):
+        refused = v2.ModelInferRequest(model_name="m")
+        refused.outputs.add(name="TRANSLATION").parameters[key].string_param = "x"
+        with pytest.raises(InvalidInput, match=f"output TRANSLATION.*{words}"):
+            requested_outputs(refused, specs)
+
+
+def test_an_input_in_shared_memory_is_refused_as_such() -> None:
+    req = request([], [1], raw=False)
+    req.inputs[0].parameters["shared_memory_region"].string_param = "region"
+    with pytest.raises(InvalidInput, match="input TEXT.*shared memory"):
+        read_input(req, "TEXT")
+
+
 def test_parameters_become_decoding_options() -> None:
     params = v2.ModelInferRequest().parameters
     params["beam_size"].int64_param = 3
