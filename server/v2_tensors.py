@@ -117,8 +117,11 @@ def read_input(request: v2.ModelInferRequest, name: str) -> tuple[list[bytes], l
     if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1) or shape[0] < 1:
         raise InvalidInput(f"input {name} must have shape [batch, 1] or [batch] with batch >= 1, not {echo(shape)}")
     if request.raw_input_contents:
-        if len(request.raw_input_contents) != len(request.inputs) or tensor.HasField("contents"):
+        if tensor.HasField("contents"):
             raise InvalidInput("send every input either in raw_input_contents or in its contents, not both")
+        if len(request.raw_input_contents) != len(request.inputs):
+            raise InvalidInput(f"{len(request.raw_input_contents)} raw_input_contents for {len(request.inputs)} input: "
+                               "send one per input, in the order of inputs")
         values = unpack_bytes(request.raw_input_contents[0])
     else:
         values = list(tensor.contents.bytes_contents)

@@ -91,6 +91,10 @@ def test_read_input_wants_bytes_and_one_kind_of_contents() -> None:
     both.inputs[0].contents.bytes_contents.append(b"x")
     with pytest.raises(InvalidInput, match="not both"):
         read_input(both, "TEXT")
+    extra = request(VALUES, [4])
+    extra.raw_input_contents.append(pack_bytes(VALUES))
+    with pytest.raises(InvalidInput, match="2 raw_input_contents for 1 input"):
+        read_input(extra, "TEXT")
 
 
 def test_requested_outputs() -> None:
