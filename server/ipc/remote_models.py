@@ -99,6 +99,7 @@ class RemoteModels(ModelIndex):
         self.default_model = ""
         self._models: dict[Key, DecoderRuntime] = {}
         self._views: dict[Key, DecoderRuntime] = {}  # opened once, whichever engines serve them
+        self._unopened: dict[Key, str] = {}  # versions an engine serves that this front-end could not open: why
         self._ready = False
         self._ids = itertools.count(1)
         self._turn = itertools.count()  # the engine asked first among those equally busy
@@ -224,10 +225,10 @@ class RemoteModels(ModelIndex):
         wanted = {(m["name"], m["version"]): m for m in header["models"]}
         viewed = set(self._views)
         fresh = [(key, m) for key, m in wanted.items() if key not in self._views]
-        if fresh:
-            opened = await asyncio.to_thread(lambda: [(key, _view(m)) for key, m in fresh])
-            for key, view in opened:
-                self._views.setdefault(key, view)
+        opened, failed = await asyncio.to_thread(_open_views, fresh) if fresh else ({}, {})
+        for key, view in opened.items():
+            self._views.setdefault(key, view)
+        self._note_unopened(failed)  # not served here: _refresh serves only the versions opened
         if engine.link is not link:  # the engine went away while the versions were being opened
             return
         engine.serves, engine.default_model, engine.device = set(wanted), header["default_model"], header["device"]
@@ -239,6 +240,16 @@ class RemoteModels(ModelIndex):
         self._refresh()
         if set(self._views) != viewed:
             heap.settle()  # what this process keeps changed: freeze it anew (server/heap.py)
+
+    def _note_unopened(self, failed: dict[Key, str]) -> None:
+        """Logs each version this front-end cannot open, once per error; they are tried again with the engine's next
+        ``models`` record (every reload)."""
+        for key, error in failed.items():
+            if self._unopened.get(key) != error:
+                event(log, "model_view_failed", level=logging.ERROR, model=key[0], version=key[1], error=error,
+                      reason="the engine serves this version but this front-end cannot read its files; it answers "
+                             "for the other versions until they are readable again")
+        self._unopened = failed
 
     def _refresh(self) -> None:
         """The served versions: those of the ready engines (all of them while none is, so that lookups still say
@@ -255,6 +266,19 @@ class RemoteModels(ModelIndex):
         was, self._ready = self._ready, bool(ready)
         if was != self._ready:
             self.on_change(self._ready)
+
+
+def _open_views(models: list[tuple[Key, dict[str, Any]]]) -> tuple[dict[Key, DecoderRuntime], dict[Key, str]]:
+    """Each version opened without its graphs, or why it could not be: its files are read here, and may have been
+    changed or removed on disk since the engine loaded them (a served version is read once, by the engine)."""
+    opened: dict[Key, DecoderRuntime] = {}
+    failed: dict[Key, str] = {}
+    for key, model in models:
+        try:
+            opened[key] = _view(model)
+        except Exception as exc:  # noqa: BLE001 - one unreadable version must not stop this front-end's updates
+            failed[key] = str(exc)
+    return opened, failed
 
 
 def _view(model: dict[str, Any]) -> DecoderRuntime:

@@ -338,6 +338,42 @@ def test_a_crashed_front_end_is_restarted(served: ServerProcess) -> None:
     assert served.metrics()[("attn_process_restarts_total", (("role", "frontend"),))] == 1
 
 
+def test_a_front_end_restarted_while_a_served_version_is_unreadable_serves_the_others(models_dir: Path,
+                                                                                          tmp_path: Path) -> None:
+    """A front-end opens the versions the engine serves from disk (tokenizer, manifest). One restarted while a served
+    version's manifest is broken on disk (the engine serves what it loaded) cannot open that version: it says so,
+    serves the other models, and opens the version once it is readable again, rather than never becoming ready."""
+    from tests.integration.test_hot_reload import NAME
+
+    root = tmp_path / "models"
+    shutil.copytree(models_dir / NAME / "1", root / NAME / "1")
+    other = root / "tiny-copy" / "1"
+    shutil.copytree(models_dir / NAME / "1", other)
+    manifest_of_other = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps({**manifest_of_other, "name": "tiny-copy"}))
+    server = ServerProcess(root, frontends=1)
+    try:
+        server.wait_for("ready")
+        manifest = root / NAME / "1" / "manifest.json"
+        readable = manifest.read_text()
+        manifest.write_text(readable + "broken")
+        [victim] = server.pids("frontend")
+        os.kill(victim, signal.SIGKILL)
+        server.wait_for("process_exited", role="frontend", pid=victim)
+        server.wait_for("frontend_ready", count=2, timeout=30)
+        [failed] = server.wait_for("model_view_failed", model=NAME, version="1")
+        assert "manifest.json" in failed["error"]
+        other_request = pb.TranslateRequest(model="tiny-copy", texts=TEXTS[:1])
+        _until(lambda: _serves(server, other_request), "the other model to be served")
+        manifest.write_text(readable)
+        server.process.send_signal(signal.SIGHUP)  # the engine's next models record: the front-end tries again
+        _until(lambda: NAME in [m.name for m in server.stub.ListModels(pb.ListModelsRequest(), timeout=30).models],
+               "the version to be served again")
+        assert server.stub.Translate(pb.TranslateRequest(model=NAME, texts=TEXTS[:1]), timeout=60).translations
+    finally:
+        assert server.stop() == 0
+
+
 def _serves(server: ServerProcess, request: pb.TranslateRequest) -> bool:
     try:
         return bool(server.stub.Translate(request, timeout=30).translations)
