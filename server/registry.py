@@ -188,7 +188,7 @@ class Registry(ModelIndex):
                         except ModelLoadError as exc:
                             if strict:
                                 raise
-                            self._refuse(key, directory, exc)
+                            self._refuse(key, seen, exc)
                             report["refused"].append(f"{name}/{version}")
                             continue
                         if model is None:
@@ -243,8 +243,10 @@ class Registry(ModelIndex):
               device=self.device.name, variant=model.variant, seconds=round(time.monotonic() - started, 3))
         return model
 
-    def _refuse(self, key: tuple[str, str], directory: Path, error: Exception) -> None:
-        self._refused[key] = _signature(directory)
+    def _refuse(self, key: tuple[str, str], seen: tuple[float, ...], error: Exception) -> None:
+        """``seen``: the version's files as they were before the failed attempt, not after it: a copy that ended
+        while the attempt failed on it changed them, and the finished version is tried again."""
+        self._refused[key] = seen
         if self.metrics:
             self.metrics.load_failures.labels(key[0]).inc()
         event(log, "model_refused", level=logging.ERROR, model=key[0], version=key[1], error=str(error))

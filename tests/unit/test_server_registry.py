@@ -9,7 +9,7 @@ import pytest
 
 from server.device import CPU, Device
 from server.errors import ModelNotFound, NotReady, StartupError
-from server.registry import Registry, discover
+from server.registry import ModelLoadError, Registry, discover
 
 CPU_DEVICE = Device("cpu", [CPU], "test")
 
@@ -72,3 +72,27 @@ def test_lookup_defaults_and_versions(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFound, match="model 'b' has no version '3'; loaded versions: 2, 10"):
         registry.get("b", "3")
     assert [(m.name, m.version) for m in registry.models()] == [("a", "1"), ("b", "2"), ("b", "10")]
+
+
+def test_a_version_whose_files_change_while_it_fails_to_load_is_tried_again(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A version published file by file (``cp -r``) can fail to load on a file still being copied, and the copy can
+    end before the refusal is recorded: the version is judged by its files as the failed attempt found them, so the
+    finished copy is tried again at the next look (and a version unchanged since a refusal is not)."""
+    version = tmp_path / "m" / "2"
+    version.mkdir(parents=True)
+    (version / "manifest.json").write_text("{}")
+    registry = Registry(tmp_path, CPU_DEVICE)
+    attempts: list[Path] = []
+
+    def fail_while_the_copy_ends(directory: Path) -> None:
+        attempts.append(directory)
+        if len(attempts) == 1:
+            (directory / "decoder_step.onnx").write_bytes(b"the last file of the copy")
+        raise ModelLoadError(f"invalid model {directory}")
+
+    monkeypatch.setattr(registry, "_load_one", fail_while_the_copy_ends)
+    assert registry.reload()["refused"] == ["m/2"]
+    assert registry.reload()["refused"] == ["m/2"]  # its files changed after the first attempt began
+    assert registry.reload()["refused"] == []  # unchanged since the second
+    assert attempts == [version, version]
