@@ -55,11 +55,14 @@ from client.batch_io import (
 )
 from client.options import add_decoding_arguments, decoding_options
 
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
+# CANCELLED too: this job's own cancellations end in FutureCancelledError (Job.invoke), so a CANCELLED status comes
+# from the server, whose gRPC core ends so the calls that reach it as it starts to drain, before its GOAWAY reaches
+# the client, without having run them (grpc/grpc#41785): a retry goes to a new connection, another replica.
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED}
 # Codes about the job rather than one text (unknown model, no access): writing them into every line would bury the
 # problem, so they stop the job instead; a rerun resumes once it is fixed.
 FATAL = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.UNAUTHENTICATED,
-         grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.CANCELLED}
+         grpc.StatusCode.PERMISSION_DENIED}
 BACKOFF_BASE, BACKOFF_CAP = 0.1, 10.0  # seconds: the first retry waits ~0.1 s, later ones double up to 10 s
 PROGRESS_SECONDS = 10.0  # between progress lines when stderr is a log rather than a terminal
 
@@ -116,8 +119,8 @@ def add_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentPa
                    help="connections to the server, taken in turn (default 8, at most --concurrency): each reaches "
                         "one of the server's front-end processes")
     b.add_argument("--max-retries", type=_count, default=8,
-                   help="retries of a request refused with UNAVAILABLE or RESOURCE_EXHAUSTED, with exponential "
-                        "backoff and jitter (default 8); then the job stops, resumable")
+                   help="retries of a request refused with UNAVAILABLE, RESOURCE_EXHAUSTED or CANCELLED, with "
+                        "exponential backoff and jitter (default 8); then the job stops, resumable")
     b.add_argument("--shard", type=parse_shard, default=(0, 1), metavar="I/N",
                    help="process only the lines whose 1-based line number %% N == I (default 0/1: all)")
     b.add_argument("--checkpoint-every", type=_positive, default=1000,
@@ -228,7 +231,7 @@ def _status(exc: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
 
 
 def call_with_retries(job: Job, texts: list[str]) -> pb.TranslateResponse:
-    """Translate, retrying UNAVAILABLE and RESOURCE_EXHAUSTED; other errors are raised as they come."""
+    """Translate, retrying UNAVAILABLE, RESOURCE_EXHAUSTED and CANCELLED; other errors are raised as they come."""
     for attempt in range(job.max_retries + 1):
         try:
             return job.invoke(texts)

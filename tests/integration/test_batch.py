@@ -231,6 +231,19 @@ def test_refusals_are_retried_with_backoff_until_they_succeed(fake: tuple[Refusi
     assert servicer.calls == 4 + 3
 
 
+def test_a_call_the_server_cancelled_is_retried_not_the_end_of_the_job(fake: tuple[RefusingTranslator, int],
+                                                                      tmp_path: Path) -> None:
+    """A server that starts to drain ends the calls that reach it before its GOAWAY reaches the client with CANCELLED
+    (gRPC's core, grpc/grpc#41785), without having run them: the job retries them as it retries UNAVAILABLE."""
+    servicer, port = fake
+    servicer.refusals = [grpc.StatusCode.CANCELLED]
+    source, out, summary = tmp_path / "in.txt", tmp_path / "out.jsonl", tmp_path / "summary.json"
+    source.write_text("eins\nzwei\n", encoding="utf-8")
+    assert _batch(port, str(source), "-o", str(out), "--concurrency", "1", "--summary", str(summary)) == 0
+    assert [r["translation"] for r in _records(out)] == ["EINS", "ZWEI"]
+    assert json.loads(summary.read_text())["retries"] == 1
+
+
 def test_exhausted_retries_stop_the_job_and_a_rerun_resumes(fake: tuple[RefusingTranslator, int],
                                                              tmp_path: Path) -> None:
     servicer, port = fake
