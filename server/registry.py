@@ -138,8 +138,14 @@ class Registry(ModelIndex):
         names = sorted({name for name, _ in self._models})
         if self.requested_default and self.requested_default not in names:
             raise StartupError(f"default model {self.requested_default!r} is not among the loaded models {names}")
-        self.default_model = self.requested_default or names[0]
+        self._choose_default()
         self._ready.set()
+
+    def _choose_default(self) -> None:
+        """The model asked for, or else the first loaded one: again after a reload that removed every version of
+        the one it was, as at the start."""
+        names = sorted({name for name, _ in self._models})
+        self.default_model = self.requested_default or names[0]
 
     def _why_nothing_loads(self) -> str:
         """The folder may hold models that pinned versions exclude: say so, not that it holds none."""
@@ -209,6 +215,8 @@ class Registry(ModelIndex):
                 return {**report, "retired": []}
             self._models, old_engines = models, engines
             self._engines = {key: engines[key] for key in models}
+            if self._ready.is_set():
+                self._choose_default()
             for key in retired:
                 self._served.pop(key, None)
                 self._retire(key, old_engines[key])

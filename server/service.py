@@ -27,7 +27,15 @@ from attention_pb.v1 import attention_pb2_grpc as pb_grpc
 from server import codec, logs
 from server.captioning import CaptionModel, CaptionResult
 from server.drain import Unanswered
-from server.errors import AnswerTooLarge, InvalidInput, Overloaded, ShuttingDown, cancellation_code, to_status
+from server.errors import (
+    AnswerTooLarge,
+    InvalidInput,
+    ModelNotFound,
+    Overloaded,
+    ShuttingDown,
+    cancellation_code,
+    to_status,
+)
 from server.imaging import decode
 from server.inflight import CallsInFlight
 from server.metrics import Metrics
@@ -277,9 +285,17 @@ class AttentionServicer(pb_grpc.AttentionServiceServicer):
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext,
                          call: Call) -> pb.ListModelsResponse:
         ready = self.models.ready
-        # The default is the version a request naming no model gets: under the policy "all", its model's highest.
-        default = self.models.get(self.models.default_model, "") if ready else None
-        chosen = (default.name, default.version) if default is not None else None
+        chosen = self._default_version() if ready else None
         return pb.ListModelsResponse(models=[
             codec.model_info(m.info(), ready, (m.name, m.version) == chosen) for m in self.models.models()
         ])
+
+    def _default_version(self) -> tuple[str, str] | None:
+        """The version a request naming no model gets (under the policy "all", its model's highest); none while the
+        default model asked for (ATTN_DEFAULT_MODEL) has no version loaded, which a reload can leave: requests naming
+        no model then get their family's first model."""
+        try:
+            default = self.models.get(self.models.default_model, "")
+        except ModelNotFound:
+            return None
+        return default.name, default.version

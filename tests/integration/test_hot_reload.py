@@ -162,3 +162,27 @@ def test_sighup_and_the_watcher_load_a_new_version(models_root: Path) -> None:
         assert process.wait(60) == 0
         assert process.stderr is not None
         process.stderr.close()
+
+
+@pytest.mark.parametrize("requested_default", ["", "tiny-a"])
+def test_listing_the_models_survives_a_reload_that_removes_the_default_model(models_root: Path,
+                                                                             requested_default: str) -> None:
+    """Every version of the default model removed: ListModels still answers. With no default asked for, the default
+    becomes the first model left, as at the start; a default asked for that is gone marks none (requests naming no
+    model get their family's first model)."""
+    other = models_root / "tiny-a" / "1"
+    shutil.copytree(models_root / NAME / "1", other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps({**manifest, "name": "tiny-a"}))
+    server = RunningServer(settings(models_root, reload_interval=0.0, default_model=requested_default))
+    try:
+        listed = server.stub.ListModels(pb.ListModelsRequest(), timeout=10).models
+        assert [m.name for m in listed if m.is_default] == ["tiny-a"]
+        shutil.rmtree(models_root / "tiny-a")
+        assert server.call(server.server.reload())["retired"] == ["tiny-a/1"]
+        listed = server.stub.ListModels(pb.ListModelsRequest(), timeout=10).models
+        assert [m.name for m in listed] == [NAME]
+        assert [m.name for m in listed if m.is_default] == ([] if requested_default else [NAME])
+        assert server.stub.Translate(pb.TranslateRequest(texts=["Hallo"]), timeout=30).model == NAME
+    finally:
+        server.close()
