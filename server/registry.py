@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -51,8 +52,8 @@ def discover(models_dir: Path) -> list[Path]:
     if not models_dir.is_dir():
         raise StartupError(f"models directory {models_dir} does not exist")
     found = []
-    for name_dir in sorted(p for p in models_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for version_dir in sorted(p for p in name_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for name_dir in _folders(models_dir):
+        for version_dir in _folders(name_dir):
             if (version_dir / "manifest.json").is_file():
                 found.append(version_dir)
             else:
@@ -60,13 +61,35 @@ def discover(models_dir: Path) -> list[Path]:
     return found
 
 
+def _folders(directory: Path) -> list[Path]:
+    """The visible folders in ``directory``, sorted; none if it was removed since its parent was listed (a model
+    deleted while a reload looks)."""
+    try:
+        return sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except FileNotFoundError:
+        return []
+
+
 class ModelLoadError(Exception):
     """A model version that cannot be served (invalid manifest, broken graph, failing warm-up)."""
 
 
-def _signature(directory: Path) -> tuple[float, ...]:
-    """Changes when the version's files change: a refused version is tried again only then."""
-    return tuple(sorted(p.stat().st_mtime for p in directory.iterdir() if p.is_file()))
+def _signature(directory: Path) -> tuple[float, ...] | None:
+    """Changes when the version's files change: a refused version is tried again only then. None if the folder was
+    removed since it was found: the version is gone."""
+    try:
+        files = list(directory.iterdir())
+    except FileNotFoundError:
+        return None
+    times = []
+    for path in files:
+        try:
+            status = path.stat()
+        except FileNotFoundError:
+            continue  # removed since the listing
+        if stat.S_ISREG(status.st_mode):
+            times.append(status.st_mtime)
+    return tuple(sorted(times))
 
 
 def warm_serving_path(model: Runtime) -> None:
@@ -178,6 +201,8 @@ class Registry(ModelIndex):
                 for version in candidates:
                     key = (name, version)
                     seen = _signature(versions[version])
+                    if seen is None:
+                        continue  # deleted since discover() found it: as if not found
                     if key in models and self._served.get(key) != seen:
                         # A version is read once (changing a model is publishing a new version, staged and renamed
                         # as the exporter does): a served one keeps what it loaded, and says so once per change.

@@ -9,7 +9,7 @@ import pytest
 
 from server.device import CPU, Device
 from server.errors import ModelNotFound, NotReady, StartupError
-from server.registry import ModelLoadError, Registry, discover
+from server.registry import ModelLoadError, Registry, _folders, discover
 
 CPU_DEVICE = Device("cpu", [CPU], "test")
 
@@ -96,3 +96,23 @@ def test_a_version_whose_files_change_while_it_fails_to_load_is_tried_again(tmp_
     assert registry.reload()["refused"] == ["m/2"]  # its files changed after the first attempt began
     assert registry.reload()["refused"] == []  # unchanged since the second
     assert attempts == [version, version]
+
+
+def test_a_version_deleted_while_a_reload_looks_is_treated_as_gone(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """``rm -rf`` of a version (or of a whole model) between the listing and the look at its files: the reload goes on
+    without it instead of failing on the missing folder (an engine starting then would have crashed)."""
+    for version in ("1", "2"):
+        (tmp_path / "m" / version).mkdir(parents=True)
+        (tmp_path / "m" / version / "manifest.json").write_text("{}")
+    registry = Registry(tmp_path, CPU_DEVICE)
+    monkeypatch.setattr(registry, "_load_one", lambda directory: FakeModel("m", directory.name))
+    monkeypatch.setattr("server.registry.Engine", lambda *_: object())
+    listed = discover(tmp_path)
+    for name in ("2", "1"):
+        (tmp_path / "m" / name / "manifest.json").unlink()
+        (tmp_path / "m" / name).rmdir()
+    monkeypatch.setattr("server.registry.discover", lambda _: listed)
+    assert registry.reload() == {"loaded": [], "refused": [], "retired": []}
+    (tmp_path / "m").rmdir()
+    assert _folders(tmp_path / "m") == []  # a model's folder gone between the two levels of discover()'s listing
