@@ -95,7 +95,30 @@ def health(args: argparse.Namespace, channel: grpc.Channel) -> int:
     return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
+# What a shell reports for a program that SIGPIPE ended, which is how `cat` or `grep` leave such a pipeline.
+EXIT_BROKEN_PIPE = 128 + 13
+
+
+def _stop_writing_stdout() -> None:
+    """Points stdout at /dev/null, so that the interpreter's flush at exit does not hit the closed pipe again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    # `attn models --json | head` closes the pipe before the answer is printed: the reader has what it wanted, so
+    # that ends the command quietly rather than with a traceback.
+    try:
+        status = _run(argv)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not in the interpreter's flush at exit
+        return status
+    except BrokenPipeError:
+        _stop_writing_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _run(argv: Sequence[str] | None) -> int:
     args = parser().parse_args(argv)
     with _channel(args) as channel:
         stub = pb_grpc.AttentionServiceStub(channel)

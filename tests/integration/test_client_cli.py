@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,3 +80,18 @@ def test_options_a_request_cannot_hold_are_usage_errors(argv: list[str], message
 def test_health(running: RunningServer, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["health", *_target(running)]) == 0
     assert capsys.readouterr().out.strip() == "SERVING"
+
+
+@pytest.mark.parametrize("command", [["models", "--json"], ["translate", TEXT], ["health"]])
+def test_a_reader_that_closed_the_pipe_ends_the_command_without_a_traceback(running: RunningServer,
+                                                                            command: list[str]) -> None:
+    # `attn models --json | head -c 100`: the read end is closed before attn prints (here: before it starts).
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        finished = subprocess.run([sys.executable, "-m", "client.cli", *command, *_target(running)],
+                                  stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert finished.stderr == ""
+    assert finished.returncode == 141  # as a shell reports a program ended by SIGPIPE
