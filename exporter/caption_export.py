@@ -38,6 +38,7 @@ from training import checkpoint
 from training.caption_eval import MAX_CAPTION_TOKENS
 from training.caption_train import CaptionTrainConfig
 from training.data.captions import CaptionSet, checkpoint_split
+from training.data.corpus import RESTORE_DATA
 from training.models.caption import ShowAttendTell, normalise
 
 
@@ -101,7 +102,7 @@ def check(model: ShowAttendTell, onnx_model: OnnxCaptioner, images: np.ndarray, 
 
 def held_out_images(payload: dict[str, Any], count: int) -> CaptionSet:
     """The first ``count`` images of the checkpoint's own test split (refused if its data changed since training)."""
-    return checkpoint_split(payload["data"], payload["train_config"], "test", count)
+    return checkpoint_split(payload["data"], payload["train_config"], "test", count, remedy=RESTORE_DATA)
 
 
 def training_command(train_config: dict[str, Any]) -> str:

@@ -29,7 +29,7 @@ from exporter.template import EXPORTER_VERSION, ExportOptions, ModelExporter, Pa
 from server.artifacts import GraphSpec, Manifest
 from training import checkpoint
 from training.checkpoint import TranslationModel
-from training.data.corpus import Pair, checkpoint_corpus, split
+from training.data.corpus import RESTORE_DATA, Pair, checkpoint_corpus, split
 from training.evaluate import group_references, score
 from training.models.transformer import Transformer
 
@@ -38,7 +38,7 @@ log = logging.getLogger("attn.export")
 
 def held_out_pairs(payload: dict[str, Any], count: int) -> list[Pair]:
     """Unique-source pairs of the checkpoint's own test split (then valid), full sentences first."""
-    splits = split(checkpoint_corpus(payload["data"]))  # refused if the corpus changed since training
+    splits = split(checkpoint_corpus(payload["data"], remedy=RESTORE_DATA))  # refused if it changed since training
     pool = splits["test"] + splits["valid"]
     pool = [p for p in pool if p.sentence] + [p for p in pool if not p.sentence]
     seen: set[str] = set()

@@ -13,10 +13,13 @@ import torch
 from PIL import Image
 
 from exporter import cli
-from exporter.caption_export import caption_words
+from exporter.caption_export import caption_words, held_out_images
+from exporter.export import held_out_pairs
 from exporter.parity import ParityReport
 from exporter.template import ExportOptions, model_folder_names, read_metrics, staged
 from server.artifacts.attention_maps import overlay
+from training.config import InputError
+from training.data.corpus import checkpoint_corpus
 
 
 def _usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
@@ -182,3 +185,29 @@ def test_overlay_draws_a_caption_without_eos_and_names_a_missing_row() -> None:
     assert sheet.size == (3 * 32, 32 + 32 // 6)
     with pytest.raises(ValueError, match="3 words but 2 attention rows"):
         overlay(Image.new("RGB", (32, 32)), ["a", "disc", "<eos>"], rows, grid, panel=32)
+
+
+def _changed_corpus(tmp_path: Path) -> dict[str, str]:
+    """The ``data`` section of a checkpoint whose corpus was edited after training (the hash no longer matches)."""
+    corpus = tmp_path / "corpus.tsv"
+    corpus.write_text("Hallo\tHello\nDanke\tThanks\n", encoding="utf-8")
+    return {"corpus": str(corpus), "hash": "0" * 16}
+
+
+def test_a_changed_corpus_is_refused_without_pointing_at_a_data_flag_the_export_lacks(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="hashes to") as refused:
+        held_out_pairs({"data": _changed_corpus(tmp_path)}, 4)
+    assert "--data" not in str(refused.value) and "as it was at training" in str(refused.value)
+    assert "--data" not in cli.build_parser().format_help()  # what the message must not offer
+
+
+def test_changed_captions_are_refused_without_pointing_at_a_data_flag_the_export_lacks() -> None:
+    config = {"image_size": 16, "scene_seed": 0, "train_images": 2, "valid_images": 1, "test_images": 1}
+    with pytest.raises(InputError, match="hashes to") as refused:
+        held_out_images({"data": {"corpus": "scenes", "hash": "0" * 16}, "train_config": config}, 1)
+    assert "--data" not in str(refused.value) and "as it was at training" in str(refused.value)
+
+
+def test_evaluate_still_offers_its_data_flag_for_a_changed_corpus(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="or give --data"):
+        checkpoint_corpus(_changed_corpus(tmp_path))

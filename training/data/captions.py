@@ -35,6 +35,7 @@ from PIL import Image
 from server.artifacts.pictures import as_seen
 from training.config import InputError
 from training.data import scenes as scene_data
+from training.data.corpus import GIVE_DATA
 
 SPLITS = ("train", "valid", "test")
 
@@ -228,11 +229,12 @@ def _scene_captions(sizes: dict[str, int], seed: int, image_size: int) -> dict[s
 
 
 def checkpoint_split(data: dict[str, Any], train_config: dict[str, Any], split: str, count: int = 0,
-                     spec: str | None = None) -> CaptionSet:
+                     spec: str | None = None, remedy: str = GIVE_DATA) -> CaptionSet:
     """The first ``count`` images (0: all) of ``split`` of the data a captioning checkpoint was trained on, refused
     (:class:`InputError`) when that data no longer hashes to the recorded ``hash``, which covers every split: edited
     captions, a folder with other images, or a relative path read from another directory would otherwise be scored
-    (or exported against) silently. ``spec`` (a ``--data`` given anew) is read as it is: the user chose it."""
+    (or exported against) silently; the message ends with ``remedy``. ``spec`` (a ``--data`` given anew) is read as
+    it is: the user chose it."""
     image_size, seed = int(train_config["image_size"]), int(train_config["scene_seed"])
     sizes = {name: int(train_config[f"{name}_images"]) for name in SPLITS}
     wanted = {**sizes, split: min(sizes[split], count)} if count else sizes  # scenes: render no more than asked
@@ -246,5 +248,5 @@ def checkpoint_split(data: dict[str, Any], train_config: dict[str, Any], split: 
     if found is not None and found != data["hash"]:
         raise InputError(f"captioning data {corpus!r} hashes to {found}, but the checkpoint was trained on data "
                          f"hashing to {data['hash']}: its captions or image names changed, or a relative path is read "
-                         "from another directory (run from the training directory, or give --data)")
+                         f"from another directory ({remedy})")
     return chosen.subset(count) if count else chosen

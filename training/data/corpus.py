@@ -239,10 +239,17 @@ def absolute_spec(spec: str) -> str:
     return os.path.abspath(spec)
 
 
-def checkpoint_corpus(data: dict[str, Any], spec: str | None = None) -> list[Pair]:
+# What to do about data that no longer hashes as at training, for a command that takes --data (evaluate); the export
+# has no --data (its parity sentences must be the checkpoint's own held-out ones) and says so without it.
+GIVE_DATA = "run from the training directory, or give --data"
+RESTORE_DATA = "run from the training directory, with the data as it was at training"
+
+
+def checkpoint_corpus(data: dict[str, Any], spec: str | None = None, remedy: str = GIVE_DATA) -> list[Pair]:
     """The corpus of a checkpoint's ``data`` section, refused (:class:`InputError`) when it no longer hashes to the
     recorded ``hash``: a corpus edited since, or a relative path read from another directory, would otherwise be
-    scored (or trained on) silently. ``spec`` (a ``--data`` given anew) is read as it is: the user chose it."""
+    scored (or trained on) silently; the message ends with ``remedy``. ``spec`` (a ``--data`` given anew) is read as
+    it is: the user chose it."""
     if spec:
         return load_corpus(spec)
     pairs = load_corpus(data["corpus"])
@@ -250,5 +257,5 @@ def checkpoint_corpus(data: dict[str, Any], spec: str | None = None) -> list[Pai
     if found != data["hash"]:
         raise InputError(f"corpus {data['corpus']!r} hashes to {found}, but the checkpoint was trained on data "
                          f"hashing to {data['hash']}: the file changed, or a relative path is read from another "
-                         "directory (run from the training directory, or give --data)")
+                         f"directory ({remedy})")
     return pairs
