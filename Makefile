@@ -141,17 +141,20 @@ benchmark: setup
 	$(PY) bench/hostile.py
 
 # Serves the bundled models (models/, or ATTN_MODELS_DIR) on localhost:50051, metrics on :9464; Ctrl-C drains.
+# The commands it suggests name the server with --target when ATTN_PORT moves it off attn's default, 50051.
 # The mixed-corpus translator (docs/translation-quality.md) answers requests that name no model, when it is there.
 run: setup
 	@models="$${ATTN_MODELS_DIR:-models}"; \
 	if ! ls "$$models"/*/*/manifest.json >/dev/null 2>&1; then \
 		echo "No exported model under $$models/ (<name>/<version>/manifest.json): run 'make models' first," \
 			"or point ATTN_MODELS_DIR at a models directory."; exit 1; fi; \
-	echo "Serving $$models on localhost:$${ATTN_PORT:-50051} (metrics: http://localhost:$${ATTN_METRICS_PORT:-9464}/metrics)."; \
+	port="$${ATTN_PORT:-50051}"; \
+	echo "Serving $$models on localhost:$$port (metrics: http://localhost:$${ATTN_METRICS_PORT:-9464}/metrics)."; \
+	target=""; if [ "$$port" != 50051 ]; then target=" --target localhost:$$port"; fi; \
 	echo "Once it logs 'ready', in another shell:"; \
-	echo "  $(VENV)/bin/attn translate \"Ich hoffe, es geht dir gut.\""; \
-	echo "  $(VENV)/bin/attn caption docs/scenes-sat-example-1-input.png --overlay /tmp/overlay.png"; \
-	echo "  $(VENV)/bin/attn models"; \
+	echo "  $(VENV)/bin/attn translate \"Ich hoffe, es geht dir gut.\"$$target"; \
+	echo "  $(VENV)/bin/attn caption docs/scenes-sat-example-1-input.png --overlay /tmp/overlay.png$$target"; \
+	echo "  $(VENV)/bin/attn models$$target"; \
 	default="$${ATTN_DEFAULT_MODEL:-}"; \
 	if [ -z "$$default" ] && [ -d "$$models/de-en-mixed" ]; then default=de-en-mixed; fi; \
 	ATTN_MODELS_DIR="$$models" ATTN_DEFAULT_MODEL="$$default" ATTN_LOG_FORMAT="$${ATTN_LOG_FORMAT:-text}" \

@@ -57,3 +57,33 @@ def test_setup_adds_the_gpu_extra_where_nvidia_smi_lists_a_gpu(nvidia_smi: str, 
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert f"-e '.[{extras}]'" in result.stdout
+
+
+def _fake_venv(folder: Path) -> Path:
+    """A virtual environment whose attn-serve prints the port it was given, so that `make run` returns at once."""
+    (folder / "bin").mkdir(parents=True)
+    serve = folder / "bin" / "attn-serve"
+    serve.write_text("#!/bin/sh\necho \"attn-serve on ${ATTN_PORT:-50051}\"\n")
+    serve.chmod(0o755)
+    (folder / ".installed").touch()
+    return folder
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+@pytest.mark.parametrize(("port", "target"), [(None, ""), ("51999", " --target localhost:51999")])
+def test_make_run_suggests_commands_that_reach_the_port_it_serves_on(port: str | None, target: str,
+                                                                     tmp_path: Path) -> None:
+    venv = _fake_venv(tmp_path / "venv")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ATTN_")}
+    if port:
+        env["ATTN_PORT"] = port
+    installed = str(venv / ".installed")  # set-up taken as done (-o): nothing is installed
+    result = subprocess.run(["make", "-s", "-o", installed, "run", f"VENV={venv}", f"DING={installed}",
+                             f"PROMETHEUS={installed}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    suggested = [line.strip() for line in result.stdout.splitlines() if line.startswith(f"  {venv}/bin/attn ")]
+    assert len(suggested) == 3  # translate, caption, models
+    assert all(line.endswith(target) for line in suggested)
+    assert sum("--target" in line for line in suggested) == (3 if target else 0)
+    assert f"attn-serve on {port or 50051}" in result.stdout
