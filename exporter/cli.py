@@ -7,6 +7,7 @@ import logging
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 from exporter.caption_export import CaptionExportOptions, export_captioner
 from exporter.export import ExportOptions, ParityError, export
@@ -108,7 +109,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"attn-export: interrupted; {args.out} was not written", file=sys.stderr)
         return 130
     print(f"exported {manifest.name}/{manifest.version} to {args.out}: parity {manifest.parity}")
+    for line in variant_bleu_lines(manifest.metrics):
+        print(line)
     return 0
+
+
+def variant_bleu_lines(metrics: dict[str, Any]) -> list[str]:
+    """What each quantised or half-precision variant cost in BLEU on the parity sentences, as the manifest records
+    it: the number that says whether to serve it, shown where the export ends rather than only in the card."""
+    return [f"{variant} variant: BLEU {metrics[f'parity_bleu_{variant}']} vs fp32 {metrics['parity_bleu_fp32']} on "
+            f"the parity sentences ({metrics[f'{variant}_bleu_delta']:+})"
+            for variant in ("int8", "fp16") if f"{variant}_bleu_delta" in metrics]
 
 
 if __name__ == "__main__":

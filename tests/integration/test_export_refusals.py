@@ -114,3 +114,13 @@ def test_metrics_reach_the_manifest(tiny_checkpoint: Path, tmp_path: Path) -> No
     manifest = export(tiny_checkpoint, tmp_path / "m" / "1", ExportOptions(name="m", parity_sentences=4,
                                                                            metrics_file=metrics))
     assert manifest.metrics["evaluation"] == json.loads(metrics.read_text())
+
+
+def test_the_cli_reports_what_the_int8_variant_costs_in_bleu(tiny_checkpoint: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "models" / "tiny" / "1"
+    assert cli.main([str(tiny_checkpoint), "--out", str(out), "--parity-sentences", "4", "--int8"]) == 0
+    metrics = Manifest.load(out).metrics
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-1] == (f"int8 variant: BLEU {metrics['parity_bleu_int8']} vs fp32 {metrics['parity_bleu_fp32']} "
+                           f"on the parity sentences ({metrics['int8_bleu_delta']:+})")
