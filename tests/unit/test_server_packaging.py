@@ -4,6 +4,7 @@ allowed versions work (these tests run under `make test-lowest` too), and set-up
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -87,3 +88,12 @@ def test_make_run_suggests_commands_that_reach_the_port_it_serves_on(port: str |
     assert all(line.endswith(target) for line in suggested)
     assert sum("--target" in line for line in suggested) == (3 if target else 0)
     assert f"attn-serve on {port or 50051}" in result.stdout
+
+
+def test_the_readmes_pip_commands_install_this_checkout() -> None:
+    # The project is installed from its folder, not from a package index: `pip install NAME[extra]` would ask an
+    # index for a project of that name, which is not this one (or anyone's).
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    commands = re.findall(r"`(pip install [^`]*)`", readme)
+    assert commands, "the README shows no pip command: update this test"
+    assert [c for c in commands if not re.fullmatch(r"pip install -e '\.\[[a-z,]+\]'", c)] == []
