@@ -253,7 +253,9 @@ class RemoteModels(ModelIndex):
 
     def _refresh(self) -> None:
         """The served versions: those of the ready engines (all of them while none is, so that lookups still say
-        what the server serves); readiness follows the engines."""
+        what the server serves); readiness follows the engines, and this front-end having opened one of their
+        versions: with none readable here it would say SERVING and answer every call NOT_FOUND, where NOT_SERVING
+        and UNAVAILABLE send probes and retries elsewhere."""
         ready = [e for e in self._engines if e.ready]
         serving = set().union(*(e.serves for e in ready or self._engines))
         device = next((e.device for e in ready or self._engines if e.device), "")
@@ -263,7 +265,10 @@ class RemoteModels(ModelIndex):
                        if any(key in e.serves for e in self._engines)}
         self._models = {key: self._views[key] for key in serving if key in self._views}
         self.default_model = next((e.default_model for e in ready or self._engines if e.default_model), "")
-        was, self._ready = self._ready, bool(ready)
+        if ready and not self._models:
+            self.not_ready = ("this front-end cannot read the files of any version the engine serves "
+                              "(model_view_failed in the server's log); retry")
+        was, self._ready = self._ready, bool(ready) and bool(self._models)
         if was != self._ready:
             self.on_change(self._ready)
 

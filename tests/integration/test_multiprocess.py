@@ -374,6 +374,45 @@ def test_a_front_end_restarted_while_a_served_version_is_unreadable_serves_the_o
         assert server.stop() == 0
 
 
+def test_a_front_end_that_can_read_no_served_version_is_not_serving(models_dir: Path, tmp_path: Path) -> None:
+    """With no version readable here, SERVING would send probes and calls to a front-end that answers each NOT_FOUND;
+    NOT_SERVING and UNAVAILABLE send them elsewhere, and it serves again once the files are readable."""
+    from tests.integration.test_hot_reload import NAME
+
+    root = tmp_path / "models"
+    shutil.copytree(models_dir / NAME / "1", root / NAME / "1")
+    server = ServerProcess(root, frontends=1)
+    try:
+        server.wait_for("ready")
+        manifest = root / NAME / "1" / "manifest.json"
+        readable = manifest.read_text()
+        manifest.write_text(readable + "broken")
+        [victim] = server.pids("frontend")
+        os.kill(victim, signal.SIGKILL)
+        server.wait_for("process_exited", role="frontend", pid=victim)
+        server.wait_for("model_view_failed", model=NAME, version="1", timeout=30)
+        health = health_pb2_grpc.HealthStub(server.channel)
+        _until(lambda: _health(health) == health_pb2.HealthCheckResponse.NOT_SERVING, "health to say NOT_SERVING")
+        with pytest.raises(grpc.RpcError) as refused:
+            server.stub.Translate(pb.TranslateRequest(texts=TEXTS[:1]), timeout=30)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "cannot read the files of any version" in (refused.value.details() or "")
+        manifest.write_text(readable)
+        server.process.send_signal(signal.SIGHUP)  # the engine's next models record: the front-end tries again
+        _until(lambda: _serves(server, pb.TranslateRequest(texts=TEXTS[:1])), "the version to be served again")
+        assert _health(health) == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        assert server.stop() == 0
+
+
+def _health(health: health_pb2_grpc.HealthStub) -> int:
+    try:
+        return health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+    except grpc.RpcError as error:  # a connection to the front-end that was killed
+        assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+        return health_pb2.HealthCheckResponse.UNKNOWN
+
+
 def _serves(server: ServerProcess, request: pb.TranslateRequest) -> bool:
     try:
         return bool(server.stub.Translate(request, timeout=30).translations)
