@@ -141,7 +141,8 @@ benchmark: setup
 	$(PY) bench/hostile.py
 
 # Serves the bundled models (models/, or ATTN_MODELS_DIR) on localhost:50051, metrics on :9464; Ctrl-C drains.
-# The commands it suggests name the server with --target when ATTN_PORT moves it off attn's default, 50051.
+# The commands it suggests name the server with --target when ATTN_PORT moves it off attn's default, 50051, and
+# say which client flags TLS and tokens need.
 # The mixed-corpus translator (docs/translation-quality.md) answers requests that name no model, when it is there.
 run: setup
 	@models="$${ATTN_MODELS_DIR:-models}"; \
@@ -155,6 +156,8 @@ run: setup
 	echo "  $(VENV)/bin/attn translate \"Ich hoffe, es geht dir gut.\"$$target"; \
 	echo "  $(VENV)/bin/attn caption docs/scenes-sat-example-1-input.png --overlay /tmp/overlay.png$$target"; \
 	echo "  $(VENV)/bin/attn models$$target"; \
+	if [ -n "$${ATTN_TLS_CERT:-}" ]; then echo "  (TLS is on: add --tls-ca with the CA of its certificate$${ATTN_TLS_CLIENT_CA:+, and --tls-cert and --tls-key for mutual TLS})"; fi; \
+	if [ -n "$${ATTN_AUTH_TOKEN_FILE:-}" ]; then echo "  (tokens are required: add --token-file with one of them, or set ATTN_TOKEN)"; fi; \
 	default="$${ATTN_DEFAULT_MODEL:-}"; \
 	if [ -z "$$default" ] && [ -d "$$models/de-en-mixed" ]; then default=de-en-mixed; fi; \
 	ATTN_MODELS_DIR="$$models" ATTN_DEFAULT_MODEL="$$default" ATTN_LOG_FORMAT="$${ATTN_LOG_FORMAT:-text}" \

@@ -90,6 +90,29 @@ def test_make_run_suggests_commands_that_reach_the_port_it_serves_on(port: str |
     assert f"attn-serve on {port or 50051}" in result.stdout
 
 
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+@pytest.mark.parametrize(("settings", "hints"), [
+    ({}, []),
+    ({"ATTN_TLS_CERT": "s.pem", "ATTN_TLS_KEY": "s.key"}, ["--tls-ca"]),
+    ({"ATTN_TLS_CERT": "s.pem", "ATTN_TLS_KEY": "s.key", "ATTN_TLS_CLIENT_CA": "ca.pem",
+      "ATTN_AUTH_TOKEN_FILE": "tokens"}, ["--tls-ca", "--tls-cert and --tls-key", "--token-file"]),
+])
+def test_make_run_says_what_its_suggested_commands_need_with_tls_and_tokens(settings: dict[str, str],
+                                                                          hints: list[str], tmp_path: Path) -> None:
+    # Plaintext commands against a TLS port fail with a handshake error that does not say what is missing.
+    venv = _fake_venv(tmp_path / "venv")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("ATTN_")}, **settings}
+    installed = str(venv / ".installed")
+    result = subprocess.run(["make", "-s", "-o", installed, "run", f"VENV={venv}", f"DING={installed}",
+                             f"PROMETHEUS={installed}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    notes = [line.strip() for line in result.stdout.splitlines() if line.startswith("  (")]
+    assert len(notes) == len([h for h in ("--tls-ca", "--token-file") if h in hints])
+    for hint in hints:
+        assert any(hint in note for note in notes), (hint, notes)
+
+
 def test_the_readmes_pip_commands_install_this_checkout() -> None:
     # The project is installed from its folder, not from a package index: `pip install NAME[extra]` would ask an
     # index for a project of that name, which is not this one (or anyone's).
