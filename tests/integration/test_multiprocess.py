@@ -355,11 +355,7 @@ def test_a_front_end_restarted_while_a_served_version_is_unreadable_serves_the_o
     try:
         server.wait_for("ready")
         manifest = root / NAME / "1" / "manifest.json"
-        readable = manifest.read_text()
-        manifest.write_text(readable + "broken")
-        [victim] = server.pids("frontend")
-        os.kill(victim, signal.SIGKILL)
-        server.wait_for("process_exited", role="frontend", pid=victim)
+        readable = _restart_the_front_end_over_a_broken(manifest, server)
         server.wait_for("frontend_ready", count=2, timeout=30)
         [failed] = server.wait_for("model_view_failed", model=NAME, version="1")
         assert "manifest.json" in failed["error"]
@@ -385,11 +381,7 @@ def test_a_front_end_that_can_read_no_served_version_is_not_serving(models_dir: 
     try:
         server.wait_for("ready")
         manifest = root / NAME / "1" / "manifest.json"
-        readable = manifest.read_text()
-        manifest.write_text(readable + "broken")
-        [victim] = server.pids("frontend")
-        os.kill(victim, signal.SIGKILL)
-        server.wait_for("process_exited", role="frontend", pid=victim)
+        readable = _restart_the_front_end_over_a_broken(manifest, server)
         server.wait_for("model_view_failed", model=NAME, version="1", timeout=30)
         health = health_pb2_grpc.HealthStub(server.channel)
         _until(lambda: _health(health) == health_pb2.HealthCheckResponse.NOT_SERVING, "health to say NOT_SERVING")
@@ -403,6 +395,17 @@ def test_a_front_end_that_can_read_no_served_version_is_not_serving(models_dir: 
         assert _health(health) == health_pb2.HealthCheckResponse.SERVING
     finally:
         assert server.stop() == 0
+
+
+def _restart_the_front_end_over_a_broken(manifest: Path, server: ServerProcess) -> str:
+    """Breaks a served version's ``manifest`` on disk (the engine serves what it loaded) and kills the server's one
+    front-end, whose successor must read it; returns the manifest as it was."""
+    readable = manifest.read_text()
+    manifest.write_text(readable + "broken")
+    [victim] = server.pids("frontend")
+    os.kill(victim, signal.SIGKILL)
+    server.wait_for("process_exited", role="frontend", pid=victim)
+    return readable
 
 
 def _health(health: health_pb2_grpc.HealthStub) -> int:

@@ -70,6 +70,16 @@ def _fake_venv(folder: Path) -> Path:
     return folder
 
 
+def _make_run(venv: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`make run` with ``venv``'s stand-in attn-serve, set-up taken as done (-o): nothing is installed."""
+    installed = str(venv / ".installed")
+    result = subprocess.run(["make", "-s", "-o", installed, "run", f"VENV={venv}", f"DING={installed}",
+                             f"PROMETHEUS={installed}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
 @pytest.mark.skipif(shutil.which("make") is None, reason="no make")
 @pytest.mark.parametrize(("port", "target"), [(None, ""), ("51999", " --target localhost:51999")])
 def test_make_run_suggests_commands_that_reach_the_port_it_serves_on(port: str | None, target: str,
@@ -78,11 +88,7 @@ def test_make_run_suggests_commands_that_reach_the_port_it_serves_on(port: str |
     env = {k: v for k, v in os.environ.items() if not k.startswith("ATTN_")}
     if port:
         env["ATTN_PORT"] = port
-    installed = str(venv / ".installed")  # set-up taken as done (-o): nothing is installed
-    result = subprocess.run(["make", "-s", "-o", installed, "run", f"VENV={venv}", f"DING={installed}",
-                             f"PROMETHEUS={installed}"], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=60)
-    assert result.returncode == 0, result.stderr
+    result = _make_run(venv, env)
     suggested = [line.strip() for line in result.stdout.splitlines() if line.startswith(f"  {venv}/bin/attn ")]
     assert len(suggested) == 3  # translate, caption, models
     assert all(line.endswith(target) for line in suggested)
@@ -102,11 +108,7 @@ def test_make_run_says_what_its_suggested_commands_need_with_tls_and_tokens(sett
     # Plaintext commands against a TLS port fail with a handshake error that does not say what is missing.
     venv = _fake_venv(tmp_path / "venv")
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("ATTN_")}, **settings}
-    installed = str(venv / ".installed")
-    result = subprocess.run(["make", "-s", "-o", installed, "run", f"VENV={venv}", f"DING={installed}",
-                             f"PROMETHEUS={installed}"], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=60)
-    assert result.returncode == 0, result.stderr
+    result = _make_run(venv, env)
     notes = [line.strip() for line in result.stdout.splitlines() if line.startswith("  (")]
     assert len(notes) == len([h for h in ("--tls-ca", "--token-file") if h in hints])
     for hint in hints:
