@@ -153,11 +153,13 @@ class CaptionExporter(ModelExporter[ShowAttendTell]):
             picture.save(path)
         return manifest
 
+    def read_held_out(self) -> None:
+        self.held_out = held_out_images(self.payload, self.options.parity_sentences)
+
     def write_graphs(self, encoder: Path, decoder: Path) -> None:
         export_graphs(self.model, str(encoder), str(decoder))
 
     def parity(self, encoder: Path, decoder: Path) -> ParityReport:
-        self.held_out = held_out_images(self.payload, self.options.parity_sentences)
         self.images = self.held_out.images(range(len(self.held_out)))
         self.onnx_model = OnnxCaptioner.load(encoder, decoder, self.model.cfg.bos_id, self.model.cfg.eos_id)
         return check(self.model, self.onnx_model, self.images)

@@ -94,11 +94,13 @@ class TranslationExporter(ModelExporter[TranslationModel]):
     def build_model(self, payload: dict[str, Any]) -> TranslationModel:
         return checkpoint.build_model(payload)
 
+    def read_held_out(self) -> None:
+        self.pairs = held_out_pairs(self.payload, self.options.parity_sentences)
+
     def write_graphs(self, encoder: Path, decoder: Path) -> None:
         export_graphs(self.model, str(encoder), str(decoder))
 
     def parity(self, encoder: Path, decoder: Path) -> ParityReport:
-        self.pairs = held_out_pairs(self.payload, self.options.parity_sentences)
         self.sources = [self.sp.encode(p.source)[:127] + [self.model.cfg.eos_id] for p in self.pairs]
         self.onnx_fp32 = self._greedy(encoder, decoder)
         return check(self.model, self.onnx_fp32, self.sources)

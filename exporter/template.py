@@ -163,6 +163,7 @@ class ModelExporter(ABC, Generic[Model]):
         """Write the model version folder ``out`` (replacing one only with ``options.force``); its manifest."""
         self.check_target(out)
         evaluation = read_metrics(self.options.metrics_file) if self.options.metrics_file else None
+        self.read_held_out()  # before the graphs are exported: data changed since training stops it at once
         with staged(out, self.options.force) as staging:
             started = time.monotonic()
             (staging / "spm.model").write_bytes(self.tokenizer)
@@ -199,6 +200,11 @@ class ModelExporter(ABC, Generic[Model]):
     @abstractmethod
     def build_model(self, payload: dict[str, Any]) -> Model:
         """The PyTorch model of the checkpoint ``payload``."""
+
+    @abstractmethod
+    def read_held_out(self) -> None:
+        """Read the held-out inputs the parity check decodes from the checkpoint's data; refused when that data
+        changed since training."""
 
     @abstractmethod
     def write_graphs(self, encoder: Path, decoder: Path) -> None:

@@ -155,6 +155,12 @@ def test_a_checkpoint_reads_its_own_corpus_from_anywhere_and_refuses_a_changed_o
     assert "the checkpoint was trained on data hashing to" in capsys.readouterr().err
     assert train_main(["translation", "--resume", str(ours / "run" / "last.pt"), "--max-steps", "3"]) == 1
     assert "cannot resume: data" in capsys.readouterr().err
+    # The export refuses it before it spends its minutes exporting graphs.
+    monkeypatch.setattr(export_module.TranslationExporter, "write_graphs",
+                        lambda *_: pytest.fail("graphs exported before the data was checked"))
+    with pytest.raises(ValueError, match="hashes to"):
+        export(ours / "run" / "best.pt", tmp_path / "models" / "m" / "1", ExportOptions(name="m", version="1"))
+    assert not (tmp_path / "models").exists()
 
 
 def test_two_process_torchrun_on_cpu(tmp_path: Path) -> None:
