@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from server import search
-from server.artifacts import Manifest, ManifestError, Token
+from server.artifacts import Manifest, ManifestError, Token, Tokenizer
 from server.artifacts.attention_maps import Box, peak_box
 from server.device import Device
 from server.imaging import DecodedImage, prepare
@@ -53,12 +53,12 @@ class CaptionModel(DecoderRuntime):
     family = "captioning"
 
     def __init__(self, directory: Path, manifest: Manifest, device: Device | None, variant: str = "",
-                 threads: int = 0):
+                 threads: int = 0, tokenizer: Tokenizer | None = None):
         if manifest.family != "captioning":
             raise ManifestError(f"{directory}: family {manifest.family!r} is not captioning")
         files = {"encoder": manifest.encoder.file, "decoder_step": manifest.decoder_step.file}
         files.update(manifest.variants.get(variant, {}))
-        super().__init__(directory, manifest, device, files, threads)
+        super().__init__(directory, manifest, device, files, threads, tokenizer)
         self.variant = variant if variant in manifest.variants else "fp32"  # captioners ship fp32 graphs only
         self.image_spec = manifest.image
         self.grid = (int(manifest.image["grid"][0]), int(manifest.image["grid"][1]))

@@ -147,13 +147,11 @@ def run_engine(settings: Settings, address: str, parent: int, status: Connection
 
     registry = build_registry(settings, Metrics(CollectorRegistry()))
 
-    def describe() -> dict[str, Any]:
+    def state() -> dict[str, Any]:
         return {"ready": registry.ready, "default_model": registry.default_model, "pid": os.getpid(),
-                "device": registry.device.name,
-                "models": [{"name": m.name, "version": m.version, "directory": str(m.directory),
-                            "variant": m.variant} for m in registry.models()]}
+                "device": registry.device.name}
 
-    endpoint = EngineEndpoint(registry, address, describe)
+    endpoint = EngineEndpoint(registry, address, state)
     stop, reload_now, endpoint_stop = threading.Event(), threading.Event(), threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, lambda *_: reload_now.set())

@@ -14,14 +14,14 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from server import heap
-from server.artifacts import Manifest, ManifestError
+from server.artifacts import Manifest, ManifestError, Tokenizer
 from server.captioning import CaptionModel
 from server.device import Device
 from server.engine import Engine, Limits
@@ -43,7 +43,14 @@ RETIRE_SECONDS = 300.0
 
 
 Runtime = DecoderRuntime
-RuntimeFactory = Callable[[Path, Manifest, Device | None, str, int], Runtime]  # device None: no graphs
+
+
+class RuntimeFactory(Protocol):
+    def __call__(self, directory: Path, manifest: Manifest, device: Device | None, variant: str = "",
+                 threads: int = 0, tokenizer: Tokenizer | None = None) -> Runtime:
+        """``device`` None: the model without its graphs (a front-end's view)."""
+
+
 RUNTIMES: dict[str, RuntimeFactory] = {"translation": TranslationModel, "captioning": CaptionModel}
 
 

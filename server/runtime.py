@@ -35,12 +35,13 @@ class DecoderRuntime:
     decoder: ort.InferenceSession
 
     def __init__(self, directory: Path, manifest: Manifest, device: Device | None, files: dict[str, str],
-                 threads: int):
+                 threads: int, tokenizer: Tokenizer | None = None):
         """``device=None`` opens the model without its graphs: what a front-end process needs (tokenizer, limits,
-        manifest) to validate requests and build responses, while the engine process runs the graphs."""
+        manifest) to validate requests and build responses, while the engine process runs the graphs.
+        ``tokenizer``: the one the engine process loaded (a front-end's view reads nothing from ``directory``)."""
         self.directory, self.manifest, self.device = directory, manifest, device
         self.device_name = device.name if device is not None else ""  # a front-end's view: the engine's device
-        self.tokenizer = Tokenizer.load(directory / manifest.tokenizer["file"])
+        self.tokenizer = tokenizer or Tokenizer.load(directory / manifest.tokenizer["file"])
         self._bound: BoundStep | None = None
         if device is not None:
             self.encoder = session(directory / files["encoder"], device, threads)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from server import search
-from server.artifacts import GraphSpec, Manifest, ManifestError, Token
+from server.artifacts import GraphSpec, Manifest, ManifestError, Token, Tokenizer
 from server.artifacts.alignment import WordAlignment, strongest, token_words, word_matrix, words
 from server.device import Device
 from server.errors import FieldError, InvalidInput
@@ -87,13 +87,13 @@ class TranslationModel(DecoderRuntime):
     family = "translation"
 
     def __init__(self, directory: Path, manifest: Manifest, device: Device | None, variant: str = "",
-                 threads: int = 0):
+                 threads: int = 0, tokenizer: Tokenizer | None = None):
         files = {"encoder": manifest.encoder.file, "decoder_step": manifest.decoder_step.file}
         if variant:
             if variant not in manifest.variants:
                 raise ManifestError(f"{directory}: no variant {variant!r} (has {sorted(manifest.variants)})")
             files.update(manifest.variants[variant])
-        super().__init__(directory, manifest, device, files, threads)
+        super().__init__(directory, manifest, device, files, threads, tokenizer)
         self.variant = variant or "fp32"
         self._ids_input, self._lengths_input = _encoder_inputs(manifest.encoder)
         self._mask_dtype = np.dtype({t.name: t.dtype for t in manifest.decoder_step.inputs}[

@@ -41,16 +41,17 @@ class _FrontEnd:
         self.connection, self.number = connection, number
         self.decoder = framing.Decoder()
         self.unsent = bytearray()
+        self.described: set[records.Key] = set()  # versions whose manifest and tokenizer it has been sent
 
 
 Key = tuple[int, int]  # (front-end connection's number, its request id)
 
 
 class EngineEndpoint:
-    def __init__(self, registry: Registry, address: str, describe: Callable[[], dict[str, Any]]) -> None:
-        """``address``: the socket's path; ``describe`` gives the ``models`` record's header: what is loaded, the
-        device, readiness."""
-        self.registry, self.address, self.describe = registry, address, describe
+    def __init__(self, registry: Registry, address: str, state: Callable[[], dict[str, Any]]) -> None:
+        """``address``: the socket's path; ``state`` gives what the ``models`` record says besides the versions
+        served (readiness, the default model, the process, the device)."""
+        self.registry, self.address, self.state = registry, address, state
         Path(address).unlink(missing_ok=True)  # left by an engine process that crashed
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(address)
@@ -96,9 +97,8 @@ class EngineEndpoint:
                         self._receive(key.data)
             if self._publish.is_set():
                 self._publish.clear()
-                models = records.pack(records.MODELS, self.describe())
                 for front_end in list(self._front_ends.values()):
-                    self._send(front_end, models)
+                    self._send_models(front_end)
             self._flush()
         self._flush()  # the replies of what stopping the engines failed
 
@@ -153,7 +153,10 @@ class EngineEndpoint:
                 if future is not None:
                     future.cancel()
             elif kind == records.HELLO:
-                self._send(front_end, records.pack(records.MODELS, self.describe()))
+                self._send_models(front_end)
+
+    def _send_models(self, front_end: _FrontEnd) -> None:
+        self._send(front_end, records.models(self.state(), self.registry.models(), front_end.described))
 
     def _submit(self, number: int, header: dict[str, Any], items: list[Any]) -> None:
         key = (number, int(header["id"]))

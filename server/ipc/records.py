@@ -7,8 +7,9 @@ private, but a record is data, and reading one must never run code.
 
 Front-end → engine: ``hello`` (announces the front-end; the engine answers with ``models``), ``submit`` (one
 request: model, version, decoding options, timeout, the items as arrays), ``cancel`` (the caller went away).
-Engine → front-end: ``models`` (what is loaded, on which device, whether the engine is ready), ``done`` (each
-item's hypotheses; their attention matrices as arrays), ``failed`` (an error by name and message).
+Engine → front-end: ``models`` (what is loaded, on which device, whether the engine is ready, and each version's
+manifest and tokenizer the first time the connection hears of it), ``done`` (each item's hypotheses; their attention
+matrices as arrays), ``failed`` (an error by name and message).
 """
 
 from __future__ import annotations
@@ -16,17 +17,21 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from server import errors
 from server.search import Hypothesis
 
+if TYPE_CHECKING:
+    from server.runtime import DecoderRuntime
+
 HELLO, SUBMIT, CANCEL = b"hello", b"submit", b"cancel"
 MODELS, DONE, FAILED = b"models", b"done", b"failed"
 
 Frames = list[bytes | memoryview]
+Key = tuple[str, str]  # (model name, version)
 
 # The errors an engine may report by name; anything else reaches the client as INTERNAL.
 _ERRORS: dict[str, type[errors.ServiceError]] = {cls.__name__: cls for cls in (
@@ -52,6 +57,36 @@ def unpack(frames: Sequence[bytes]) -> tuple[bytes, dict[str, Any], list[np.ndar
     arrays = [np.frombuffer(frame, dtype=np.dtype(dtype)).reshape(shape)
               for (dtype, shape), frame in zip(specs, frames[2:])]
     return kind, header, arrays
+
+
+# -- models ------------------------------------------------------------------------------------------------------
+
+
+def models(state: dict[str, Any], served: Sequence[DecoderRuntime], described: set[Key]) -> Frames:
+    """The ``models`` record: ``state`` (readiness, default model, pid, device) and every version served. A version
+    not in ``described`` (the versions this connection has heard of; updated here) also carries what a front-end
+    builds its view from: the manifest, and the tokenizer's bytes as an array. The front-end never reads the model
+    folder, so it tokenizes with what the engine loaded even after the files changed on disk (a version is read
+    once) or a front-end was restarted."""
+    entries: list[dict[str, Any]] = []
+    arrays: list[np.ndarray] = []
+    for model in served:
+        entry: dict[str, Any] = {"name": model.name, "version": model.version, "directory": str(model.directory),
+                                 "variant": model.variant}
+        if (model.name, model.version) not in described:
+            entry["manifest"] = dataclasses.asdict(model.manifest)
+            entry["tokenizer"] = len(arrays)
+            arrays.append(np.frombuffer(model.tokenizer.processor.serialized_model_proto(), dtype=np.uint8))
+        entries.append(entry)
+    described.clear()  # a version retired and loaded again later is sent again
+    described.update((m.name, m.version) for m in served)
+    return pack(MODELS, {**state, "models": entries}, arrays)
+
+
+def views(header: dict[str, Any], arrays: list[np.ndarray]) -> dict[Key, tuple[dict[str, Any], bytes]]:
+    """The manifests and tokenizers a ``models`` record carries, by version (those the connection had not heard of)."""
+    return {(m["name"], m["version"]): (m["manifest"], arrays[m["tokenizer"]].tobytes())
+            for m in header["models"] if "manifest" in m}
 
 
 # -- submit ------------------------------------------------------------------------------------------------------

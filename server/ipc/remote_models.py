@@ -1,8 +1,10 @@
 """A front-end process's view of the engine processes' models (:class:`server.models.Models` over Unix sockets).
 
-The front-end opens each served version without its graphs (tokenizer, manifest, limits: what validation,
-tokenization and response building need) and sends only compact records to an engine: token ids or pixels in,
-token ids, scores and attention matrices back (:mod:`server.ipc.records`, framed by :mod:`server.ipc.framing`).
+The front-end holds a view of each served version without its graphs (tokenizer, manifest, limits: what validation,
+tokenization and response building need), built from the manifest and tokenizer the engine sends with its ``models``
+record: never from the model folder, whose files may have changed since the engine read them. It sends only compact
+records to an engine: token ids or pixels in, token ids, scores and attention matrices back
+(:mod:`server.ipc.records`, framed by :mod:`server.ipc.framing`).
 
 With several engine processes (``ATTN_ENGINES``) each loads every model, and a request goes to the ready engine that
 serves its version with the fewest of this front-end's requests in flight. The front-end is ready while any engine
@@ -24,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from server import heap
-from server.artifacts import Manifest
+from server.artifacts import Manifest, Tokenizer
 from server.errors import NotReady
 from server.ipc import framing, records
 from server.logs import event
@@ -37,7 +39,8 @@ log = logging.getLogger("attn.ipc")
 
 CONNECT_SECONDS = 0.2  # how often an engine process that is not listening (yet, or again) is tried
 
-Key = tuple[str, str]  # (model name, version)
+Key = records.Key
+Announcement = tuple[dict[str, Any], list[np.ndarray]]  # a models record's header and arrays
 Answer = asyncio.Future[tuple[dict[str, Any], list[np.ndarray]]]
 
 
@@ -82,7 +85,7 @@ class _Engine:
     def __init__(self, address: str) -> None:
         self.address = address
         self.link: _Link | None = None  # while connected
-        self.announced: asyncio.Queue[dict[str, Any]] = asyncio.Queue()  # its models records, in order
+        self.announced: asyncio.Queue[Announcement] = asyncio.Queue()  # its models records, in order
         self.pending: dict[int, Answer] = {}
         self.serves: set[Key] = set()
         self.default_model = ""
@@ -98,8 +101,8 @@ class RemoteModels(ModelIndex):
         self.on_change = on_change
         self.default_model = ""
         self._models: dict[Key, DecoderRuntime] = {}
-        self._views: dict[Key, DecoderRuntime] = {}  # opened once, whichever engines serve them
-        self._unopened: dict[Key, str] = {}  # versions an engine serves that this front-end could not open: why
+        self._views: dict[Key, DecoderRuntime] = {}  # whichever engines serve them
+        self._unopened: dict[Key, str] = {}  # versions an engine sent whose view could not be built: why
         self._ready = False
         self._ids = itertools.count(1)
         self._turn = itertools.count()  # the engine asked first among those equally busy
@@ -179,7 +182,7 @@ class RemoteModels(ModelIndex):
                 if not announced.done():
                     announced.cancel()
                     break
-                await self._update(engine, link, announced.result())
+                await self._update(engine, link, *announced.result())
             await asyncio.sleep(CONNECT_SECONDS)
 
     def _record(self, engine: _Engine, frames: list[bytes]) -> None:
@@ -189,7 +192,7 @@ class RemoteModels(ModelIndex):
             event(log, "ipc_bad_record", level=logging.ERROR, exc_info=True)
             return
         if kind == records.MODELS:
-            engine.announced.put_nowait(header)
+            engine.announced.put_nowait((header, arrays))
             return
         answer = engine.pending.pop(int(header["id"]), None)
         if answer is None or answer.done():
@@ -220,15 +223,16 @@ class RemoteModels(ModelIndex):
         engine.pending.clear()
         self._refresh()
 
-    async def _update(self, engine: _Engine, link: _Link, header: dict[str, Any]) -> None:
-        """A ``models`` record: opens the versions not seen before (off the event loop)."""
+    async def _update(self, engine: _Engine, link: _Link, header: dict[str, Any], arrays: list[np.ndarray]) -> None:
+        """A ``models`` record: builds a view of each version it describes (off the event loop). An engine describes
+        a version once per connection, so a restarted engine's replace what this front-end held: it may have read a
+        version's files anew."""
         wanted = {(m["name"], m["version"]): m for m in header["models"]}
-        viewed = set(self._views)
-        fresh = [(key, m) for key, m in wanted.items() if key not in self._views]
-        opened, failed = await asyncio.to_thread(_open_views, fresh) if fresh else ({}, {})
-        for key, view in opened.items():
-            self._views.setdefault(key, view)
-        self._note_unopened(failed)  # not served here: _refresh serves only the versions opened
+        viewed = dict(self._views)
+        described = records.views(header, arrays)
+        opened, failed = await asyncio.to_thread(_open_views, wanted, described) if described else ({}, {})
+        self._views.update(opened)
+        self._note_unopened(opened, failed)  # not served here: _refresh serves only the versions with a view
         if engine.link is not link:  # the engine went away while the versions were being opened
             return
         engine.serves, engine.default_model, engine.device = set(wanted), header["default_model"], header["device"]
@@ -238,18 +242,19 @@ class RemoteModels(ModelIndex):
             event(log, "engine_ready" if engine.ready else "engine_not_ready", engine_pid=engine.pid,
                   models=[f"{name}/{version}" for name, version in sorted(engine.serves)])
         self._refresh()
-        if set(self._views) != viewed:
+        if self._views != viewed:
             heap.settle()  # what this process keeps changed: freeze it anew (server/heap.py)
 
-    def _note_unopened(self, failed: dict[Key, str]) -> None:
-        """Logs each version this front-end cannot open, once per error; they are tried again with the engine's next
-        ``models`` record (every reload)."""
+    def _note_unopened(self, opened: dict[Key, DecoderRuntime], failed: dict[Key, str]) -> None:
+        """Logs each version whose view this front-end could not build from what the engine sent, once per error."""
+        for key in opened:
+            self._unopened.pop(key, None)
         for key, error in failed.items():
             if self._unopened.get(key) != error:
                 event(log, "model_view_failed", level=logging.ERROR, model=key[0], version=key[1], error=error,
-                      reason="the engine serves this version but this front-end cannot read its files; it answers "
-                             "for the other versions until they are readable again")
-        self._unopened = failed
+                      reason="the engine serves this version but this front-end cannot build its view from the "
+                             "manifest and tokenizer the engine sent; it answers for the other versions")
+        self._unopened.update(failed)
 
     def _refresh(self) -> None:
         """The served versions: those of the ready engines (all of them while none is, so that lookups still say
@@ -266,28 +271,28 @@ class RemoteModels(ModelIndex):
         self._models = {key: self._views[key] for key in serving if key in self._views}
         self.default_model = next((e.default_model for e in ready or self._engines if e.default_model), "")
         if ready and not self._models:
-            self.not_ready = ("this front-end cannot read the files of any version the engine serves "
+            self.not_ready = ("this front-end could not build a view of any version the engine serves "
                               "(model_view_failed in the server's log); retry")
         was, self._ready = self._ready, bool(ready) and bool(self._models)
         if was != self._ready:
             self.on_change(self._ready)
 
 
-def _open_views(models: list[tuple[Key, dict[str, Any]]]) -> tuple[dict[Key, DecoderRuntime], dict[Key, str]]:
-    """Each version opened without its graphs, or why it could not be: its files are read here, and may have been
-    changed or removed on disk since the engine loaded them (a served version is read once, by the engine)."""
+def _open_views(wanted: dict[Key, dict[str, Any]], described: dict[Key, tuple[dict[str, Any], bytes]]) -> tuple[
+        dict[Key, DecoderRuntime], dict[Key, str]]:
+    """A view of each version described (its manifest and tokenizer as the engine loaded them), or why there is
+    none."""
     opened: dict[Key, DecoderRuntime] = {}
     failed: dict[Key, str] = {}
-    for key, model in models:
+    for key, (manifest, tokenizer) in described.items():
+        model = wanted[key]
         try:
-            opened[key] = _view(model)
-        except Exception as exc:  # noqa: BLE001 - one unreadable version must not stop this front-end's updates
+            opened[key] = _view(model, Manifest.from_dict(manifest), Tokenizer(tokenizer))
+        except Exception as exc:  # noqa: BLE001 - one version that cannot be viewed must not stop the others
             failed[key] = str(exc)
     return opened, failed
 
 
-def _view(model: dict[str, Any]) -> DecoderRuntime:
-    directory = Path(model["directory"])
-    manifest = Manifest.load(directory)
-    return RUNTIMES[manifest.family](directory, manifest, None, model["variant"] if model["variant"] != "fp32"
-                                     else "", 0)
+def _view(model: dict[str, Any], manifest: Manifest, tokenizer: Tokenizer) -> DecoderRuntime:
+    variant = model["variant"] if model["variant"] != "fp32" else ""
+    return RUNTIMES[manifest.family](Path(model["directory"]), manifest, None, variant, 0, tokenizer=tokenizer)

@@ -1,6 +1,7 @@
 """The engine process's end of the IPC (server/ipc/engine_endpoint.py) against a front-end played by this test on a
 plain socket: replies reach the connection that asked, whole even when they outgrow the socket's buffer, and a
-front-end that goes away has its requests cancelled."""
+front-end that goes away has its requests cancelled, and each connection hears of a version's manifest and tokenizer
+once."""
 
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from server.artifacts import Manifest
 from server.errors import Overloaded
 from server.ipc import framing, records
 from server.ipc.engine_endpoint import EngineEndpoint
 from server.search import Hypothesis
-from server.translation import DecodeOptions
+from server.translation import DecodeOptions, TranslationModel
 from tests.unit.engine_fakes import wait_until
 
 
@@ -38,9 +40,13 @@ class FakeEngine:
 class FakeRegistry:
     def __init__(self) -> None:
         self.engine = FakeEngine()
+        self.loaded: list[Any] = []
 
     def engine_of(self, name: str, version: str) -> FakeEngine:
         return self.engine
+
+    def models(self) -> list[Any]:
+        return self.loaded
 
 
 class FrontEnd:
@@ -66,7 +72,7 @@ class FrontEnd:
 def endpoint(tmp_path: Path) -> Iterator[tuple[EngineEndpoint, FakeRegistry]]:
     registry = FakeRegistry()
     served = EngineEndpoint(registry, str(tmp_path / "engine-0.sock"),  # type: ignore[arg-type]
-                            lambda: {"ready": True, "models": []})
+                            lambda: {"ready": True})
     stop = threading.Event()
     thread = threading.Thread(target=served.run, args=(stop,), daemon=True)
     thread.start()
@@ -122,3 +128,37 @@ def test_a_front_end_that_goes_away_has_its_requests_cancelled(
     assert [f.cancelled() for f in registry.engine.submitted].count(True) == 1
     staying.send(records.pack(records.CANCEL, {"id": 1}))
     wait_until(lambda: all(f.cancelled() for f in registry.engine.submitted), "the cancel record", seconds=10)
+
+
+def test_a_connection_hears_of_a_versions_manifest_and_tokenizer_once(
+        endpoint: tuple[EngineEndpoint, FakeRegistry], models_dir: Path) -> None:
+    """What a front-end builds its view from travels with the first models record that names the version on each
+    connection (a reload publishes one every few seconds; a tokenizer is hundreds of kilobytes)."""
+    served, registry = endpoint
+    folder = models_dir / "tiny-de-en" / "1"
+    registry.loaded = [TranslationModel(folder, Manifest.load(folder), None)]
+
+    def announced(front_end: FrontEnd) -> list[dict[str, Any]]:
+        kind, header, arrays = front_end.receive()
+        assert kind == records.MODELS
+        views = records.views(header, arrays)
+        for manifest, tokenizer in views.values():
+            assert Manifest.from_dict(manifest) == registry.loaded[0].manifest
+            assert tokenizer == (folder / registry.loaded[0].manifest.tokenizer["file"]).read_bytes()
+        return [{"key": (m["name"], m["version"]), "described": (m["name"], m["version"]) in views}
+                for m in header["models"]]
+
+    first = FrontEnd(served.address)
+    first.send(records.pack(records.HELLO, {"pid": 1}))
+    assert announced(first) == [{"key": ("tiny-de-en", "1"), "described": True}]
+    served.publish()  # after a reload that changed nothing
+    assert announced(first) == [{"key": ("tiny-de-en", "1"), "described": False}]
+    second = FrontEnd(served.address)  # a restarted front-end: a new connection hears of it again
+    second.send(records.pack(records.HELLO, {"pid": 2}))
+    assert announced(second) == [{"key": ("tiny-de-en", "1"), "described": True}]
+    registry.loaded = []  # retired, then loaded again: described again
+    served.publish()
+    assert announced(first) == [] and announced(second) == []
+    registry.loaded = [TranslationModel(folder, Manifest.load(folder), None)]
+    served.publish()
+    assert announced(first) == [{"key": ("tiny-de-en", "1"), "described": True}]

@@ -1,12 +1,15 @@
 """A front-end's view of several engine processes (server/ipc/remote_models.py), against fake engines: Unix socket
 servers in this test that answer with the records an engine process sends. Which engine gets a request, where its
-cancellation goes, what a gone engine fails, and which engines a version may go to."""
+cancellation goes, what a gone engine fails, which engines a version may go to, and what the front-end's views are
+built from."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import json
+import logging
 import os
 import shutil
 from collections.abc import Awaitable, Callable
@@ -16,11 +19,13 @@ from typing import Any
 import numpy as np
 import pytest
 
+from server.artifacts import Manifest
 from server.errors import NotReady
 from server.ipc import framing, records
 from server.ipc.remote_models import RemoteModels
+from server.runtime import DecoderRuntime
 from server.search import Hypothesis
-from server.translation import DecodeOptions
+from server.translation import DecodeOptions, TranslationModel
 
 NAME = "tiny-de-en"
 
@@ -29,6 +34,7 @@ class _Connection(asyncio.Protocol):
     def __init__(self, engine: FakeEngine) -> None:
         self.engine, self.decoder = engine, framing.Decoder()
         self.transport: asyncio.Transport | None = None
+        self.described: set[records.Key] = set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -47,7 +53,7 @@ class _Connection(asyncio.Protocol):
 class FakeEngine:
     """Answers ``hello`` with a ``models`` record, records every ``submit`` and ``cancel``, answers when told."""
 
-    def __init__(self, address: str, models: list[dict[str, str]], pid: int) -> None:
+    def __init__(self, address: str, models: list[DecoderRuntime], pid: int) -> None:
         self.address, self.models, self.pid = address, models, pid
         self.submits: dict[int, tuple[_Connection, dict[str, Any]]] = {}  # request id -> (front-end, header)
         self.cancels: list[int] = []
@@ -59,8 +65,8 @@ class FakeEngine:
 
     def received(self, connection: _Connection, kind: bytes, header: dict[str, Any], _: Any) -> None:
         if kind == records.HELLO:
-            models = {"ready": True, "default_model": NAME, "pid": self.pid, "device": "cpu", "models": self.models}
-            connection.send(records.pack(records.MODELS, models))
+            state = {"ready": True, "default_model": NAME, "pid": self.pid, "device": "cpu"}
+            connection.send(records.models(state, self.models, connection.described))
         elif kind == records.SUBMIT:
             self.submits[int(header["id"])] = (connection, header)
         elif kind == records.CANCEL:
@@ -79,8 +85,10 @@ class FakeEngine:
             transport.close()
 
 
-def _model(directory: Path, version: str) -> dict[str, str]:
-    return {"name": NAME, "version": version, "directory": str(directory / NAME / version), "variant": "fp32"}
+def _model(directory: Path, version: str) -> DecoderRuntime:
+    """A version as an engine holds it (its graphs are not needed here)."""
+    folder = directory / NAME / version
+    return TranslationModel(folder, Manifest.load(folder), None)
 
 
 async def _until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
@@ -90,7 +98,7 @@ async def _until(condition: Callable[[], bool], what: str, timeout: float = 10.0
         await asyncio.sleep(0.01)
 
 
-def _run(tmp_path: Path, engines: list[tuple[list[dict[str, str]], int]],
+def _run(tmp_path: Path, engines: list[tuple[list[DecoderRuntime], int]],
          body: Callable[[RemoteModels, list[FakeEngine]], Awaitable[None]]) -> None:
     async def main() -> None:
         addresses = [str(tmp_path / f"engine-{i}.sock") for i in range(len(engines))]
@@ -208,3 +216,56 @@ def test_a_version_goes_only_to_the_engines_that_serve_it(models_dir: Path, tmp_
         _run(tmp_path, [([_model(root, "1")], os.getpid()), ([_model(root, "2")], os.getpid())], body)
     finally:
         gc.unfreeze()
+
+
+def test_views_are_built_from_what_the_engine_sent_not_from_the_model_folder(models_dir: Path,
+                                                                               tmp_path: Path) -> None:
+    """The version's folder is gone once the engine has loaded it: the front-end's view, built from the manifest and
+    tokenizer in the engine's models record, tokenizes as the engine's copy does."""
+    root = tmp_path / "models"
+    shutil.copytree(models_dir / NAME / "1", root / NAME / "1")
+    loaded = _model(root, "1")
+    shutil.rmtree(root)
+
+    async def body(remote: RemoteModels, engines: list[FakeEngine]) -> None:
+        view = remote.get(NAME)
+        assert view is not loaded and view.manifest == loaded.manifest
+        text = "Das Haus ist klein."
+        assert view.tokenizer.encode_ids(text) == loaded.tokenizer.encode_ids(text)
+
+    _run(tmp_path, [([loaded], os.getpid())], body)
+
+
+def test_a_front_end_that_can_build_no_view_is_not_ready(models_dir: Path, tmp_path: Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """A version whose view cannot be built from the record (here, bytes that are no SentencePiece model) is logged
+    and not served; with no other version the front-end is not ready and says why, rather than ready and answering
+    every call NOT_FOUND."""
+    model = _model(models_dir, "1")
+
+    class BrokenTokenizerEngine(FakeEngine):
+        def received(self, connection: _Connection, kind: bytes, header: dict[str, Any], _: Any) -> None:
+            if kind == records.HELLO:
+                entry = {"name": NAME, "version": "1", "directory": str(model.directory), "variant": "fp32",
+                         "manifest": dataclasses.asdict(model.manifest), "tokenizer": 0}
+                state = {"ready": True, "default_model": NAME, "pid": self.pid, "device": "cpu", "models": [entry]}
+                connection.send(records.pack(records.MODELS, state, [np.frombuffer(b"not a model", np.uint8)]))
+
+    async def main() -> None:
+        address = str(tmp_path / "engine-0.sock")
+        engine = BrokenTokenizerEngine(address, [], os.getpid())
+        await engine.start()
+        remote = RemoteModels([address])
+        await remote.start()
+        try:
+            await _until(lambda: remote._engines[0].ready, "the engine's models record")
+            assert not remote.ready
+            with pytest.raises(NotReady, match="could not build a view of any version"):
+                remote.get(NAME)
+        finally:
+            await remote.close()
+            engine.close()
+
+    with caplog.at_level(logging.ERROR, logger="attn.ipc"):
+        asyncio.run(main())
+    assert any("model_view_failed" in r.getMessage() for r in caplog.records)
