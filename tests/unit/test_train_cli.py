@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -325,3 +329,22 @@ def test_the_evaluation_module_points_a_captioning_checkpoint_to_attn_train_eval
     torch.save({"kind": "captioning"}, tmp_path / "caption.pt")
     with pytest.raises(InputError, match="caption.pt is a captioning checkpoint; .* attn-train evaluate"):
         evaluate.main([str(tmp_path / "caption.pt")])
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("command", ["attn_train", "attn_export"])
+def test_ctrl_c_while_the_command_imports_torch_ends_it_in_one_line(command: str) -> None:
+    """The console scripts' entry points (pyproject.toml) import the command inside the handler: a Ctrl-C during
+    the second or more that torch's import takes ends it as one during the run does."""
+    program = command.replace("_", "-")
+    assert f'{program} = "training.launch:{command}"' in (REPO / "pyproject.toml").read_text()
+    started = subprocess.Popen(
+        [sys.executable, "-c", f"import sys; from training.launch import {command}; sys.exit({command}(['--help']))"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # Python's own SIGINT handler is in place, torch's import is not done
+    started.send_signal(signal.SIGINT)
+    _, err = started.communicate(timeout=60)
+    assert started.returncode == 130, err
+    assert "Traceback" not in err and err.count("\n") == 1 and err.startswith(f"{program}: interrupted")
