@@ -206,8 +206,9 @@ class Token(_message.Message):
     """True for the end-of-sentence token, which is part of the matrix but of no word."""
     word: _builtins.int
     """Index into the words of the same text (`Translation.source_words` or `Hypothesis.words`) of the word this
-    token belongs to, or -1 (whitespace-only and special tokens). Every token of a character that the
-    normalisation made several (above) belongs to that character's word.
+    token belongs to, or -1 (whitespace-only and special tokens; a `▁` alone is whitespace-only, the one with
+    the empty span at the start of the text included). Every token of a character that the normalisation made
+    several (above) belongs to that character's word.
     """
     def __init__(
         self,

@@ -3,7 +3,8 @@
 Users want alignments between words, not subwords (fairseq#2987). A word is a maximal run of non-space characters
 of the text; a token belongs to the word that contains the first character of its span (tokens with an empty span,
 such as the leading bytes of a byte-fallback character, to the word at their position). Tokens that cover only
-whitespace, and end-of-sentence, belong to no word and are left out.
+whitespace (a "▁" piece alone, also the one with an empty span at the start of a text or word), and end-of-sentence,
+belong to no word and are left out.
 """
 
 from __future__ import annotations
@@ -45,10 +46,13 @@ def token_words(text: str, tokens: Sequence[Token], spans: Sequence[tuple[int, i
         # has one: the whitespace a "▁" piece covers lies between words. A token with an empty span (a leading
         # byte of a byte-fallback character) belongs to the word around its position. So does a "▁" piece that
         # carries more than the whitespace but spans only it, up to a word: the first piece of a character that
-        # the normaliser expanded ("▁X" of "Ⅻ" → "XII"), whose last piece spans the character itself.
+        # the normaliser expanded ("▁X" of "Ⅻ" → "XII"), whose last piece spans the character itself. A "▁" alone
+        # is whitespace wherever it stands: at the start of the text or of a word (where it stands for nothing) it
+        # belongs to no word, as it does between words; only inside a word is it part of a character there.
         i = bisect_right(ends, start)
         first = starts[i]
-        visible = first < end or first == start or (first == end and piece[:1] == "▁" and piece.strip("▁") != "")
+        carries = piece.strip("▁") != ""
+        visible = first < end or (first == start and carries) or (first == end and piece[:1] == "▁" and carries)
         out.append(i if visible else -1)
     return out
 

@@ -58,6 +58,25 @@ def test_trailing_word_start_pieces_leave_no_whitespace_at_the_end(tokenizer: To
     assert tokenizer.decode([space, space]) == ("", [Token(space, "▁", 0, 0), Token(space, "▁", 0, 0)])
 
 
+def test_a_lone_word_start_piece_at_the_start_belongs_to_no_word(tokenizer: Tokenizer) -> None:
+    # A character without a "▁x" piece of its own starts its word with a lone "▁" (a source "☃ ..." or a generated
+    # "▁", "B", "rücke"). At the start of the text it stands for nothing, and between words for the whitespace: of
+    # no word in both places, so its attention is not averaged into the next word's.
+    space = tokenizer.processor.piece_to_id("▁")
+    source = "☃ Schneemann"
+    tokens = tokenizer.encode(source)
+    assert tokens[0] == Token(space, "▁", 0, 0) and tokens[1].piece.startswith("<0x")
+    assert token_words(source, tokens)[:2] == [-1, 0]
+    later = tokenizer.encode("Die " + source)
+    i = next(i for i, t in enumerate(later) if t.piece == "▁" and t.start == 3)  # the space before "☃"
+    assert token_words("Die " + source, later)[i : i + 2] == [-1, 1]
+    pieces = [tokenizer.processor.piece_to_id(p) for p in ("B", "r", "ü", "c", "k", "e")]
+    for prefix, first in [([], 0), (tokenizer.encode_ids("Die"), 1)]:
+        text, decoded = tokenizer.decode([*prefix, space, *pieces, EOS_ID])
+        assert text.split()[-1] == "Brücke"
+        assert token_words(text, decoded)[len(prefix):] == [-1] + [first] * len(pieces), (text, decoded)
+
+
 def test_word_alignment_sums_subwords_and_skips_eos(tokenizer: Tokenizer) -> None:
     source = "Brücke gesperrt"
     src_tokens = tokenizer.encode(source)
@@ -116,7 +135,10 @@ def test_each_token_belongs_to_the_word_of_its_first_visible_character() -> None
                 assert word == (after[0] if carries and after else -1), (text, token)
                 continue
             position = visible[0] if visible else token.start
-            inside = [i for i, (s, e) in enumerate(spans) if s <= position < e]
+            if token.piece == "▁" and not visible:  # whitespace alone: of a word only inside it (an expansion)
+                inside = [i for i, (s, e) in enumerate(spans) if s < position < e]
+            else:
+                inside = [i for i, (s, e) in enumerate(spans) if s <= position < e]
             assert word == (inside[0] if inside else -1), (text, token)
 
 
