@@ -149,6 +149,9 @@ class TranslationModel(DecoderRuntime):
             if not text.strip():
                 raise FieldError("texts", i, "is empty or only whitespace")
             tokens = self.tokenizer.encode(text)
+            if not tokens:  # the normaliser removed every character: the model would translate an empty source
+                raise FieldError("texts", i, "has no character the model reads: its normalisation removes "
+                                 "zero-width, control and format characters, and the text has nothing else")
             if len(tokens) + 1 > self.max_source_tokens:
                 raise FieldError(
                     "texts", i, f"has {len(tokens)} tokens; model {self.name} accepts at most "

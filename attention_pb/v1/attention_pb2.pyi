@@ -148,8 +148,9 @@ class TranslateRequest(_message.Message):
     """Model version; empty selects the highest version loaded."""
     @_builtins.property
     def texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The texts to translate, translated together as one batch. Each must contain a non-whitespace character and
-        stay within ATTN_MAX_TEXT_CHARS characters and the model's `max_source_tokens`; at most ATTN_MAX_TEXTS texts.
+        """The texts to translate, translated together as one batch. Each must contain a non-whitespace character that
+        the model's normalisation keeps (zero-width, control and format characters alone are refused) and stay within
+        ATTN_MAX_TEXT_CHARS characters and the model's `max_source_tokens`; at most ATTN_MAX_TEXTS texts.
         """
 
     @_builtins.property

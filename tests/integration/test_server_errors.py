@@ -30,6 +30,8 @@ def _error(call: object, request: object, **kwargs: object) -> grpc.RpcError:
     (pb.TranslateRequest(texts=[""]), INVALID, "texts[0] is empty or only whitespace"),
     (pb.TranslateRequest(texts=["Hallo", " \t "]), INVALID, "texts[1] is empty or only whitespace"),
     (pb.TranslateRequest(texts=[]), INVALID, "texts is empty"),
+    (pb.TranslateRequest(texts=["\u200b"]), INVALID, "texts[0] has no character the model reads"),
+    (pb.TranslateRequest(texts=["Hallo", "\x01\ufeff\x02"]), INVALID, "texts[1] has no character the model reads"),
     (pb.TranslateRequest(texts=["Hallo"] * 33), INVALID, "33 texts in one request; the limit is 32"),
     (pb.TranslateRequest(texts=["x" * 2001]), INVALID, "texts[0] has 2001 characters; the limit is 2000"),
     (pb.TranslateRequest(texts=["Hallo Welt " * 30]), INVALID, "tokens; model tiny-de-en accepts at most 127"),

@@ -298,6 +298,8 @@ def test_triton_timeout_parameter_is_the_servers_deadline(client: Any) -> None:
     # An item of a batch is named as this protocol names it, not as attention.v1 does (texts[1], image).
     (TRANSLATOR, lambda: [text_input(["Guten Morgen.", " "])], None, "INVALID_ARGUMENT", "TEXT[1] is empty"),
     (TRANSLATOR, lambda: [text_input(["x" * 2001])], None, "INVALID_ARGUMENT", "TEXT[0] has 2001 characters"),
+    (TRANSLATOR, lambda: [text_input(["Guten Morgen.", "\u200b"])], None, "INVALID_ARGUMENT",
+     "TEXT[1] has no character the model reads"),
     (CAPTIONER, lambda: [tc.InferInput("IMAGE", [2], "BYTES").set_data_from_numpy(
         np.array([scene_png(), b"not an image"], dtype=object))], None, "INVALID_ARGUMENT", "IMAGE[1] is not a PNG"),
     (CAPTIONER, lambda: [tc.InferInput("IMAGE", [2], "BYTES").set_data_from_numpy(
