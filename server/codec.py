@@ -49,7 +49,9 @@ def decode_options(options: pb.DecodingOptions, settings: Settings, max_target_t
         raise InvalidInput(f"beam_size {beam} is larger than the limit of {settings.max_beam_size}")
     nbest = options.nbest or 1
     if nbest > beam:
-        raise InvalidInput(f"nbest {nbest} is larger than beam_size {beam}: a beam of {beam} yields at most {beam}")
+        chosen = "" if options.beam_size else " (the server's default: the request left beam_size at 0)"
+        raise InvalidInput(f"nbest {nbest} is larger than beam_size {beam}{chosen}: a beam of {beam} yields at most "
+                           f"{beam}; ask for beam_size {nbest} or more, or fewer hypotheses")
     if options.max_output_tokens >= max_target_tokens:
         raise InvalidInput(
             f"max_output_tokens {options.max_output_tokens} exceeds the model's limit of {max_target_tokens - 1}"

@@ -31,7 +31,10 @@ def test_explicit_options() -> None:
 
 @pytest.mark.parametrize(("options", "message"), [
     (pb.DecodingOptions(beam_size=9), "beam_size 9 is larger than the limit of 8"),
-    (pb.DecodingOptions(beam_size=2, nbest=3), "nbest 3 is larger than beam_size 2"),
+    (pb.DecodingOptions(beam_size=2, nbest=3), r"nbest 3 is larger than beam_size 2: .* ask for beam_size 3 or more"),
+    # A client that sent no beam_size learns where the 3 came from, and what to send.
+    (pb.DecodingOptions(nbest=5), r"nbest 5 is larger than beam_size 3 \(the server's default: the request left "
+     r"beam_size at 0\): a beam of 3 yields at most 3; ask for beam_size 5 or more"),
     (pb.DecodingOptions(max_output_tokens=100), "max_output_tokens 100 exceeds the model's limit of 99"),
     (pb.DecodingOptions(length_penalty=math.nan), "length_penalty nan must be a finite number"),
     (pb.DecodingOptions(length_penalty=-1.0), "length_penalty -1.0 must be"),
