@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from google.protobuf import json_format
 
 from attention_pb.v1 import attention_pb2 as pb
 from attention_pb.v1 import attention_pb2_grpc as pb_grpc
+from client import render
 from client.options import add_decoding_arguments, decoding_options
 
 if TYPE_CHECKING:
@@ -82,7 +82,7 @@ def caption(args: argparse.Namespace, stub: pb_grpc.AttentionServiceStub, detail
     request = pb.CaptionRequest(model=args.model, version=args.version, image=data, options=options)
     response = stub.Caption(request, timeout=args.timeout)
     if args.json:
-        print(json_format.MessageToJson(response, preserving_proto_field_name=True, ensure_ascii=False))
+        print(render.as_json(response))
     else:
         print(text(response))
     if args.overlay:

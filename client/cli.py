@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from attention_pb.v1 import attention_pb2 as pb
@@ -64,7 +63,7 @@ def translate(args: argparse.Namespace, stub: pb_grpc.AttentionServiceStub) -> i
     request = pb.TranslateRequest(model=args.model, version=args.version, texts=args.texts, options=options)
     response = stub.Translate(request, timeout=args.timeout)
     if args.json:
-        print(json_format.MessageToJson(response, preserving_proto_field_name=True, ensure_ascii=False))
+        print(render.as_json(response))
     else:
         print(render.translation(response, args.texts))
     if args.heatmap:
@@ -81,7 +80,7 @@ def translate(args: argparse.Namespace, stub: pb_grpc.AttentionServiceStub) -> i
 def models(args: argparse.Namespace, stub: pb_grpc.AttentionServiceStub) -> int:
     response = stub.ListModels(pb.ListModelsRequest(), timeout=args.timeout)
     if args.json:
-        print(json_format.MessageToJson(response, preserving_proto_field_name=True, ensure_ascii=False))
+        print(render.as_json(response))
     else:
         print(render.models(response))
     return 0

@@ -1,15 +1,25 @@
-"""Readable text views of Translate and ListModels responses."""
+"""Readable text views of Translate and ListModels responses, and the JSON of any response (``--json``)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import numpy as np
+from google.protobuf import json_format
+from google.protobuf.message import Message
 
 from attention_pb.v1 import attention_pb2 as pb
 
 MIN_WEIGHT = 0.1  # source words below this share of a target word's attention are not listed
 MAX_SOURCES = 3
+
+
+def as_json(message: Message) -> str:
+    """The whole message as JSON, fields at their zero value included: proto3's JSON leaves them out, so a reader
+    would meet tokens without "start" or "word" (0 is a word index, -1 is none) and hypotheses without
+    "truncated"."""
+    return json_format.MessageToJson(message, preserving_proto_field_name=True, ensure_ascii=False,
+                                     always_print_fields_with_no_presence=True)
 
 
 def matrix(m: pb.Matrix) -> np.ndarray:

@@ -39,6 +39,14 @@ def test_translate_json(running: RunningServer, capsys: pytest.CaptureFixture[st
     response = json.loads(capsys.readouterr().out)
     assert response["model"] == "tiny-de-en" and len(response["translations"]) == 2
     assert response["translations"][0]["source_tokens"][-1]["piece"] == "</s>"
+    # The whole response: fields at their zero value too (the first token's start 0, word 0 of the first word, a
+    # hypothesis not truncated), which proto3's JSON would leave out.
+    for translation in response["translations"]:
+        for token in translation["source_tokens"] + [t for h in translation["hypotheses"] for t in h["tokens"]]:
+            assert set(token) == {"id", "piece", "start", "end", "special", "word"}, token
+        assert translation["source_tokens"][0]["start"] == 0
+        assert [t["word"] for t in translation["source_tokens"] if t["word"] >= 0][0] == 0
+        assert all("truncated" in h and "attention" in h for h in translation["hypotheses"])
 
 
 def test_heatmap(running: RunningServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
