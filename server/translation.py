@@ -163,10 +163,11 @@ class TranslationModel(DecoderRuntime):
         return sources
 
     def budget(self, source_tokens: int, max_output_tokens: int) -> int:
-        """Decoder steps for one source of ``source_tokens`` (EOS included), EOS included: 2 * source tokens + 10,
-        capped by the manifest."""
-        steps = min(2 * source_tokens + 10, self.max_target_tokens)
-        return min(steps, max_output_tokens + 1) if max_output_tokens else steps
+        """Decoder steps for one source of ``source_tokens`` (EOS included), EOS included: the request's
+        ``max_output_tokens`` and EOS, or else 2 * source tokens + 10; capped by the manifest either way."""
+        if max_output_tokens:  # the request's own limit replaces the default, as for captions
+            return min(max_output_tokens + 1, self.max_target_tokens)
+        return min(2 * source_tokens + 10, self.max_target_tokens)
 
     # -- graphs (the engine's side: an item is a source's token ids, EOS included) -------------------------------
 

@@ -85,9 +85,9 @@ class DecodingOptions(_message.Message):
     """How many hypotheses to return per input, best first; 0 means 1. At most `beam_size`."""
     max_output_tokens: _builtins.int
     """The most tokens a hypothesis may have before its end-of-sentence token; less than the model's
-    `max_target_tokens`. 0 uses the model's budget for the input: twice the source tokens plus ten, capped by
-    `max_target_tokens`, where all three count the end-of-sentence token. A hypothesis cut off here ends with an
-    end-of-sentence token anyway and is flagged `truncated`.
+    `max_target_tokens`. It replaces the model's budget for the input, which 0 uses: twice the source tokens plus
+    ten, capped by `max_target_tokens`, where all three count the end-of-sentence token. A hypothesis cut off here
+    ends with an end-of-sentence token anyway and is flagged `truncated`.
     """
     length_penalty: _builtins.float
     """Length penalty exponent alpha of Wu et al. (2016): a hypothesis of n tokens (end of sentence included) is

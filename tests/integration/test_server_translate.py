@@ -12,7 +12,7 @@ import pytest
 from attention_pb.v1 import attention_pb2 as pb
 from server import service
 from server.errors import StartupError
-from server.translation import TranslationModel
+from server.translation import DecodeOptions, TranslationModel
 from tests.integration.serving import RunningServer, check_hypothesis, check_spans, matrix, settings
 
 TEXTS = [
@@ -112,6 +112,19 @@ def test_max_output_tokens_truncates(running: RunningServer) -> None:
         for hyp in translation.hypotheses:
             assert len(hyp.tokens) <= 2 and hyp.tokens[-1].special
             check_hypothesis(translation, hyp)
+
+
+def test_max_output_tokens_is_the_limit_whatever_the_source_length(running: RunningServer) -> None:
+    # 0 takes the budget for the input (2 * source tokens + 10); a request's own limit replaces it, up to the
+    # model's max_target_tokens, as for captions: "Ja" may get 40 tokens when the request allows 40.
+    assert running.server.registry is not None
+    model = running.server.registry.get()
+    assert isinstance(model, TranslationModel)
+    [source] = model.prepare(["Ja"])
+    default = 2 * len(source.tokens) + 10
+    assert model.budget_for(source.ids, DecodeOptions()) == default
+    for limit in (1, default, default + 30, model.max_target_tokens - 1):
+        assert model.budget_for(source.ids, DecodeOptions(max_output_tokens=limit)) == limit + 1  # and its EOS
 
 
 def test_list_models(running: RunningServer) -> None:
