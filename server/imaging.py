@@ -90,7 +90,6 @@ def decode(data: bytes, limits: ImageLimits = ImageLimits()) -> DecodedImage:
         if width * height > limits.max_pixels:
             raise ImageError(f"is {width}×{height} = {width * height} pixels; the limit is {limits.max_pixels}"
                              " pixels (max_image_pixels)")
-        frames = int(getattr(opened, "n_frames", 1))
         try:
             opened.seek(0)
             opened.load()
@@ -100,7 +99,20 @@ def decode(data: bytes, limits: ImageLimits = ImageLimits()) -> DecodedImage:
                              "(max_image_pixels)") from exc
         except Exception as exc:  # truncated data, decoder errors
             raise ImageError(f"data is truncated or corrupt: {_reason(exc)}") from exc
-        return DecodedImage(image, str(opened.format), frames)
+        if image is opened:  # as_seen kept the file's own image: counting frames below would unload it
+            image = opened.copy()
+        return DecodedImage(image, str(opened.format), _frames(opened))
+
+
+def _frames(opened: Image.Image) -> int:
+    """The frames in the file, counted after the first one was decoded and as far as they can be read. A GIF's are
+    counted by parsing every frame after the first, where Pillow raises IndexError or struct.error for one cut short
+    (an animated GIF half downloaded): that frame ends the count, as the file's end does, rather than failing a
+    request (INTERNAL) for a frame it does not caption."""
+    try:
+        return int(getattr(opened, "n_frames", 1))
+    except Exception:  # a corrupt later frame
+        return int(opened.tell()) + 1
 
 
 def _pillow_guard_behind(max_pixels: int) -> None:

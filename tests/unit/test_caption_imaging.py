@@ -41,6 +41,15 @@ def animated_gif() -> bytes:
     return encode(first, "GIF", save_all=True, append_images=[second], loop=0, duration=50)
 
 
+def animated_gif_cut_short() -> bytes:
+    """An animated GIF cut off in its second frame's image descriptor, as a half-downloaded one can be: its first
+    frame, the one captioned, is whole."""
+    data = animated_gif()
+    second = data.index(b"\x21\xf9\x04", data.index(b"\x21\xf9\x04") + 1)  # the second frame's control block
+    assert data[second + 8] == 0x2C  # its image descriptor follows
+    return data[: second + 8 + 5]
+
+
 def accepted_inputs() -> dict[str, bytes]:
     rgb = Image.fromarray(PIXELS)
     grey16 = Image.fromarray((RNG.random((20, 30)) * 65535).astype(np.uint16))
@@ -49,6 +58,7 @@ def accepted_inputs() -> dict[str, bytes]:
         "bmp": encode(rgb, "BMP"), "grayscale": encode(rgb.convert("L"), "PNG"),
         "rgba": encode(rgb.convert("RGBA"), "PNG"), "png16": encode(grey16, "PNG"),
         "cmyk-jpeg": encode(rgb.convert("CMYK"), "JPEG"), "animated-gif": animated_gif(),
+        "animated-gif-cut-short": animated_gif_cut_short(),
     }
 
 
@@ -63,7 +73,8 @@ def refused_inputs() -> dict[str, bytes]:
 def test_accepted_images_decode_to_rgb(name: str) -> None:
     decoded = decode(accepted_inputs()[name])
     assert decoded.image.mode == "RGB"
-    assert (decoded.width, decoded.height) == ((30, 20) if name in ("png16", "animated-gif") else (60, 40))
+    assert (decoded.width, decoded.height) == ((30, 20) if name == "png16" or name.startswith("animated-gif")
+                                               else (60, 40))
 
 
 def test_modes_are_converted_faithfully() -> None:
@@ -73,12 +84,27 @@ def test_modes_are_converted_faithfully() -> None:
     assert (grey[..., 0] == np.asarray(Image.fromarray(PIXELS).convert("L"))).all()
     gif = decode(inputs["animated-gif"])
     assert gif.frames == 2 and tuple(np.asarray(gif.image)[0, 0]) == (255, 0, 0)  # the first frame
+    cut = decode(inputs["animated-gif-cut-short"])  # a later frame cut short does not spoil the first
+    assert cut.frames == 1 and tuple(np.asarray(cut.image)[0, 0]) == (255, 0, 0)
     values = np.array([[0, 257 * 100, 65535]], dtype=np.uint16)
     assert np.asarray(decode(encode(Image.fromarray(values), "PNG")).image)[0, :, 0].tolist() == [0, 100, 255]
     clear = Image.new("RGBA", (4, 4), (0, 0, 0, 0))  # fully transparent black: shown as white
     assert (np.asarray(decode(encode(clear, "PNG")).image) == 255).all()
     cmyk = np.asarray(decode(inputs["cmyk-jpeg"]).image).astype(int)
     assert np.abs(cmyk - PIXELS).mean() < 20  # JPEG is lossy, but the colours survive
+
+
+def test_an_image_cut_anywhere_decodes_or_is_refused() -> None:
+    """Every prefix of every accepted kind is either an image or an ImageError (INVALID_ARGUMENT), never another
+    exception (INTERNAL): Pillow's parsers raise IndexError, struct.error, ... for data cut short."""
+    for name, data in accepted_inputs().items():
+        for cut in range(1, len(data), max(1, len(data) // 300)):
+            try:
+                decode(data[:cut])
+            except ImageError:
+                pass
+            except Exception as exc:
+                raise AssertionError(f"{name} cut at {cut} of {len(data)} bytes: {exc!r}") from exc
 
 
 def test_exif_orientation_is_applied() -> None:
