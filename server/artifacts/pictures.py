@@ -23,15 +23,22 @@ def oriented(image: Image.Image) -> Image.Image:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB: 16- and 32-bit greys scaled, transparency composited over white, CMYK and palettes converted."""
+    """8-bit RGB: 16- and 32-bit greys scaled, transparency composited over white, CMYK and palettes converted.
+
+    Transparency is an alpha channel, a palette's transparent entries, or a PNG's colour key (its tRNS chunk on a
+    grey or RGB image: one grey level or colour that is transparent, as optimisers such as optipng write an image
+    whose alpha is all or nothing)."""
     mode = image.mode
+    keyed = "transparency" in image.info
     if mode.startswith("I;16") or mode == "I":
         values = np.asarray(image).astype(np.float64)
         grey = np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8)  # 0..65535 -> 0..255
+        if keyed and isinstance(image.info["transparency"], int):
+            grey[values == image.info["transparency"]] = 255  # the transparent grey level, over white
         return Image.fromarray(grey, "L").convert("RGB")
     if mode == "F":
         return Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), "L").convert("RGB")
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info):
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode in ("P", "L", "1", "RGB") and keyed):
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")

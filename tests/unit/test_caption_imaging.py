@@ -94,6 +94,22 @@ def test_modes_are_converted_faithfully() -> None:
     assert np.abs(cmyk - PIXELS).mean() < 20  # JPEG is lossy, but the colours survive
 
 
+def test_a_pngs_colour_key_is_transparency_over_white() -> None:
+    """A PNG's tRNS chunk on a grey or RGB image names one transparent grey level or colour (optipng writes an image
+    whose alpha is all or nothing so): those pixels are shown over white, as alpha and palette transparency are,
+    not in the key's own colour (usually black)."""
+    rgb = Image.new("RGB", (3, 2), (0, 0, 0))
+    rgb.putpixel((0, 0), (255, 0, 0))
+    assert np.asarray(decode(encode(rgb, "PNG", transparency=(0, 0, 0))).image)[0, :2].tolist() == [
+        [255, 0, 0], [255, 255, 255]]
+    grey = Image.new("L", (3, 2), 0)
+    grey.putpixel((0, 0), 200)
+    assert np.asarray(decode(encode(grey, "PNG", transparency=0)).image)[0, :2, 0].tolist() == [200, 255]
+    grey16 = Image.fromarray(np.array([[0, 257 * 100]], dtype=np.uint16))
+    assert np.asarray(decode(encode(grey16, "PNG", transparency=0)).image)[0, :, 0].tolist() == [255, 100]
+    assert np.asarray(decode(encode(rgb, "PNG")).image)[0, 1].tolist() == [0, 0, 0]  # no key: black stays black
+
+
 def test_an_image_cut_anywhere_decodes_or_is_refused() -> None:
     """Every prefix of every accepted kind is either an image or an ImageError (INVALID_ARGUMENT), never another
     exception (INTERNAL): Pillow's parsers raise IndexError, struct.error, ... for data cut short."""
