@@ -29,6 +29,7 @@ from server.captioning import CaptionModel, CaptionResult
 from server.drain import Unanswered
 from server.errors import (
     AnswerTooLarge,
+    FieldError,
     InvalidInput,
     ModelNotFound,
     Overloaded,
@@ -267,12 +268,39 @@ class AttentionServicer(pb_grpc.AttentionServiceServicer):
         return results, codec.translate_response(model, job, results)
 
     async def run_caption(self, model: CaptionModel, job: codec.CaptionJob, timeout: float | None) -> CaptionResult:
+        return (await self.run_captions(model, [job], timeout))[0]
+
+    async def run_captions(self, model: CaptionModel, jobs: Sequence[codec.CaptionJob], timeout: float | None,
+                           field: str | None = None) -> list[CaptionResult]:
+        """Decodes the jobs' images on the worker pool, then captions them as one request to the model's engine (with
+        the first job's options): one request in its queue, whose grid cells count together against
+        max_queue_tokens, as a Translate request's texts do, so that a batch no queue could hold is refused at once
+        (INVALID_ARGUMENT) rather than one of its images "retry later". ``field`` names a refused image with its
+        index (the V2 protocol's ``IMAGE[i]``); by default it is attention.v1's one ``image``."""
         started = time.monotonic()
-        size, pixels = await self.offload(self._pixels, model, job)
+
+        async def pixels(index: int, job: codec.CaptionJob) -> tuple[tuple[int, int], np.ndarray]:
+            try:
+                return await self.offload(self._pixels, model, job)
+            except FieldError as exc:
+                if field is None:
+                    raise
+                raise exc.renamed(field, index) from exc
+
+        if len(jobs) == 1:
+            decoded = [await pixels(0, jobs[0])]
+        else:
+            tasks = [asyncio.ensure_future(pixels(i, job)) for i, job in enumerate(jobs)]
+            try:
+                decoded = await asyncio.gather(*tasks)
+            except BaseException:  # the first refusal (or the call's end) stops the others' waits
+                for task in tasks:
+                    task.cancel()
+                raise
         if timeout is not None:
             timeout -= time.monotonic() - started
-        found = await self.models.decode(model, [pixels], job.options, timeout)
-        return (await self.offload(model.finish, [size], found))[0]
+        found = await self.models.decode(model, [item for _, item in decoded], jobs[0].options, timeout)
+        return await self.offload(model.finish, [size for size, _ in decoded], found)
 
     @staticmethod
     def _pixels(model: CaptionModel, job: codec.CaptionJob) -> tuple[tuple[int, int], np.ndarray]:

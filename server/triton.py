@@ -30,7 +30,6 @@ and the stream goes on, as in Triton.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import replace
@@ -47,7 +46,7 @@ from kserve_v2_pb import grpc_service_pb2 as v2
 from kserve_v2_pb import grpc_service_pb2_grpc as v2_grpc
 from kserve_v2_pb import model_config_pb2 as mc
 from server import codec, wire
-from server.captioning import CaptionModel, CaptionResult
+from server.captioning import CaptionModel
 from server.errors import FieldError, InvalidInput, ModelNotFound, NotReady, Unimplemented
 from server.service import AttentionServicer, Call, rpc
 from server.settings import Settings, parse_pins
@@ -310,20 +309,9 @@ class TritonServicer(v2_grpc.GRPCInferenceServiceServicer):
                 raise exc.renamed("IMAGE", i) from exc
         call.fields = {"images": len(jobs), "image_bytes": sum(len(i) for i in images),
                        "beam_size": jobs[0].options.beam_size}
-        # Submitted together, so the model's engine can decode them in one batch; the first failure cancels the rest.
-        async def captioned(i: int, job: codec.CaptionJob) -> CaptionResult:
-            try:
-                return await self.core.run_caption(model, job, timeout)
-            except FieldError as exc:  # an image that does not decode
-                raise exc.renamed("IMAGE", i) from exc
-
-        tasks = [asyncio.ensure_future(captioned(i, job)) for i, job in enumerate(jobs)]
-        try:
-            results = await asyncio.gather(*tasks)
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            raise
+        # One request to the model's engine, as a batch of texts is: decoded in one batch, and counted once in its
+        # queue; an image that does not decode is named IMAGE[i].
+        results = await self.core.run_captions(model, jobs, timeout, field="IMAGE")
         best = [r.hypotheses[0] for r in results]
         target_tokens = sum(len(h.tokens) for h in best)
         self.metrics.count_tokens(model.name, model.version, 0, target_tokens)

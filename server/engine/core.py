@@ -176,7 +176,7 @@ class Engine:
         if tokens > limits.max_queue_tokens:  # not even an empty queue takes it: a retry would be refused the same
             raise InvalidInput(f"the request has {tokens} source tokens (grid cells for images), more than the "
                                f"queue of model {model.name} holds (max_queue_tokens {limits.max_queue_tokens}); "
-                               "send fewer or shorter texts per call")
+                               "send fewer or shorter texts, or fewer images, per call")
         with self._lock:
             if self._closed:
                 raise ShuttingDown("the model is being unloaded; retry")

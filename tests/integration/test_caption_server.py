@@ -112,6 +112,34 @@ def test_families_do_not_mix(server: RunningServer) -> None:
         assert registry.get_sample_value("attn_requests_total", labels) == 1, rpc
 
 
+def test_a_v2_batch_of_images_is_one_request_to_the_models_queue(both_models: Path) -> None:
+    """The V2 protocol's images are one request in the model's queue, as its texts are: a batch that an empty queue
+    could never hold is INVALID_ARGUMENT at once (a retry cannot help), not RESOURCE_EXHAUSTED "retry later" for
+    one of its images, and a batch that fits is not refused for taking one queue slot per image."""
+    from kserve_v2_pb import grpc_service_pb2 as v2
+    from kserve_v2_pb import grpc_service_pb2_grpc as v2_grpc
+
+    running = RunningServer(settings(both_models, max_queue_requests=1, max_queue_tokens=400))  # 12×12 grid cells
+    try:
+        infer = v2_grpc.GRPCInferenceServiceStub(running.channel).ModelInfer
+
+        def request(count: int) -> v2.ModelInferRequest:
+            message = v2.ModelInferRequest(model_name="tiny-scenes")
+            tensor = message.inputs.add(name="IMAGE", datatype="BYTES", shape=[count, 1])
+            tensor.contents.bytes_contents.extend(scene_png(i) for i in range(count))
+            message.parameters["beam_size"].int64_param = 1
+            return message
+
+        for _ in range(3):
+            assert [o.name for o in infer(request(2), timeout=60).outputs][0] == "CAPTION"  # 288 cells, one request
+        with pytest.raises(grpc.RpcError) as error:
+            infer(request(3), timeout=60)  # 432 cells
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "432" in error.value.details() and "max_queue_tokens" in error.value.details()
+    finally:
+        running.close()
+
+
 def test_attn_caption_command(server: RunningServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from client.cli import main
 
