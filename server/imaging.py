@@ -80,7 +80,7 @@ def decode(data: bytes, limits: ImageLimits = ImageLimits()) -> DecodedImage:
         raise ImageError(f"header claims {_claimed(exc)} pixels; the limit is {limits.max_pixels} pixels "
                          "(max_image_pixels)") from exc
     except UnidentifiedImageError as exc:
-        raise ImageError(f"is not a {', '.join(FORMATS[:-1])} or {FORMATS[-1]} file") from exc
+        raise _unidentified(data) from exc
     except Exception as exc:  # Pillow's parsers raise many types (SyntaxError, struct.error, ...) for bad headers
         raise ImageError(f"header is corrupt: {_reason(exc)}") from exc
     with opened:
@@ -113,6 +113,43 @@ def _frames(opened: Image.Image) -> int:
         return int(getattr(opened, "n_frames", 1))
     except Exception:  # a corrupt later frame
         return int(opened.tell()) + 1
+
+
+def _unidentified(data: bytes) -> ImageError:
+    """Why bytes that Pillow could not open are refused. Pillow says the same ("cannot identify image file") for a
+    file of another kind and for one of ours cut short or broken in its header (a JPEG upload cut inside its EXIF
+    block, a PNG cut after its first chunk): its first bytes tell them apart, so that a client is not told that its
+    truncated JPEG is not a JPEG, and one that sends a TIFF or a HEIC photo learns what to send instead."""
+    accepted = f"{', '.join(FORMATS[:-1])} or {FORMATS[-1]}"
+    kind = _signature(data)
+    if kind in FORMATS:
+        return ImageError(f"starts as a {kind} file does but its header is truncated or corrupt")
+    if kind:
+        return ImageError(f"is a {kind} file; the server reads {accepted} files (convert it to one of them)")
+    return ImageError(f"is not a {accepted} file")
+
+
+def _signature(data: bytes) -> str | None:
+    """The kind of image file that ``data`` starts as, by its first bytes; None for none known."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data.startswith((b"GIF87a", b"GIF89a")):
+        return "GIF"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data[:2] == b"BM" and int.from_bytes(data[14:18], "little") in (12, 40, 52, 56, 64, 108, 124):
+        return "BMP"  # "BM" and a known DIB header size: two letters alone start many text files
+    if data.startswith((b"II*\x00", b"MM\x00*")):
+        return "TIFF"
+    if data[4:8] == b"ftyp":
+        brand = data[8:12]
+        if brand in (b"avif", b"avis"):
+            return "AVIF"
+        if brand in (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"):
+            return "HEIF"
+    return None
 
 
 def _pillow_guard_behind(max_pixels: int) -> None:

@@ -110,6 +110,23 @@ def test_a_pngs_colour_key_is_transparency_over_white() -> None:
     assert np.asarray(decode(encode(rgb, "PNG")).image)[0, 1].tolist() == [0, 0, 0]  # no key: black stays black
 
 
+def test_refusals_of_unopenable_bytes_say_what_the_bytes_are() -> None:
+    """Pillow cannot tell a file of another kind from one of ours cut short in its header; the refusal can, by the
+    first bytes: a JPEG or PNG upload cut in its first segment or chunk is not called "not a JPEG" ("not a PNG"),
+    and a TIFF or HEIC photo is named with what to send instead."""
+    rgb = Image.fromarray(PIXELS)
+    for data, kind in ((encode(rgb, "JPEG")[:20], "JPEG"), (encode(rgb, "PNG")[:40], "PNG"),
+                       (animated_gif()[:8], "GIF")):
+        with pytest.raises(ImageError) as error:
+            decode(data)
+        assert str(error.value) == f"image starts as a {kind} file does but its header is truncated or corrupt"
+    for data, kind in ((encode(rgb, "TIFF"), "TIFF"), (b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + bytes(64), "HEIF")):
+        with pytest.raises(ImageError, match=f"is a {kind} file; the server reads PNG, JPEG, WEBP, BMP or GIF files"):
+            decode(data)
+    with pytest.raises(ImageError, match="^image is not a PNG, JPEG, WEBP, BMP or GIF file$"):
+        decode(b"this is a text file, not an image\n")
+
+
 def test_an_image_cut_anywhere_decodes_or_is_refused() -> None:
     """Every prefix of every accepted kind is either an image or an ImageError (INVALID_ARGUMENT), never another
     exception (INTERNAL): Pillow's parsers raise IndexError, struct.error, ... for data cut short."""
