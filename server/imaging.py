@@ -19,6 +19,7 @@ scaled down, CMYK converted, and transparent pixels composited over white. The c
 
 from __future__ import annotations
 
+import base64
 import io
 import re
 from dataclasses import dataclass
@@ -126,7 +127,28 @@ def _unidentified(data: bytes) -> ImageError:
         return ImageError(f"starts as a {kind} file does but its header is truncated or corrupt")
     if kind:
         return ImageError(f"is a {kind} file; the server reads {accepted} files (convert it to one of them)")
+    encoded = _base64_of(data)
+    if encoded:
+        return ImageError(f"is base64 text ({encoded}); send the file's own bytes: the field is bytes, not text")
     return ImageError(f"is not a {accepted} file")
+
+
+def _base64_of(data: bytes) -> str:
+    """What ``data`` is, if it is a data: URL or base64 text of an image file (a browser's canvas.toDataURL, or a
+    client that encoded the file for a JSON body and then sent the encoding as the bytes); "" if it is not."""
+    head = b"".join(data[:128].split())  # base64 text may be wrapped in lines
+    if head[:5].lower() == b"data:" and b";base64," in head:
+        head = head.split(b";base64,", 1)[1]
+        prefix = "a data: URL"
+    else:
+        prefix = ""
+    try:
+        kind = _signature(base64.b64decode(head[: len(head) // 4 * 4], validate=True))
+    except ValueError:
+        return prefix
+    if not kind:
+        return prefix
+    return f"{prefix + ' of ' if prefix else ''}a {kind} file"
 
 
 def _signature(data: bytes) -> str | None:

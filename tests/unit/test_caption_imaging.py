@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import struct
 import zlib
@@ -125,6 +126,20 @@ def test_refusals_of_unopenable_bytes_say_what_the_bytes_are() -> None:
             decode(data)
     with pytest.raises(ImageError, match="^image is not a PNG, JPEG, WEBP, BMP or GIF file$"):
         decode(b"this is a text file, not an image\n")
+
+
+def test_base64_text_of_an_image_is_refused_saying_so() -> None:
+    """A browser's data: URL, or a file encoded for a JSON body and then sent as the bytes, is an image the client
+    meant to send: the refusal says to send the file's own bytes rather than that it is not an image."""
+    png = encode(Image.fromarray(PIXELS), "PNG")
+    for data, what in ((base64.b64encode(png), "a PNG file"), (base64.encodebytes(png), "a PNG file"),
+                       (b"data:image/png;base64," + base64.b64encode(png), "a data: URL of a PNG file")):
+        with pytest.raises(ImageError) as error:
+            decode(data)
+        assert str(error.value) == (f"image is base64 text ({what}); send the file's own bytes: the field is bytes, "
+                                    "not text")
+    with pytest.raises(ImageError, match="is not a PNG"):
+        decode(base64.b64encode(b"hello, not an image at all"))
 
 
 def test_an_image_cut_anywhere_decodes_or_is_refused() -> None:
