@@ -158,11 +158,17 @@ def run_engine(settings: Settings, address: str, parent: int, status: Connection
     handle_signals()
     thread = threading.Thread(target=endpoint.run, args=(endpoint_stop,), name="attn-ipc", daemon=True)
     thread.start()
+    # Every engine loads every model from the same folder and refuses the same versions: engine 0 alone counts them
+    # (attn_model_load_failures_total counts versions, not processes), and not at a restart after a crash, where it
+    # refuses again the versions its predecessor refused and counted.
+    counts = multiprocessing.current_process().name == f"attn-{ENGINE}-0"
+    registry.count_refusals = counts and strict
     try:
         registry.load(strict)
     except StartupError as exc:
         event(log, "startup_failed", level=logging.ERROR, error=str(exc))
         raise SystemExit(1) from None
+    registry.count_refusals = counts
     endpoint.publish()
     status.send(("ready", [f"{m.name}/{m.version}" for m in registry.models()], registry.default_model,
                  registry.device.name))

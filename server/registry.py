@@ -149,6 +149,9 @@ class Registry(ModelIndex):
         self._syncing = threading.Lock()
         self._ready = threading.Event()
         self._published: set[tuple[str, ...]] = set()  # attn_model_info's label sets now at 1
+        # Whether a refused version counts in attn_model_load_failures_total. Several engine processes each load
+        # every model from the same folder and refuse the same versions: only one of them counts (run_engine).
+        self.count_refusals = True
 
     @property
     def ready(self) -> bool:
@@ -287,7 +290,7 @@ class Registry(ModelIndex):
         """``seen``: the version's files as they were before the failed attempt, not after it: a copy that ended
         while the attempt failed on it changed them, and the finished version is tried again."""
         self._refused[key] = seen
-        if self.metrics:
+        if self.metrics and self.count_refusals:
             self.metrics.load_failures.labels(key[0]).inc()
         event(log, "model_refused", level=logging.ERROR, model=key[0], version=key[1], error=str(error))
 

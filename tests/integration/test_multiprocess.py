@@ -556,3 +556,35 @@ def test_a_start_up_failure_of_either_process_stops_the_server(models_dir: Path,
         assert not server.events("process_exited")  # not restarted
     finally:
         server.kill()
+
+
+def test_a_refused_version_is_counted_once_whatever_the_engines(models_dir: Path, tmp_path: Path) -> None:
+    """attn_model_load_failures_total counts model versions refused, not engine processes that refused one: two
+    engines refusing the same broken version count it once, and an engine restarted after a crash, which refuses it
+    again as it comes back, does not count it a second time."""
+    from tests.integration.test_hot_reload import NAME
+
+    root = tmp_path / "models"
+    shutil.copytree(models_dir / NAME, root / NAME)
+    server = ServerProcess(root, "--engines", "2")
+    failures = ("attn_model_load_failures_total", (("model", NAME),))
+    try:
+        server.wait_for("ready")
+        staging = root / NAME / ".2.staging"
+        shutil.copytree(root / NAME / "1", staging)
+        manifest = json.loads((staging / "manifest.json").read_text())
+        (staging / "manifest.json").write_text(json.dumps({**manifest, "version": "2"}))
+        (staging / "decoder_step.onnx").write_bytes(b"not a graph")
+        os.rename(staging, root / NAME / "2")
+        server.process.send_signal(signal.SIGHUP)
+        server.wait_for("model_refused", count=2, version="2")  # by each engine
+        assert server.metrics().get(failures) == 1
+        for engine in server.pids("engine"):
+            os.kill(engine, signal.SIGKILL)
+            server.wait_for("process_exited", role="engine", pid=engine)
+        server.wait_for("model_refused", count=4, version="2")  # by both restarted engines
+        _until(lambda: _serves(server, pb.TranslateRequest(texts=TEXTS[:1])), "the restarted engines to serve")
+        assert server.metrics().get(failures) == 1
+        assert server.metrics()[("attn_process_restarts_total", (("role", "engine"),))] == 2
+    finally:
+        assert server.stop() == 0
