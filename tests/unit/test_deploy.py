@@ -367,3 +367,23 @@ def test_the_loaded_models_panel_leaves_out_retired_versions() -> None:
     # restarts): a table of its series would list it as loaded, and as serving.
     queries = [expr for _title, expr in dashboard_expressions(load_dashboard()) if "attn_model_info" in expr]
     assert queries and all(" ".join(expr.split()).endswith("== 1") for expr in queries), queries
+
+
+# The RPCs that run a model: every latency expression that picks RPCs by name must pick all of them. A V2 stream's
+# messages are calls of their own, counted under rpc="ModelStreamInfer" (server/triton.py), not under ModelInfer.
+MODEL_RPCS = {"Translate", "Caption", "ModelInfer", "ModelStreamInfer"}
+
+
+def test_latency_alert_and_panels_watch_every_rpc_that_runs_a_model() -> None:
+    sources = [("record: " + name, expr) for name, expr in recording_rules().items()]
+    sources += [("dashboard: " + title, expr) for title, expr in dashboard_expressions(load_dashboard())]
+    checked = 0
+    for where, expr in sources:
+        if "attn_request_duration_seconds" not in expr:
+            continue
+        for chosen in re.findall(r'rpc=~"([^"]*)"', expr):
+            checked += 1
+            assert set(chosen.split("|")) == MODEL_RPCS, f"{where}: rpc=~{chosen!r} leaves out or adds RPCs"
+    assert checked >= 5  # the alert's quantity, the p99 stat and the three percentiles
+    titles = [p["title"] for p in dashboard_panels(load_dashboard()) if p["title"].startswith("Latency percentiles")]
+    assert titles and all("ModelStreamInfer" in t for t in titles), titles
