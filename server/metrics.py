@@ -9,15 +9,25 @@ name and version only once the model was found (requests for unknown models are 
 from __future__ import annotations
 
 import logging
+import os
+import resource
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    start_http_server,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 PREFIX = "attn"
@@ -139,6 +149,23 @@ class GpuCollector(Collector):
         yield busy
 
 
+class ProcessTotals(Collector):
+    """CPU time and resident memory of this process, read at scrape time: the two process metrics the README
+    documents, and no more (prometheus_client's ProcessCollector adds open and maximum descriptors, virtual memory
+    and start time, which the multi-process server's parent, collecting for the whole tree, does not export)."""
+
+    def collect(self) -> Any:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        yield CounterMetricFamily("attn_process_cpu_seconds", _help("attn_process_cpu_seconds"),
+                                  value=usage.ru_utime + usage.ru_stime)
+        try:
+            pages = int(Path("/proc/self/statm").read_text().split()[1])
+        except OSError:  # not Linux
+            return
+        yield GaugeMetricFamily("attn_process_resident_memory_bytes", _help("attn_process_resident_memory_bytes"),
+                                value=float(pages * os.sysconf("SC_PAGE_SIZE")))
+
+
 def watch_gpu(registry: CollectorRegistry) -> None:
     """Adds the GPU gauges to ``registry`` (call once, when the models run on CUDA); without NVML they are left out,
     with a log line, rather than stopping the server."""
@@ -171,13 +198,16 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        # No <name>_created series: Prometheus would store each as a series of its own, and the multi-process
+        # server's /metrics (MultiProcessCollector) has none, so the two modes export the same series.
+        disable_created_metrics()
         for m in METRICS:
             kinds: dict[str, Any] = {"counter": Counter, "gauge": Gauge, "histogram": Histogram}
             extra: dict[str, Any] = {"buckets": m.buckets} if m.kind == "histogram" else {}
             if m.kind == "gauge":
                 extra["multiprocess_mode"] = m.aggregate
             setattr(self, m.attr, kinds[m.kind](m.name, m.help, list(m.labels), registry=registry, **extra))
-        ProcessCollector(namespace=PREFIX, registry=registry)  # attn_process_cpu_seconds_total, ..._memory_bytes
+        registry.register(ProcessTotals())  # attn_process_cpu_seconds_total, attn_process_resident_memory_bytes
         self._http: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 

@@ -59,3 +59,19 @@ def test_observe_many_writes_what_observing_each_value_writes(values: list[float
     assert registry.get_sample_value("many_count", {"m": "x"}) == len(values)
     assert registry.get_sample_value("many_sum", {"m": "x"}) == pytest.approx(
         registry.get_sample_value("one_sum", {"m": "x"}), rel=1e-12)
+
+
+def test_the_one_process_server_exports_only_documented_metrics() -> None:
+    """The one-process server's /metrics holds the README's metrics and nothing else, as the multi-process one does
+    (its parent collects CPU and memory itself): prometheus_client's ProcessCollector added attn_process_open_fds,
+    _max_fds, _virtual_memory_bytes and _start_time_seconds, which only one of the two modes exported."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    metrics = Metrics(CollectorRegistry())
+    metrics.observe("Translate", "m", "1", "OK", 0.02)
+    families = {f.name for f in text_string_to_metric_families(generate_latest(metrics.registry).decode())}
+    documented = {name.removesuffix("_total") for name, *_ in DESCRIPTIONS}
+    assert families <= documented, sorted(families - documented)
+    cpu = metrics.registry.get_sample_value("attn_process_cpu_seconds_total")
+    memory = metrics.registry.get_sample_value("attn_process_resident_memory_bytes")
+    assert cpu is not None and cpu > 0 and memory is not None and memory > 10 * 2**20
