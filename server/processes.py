@@ -456,19 +456,25 @@ class TreeCollector:
 
     def __init__(self, supervisor: Supervisor) -> None:
         self.supervisor = supervisor
+        self._cpu, self._lock = 0.0, threading.Lock()  # the most CPU time reported: the counter never goes down
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         from server.metrics import COLLECTED
 
-        own, reaped = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpu = own.ru_utime + own.ru_stime + reaped.ru_utime + reaped.ru_stime
-        memory = _rss(os.getpid())
+        cpu, memory = 0.0, _rss(os.getpid())
         for child in self.supervisor.children:
             if child.process.pid and child.process.is_alive():
                 cpu += process_cpu_seconds(child.process.pid)
                 memory += _rss(child.process.pid)
+        # After the children: is_alive() reaps one that died, whose time then is the parent's children's. A child
+        # reaped by the supervisor between its /proc reading and this one counts twice in this scrape: the next
+        # ones report no less, lest Prometheus take the dip for a counter reset.
+        own, reaped = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu += own.ru_utime + own.ru_stime + reaped.ru_utime + reaped.ru_stime
+        with self._lock:
+            cpu = self._cpu = max(cpu, self._cpu)
         help_of = {m.name: m.help for m in COLLECTED}
         yield CounterMetricFamily("attn_process_cpu_seconds", help_of["attn_process_cpu_seconds"], value=cpu)
         yield GaugeMetricFamily("attn_process_resident_memory_bytes", help_of["attn_process_resident_memory_bytes"],

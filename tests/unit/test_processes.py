@@ -126,3 +126,45 @@ def test_the_gpu_gauges_are_the_parents_when_an_engine_runs_on_cuda(monkeypatch:
         assert registry.get_sample_value("attn_gpu_memory_used_bytes", {"gpu": "0"}) == 123.0
     finally:
         supervisor._cleanup()
+
+
+def test_the_servers_cpu_counter_never_goes_down_when_a_child_exits_during_a_scrape(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A child that died is reaped by whoever waits for it first: the supervisor, or the scrape itself, whose
+    is_alive() waits for it. Its CPU time then moves from its /proc entry to the parent's RUSAGE_CHILDREN between
+    two readings of one scrape, which read neither: attn_process_cpu_seconds_total dipped, and Prometheus reads a
+    dip as a counter reset (rate() adds the whole total). Here the child's 5 s move while the scrape runs."""
+    import resource
+    import types
+
+    from prometheus_client import CollectorRegistry
+
+    import server.processes as processes
+
+    reaped = {"seconds": 0.0}
+
+    class Dying:
+        pid, alive = 4242, True
+
+        def is_alive(self) -> bool:
+            if not self.alive:
+                reaped["seconds"] = 5.0  # waitpid: the zombie is reaped, its time now the parent's children's
+            return self.alive
+
+    def getrusage(who: int) -> types.SimpleNamespace:
+        own = who == resource.RUSAGE_SELF
+        return types.SimpleNamespace(ru_utime=1.0 if own else reaped["seconds"], ru_stime=0.0)
+
+    child = types.SimpleNamespace(process=Dying())
+    supervisor = types.SimpleNamespace(children=[child], restarts={})
+    monkeypatch.setattr(processes.resource, "getrusage", getrusage)
+    monkeypatch.setattr(processes, "process_cpu_seconds", lambda pid: 5.0 if child.process.alive else 0.0)
+    monkeypatch.setattr(processes, "_rss", lambda pid: 0.0)
+    registry = CollectorRegistry()
+    registry.register(processes.TreeCollector(supervisor))  # type: ignore[arg-type]
+    totals = [registry.get_sample_value("attn_process_cpu_seconds_total")]
+    child.process.alive = False  # it dies; the next scrape reaps it
+    totals.append(registry.get_sample_value("attn_process_cpu_seconds_total"))
+    supervisor.children.clear()  # the supervisor has seen it go
+    totals.append(registry.get_sample_value("attn_process_cpu_seconds_total"))
+    assert totals == sorted(totals) and totals[0] == 6.0, totals
