@@ -32,6 +32,10 @@ from prometheus_client.registry import Collector
 
 PREFIX = "attn"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# A request waits for the engine's next decoder step when the engine is not saturated (a fraction of a millisecond to
+# a few), for seconds when its queue is long: the request latency buckets (5 ms the smallest) put every unsaturated
+# wait in their first bucket.
+QUEUE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 COMPUTE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 BYTES_BUCKETS = tuple(float(4**k) for k in range(4, 14))  # 256 B .. 64 MiB
@@ -63,7 +67,7 @@ METRICS = [
            "Time from receiving an RPC to answering it.", LATENCY_BUCKETS),
     Metric("queue_time", "attn_queue_duration_seconds", "histogram", MODEL,
            "Time a request waited in its model's queue before the engine admitted it (one decoded in parts: its "
-           "parts' waits together).", LATENCY_BUCKETS),
+           "parts' waits together).", QUEUE_BUCKETS),
     Metric("compute_time", "attn_compute_duration_seconds", "histogram", (*MODEL, "stage"),
            "ONNX Runtime time per call: stage=encoder for one admitted group, stage=decoder for one step of the "
            "whole batch.", COMPUTE_BUCKETS),
