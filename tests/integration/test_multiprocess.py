@@ -491,12 +491,7 @@ def test_a_restarted_engine_skips_a_version_that_reload_refused(models_dir: Path
     server = ServerProcess(root)
     try:
         server.wait_for("ready")
-        staging = root / NAME / ".2.staging"
-        shutil.copytree(root / NAME / "1", staging)
-        manifest = json.loads((staging / "manifest.json").read_text())
-        (staging / "manifest.json").write_text(json.dumps({**manifest, "version": "2"}))
-        (staging / "decoder_step.onnx").write_bytes(b"not a graph")
-        os.rename(staging, root / NAME / "2")
+        _publish_a_broken_version(root / NAME, "2")
         server.process.send_signal(signal.SIGHUP)
         server.wait_for("model_refused", version="2")
         [engine] = server.pids("engine")
@@ -558,6 +553,17 @@ def test_a_start_up_failure_of_either_process_stops_the_server(models_dir: Path,
         server.kill()
 
 
+def _publish_a_broken_version(model: Path, version: str) -> None:
+    """Publishes ``version`` of ``model`` as the exporter does (staged, then renamed), with a decoder step that is
+    not a graph: every engine refuses it."""
+    staging = model / f".{version}.staging"
+    shutil.copytree(model / "1", staging)
+    manifest = json.loads((staging / "manifest.json").read_text())
+    (staging / "manifest.json").write_text(json.dumps({**manifest, "version": version}))
+    (staging / "decoder_step.onnx").write_bytes(b"not a graph")
+    os.rename(staging, model / version)
+
+
 def test_a_refused_version_is_counted_once_whatever_the_engines(models_dir: Path, tmp_path: Path) -> None:
     """attn_model_load_failures_total counts model versions refused, not engine processes that refused one: two
     engines refusing the same broken version count it once, and an engine restarted after a crash, which refuses it
@@ -570,12 +576,7 @@ def test_a_refused_version_is_counted_once_whatever_the_engines(models_dir: Path
     failures = ("attn_model_load_failures_total", (("model", NAME),))
     try:
         server.wait_for("ready")
-        staging = root / NAME / ".2.staging"
-        shutil.copytree(root / NAME / "1", staging)
-        manifest = json.loads((staging / "manifest.json").read_text())
-        (staging / "manifest.json").write_text(json.dumps({**manifest, "version": "2"}))
-        (staging / "decoder_step.onnx").write_bytes(b"not a graph")
-        os.rename(staging, root / NAME / "2")
+        _publish_a_broken_version(root / NAME, "2")
         server.process.send_signal(signal.SIGHUP)
         server.wait_for("model_refused", count=2, version="2")  # by each engine
         assert server.metrics().get(failures) == 1

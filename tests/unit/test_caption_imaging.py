@@ -108,7 +108,11 @@ def test_a_pngs_colour_key_is_transparency_over_white() -> None:
     grey.putpixel((0, 0), 200)
     assert np.asarray(decode(encode(grey, "PNG", transparency=0)).image)[0, :2, 0].tolist() == [200, 255]
     grey16 = Image.fromarray(np.array([[0, 257 * 100]], dtype=np.uint16))
-    assert np.asarray(decode(encode(grey16, "PNG", transparency=0)).image)[0, :, 0].tolist() == [255, 100]
+    try:
+        keyed16 = encode(grey16, "PNG", transparency=0)
+    except OSError:  # Pillow 10.1 writes no key for I;16 (and Pillow 13 no mode I): both are 16-bit PNGs
+        keyed16 = encode(grey16.convert("I"), "PNG", transparency=0)
+    assert np.asarray(decode(keyed16).image)[0, :, 0].tolist() == [255, 100]
     assert np.asarray(decode(encode(rgb, "PNG")).image)[0, 1].tolist() == [0, 0, 0]  # no key: black stays black
 
 
@@ -156,7 +160,8 @@ def test_a_16_bit_grey_is_scaled_without_float_copies() -> None:
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak < 8 * 1024 * 1024, f"{peak / 1024 / 1024:.1f} bytes per pixel"
+    # 7 where Pillow decodes to uint16 (I;16), 9 where it decodes to int32 (I: Pillow 10.1); float64 copies took 24
+    assert peak < 10 * 1024 * 1024, f"{peak / 1024 / 1024:.1f} bytes per pixel"
 
 
 def test_an_image_cut_anywhere_decodes_or_is_refused() -> None:
