@@ -12,7 +12,7 @@ import logging
 import os
 import resource
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,7 +129,7 @@ def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
         histogram._buckets[bucket].inc(int(counts[bucket]))
 
 
-def _help(name: str) -> str:
+def help_of(name: str) -> str:
     return next(m.help for m in METRICS + COLLECTED if m.name == name)
 
 
@@ -144,8 +144,8 @@ class GpuCollector(Collector):
         self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
 
     def collect(self) -> Any:
-        memory = GaugeMetricFamily("attn_gpu_memory_used_bytes", _help("attn_gpu_memory_used_bytes"), labels=["gpu"])
-        busy = GaugeMetricFamily("attn_gpu_utilization_ratio", _help("attn_gpu_utilization_ratio"), labels=["gpu"])
+        memory = GaugeMetricFamily("attn_gpu_memory_used_bytes", help_of("attn_gpu_memory_used_bytes"), labels=["gpu"])
+        busy = GaugeMetricFamily("attn_gpu_utilization_ratio", help_of("attn_gpu_utilization_ratio"), labels=["gpu"])
         for i, handle in enumerate(self._handles):
             memory.add_metric([str(i)], float(self._nvml.nvmlDeviceGetMemoryInfo(handle).used))
             busy.add_metric([str(i)], self._nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0)
@@ -160,14 +160,24 @@ class ProcessTotals(Collector):
 
     def collect(self) -> Any:
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        yield CounterMetricFamily("attn_process_cpu_seconds", _help("attn_process_cpu_seconds"),
-                                  value=usage.ru_utime + usage.ru_stime)
-        try:
-            pages = int(Path("/proc/self/statm").read_text().split()[1])
-        except OSError:  # not Linux
-            return
-        yield GaugeMetricFamily("attn_process_resident_memory_bytes", _help("attn_process_resident_memory_bytes"),
-                                value=float(pages * os.sysconf("SC_PAGE_SIZE")))
+        yield from process_usage(usage.ru_utime + usage.ru_stime, resident_bytes(os.getpid()))
+
+
+def process_usage(cpu_seconds: float, memory_bytes: float) -> Iterator[Any]:
+    """attn_process_cpu_seconds_total and attn_process_resident_memory_bytes as a collector yields them: of this
+    process (:class:`ProcessTotals`), or of a multi-process server's whole tree (``server.processes``)."""
+    yield CounterMetricFamily("attn_process_cpu_seconds", help_of("attn_process_cpu_seconds"), value=cpu_seconds)
+    yield GaugeMetricFamily("attn_process_resident_memory_bytes", help_of("attn_process_resident_memory_bytes"),
+                            value=memory_bytes)
+
+
+def resident_bytes(pid: int) -> float:
+    """Resident memory of a live process, from /proc; 0 once it has exited."""
+    try:
+        fields = Path(f"/proc/{pid}/statm").read_text().split()
+    except OSError:
+        return 0.0
+    return float(int(fields[1]) * os.sysconf("SC_PAGE_SIZE"))
 
 
 def watch_gpu(registry: CollectorRegistry) -> None:

@@ -133,11 +133,12 @@ def handle_signals() -> None:
 
 
 def run_engine(settings: Settings, address: str, parent: int, status: Connection, stderr: Stderr,
-               strict: bool = True) -> None:
+               strict: bool = True, counts_refusals: bool = True) -> None:
     """The engine process: loads the models, serves them at ``address``, reloads on SIGHUP and every
     ``reload_interval`` seconds, stops on SIGTERM (what is still queued fails with UNAVAILABLE). ``strict``: any
     model that fails to load stops it (the server's start); else such a version is refused and skipped, as a reload
-    does (an engine restarted after a crash, which comes back with what was served)."""
+    does (an engine restarted after a crash, which comes back with what was served). ``counts_refusals``: this
+    engine counts the versions it refuses in attn_model_load_failures_total (the first engine does)."""
     _become_child(parent, settings, stderr, runtime_dir=Path(address).parent)
     from prometheus_client import CollectorRegistry
 
@@ -161,14 +162,13 @@ def run_engine(settings: Settings, address: str, parent: int, status: Connection
     # Every engine loads every model from the same folder and refuses the same versions: engine 0 alone counts them
     # (attn_model_load_failures_total counts versions, not processes), and not at a restart after a crash, where it
     # refuses again the versions its predecessor refused and counted.
-    counts = multiprocessing.current_process().name == f"attn-{ENGINE}-0"
-    registry.count_refusals = counts and strict
+    registry.count_refusals = counts_refusals and strict
     try:
         registry.load(strict)
     except StartupError as exc:
         event(log, "startup_failed", level=logging.ERROR, error=str(exc))
         raise SystemExit(1) from None
-    registry.count_refusals = counts
+    registry.count_refusals = counts_refusals
     endpoint.publish()
     status.send(("ready", [f"{m.name}/{m.version}" for m in registry.models()], registry.default_model,
                  registry.device.name))
@@ -310,7 +310,7 @@ class Supervisor:
         target: Callable[..., None] = run_engine if role == ENGINE else run_frontend
         args: tuple[Any, ...] = (os.getpid(), send, Stderr(logs.stderr_fileno()))
         if role == ENGINE:  # once the server has served, a restarted engine skips a version that fails to load
-            args = (engine_settings(settings), self.addresses[index], *args, not self.announced)
+            args = (engine_settings(settings), self.addresses[index], *args, not self.announced, index == 0)
         else:
             args = (settings, self.addresses, CallsInFlight(self.inflight, index), *args)
         process = self.context.Process(target=target, args=args, name=f"attn-{role}-{index}", daemon=False)
@@ -459,15 +459,15 @@ class TreeCollector:
         self._cpu, self._lock = 0.0, threading.Lock()  # the most CPU time reported: the counter never goes down
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily
 
-        from server.metrics import COLLECTED
+        from server.metrics import help_of, process_usage, resident_bytes
 
-        cpu, memory = 0.0, _rss(os.getpid())
+        cpu, memory = 0.0, resident_bytes(os.getpid())
         for child in self.supervisor.children:
             if child.process.pid and child.process.is_alive():
                 cpu += process_cpu_seconds(child.process.pid)
-                memory += _rss(child.process.pid)
+                memory += resident_bytes(child.process.pid)
         # After the children: is_alive() reaps one that died, whose time then is the parent's children's. A child
         # reaped by the supervisor between its /proc reading and this one counts twice in this scrape: the next
         # ones report no less, lest Prometheus take the dip for a counter reset.
@@ -475,11 +475,8 @@ class TreeCollector:
         cpu += own.ru_utime + own.ru_stime + reaped.ru_utime + reaped.ru_stime
         with self._lock:
             cpu = self._cpu = max(cpu, self._cpu)
-        help_of = {m.name: m.help for m in COLLECTED}
-        yield CounterMetricFamily("attn_process_cpu_seconds", help_of["attn_process_cpu_seconds"], value=cpu)
-        yield GaugeMetricFamily("attn_process_resident_memory_bytes", help_of["attn_process_resident_memory_bytes"],
-                                value=memory)
-        restarts = CounterMetricFamily("attn_process_restarts", help_of["attn_process_restarts"], labels=["role"])
+        yield from process_usage(cpu, memory)
+        restarts = CounterMetricFamily("attn_process_restarts", help_of("attn_process_restarts"), labels=["role"])
         for role, count in self.supervisor.restarts.items():
             restarts.add_metric([role], count)
         yield restarts
@@ -493,14 +490,6 @@ def process_cpu_seconds(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _rss(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/statm").read_text().split()
-    except OSError:
-        return 0.0
-    return float(int(fields[1]) * os.sysconf("SC_PAGE_SIZE"))
 
 
 def supervise(settings: Settings) -> int:

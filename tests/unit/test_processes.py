@@ -139,6 +139,7 @@ def test_the_servers_cpu_counter_never_goes_down_when_a_child_exits_during_a_scr
 
     from prometheus_client import CollectorRegistry
 
+    import server.metrics as metrics
     import server.processes as processes
 
     reaped = {"seconds": 0.0}
@@ -159,7 +160,7 @@ def test_the_servers_cpu_counter_never_goes_down_when_a_child_exits_during_a_scr
     supervisor = types.SimpleNamespace(children=[child], restarts={})
     monkeypatch.setattr(processes.resource, "getrusage", getrusage)
     monkeypatch.setattr(processes, "process_cpu_seconds", lambda pid: 5.0 if child.process.alive else 0.0)
-    monkeypatch.setattr(processes, "_rss", lambda pid: 0.0)
+    monkeypatch.setattr(metrics, "resident_bytes", lambda pid: 0.0)
     registry = CollectorRegistry()
     registry.register(processes.TreeCollector(supervisor))  # type: ignore[arg-type]
     totals = [registry.get_sample_value("attn_process_cpu_seconds_total")]
