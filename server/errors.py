@@ -43,7 +43,16 @@ class ModelNotFound(ServiceError):
 
 
 class Overloaded(ServiceError):
+    """A model's queue is full (``max_queue_requests``, ``max_queue_tokens``)."""
+
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class TooManyCalls(Overloaded):
+    """The server handles as many Translate/Caption calls as it takes (``max_inflight``): counted apart from a full
+    queue, which more replicas or a faster engine relieve, where this bound may be set too low for the queues."""
+
+    refusal = "inflight_full"
 
 
 class AnswerTooLarge(ServiceError):

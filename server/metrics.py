@@ -39,7 +39,6 @@ QUEUE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 COMPUTE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 BYTES_BUCKETS = tuple(float(4**k) for k in range(4, 14))  # 256 B .. 64 MiB
-REFUSAL_REASONS = ("queue_full", "deadline", "cancelled", "invalid", "unauthenticated", "too_large")
 
 
 @dataclass(frozen=True)
@@ -77,6 +76,9 @@ METRICS = [
            "Active hypotheses (rows: sentences × beams) in one decoder step.", BATCH_BUCKETS),
     Metric("queue_requests", "attn_queue_requests", "gauge", MODEL, "Requests waiting for admission."),
     Metric("queue_tokens", "attn_queue_tokens", "gauge", MODEL, "Source tokens of the requests waiting."),
+    Metric("queue_capacity", "attn_queue_capacity_requests", "gauge", MODEL,
+           "Requests that may wait before more are refused: max_queue_requests for each engine process serving the "
+           "version."),
     Metric("active_requests", "attn_active_requests", "gauge", MODEL, "Requests being decoded."),
     Metric("inflight", "attn_inflight_requests", "gauge", ("rpc",),
            "RPCs being handled right now (queued, decoding or being answered)."),
@@ -85,8 +87,8 @@ METRICS = [
            "Target tokens generated over all returned hypotheses (end of sentence included)."),
     Metric("images", "attn_images", "counter", MODEL, "Images captioned."),
     Metric("refusals", "attn_refused_requests", "counter", ("rpc", "reason"),
-           "Requests refused or stopped: queue_full, deadline, cancelled, invalid, unauthenticated, too_large (an "
-           "answer over the largest message sent)."),
+           "Requests refused or stopped: queue_full, inflight_full (the server's max_inflight), deadline, "
+           "cancelled, invalid, unauthenticated, too_large (an answer over the largest message sent)."),
     Metric("attention_bytes", "attn_attention_payload_bytes", "histogram", ("rpc", "model"),
            "Bytes of attention (matrices and alignments) in one response.", BYTES_BUCKETS),
     Metric("models_loaded", "attn_models_loaded", "gauge", (), "Model versions loaded and warmed up.",
@@ -99,6 +101,9 @@ METRICS = [
     Metric("load_failures", "attn_model_load_failures", "counter", ("model",),
            "Model versions refused at load or reload (invalid, broken or failing warm-up)."),
 ]
+# A model version's gauges (labels: model and version alone): on /metrics while the version is loaded, gone once a
+# reload retires it, as its attn_model_info series is. Its counters and histograms stay: they count what it did.
+VERSION_GAUGES = [m for m in METRICS if m.kind == "gauge" and m.labels == MODEL]
 # Collected on every scrape, not held in attributes.
 COLLECTED = [
     Metric("", "attn_process_cpu_seconds", "counter", (),
@@ -180,6 +185,28 @@ def resident_bytes(pid: int) -> float:
     return float(int(fields[1]) * os.sysconf("SC_PAGE_SIZE"))
 
 
+class LoadedVersionsOnly(Collector):
+    """A multi-process server's metrics as its processes' files hold them (``source``: prometheus_client's
+    MultiProcessCollector), less the series of model versions no longer loaded: an engine process sets a retired
+    version's attn_model_info to 0 but cannot remove it, nor its :data:`VERSION_GAUGES`, from its file, so they would
+    stay on /metrics until the process ends, the load time and queue of a version that is gone. A version is loaded
+    while some process reports its attn_model_info at 1, as the one-process server, which removes the series, shows."""
+
+    def __init__(self, source: Collector) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Any]:
+        families = list(self.source.collect())
+        loaded = {(s.labels["model"], s.labels["version"]) for f in families if f.name == "attn_model_info"
+                  for s in f.samples if s.value > 0}
+        per_version = {m.name for m in VERSION_GAUGES} | {"attn_model_info"}
+        for family in families:
+            if family.name in per_version:
+                family.samples = [s for s in family.samples if (s.labels["model"], s.labels["version"]) in loaded
+                                  and (s.value > 0 or family.name != "attn_model_info")]
+            yield family
+
+
 def watch_gpu(registry: CollectorRegistry) -> None:
     """Adds the GPU gauges to ``registry`` (call once, when the models run on CUDA); without NVML they are left out,
     with a log line, rather than stopping the server."""
@@ -198,6 +225,7 @@ class Metrics:
     batch_rows: Histogram
     queue_requests: Gauge
     queue_tokens: Gauge
+    queue_capacity: Gauge
     active_requests: Gauge
     inflight: Gauge
     source_tokens: Counter
@@ -232,6 +260,16 @@ class Metrics:
     def count_tokens(self, model: str, version: str, source: int, target: int) -> None:
         self.source_tokens.labels(model, version).inc(source)
         self.target_tokens.labels(model, version).inc(target)
+
+    def forget_version(self, model: str, version: str) -> None:
+        """Removes a retired version's :data:`VERSION_GAUGES` from this process's registry. With several server
+        processes prometheus_client cannot remove a series from a process's file: there :class:`LoadedVersionsOnly`
+        leaves them out of /metrics instead."""
+        for m in VERSION_GAUGES:
+            try:
+                getattr(self, m.attr).remove(model, version)
+            except KeyError:  # never set here (older prometheus_client raises where newer ones pass)
+                pass
 
     def serve(self, host: str, port: int) -> int:
         """Starts the /metrics HTTP server in a daemon thread; returns the bound port."""

@@ -435,8 +435,10 @@ class Supervisor:
     def _serve_metrics(self) -> tuple[Any, int]:
         from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 
+        from server.metrics import LoadedVersionsOnly
+
         registry = self.metrics_registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path=str(self.metrics_dir))
+        registry.register(LoadedVersionsOnly(multiprocess.MultiProcessCollector(None, path=str(self.metrics_dir))))
         registry.register(TreeCollector(self))
         try:
             server, _ = start_http_server(self.settings.metrics_port, addr=self.settings.host.strip("[]"),

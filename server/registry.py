@@ -328,10 +328,14 @@ class Registry(ModelIndex):
             published.add(labels)
         for labels in self._published - published:
             # With several server processes the value lives on in this process's metrics file, which prometheus_client
-            # cannot remove a series from (it warns, in lines of its own): there a retired version reads 0.
+            # cannot remove a series from (it warns, in lines of its own): there a retired version reads 0, and the
+            # parent's /metrics leaves it out (server.metrics.LoadedVersionsOnly) with the version's gauges.
             self.metrics.model_info.labels(*labels).set(0)
             if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
                 self.metrics.model_info.remove(*labels)
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            for name, version in {labels[:2] for labels in self._published} - set(self._models):
+                self.metrics.forget_version(name, version)
         self._published = published
         self.metrics.models_loaded.set(len(self._models))
 

@@ -32,8 +32,8 @@ from server.errors import (
     FieldError,
     InvalidInput,
     ModelNotFound,
-    Overloaded,
     ShuttingDown,
+    TooManyCalls,
     cancellation_code,
     to_status,
 )
@@ -224,7 +224,7 @@ class AttentionServicer(pb_grpc.AttentionServiceServicer):
         """Counts a call against ``max_inflight`` (the whole server's bound on calls being handled)."""
         handled = self.inflight.total()
         if handled >= self.settings.max_inflight:
-            raise Overloaded(f"{handled} calls are being handled, the server's limit (max_inflight); retry later")
+            raise TooManyCalls(f"{handled} calls are being handled, the server's limit (max_inflight); retry later")
         self.inflight.add(1)
         try:
             yield

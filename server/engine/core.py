@@ -127,7 +127,7 @@ class Engine:
     def __init__(self, model: DecoderRuntime, limits: Limits = Limits(), metrics: Metrics | None = None) -> None:
         self.model, self.limits, self.metrics = model, limits, metrics
         self._labels = (model.name, model.version)
-        self._metric = _Children(metrics, self._labels) if metrics else None
+        self._metric = _Children(metrics, self._labels, limits.max_queue_requests) if metrics else None
         self._lock = threading.Condition()
         self._queue: deque[Request] = deque()
         self._queued_tokens = 0  # of the requests queued and of the later parts not queued yet: all of them wait
@@ -499,7 +499,7 @@ class _Children:
     are tallied and written by :meth:`flush` (:func:`observe_many`): in multiprocess mode each observation is two
     locked writes into a shared file."""
 
-    def __init__(self, metrics: Metrics, labels: tuple[str, str]) -> None:
+    def __init__(self, metrics: Metrics, labels: tuple[str, str], queue_capacity: int) -> None:
         self.steps: list[tuple[float, int, int]] = []  # (decoder seconds, requests, rows) since the last flush
         self.waits: list[float] = []  # seconds each request admitted since the last flush waited in the queue
         self.encodes: list[float] = []  # seconds of each encoder call since the last flush
@@ -512,6 +512,7 @@ class _Children:
         self.queue_requests = metrics.queue_requests.labels(*labels)
         self.queue_tokens = metrics.queue_tokens.labels(*labels)
         self.active_requests = metrics.active_requests.labels(*labels)
+        metrics.queue_capacity.labels(*labels).set(queue_capacity)
 
     def tally_step(self, seconds: float, requests: int, rows: int) -> None:
         self.steps.append((seconds, requests, rows))

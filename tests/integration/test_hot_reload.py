@@ -90,6 +90,13 @@ def test_new_version_swaps_in_under_load_and_a_corrupt_one_is_refused(models_roo
         report = server.call(server.server.reload())
         assert report == {"loaded": [f"{NAME}/2"], "refused": [], "retired": [f"{NAME}/1"]}
         assert gc.get_freeze_count() > 0  # what the process keeps is settled again (server/heap.py)
+        # The retired version's gauges are gone with it; version 2's are there.
+        sample = server.server.metrics.registry.get_sample_value
+        for name in ("attn_model_load_duration_seconds", "attn_queue_capacity_requests", "attn_queue_requests",
+                     "attn_active_requests"):
+            assert sample(name, {"model": NAME, "version": "1"}) is None, name
+        assert sample("attn_queue_capacity_requests", {"model": NAME, "version": "2"}) == 256
+        assert sample("attn_model_load_duration_seconds", {"model": NAME, "version": "2"}) > 0
         load.wait_for("2")
 
         broken = add_version(models_root, models_root / NAME / "2", "3")

@@ -181,6 +181,8 @@ def test_max_inflight_bounds_the_calls_of_every_front_end_together(slow_server: 
             assert "1 calls are being handled, the server's limit (max_inflight)" in refused.value.details()
         refusers = {r["process"] for r in server.events("rpc", code="RESOURCE_EXHAUSTED")}
         assert refusers == {"frontend-0", "frontend-1"}
+        reason = ("attn_refused_requests_total", (("reason", "inflight_full"), ("rpc", "Translate")))
+        assert server.metrics()[reason] == len(channels)
         first.cancel()
         _until(lambda: _gauge(server, "attn_active_requests") == 0, "the first call to leave the engine")
         reply = pb_grpc.AttentionServiceStub(channels[0]).Translate(pb.TranslateRequest(texts=TEXTS[:1]), timeout=60)
@@ -392,6 +394,13 @@ def test_hot_reload_reaches_every_front_end(models_dir: Path, tmp_path: Path, en
         assert all(s["retired"] == [f"{NAME}/1"] for s in synced)
         # prometheus_client cannot remove a series in multiprocess mode, and warns when asked to
         assert not [r for r in server.log if "Removal of labels" in json.dumps(r)]
+        # /metrics shows version 2's gauges alone: version 1's stay in the engines' files, left out by the parent
+        gauges = {"attn_model_info", "attn_model_load_duration_seconds", "attn_queue_requests", "attn_queue_tokens",
+                  "attn_queue_capacity_requests", "attn_active_requests"}
+        _until(lambda: {dict(labels)["version"] for (name, labels) in server.metrics() if name in gauges} == {"2"},
+               "version 1's gauges to leave /metrics")
+        capacity = ("attn_queue_capacity_requests", (("model", NAME), ("version", "2")))
+        assert server.metrics()[capacity] == 256 * engines  # ATTN_MAX_QUEUE_REQUESTS's default, each engine's
         server.wait_for("engine_ready", count=2 * engines)  # each front-end's first view; then the new set
         channels = [grpc.insecure_channel(f"127.0.0.1:{server.port}", options=[("grpc.use_local_subchannel_pool", 1)])
                     for _ in range(6)]

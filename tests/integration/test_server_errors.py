@@ -102,6 +102,10 @@ def test_overload_is_resource_exhausted(one_slot_server: RunningServer, monkeypa
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_inflight" in error.details()
     release.set()
     assert first.result(timeout=60).translations
+    # Counted apart from a full queue: the alert's description tells the two apart.
+    sample = one_slot_server.server.metrics.registry.get_sample_value
+    assert sample("attn_refused_requests_total", {"rpc": "Translate", "reason": "inflight_full"}) == 1.0
+    assert sample("attn_refused_requests_total", {"rpc": "Translate", "reason": "queue_full"}) is None
 
 
 @pytest.fixture()

@@ -363,8 +363,9 @@ def test_kubernetes_and_compose_serve_the_same_default_translator() -> None:
 
 
 def test_the_loaded_models_panel_leaves_out_retired_versions() -> None:
-    # attn_model_info keeps a version retired by a hot reload at 0 (with front-end processes until the server
-    # restarts): a table of its series would list it as loaded, and as serving.
+    # attn_model_info is 1 for a loaded version. A server sets a retired version's series (and a version's former
+    # serving="true" one) to 0 before it removes it, or, with front-end processes, leaves it out of /metrics: a
+    # table of every series would list a 0 as loaded, and as serving, were one ever scraped.
     queries = [expr for _title, expr in dashboard_expressions(load_dashboard()) if "attn_model_info" in expr]
     assert queries and all(" ".join(expr.split()).endswith("== 1") for expr in queries), queries
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import urllib.request
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -91,3 +93,53 @@ def test_queue_time_buckets_resolve_waits_shorter_than_a_decoder_step() -> None:
                                                  {"model": "m", "version": "1", "le": bound})
 
     assert below("0.0005") == 1 and below("0.001") == 2 and below("0.005") == 3 and below("60.0") == 4
+
+
+def test_the_multi_process_metrics_leave_out_the_gauges_of_versions_no_longer_loaded() -> None:
+    """An engine process sets a retired version's attn_model_info to 0 and cannot remove its series from its file:
+    the parent's /metrics shows neither them nor that version's gauges, and keeps its counters."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    from server.metrics import LoadedVersionsOnly
+
+    class Files:  # what MultiProcessCollector reads from the processes' files after version 1 was retired
+        def collect(self) -> Iterator[Any]:
+            info = GaugeMetricFamily("attn_model_info", "", labels=["model", "version", "serving"])
+            info.add_metric(["m", "1", "true"], 0)
+            info.add_metric(["m", "2", "false"], 0)  # version 2's labels before version 3 came
+            info.add_metric(["m", "2", "true"], 1)
+            loaded = GaugeMetricFamily("attn_model_load_duration_seconds", "", labels=["model", "version"])
+            loaded.add_metric(["m", "1"], 4.0)
+            loaded.add_metric(["m", "2"], 5.0)
+            queue = GaugeMetricFamily("attn_queue_requests", "", labels=["model", "version"])
+            queue.add_metric(["m", "1"], 0)
+            queue.add_metric(["m", "2"], 0)
+            tokens = CounterMetricFamily("attn_target_tokens", "", labels=["model", "version"])
+            tokens.add_metric(["m", "1"], 7)
+            yield from (info, loaded, queue, tokens)
+
+    registry = CollectorRegistry()
+    registry.register(LoadedVersionsOnly(Files()))
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in registry.collect() for s in family.samples}
+    assert samples == {
+        ("attn_model_info", (("model", "m"), ("serving", "true"), ("version", "2"))): 1,
+        ("attn_model_load_duration_seconds", (("model", "m"), ("version", "2"))): 5.0,
+        ("attn_queue_requests", (("model", "m"), ("version", "2"))): 0,
+        ("attn_target_tokens_total", (("model", "m"), ("version", "1"))): 7,
+    }
+
+
+def test_forgetting_a_version_removes_its_gauges_alone() -> None:
+    metrics = Metrics(CollectorRegistry())
+    for version in ("1", "2"):
+        metrics.load_time.labels("m", version).set(3.0)
+        metrics.queue_capacity.labels("m", version).set(256)
+        metrics.count_tokens("m", version, 4, 2)
+    metrics.forget_version("m", "1")
+    metrics.forget_version("n", "1")  # never set: nothing to remove, no error
+    sample = metrics.registry.get_sample_value
+    assert sample("attn_model_load_duration_seconds", {"model": "m", "version": "1"}) is None
+    assert sample("attn_queue_capacity_requests", {"model": "m", "version": "1"}) is None
+    assert sample("attn_model_load_duration_seconds", {"model": "m", "version": "2"}) == 3.0
+    assert sample("attn_source_tokens_total", {"model": "m", "version": "1"}) == 4.0
