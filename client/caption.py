@@ -11,8 +11,6 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from attention_pb.v1 import attention_pb2 as pb
 from attention_pb.v1 import attention_pb2_grpc as pb_grpc
 from client import render
@@ -31,19 +29,16 @@ def add_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentPa
     c.add_argument("--overlay", type=Path, help="write one panel per word with its attention over the image")
 
 
-def matrix(m: pb.Matrix) -> np.ndarray:
-    return np.asarray(m.values, dtype=np.float32).reshape(m.rows, m.cols)
-
-
 def text(response: pb.CaptionResponse) -> str:
     size, grid = response.image_size, response.grid
-    lines = [f"{response.model}/{response.version}: image {size.width}×{size.height}, attention grid "
+    shown = render.shown
+    lines = [f"{shown(response.model)}/{shown(response.version)}: image {size.width}×{size.height}, attention grid "
              f"{grid.height}×{grid.width}"]
     for rank, hyp in enumerate(response.hypotheses, 1):
-        lines.append(f"{rank}. {hyp.text}   (score {hyp.score:.3f}{', truncated' if hyp.truncated else ''})")
-        weights = matrix(hyp.attention) if hyp.attention.rows else None
+        lines.append(f"{rank}. {shown(hyp.text)}   (score {hyp.score:.3f}{', truncated' if hyp.truncated else ''})")
+        weights = render.matrix(hyp.attention) if hyp.attention.rows else None
         for i, (token, box) in enumerate(zip(hyp.tokens, hyp.peak_boxes)):
-            word = "</s>" if token.special else hyp.text[token.start : token.end].strip() or token.piece
+            word = "</s>" if token.special else shown(hyp.text[token.start : token.end].strip() or token.piece)
             share = f"  peak weight {weights[i].max():.2f}" if weights is not None else ""
             lines.append(f"   {word:<12} x {box.x0}–{box.x1}, y {box.y0}–{box.y1}{share}")
     return "\n".join(lines)
@@ -68,7 +63,8 @@ def draw(image_bytes: bytes, response: pb.CaptionResponse, path: Path) -> None:
     words = ["</s>" if t.special else hyp.text[t.start : t.end].strip() or t.piece for t in hyp.tokens]
     grid = (response.grid.height, response.grid.width)
     panel = max(96, min(256, 1024 // max(1, min(len(words) + 1, 5))))
-    overlay(picture(image_bytes, response), words, matrix(hyp.attention), grid, columns=5, panel=panel).save(path)
+    weights = render.matrix(hyp.attention)
+    overlay(picture(image_bytes, response), words, weights, grid, columns=5, panel=panel).save(path)
 
 
 def caption(args: argparse.Namespace, stub: pb_grpc.AttentionServiceStub, details: dict[str, Any]) -> int:

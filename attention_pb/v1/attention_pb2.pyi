@@ -368,7 +368,10 @@ class Hypothesis(_message.Message):
 
     @_builtins.property
     def alignments(self) -> _containers.RepeatedCompositeFieldContainer[Global___WordAlignment]:
-        """For each target word the source word with the largest `word_attention` weight (FULL and WORDS detail)."""
+        """For each target word the source word with the largest `word_attention` weight (FULL and WORDS detail). A target
+        word whose row is all zeros (its attention fell only on the end of sentence or on whitespace tokens) has no
+        source word to name and no alignment: `target_word` says which word each alignment is for.
+        """
 
     def __init__(
         self,

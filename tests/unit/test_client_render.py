@@ -93,3 +93,21 @@ def test_the_overlay_shows_the_picture_the_server_captioned(name: str, tmp_path:
         panel = 256  # the image panel, under its label: two panels (image, "grey") of the largest size
         shown = np.asarray(sheet.convert("RGB"))[panel // 6 + panel // 2, panel // 2].astype(int)
     assert np.abs(shown - seen).max() <= 3, f"{name}: drawn {shown}, captioned {seen}"
+
+
+def test_the_views_show_control_characters_as_escapes() -> None:
+    """An escape sequence in a hypothesis or an input would act on the reader's terminal, a newline would break the
+    view's lines, a right-to-left override would reorder them: each is shown as its escape, other text as it is."""
+    assert render.shown("Grüße 😀 日本") == "Grüße 😀 日本"
+    assert render.shown("a\x1b[2Jb\nc\u202ed\x9b") == "a\\x1b[2Jb\\nc\\u202ed\\x9b"
+    hyp = pb.Hypothesis(text="I\x1b]0;owned\x07 hope", words=[pb.Word(text="I\x1b]0;owned\x07", start=0, end=12)],
+                        word_attention=pb.Matrix(rows=1, cols=1, values=[1.0]))
+    response = pb.TranslateResponse(model="m", version="1", translations=[
+        pb.Translation(source_words=[pb.Word(text="Ich\r", start=0, end=4)], hypotheses=[hyp])])
+    view = render.translation(response, ["Ich\r"])
+    caption_view = caption.text(pb.CaptionResponse(model="c", version="1", hypotheses=[
+        pb.CaptionHypothesis(text="a \x1b[31mred", tokens=[pb.Token(start=2, end=10)], peak_boxes=[pb.Box()])]))
+    for text in (view, caption_view):
+        assert not any(ch in text for ch in "\x1b\x07\r"), text
+    assert "→ I\\x1b]0;owned\\x07 hope" in view and "Ich\\r 1.00" in view
+    assert "a \\x1b[31mred" in caption_view
