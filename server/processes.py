@@ -283,6 +283,9 @@ class Supervisor:
         try:
             for address in self.addresses:
                 check_socket_path(address)
+            from server import security  # imported where used, as this module's other server imports are
+
+            security.check(s)  # every front-end reads the same files: refused once, here, before any starts
             held = reserve_port(s.host, s.port)
             port = held.getsockname()[1]
             child_settings = replace(s, port=port, metrics_port=-1)

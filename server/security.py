@@ -53,6 +53,16 @@ def configure(settings: Settings, metrics: Metrics) -> tuple[grpc.ServerCredenti
     return credentials, interceptors
 
 
+def check(settings: Settings) -> None:
+    """Raises the :class:`~server.errors.StartupError` that :func:`configure` would, without building anything. The
+    parent of front-end processes calls it before it starts any: a bad file then stops the server with one line that
+    names it, instead of a line from every front-end, a last one that only says a front-end exited, and an engine that
+    loaded the models for nothing."""
+    server_credentials(settings)
+    if settings.auth_token_file:
+        load_tokens(settings.auth_token_file)
+
+
 # -- TLS ---------------------------------------------------------------------------------------------------------------
 
 

@@ -540,26 +540,39 @@ def test_a_signal_while_the_processes_start_is_handled_not_fatal(models_dir: Pat
         server.kill()
 
 
-@pytest.mark.parametrize("failing", ["engine", "frontend"])
-def test_a_start_up_failure_of_either_process_stops_the_server(models_dir: Path, tmp_path: Path,
-                                                              failing: str) -> None:
-    """Nothing to serve (the engine fails) or a certificate that does not parse (the front-ends fail): the server
-    stops with exit 1 instead of restarting the process forever."""
-    if failing == "engine":
-        empty = tmp_path / "empty"
-        empty.mkdir()
-        server = ServerProcess(empty)
-    else:
-        junk = tmp_path / "junk.pem"
-        junk.write_text("not a certificate\n")
-        server = ServerProcess(models_dir, "--tls-cert", str(junk), "--tls-key", str(junk))
+def test_a_start_up_failure_of_the_engine_stops_the_server(models_dir: Path, tmp_path: Path) -> None:
+    """Nothing to serve: the server stops with exit 1 instead of restarting the engine forever."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    server = ServerProcess(empty)
     try:
         assert server.process.wait(120) == 1
         server.wait_for("startup_failed")
-        assert any(f"the {failing} process exited" in e.get("error", "") for e in server.events("startup_failed"))
+        assert any("the engine process exited" in e.get("error", "") for e in server.events("startup_failed"))
         assert not server.events("process_exited")  # not restarted
     finally:
         server.kill()
+
+
+def test_a_certificate_that_does_not_parse_stops_the_server_before_any_process_starts(models_dir: Path,
+                                                                                       tmp_path: Path) -> None:
+    """Every front-end would fail on it: the parent says so once, naming the setting, and starts nothing."""
+    import subprocess
+    import sys
+
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1",
+         "--frontends", "2", "--tls-cert", str(junk), "--tls-key", str(junk)],
+        env={**os.environ, "ATTN_MODELS_DIR": str(models_dir)}, capture_output=True, text=True, timeout=120,
+        cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 1, done.stderr
+    events = [json.loads(line) for line in done.stderr.splitlines()]
+    errors = [e for e in events if e["level"] == "error"]
+    assert [e["event"] for e in errors] == ["startup_failed"], errors
+    assert f"tls_cert {junk}" in errors[0]["error"]
+    assert not [e for e in events if e["event"] == "process_started"]
 
 
 def _publish_a_broken_version(model: Path, version: str) -> None:

@@ -3,6 +3,8 @@ the engines' share of the cores."""
 
 from __future__ import annotations
 
+import logging
+import signal
 import socket
 import time
 from dataclasses import replace
@@ -95,6 +97,36 @@ def test_an_engine_socket_path_too_long_for_the_kernel_is_refused_up_front(tmp_p
         check_socket_path(longest + "x")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as refused, pytest.raises(OSError):
         refused.bind(longest + "x")  # what the engine process would have met
+
+
+@pytest.mark.parametrize("setting", ["tls_cert", "auth_token_file"])
+def test_unusable_security_files_stop_the_server_before_any_process_starts(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture, setting: str) -> None:
+    """Every front-end would read the same files: the parent refuses them once, in one line naming the setting,
+    before it starts an engine that would load the models for nothing."""
+    from server.processes import Supervisor
+
+    missing = tmp_path / "missing.pem"
+    settings = Settings(port=0, metrics_port=-1, frontends=2)
+    settings = (replace(settings, tls_cert=str(missing), tls_key=str(missing)) if setting == "tls_cert"
+                else replace(settings, auth_token_file=str(missing)))
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "")  # the Supervisor sets it: restored after the test
+    supervisor = Supervisor(settings)
+
+    def start(*_: object) -> None:
+        raise AssertionError("no process may start")
+
+    monkeypatch.setattr(supervisor, "_start", start)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        with caplog.at_level(logging.INFO, logger="attn.server"):
+            assert supervisor.run() == 1
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    (failed,) = [r for r in caplog.records if r.getMessage() == "startup_failed"]
+    assert f"cannot read {setting} {missing}" in failed.fields["error"]  # type: ignore[attr-defined]
+    assert not [r for r in caplog.records if r.getMessage() == "listening"]
 
 
 def test_the_gpu_gauges_are_the_parents_when_an_engine_runs_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
