@@ -2,7 +2,8 @@
 
 :func:`configure` turns the settings into what :class:`server.app.AttentionServer` needs: the server credentials
 (``None`` for plaintext) and the interceptors. Problems with the files (unreadable, not PEM, key not matching the
-certificate, no tokens) are :class:`~server.errors.StartupError` s that name the setting, never a token.
+certificate, certificate expired, no tokens) are :class:`~server.errors.StartupError` s that name the setting, never
+a token.
 
 Token authentication is deny by default: every method needs ``authorization: Bearer <token>`` metadata unless its
 service is in :data:`OPEN_SERVICES`, so a service added to the same port later is protected without being listed here.
@@ -15,6 +16,7 @@ import hmac
 import logging
 import re
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -80,6 +82,7 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     except (ssl.SSLError, OSError, ValueError) as exc:
         raise StartupError(f"tls_cert {settings.tls_cert} and tls_key {settings.tls_key} are not a usable pair "
                            f"(PEM certificate chain and the matching unencrypted PEM private key): {exc}") from exc
+    _check_not_expired(settings.tls_cert)
     ca: bytes | None = None
     if settings.tls_client_ca:
         ca = _read("tls_client_ca", settings.tls_client_ca)
@@ -89,6 +92,23 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
             raise StartupError(f"tls_client_ca {settings.tls_client_ca} holds no usable PEM CA certificate: "
                                f"{exc}") from exc
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+
+def _check_not_expired(cert: str) -> None:
+    """Neither OpenSSL's loading nor gRPC looks at the dates: an expired certificate would be served, and every client
+    would refuse it at the handshake."""
+    # Python reads a certificate's dates only through this helper of its own tests (the file's first certificate, the
+    # server's own); without it the start goes on unchecked, as it did before.
+    decode = getattr(ssl._ssl, "_test_decode_cert", None)  # type: ignore[attr-defined]
+    if decode is None:
+        return
+    try:
+        not_after = decode(cert)["notAfter"]
+        expires = ssl.cert_time_to_seconds(not_after)
+    except (ssl.SSLError, OSError, KeyError, ValueError):
+        return  # load_cert_chain read it: a date Python cannot parse is no reason to refuse it
+    if expires <= time.time():
+        raise StartupError(f"tls_cert {cert} expired on {not_after}: every client would refuse it; renew it")
 
 
 def _read(setting: str, path: str) -> bytes:

@@ -26,7 +26,8 @@ from client.cli import main
 from server.app import AttentionServer
 from server.errors import StartupError
 from server.metrics import Metrics
-from server.security import TokenAuthInterceptor
+from server.security import TokenAuthInterceptor, server_credentials
+from server.settings import Settings
 from tests.integration.serving import RunningServer, settings
 
 TOKEN = "s3cret-token-Zq8vXk2"
@@ -82,13 +83,15 @@ def _ca(cn: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     return key, cert
 
 
-def _issue(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, cn: str,
-           server: bool) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+def _issue(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, cn: str, server: bool,
+           valid_for: datetime.timedelta = datetime.timedelta(days=1),
+           ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """``valid_for``: from now; negative for a certificate that has expired."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     builder = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(ca_cert.subject)
                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+               .not_valid_before(now - datetime.timedelta(days=2)).not_valid_after(now + valid_for)
                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server
                                                      else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
@@ -427,6 +430,18 @@ def test_unusable_tls_files_stop_the_start(models_dir: Path, pki: Pki, tmp_path:
     encrypted.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                             serialization.BestAvailableEncryption(b"pw")))
     assert "are not a usable pair" in _start_fails(models_dir, tls_cert=str(pki.server_cert), tls_key=str(encrypted))
+
+
+def test_an_expired_certificate_stops_the_start(tmp_path: Path) -> None:
+    """OpenSSL loads it and gRPC would serve it; every client would then fail its handshake."""
+    ca_key, ca_cert = _ca("attn test CA")
+    key, cert = _issue(ca_key, ca_cert, "attn-server", server=True, valid_for=-datetime.timedelta(days=1))
+    expired, key_file = _write_cert(cert, tmp_path / "expired.pem"), _write_key(key, tmp_path / "server.key")
+    with pytest.raises(StartupError, match=f"tls_cert {expired} expired on .*renew it"):
+        server_credentials(Settings(tls_cert=str(expired), tls_key=str(key_file)))
+    key, cert = _issue(ca_key, ca_cert, "attn-server", server=True, valid_for=datetime.timedelta(minutes=5))
+    assert server_credentials(Settings(tls_cert=str(_write_cert(cert, tmp_path / "fresh.pem")),
+                                       tls_key=str(_write_key(key, tmp_path / "fresh.key")))) is not None
 
 
 def test_unusable_token_file_stops_the_start(models_dir: Path, tmp_path: Path) -> None:
