@@ -172,3 +172,23 @@ def test_the_image_contents_install_and_serve_without_the_repository(tmp_path: P
     result = subprocess.run([sys.executable, "-S", "-P", "-c", code], cwd=elsewhere, env=env, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_the_image_runs_as_the_numeric_user_and_group_the_kubernetes_pods_name() -> None:
+    """runAsNonRoot can only verify a numeric USER, and a pod's runAsUser/runAsGroup should be the image's own ids
+    (useradd alone gives the user's group a free system id, not the user's)."""
+    import yaml
+
+    steps = instructions(DOCKERFILE.read_text())
+    (user,) = [rest for keyword, rest in steps if keyword == "USER"]
+    run = " ".join(rest for keyword, rest in steps if keyword == "RUN")
+    group = re.search(r"groupadd [^&]*--gid (\d+) (\S+)", run)
+    account = re.search(r"useradd [^&]*--uid (\d+) --gid (\S+) ", run)
+    assert group and account, run
+    uid, gid = account.group(1), group.group(1)
+    assert account.group(2) == group.group(2)  # the user's primary group is the one made with that id
+    assert user == f"{uid}:{gid}"
+    for manifest in ("deployment.yaml", "batch-job.yaml"):
+        pod = yaml.safe_load((ROOT / "deploy" / "k8s" / manifest).read_text())["spec"]["template"]["spec"]
+        context = pod["securityContext"]
+        assert context["runAsNonRoot"] and (str(context["runAsUser"]), str(context["runAsGroup"])) == (uid, gid)
