@@ -192,3 +192,36 @@ def test_the_image_runs_as_the_numeric_user_and_group_the_kubernetes_pods_name()
         pod = yaml.safe_load((ROOT / "deploy" / "k8s" / manifest).read_text())["spec"]["template"]["spec"]
         context = pod["securityContext"]
         assert context["runAsNonRoot"] and (str(context["runAsUser"]), str(context["runAsGroup"])) == (uid, gid)
+
+
+def _image_environment() -> dict[str, str]:
+    """The ENV lines' ``NAME=value`` pairs."""
+    found: dict[str, str] = {}
+    for keyword, rest in instructions(DOCKERFILE.read_text()):
+        if keyword == "ENV":
+            for word in shlex.split(rest):
+                name, _, value = word.partition("=")
+                found[name] = value
+    return found
+
+
+@pytest.mark.timeout(120)
+def test_onnx_runtime_has_a_writable_cache_in_the_image(tmp_path: Path) -> None:
+    """Imported with a home it cannot write to (the image's, root's and read-only), ONNX Runtime writes a coloured
+    warning that is no JSON log line; the image points its cache at /tmp, which deploy/k8s mounts writable."""
+    import yaml
+
+    cache = _image_environment()["XDG_CACHE_HOME"]
+    pod = yaml.safe_load((ROOT / "deploy" / "k8s" / "deployment.yaml").read_text())["spec"]["template"]["spec"]
+    writable = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"] if not m.get("readOnly")}
+    assert any(Path(cache).is_relative_to(path) for path in writable), (cache, writable)
+
+    def import_stderr(**env: str) -> str:
+        environ = {k: v for k, v in os.environ.items() if k != "XDG_CACHE_HOME"}
+        done = subprocess.run([sys.executable, "-c", "import onnxruntime"], capture_output=True, text=True,
+                              timeout=100, cwd=tmp_path, env={**environ, "HOME": "/proc/self/fdinfo", **env})
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+
+    assert "Failed to persist" in import_stderr()  # no home to write to, even for root: why the setting is there
+    assert import_stderr(XDG_CACHE_HOME=str(tmp_path / cache.lstrip("/"))) == ""
