@@ -130,7 +130,11 @@ def _run(argv: Sequence[str] | None) -> int:
                 return batch.run(args, channel, DETAILS)
             return translate(args, stub) if args.command == "translate" else models(args, stub)
         except grpc.RpcError as exc:
-            print(f"attn: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+            code, details = exc.code(), exc.details() or ""  # type: ignore[attr-defined]
+            print(f"attn: {code.name}: {details}", file=sys.stderr)
+            hint = connection.handshake_hint(args, code, details)
+            if hint:
+                print(f"attn: {hint}", file=sys.stderr)
             return 1
 
 

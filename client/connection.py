@@ -138,6 +138,19 @@ def from_args(args: argparse.Namespace, options: Options = ()) -> grpc.Channel:
         raise SystemExit(f"attn: {exc}") from exc
 
 
+def handshake_hint(args: argparse.Namespace, code: grpc.StatusCode, details: str) -> str | None:
+    """What to add when the server closed the connection before any call: a TLS server does that to a plaintext
+    client, and a mutual TLS server to a client without a certificate, and gRPC reports both as 'Socket closed'."""
+    if code != grpc.StatusCode.UNAVAILABLE or not details.endswith("Socket closed"):
+        return None
+    if not ChannelConfig(args.target, args.tls, args.tls_ca, args.tls_cert, args.tls_key,
+                         args.tls_server_name).uses_tls:
+        return "if the server speaks TLS, add --tls-ca PEM (or --tls, for a certificate from a public CA)"
+    if not args.tls_cert:
+        return "if the server asks for a client certificate (mutual TLS), add --tls-cert PEM --tls-key PEM"
+    return None
+
+
 def read_token(path: str) -> str:
     """The first line of ``path`` that is neither blank nor a ``#`` comment (a server's token file works as is)."""
     text = _read(path, "--token-file").decode("utf-8", errors="replace")

@@ -186,6 +186,19 @@ def test_a_plaintext_client_cannot_talk_to_a_tls_server(tls_token_server: Runnin
                                              metadata=_bearer(TOKEN))) == grpc.StatusCode.UNAVAILABLE
 
 
+def test_the_cli_says_to_use_tls_when_a_tls_server_closes_its_plaintext_connection(
+        tls_token_server: RunningServer, pki: Pki, capsys: pytest.CaptureFixture[str]) -> None:
+    """gRPC reports the closed connection only as 'Socket closed'."""
+    assert main(["health", "--target", f"127.0.0.1:{tls_token_server.port}", "--timeout", "10"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("attn: UNAVAILABLE") and "attn: if the server speaks TLS, add --tls-ca PEM" in err
+    # a client that does speak TLS but does not trust the server hears what failed, and no hint
+    assert main(["health", "--target", f"localhost:{tls_token_server.port}", "--tls-ca", str(pki.rogue_cert),
+                 "--timeout", "10"]) == 1
+    err = capsys.readouterr().err
+    assert "CERTIFICATE_VERIFY_FAILED" in err and "attn: if" not in err
+
+
 def test_a_client_that_does_not_trust_the_ca_refuses_the_server(tls_token_server: RunningServer, pki: Pki) -> None:
     credentials = grpc.ssl_channel_credentials(root_certificates=pki.read(pki.rogue_cert))
     with grpc.secure_channel(f"127.0.0.1:{tls_token_server.port}", credentials) as channel:
@@ -378,7 +391,8 @@ def test_cli_mtls(mtls_server: RunningServer, pki: Pki, capsys: pytest.CaptureFi
     assert main(["models", *target, "--tls-cert", str(pki.client_cert), "--tls-key", str(pki.client_key)]) == 0
     assert capsys.readouterr().out.startswith("MODEL")
     assert main(["models", *target, "--timeout", "10"]) == 1
-    assert "UNAVAILABLE" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "UNAVAILABLE" in err and "add --tls-cert PEM --tls-key PEM" in err
     with pytest.raises(SystemExit, match="--tls-cert and --tls-key go together"):
         main(["models", *target, "--tls-cert", str(pki.client_cert)])
 
