@@ -388,3 +388,33 @@ def test_latency_alert_and_panels_watch_every_rpc_that_runs_a_model() -> None:
     assert checked >= 5  # the alert's quantity, the p99 stat and the three percentiles
     titles = [p["title"] for p in dashboard_panels(load_dashboard()) if p["title"].startswith("Latency percentiles")]
     assert titles and all("ModelStreamInfer" in t for t in titles), titles
+
+
+def test_every_server_variable_the_deployment_files_set_is_a_valid_setting() -> None:
+    """A misspelt ATTN_ variable would be ignored without a word (the server reads only its own names), and a bad
+    value would stop the pod; the image's ENV, compose with its CPU override, and the Deployment, layered as they
+    are at run time, must each make settings the server accepts."""
+    from server.settings import Settings
+    from tests.unit.test_dockerfile import DOCKERFILE, instructions
+
+    image: dict[str, str] = {}
+    for keyword, rest in instructions(DOCKERFILE.read_text()):
+        if keyword == "ENV":
+            for word in rest.split():
+                name, _, value = word.partition("=")
+                image[name] = value
+    compose = {k: str(v) for k, v in yaml.safe_load(COMPOSE.read_text())["services"]["attention"]
+               ["environment"].items()}
+    class ComposeLoader(yaml.SafeLoader):  # an override file's `!reset` tag empties what it names
+        pass
+
+    ComposeLoader.add_constructor("!reset", lambda loader, node: None)
+    cpu = yaml.load((DEPLOY / "docker-compose.cpu.yml").read_text(), ComposeLoader)["services"]["attention"][
+        "environment"]
+    (deployment,) = manifests("Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    known = {Settings.env_name(f) for f in Settings.__dataclass_fields__}
+    for layers in ((image, compose), (image, compose, cpu), (image, env(container))):
+        environ = {k: v for layer in layers for k, v in layer.items() if k.startswith("ATTN_")}
+        assert environ.keys() <= known, environ.keys() - known
+        Settings.from_sources([], environ=environ)  # exits (SystemExit) on a value the server refuses
