@@ -178,11 +178,11 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         problem = self.check(handler_call_details.invocation_metadata or ())
         if problem is None:
             return await continuation(handler_call_details)
-        # The real handler only tells the denial its shape (unary or streaming); an unknown method is refused too, so
-        # that callers without a token cannot map which methods exist.
+        # The real handler only tells the denial its label: an unknown method is refused too, so that callers
+        # without a token cannot map which methods exist.
         handler = await continuation(handler_call_details)
         rpc = method.rpartition("/")[2] if handler is not None else "unknown"  # bounded label values
-        return _denial(handler, problem, rpc, self._metrics)
+        return _denial(problem, rpc, self._metrics)
 
     def check(self, metadata: Sequence[Any]) -> str | None:
         """``None`` when the metadata carries a known bearer token, else the reason, fit for the client."""
@@ -206,19 +206,16 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
 
 
-def _denial(handler: grpc.RpcMethodHandler | None, message: str, rpc: str, metrics: Metrics) -> grpc.RpcMethodHandler:
-    async def deny(_request: Any, context: grpc.aio.ServicerContext) -> Any:
+def _denial(message: str, rpc: str, metrics: Metrics) -> grpc.RpcMethodHandler:
+    async def deny(_requests: Any, context: grpc.aio.ServicerContext) -> None:
         # Answered, by its final code, like the servicer's own refusals; no model was looked up.
         metrics.observe(rpc, "", "", grpc.StatusCode.UNAUTHENTICATED.name, 0.0)
         metrics.refusals.labels(rpc, "unauthenticated").inc()
         event(log, "unauthenticated", level=logging.WARNING, rpc=rpc, peer=context.peer(), reason=message)
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    # No deserializer: the request of an unauthenticated caller is never parsed (the handler gets raw bytes).
-    if handler is None or not (handler.request_streaming or handler.response_streaming):
-        return grpc.unary_unary_rpc_method_handler(deny)
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(deny)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(deny)
-    return grpc.unary_stream_rpc_method_handler(deny)
+    # Streaming requests whatever the method's shape (the wire is the same): gRPC runs such a handler once the call's
+    # headers are in, and the request is never read. A unary handler runs only once the whole request message has
+    # arrived, so a caller without a token that sent the headers and no message held the call open, and with it
+    # every drain for the whole grace.
+    return grpc.stream_stream_rpc_method_handler(deny)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -308,6 +309,22 @@ def test_other_services_on_the_port_need_the_token(token_server: RunningServer) 
     assert _code(lambda: live(b"", timeout=10)) == grpc.StatusCode.UNAUTHENTICATED
 
 
+def test_a_call_without_a_token_is_refused_before_its_request_arrives(token_server: RunningServer) -> None:
+    """gRPC runs a unary method's handler once the whole request message is in: a denial of that shape left a caller
+    without a token that sent the headers and never the message holding the call open, and every drain with it."""
+    released = threading.Event()
+
+    def no_request() -> Iterator[bytes]:
+        released.wait(60)
+        yield from ()
+
+    translate = token_server.channel.stream_stream("/attention.v1.AttentionService/Translate")
+    try:
+        assert _code(lambda: list(translate(no_request(), timeout=20))) == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        released.set()
+
+
 def _denied_codes(port: int) -> list[grpc.StatusCode]:
     """The status codes of a bidirectional and a server-streaming call made without a token."""
     codes = []
@@ -321,7 +338,7 @@ def _denied_codes(port: int) -> list[grpc.StatusCode]:
 
 
 def test_streaming_methods_of_other_services_are_guarded() -> None:
-    """The denial takes the shape of the method it stands in for: server and bidirectional streaming too."""
+    """Server and bidirectional streaming methods are refused too, and answer with a token."""
 
     async def chat(requests: Any, context: grpc.aio.ServicerContext) -> Any:
         async for request in requests:
