@@ -63,6 +63,11 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, gr
 # problem, so they stop the job instead; a rerun resumes once it is fixed.
 FATAL = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.UNAUTHENTICATED,
          grpc.StatusCode.PERMISSION_DENIED}
+# A message over a size limit is refused with RESOURCE_EXHAUSTED as a full queue is, but the same texts would be
+# refused again: gRPC's own limits ("Received/Sent message larger than max": a request over the server's
+# max_receive_bytes, an answer over this client's receive limit) and the server's answer over its max_send_bytes. Not
+# retried: the batch is split like any batch that fails, and a text too large on its own fails only its line.
+TOO_LARGE = ("message larger than max", "more than this server sends in one message")
 BACKOFF_BASE, BACKOFF_CAP = 0.1, 10.0  # seconds: the first retry waits ~0.1 s, later ones double up to 10 s
 PROGRESS_SECONDS = 10.0  # between progress lines when stderr is a log rather than a terminal
 
@@ -231,13 +236,15 @@ def _status(exc: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
 
 
 def call_with_retries(job: Job, texts: list[str]) -> pb.TranslateResponse:
-    """Translate, retrying UNAVAILABLE, RESOURCE_EXHAUSTED and CANCELLED; other errors are raised as they come."""
+    """Translate, retrying UNAVAILABLE, RESOURCE_EXHAUSTED (but for a message too large) and CANCELLED; other errors
+    are raised as they come."""
     for attempt in range(job.max_retries + 1):
         try:
             return job.invoke(texts)
         except grpc.RpcError as exc:
             code, message = _status(exc)
-            if code not in RETRYABLE:
+            if code not in RETRYABLE or (code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                                         and any(reason in message for reason in TOO_LARGE)):
                 raise
             if attempt == job.max_retries:
                 raise Abort(f"{code.name} after {attempt + 1} attempts: {message}") from None

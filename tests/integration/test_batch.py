@@ -352,3 +352,23 @@ def test_a_batch_larger_than_the_server_takes_is_split_in_halves_not_sent_line_b
     records = _records(out)
     assert [r.get("translation") for r in records] == ["EINS", "ZWEI", None, "VIER"]
     assert records[2]["error"] == {"code": "INVALID_ARGUMENT", "message": "kaputt"}
+
+
+def test_a_message_over_a_size_limit_fails_its_lines_instead_of_stopping_the_job(tmp_path: Path) -> None:
+    # gRPC refuses a request over the server's receive limit with RESOURCE_EXHAUSTED, the code of a full queue; but
+    # the same texts would be refused again: retrying them stopped every run of the job at the same batch.
+    servicer = RefusingTranslator()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=[("grpc.max_receive_message_length", 200)])
+    pb_grpc.add_AttentionServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        source, out = tmp_path / "in.txt", tmp_path / "out.jsonl"
+        source.write_text(f"eins\nzwei\n{'x' * 300}\nvier\n", encoding="utf-8")
+        assert _batch(port, str(source), "-o", str(out), "--batch-size", "4", "--max-retries", "1") == 0
+    finally:
+        server.stop(None)
+    records = _records(out)
+    assert [r.get("translation") for r in records] == ["EINS", "ZWEI", None, "VIER"]
+    assert records[2]["error"]["code"] == "RESOURCE_EXHAUSTED"
+    assert "larger than max" in records[2]["error"]["message"]
