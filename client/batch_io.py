@@ -105,6 +105,19 @@ def _parser(f: IO[bytes], fmt: str, column: str | None, id_column: str) -> tuple
     return _plain, 0, 0
 
 
+def _blank(content: bytes) -> bool:
+    """Whether a line holds no text: ASCII whitespace, or Unicode's (no-break, ideographic spaces, a byte order mark),
+    which the server would refuse as "empty or only whitespace". A line that is not UTF-8 is not blank: it fails."""
+    if not content.strip():
+        return True
+    if content.isascii():
+        return False
+    try:
+        return not content.decode("utf-8").replace("\ufeff", "").strip()
+    except UnicodeDecodeError:
+        return False
+
+
 def _lines(f: IO[bytes], line: int, offset: int, shard: tuple[int, int]) -> Iterator[tuple[int, int, bytes]]:
     """The shard's non-blank lines after position (line, offset): (line number, end offset, content)."""
     i, n = shard
@@ -112,7 +125,7 @@ def _lines(f: IO[bytes], line: int, offset: int, shard: tuple[int, int]) -> Iter
         line += 1
         offset += len(raw)
         content = raw.rstrip(b"\r\n")
-        if line % n == i and content.strip():
+        if line % n == i and not _blank(content):
             yield line, offset, content
 
 

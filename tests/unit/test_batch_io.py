@@ -49,6 +49,15 @@ def test_text_lines_keep_their_numbers_and_blank_lines_are_skipped(tmp_path: Pat
     assert count_inputs(path, "text", None, (0, 1)) == 3
 
 
+def test_lines_of_unicode_whitespace_are_blank_too(tmp_path: Path) -> None:
+    # The server refuses such a text as "empty or only whitespace": a line a user sees as blank was a failed line.
+    path = _write(tmp_path, "in.txt", "\ufeff\neins\n\u00a0\n\u3000 \u2003\nzwei\u00a0\n".encode() + b"\xff\n")
+    items = list(read_items(path, "text"))
+    assert [(i.line, i.text) for i in items] == [(2, "eins"), (5, "zwei\u00a0"), (6, "")]
+    assert items[-1].error is not None and "utf-8" in items[-1].error  # not UTF-8: a failed line, never skipped
+    assert count_inputs(path, "text", None, (0, 1)) == 3
+
+
 def test_jsonl_reads_text_and_id_and_turns_bad_lines_into_errors(tmp_path: Path) -> None:
     lines = ['{"text": "eins", "id": 7}', '{"text": "zwei"}', "not json", '["text"]', '{"id": "x"}',
              '{"satz": "drei", "key": "k"}', "", '{"text": "f\\u00fcnf", "id": {"a": 1}}']
