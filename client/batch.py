@@ -390,14 +390,26 @@ def _check_summary(path: Path) -> None:
         path.unlink()
 
 
+def _check_apart(files: dict[str, Path | None]) -> None:
+    """The input and the files the job writes must be files of their own: an output that is the input is truncated
+    before it is read (the input lost, and the job done with no line), a summary that is the output overwrites it."""
+    named = [(what, path) for what, path in files.items() if path is not None]
+    for i, (what, path) in enumerate(named):
+        for other, earlier in named[:i]:
+            if path.resolve() == earlier.resolve() or (path.exists() and earlier.exists() and path.samefile(earlier)):
+                raise BatchError(f"{what} {path} is the same file as {other} {earlier}; nothing was written")
+
+
 def _run(args: argparse.Namespace, channel: grpc.Channel, details: dict[str, Any]) -> int:
     if not args.input.is_file():
         raise BatchError(f"{args.input}: no such file")
+    output = shard_path(args.output, args.shard)
+    _check_apart({"the input": args.input, "the output": output, "its checkpoint": checkpoint_path(output),
+                  "--summary": args.summary})
     if args.summary:
         _check_summary(args.summary)
     fmt = detect_format(args.input, args.format)
     options = decoding_options(args, details)
-    output = shard_path(args.output, args.shard)
     _make_folder(output, str(output))
     settings = _settings(args, fmt, options)
     checkpoint = None if args.restart else Checkpoint.load(checkpoint_path(output))

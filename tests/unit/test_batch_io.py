@@ -226,3 +226,21 @@ def test_a_summary_or_output_that_cannot_be_written_fails_the_start(tmp_path: Pa
     assert main(["batch", str(source), "-o", str(tmp_path / "out.jsonl"), "--summary",
                  str(tmp_path / "new" / "s.json"), *nowhere]) == 1
     assert json.loads((tmp_path / "new" / "s.json").read_text())["complete"] is False
+
+
+def test_an_output_or_summary_that_is_the_input_is_refused_before_anything_is_written(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The output is truncated to its committed length (0 on a first run) before the input is read: ``-o`` naming the
+    input erased it and ended "complete" with no line; a summary naming the input or the output overwrote it."""
+    from client.cli import main
+
+    source = _write(tmp_path, "in.txt", "Hallo\n")
+    (tmp_path / "link.txt").symlink_to(source)
+    nowhere = ["--target", "127.0.0.1:1", "--max-retries", "0", "--quiet"]
+    for extra in (["-o", str(source)], ["-o", str(tmp_path / "link.txt")],
+                  ["-o", str(tmp_path / "out.jsonl"), "--summary", str(source)],
+                  ["-o", str(tmp_path / "out.jsonl"), "--summary", str(tmp_path / "out.jsonl")]):
+        assert main(["batch", str(source), *extra, *nowhere]) == 2, extra
+        assert "is the same file as" in capsys.readouterr().err
+        assert source.read_text() == "Hallo\n"
+    assert not (tmp_path / "out.jsonl").exists()
