@@ -442,15 +442,25 @@ def _run(args: argparse.Namespace, channel: grpc.Channel, details: dict[str, Any
         status, error = 130, "interrupted"
     except Terminated:
         status, error = 143, "terminated"
+    except OSError as exc:  # a full disk, say: the job stops, resumable from its last commit, and says why
+        status, error = 1, _os_error(exc, output)
     finally:
         if on_main_thread:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-        writer.close()
+        try:
+            writer.close()
+        except OSError as exc:  # the checkpoint is saved after the bytes it covers, never before: it still holds
+            if not error:  # else the job had already stopped, and says why
+                status, error = 1, _os_error(exc, output)
         progress.finish()
         for extra in own:
             extra.close()
     report(args, output, progress, writer.committed, job.retries, error)
     return status
+
+
+def _os_error(exc: OSError, output: Path) -> str:
+    return f"{exc.filename or output}: {exc.strerror or exc}"
 
 
 def report(args: argparse.Namespace, output: Path, progress: Progress, committed: Checkpoint, retries: int,
@@ -468,6 +478,9 @@ def report(args: argparse.Namespace, output: Path, progress: Progress, committed
     if error:
         print(f"attn batch: stopped: {error}; run the same command again to resume", file=sys.stderr)
     if args.summary:
-        args.summary.write_text(json.dumps(summary) + "\n")
-    else:
-        print(json.dumps(summary), file=sys.stderr)
+        try:
+            args.summary.write_text(json.dumps(summary) + "\n")
+            return
+        except OSError as exc:  # on the output's full disk, say: the summary goes to stderr instead
+            print(f"attn batch: --summary {args.summary}: cannot write: {exc.strerror or exc}", file=sys.stderr)
+    print(json.dumps(summary), file=sys.stderr)

@@ -372,3 +372,34 @@ def test_a_message_over_a_size_limit_fails_its_lines_instead_of_stopping_the_job
     assert [r.get("translation") for r in records] == ["EINS", "ZWEI", None, "VIER"]
     assert records[2]["error"]["code"] == "RESOURCE_EXHAUSTED"
     assert "larger than max" in records[2]["error"]["message"]
+
+
+def test_an_output_that_cannot_be_written_stops_the_job_with_its_reason_and_a_summary(
+        fake: tuple[RefusingTranslator, int], tmp_path: Path) -> None:
+    # A full disk (here: a file size limit, which Python turns into EFBIG) ended the job with a traceback and no
+    # summary; it stops as any early end does (exit 1, the reason, the summary), and a rerun resumes from its last
+    # commit.
+    import resource
+
+    _, port = fake
+    source, out, summary = tmp_path / "in.txt", tmp_path / "out.jsonl", tmp_path / "summary.json"
+    source.write_text("".join(f"satz {i}\n" for i in range(1000)), encoding="utf-8")
+    command = [sys.executable, "-m", "client.cli", "batch", str(source), "-o", str(out), "--checkpoint-every", "40",
+               "--summary", str(summary), "--quiet", *_target(port)]
+    limit = 20_000  # bytes: some 130 lines
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(command, cwd=REPO, env=env, preexec_fn=small_files, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert f"stopped: {out}: File too large" in done.stderr
+    report = json.loads(summary.read_text())
+    assert (report["complete"], report["error"]) == (False, f"{out}: File too large")
+    committed = json.loads((tmp_path / "out.jsonl.checkpoint.json").read_text())
+    assert 0 < committed["records"] == report["total"] < 1000 and committed["output_bytes"] <= limit
+
+    assert _batch(port, str(source), "-o", str(out)) == 0
+    assert [r["line"] for r in _records(out)] == list(range(1, 1001))
