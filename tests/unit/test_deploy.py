@@ -218,6 +218,29 @@ def test_batch_job_runs_one_shard_per_index() -> None:
     assert {v["persistentVolumeClaim"]["claimName"] for v in volumes if "persistentVolumeClaim" in v} <= claims
 
 
+def test_batch_job_outlasts_a_rollout_and_does_not_retry_what_cannot_succeed(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every shard's pod giving up while the server rolls out would use up the Job's retries (a limit for all
+    indexes together): `attn batch` retries for minutes. A shard whose `attn batch` refuses its options or files
+    (exit 2, the same for every shard) fails the Job at once, and an evicted pod's failure is not counted."""
+    from client import batch
+    from client.cli import main
+
+    (job,) = manifests("Job")
+    spec = job["spec"]
+    (container,) = spec["template"]["spec"]["containers"]
+    retries = int(container["args"][container["args"].index("--max-retries") + 1])
+    monkeypatch.setattr(batch.random, "uniform", lambda low, high: low)  # the jitter at its shortest
+    assert sum(batch.backoff(attempt) for attempt in range(retries)) > 120
+    rules = spec["podFailurePolicy"]["rules"]
+    assert {"action": "FailJob", "onExitCodes": {"containerName": container["name"], "operator": "In",
+                                                 "values": [2]}, "onPodConditions": []} in rules
+    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in rules
+    assert spec["template"]["spec"]["restartPolicy"] == "Never"  # the only one podFailurePolicy allows
+    # Exit 2 is what `attn batch` answers to an input that is not there (no server needed to find out).
+    assert main(["batch", str(tmp_path / "missing.txt"), "--output", str(tmp_path / "out.jsonl")]) == 2
+
+
 def test_batch_job_arguments_parse() -> None:
     """The Job's command line is one `attn batch` accepts (index 0 standing in for the expanded variable)."""
     from client.cli import parser
