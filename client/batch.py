@@ -132,7 +132,8 @@ def add_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentPa
                    help=f"commit after this many output lines (default 1000) and at least every "
                         f"{CHECKPOINT_SECONDS:.0f} s")
     b.add_argument("--restart", action="store_true", help="ignore the checkpoint and start the output over")
-    b.add_argument("--summary", type=Path, help="write the summary JSON here (default: as the last stderr line)")
+    b.add_argument("--summary", type=Path, help="write the summary JSON here (default: as the last stderr line); "
+                   "with --shard named per shard as --output is")
     b.add_argument("--quiet", action="store_true", help="no progress line and no readable summary")
 
 
@@ -404,10 +405,11 @@ def _run(args: argparse.Namespace, channel: grpc.Channel, details: dict[str, Any
     if not args.input.is_file():
         raise BatchError(f"{args.input}: no such file")
     output = shard_path(args.output, args.shard)
+    summary = shard_path(args.summary, args.shard) if args.summary else None  # shards side by side: one each
     _check_apart({"the input": args.input, "the output": output, "its checkpoint": checkpoint_path(output),
-                  "--summary": args.summary})
-    if args.summary:
-        _check_summary(args.summary)
+                  "--summary": summary})
+    if summary:
+        _check_summary(summary)
     fmt = detect_format(args.input, args.format)
     options = decoding_options(args, details)
     _make_folder(output, str(output))
@@ -455,7 +457,7 @@ def _run(args: argparse.Namespace, channel: grpc.Channel, details: dict[str, Any
         progress.finish()
         for extra in own:
             extra.close()
-    report(args, output, progress, writer.committed, job.retries, error)
+    report(args, output, summary, progress, writer.committed, job.retries, error)
     return status
 
 
@@ -463,8 +465,8 @@ def _os_error(exc: OSError, output: Path) -> str:
     return f"{exc.filename or output}: {exc.strerror or exc}"
 
 
-def report(args: argparse.Namespace, output: Path, progress: Progress, committed: Checkpoint, retries: int,
-           error: str) -> None:
+def report(args: argparse.Namespace, output: Path, summary_path: Path | None, progress: Progress,
+           committed: Checkpoint, retries: int, error: str) -> None:
     seconds = time.monotonic() - progress.started
     rate = progress.done / seconds if seconds > 0 else 0.0
     summary = {"input": str(args.input), "output": str(output), "shard": "/".join(map(str, args.shard)),
@@ -477,10 +479,10 @@ def report(args: argparse.Namespace, output: Path, progress: Progress, committed
               f"already done, {seconds:.1f} s, {rate:.1f} lines/s → {output}", file=sys.stderr)
     if error:
         print(f"attn batch: stopped: {error}; run the same command again to resume", file=sys.stderr)
-    if args.summary:
+    if summary_path:
         try:
-            args.summary.write_text(json.dumps(summary) + "\n")
+            summary_path.write_text(json.dumps(summary) + "\n")
             return
         except OSError as exc:  # on the output's full disk, say: the summary goes to stderr instead
-            print(f"attn batch: --summary {args.summary}: cannot write: {exc.strerror or exc}", file=sys.stderr)
+            print(f"attn batch: --summary {summary_path}: cannot write: {exc.strerror or exc}", file=sys.stderr)
     print(json.dumps(summary), file=sys.stderr)

@@ -119,8 +119,11 @@ def test_two_shards_cover_the_file_exactly_once(running: RunningServer, tmp_path
     source.write_text("id\tsentence\n" + "".join(f"k{i}\t{t}\n" for i, t in enumerate(texts)), encoding="utf-8")
     for shard in ("0/2", "1/2"):
         assert _batch(running.port, str(source), "-o", str(tmp_path / "out.jsonl"), "--column", "sentence",
-                      "--shard", shard, "--batch-size", "4") == 0
+                      "--shard", shard, "--batch-size", "4", "--summary", str(tmp_path / "summary.json")) == 0
     parts = [_records(tmp_path / f"out.shard-{i}-of-2.jsonl") for i in range(2)]
+    # One summary per shard, named as the outputs are: shards given the same --summary overwrote each other's.
+    summaries = [json.loads((tmp_path / f"summary.shard-{i}-of-2.json").read_text()) for i in range(2)]
+    assert [(s["shard"], s["done"]) for s in summaries] == [("0/2", len(parts[0])), ("1/2", len(parts[1]))]
     for i, part in enumerate(parts):
         assert part and all(r["line"] % 2 == i for r in part)
         assert [r["line"] for r in part] == sorted(r["line"] for r in part)
