@@ -221,7 +221,9 @@ def reserve_port(host: str, port: int) -> socket.socket:
     """A socket bound (not listening) to the gRPC port, held for as long as the server runs: it picks the port when
     ``port`` is 0, and keeps it ours while front-ends restart. Binding once without SO_REUSEPORT first makes a
     second server on a port in use fail instead of joining it; with SO_REUSEADDR, so that the connections a server
-    just closed (TIME-WAIT, a minute on Linux) do not keep it from starting again on its port."""
+    just closed (TIME-WAIT, a minute on Linux) do not keep it from starting again on its port; the held socket too,
+    since a connection closed by a server without SO_REUSEPORT (one of ``ATTN_FRONTENDS=0``) waits in a TIME-WAIT
+    that only SO_REUSEADDR may bind beside."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     address = host.strip("[]")
     if port:
@@ -234,6 +236,7 @@ def reserve_port(host: str, port: int) -> socket.socket:
         finally:
             probe.close()
     held = socket.socket(family, socket.SOCK_STREAM)
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         held.bind((address, port))

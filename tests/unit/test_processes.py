@@ -49,10 +49,13 @@ def test_a_port_in_use_is_refused(reuse: bool) -> None:
         other.close()
 
 
-def test_a_port_whose_last_server_closed_connections_is_free_again() -> None:
-    """The server closing a connection first leaves it in TIME-WAIT for a minute: a restart must still bind."""
+@pytest.mark.parametrize("options", [(socket.SO_REUSEADDR, socket.SO_REUSEPORT), (socket.SO_REUSEADDR,)],
+                         ids=["front-ends", "one-process-server"])
+def test_a_port_whose_last_server_closed_connections_is_free_again(options: tuple[int, ...]) -> None:
+    """The server closing a connection first leaves it in TIME-WAIT for a minute: a restart must still bind, after
+    front-ends as after a server of ATTN_FRONTENDS=0 (whose gRPC listener has no SO_REUSEPORT)."""
     listener = socket.socket()
-    for option in (socket.SO_REUSEADDR, socket.SO_REUSEPORT):  # as gRPC's listeners have them
+    for option in options:  # as gRPC's listeners have them
         listener.setsockopt(socket.SOL_SOCKET, option, 1)
     listener.bind(("127.0.0.1", 0))
     listener.listen()
