@@ -161,13 +161,18 @@ class Registry(ModelIndex):
         """Loads and warms what the policy wants (blocking: run it off the event loop). Any model that fails stops
         the start-up with :class:`StartupError`: serving a model set other than the one asked for is worse. Not
         ``strict`` (an engine process restarted after a crash), such a version is refused and skipped as a reload
-        does, and the start fails only when nothing loads."""
+        does, and the start fails only when nothing loads. A pinned version missing from the folder stops a strict
+        start too: the model would not be served at all (a mistyped pin), for all the pin says."""
         try:
             self._sync(strict=strict)
         except ModelLoadError as exc:
             raise StartupError(str(exc)) from exc
         if not self._models:
             raise StartupError(f"no servable model under {self.models_dir} ({self._why_nothing_loads()})")
+        missing = self._missing_pins()
+        if strict and missing:
+            raise StartupError(f"the pinned versions {', '.join(missing)} (pinned_versions) are not in "
+                               f"{self.models_dir}")
         names = sorted({name for name, _ in self._models})
         if self.requested_default and self.requested_default not in names:
             raise StartupError(f"default model {self.requested_default!r} is not among the loaded models {names}")
@@ -182,11 +187,15 @@ class Registry(ModelIndex):
 
     def _why_nothing_loads(self) -> str:
         """The folder may hold models that pinned versions exclude: say so, not that it holds none."""
-        found = {(d.parent.name, d.name) for d in discover(self.models_dir)}
-        missing = [f"{name}={version}" for name, version in sorted(self.pins.items()) if (name, version) not in found]
-        if found and missing:
+        missing = self._missing_pins()
+        if discover(self.models_dir) and missing:
             return f"the pinned versions {', '.join(missing)} (pinned_versions) are not in it"
         return "expected <name>/<version>/manifest.json"
+
+    def _missing_pins(self) -> list[str]:
+        """The pins (``NAME=VERSION``) whose version the folder does not hold."""
+        found = {(d.parent.name, d.name) for d in discover(self.models_dir)}
+        return [f"{name}={version}" for name, version in sorted(self.pins.items()) if (name, version) not in found]
 
     def reload(self) -> dict[str, list[str]]:
         """Brings the loaded versions in line with the directory; returns what was loaded, refused and retired."""

@@ -56,6 +56,25 @@ def test_a_pin_to_a_missing_version_is_named_when_nothing_loads(tmp_path: Path) 
         Registry(tmp_path, CPU_DEVICE, pins={"m": "9"}).load()
 
 
+@pytest.mark.parametrize("pin", ["m=9", "n=1"], ids=["missing-version", "missing-model"])
+def test_a_pin_to_a_missing_version_stops_the_start_while_other_models_load(tmp_path: Path, pin: str,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mistyped pin must not start a server without that model (and a reload, or an engine restarted after a
+    crash, goes on with what the folder holds)."""
+    for name in ("m", "o"):
+        (tmp_path / name / "1").mkdir(parents=True)
+        (tmp_path / name / "1" / "manifest.json").write_text("{}")
+    name, version = pin.split("=")
+    registry = Registry(tmp_path, CPU_DEVICE, pins={name: version})
+    monkeypatch.setattr(registry, "_load_one", lambda directory: FakeModel(directory.parent.name, directory.name))
+    monkeypatch.setattr("server.registry.Engine", lambda *_: object())
+    with pytest.raises(StartupError, match=rf"the pinned versions {pin} \(pinned_versions\) are not in {tmp_path}"):
+        registry.load()
+    registry.load(strict=False)
+    assert sorted((m.name, m.version) for m in registry.models()) == ([("o", "1")] if name == "m" else
+                                                                        [("m", "1"), ("o", "1")])
+
+
 def test_lookup_defaults_and_versions(tmp_path: Path) -> None:
     registry = Registry(tmp_path, CPU_DEVICE)
     with pytest.raises(NotReady):
