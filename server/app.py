@@ -68,6 +68,12 @@ GRPC_AIO_LOGGER = logging.getLogger("grpc._cython.cygrpc")
 UNDELIVERED = StatusAfterTheCallEnded()  # one instance: adding it again leaves one
 
 
+def listen_address(host: str, port: int) -> str:
+    """gRPC's ``host:port``: an IPv6 address goes in brackets (``::1`` as ``[::1]``), else its colons would be read as
+    the port's (the parent process, which binds the port first, takes it either way)."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
 def build_registry(settings: Settings, metrics: Metrics) -> Registry:
     """The models on the chosen device with their engines (not loaded yet): this process's, or the engine
     process's."""
@@ -145,7 +151,7 @@ class AttentionServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         services = [SERVICE_NAME, triton.SERVICE_NAME, grpc_health.SERVICE_NAME, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(services, server, pool=triton.reflection_pool(services))
-        address = f"{s.host}:{s.port}"
+        address = listen_address(s.host, s.port)
         try:
             self.port = (server.add_insecure_port(address) if credentials is None
                          else server.add_secure_port(address, credentials))

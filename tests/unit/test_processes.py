@@ -69,6 +69,16 @@ def test_a_port_whose_last_server_closed_connections_is_free_again(options: tupl
     reserve_port("127.0.0.1", port).close()
 
 
+@pytest.mark.parametrize(("host", "address"), [("0.0.0.0", "0.0.0.0:50051"), ("::1", "[::1]:50051"),
+                                                ("[::]", "[::]:50051"), ("::", "[::]:50051"),
+                                                ("localhost", "localhost:50051")])
+def test_the_grpc_address_of_a_host(host: str, address: str) -> None:
+    """``--host ::1`` as the settings' help allows it (bare, as an operator types it): gRPC needs it in brackets."""
+    from server.app import listen_address
+
+    assert listen_address(host, 50051) == address
+
+
 def test_front_ends_from_the_setting_or_the_core_count(monkeypatch: pytest.MonkeyPatch) -> None:
     base = Settings()
     assert frontend_count(replace(base, frontends=0)) == 0
