@@ -30,7 +30,7 @@ from server.ipc.remote_models import RemoteModels
 from server.logs import event
 from server.metrics import Metrics, watch_gpu
 from server.models import Models
-from server.processes import handle_signals
+from server.processes import check_port_free, handle_signals
 from server.registry import Registry
 from server.service import AttentionServicer
 from server.settings import Settings, parse_pins
@@ -152,6 +152,8 @@ class AttentionServer:
         services = [SERVICE_NAME, triton.SERVICE_NAME, grpc_health.SERVICE_NAME, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(services, server, pool=triton.reflection_pool(services))
         address = listen_address(s.host, s.port)
+        if not self.engine_addresses:  # a front-end's port is the parent's, checked and held by it
+            check_port_free(s.host, s.port)
         try:
             self.port = (server.add_insecure_port(address) if credentials is None
                          else server.add_secure_port(address, credentials))

@@ -224,17 +224,8 @@ def reserve_port(host: str, port: int) -> socket.socket:
     just closed (TIME-WAIT, a minute on Linux) do not keep it from starting again on its port; the held socket too,
     since a connection closed by a server without SO_REUSEPORT (one of ``ATTN_FRONTENDS=0``) waits in a TIME-WAIT
     that only SO_REUSEADDR may bind beside."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    address = host.strip("[]")
-    if port:
-        probe = socket.socket(family, socket.SOCK_STREAM)
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((address, port))
-        except OSError as exc:
-            raise StartupError(f"cannot listen on {host}:{port}: {exc}") from exc
-        finally:
-            probe.close()
+    family, address = _family_and_address(host)
+    check_port_free(host, port)
     held = socket.socket(family, socket.SOCK_STREAM)
     held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -244,6 +235,26 @@ def reserve_port(host: str, port: int) -> socket.socket:
         held.close()
         raise StartupError(f"cannot listen on {host}:{port}: {exc}") from exc
     return held
+
+
+def _family_and_address(host: str) -> tuple[socket.AddressFamily, str]:
+    return (socket.AF_INET6 if ":" in host else socket.AF_INET), host.strip("[]")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raises StartupError with the system's reason (``Address already in use``) when ``port`` cannot be bound:
+    gRPC's own failure to bind names none. Port 0 (any free one) always can."""
+    if not port:
+        return
+    family, address = _family_and_address(host)
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        probe.bind((address, port))
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {host}:{port}: {exc}") from exc
+    finally:
+        probe.close()
 
 
 def check_socket_path(path: str) -> None:

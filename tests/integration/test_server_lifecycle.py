@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,10 +20,13 @@ import pytest
 from google.protobuf import descriptor_pool, json_format, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from attention_pb.v1 import attention_pb2 as pb
 from attention_pb.v1 import attention_pb2_grpc as pb_grpc
+from server.app import AttentionServer
+from server.errors import StartupError
 from tests.integration.serving import RunningServer, settings
 from tests.unit.engine_fakes import wait_until
 
@@ -57,6 +62,20 @@ def test_health_not_serving_until_loaded_then_serving_then_not_serving_on_stop(m
         stopping.result(10)
     finally:
         running.close()
+
+
+def test_a_port_in_use_fails_the_start_naming_the_reason(tmp_path: Path) -> None:
+    """One process (ATTN_FRONTENDS=0), as the parent of front-ends does: the system's reason, not gRPC's 'Failed to
+    bind ... set GRPC_VERBOSITY=debug'."""
+    other = socket.socket()
+    other.bind(("127.0.0.1", 0))
+    other.listen()
+    server = AttentionServer(settings(tmp_path, port=other.getsockname()[1], metrics_port=-1), CollectorRegistry())
+    try:
+        with pytest.raises(StartupError, match=r"cannot listen on 127\.0\.0\.1:\d+: .*Address already in use"):
+            asyncio.run(server.start())
+    finally:
+        other.close()
 
 
 def _scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
