@@ -218,6 +218,8 @@ class AttentionServer:
         self.shutting_down = True
         if self._watcher is not None:
             self._watcher.cancel()
+        if self.registry is not None:
+            self.registry.interrupt()  # a load or reload in progress loads no further version
         await self.health.shut_down()
         if self._server is not None:
             # gRPC's stop would close each connection once its answers are written, not yet delivered: a slow
@@ -279,7 +281,7 @@ async def serve(settings: Settings, engine_addresses: Sequence[str] = (),
         event(log, "startup_failed", level=logging.ERROR, exc_info=not expected, error=str(exc))
         code = 1
     if loading is not None and not loading.done():
-        loading.cancel()  # the loading thread itself runs to its end; nothing waits for it
+        loading.cancel()  # its thread ends after the version it loads (stop() interrupts the registry)
     event(log, server.role("shutting_down"), grace_seconds=settings.grace_seconds,
           inflight=server.servicer.inflight.here if server.servicer else 0)
     await server.stop(settings.grace_seconds)

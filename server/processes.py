@@ -145,6 +145,7 @@ def run_engine(settings: Settings, address: str, parent: int, status: Connection
     from server.app import build_registry
     from server.ipc.engine_endpoint import EngineEndpoint
     from server.metrics import Metrics
+    from server.registry import LoadInterrupted
 
     registry = build_registry(settings, Metrics(CollectorRegistry()))
 
@@ -154,7 +155,12 @@ def run_engine(settings: Settings, address: str, parent: int, status: Connection
 
     endpoint = EngineEndpoint(registry, address, state)
     stop, reload_now, endpoint_stop = threading.Event(), threading.Event(), threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def stopping(*_: object) -> None:
+        stop.set()
+        registry.interrupt()  # a SIGTERM while the models load: the versions not loaded yet are not
+
+    signal.signal(signal.SIGTERM, stopping)
     signal.signal(signal.SIGHUP, lambda *_: reload_now.set())
     handle_signals()
     thread = threading.Thread(target=endpoint.run, args=(endpoint_stop,), name="attn-ipc", daemon=True)
@@ -168,10 +174,13 @@ def run_engine(settings: Settings, address: str, parent: int, status: Connection
     except StartupError as exc:
         event(log, "startup_failed", level=logging.ERROR, error=str(exc))
         raise SystemExit(1) from None
+    except LoadInterrupted:  # a SIGTERM while loading: nothing to serve, and the loop below ends at once
+        pass
     registry.count_refusals = counts_refusals
-    endpoint.publish()
-    status.send(("ready", [f"{m.name}/{m.version}" for m in registry.models()], registry.default_model,
-                 registry.device.name))
+    if registry.ready:
+        endpoint.publish()
+        status.send(("ready", [f"{m.name}/{m.version}" for m in registry.models()], registry.default_model,
+                     registry.device.name))
     next_look = time.monotonic() + settings.reload_interval
     while not stop.wait(0.2):
         due = settings.reload_interval > 0 and time.monotonic() >= next_look

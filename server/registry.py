@@ -81,6 +81,10 @@ class ModelLoadError(Exception):
     """A model version that cannot be served (invalid manifest, broken graph, failing warm-up)."""
 
 
+class LoadInterrupted(Exception):
+    """The server began to stop while its models loaded (:meth:`Registry.interrupt`): the load ended early."""
+
+
 def _signature(directory: Path) -> tuple[float, ...] | None:
     """Changes when the version's files change: a refused version is tried again only then. None if the folder was
     removed since it was found: the version is gone."""
@@ -148,6 +152,9 @@ class Registry(ModelIndex):
         self._draining: dict[tuple[str, str], Engine] = {}
         self._syncing = threading.Lock()
         self._ready = threading.Event()
+        # Set when the server stops: a load or reload in progress loads no further version. A model set can take
+        # minutes to load (large graphs, TensorRT's engines), and a SIGTERM must not wait for all of it.
+        self._interrupted = threading.Event()
         self._published: set[tuple[str, ...]] = set()  # attn_model_info's label sets now at 1
         # Whether a refused version counts in attn_model_load_failures_total. Several engine processes each load
         # every model from the same folder and refuse the same versions: only one of them counts (run_engine).
@@ -167,6 +174,8 @@ class Registry(ModelIndex):
             self._sync(strict=strict)
         except ModelLoadError as exc:
             raise StartupError(str(exc)) from exc
+        if self._interrupted.is_set():
+            raise LoadInterrupted("the server is stopping")
         if not self._models:
             raise StartupError(f"no servable model under {self.models_dir} ({self._why_nothing_loads()})")
         missing = self._missing_pins()
@@ -233,6 +242,10 @@ class Registry(ModelIndex):
                         directory = versions[version]
                         if self._refused.get(key) == seen:
                             continue  # refused before and unchanged since
+                        if self._interrupted.is_set():  # stopping: what this look loaded is never served
+                            for new in engines.keys() - self._engines.keys():
+                                engines[new].close()
+                            return {"loaded": [], "refused": [], "retired": []}
                         try:
                             model = self._load_one(directory)
                         except ModelLoadError as exc:
@@ -364,7 +377,13 @@ class Registry(ModelIndex):
         batch. Raises the domain errors of :mod:`server.errors` (deadline, cancelled, overloaded)."""
         return await asyncio.wrap_future(self.engine(model).submit(items, options, timeout))
 
+    def interrupt(self) -> None:
+        """The server is stopping: a load or reload in progress loads no further version (it ends after the one it
+        is loading). Only sets a flag: a signal handler may call it."""
+        self._interrupted.set()
+
     def close(self) -> None:
         """Stops every engine: requests still queued or decoding fail with ShuttingDown."""
+        self.interrupt()
         for engine in [*self._engines.values(), *self._draining.values()]:
             engine.close()

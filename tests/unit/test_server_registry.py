@@ -9,7 +9,7 @@ import pytest
 
 from server.device import CPU, Device
 from server.errors import ModelNotFound, NotReady, StartupError
-from server.registry import ModelLoadError, Registry, _folders, discover
+from server.registry import LoadInterrupted, ModelLoadError, Registry, _folders, discover
 
 CPU_DEVICE = Device("cpu", [CPU], "test")
 
@@ -73,6 +73,38 @@ def test_a_pin_to_a_missing_version_stops_the_start_while_other_models_load(tmp_
     registry.load(strict=False)
     assert sorted((m.name, m.version) for m in registry.models()) == ([("o", "1")] if name == "m" else
                                                                         [("m", "1"), ("o", "1")])
+
+
+def test_a_stop_while_the_models_load_ends_the_load_after_the_version_loading(tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM during a start-up that loads many (or large) models: the process exits after the version it is
+    loading, not after all of them; what was loaded is closed, never served."""
+    for name in ("a", "b", "c"):
+        (tmp_path / name / "1").mkdir(parents=True)
+        (tmp_path / name / "1" / "manifest.json").write_text("{}")
+    registry = Registry(tmp_path, CPU_DEVICE)
+    loaded: list[str] = []
+    closed: list[str] = []
+
+    class FakeEngine:
+        def __init__(self, model: FakeModel, *_: object) -> None:
+            self.name = model.name
+
+        def close(self) -> None:
+            closed.append(self.name)
+
+    def load_then_get_stopped(directory: Path) -> FakeModel:
+        loaded.append(directory.parent.name)
+        registry.interrupt()  # what the SIGTERM handler does, while this version loads
+        return FakeModel(directory.parent.name, directory.name)
+
+    monkeypatch.setattr(registry, "_load_one", load_then_get_stopped)
+    monkeypatch.setattr("server.registry.Engine", FakeEngine)
+    with pytest.raises(LoadInterrupted):
+        registry.load()
+    assert loaded == ["a"] and closed == ["a"]
+    assert not registry.ready and registry.models() == []
+    assert registry.reload() == {"loaded": [], "refused": [], "retired": []} and loaded == ["a"]
 
 
 def test_lookup_defaults_and_versions(tmp_path: Path) -> None:
