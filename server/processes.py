@@ -32,7 +32,7 @@ from multiprocessing import reduction
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from server import logs
 from server.errors import StartupError
@@ -147,7 +147,10 @@ def run_engine(settings: Settings, address: str, parent: int, status: Connection
     from server.metrics import Metrics
     from server.registry import LoadInterrupted
 
-    registry = build_registry(settings, Metrics(CollectorRegistry()))
+    try:
+        registry = build_registry(settings, Metrics(CollectorRegistry()))
+    except StartupError as exc:  # a device asked for that is not usable here
+        _startup_failed(exc)
 
     def state() -> dict[str, Any]:
         return {"ready": registry.ready, "default_model": registry.default_model, "pid": os.getpid(),
@@ -172,8 +175,7 @@ def run_engine(settings: Settings, address: str, parent: int, status: Connection
     try:
         registry.load(strict)
     except StartupError as exc:
-        event(log, "startup_failed", level=logging.ERROR, error=str(exc))
-        raise SystemExit(1) from None
+        _startup_failed(exc)
     except LoadInterrupted:  # a SIGTERM while loading: nothing to serve, and the loop below ends at once
         pass
     registry.count_refusals = counts_refusals
@@ -197,6 +199,12 @@ def run_engine(settings: Settings, address: str, parent: int, status: Connection
     thread.join(5)
     endpoint.close()
     event(log, "engine_stopped")
+
+
+def _startup_failed(exc: StartupError) -> NoReturn:
+    """The engine process cannot start: one line naming why (not a traceback), and exit status 1."""
+    event(log, "startup_failed", level=logging.ERROR, error=str(exc))
+    raise SystemExit(1) from None
 
 
 def run_frontend(settings: Settings, addresses: list[str], inflight: CallsInFlight, parent: int, status: Connection,

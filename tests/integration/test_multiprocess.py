@@ -22,6 +22,7 @@ from attention_pb.v1 import attention_pb2_grpc as pb_grpc
 from bench.slow_reader import SlowReader
 from client.cli import main
 from client.connection import OWN_CONNECTION
+from server import device
 from tests.integration.serving import RunningServer, ServerProcess, matrix
 from tests.integration.test_batching_equivalence import sources
 
@@ -573,6 +574,22 @@ def test_a_certificate_that_does_not_parse_stops_the_server_before_any_process_s
     assert [e["event"] for e in errors] == ["startup_failed"], errors
     assert f"tls_cert {junk}" in errors[0]["error"]
     assert not [e for e in events if e["event"] == "process_started"]
+
+
+def test_a_device_that_is_not_usable_stops_the_start_with_one_line_naming_why(models_dir: Path) -> None:
+    """ATTN_DEVICE=tensorrt where TensorRT is missing (the Dockerfile does not install it): the engine process says why
+    in its startup_failed line, as the one-process server does, instead of dying in a traceback."""
+    if device.tensorrt_problem() is None:
+        pytest.skip("TensorRT is usable here")
+    server = ServerProcess(models_dir, "--device", "tensorrt")
+    try:
+        assert server.process.wait(120) == 1
+        server.wait_for("startup_failed", process="engine-0")
+        [failed] = server.events("startup_failed", process="engine-0")
+        assert failed["error"].startswith("device=tensorrt was asked for, but ")
+        assert not server.events("stderr", process="engine-0")  # no traceback
+    finally:
+        server.kill()
 
 
 def _publish_a_broken_version(model: Path, version: str) -> None:
