@@ -221,6 +221,8 @@ class AttentionServer:
         if self.registry is not None:
             self.registry.interrupt()  # a load or reload in progress loads no further version
         await self.health.shut_down()
+        if self.servicer is not None:
+            self.servicer.streams_end.set()
         if self._server is not None:
             # gRPC's stop would close each connection once its answers are written, not yet delivered: a slow
             # client could lose them to a reset (server/drain.py). Let them arrive first, within the same grace.

@@ -174,6 +174,9 @@ class AttentionServicer(pb_grpc.AttentionServiceServicer):
         # processes, every front-end's: server/inflight.py)
         self.inflight = inflight if inflight is not None else CallsInFlight()
         self.unanswered = Unanswered()  # every call until its status is sent: what a drain waits for
+        # Set when the server drains: an open V2 stream ends once its message in progress is answered, rather than
+        # waiting for its client to close it (which would hold the drain for the whole grace period).
+        self.streams_end = asyncio.Event()
 
     @rpc("Translate")
     async def Translate(self, request: pb.TranslateRequest, context: grpc.aio.ServicerContext,

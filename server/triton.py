@@ -30,6 +30,7 @@ and the stream goes on, as in Triton.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import replace
@@ -202,18 +203,40 @@ class TritonServicer(v2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStreamInfer(self, request_iterator: Any,
                                context: grpc.aio.ServicerContext) -> AsyncIterator[v2.ModelStreamInferResponse]:
-        """Answers the messages in order, one at a time, each with its ``id``."""
+        """Answers the messages in order, one at a time, each with its ``id``. When the server drains, the stream
+        ends with UNAVAILABLE once the message in progress is answered: clients keep their stream open between
+        messages, and waiting for them to close it would hold the drain for the whole grace period."""
         message = cast(grpc.aio.ServicerContext, _MessageContext(context))
-        async for request in request_iterator:
-            try:
-                response = await self._stream_message(request, message)
-            except _Failed as failed:
-                answered = v2.ModelInferResponse() if isinstance(request, wire.Malformed) else v2.ModelInferResponse(
-                    model_name=request.model_name, model_version=request.model_version, id=request.id)
-                yield v2.ModelStreamInferResponse(error_message=f"{failed.code.name}: {failed.details}",
-                                                  infer_response=answered)
-                continue
-            yield v2.ModelStreamInferResponse(infer_response=response)
+        messages = aiter(request_iterator)
+        ending = asyncio.ensure_future(self.core.streams_end.wait())
+        reading: asyncio.Future[Any] | None = None
+        try:
+            while not ending.done():
+                reading = asyncio.ensure_future(anext(messages))
+                await asyncio.wait({reading, ending}, return_when=asyncio.FIRST_COMPLETED)
+                if not reading.done():
+                    break
+                try:
+                    request = reading.result()
+                except StopAsyncIteration:
+                    return
+                try:
+                    response = await self._stream_message(request, message)
+                except _Failed as failed:
+                    answered = v2.ModelInferResponse() if isinstance(request, wire.Malformed) else (
+                        v2.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
+                                              id=request.id))
+                    yield v2.ModelStreamInferResponse(error_message=f"{failed.code.name}: {failed.details}",
+                                                      infer_response=answered)
+                    continue
+                yield v2.ModelStreamInferResponse(infer_response=response)
+        finally:
+            ending.cancel()
+            if reading is not None:  # the call ended (cancelled, or the drain) while a read was pending
+                if reading.done() and not reading.cancelled():
+                    reading.exception()  # retrieved: the stream's end (StopAsyncIteration) is no error
+                reading.cancel()
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another instance")
 
     @rpc("ModelStreamInfer", streamed=True)
     async def _stream_message(self, request: v2.ModelInferRequest, context: grpc.aio.ServicerContext,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -25,6 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from attention_pb.v1 import attention_pb2 as pb
 from attention_pb.v1 import attention_pb2_grpc as pb_grpc
+from kserve_v2_pb import grpc_service_pb2 as v2
+from kserve_v2_pb import grpc_service_pb2_grpc as v2_grpc
 from server.app import AttentionServer
 from server.errors import StartupError
 from tests.integration.serving import RunningServer, settings
@@ -76,6 +79,30 @@ def test_a_port_in_use_fails_the_start_naming_the_reason(tmp_path: Path) -> None
             asyncio.run(server.start())
     finally:
         other.close()
+
+
+def test_an_open_v2_stream_holds_the_drain_no_longer_than_its_message_in_progress(models_dir: Path) -> None:
+    """A V2 client keeps its ModelStreamInfer stream open between messages (tritonclient's start_stream): the drain
+    answers the message it holds, then ends the stream with UNAVAILABLE, instead of waiting for the client to close
+    it until the grace runs out."""
+    running = RunningServer(settings(models_dir))
+    try:
+        stub = v2_grpc.GRPCInferenceServiceStub(running.channel)
+        outgoing: queue.Queue[v2.ModelInferRequest | None] = queue.Queue()
+        text = v2.ModelInferRequest.InferInputTensor(name="TEXT", datatype="BYTES", shape=[1],
+                                                     contents=v2.InferTensorContents(bytes_contents=[b"Hallo"]))
+        outgoing.put(v2.ModelInferRequest(model_name="tiny-de-en", id="first", inputs=[text]))
+        stream = stub.ModelStreamInfer(iter(outgoing.get, None), timeout=120)
+        first = next(stream)
+        assert first.infer_response.id == "first" and not first.error_message
+        stopping = running.submit(running.server.stop(60.0))
+        with pytest.raises(grpc.RpcError) as ended:
+            next(stream)
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in ended.value.details()
+        stopping.result(30)  # well inside the grace: nothing else was in flight
+        outgoing.put(None)
+    finally:
+        running.close()
 
 
 def _scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
