@@ -238,20 +238,32 @@ def reserve_port(host: str, port: int) -> socket.socket:
     """A socket bound (not listening) to the gRPC port, held for as long as the server runs: it picks the port when
     ``port`` is 0, and keeps it ours while front-ends restart. Binding once without SO_REUSEPORT first makes a
     second server on a port in use fail instead of joining it; with SO_REUSEADDR, so that the connections a server
-    just closed (TIME-WAIT, a minute on Linux) do not keep it from starting again on its port; the held socket too,
-    since a connection closed by a server without SO_REUSEPORT (one of ``ATTN_FRONTENDS=0``) waits in a TIME-WAIT
-    that only SO_REUSEADDR may bind beside."""
+    just closed (TIME-WAIT, a minute on Linux) do not keep it from starting again on its port."""
     family, address = _family_and_address(host)
     check_port_free(host, port)
-    held = socket.socket(family, socket.SOCK_STREAM)
-    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
-        held.bind((address, port))
+        return _bound(family, address, port, socket.SO_REUSEPORT)
+    except OSError:
+        pass
+    # The probe found the port free, so what is in the way is a connection closed by a server without SO_REUSEPORT
+    # (one of ATTN_FRONTENDS=0), in a TIME-WAIT that only SO_REUSEADDR binds beside. Not set at the first try: while
+    # this server's front-ends start, its held socket alone is what a second server's probe must fail on.
+    try:
+        return _bound(family, address, port, socket.SO_REUSEPORT, socket.SO_REUSEADDR)
     except OSError as exc:
-        held.close()
         raise StartupError(f"cannot listen on {host}:{port}: {exc}") from exc
-    return held
+
+
+def _bound(family: socket.AddressFamily, address: str, port: int, *options: int) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    for option in options:
+        sock.setsockopt(socket.SOL_SOCKET, option, 1)
+    try:
+        sock.bind((address, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _family_and_address(host: str) -> tuple[socket.AddressFamily, str]:

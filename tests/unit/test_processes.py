@@ -49,6 +49,16 @@ def test_a_port_in_use_is_refused(reuse: bool) -> None:
         other.close()
 
 
+def test_a_port_another_server_holds_while_it_starts_is_refused() -> None:
+    """Before its front-ends listen, a server's port is only its held socket: a second server must fail there too."""
+    first = reserve_port("127.0.0.1", 0)
+    try:
+        with pytest.raises(StartupError, match="cannot listen"):
+            reserve_port("127.0.0.1", first.getsockname()[1]).close()
+    finally:
+        first.close()
+
+
 @pytest.mark.parametrize("options", [(socket.SO_REUSEADDR, socket.SO_REUSEPORT), (socket.SO_REUSEADDR,)],
                          ids=["front-ends", "one-process-server"])
 def test_a_port_whose_last_server_closed_connections_is_free_again(options: tuple[int, ...]) -> None:
