@@ -183,7 +183,9 @@ class Registry(ModelIndex):
             raise StartupError(f"the pinned versions {', '.join(missing)} (pinned_versions) are not in "
                                f"{self.models_dir}")
         names = sorted({name for name, _ in self._models})
-        if self.requested_default and self.requested_default not in names:
+        # Not strict, the default model may be gone (refused, or removed since a reload retired it, as here): the
+        # engine comes back without it, as a reload goes on without it, rather than failing each restart.
+        if strict and self.requested_default and self.requested_default not in names:
             raise StartupError(f"default model {self.requested_default!r} is not among the loaded models {names}")
         self._choose_default()
         self._ready.set()

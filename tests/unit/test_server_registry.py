@@ -107,6 +107,25 @@ def test_a_stop_while_the_models_load_ends_the_load_after_the_version_loading(tm
     assert registry.reload() == {"loaded": [], "refused": [], "retired": []} and loaded == ["a"]
 
 
+def test_an_engine_restarted_without_its_default_model_serves_the_others(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default model (ATTN_DEFAULT_MODEL, which make run sets) removed or broken on disk, then an engine crash:
+    the restarted engine (not strict) serves the other models, as the reload that retired the default did, instead
+    of failing every restart; only the start of the server insists on it."""
+    (tmp_path / "other" / "1").mkdir(parents=True)
+    (tmp_path / "other" / "1" / "manifest.json").write_text("{}")
+    monkeypatch.setattr("server.registry.Engine", lambda *_: object())
+    for strict in (True, False):
+        registry = Registry(tmp_path, CPU_DEVICE, default_model="gone")
+        monkeypatch.setattr(registry, "_load_one", lambda directory: FakeModel(directory.parent.name, directory.name))
+        if strict:
+            with pytest.raises(StartupError, match="default model 'gone' is not among the loaded models"):
+                registry.load()
+        else:
+            registry.load(strict=False)
+            assert registry.ready and [m.name for m in registry.models()] == ["other"]
+
+
 def test_lookup_defaults_and_versions(tmp_path: Path) -> None:
     registry = Registry(tmp_path, CPU_DEVICE)
     with pytest.raises(NotReady):
