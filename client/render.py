@@ -73,7 +73,8 @@ def translation(response: pb.TranslateResponse, texts: Sequence[str]) -> str:
 
 
 def models(response: pb.ListModelsResponse) -> str:
-    rows = [("MODEL", "VERSION", "FAMILY", "LANGUAGES", "ATTENTION", "DEVICE", "VARIANT", "READY", "DEFAULT")]
+    rows: list[tuple[str, ...]] = [
+        ("MODEL", "VERSION", "FAMILY", "LANGUAGES", "ATTENTION", "DEVICE", "VARIANT", "READY", "DEFAULT")]
     for m in response.models:
         languages = f"{m.source_language}→{m.target_language}" if m.source_language else m.target_language
         attention = m.attention_type + (" (uniform)" if m.attention_uniform else "")
