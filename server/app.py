@@ -202,11 +202,7 @@ class AttentionServer:
         """Loads new versions beside the serving ones and swaps them in (SIGHUP, the watcher, tests)."""
         assert self.registry is not None and self.registry.ready, "load() first"
         async with self._reloading:
-            try:
-                return await asyncio.to_thread(self.registry.reload)
-            except Exception:  # the folder vanished, a disk error: keep serving what is loaded
-                event(log, "reload_failed", level=logging.ERROR, exc_info=True)
-                return {"loaded": [], "refused": [], "retired": []}
+            return await asyncio.to_thread(self.registry.reload_or_keep)
 
     async def _watch(self, interval: float) -> None:
         while not self.shutting_down:

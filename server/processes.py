@@ -188,10 +188,7 @@ def run_engine(settings: Settings, address: str, parent: int, status: Connection
         due = settings.reload_interval > 0 and time.monotonic() >= next_look
         if reload_now.is_set() or due:
             reload_now.clear()
-            try:
-                registry.reload()
-            except Exception:  # the folder vanished, a disk error: keep serving what is loaded
-                event(log, "reload_failed", level=logging.ERROR, exc_info=True)
+            registry.reload_or_keep()
             endpoint.publish()
             next_look = time.monotonic() + settings.reload_interval
     registry.close()  # anything still queued or decoding fails with ShuttingDown; the endpoint sends those replies

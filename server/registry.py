@@ -156,6 +156,7 @@ class Registry(ModelIndex):
         # minutes to load (large graphs, TensorRT's engines), and a SIGTERM must not wait for all of it.
         self._interrupted = threading.Event()
         self._published: set[tuple[str, ...]] = set()  # attn_model_info's label sets now at 1
+        self._reload_failure = ""  # why the last reload failed, while reloads keep failing (reload_or_keep)
         # Whether a refused version counts in attn_model_load_failures_total. Several engine processes each load
         # every model from the same folder and refuse the same versions: only one of them counts (run_engine).
         self.count_refusals = True
@@ -211,6 +212,28 @@ class Registry(ModelIndex):
     def reload(self) -> dict[str, list[str]]:
         """Brings the loaded versions in line with the directory; returns what was loaded, refused and retired."""
         return self._sync(strict=False)
+
+    def reload_or_keep(self) -> dict[str, list[str]]:
+        """:meth:`reload` where a failure must not stop the server (SIGHUP, the watcher): when the folder cannot be
+        read (removed, a volume unmounted, a disk error) what is loaded goes on serving. The failure is logged with
+        its reason when it begins or changes, not at every look while it lasts (every 10 s by default, for as long as
+        a volume stays away), and the first reload that works again says so. Anything else is a bug: logged with its
+        traceback every time."""
+        nothing: dict[str, list[str]] = {"loaded": [], "refused": [], "retired": []}
+        try:
+            report = self.reload()
+        except (StartupError, OSError) as exc:
+            if str(exc) != self._reload_failure:
+                self._reload_failure = str(exc)
+                event(log, "reload_failed", level=logging.ERROR, error=str(exc))
+            return nothing
+        except Exception:
+            event(log, "reload_failed", level=logging.ERROR, exc_info=True)
+            return nothing
+        if self._reload_failure:
+            self._reload_failure = ""
+            event(log, "reload_recovered", models=len(self._models))
+        return report
 
     def _sync(self, strict: bool) -> dict[str, list[str]]:
         with self._syncing:

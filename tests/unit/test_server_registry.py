@@ -186,3 +186,30 @@ def test_a_version_deleted_while_a_reload_looks_is_treated_as_gone(tmp_path: Pat
     assert registry.reload() == {"loaded": [], "refused": [], "retired": []}
     (tmp_path / "m").rmdir()
     assert _folders(tmp_path / "m") == []  # a model's folder gone between the two levels of discover()'s listing
+
+
+def test_a_reload_that_cannot_read_the_folder_keeps_serving_and_says_why_once(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch,
+                                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """The models folder gone (a volume unmounted): every look (10 s apart) keeps the loaded versions; the failure
+    is one line with its reason, not a traceback at every look, and the first reload that works again says so."""
+    import logging
+
+    models = tmp_path / "models"
+    (models / "a" / "1").mkdir(parents=True)
+    (models / "a" / "1" / "manifest.json").write_text("{}")
+    monkeypatch.setattr("server.registry.Engine", lambda *_: object())
+    registry = Registry(models, CPU_DEVICE)
+    monkeypatch.setattr(registry, "_load_one", lambda directory: FakeModel(directory.parent.name, directory.name))
+    registry.load()
+    models.rename(tmp_path / "away")
+    with caplog.at_level(logging.INFO, logger="attn.registry"):
+        for _ in range(3):
+            assert registry.reload_or_keep() == {"loaded": [], "refused": [], "retired": []}
+            assert [m.name for m in registry.models()] == ["a"]
+        (tmp_path / "away").rename(models)
+        assert registry.reload_or_keep() == {"loaded": [], "refused": [], "retired": []}
+    lines = [(r.getMessage(), bool(r.exc_info), getattr(r, "fields", {})) for r in caplog.records
+             if r.getMessage().startswith("reload_")]
+    assert lines == [("reload_failed", False, {"error": f"models directory {models} does not exist"}),
+                     ("reload_recovered", False, {"models": 1})]
