@@ -8,7 +8,6 @@ import math
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -340,10 +339,24 @@ def test_ctrl_c_while_the_command_imports_torch_ends_it_in_one_line(command: str
     the second or more that torch's import takes ends it as one during the run does."""
     program = command.replace("_", "-")
     assert f'{program} = "training.launch:{command}"' in (REPO / "pyproject.toml").read_text()
-    started = subprocess.Popen(
-        [sys.executable, "-c", f"import sys; from training.launch import {command}; sys.exit({command}(['--help']))"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.5)  # Python's own SIGINT handler is in place, torch's import is not done
+    # torch's import is held until the signal comes (a warm cache makes it quick enough for the command to end
+    # first): the child says when it has begun, and the signal arrives inside it, wherever a Ctrl-C would.
+    held_import = f"""
+import builtins, sys, time
+real_import = builtins.__import__
+def held(name, *args, **kwargs):
+    if name.split(".")[0] == "torch":
+        builtins.__import__ = real_import
+        print("importing torch", flush=True)
+        time.sleep(60)
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = held
+from training.launch import {command}
+sys.exit({command}(["--help"]))
+"""
+    started = subprocess.Popen([sys.executable, "-c", held_import], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    assert started.stdout is not None and started.stdout.readline() == "importing torch\n"
     started.send_signal(signal.SIGINT)
     _, err = started.communicate(timeout=60)
     assert started.returncode == 130, err
