@@ -15,6 +15,7 @@ from attention_pb.v1 import attention_pb2 as pb
 from attention_pb.v1 import attention_pb2_grpc as pb_grpc
 from client import render
 from client.options import add_decoding_arguments, decoding_options
+from client.picture_files import writing
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -64,7 +65,9 @@ def draw(image_bytes: bytes, response: pb.CaptionResponse, path: Path) -> None:
     grid = (response.grid.height, response.grid.width)
     panel = max(96, min(256, 1024 // max(1, min(len(words) + 1, 5))))
     weights = render.matrix(hyp.attention)
-    overlay(picture(image_bytes, response), words, weights, grid, columns=5, panel=panel).save(path)
+    sheet = overlay(picture(image_bytes, response), words, weights, grid, columns=5, panel=panel)
+    with writing(path) as picture_format:
+        sheet.save(path, format=picture_format)
 
 
 def caption(args: argparse.Namespace, stub: pb_grpc.AttentionServiceStub, details: dict[str, Any]) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from attention_pb.v1 import attention_pb2 as pb
+from client.picture_files import writing
 from client.render import matrix
 
 
@@ -29,5 +30,8 @@ def draw(result: pb.Translation, hypothesis: pb.Hypothesis, path: Path, title: s
     ax.set_title(title or hypothesis.text, fontsize=10)
     fig.colorbar(image, ax=ax, fraction=0.04, label="attention")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        with writing(path) as picture_format:
+            fig.savefig(path, dpi=120, format=picture_format)
+    finally:
+        plt.close(fig)

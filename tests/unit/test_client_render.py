@@ -111,3 +111,46 @@ def test_the_views_show_control_characters_as_escapes() -> None:
         assert not any(ch in text for ch in "\x1b\x07\r"), text
     assert "→ I\\x1b]0;owned\\x07 hope" in view and "Ich\\r 1.00" in view
     assert "a \\x1b[31mred" in caption_view
+
+
+def _translated() -> pb.Translation:
+    """A one-token source and target (end of sentence included), for the heatmap."""
+    tokens = [pb.Token(piece="▁Hallo", start=0, end=5), pb.Token(piece="</s>", special=True)]
+    hyp = pb.Hypothesis(text="Hello", tokens=[pb.Token(piece="▁Hello", start=0, end=5), pb.Token(special=True)],
+                        attention=pb.Matrix(rows=2, cols=2, values=[0.9, 0.1, 0.2, 0.8]))
+    return pb.Translation(source_tokens=tokens, hypotheses=[hyp])
+
+
+def _heatmap(path: Path) -> None:
+    from client import heatmap
+
+    result = _translated()
+    heatmap.draw(result, result.hypotheses[0], path)
+
+
+def _overlay(path: Path) -> None:
+    caption.draw(encode(Image.new("RGB", (40, 30), (100, 100, 100)), "PNG"), _captioned(40, 30), path)
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("draw", [_heatmap, _overlay], ids=["heatmap", "overlay"])
+def test_a_picture_path_without_an_extension_gets_a_png_under_that_very_name(draw, tmp_path: Path) -> None:
+    """matplotlib wrote `--heatmap heat` to heat.png while attn said it wrote `heat`; PIL refused `--overlay ov`."""
+    draw(tmp_path / "picture")
+    assert (tmp_path / "picture").read_bytes().startswith(PNG_SIGNATURE)
+    assert list(tmp_path.iterdir()) == [tmp_path / "picture"]
+
+
+@pytest.mark.parametrize("draw", [_heatmap, _overlay], ids=["heatmap", "overlay"])
+@pytest.mark.parametrize(("name", "reason"), [("missing/out.png", "No such file or directory"),
+                                              ("out.nosuchformat", "nosuchformat")])
+def test_a_picture_that_cannot_be_written_ends_attn_with_one_line(draw, name: str, reason: str,
+                                                                  tmp_path: Path) -> None:
+    """A folder that does not exist or an unknown extension ended `attn translate --heatmap` and `attn caption
+    --overlay` with a traceback; now with one `attn:` line naming the file and why (exit status 1)."""
+    with pytest.raises(SystemExit) as stopped:
+        draw(tmp_path / name)
+    message = str(stopped.value.code)
+    assert message.startswith(f"attn: cannot write {tmp_path / name}: ") and reason in message, message
