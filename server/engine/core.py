@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from itertools import count, islice
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -62,7 +62,7 @@ class Request:
     deadline: float | None
     enqueued: float
     future: Future[list[list[Hypothesis]]] = field(default_factory=Future)
-    results: list[list[Hypothesis]] = field(default_factory=list)
+    results: list[list[Hypothesis] | None] = field(default_factory=list)  # per item; None until it finishes
     pending: int = 0
     status: str = "queued"  # then "active", then "done"; "held": a later part, not queued yet
     placements: list[tuple[Lane, int, int]] = field(default_factory=list)  # (lane, group, slot) of each sentence
@@ -171,7 +171,7 @@ class Engine:
         for part, later in zip(parts, parts[1:]):
             part.next_part, later.status = later, "held"
         for part in parts:
-            part.results, part.pending = [[] for _ in part.items], len(part.items)
+            part.results, part.pending = [None] * len(part.items), len(part.items)
         request, limits, tokens = parts[0], self.limits, sum(sum(p.costs) for p in parts)
         if tokens > limits.max_queue_tokens:  # not even an empty queue takes it: a retry would be refused the same
             raise InvalidInput(f"the request has {tokens} source tokens (grid cells for images), more than the "
@@ -442,7 +442,7 @@ class Engine:
         if request.pending == 0:
             self._retire(request)
             try:
-                request.future.set_result(request.results)
+                request.future.set_result(cast(list[list[Hypothesis]], request.results))  # every item's now
             except InvalidStateError:  # cancelled meanwhile
                 return
             if (part := request.next_part) is not None and part.status == "held" and not part.future.done():
@@ -454,7 +454,9 @@ class Engine:
         """``request`` leaves the active set; the rows of its unfinished sentences are given back."""
         with self._lock:
             if self._active.pop(id(request), None) is not None:
-                unfinished = [i for i, r in enumerate(request.results) if not r]
+                # None, not empty: a sentence can end with no hypotheses (a model that never gives EOS any
+                # probability), and its rows were given back when it ended
+                unfinished = [i for i, r in enumerate(request.results) if r is None]
                 self._rows -= request.search.k * len(unfinished)
                 self._tokens -= request.search.k * sum(request.costs[i] for i in unfinished)
                 request.pending = 0

@@ -474,6 +474,23 @@ def test_a_request_cancelled_mid_flight_leaves_its_lane_to_the_others(engines: l
     assert cancelled[4:] == [rows - 2 for rows in uncancelled[4 : len(cancelled)]]
 
 
+class NoEndModel(FakeModel):
+    """A decoder that gives end-of-sentence no probability at all (-inf): no beam hypothesis can end, so a sentence
+    finishes at its budget with no hypotheses."""
+
+    def step(self, tokens: np.ndarray, state: State, static: State) -> tuple[np.ndarray, np.ndarray, State]:
+        log_probs, weights, new_state = super().step(tokens, state, static)
+        log_probs[:, EOS] = -np.inf
+        return log_probs, weights, new_state
+
+
+def test_a_sentence_that_ends_without_hypotheses_gives_its_rows_back_once(engines: list[Engine]) -> None:
+    engine = start(engines, NoEndModel())
+    found = engine.submit([SOURCES[0], SOURCES[2]], Options(beam_size=2, nbest=2, max_steps=4)).result(timeout=30)
+    assert len(found) == 2
+    assert engine._rows == 0 and engine._tokens == 0  # given back before the answer: no wait needed
+
+
 @pytest.mark.parametrize("growing_state", [False, True])
 def test_a_request_over_half_the_row_budget_decodes_in_parts_and_gets_what_it_gets_alone(
         engines: list[Engine], growing_state: bool) -> None:
