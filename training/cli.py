@@ -15,6 +15,7 @@ import torch
 from training import checkpoint
 from training.caption_train import CaptionTrainConfig
 from training.config import InputError
+from training.recipe import RunInterrupted
 from training.train import TrainConfig, model_config
 
 
@@ -106,10 +107,23 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:  # a mistake in the data, a checkpoint or the machine: its one line, no traceback
         print(f"attn-train: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # Ctrl-C ends a run on purpose: say where it can go on, not torch's stack
-        where = f"; {Path(cfg.out) / 'last.pt'} (written at every validation) resumes it with --resume" if cfg else ""
-        print(f"attn-train: interrupted{where}", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # Ctrl-C ends a run on purpose: say where it can go on, not torch's stack
+        print(f"attn-train: interrupted{_resumes(exc)}", file=sys.stderr)
         return 130
+
+
+def _resumes(exc: KeyboardInterrupt) -> str:
+    """What resumes an interrupted run, as the run knows it (training.recipe.RunInterrupted): the last.pt it wrote,
+    or the checkpoint it was resumed from while it has written none, or nothing."""
+    if not isinstance(exc, RunInterrupted):  # evaluate, or a Ctrl-C before the run began
+        return ""
+    if exc.written:
+        return f"; {exc.resume_from} (written at every validation) resumes it with --resume"
+    if exc.resume_from is not None:
+        return (f" before its first validation wrote a checkpoint; {exc.resume_from} still resumes it with "
+                "--resume")
+    return (f" before its first validation (every --valid-every {exc.valid_every} steps) wrote a checkpoint; "
+            "there is nothing to resume")
 
 
 def _run(args: argparse.Namespace, cfg: Any) -> int:

@@ -40,6 +40,18 @@ from training.loop import (
 log = logging.getLogger("attn.train")
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`run`, saying what resumes it: ``resume_from`` is the last.pt this run wrote, else the
+    checkpoint it was resumed from, else None (nothing to resume); ``written`` says whether this run wrote it.
+
+    The command line cannot tell by itself: a resumed run writes to the saved run's folder unless --out is given
+    anew, and a last.pt already in the folder may be another run's."""
+
+    def __init__(self, resume_from: Path | None, written: bool, valid_every: int) -> None:
+        super().__init__()
+        self.resume_from, self.written, self.valid_every = resume_from, written, valid_every
+
+
 class Recipe(ABC):
     """What one model family trains and how; the run around it is :func:`run`'s."""
 
@@ -139,7 +151,15 @@ def run(recipe: Recipe, resume_path: Path | None = None, given: Collection[str] 
     best.pt and never beats its restored best does not write: check that it exists).
 
     ``given``: the config fields given on the command line, which a resumed run takes anew where they may change
-    (:func:`training.loop.resumed_config`)."""
+    (:func:`training.loop.resumed_config`). Ctrl-C raises :class:`RunInterrupted`."""
+    written: list[Path] = []  # the last.pt this run wrote (atomically: a Ctrl-C while writing leaves the older one)
+    try:
+        return _run(recipe, resume_path, given, written)
+    except KeyboardInterrupt:
+        raise RunInterrupted(written[0] if written else resume_path, bool(written), recipe.cfg.valid_every) from None
+
+
+def _run(recipe: Recipe, resume_path: Path | None, given: Collection[str] | None, written: list[Path]) -> Path:
     rank, world = distributed()
     device = device_for(recipe.cfg.device, rank)
     resume = checkpoint.load(resume_path, kind=recipe.kind) if resume_path else None
@@ -196,6 +216,8 @@ def run(recipe: Recipe, resume_path: Path | None = None, given: Collection[str] 
     def checkpoint_now() -> None:
         save_checkpoints(rank, world, lambda: recipe.validate(model, sp, device), progress, best, history, payload,
                          out, recipe.best_by)
+        if rank == 0 and not written:
+            written.append(out / "last.pt")
 
     train_epochs(cfg, progress, rank, world, recipe.batches, step, checkpoint_now, items=recipe.items)
     return out / "best.pt"

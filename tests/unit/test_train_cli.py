@@ -188,17 +188,52 @@ def test_an_unreadable_training_image_is_a_one_line_error(tmp_path: Path, capsys
     assert f"cannot read image {tmp_path / 'Images'}/" in line and "cannot identify image file" in line
 
 
-def test_ctrl_c_ends_a_run_with_where_it_resumes_not_a_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                               capsys: pytest.CaptureFixture[str]) -> None:
-    def interrupted(*_: Any) -> int:
-        raise KeyboardInterrupt
+def _interrupt_at_step(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """Ctrl-C at the ``step``-th training batch (1-based) of the next run."""
+    from training.train import TranslationRecipe
 
-    monkeypatch.setattr(train_cli, "_run", interrupted)
-    assert train_cli.main(["translation", "--out", str(tmp_path / "run"), *TINY]) == 130
+    calls = []
+    loss = TranslationRecipe.loss
+
+    def interrupted(self: TranslationRecipe, *args: Any) -> Any:
+        calls.append(1)
+        if len(calls) == step:
+            raise KeyboardInterrupt
+        return loss(self, *args)
+
+    monkeypatch.setattr(TranslationRecipe, "loss", interrupted)
+
+
+def test_ctrl_c_ends_a_run_with_the_checkpoint_that_resumes_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    argv = ["translation", "--data", f"ding:{DING_SAMPLE}", "--out", str(run), *TINY, "--max-tokens", "500"]
+    # Before the first validation nothing resumes the run, and its last.pt is not named as if it did.
+    _interrupt_at_step(monkeypatch, 3)
+    assert train_cli.main([*argv, "--valid-every", "1000"]) == 130
     err = capsys.readouterr().err
-    assert "Traceback" not in err
-    assert err == (f"attn-train: interrupted; {tmp_path / 'run' / 'last.pt'} (written at every validation) resumes "
-                   "it with --resume\n")
+    assert "Traceback" not in err and not (run / "last.pt").exists()
+    assert err.splitlines()[-1] == ("attn-train: interrupted before its first validation (every --valid-every 1000 "
+                                    "steps) wrote a checkpoint; there is nothing to resume")
+    # After one, the last.pt it wrote does.
+    _interrupt_at_step(monkeypatch, 4)
+    assert train_cli.main([*argv, "--valid-every", "2"]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"attn-train: interrupted; {run / 'last.pt'} (written at every validation) resumes it with --resume")
+    assert checkpoint.load(run / "last.pt")["progress"]["step"] == 2
+    # A resumed run writes to the saved run's folder, not to --out's default: before it writes there, the checkpoint
+    # it resumed from is what still resumes it.
+    (run / "last.pt").rename(tmp_path / "step2.pt")
+    _interrupt_at_step(monkeypatch, 1)
+    assert train_cli.main(["translation", "--resume", str(tmp_path / "step2.pt")]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"attn-train: interrupted before its first validation wrote a checkpoint; {tmp_path / 'step2.pt'} still "
+        "resumes it with --resume")
+    _interrupt_at_step(monkeypatch, 3)
+    assert train_cli.main(["translation", "--resume", str(tmp_path / "step2.pt")]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"attn-train: interrupted; {run / 'last.pt'} (written at every validation) resumes it with --resume")
+    assert checkpoint.load(run / "last.pt")["progress"]["step"] == 4
 
 
 def test_evaluating_a_non_checkpoint_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
