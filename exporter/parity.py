@@ -139,6 +139,8 @@ def check(
             if a == b:
                 report.identical_tokens += 1
                 diff = float(np.abs(torch_rows[i][:, : len(batch[i])].numpy() - onnx_rows[i]).max())
+                # NaN attention is no alignment at all; and max(0.0, nan) is 0.0, which would pass it silently.
+                diff = np.inf if np.isnan(diff) else diff
                 report.max_attention_diff = max(report.max_attention_diff, diff)
             elif len(report.mismatches) < 5:
                 report.mismatches.append({"source_ids": list(batch[i]), "torch": a, "onnx": b})
