@@ -146,6 +146,25 @@ def carry_run_files(resume_path: Path, resume: dict[str, Any], out: Path) -> Non
         shutil.copyfile(best, out / "best.pt")
 
 
+def random_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The state of torch's generators, which draw the dropout masks, for the checkpoint: a resumed run then draws
+    the masks the uninterrupted run would have, and ends with the same weights, rather than those of a run reseeded
+    at the step it resumed from."""
+    state = {"rng_state": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda_rng_state"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_random_state(resume: dict[str, Any], device: torch.device) -> None:
+    """Set torch's generators as :func:`random_state` saved them (checkpoints from before it have none: they go on
+    from the seed)."""
+    if "rng_state" in resume:
+        torch.set_rng_state(resume["rng_state"])
+    if device.type == "cuda" and "cuda_rng_state" in resume:
+        torch.cuda.set_rng_state(resume["cuda_rng_state"], device)
+
+
 def run(recipe: Recipe, resume_path: Path | None = None, given: Collection[str] | None = None) -> Path:
     """Train until a budget runs out and return the path of the best checkpoint (which a resumed run that holds no
     best.pt and never beats its restored best does not write: check that it exists).
@@ -187,6 +206,7 @@ def _run(recipe: Recipe, resume_path: Path | None, given: Collection[str] | None
     progress, best, history = Progress(), dict[str, Any](), list[dict[str, Any]]()
     if resume is not None:
         progress, best, history = restore(resume, model, optimizer)
+        restore_random_state(resume, device)
     ddp: nn.Module = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     use_amp = cfg.amp and device.type == "cuda"
 
@@ -195,7 +215,7 @@ def _run(recipe: Recipe, resume_path: Path | None, given: Collection[str] | None
             "kind": recipe.kind, **recipe.checkpoint_fields(), "model_config": model_config,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "tokenizer": sp_bytes,
             "train_config": asdict(cfg), "data": data_info, "progress": asdict(progress), "best": best,
-            "history": history, "hardware": hardware(device, world),
+            "history": history, "hardware": hardware(device, world), **random_state(device),
         }
 
     if rank == 0:

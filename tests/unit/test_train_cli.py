@@ -302,6 +302,19 @@ def test_a_missing_best_checkpoint_is_not_named(tmp_path: Path, capsys: pytest.C
     assert capsys.readouterr().out == f"best checkpoint: {tmp_path / 'best.pt'}\n"
 
 
+def test_a_resumed_run_ends_with_the_weights_of_the_uninterrupted_one(tmp_path: Path) -> None:
+    # Dropout draws from torch's generator: a resumed run must go on from its state, not from the seed.
+    argv = ["translation", "--data", f"ding:{DING_SAMPLE}", *TINY, "--max-tokens", "500", "--dropout", "0.3",
+            "--valid-every", "3"]
+    assert train_cli.main([*argv, "--out", str(tmp_path / "whole"), "--max-steps", "6"]) == 0
+    assert train_cli.main([*argv, "--out", str(tmp_path / "halves"), "--max-steps", "3"]) == 0
+    assert train_cli.main(["translation", "--resume", str(tmp_path / "halves" / "last.pt"), "--max-steps", "6"]) == 0
+    whole, halves = (checkpoint.load(tmp_path / run / "last.pt") for run in ("whole", "halves"))
+    assert halves["progress"]["step"] == whole["progress"]["step"] == 6
+    for name, weight in whole["model"].items():
+        assert torch.equal(weight, halves["model"][name]), name
+
+
 # -- 8: minor --------------------------------------------------------------------------------------------------------
 
 
