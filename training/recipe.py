@@ -135,6 +135,16 @@ def check_same_data(data_info: dict[str, Any], resume: dict[str, Any]) -> None:
                          f"trained on {saved['corpus']!r} hashing to {saved['hash']}")
 
 
+def check_new_run_folder(out: Path) -> None:
+    """A new run does not start in a folder that holds another run's checkpoints: its first validation would replace
+    that run's best.pt (hours of training, maybe) by its own, and a Ctrl-C before it would leave that run's last.pt
+    beside this run's spm.model. Forgetting --resume when running a command again is the usual way to get here."""
+    held = [name for name in ("last.pt", "best.pt") if (out / name).exists()]
+    if held:
+        raise InputError(f"--out {out} holds another run's {' and '.join(held)}: continue that run with --resume "
+                         f"{out / held[0]}, or start this one in another --out (or remove the folder)")
+
+
 def carry_run_files(resume_path: Path, resume: dict[str, Any], out: Path) -> None:
     """A run resumed into a new folder gets there what its first folder had: spm.model, and best.pt (the restored
     best), so that the folder is a whole run even if this part never beats that best."""
@@ -191,6 +201,8 @@ def _run(recipe: Recipe, resume_path: Path | None, given: Collection[str] | None
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
 
+    if resume is None:
+        check_new_run_folder(out)
     data_info = recipe.load_data()
     if resume is not None:
         check_same_data(data_info, resume)

@@ -315,6 +315,22 @@ def test_a_resumed_run_ends_with_the_weights_of_the_uninterrupted_one(tmp_path: 
         assert torch.equal(weight, halves["model"][name]), name
 
 
+def test_a_new_run_does_not_replace_another_runs_checkpoints(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    argv = ["translation", "--data", f"ding:{DING_SAMPLE}", "--out", str(run), *TINY, "--max-tokens", "500"]
+    assert train_cli.main([*argv, "--max-steps", "2"]) == 0
+    before = {name: (run / name).read_bytes() for name in ("best.pt", "last.pt", "spm.model")}
+    # The same command again (--resume forgotten, or another run meant for another folder): refused, folder untouched.
+    line = _input_error([*argv, "--max-steps", "4", "--seed", "2"], capsys)
+    assert line == (f"attn-train: error: --out {run} holds another run's last.pt and best.pt: continue that run with "
+                    f"--resume {run / 'last.pt'}, or start this one in another --out (or remove the folder)")
+    assert {name: (run / name).read_bytes() for name in before} == before
+    # What it points to works.
+    assert train_cli.main(["translation", "--resume", str(run / "last.pt"), "--max-steps", "4"]) == 0
+    assert checkpoint.load(run / "last.pt")["progress"]["step"] == 4
+
+
 # -- 8: minor --------------------------------------------------------------------------------------------------------
 
 
