@@ -10,11 +10,12 @@ implement its hooks.)
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Collection
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from training import checkpoint
-from training.config import InputError
+from training.config import InputError, flag
 from training.loop import (
     Progress,
     Step,
@@ -135,6 +136,24 @@ def check_same_data(data_info: dict[str, Any], resume: dict[str, Any]) -> None:
                          f"trained on {saved['corpus']!r} hashing to {saved['hash']}")
 
 
+def check_kept_fields(recipe: Recipe, asked: Any, given: Collection[str], resume_path: Path | None) -> None:
+    """Refuse a resumed run given a value it cannot take (another --data, --attention, --hidden-dim, ...): the saved
+    run's config is kept for every field but the ``on_resume`` ones, and running on with the saved value instead
+    would look like the change was made. The same value (the first command run again with --resume) is no change:
+    both are compared as :meth:`Recipe.configure` settles them (absolute paths, the transformer's attention)."""
+    settled = copy.copy(recipe)
+    settled.cfg = asked
+    settled.configure()
+    differ = [f for f in fields(asked) if f.name in given and not f.metadata.get("on_resume")
+              and getattr(settled.cfg, f.name) != getattr(recipe.cfg, f.name)]
+    if differ:
+        changes = ", ".join(f"{flag(f.name)} {getattr(asked, f.name)!r} (it has {getattr(recipe.cfg, f.name)!r})"
+                            for f in differ)
+        anew = ", ".join(flag(f.name) for f in fields(asked) if f.metadata.get("on_resume"))
+        raise InputError(f"--resume {resume_path} keeps the config the run was trained with, so it cannot take "
+                         f"{changes}; only {anew} may be given anew (start a new run to change the rest)")
+
+
 def check_new_run_folder(out: Path) -> None:
     """A new run does not start in a folder that holds another run's checkpoints: its first validation would replace
     that run's best.pt (hours of training, maybe) by its own, and a Ctrl-C before it would leave that run's last.pt
@@ -193,7 +212,10 @@ def _run(recipe: Recipe, resume_path: Path | None, given: Collection[str] | None
     device = device_for(recipe.cfg.device, rank)
     resume = checkpoint.load(resume_path, kind=recipe.kind) if resume_path else None
     if resume is not None:
+        asked = recipe.cfg
         recipe.cfg = resumed_config(type(recipe.cfg), recipe.cfg, resume["train_config"], given)
+        if given is not None:
+            check_kept_fields(recipe, asked, given, resume_path)
     recipe.configure()
     cfg = recipe.cfg
     torch.manual_seed(cfg.seed)

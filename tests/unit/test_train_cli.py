@@ -331,6 +331,27 @@ def test_a_new_run_does_not_replace_another_runs_checkpoints(tmp_path: Path,
     assert checkpoint.load(run / "last.pt")["progress"]["step"] == 4
 
 
+def test_a_resumed_run_refuses_options_it_cannot_take(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "other.tsv").write_text("Haus\thouse\n", encoding="utf-8")
+    argv = ["translation", "--data", f"ding:{DING_SAMPLE}", "--out", "run", *TINY, "--max-tokens", "500"]
+    assert train_cli.main([*argv, "--max-steps", "2"]) == 0
+    # Another corpus or another attention would be ignored: the saved run's config is kept.
+    line = _input_error(["translation", "--resume", "run/last.pt", "--data", "other.tsv", "--attention", "luong-dot",
+                         "--max-steps", "3"], capsys)
+    assert line.startswith("attn-train: error: --resume run/last.pt keeps the config the run was trained with, so "
+                           f"it cannot take --data 'other.tsv' (it has 'ding:{DING_SAMPLE}'), --attention 'luong-dot' "
+                           "(it has 'bahdanau'); only --out, ")
+    assert checkpoint.load(tmp_path / "run" / "last.pt")["progress"]["step"] == 2
+    # The first command again with --resume (its corpus relative, its options the same) is no change.
+    relative = f"ding:{Path('..') / DING_SAMPLE.relative_to(DING_SAMPLE.parents[1])}"
+    monkeypatch.chdir(DING_SAMPLE.parent)
+    assert train_cli.main([*argv[:2], relative, "--out", str(tmp_path / "run"), *argv[5:], "--max-steps", "3",
+                           "--resume", str(tmp_path / "run" / "last.pt")]) == 0
+    assert checkpoint.load(tmp_path / "run" / "last.pt")["progress"]["step"] == 3
+
+
 # -- 8: minor --------------------------------------------------------------------------------------------------------
 
 
