@@ -74,7 +74,7 @@ class CaptionTrainConfig:
     batch_size: int = option(64, "Images per batch (per process).")
     lr: float = option(1e-3, "Adam learning rate.", on_resume=True)
     clip: float = option(5.0, "Gradient norm clipping threshold.")
-    epochs: int = option(20, "Budget: passes over the training captions.")
+    epochs: int = option(20, "Budget: passes over the training captions.", on_resume=True)
     max_steps: int = option(0, "Budget: optimizer steps; 0 = no limit.", on_resume=True)
     max_target_tokens: int = option(0, "Budget: caption tokens trained on (all processes together); 0 = no limit.",
                                    on_resume=True)

@@ -68,15 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Train an attention encoder-decoder on a parallel corpus.")
     _add_config_flags(tr)
     tr.add_argument("--resume", type=Path, help="continue from a last.pt/best.pt checkpoint (its config is kept; "
-                    "--max-* budgets given here extend it, and --out, --lr, --cooldown-steps, --repeat, --valid-every, "
-                    "--device and --threads given here replace it)")
+                    "--epochs and --max-* budgets given here extend it, and --out, --lr, --cooldown-steps, --repeat, "
+                    "--valid-every, --device and --threads given here replace it)")
     tr.set_defaults(config=TrainConfig, subparser=tr)
     cap = sub.add_parser("caption", help="train a Show-Attend-Tell image captioner (scenes, Flickr8k or COCO layout)",
                          description="Train a Show-Attend-Tell image captioner (scenes, Flickr8k or COCO layout).")
     _add_config_flags(cap, CaptionTrainConfig)
     cap.add_argument("--resume", type=Path, help="continue from a last.pt/best.pt checkpoint (its config is kept; "
-                     "--max-* budgets given here extend it, and --out, --lr, --valid-every, --device and --threads "
-                     "given here replace it)")
+                     "--epochs and --max-* budgets given here extend it, and --out, --lr, --valid-every, --device and "
+                     "--threads given here replace it)")
     cap.set_defaults(config=CaptionTrainConfig, subparser=cap)
     ev = sub.add_parser("evaluate", help="BLEU and chrF of a translation checkpoint on a split, overall and by "
                         "length; BLEU-1..4 and attention correctness of a captioning checkpoint")

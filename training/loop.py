@@ -21,7 +21,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from training import checkpoint
-from training.config import InputError
+from training.config import InputError, flag
 
 
 @dataclass
@@ -137,6 +137,19 @@ def resumed_config(cls: type, cfg: Any, saved: dict[str, Any], given: Collection
         given = [f.name for f in fields(cls) if f.default is not MISSING and getattr(cfg, f.name) != f.default]
     replaced = {f.name: getattr(cfg, f.name) for f in fields(cls) if f.metadata.get("on_resume") and f.name in given}
     return cls(**{**saved, **replaced})
+
+
+def spent_budget(cfg: Any, progress: Progress) -> str | None:
+    """The budget ``progress`` has spent, as its flag and where the run is (``--epochs 1 (epoch 1)``); None while
+    every budget has some left."""
+    for name, limit, reached in (("epochs", cfg.epochs, progress.epoch), ("max_steps", cfg.max_steps, progress.step),
+                                 ("max_target_tokens", cfg.max_target_tokens, progress.target_tokens),
+                                 ("max_minutes", cfg.max_minutes, progress.elapsed_s / 60)):
+        if limit and reached >= limit:
+            where = {"epochs": f"epoch {reached}", "max_steps": f"step {reached}",
+                     "max_target_tokens": f"{reached} target tokens", "max_minutes": f"{reached:.1f} minutes"}[name]
+            return f"{flag(name)} {limit} ({where})"
+    return None
 
 
 def should_stop(cfg: Any, progress: Progress, world: int) -> bool:

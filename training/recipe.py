@@ -35,6 +35,7 @@ from training.loop import (
     restore,
     resumed_config,
     save_checkpoints,
+    spent_budget,
     train_epochs,
 )
 
@@ -222,6 +223,10 @@ def _run(recipe: Recipe, resume_path: Path | None, given: Collection[str] | None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
+    # Before the data is read (minutes): else it would read it, validate, rewrite last.pt and say nothing.
+    if resume is not None and (spent := spent_budget(cfg, Progress(**resume["progress"]))):
+        raise InputError(f"--resume {resume_path}: nothing left to train, the run has spent its {spent} budget; "
+                         "give a larger one with --resume (--epochs and --max-* budgets given anew extend it)")
 
     if resume is None:
         check_new_run_folder(out)

@@ -75,7 +75,7 @@ class TrainConfig:
                                     "are skipped.")
     lr: float = option(1e-3, "Adam learning rate.", on_resume=True)
     clip: float = option(1.0, "Gradient norm clipping threshold.")
-    epochs: int = option(10, "Budget: passes over the training data.")
+    epochs: int = option(10, "Budget: passes over the training data.", on_resume=True)
     max_steps: int = option(0, "Budget: optimizer steps; 0 = no limit.", on_resume=True)
     max_target_tokens: int = option(0, "Budget: target tokens trained on (all processes together); 0 = no limit.",
                                    on_resume=True)

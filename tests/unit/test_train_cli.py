@@ -352,6 +352,28 @@ def test_a_resumed_run_refuses_options_it_cannot_take(tmp_path: Path, monkeypatc
     assert checkpoint.load(tmp_path / "run" / "last.pt")["progress"]["step"] == 3
 
 
+def test_a_run_that_spent_its_epochs_resumes_with_more_of_them(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "small.tsv").write_text("".join(f"{p.source}\t{p.target}\n" for p in
+                                                load_corpus(f"ding:{DING_SAMPLE}")[:300]), encoding="utf-8")
+    run = tmp_path / "run"
+    assert train_cli.main(["translation", "--data", str(tmp_path / "small.tsv"), "--out", str(run), *TINY,
+                           "--epochs", "1"]) == 0
+    one_epoch = checkpoint.load(run / "last.pt")["progress"]
+    assert one_epoch["epoch"] == 1
+    # Another budget cannot reach past the spent --epochs: said in one line, nothing rewritten.
+    line = _input_error(["translation", "--resume", str(run / "last.pt"), "--max-steps", "50"], capsys)
+    assert line == (f"attn-train: error: --resume {run / 'last.pt'}: nothing left to train, the run has spent its "
+                    "--epochs 1 (epoch 1) budget; give a larger one with --resume (--epochs and --max-* budgets given "
+                    "anew extend it)")
+    assert checkpoint.load(run / "last.pt")["progress"] == one_epoch
+    # A larger --epochs extends it.
+    assert train_cli.main(["translation", "--resume", str(run / "last.pt"), "--epochs", "2"]) == 0
+    two_epochs = checkpoint.load(run / "last.pt")
+    assert (two_epochs["progress"]["epoch"], two_epochs["progress"]["step"]) == (2, 2 * one_epoch["step"])
+    assert two_epochs["train_config"]["epochs"] == 2
+
+
 # -- 8: minor --------------------------------------------------------------------------------------------------------
 
 
