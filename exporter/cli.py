@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _failed(exc: Exception) -> int:
+def _failed(exc: Exception | str) -> int:
     print(f"attn-export: {exc}", file=sys.stderr)
     return 1
 
@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         captioning = checkpoint.load(args.checkpoint, kind=None)["kind"] == "captioning"
     except (FileExistsError, ValueError) as exc:
         return _failed(exc)
+    if args.overlays is not None and not captioning:  # refused, as --int8 for a captioner is, not silently skipped
+        return _failed(f"--overlays draws a captioning model's attention; {args.checkpoint} is a translation "
+                       "checkpoint (its model card shows its alignments)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     options = (CaptionExportOptions if captioning else ExportOptions)(
         name=name,

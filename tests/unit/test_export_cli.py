@@ -211,3 +211,11 @@ def test_changed_captions_are_refused_without_pointing_at_a_data_flag_the_export
 def test_evaluate_still_offers_its_data_flag_for_a_changed_corpus(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="or give --data"):
         checkpoint_corpus(_changed_corpus(tmp_path))
+
+
+def test_overlays_for_a_translation_checkpoint_are_refused(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    torch.save({"kind": "translation"}, workdir / "last.pt")
+    err = _failure(["last.pt", "--out", "models/m/1", "--overlays", "docs"], capsys)
+    assert err == ("attn-export: --overlays draws a captioning model's attention; last.pt is a translation checkpoint "
+                   "(its model card shows its alignments)\n")
+    assert not (workdir / "models").exists() and not (workdir / "docs").exists()
