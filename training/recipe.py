@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Collection
@@ -165,6 +166,18 @@ def check_new_run_folder(out: Path) -> None:
                          f"{out / held[0]}, or start this one in another --out (or remove the folder)")
 
 
+def make_run_folder(out: Path) -> None:
+    """Create the run folder now: an --out that cannot be a folder (a file is there) or that this user cannot write
+    fails in one line before the data and the tokenizer take their minutes, not with a traceback then or when the
+    first checkpoint is written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"--out {out}: cannot create the run folder ({exc.strerror or exc})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise InputError(f"--out {out}: the run folder is not writable")
+
+
 def carry_run_files(resume_path: Path, resume: dict[str, Any], out: Path) -> None:
     """A run resumed into a new folder gets there what its first folder had: spm.model, and best.pt (the restored
     best), so that the folder is a whole run even if this part never beats that best."""
@@ -230,6 +243,7 @@ def _run(recipe: Recipe, resume_path: Path | None, given: Collection[str] | None
 
     if resume is None:
         check_new_run_folder(out)
+    make_run_folder(out)
     data_info = recipe.load_data()
     if resume is not None:
         check_same_data(data_info, resume)

@@ -374,6 +374,16 @@ def test_a_run_that_spent_its_epochs_resumes_with_more_of_them(tmp_path: Path,
     assert two_epochs["train_config"]["epochs"] == 2
 
 
+def test_an_out_that_cannot_be_a_folder_is_a_one_line_error(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "notes.txt").write_text("mine", encoding="utf-8")
+    for out, reason in ((tmp_path / "notes.txt", "File exists"), (tmp_path / "notes.txt" / "run", "Not a directory")):
+        line = _input_error(["translation", "--data", f"ding:{DING_SAMPLE}", "--out", str(out), *TINY,
+                             "--max-steps", "1"], capsys)
+        assert line == f"attn-train: error: --out {out}: cannot create the run folder ({reason})"
+    assert (tmp_path / "notes.txt").read_text(encoding="utf-8") == "mine"
+
+
 # -- 8: minor --------------------------------------------------------------------------------------------------------
 
 
