@@ -129,7 +129,11 @@ def staged(out: Path, force: bool) -> Iterator[Path]:
     check_replaceable(out, force)
     staging = out.parent / f".{out.name}.staging"
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    try:
+        staging.mkdir(parents=True)
+    except OSError as exc:  # a file where a folder of --out should be, a models folder this user cannot write
+        raise ValueError(f"cannot write the model version folder {out}: {exc.strerror or exc} "
+                         f"({exc.filename})") from None
     try:
         yield staging
         check_replaceable(out, force)  # again: the block ran for minutes, and rmtree must only ever meet a model

@@ -219,3 +219,11 @@ def test_overlays_for_a_translation_checkpoint_are_refused(workdir: Path, capsys
     assert err == ("attn-export: --overlays draws a captioning model's attention; last.pt is a translation checkpoint "
                    "(its model card shows its alignments)\n")
     assert not (workdir / "models").exists() and not (workdir / "docs").exists()
+
+
+def test_an_out_under_a_file_is_a_one_line_error(workdir: Path) -> None:
+    with pytest.raises(ValueError) as refused, staged(workdir / "keep.txt" / "m" / "1", force=False):
+        pytest.fail("nothing is exported into a folder that cannot be made")
+    assert str(refused.value) == (f"cannot write the model version folder {workdir / 'keep.txt' / 'm' / '1'}: Not a "
+                                  f"directory ({workdir / 'keep.txt' / 'm' / '.1.staging'})")
+    assert (workdir / "keep.txt").read_text() == "mine"
