@@ -128,6 +128,7 @@ class CaptionExporter(ModelExporter[ShowAttendTell]):
     kind = "captioning"
     encoder_file = "image_encoder.onnx"
     parity_inputs = "images (test split)"
+    evaluation_keys = ("split", "images", "bleu1", "bleu2", "bleu3", "bleu4", "exact_match")  # the card's scores
 
     # Kept by the parity check for the card's examples.
     held_out: CaptionSet

@@ -85,6 +85,7 @@ class TranslationExporter(ModelExporter[TranslationModel]):
     kind = "translation"
     encoder_file = "encoder.onnx"
     parity_inputs = "sentences (test or valid split)"
+    evaluation_keys = ("split", "pairs", "all", "sentences", "phrases", "by_source_words")  # card._scores_table
 
     # Kept by the parity check for the variants and the card.
     pairs: list[Pair]

@@ -93,20 +93,30 @@ def check_replaceable(out: Path, force: bool) -> None:
         raise FileExistsError(f"{out} exists; pass --force to replace it")
 
 
-def read_metrics(path: Path) -> dict[str, Any]:
-    """The evaluation JSON for the card (``attn-train evaluate --out``); ValueError naming the file otherwise."""
+def read_metrics(path: Path, keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The evaluation JSON for the card (``attn-train evaluate --out``), holding ``keys`` (what the family's card
+    reads from it); ValueError naming the file otherwise."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"metrics file {path} cannot be read: {getattr(exc, 'strerror', None) or exc}") from exc
     try:
-        metrics = json.loads(text)
-    except json.JSONDecodeError as exc:
+        # NaN and Infinity are not JSON (attn-train evaluate never writes them), and would reach manifest.json.
+        metrics = json.loads(text, parse_constant=_not_a_number)
+    except ValueError as exc:  # json.JSONDecodeError, or _not_a_number's
         raise ValueError(f"metrics file {path} is not JSON ({exc}); expected the output of attn-train evaluate") \
             from exc
     if not isinstance(metrics, dict):
         raise ValueError(f"metrics file {path} is not a JSON object; expected the output of attn-train evaluate")
+    missing = [key for key in keys if key not in metrics]
+    if missing:  # else the card fails on them with a KeyError, at the end of the export
+        raise ValueError(f"metrics file {path} has no {', '.join(missing)}; expected the output of attn-train "
+                         "evaluate on a checkpoint of this model's family")
     return metrics
+
+
+def _not_a_number(constant: str) -> Any:
+    raise ValueError(f"{constant} is not a JSON number")
 
 
 def training_section(payload: dict[str, Any]) -> dict[str, Any]:
@@ -155,6 +165,7 @@ class ModelExporter(ABC, Generic[Model]):
     encoder_file: ClassVar[str]
     decoder_file: ClassVar[str] = "decoder_step.onnx"
     parity_inputs: ClassVar[str]  # what the parity check decodes and where from, for its messages
+    evaluation_keys: ClassVar[tuple[str, ...]] = ()  # what the card reads from an `attn-train evaluate` file
 
     def __init__(self, checkpoint_path: Path, options: ExportOptions) -> None:
         self.options = options
@@ -166,7 +177,8 @@ class ModelExporter(ABC, Generic[Model]):
     def run(self, out: Path) -> Manifest:
         """Write the model version folder ``out`` (replacing one only with ``options.force``); its manifest."""
         self.check_target(out)
-        evaluation = read_metrics(self.options.metrics_file) if self.options.metrics_file else None
+        evaluation = (read_metrics(self.options.metrics_file, self.evaluation_keys) if self.options.metrics_file
+                      else None)
         self.read_held_out()  # before the graphs are exported: data changed since training stops it at once
         with staged(out, self.options.force) as staging:
             started = time.monotonic()

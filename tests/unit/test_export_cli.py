@@ -227,3 +227,22 @@ def test_an_out_under_a_file_is_a_one_line_error(workdir: Path) -> None:
     assert str(refused.value) == (f"cannot write the model version folder {workdir / 'keep.txt' / 'm' / '1'}: Not a "
                                   f"directory ({workdir / 'keep.txt' / 'm' / '.1.staging'})")
     assert (workdir / "keep.txt").read_text() == "mine"
+
+
+def test_metrics_must_be_what_attn_train_evaluate_writes_for_the_family(tmp_path: Path) -> None:
+    from exporter.caption_export import CaptionExporter
+    from exporter.export import TranslationExporter
+
+    repo = Path(__file__).resolve().parents[2]
+    for family, model in ((TranslationExporter, "de-en-bahdanau/1"), (CaptionExporter, "scenes-sat/1")):
+        evaluation = json.loads((repo / "models" / model / "manifest.json").read_text())["metrics"]["evaluation"]
+        (tmp_path / f"{family.kind}.json").write_text(json.dumps(evaluation), encoding="utf-8")
+        assert read_metrics(tmp_path / f"{family.kind}.json", family.evaluation_keys) == evaluation
+    # One family's scores for the other's card: refused before the export, not a KeyError when the card is written.
+    with pytest.raises(ValueError, match=r"captioning.json has no pairs, all, sentences, phrases, by_source_words;"):
+        read_metrics(tmp_path / "captioning.json", TranslationExporter.evaluation_keys)
+    with pytest.raises(ValueError, match=r"translation.json has no images, bleu1, bleu2, bleu3, bleu4, exact_match;"):
+        read_metrics(tmp_path / "translation.json", CaptionExporter.evaluation_keys)
+    (tmp_path / "nan.json").write_text('{"split": "test", "bleu": NaN}', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"nan.json is not JSON \(NaN is not a JSON number\)"):
+        read_metrics(tmp_path / "nan.json")
