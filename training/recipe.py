@@ -241,8 +241,9 @@ def _run(recipe: Recipe, resume_path: Path | None, given: Collection[str] | None
         raise InputError(f"--resume {resume_path}: nothing left to train, the run has spent its {spent} budget; "
                          "give a larger one with --resume (--epochs and --max-* budgets given anew extend it)")
 
-    if resume is None:
-        check_new_run_folder(out)
+    if resume is None or (resume_path is not None and out.resolve() not in (
+            resume_path.resolve().parent, Path(resume["train_config"]["out"]).resolve())):
+        check_new_run_folder(out)  # a new run, or a run resumed into a folder of another one
     make_run_folder(out)
     data_info = recipe.load_data()
     if resume is not None:

@@ -326,6 +326,12 @@ def test_a_new_run_does_not_replace_another_runs_checkpoints(tmp_path: Path,
     assert line == (f"attn-train: error: --out {run} holds another run's last.pt and best.pt: continue that run with "
                     f"--resume {run / 'last.pt'}, or start this one in another --out (or remove the folder)")
     assert {name: (run / name).read_bytes() for name in before} == before
+    # Nor does a run resumed into that folder: it would keep that run's best.pt as its own.
+    assert train_cli.main([*argv[:4], str(tmp_path / "other"), *argv[5:], "--max-steps", "2", "--seed", "2"]) == 0
+    line = _input_error(["translation", "--resume", str(tmp_path / "other" / "last.pt"), "--out", str(run),
+                         "--max-steps", "3"], capsys)
+    assert line.startswith(f"attn-train: error: --out {run} holds another run's last.pt and best.pt")
+    assert {name: (run / name).read_bytes() for name in before} == before
     # What it points to works.
     assert train_cli.main(["translation", "--resume", str(run / "last.pt"), "--max-steps", "4"]) == 0
     assert checkpoint.load(run / "last.pt")["progress"]["step"] == 4
