@@ -390,6 +390,23 @@ def test_an_out_that_cannot_be_a_folder_is_a_one_line_error(tmp_path: Path,
     assert (tmp_path / "notes.txt").read_text(encoding="utf-8") == "mine"
 
 
+@pytest.mark.parametrize(("files", "message"), [
+    ({"manifest.json": "nope"}, "manifest.json: not JSON (Expecting value: line 1 column 1 (char 0)); rebuild"),
+    ({"manifest.json": "{}"}, "manifest.json: no 'hash' of the corpus; rebuild the corpus with 'make data'"),
+    ({"manifest.json": '{"hash": "x"}', "train.tsv": "src\ttgt\n"}, "train.tsv: expected the header source<TAB>"),
+    ({"manifest.json": '{"hash": "x"}', **{f"{name}.tsv": "source\ttarget\tdomain\tgroup\tsentence\n"
+                                           for name in ("train", "valid", "test")}}, "the manifest says x"),
+])
+def test_a_broken_corpus_build_is_a_one_line_error(files: dict[str, str], message: str, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "built").mkdir()
+    for name, text in files.items():
+        (tmp_path / "built" / name).write_text(text, encoding="utf-8")
+    line = _input_error(["translation", "--data", str(tmp_path / "built"), "--out", str(tmp_path / "run"), *TINY,
+                         "--max-steps", "1"], capsys)
+    assert line.startswith(f"attn-train: error: {tmp_path / 'built'}") and message in line
+
+
 # -- 8: minor --------------------------------------------------------------------------------------------------------
 
 

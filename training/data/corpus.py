@@ -153,31 +153,37 @@ def read_built(directory: Path = BUILT_DIR) -> list[Pair]:
     Every pair must fall in the split of its file under :func:`split_of` (otherwise the split rule changed since the
     build: rebuild with ``make data``), and the pairs must hash to the manifest's ``hash``.
     """
+    # Its mistakes are InputErrors (attn-train's one line): a folder given as --data may be anything.
     manifest_path = directory / "manifest.json"
     if not manifest_path.exists():
         raise FileNotFoundError(f"{manifest_path} not found: build the corpus with 'make data'")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{manifest_path}: not JSON ({exc}); rebuild the corpus with 'make data'") from None
+    if not isinstance(manifest, dict) or "hash" not in manifest:
+        raise InputError(f"{manifest_path}: no 'hash' of the corpus; rebuild the corpus with 'make data'")
     pairs: list[Pair] = []
     for name in SPLITS:
         path = directory / f"{name}.tsv"
         with path.open(encoding="utf-8") as f:
             header = f.readline().rstrip("\n").split("\t")
             if tuple(header) != BUILT_COLUMNS:
-                raise ValueError(f"{path}: expected the header {'<TAB>'.join(BUILT_COLUMNS)}, got {header}")
+                raise InputError(f"{path}: expected the header {'<TAB>'.join(BUILT_COLUMNS)}, got {header}")
             for number, line in enumerate(f, 2):
                 fields = line.rstrip("\n").split("\t")
                 if len(fields) != len(BUILT_COLUMNS):
-                    raise ValueError(f"{path}:{number}: expected {len(BUILT_COLUMNS)} fields, got {line[:80]!r}")
+                    raise InputError(f"{path}:{number}: expected {len(BUILT_COLUMNS)} fields, got {line[:80]!r}")
                 source, target, domain, group, sentence = fields
                 pair = Pair(source, target, sentence == "1", domain, group)
                 if split_of(pair) != name:
-                    raise ValueError(
+                    raise InputError(
                         f"{path}:{number}: this pair belongs to {split_of(pair)!r} under the current split rule; "
                         "rebuild the corpus with 'make data'"
                     )
                 pairs.append(pair)
     if data_hash(pairs) != manifest["hash"]:
-        raise ValueError(f"{directory}: the pairs hash to {data_hash(pairs)}, the manifest says {manifest['hash']}")
+        raise InputError(f"{directory}: the pairs hash to {data_hash(pairs)}, the manifest says {manifest['hash']}")
     return pairs
 
 
