@@ -135,6 +135,10 @@ def _run(args: argparse.Namespace, cfg: Any) -> int:
         _report_best(train(cfg, args.resume, set(_given_fields(args.config, args))))
         return 0
 
+    if args.out:
+        from training.evaluate import check_json_out
+
+        check_json_out(args.out)
     if checkpoint.load(args.checkpoint, kind=None)["kind"] == "captioning":
         return _evaluate_captioner(args)
     return _evaluate_translation(args)

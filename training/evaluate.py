@@ -292,10 +292,28 @@ def attention_entropy(rows: Sequence[np.ndarray]) -> dict[str, float]:
     }
 
 
+def check_json_out(path: Path) -> None:
+    """Make the folder of an evaluation's ``--out`` now, and refuse one that cannot be written as a file, in one line
+    (:class:`InputError`) before the evaluation takes its minutes, not as a traceback after them."""
+    from training.config import InputError
+
+    if path.is_dir():
+        raise InputError(f"--out {path} is a folder; give the JSON file to write, such as {path / 'eval.json'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"--out {path}: cannot create its folder {path.parent} ({exc.strerror or exc})") from None
+
+
 def write_json(result: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # allow_nan=False: a NaN would be written as the bare word NaN, which no JSON reader accepts.
-    path.write_text(json.dumps(result, indent=2, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8")
+    from training.config import InputError
+
+    text = json.dumps(result, indent=2, ensure_ascii=False, allow_nan=False) + "\n"  # NaN is no JSON: never write it
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 # -- does a placeholder's attention point at its source? -----------------------------------------------------------
@@ -528,6 +546,8 @@ def main(argv: list[str] | None = None) -> int:
     from training.data.corpus import checkpoint_corpus, split
 
     torch.set_num_threads(args.threads)
+    if args.out:
+        check_json_out(args.out)
     payload = checkpoint.load(args.checkpoint, kind=None)
     if payload["kind"] != "translation":  # this module's sets and checks are translation's
         raise InputError(f"{args.checkpoint} is a {payload['kind']} checkpoint; this module evaluates translation "

@@ -407,6 +407,21 @@ def test_a_broken_corpus_build_is_a_one_line_error(files: dict[str, str], messag
     assert line.startswith(f"attn-train: error: {tmp_path / 'built'}") and message in line
 
 
+def test_an_evaluation_out_that_cannot_be_written_is_refused_before_evaluating(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "notes.txt").write_text("mine", encoding="utf-8")
+    monkeypatch.setattr(checkpoint, "load", lambda *_, **__: pytest.fail("the checkpoint was read first"))
+    line = _input_error(["evaluate", "best.pt", "--out", str(tmp_path)], capsys)
+    assert line == f"attn-train: error: --out {tmp_path} is a folder; give the JSON file to write, such as " \
+                   f"{tmp_path / 'eval.json'}"
+    line = _input_error(["evaluate", "best.pt", "--out", str(tmp_path / "notes.txt" / "eval.json")], capsys)
+    assert line == f"attn-train: error: --out {tmp_path / 'notes.txt' / 'eval.json'}: cannot create its folder " \
+                   f"{tmp_path / 'notes.txt'} " \
+                   "(File exists)"
+    with pytest.raises(InputError, match=f"cannot write {tmp_path}: Is a directory"):
+        write_json({}, tmp_path)
+
+
 # -- 8: minor --------------------------------------------------------------------------------------------------------
 
 
