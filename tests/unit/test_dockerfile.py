@@ -223,5 +223,8 @@ def test_onnx_runtime_has_a_writable_cache_in_the_image(tmp_path: Path) -> None:
         assert done.returncode == 0, done.stderr
         return done.stderr
 
-    assert "Failed to persist" in import_stderr()  # no home to write to, even for root: why the setting is there
+    # No home to write to, even for root: why the setting is there. ONNX Runtime 1.27 (the lowest this project
+    # allows) wrote no device id, so it printed nothing either way; 1.31 does.
+    without = import_stderr()
+    assert without == "" or "Failed to persist" in without, without
     assert import_stderr(XDG_CACHE_HOME=str(tmp_path / cache.lstrip("/"))) == ""
