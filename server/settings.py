@@ -120,7 +120,8 @@ class Settings:
         for f in fields(self):
             choices = f.metadata["choices"]
             if choices and getattr(self, f.name) not in choices:
-                raise ValueError(f"{f.name} must be one of {', '.join(choices)}, not {getattr(self, f.name)!r}")
+                named = ", ".join(map(repr, choices))  # quoted: an empty choice ('') shows, not a blank
+                raise ValueError(f"{f.name} must be one of {named}, not {getattr(self, f.name)!r}")
         for name in ("workers", "max_inflight", "max_batch_rows", "max_batch_tokens", "max_queue_requests",
                      "max_queue_tokens", "max_texts", "max_text_chars", "default_beam_size", "max_beam_size",
                      "max_receive_bytes", "max_send_bytes", "max_image_bytes", "max_image_pixels"):

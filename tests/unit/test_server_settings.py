@@ -27,6 +27,8 @@ def test_environment_then_flags() -> None:
 @pytest.mark.parametrize(("argv", "env", "message"), [
     (["--device", "tpu"], {}, "invalid choice"),
     ([], {"ATTN_DEVICE": "tpu"}, "device must be one of"),
+    # The empty variant (the fp32 graphs) is one of the choices, and shows as one.
+    ([], {"ATTN_VARIANT": "fp32"}, "variant must be one of '', 'int8', 'fp16', not 'fp32'"),
     ([], {"ATTN_PORT": "fifty"}, "ATTN_PORT='fifty' is not a valid int"),
     (["--max-texts", "0"], {}, "max_texts must be at least 1"),
     (["--default-beam-size", "8", "--max-beam-size", "4"], {}, "exceeds max_beam_size"),
