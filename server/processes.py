@@ -150,7 +150,7 @@ def run_engine(settings: Settings, address: str, parent: int, status: Connection
     try:
         registry = build_registry(settings, Metrics(CollectorRegistry()))
     except StartupError as exc:  # a device asked for that is not usable here
-        _startup_failed(exc)
+        _cannot_start(exc, strict)
 
     def state() -> dict[str, Any]:
         return {"ready": registry.ready, "default_model": registry.default_model, "pid": os.getpid(),
@@ -175,7 +175,7 @@ def run_engine(settings: Settings, address: str, parent: int, status: Connection
     try:
         registry.load(strict)
     except StartupError as exc:
-        _startup_failed(exc)
+        _cannot_start(exc, strict)
     except LoadInterrupted:  # a SIGTERM while loading: nothing to serve, and the loop below ends at once
         pass
     registry.count_refusals = counts_refusals
@@ -198,9 +198,11 @@ def run_engine(settings: Settings, address: str, parent: int, status: Connection
     event(log, "engine_stopped")
 
 
-def _startup_failed(exc: StartupError) -> NoReturn:
-    """The engine process cannot start: one line naming why (not a traceback), and exit status 1."""
-    event(log, "startup_failed", level=logging.ERROR, error=str(exc))
+def _cannot_start(exc: StartupError, strict: bool) -> NoReturn:
+    """The engine process cannot start: one line naming why (not a traceback), and exit status 1. At the server's
+    start (``strict``) that stops the server (``startup_failed``); an engine restarted after a crash is tried again
+    while the front-ends go on answering UNAVAILABLE (``restart_failed``: the server did start)."""
+    event(log, "startup_failed" if strict else "restart_failed", level=logging.ERROR, error=str(exc))
     raise SystemExit(1) from None
 
 

@@ -279,6 +279,31 @@ def test_a_crashed_engine_fails_its_calls_promptly_and_is_restarted(slow_server:
     assert [pid for pid in server.pids("engine") if pid != engine]
 
 
+def test_an_engine_that_cannot_come_back_says_so_without_saying_the_server_failed(models_dir: Path,
+                                                                                  tmp_path: Path) -> None:
+    """The models folder gone (a volume unmounted), then the engine crashes: each restarted engine fails on the
+    folder and says why in a restart_failed line; the server, which did start and keeps answering, logs no
+    startup_failed, and the engine comes back once the folder does."""
+    from tests.integration.test_hot_reload import NAME
+
+    root = tmp_path / "models"
+    shutil.copytree(models_dir / NAME, root / NAME)
+    server = ServerProcess(root)
+    try:
+        server.wait_for("ready")
+        root.rename(tmp_path / "away")
+        [engine] = server.pids("engine")
+        os.kill(engine, signal.SIGKILL)
+        [failed] = server.wait_for("restart_failed", process="engine-0")
+        assert failed["error"] == f"models directory {root} does not exist"
+        assert not server.events("startup_failed")
+        (tmp_path / "away").rename(root)
+        _until(lambda: _serves(server, pb.TranslateRequest(texts=TEXTS[:1])), "the engine to come back", 60)
+        assert not server.events("startup_failed")
+    finally:
+        assert server.stop() == 0
+
+
 @pytest.mark.flags("--engines", "2", "--no-batching")
 def test_two_engines_share_the_calls_and_a_crashed_one_fails_only_its_own(slow_server: ServerProcess) -> None:
     """One front-end's calls alternate between the engines; killing one fails the calls it held with UNAVAILABLE,
