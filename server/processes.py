@@ -145,7 +145,7 @@ def run_engine(settings: Settings, address: str, parent: int, status: Connection
     from server.app import build_registry
     from server.ipc.engine_endpoint import EngineEndpoint
     from server.metrics import Metrics
-    from server.registry import LoadInterrupted
+    from server.registry import CountedRefusals, LoadInterrupted
 
     try:
         registry = build_registry(settings, Metrics(CollectorRegistry()))
@@ -169,16 +169,16 @@ def run_engine(settings: Settings, address: str, parent: int, status: Connection
     thread = threading.Thread(target=endpoint.run, args=(endpoint_stop,), name="attn-ipc", daemon=True)
     thread.start()
     # Every engine loads every model from the same folder and refuses the same versions: engine 0 alone counts them
-    # (attn_model_load_failures_total counts versions, not processes), and not at a restart after a crash, where it
-    # refuses again the versions its predecessor refused and counted.
-    registry.count_refusals = counts_refusals and strict
+    # (attn_model_load_failures_total counts versions, not processes), and what it counted is kept in the server's
+    # private folder: restarted after a crash, it refuses again what its predecessor refused, counted once.
+    registry.count_refusals = counts_refusals
+    registry.counted = CountedRefusals(Path(address).parent / "refusals-counted.jsonl")
     try:
         registry.load(strict)
     except StartupError as exc:
         _cannot_start(exc, strict)
     except LoadInterrupted:  # a SIGTERM while loading: nothing to serve, and the loop below ends at once
         pass
-    registry.count_refusals = counts_refusals
     if registry.ready:
         endpoint.publish()
         status.send(("ready", [f"{m.name}/{m.version}" for m in registry.models()], registry.default_model,

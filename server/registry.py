@@ -9,6 +9,7 @@ start-up with a message naming the file: serving a model set other than the one 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import stat
@@ -79,6 +80,30 @@ def _folders(directory: Path) -> list[Path]:
 
 class ModelLoadError(Exception):
     """A model version that cannot be served (invalid manifest, broken graph, failing warm-up)."""
+
+
+class CountedRefusals:
+    """The refused versions already counted in attn_model_load_failures_total, each with its files as they were seen
+    (changed files refused again count again). In memory; or, for the engine processes of one server, also in a file
+    of its private folder, which an engine restarted after a crash reads: the versions its predecessor refused and
+    counted are not counted twice, and one it is the first to refuse (published while it was down) is counted."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self._path = path
+        self._counted: set[tuple[Any, ...]] = set()
+        if path is not None and path.exists():
+            self._counted = {tuple(json.loads(line)) for line in path.read_text().splitlines() if line}
+
+    def first(self, key: tuple[str, str], seen: tuple[float, ...]) -> bool:
+        """Whether this refusal is to be counted: not counted before. Records it."""
+        entry = (*key, *seen)
+        if entry in self._counted:
+            return False
+        self._counted.add(entry)
+        if self._path is not None:
+            with self._path.open("a") as f:
+                f.write(json.dumps(entry) + "\n")
+        return True
 
 
 class LoadInterrupted(Exception):
@@ -158,8 +183,10 @@ class Registry(ModelIndex):
         self._published: set[tuple[str, ...]] = set()  # attn_model_info's label sets now at 1
         self._reload_failure = ""  # why the last reload failed, while reloads keep failing (reload_or_keep)
         # Whether a refused version counts in attn_model_load_failures_total. Several engine processes each load
-        # every model from the same folder and refuse the same versions: only one of them counts (run_engine).
+        # every model from the same folder and refuse the same versions: only one of them counts (run_engine), and
+        # only what it has not counted before (``counted``, which outlives the process when run_engine gives it a file).
         self.count_refusals = True
+        self.counted = CountedRefusals()
 
     @property
     def ready(self) -> bool:
@@ -337,7 +364,7 @@ class Registry(ModelIndex):
         """``seen``: the version's files as they were before the failed attempt, not after it: a copy that ended
         while the attempt failed on it changed them, and the finished version is tried again."""
         self._refused[key] = seen
-        if self.metrics and self.count_refusals:
+        if self.metrics and self.count_refusals and self.counted.first(key, seen):
             self.metrics.load_failures.labels(key[0]).inc()
         event(log, "model_refused", level=logging.ERROR, model=key[0], version=key[1], error=str(error))
 

@@ -617,6 +617,28 @@ def test_a_device_that_is_not_usable_stops_the_start_with_one_line_naming_why(mo
         server.kill()
 
 
+def test_a_version_first_refused_by_a_restarted_engine_is_counted(models_dir: Path, tmp_path: Path) -> None:
+    """A broken version published while the engine is down (or before a look at the folder) is refused first by the
+    restarted engine: counted once, and not again by the engine restarted after that."""
+    from tests.integration.test_hot_reload import NAME
+
+    root = tmp_path / "models"
+    shutil.copytree(models_dir / NAME, root / NAME)
+    server = ServerProcess(root)  # no reload interval: only a restart looks at the folder
+    failures = ("attn_model_load_failures_total", (("model", NAME),))
+    try:
+        server.wait_for("ready")
+        _publish_a_broken_version(root / NAME, "2")
+        for restart in (1, 2):
+            [engine] = server.pids("engine")
+            os.kill(engine, signal.SIGKILL)
+            server.wait_for("model_refused", count=restart, version="2")
+            _until(lambda: _serves(server, pb.TranslateRequest(texts=TEXTS[:1])), "the restarted engine to serve")
+            assert server.metrics().get(failures) == 1
+    finally:
+        assert server.stop() == 0
+
+
 def _publish_a_broken_version(model: Path, version: str) -> None:
     """Publishes ``version`` of ``model`` as the exporter does (staged, then renamed), with a decoder step that is
     not a graph: every engine refuses it."""
