@@ -144,14 +144,19 @@ def staged(out: Path, force: bool) -> Iterator[Path]:
     except OSError as exc:  # a file where a folder of --out should be, a models folder this user cannot write
         raise ValueError(f"cannot write the model version folder {out}: {exc.strerror or exc} "
                          f"({exc.filename})") from None
+    replaced = out.parent / f".{out.name}.replaced"  # hidden, as the staging folder is: no server loads it
     try:
         yield staging
         check_replaceable(out, force)  # again: the block ran for minutes, and rmtree must only ever meet a model
+        shutil.rmtree(replaced, ignore_errors=True)
         if out.exists():
-            shutil.rmtree(out)
+            # Renamed aside, not removed, before the new folder takes its name: removing a large model's files takes
+            # a while, and a server looking at the folder meanwhile would find the version gone and retire it.
+            out.rename(replaced)
         staging.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(replaced, ignore_errors=True)
 
 
 class ModelExporter(ABC, Generic[Model]):

@@ -5,6 +5,7 @@ over nothing. No model is trained here: every refusal comes before the checkpoin
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +128,31 @@ def test_staging_replaces_a_model_version_folder_with_force(tmp_path: Path) -> N
     with staged(out, force=True) as staging:
         (staging / "new.onnx").write_bytes(b"")
     assert sorted(p.name for p in out.iterdir()) == ["new.onnx"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["1"]  # nothing left beside it
+
+
+def test_a_replaced_version_is_removed_only_once_the_new_one_holds_its_name(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server looking at the models folder while --force replaces a version must always find one there: the old
+    files go only after the new folder took the name (removing a large model's files takes a while)."""
+    import exporter.template
+
+    out = tmp_path / "m" / "1"
+    out.mkdir(parents=True)
+    (out / "manifest.json").write_text('{"old": true}')
+    seen: list[str] = []
+    remove = shutil.rmtree
+
+    def observed(path: Path, *args: object, **kwargs: object) -> None:
+        if Path(path).exists():
+            seen.append((out / "manifest.json").read_text() if out.exists() else "no version")
+        remove(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(exporter.template.shutil, "rmtree", observed)
+    with staged(out, force=True) as staging:
+        seen.clear()  # from here on the version is being replaced
+        (staging / "manifest.json").write_text('{"new": true}')
+    assert seen and set(seen) == {'{"new": true}'}, seen
 
 
 def test_metrics_are_checked_before_the_checkpoint_and_named(
