@@ -106,6 +106,11 @@ class CountedRefusals:
         return True
 
 
+def _no_change() -> dict[str, list[str]]:
+    """A sync's report (what it loaded, refused and retired) before it did anything."""
+    return {"loaded": [], "refused": [], "retired": []}
+
+
 class LoadInterrupted(Exception):
     """The server began to stop while its models loaded (:meth:`Registry.interrupt`): the load ended early."""
 
@@ -246,17 +251,16 @@ class Registry(ModelIndex):
         its reason when it begins or changes, not at every look while it lasts (every 10 s by default, for as long as
         a volume stays away), and the first reload that works again says so. Anything else is a bug: logged with its
         traceback every time."""
-        nothing: dict[str, list[str]] = {"loaded": [], "refused": [], "retired": []}
         try:
             report = self.reload()
         except (StartupError, OSError) as exc:
             if str(exc) != self._reload_failure:
                 self._reload_failure = str(exc)
                 event(log, "reload_failed", level=logging.ERROR, error=str(exc))
-            return nothing
+            return _no_change()
         except Exception:
             event(log, "reload_failed", level=logging.ERROR, exc_info=True)
-            return nothing
+            return _no_change()
         if self._reload_failure:
             self._reload_failure = ""
             event(log, "reload_recovered", models=len(self._models))
@@ -269,7 +273,7 @@ class Registry(ModelIndex):
                 found.setdefault(directory.parent.name, {})[directory.name] = directory
             models, engines = dict(self._models), dict(self._engines)
             wanted: set[tuple[str, str]] = set()
-            report: dict[str, list[str]] = {"loaded": [], "refused": [], "retired": []}
+            report = _no_change()
             for name, versions in sorted(found.items()):
                 if name in self.pins:
                     candidates = [self.pins[name]] if self.pins[name] in versions else []
@@ -297,7 +301,7 @@ class Registry(ModelIndex):
                         if self._interrupted.is_set():  # stopping: what this look loaded is never served
                             for new in engines.keys() - self._engines.keys():
                                 engines[new].close()
-                            return {"loaded": [], "refused": [], "retired": []}
+                            return _no_change()
                         try:
                             model = self._load_one(directory)
                         except ModelLoadError as exc:
@@ -400,14 +404,15 @@ class Registry(ModelIndex):
                                        str(version == latest).lower())
             self.metrics.model_info.labels(*labels).set(1)
             published.add(labels)
+        # With several server processes the values live on in this process's metrics file, which prometheus_client
+        # cannot remove a series from (it warns, in lines of its own): there a retired version reads 0, and the
+        # parent's /metrics leaves it out (server.metrics.LoadedVersionsOnly) with the version's gauges.
+        removable = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         for labels in self._published - published:
-            # With several server processes the value lives on in this process's metrics file, which prometheus_client
-            # cannot remove a series from (it warns, in lines of its own): there a retired version reads 0, and the
-            # parent's /metrics leaves it out (server.metrics.LoadedVersionsOnly) with the version's gauges.
             self.metrics.model_info.labels(*labels).set(0)
-            if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            if removable:
                 self.metrics.model_info.remove(*labels)
-        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        if removable:
             for name, version in {labels[:2] for labels in self._published} - set(self._models):
                 self.metrics.forget_version(name, version)
         self._published = published
