@@ -251,23 +251,30 @@ class Engine:
     # -- the engine's thread -------------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        failures = 0  # turns in a row that ended in a failure of the engine's own code
         while True:
-            with self._lock:
-                if self._gauges_stale:
-                    self._gauges()
-                if self._metric and not self._queue and not self._lanes:
-                    self._metric.flush()  # idle (a cancellation emptied the lanes): nothing tallied waits
-                while not self._closed and not self._queue and not self._lanes:
-                    self._lock.wait()
-                if self._closed:
-                    break
-                expired = self._expired()
-                group = self._admit()
-            self._sweep(expired)
-            if group:
-                self._join(group)
-            for lane in list(self._lanes):
-                self._step(lane)
+            expired: list[Request] = []
+            try:
+                with self._lock:
+                    if self._gauges_stale:
+                        self._gauges()
+                    if self._metric and not self._queue and not self._lanes:
+                        self._metric.flush()  # idle (a cancellation emptied the lanes): nothing tallied waits
+                    while not self._closed and not self._queue and not self._lanes:
+                        self._lock.wait()
+                    if self._closed:
+                        break
+                    expired = self._expired()
+                    group = self._admit()
+                self._sweep(expired)
+                if group:
+                    self._join(group)
+                for lane in list(self._lanes):
+                    self._step(lane)
+                failures = 0
+            except Exception as exc:
+                failures += 1
+                self._recover(exc, expired, failures)
         stopped = ShuttingDown("the server is shutting down; retry on another instance")
         with self._lock:
             # (the later parts of a request not queued yet end with their whole, which the earlier parts fail)
@@ -278,6 +285,30 @@ class Engine:
         self._gauges()
         if self._metric:
             self._metric.flush()
+
+    def _recover(self, error: Exception, expired: list[Request], failures: int) -> None:
+        """A failure outside the model's calls (theirs fail only the rows in the call) is a bug in the engine's own
+        bookkeeping, after which what it holds cannot be trusted: every request it was decoding fails with the
+        error (a generic INTERNAL for the caller) rather than wait for ever on a thread that died, and the engine
+        goes on with an empty batch. The queue is kept, unless the turn before failed too: then something waiting
+        may be what fails, and the queue fails as well, so that the engine holds nothing that can fail it again."""
+        event(log, "engine_failed", level=logging.ERROR, exc_info=True, model=self.model.name,
+              active=len(self._active), queued=len(self._queue), in_a_row=failures)
+        with self._lock:
+            held = [*expired, *self._active.values()]
+            if failures > 1:
+                for request in list(self._queue):
+                    self._dequeue(request)
+                    held.append(request)
+        for request in held:
+            self._fail(request, error)
+        with self._lock:
+            self._lanes.clear()
+            self._active.clear()
+            self._rows = self._tokens = 0
+            self._gauges_stale = True
+        if failures > 2:  # failing while holding nothing: not a request's doing; no hot loop filling the log
+            time.sleep(min(1.0, 0.01 * 2 ** failures))
 
     def _expired(self) -> list[Request]:
         """Requests cancelled or past their deadline since the last step; the queued ones leave the queue. Called

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from server.device import CPU, Device
 from server.engine import Engine, Limits
+from server.engine.lanes import Lane
 from server.errors import DeadlineExceeded, InvalidInput, Overloaded
 from server.metrics import Metrics
 from server.reductions import Reduction
@@ -291,6 +292,67 @@ def test_close_fails_what_is_left(engines: list[Engine]) -> None:
     engine.close()
     with pytest.raises(Exception, match="shutting down"):
         future.result(timeout=30)
+
+
+class BookkeepingBug(Exception):
+    pass
+
+
+def failing_advance(monkeypatch: pytest.MonkeyPatch, times: int) -> list[int]:
+    """Makes the lanes' bookkeeping after a decoder call raise ``times`` times (a bug in the engine's own code, not
+    the model's); the list counts the failures."""
+    advance, failed = Lane.advance, []
+
+    def advance_or_fail(lane: Lane, outputs: Any) -> Any:
+        if len(failed) < times:
+            failed.append(1)
+            raise BookkeepingBug("a bug between two decoder calls")
+        return advance(lane, outputs)
+
+    monkeypatch.setattr(Lane, "advance", advance_or_fail)
+    return failed
+
+
+def test_a_failure_in_the_engines_bookkeeping_fails_what_it_decodes_and_the_engine_goes_on(
+        engines: list[Engine], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before, the exception ended the engine's thread: every request in flight or queued waited for ever."""
+    model = FakeModel()
+    model.gate = threading.Semaphore(0)
+    engine = start(engines, model, max_batch_requests=1, max_batch_rows=4)
+    failed = failing_advance(monkeypatch, times=1)
+    decoding = engine.submit([SOURCES[0]], Options())
+    wait_until(lambda: engine.active == 1, "admission")
+    waiting = engine.submit([SOURCES[1]], Options())
+    model.gate.release(10_000)
+    with pytest.raises(BookkeepingBug):
+        decoding.result(timeout=30)
+    [hyps] = waiting.result(timeout=30)  # the queue was kept, and its request decodes as it would alone
+    same(hyps, model.alone(SOURCES[1], Options()))
+    assert failed == [1]
+    # The rows of the failed request were given back: a request of the whole row budget is admitted.
+    whole = engine.submit([SOURCES[2]], Options(beam_size=4))
+    [hyps] = whole.result(timeout=30)
+    same(hyps, model.alone(SOURCES[2], Options(beam_size=4)))
+    assert engine.active == 0 and engine.queued == 0
+
+
+def test_a_failure_that_repeats_fails_the_queue_too_and_nothing_waits_for_ever(
+        engines: list[Engine], monkeypatch: pytest.MonkeyPatch) -> None:
+    model = FakeModel()
+    model.gate = threading.Semaphore(0)
+    engine = start(engines, model, max_batch_requests=1)
+    failed = failing_advance(monkeypatch, times=10**6)
+    futures = [engine.submit([source], Options()) for source in SOURCES]
+    wait_until(lambda: engine.active == 1, "admission")
+    model.gate.release(10_000)
+    for future in futures:
+        with pytest.raises(BookkeepingBug):
+            future.result(timeout=30)
+    assert len(failed) == 2  # the first turn failed the request it decoded, the second the next one and the queue
+    wait_until(lambda: engine.active == 0 and engine.queued == 0, "the engine to hold nothing")
+    monkeypatch.undo()
+    [hyps] = engine.submit([SOURCES[3]], Options()).result(timeout=30)
+    same(hyps, model.alone(SOURCES[3], Options()))
 
 
 def test_a_source_longer_than_the_buckets_decodes_in_a_lane_of_its_own(engines: list[Engine]) -> None:
