@@ -253,12 +253,19 @@ async def serve(settings: Settings, engine_addresses: Sequence[str] = (),
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     reloads: set[asyncio.Task[object]] = set()
+    hung_up_while_loading = False
 
     def hang_up() -> None:  # SIGHUP: look at the models folder now
-        if server.registry is not None and server.registry.ready:
-            task = asyncio.ensure_future(server.reload())
-            reloads.add(task)
-            task.add_done_callback(reloads.discard)
+        nonlocal hung_up_while_loading
+        if server.engine_addresses:  # a front-end: the parent passes SIGHUP to the engine processes
+            return
+        if server.registry is None or not server.registry.ready:
+            # The load may have read the folder before what the signal announces: look again once it is done
+            hung_up_while_loading = True
+            return
+        task = asyncio.ensure_future(server.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, hang_up)
     handle_signals()  # a front-end process starts with them blocked until here
@@ -273,6 +280,8 @@ async def serve(settings: Settings, engine_addresses: Sequence[str] = (),
             loading.result()  # raises what loading raised
             if on_ready is not None:
                 on_ready()
+            if hung_up_while_loading:
+                hang_up()
         await stopping
     except Exception as exc:
         expected = isinstance(exc, StartupError)

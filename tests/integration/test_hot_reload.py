@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -165,6 +166,54 @@ def test_sighup_and_the_watcher_load_a_new_version(models_root: Path) -> None:
         [synced] = _wait_for_event(process, "models_synced")
         assert synced["loaded"] == [f"{NAME}/2"] and synced["retired"] == [f"{NAME}/1"]
     finally:
+        process.terminate()
+        assert process.wait(60) == 0
+        assert process.stderr is not None
+        process.stderr.close()
+
+
+# The server, its start held after the models folder was read and the models loaded, before it is ready: until a
+# file exists. It says when it holds with a log line of its own.
+HELD_START = """
+import json, pathlib, sys, time
+from server.registry import Registry
+choose_default = Registry._choose_default
+def held(self):
+    gate = pathlib.Path(sys.argv[1])
+    if not gate.exists():
+        print(json.dumps({"event": "test_start_held"}), file=sys.stderr, flush=True)
+    while not gate.exists():
+        time.sleep(0.01)
+    return choose_default(self)
+Registry._choose_default = held
+from server.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_sighup_while_the_one_process_server_loads_is_a_reload_once_it_is_ready(models_root: Path,
+                                                                                 tmp_path: Path) -> None:
+    """Before, a SIGHUP that came while the models loaded was dropped, and with the watcher off (reload interval 0)
+    a version published meanwhile waited for the next one."""
+    gate = tmp_path / "go"
+    env = {**os.environ, "ATTN_MODELS_DIR": str(models_root), "ATTN_PORT": "0", "ATTN_METRICS_PORT": "-1",
+           "ATTN_RELOAD_INTERVAL": "0", "ATTN_FRONTENDS": "0"}
+    process = subprocess.Popen([sys.executable, "-c", HELD_START, str(gate), "--host", "127.0.0.1", "--device", "cpu",
+                                "--ort-threads", "1"],
+                               env=env, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    stuck = threading.Timer(120, process.terminate)  # a reload that never comes ends the wait below
+    stuck.start()
+    try:
+        _wait_for_event(process, "test_start_held")
+        add_version(models_root, models_root / NAME / "1", "2")
+        process.send_signal(signal.SIGHUP)
+        gate.touch()
+        [ready] = _wait_for_event(process, "ready")
+        assert ready["models"] == [f"{NAME}/1"]  # the folder as the load read it
+        [synced] = _wait_for_event(process, "models_synced")
+        assert synced["loaded"] == [f"{NAME}/2"] and synced["retired"] == [f"{NAME}/1"]
+    finally:
+        stuck.cancel()
         process.terminate()
         assert process.wait(60) == 0
         assert process.stderr is not None
