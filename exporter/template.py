@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from abc import ABC, abstractmethod
@@ -133,19 +134,20 @@ def staged(out: Path, force: bool) -> Iterator[Path]:
     """A staging directory that replaces ``out`` only when the block completes; removed whatever happens.
 
     A failed export (parity, checker, anything) therefore never leaves a half-written model where the server would
-    load it, nor a staging directory behind.
+    load it, nor a staging directory behind, nor an empty model folder (models/NAME) it made for the version.
     """
     out = Path(out)
     check_replaceable(out, force)
     staging = out.parent / f".{out.name}.staging"
+    replaced = out.parent / f".{out.name}.replaced"  # hidden, as the staging folder is: no server loads it
+    created = _missing_folders(out.parent)  # models/NAME, when this export is the model's first
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        staging.mkdir(parents=True)
-    except OSError as exc:  # a file where a folder of --out should be, a models folder this user cannot write
-        raise ValueError(f"cannot write the model version folder {out}: {exc.strerror or exc} "
-                         f"({exc.filename})") from None
-    replaced = out.parent / f".{out.name}.replaced"  # hidden, as the staging folder is: no server loads it
-    try:
+        try:
+            staging.mkdir(parents=True)
+        except OSError as exc:  # a file where a folder of --out should be, a models folder this user cannot write
+            raise ValueError(f"cannot write the model version folder {out}: {exc.strerror or exc} "
+                             f"({exc.filename})") from None
         yield staging
         check_replaceable(out, force)  # again: the block ran for minutes, and rmtree must only ever meet a model
         shutil.rmtree(replaced, ignore_errors=True)
@@ -157,6 +159,22 @@ def staged(out: Path, force: bool) -> Iterator[Path]:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(replaced, ignore_errors=True)
+        # Still empty only when the export failed: a server scanning the models folder would find a model NAME
+        # with no versions. rmdir, not rmtree: a folder another export has written into meanwhile stays.
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """The folders of ``path`` (itself and its parents) that do not exist yet, deepest first."""
+    missing = []
+    while not os.path.lexists(path) and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
 
 
 class ModelExporter(ABC, Generic[Model]):

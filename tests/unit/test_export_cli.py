@@ -155,6 +155,44 @@ def test_a_replaced_version_is_removed_only_once_the_new_one_holds_its_name(tmp_
     assert seen and set(seen) == {'{"new": true}'}, seen
 
 
+class _ExportFailed(Exception):
+    pass
+
+
+def _fail_in_staging(out: Path) -> None:
+    with pytest.raises(_ExportFailed), staged(out, force=False) as staging:
+        (staging / "encoder.onnx").write_bytes(b"")
+        raise _ExportFailed  # parity, the checker, anything
+
+
+def test_a_failed_first_export_of_a_model_leaves_no_model_folder(tmp_path: Path) -> None:
+    """A server scanning the models folder would otherwise find a model NAME with no versions."""
+    models = tmp_path / "models"
+    models.mkdir()
+    _fail_in_staging(models / "m" / "1")
+    assert list(models.iterdir()) == []
+    _fail_in_staging(tmp_path / "new" / "models" / "m" / "1")  # folders above NAME it made go too
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
+
+
+def test_a_failed_export_keeps_a_model_folder_that_was_there(tmp_path: Path) -> None:
+    empty, served = tmp_path / "models" / "empty", tmp_path / "models" / "served"
+    empty.mkdir(parents=True)
+    (served / "1").mkdir(parents=True)
+    (served / "1" / "manifest.json").write_text("{}")
+    _fail_in_staging(empty / "1")
+    _fail_in_staging(served / "2")
+    assert list(empty.iterdir()) == []
+    assert sorted(p.name for p in served.iterdir()) == ["1"] and (served / "1" / "manifest.json").is_file()
+
+
+def test_an_export_made_into_a_new_model_folder_stays(tmp_path: Path) -> None:
+    out = tmp_path / "models" / "m" / "1"
+    with staged(out, force=False) as staging:
+        (staging / "manifest.json").write_text("{}")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["1"]
+
+
 def test_metrics_are_checked_before_the_checkpoint_and_named(
     workdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
