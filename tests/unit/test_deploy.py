@@ -199,6 +199,20 @@ def test_services_and_autoscaler_point_at_the_deployment() -> None:
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
 
 
+def test_grpc_service_ports_name_the_protocol_the_server_speaks() -> None:
+    """kubernetes.io/h2c is HTTP/2 over cleartext: right while the Deployment runs without TLS. With ATTN_TLS_CERT
+    the port speaks HTTP/2 over TLS, and a mesh or gateway told h2c would fail every call; the manifest says so
+    where the value is set."""
+    (deployment,) = manifests("Deployment")
+    tls = "ATTN_TLS_CERT" in env(deployment["spec"]["template"]["spec"]["containers"][0])
+    for service in manifests("Service"):
+        (grpc,) = [p for p in service["spec"]["ports"] if p["name"] == "grpc"]
+        assert grpc["appProtocol"] == ("https" if tls else "kubernetes.io/h2c"), service["metadata"]["name"]
+    text = (K8S / "service.yaml").read_text()
+    lines = [line for line in text.splitlines() if "appProtocol: kubernetes.io/h2c" in line]
+    assert lines and all("ATTN_TLS_CERT" in line and "https" in line for line in lines), lines
+
+
 def test_batch_job_runs_one_shard_per_index() -> None:
     (job,) = manifests("Job")
     spec = job["spec"]
