@@ -385,7 +385,30 @@ def test_compose_runs_server_prometheus_and_grafana() -> None:
     assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
     assert source["uid"] == next(v for v in load_dashboard()["templating"]["list"]
                                  if v["name"] == "datasource")["current"]["value"]
-    assert "9090:9090" in services["prometheus"]["ports"]
+    assert "127.0.0.1:9090:9090" in services["prometheus"]["ports"]
+
+
+def published_ports(service: dict[str, Any]) -> dict[int, tuple[str, int]]:
+    """Container port -> (host address, host port) of a compose service's short-syntax ``ports`` (no address: all
+    interfaces, "")."""
+    published = {}
+    for entry in service.get("ports", []):
+        *address, host, container = str(entry).split(":")
+        published[int(container)] = (address[0] if address else "", int(host))
+    return published
+
+
+def test_compose_publishes_only_grpc_beyond_this_host() -> None:
+    """Metrics, Prometheus and Grafana ask nobody who is looking (Grafana's password defaults to admin): published
+    on the loopback address, an operator cannot expose them to the network by accident. gRPC stays on every
+    interface, as before."""
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    assert published_ports(services["attention"]) == {50051: ("", 50051), 9464: ("127.0.0.1", 9464)}
+    assert published_ports(services["prometheus"]) == {9090: ("127.0.0.1", 9090)}
+    assert published_ports(services["grafana"]) == {3000: ("127.0.0.1", 3000)}
+    for name, service in services.items():
+        assert all(address == "127.0.0.1" for port, (address, _) in published_ports(service).items()
+                   if port != 50051), name
 
 
 def test_kubernetes_and_compose_serve_the_same_default_translator() -> None:
