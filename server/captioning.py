@@ -132,4 +132,4 @@ class CaptionModel(DecoderRuntime):
 
     def _blank(self) -> DecodedImage:
         height, width = (int(v) for v in self.image_spec["size"])
-        return DecodedImage(Image.new("RGB", (width, height), (128, 128, 128)), "PNG", 1)
+        return DecodedImage(Image.new("RGB", (width, height), (128, 128, 128)), "PNG")

@@ -56,8 +56,7 @@ class ImageLimits:
 @dataclass
 class DecodedImage:
     image: Image.Image  # RGB, 8 bits per channel, EXIF orientation applied
-    format: str  # as Pillow names it: PNG, JPEG, WEBP, BMP, GIF
-    frames: int  # frames in the file; only the first is used
+    format: str  # as Pillow names it: PNG, JPEG, WEBP, BMP, GIF (of an animated one, only the first frame is read)
 
     @property
     def width(self) -> int:
@@ -100,22 +99,7 @@ def decode(data: bytes, limits: ImageLimits = ImageLimits()) -> DecodedImage:
                              "(max_image_pixels)") from exc
         except Exception as exc:  # truncated data, decoder errors
             raise ImageError(f"data is truncated or corrupt: {_reason(exc)}") from exc
-        if image is opened and opened.format == "GIF":
-            # as_seen kept the file's own image, and counting a GIF's frames seeks through them, which would unload
-            # it (other formats read their frame count from a header; a copy of a 12-megapixel photo costs 8 ms)
-            image = opened.copy()
-        return DecodedImage(image, str(opened.format), _frames(opened))
-
-
-def _frames(opened: Image.Image) -> int:
-    """The frames in the file, counted after the first one was decoded and as far as they can be read. A GIF's are
-    counted by parsing every frame after the first, where Pillow raises IndexError or struct.error for one cut short
-    (an animated GIF half downloaded): that frame ends the count, as the file's end does, rather than failing a
-    request (INTERNAL) for a frame it does not caption."""
-    try:
-        return int(getattr(opened, "n_frames", 1))
-    except Exception:  # a corrupt later frame
-        return int(opened.tell()) + 1
+        return DecodedImage(image, str(opened.format))
 
 
 def _unidentified(data: bytes) -> ImageError:
