@@ -3,7 +3,7 @@
 :func:`configure` turns the settings into what :class:`server.app.AttentionServer` needs: the server credentials
 (``None`` for plaintext) and the interceptors. Problems with the files (unreadable, not PEM, key not matching the
 certificate, certificate expired, no tokens) are :class:`~server.errors.StartupError` s that name the setting, never
-a token.
+a token. The TLS files are watched afterwards (:class:`CertificateWatch`): renewed ones serve the next new handshakes.
 
 Token authentication is deny by default: every method needs ``authorization: Bearer <token>`` metadata unless its
 service is in :data:`OPEN_SERVICES`, so a service added to the same port later is protected without being listed here.
@@ -14,10 +14,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import os
 import re
 import ssl
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +74,29 @@ def check(settings: Settings) -> None:
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     """TLS credentials from ``tls_cert``/``tls_key``, requiring client certificates signed by ``tls_client_ca`` when
     that is set; ``None`` when TLS is off. The files are checked here, because gRPC itself would only fail at the first
-    handshake, in a log line the operator may never see."""
+    handshake, in a log line the operator may never see. They are watched from then on (:class:`CertificateWatch`):
+    a handshake after they change uses the new ones."""
     if not settings.tls_cert:  # Settings checked that tls_key and tls_client_ca are empty then
         return None
+    return CertificateWatch(settings).credentials()
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """The contents of the TLS files, checked to make a usable pair (and CA)."""
+
+    cert: bytes
+    key: bytes
+    ca: bytes | None
+    serial: str  # of the server's certificate, for the log: "" where Python cannot read it
+    not_after: str
+
+    def configuration(self) -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration([(self.key, self.cert)], root_certificates=self.ca)
+
+
+def load_tls_files(settings: Settings) -> TlsFiles:
+    """The TLS files named by ``settings``, or the :class:`~server.errors.StartupError` that says what is wrong."""
     cert = _read("tls_cert", settings.tls_cert)
     key = _read("tls_key", settings.tls_key)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -82,7 +105,7 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     except (ssl.SSLError, OSError, ValueError) as exc:
         raise StartupError(f"tls_cert {settings.tls_cert} and tls_key {settings.tls_key} are not a usable pair "
                            f"(PEM certificate chain and the matching unencrypted PEM private key): {exc}") from exc
-    _check_not_expired(settings.tls_cert)
+    dates = _check_not_expired(settings.tls_cert)
     ca: bytes | None = None
     if settings.tls_client_ca:
         ca = _read("tls_client_ca", settings.tls_client_ca)
@@ -91,24 +114,109 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
         except (ssl.SSLError, OSError) as exc:
             raise StartupError(f"tls_client_ca {settings.tls_client_ca} holds no usable PEM CA certificate: "
                                f"{exc}") from exc
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+    return TlsFiles(cert, key, ca, str(dates.get("serialNumber", "")), str(dates.get("notAfter", "")))
 
 
-def _check_not_expired(cert: str) -> None:
+_Stamp = tuple[tuple[int, ...] | None, ...]
+
+
+class CertificateWatch:
+    """The TLS files as gRPC's certificate fetcher: gRPC calls it at every new handshake, in its own threads, and
+    existing connections keep the certificate they started with.
+
+    Operators replace the files in place (cert-manager rewrites a mounted Secret, certbot renews), so each call
+    compares the files' ``stat`` with the last one seen and reads them only when that changed. Files that do not load
+    (half written, a key that does not match the certificate, an expired certificate) leave the previous credentials
+    in use, and are logged once per change of the files, not at every handshake; a later write that fixes them is
+    taken and logged too. Nothing is ever raised into gRPC.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._paths = tuple(p for p in (settings.tls_cert, settings.tls_key, settings.tls_client_ca) if p)
+        self._lock = threading.Lock()  # handshakes run in parallel; one of them reads changed files
+        # Taken before the files are read: a write meanwhile changes it, and the next handshake reads them again.
+        self._seen: _Stamp | None = _stamp(self._paths)
+        self._files = load_tls_files(settings)  # at start, a StartupError stops the server
+
+    def credentials(self) -> grpc.ServerCredentials:
+        # Whether clients must present a certificate is fixed for the port: tls_client_ca's contents may change, not
+        # whether it is set.
+        # The stubs say the fetcher returns a configuration; gRPC documents None for "unchanged".
+        return grpc.dynamic_ssl_server_credentials(self._files.configuration(), self,  # type: ignore[arg-type]
+                                                   require_client_authentication=self._files.ca is not None)
+
+    def __call__(self) -> grpc.ServerCertificateConfiguration | None:
+        """The new configuration when the files changed and load, else ``None``: gRPC keeps what it has."""
+        try:
+            with self._lock:
+                return self._reload_if_changed()
+        except Exception as exc:  # raised into gRPC it would only be logged there, at every handshake
+            event(log, "tls_reload_failed", level=logging.ERROR, exc_info=True, error=str(exc),
+                  serving_serial=self._files.serial, serving_not_after=self._files.not_after)
+            return None
+
+    def _reload_if_changed(self) -> grpc.ServerCertificateConfiguration | None:
+        stamp = _stamp(self._paths)
+        if stamp == self._seen:
+            return None
+        self._seen = stamp  # this state of the files is judged (and logged) once, whatever comes of it
+        try:
+            files = load_tls_files(self._settings)
+        except StartupError as exc:
+            event(log, "tls_reload_failed", level=logging.WARNING, error=str(exc),
+                  serving_serial=self._files.serial, serving_not_after=self._files.not_after)
+            return None
+        if files == self._files:  # touched, or written again with the same contents
+            return None
+        if not self._unchanged_since(files):  # the files checked were not quite the bytes read: still being written
+            self._seen = None
+            return None
+        self._files = files
+        event(log, "tls_reloaded", cert=self._settings.tls_cert, serial=files.serial, not_after=files.not_after,
+              client_ca=bool(files.ca))
+        return files.configuration()
+
+    def _unchanged_since(self, files: TlsFiles) -> bool:
+        """Whether the files still hold what was read: OpenSSL checked them by their paths, gRPC gets the bytes."""
+        try:
+            return (Path(self._settings.tls_cert).read_bytes() == files.cert
+                    and Path(self._settings.tls_key).read_bytes() == files.key
+                    and (files.ca is None or Path(self._settings.tls_client_ca).read_bytes() == files.ca))
+        except OSError:
+            return False
+
+
+def _stamp(paths: Sequence[str]) -> _Stamp:
+    """What changes when a file is rewritten or replaced (a Kubernetes Secret swaps a symlink: ``stat`` follows it)."""
+    stamps: list[tuple[int, ...] | None] = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            stamps.append(None)  # removed while being replaced: loading it says so
+            continue
+        stamps.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    return tuple(stamps)
+
+
+def _check_not_expired(cert: str) -> dict[str, Any]:
     """Neither OpenSSL's loading nor gRPC looks at the dates: an expired certificate would be served, and every client
-    would refuse it at the handshake."""
+    would refuse it at the handshake. Returns what Python read of the certificate (empty where it cannot)."""
     # Python reads a certificate's dates only through this helper of its own tests (the file's first certificate, the
     # server's own); without it the start goes on unchecked, as it did before.
     decode = getattr(ssl._ssl, "_test_decode_cert", None)  # type: ignore[attr-defined]
     if decode is None:
-        return
+        return {}
     try:
-        not_after = decode(cert)["notAfter"]
+        decoded: dict[str, Any] = decode(cert)
+        not_after = decoded["notAfter"]
         expires = ssl.cert_time_to_seconds(not_after)
     except (ssl.SSLError, OSError, KeyError, ValueError):
-        return  # load_cert_chain read it: a date Python cannot parse is no reason to refuse it
+        return {}  # load_cert_chain read it: a date Python cannot parse is no reason to refuse it
     if expires <= time.time():
         raise StartupError(f"tls_cert {cert} expired on {not_after}: every client would refuse it; renew it")
+    return decoded
 
 
 def _read(setting: str, path: str) -> bytes:

@@ -1,10 +1,12 @@
-"""Helpers for the server tests: an in-process server on port 0 with its own event loop thread, and checks of the
-response invariants (spans, matrices) shared by several tests."""
+"""Helpers for the server tests: an in-process server on port 0 with its own event loop thread, the certificate a
+TLS server presents, and checks of the response invariants (spans, matrices) shared by several tests."""
 
 from __future__ import annotations
 
 import asyncio
 import re
+import socket
+import ssl
 import threading
 import time
 import unicodedata
@@ -66,6 +68,17 @@ class RunningServer:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()
+
+
+def peer_certificate(port: int) -> bytes:
+    """The certificate (DER) that a new TLS handshake with the server on ``port`` presents, trusted or not."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"])  # what a gRPC client offers
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, context.wrap_socket(raw) as tls:
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return der
 
 
 def matrix(m: pb.Matrix) -> np.ndarray:

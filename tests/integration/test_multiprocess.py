@@ -23,8 +23,9 @@ from bench.slow_reader import SlowReader
 from client.cli import main
 from client.connection import OWN_CONNECTION
 from server import device
-from tests.integration.serving import RunningServer, ServerProcess, matrix
+from tests.integration.serving import RunningServer, ServerProcess, matrix, peer_certificate
 from tests.integration.test_batching_equivalence import sources
+from tests.pki import server_pair
 
 TEXTS = ["Ich hoffe, es geht dir gut.", "Das Haus ist groß und schön.", "Wo ist der Bahnhof?"]
 # The most one call may ask of the slow model (32 texts, beam 16, each to its full length budget): over a second of
@@ -495,7 +496,7 @@ def test_a_killed_parent_leaves_no_process_and_no_folder(models_dir: Path, tmp_p
 
 def test_tls_on_every_front_end(models_dir: Path, tmp_path: Path) -> None:
     from attention_pb.v1 import attention_pb2_grpc as pb_grpc
-    from tests.integration.test_security import make_pki
+    from tests.pki import make_pki
 
     pki = make_pki(tmp_path)
     server = ServerProcess(models_dir, "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key))
@@ -512,6 +513,29 @@ def test_tls_on_every_front_end(models_dir: Path, tmp_path: Path) -> None:
                 response = pb_grpc.AttentionServiceStub(channel).Translate(pb.TranslateRequest(texts=TEXTS[:1]),
                                                                            timeout=30)
                 assert response.translations
+    finally:
+        assert server.stop() == 0
+
+
+def test_replaced_certificate_files_reach_every_front_end(models_dir: Path, tmp_path: Path) -> None:
+    """Each front-end watches the files: whichever one a new connection lands on presents the new certificate."""
+    first, renewed = server_pair("attn-server-a"), server_pair("attn-server-b")
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    first.install(cert, key)
+    server = ServerProcess(models_dir, "--tls-cert", str(cert), "--tls-key", str(key))
+    try:
+        server.wait_for("ready")
+        assert peer_certificate(server.port) == first.der
+        renewed.install(cert, key)
+
+        def reloaded() -> set[str]:
+            return {r["process"] for r in server.events("tls_reloaded")}
+
+        for _ in range(40):  # the kernel spreads new connections over the front-ends sharing the port
+            assert peer_certificate(server.port) == renewed.der
+            if len(reloaded()) == 2:
+                break
+        assert reloaded() == {"frontend-0", "frontend-1"}
     finally:
         assert server.stop() == 0
 

@@ -1,22 +1,18 @@
-"""TLS, mutual TLS and bearer tokens against real servers, with a throw-away CA made here (``cryptography``)."""
+"""TLS, mutual TLS and bearer tokens against real servers, with a throw-away CA made in the session (tests/pki.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import datetime
-import ipaddress
+import logging
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
@@ -29,95 +25,13 @@ from server.errors import StartupError
 from server.metrics import Metrics
 from server.security import TokenAuthInterceptor, server_credentials
 from server.settings import Settings
-from tests.integration.serving import RunningServer, settings
+from tests.integration.serving import RunningServer, peer_certificate, settings
+from tests.pki import Pki, issue, make_ca, make_pki, server_pair, write_cert, write_key
 
 TOKEN = "s3cret-token-Zq8vXk2"
 OTHER_TOKEN = "second-token-Yp4"
 WRONG_TOKEN = "not-the-token"
 TEXT = "Ich hoffe, es geht dir gut."
-
-
-# -- a throw-away PKI --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Pki:
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-    rogue_cert: Path  # a client certificate signed by another CA
-    rogue_key: Path
-
-    def read(self, path: Path) -> bytes:
-        return path.read_bytes()
-
-
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> Path:
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
-    return path
-
-
-def _write_cert(cert: x509.Certificate, path: Path) -> Path:
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return path
-
-
-def _ca(cn: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(_name(cn)).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                         key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(key, hashes.SHA256()))
-    return key, cert
-
-
-def _issue(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, cn: str, server: bool,
-           valid_for: datetime.timedelta = datetime.timedelta(days=1),
-           ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """``valid_for``: from now; negative for a certificate that has expired."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(ca_cert.subject)
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(days=2)).not_valid_after(now + valid_for)
-               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-               .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server
-                                                     else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                              critical=False))
-    if server:
-        builder = builder.add_extension(x509.SubjectAlternativeName([
-            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-    return key, builder.sign(ca_key, hashes.SHA256())
-
-
-def make_pki(d: Path) -> Pki:
-    """A CA, a server certificate for localhost/127.0.0.1, a client certificate, and a rogue client certificate,
-    written into ``d``."""
-    ca_key, ca_cert = _ca("attn test CA")
-    server_key, server_cert = _issue(ca_key, ca_cert, "attn-server", server=True)
-    client_key, client_cert = _issue(ca_key, ca_cert, "attn-client", server=False)
-    rogue_ca_key, rogue_ca_cert = _ca("some other CA")
-    rogue_key, rogue_cert = _issue(rogue_ca_key, rogue_ca_cert, "attn-client", server=False)
-    return Pki(ca=_write_cert(ca_cert, d / "ca.pem"),
-               server_cert=_write_cert(server_cert, d / "server.pem"),
-               server_key=_write_key(server_key, d / "server.key"),
-               client_cert=_write_cert(client_cert, d / "client.pem"),
-               client_key=_write_key(client_key, d / "client.key"),
-               rogue_cert=_write_cert(rogue_cert, d / "rogue.pem"), rogue_key=_write_key(rogue_key, d / "rogue.key"))
 
 
 @pytest.fixture(scope="module")
@@ -206,6 +120,55 @@ def test_a_client_that_does_not_trust_the_ca_refuses_the_server(tls_token_server
         stub = pb_grpc.AttentionServiceStub(channel)
         assert _code(lambda: stub.ListModels(pb.ListModelsRequest(), timeout=10,
                                              metadata=_bearer(TOKEN))) == grpc.StatusCode.UNAVAILABLE
+
+
+# -- certificates replaced while the server runs ----------------------------------------------------------------------
+
+
+def _check(target: str, ca: bytes) -> health_pb2.HealthCheckResponse:
+    """Health over a new connection that trusts only ``ca``."""
+    options = [("grpc.use_local_subchannel_pool", 1)]  # a connection of its own, not one another channel made
+    with grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=ca), options=options) as channel:
+        stub: Any = health_pb2_grpc.HealthStub(channel)
+        return stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+
+
+def test_replaced_certificate_files_are_served_to_new_connections(models_dir: Path, tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """cert-manager and certbot replace the files in place: new handshakes get the new certificate, connections
+    made before keep going, and files that do not load leave the working certificate in use, logged once."""
+    first, renewed = server_pair("attn-server-a"), server_pair("attn-server-b")  # each from a CA of its own
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    first.install(cert, key)
+    server = RunningServer(settings(models_dir, tls_cert=str(cert), tls_key=str(key)), load=False)
+    target = f"localhost:{server.port}"
+    before = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=first.ca))
+    try:
+        assert peer_certificate(server.port) == first.der
+        health: Any = health_pb2_grpc.HealthStub(before)
+        health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+
+        renewed.install(cert, key)
+        assert peer_certificate(server.port) == renewed.der
+        _check(target, renewed.ca)  # a client that trusts only the new CA connects ...
+        with pytest.raises(grpc.RpcError) as refused:  # ... and one that trusts only the old CA no longer can
+            _check(target, first.ca)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+        health.Check(health_pb2.HealthCheckRequest(), timeout=10)  # the connection made before goes on
+
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="attn.security"):
+            cert.write_bytes(first.cert)  # a certificate without its key: does not match the key in place
+            for _ in range(3):
+                assert peer_certificate(server.port) == renewed.der
+            failed = [r for r in caplog.records if r.getMessage() == "tls_reload_failed"]
+            assert len(failed) == 1 and "are not a usable pair" in failed[0].fields["error"]  # type: ignore[attr-defined]
+            key.write_bytes(first.key)  # the write that completes it
+            assert peer_certificate(server.port) == first.der
+        assert [r.getMessage() for r in caplog.records].count("tls_reloaded") == 1
+    finally:
+        before.close()
+        server.close()
 
 
 # -- mutual TLS --------------------------------------------------------------------------------------------------------
@@ -465,14 +428,14 @@ def test_unusable_tls_files_stop_the_start(models_dir: Path, pki: Pki, tmp_path:
 
 def test_an_expired_certificate_stops_the_start(tmp_path: Path) -> None:
     """OpenSSL loads it and gRPC would serve it; every client would then fail its handshake."""
-    ca_key, ca_cert = _ca("attn test CA")
-    key, cert = _issue(ca_key, ca_cert, "attn-server", server=True, valid_for=-datetime.timedelta(days=1))
-    expired, key_file = _write_cert(cert, tmp_path / "expired.pem"), _write_key(key, tmp_path / "server.key")
+    ca_key, ca_cert = make_ca("attn test CA")
+    key, cert = issue(ca_key, ca_cert, "attn-server", server=True, valid_for=-datetime.timedelta(days=1))
+    expired, key_file = write_cert(cert, tmp_path / "expired.pem"), write_key(key, tmp_path / "server.key")
     with pytest.raises(StartupError, match=f"tls_cert {expired} expired on .*renew it"):
         server_credentials(Settings(tls_cert=str(expired), tls_key=str(key_file)))
-    key, cert = _issue(ca_key, ca_cert, "attn-server", server=True, valid_for=datetime.timedelta(minutes=5))
-    assert server_credentials(Settings(tls_cert=str(_write_cert(cert, tmp_path / "fresh.pem")),
-                                       tls_key=str(_write_key(key, tmp_path / "fresh.key")))) is not None
+    key, cert = issue(ca_key, ca_cert, "attn-server", server=True, valid_for=datetime.timedelta(minutes=5))
+    assert server_credentials(Settings(tls_cert=str(write_cert(cert, tmp_path / "fresh.pem")),
+                                       tls_key=str(write_key(key, tmp_path / "fresh.key")))) is not None
 
 
 def test_unusable_token_file_stops_the_start(models_dir: Path, tmp_path: Path) -> None:

@@ -1,19 +1,37 @@
-"""Token files, the token check, the security settings and the client's connection options (no sockets)."""
+"""Token files, the token check, the security settings, certificates replaced while the server runs, and the client's
+connection options (no sockets)."""
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import logging
+import os
+import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
+from cryptography import x509
 from prometheus_client import CollectorRegistry
 
 from client import connection
+from server import security
 from server.errors import StartupError
 from server.metrics import Metrics
-from server.security import OPEN_SERVICES, TokenAuthInterceptor, load_tokens, parse_tokens, server_credentials
+from server.security import (
+    OPEN_SERVICES,
+    CertificateWatch,
+    TokenAuthInterceptor,
+    load_tokens,
+    parse_tokens,
+    server_credentials,
+)
 from server.settings import Settings
+from tests.pki import ServerPair, server_pair
 
 TOKEN = "tok-3f9a1c"
 
@@ -129,6 +147,128 @@ def test_unreadable_or_non_pem_tls_files(tmp_path: Path) -> None:
         server_credentials(Settings(tls_cert=str(tmp_path / "missing.pem"), tls_key=str(junk)))
     with pytest.raises(StartupError, match="are not a usable pair"):
         server_credentials(Settings(tls_cert=str(junk), tls_key=str(junk)))
+
+
+# -- certificates replaced while the server runs ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> tuple[Path, Path]:
+    return tmp_path / "server.pem", tmp_path / "server.key"
+
+
+def _watch(files: tuple[Path, Path], pair: ServerPair) -> CertificateWatch:
+    pair.install(*files)
+    return CertificateWatch(Settings(tls_cert=str(files[0]), tls_key=str(files[1])))
+
+
+def _said(caplog: pytest.LogCaptureFixture, name: str) -> list[dict[str, Any]]:
+    return [r.fields for r in caplog.records if r.getMessage() == name]  # type: ignore[attr-defined]
+
+
+def _serial(pair: ServerPair) -> int:
+    return x509.load_pem_x509_certificate(pair.cert).serial_number
+
+
+def test_replaced_files_are_taken_at_the_next_handshake(files: tuple[Path, Path],
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """gRPC calls the watch at every new handshake: a configuration when the files changed, ``None`` otherwise."""
+    first, renewed = server_pair("server-a"), server_pair("server-b")
+    watch = _watch(files, first)
+    with caplog.at_level(logging.INFO, logger="attn.security"):
+        assert watch() is None  # gRPC's first call, at the first handshake
+        renewed.install(*files)
+        assert isinstance(watch(), grpc.ServerCertificateConfiguration)
+        assert watch() is None
+    [reloaded] = _said(caplog, "tls_reloaded")
+    assert int(reloaded["serial"], 16) == _serial(renewed) and reloaded["cert"] == str(files[0])
+
+
+def test_the_files_are_read_only_when_their_stat_changes(files: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    watch = _watch(files, server_pair("server-a"))
+    loads: list[Settings] = []
+    real_load = security.load_tls_files
+
+    def counted(settings: Settings) -> security.TlsFiles:
+        loads.append(settings)
+        return real_load(settings)
+
+    monkeypatch.setattr(security, "load_tls_files", counted)
+    with caplog.at_level(logging.INFO, logger="attn.security"):
+        for _ in range(100):
+            assert watch() is None
+        assert loads == []
+        later = time.time() + 5
+        os.utime(files[0], (later, later))  # touched, same contents: read once, nothing new to serve
+        assert watch() is None and watch() is None
+    assert len(loads) == 1 and not _said(caplog, "tls_reloaded")
+
+
+def _half_written(files: tuple[Path, Path], pair: ServerPair) -> None:
+    files[0].write_bytes(pair.cert[: len(pair.cert) // 2])
+
+
+def _certificate_only(files: tuple[Path, Path], pair: ServerPair) -> None:
+    files[0].write_bytes(pair.cert)  # its key not written yet: the old key does not match it
+
+
+def _expired(files: tuple[Path, Path], pair: ServerPair) -> None:
+    server_pair("server-old", valid_for=-datetime.timedelta(days=1)).install(*files)
+
+
+def _removed(files: tuple[Path, Path], pair: ServerPair) -> None:
+    files[0].unlink()
+
+
+@pytest.mark.parametrize(("breakage", "reason"), [
+    (_half_written, "are not a usable pair"),
+    (_certificate_only, "are not a usable pair"),
+    (_expired, "expired on"),
+    (_removed, "cannot read tls_cert"),
+])
+def test_a_broken_replacement_keeps_the_working_pair_and_is_logged_once(
+        files: tuple[Path, Path], caplog: pytest.LogCaptureFixture,
+        breakage: Callable[[tuple[Path, Path], ServerPair], None], reason: str) -> None:
+    first, renewed = server_pair("server-a"), server_pair("server-b")
+    watch = _watch(files, first)
+    with caplog.at_level(logging.INFO, logger="attn.security"):
+        breakage(files, renewed)
+        for _ in range(5):  # handshakes go on with the working pair; the broken files are judged once
+            assert watch() is None
+        [failed] = _said(caplog, "tls_reload_failed")
+        assert reason in failed["error"] and int(failed["serving_serial"], 16) == _serial(first)
+        assert not _said(caplog, "tls_reloaded")
+        renewed.install(*files)  # a later write fixes them
+        assert watch() is not None and watch() is None
+    [reloaded] = _said(caplog, "tls_reloaded")
+    assert int(reloaded["serial"], 16) == _serial(renewed) and len(_said(caplog, "tls_reload_failed")) == 1
+
+
+def test_the_watch_never_raises_into_grpc(files: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    watch = _watch(files, server_pair("server-a"))
+
+    def surprise(settings: Settings) -> None:
+        raise RuntimeError("surprise")
+
+    monkeypatch.setattr(security, "load_tls_files", surprise)
+    server_pair("server-b").install(*files)
+    with caplog.at_level(logging.INFO, logger="attn.security"):
+        assert [watch() for _ in range(3)] == [None] * 3
+    [failed] = _said(caplog, "tls_reload_failed")
+    assert failed["error"] == "surprise"
+
+
+def test_the_client_ca_is_watched_too(files: tuple[Path, Path], tmp_path: Path) -> None:
+    pair = server_pair("server-a")
+    pair.install(*files)
+    ca = tmp_path / "clients.pem"
+    ca.write_bytes(server_pair("client-ca-1").ca)
+    watch = CertificateWatch(Settings(tls_cert=str(files[0]), tls_key=str(files[1]), tls_client_ca=str(ca)))
+    assert watch() is None
+    ca.write_bytes(server_pair("client-ca-2").ca)
+    assert watch() is not None
 
 
 # -- the client's connection options -----------------------------------------------------------------------------------
