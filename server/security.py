@@ -49,12 +49,13 @@ def configure(settings: Settings, metrics: Metrics) -> tuple[grpc.ServerCredenti
     """(server credentials or ``None`` for plaintext, server interceptors), logged once for the operator."""
     credentials = server_credentials(settings)
     interceptors: list[Any] = []
-    tokens: list[str] = []
+    tokens = 0
     if settings.auth_token_file:
-        tokens = load_tokens(settings.auth_token_file)
-        interceptors.append(TokenAuthInterceptor(tokens, metrics))
+        token_file = TokenFile(settings.auth_token_file)
+        tokens = len(token_file.digests())
+        interceptors.append(TokenAuthInterceptor(token_file, metrics))
     event(log, "security", tls=credentials is not None, mutual_tls=bool(settings.tls_client_ca),
-          auth_tokens=len(tokens))
+          auth_tokens=tokens)
     return credentials, interceptors
 
 
@@ -263,15 +264,57 @@ def load_tokens(path: str) -> list[str]:
     return parse_tokens(text, f"auth_token_file {path}")
 
 
+class TokenFile:
+    """The digests of the tokens in ``auth_token_file``, read again when the file changes, so that a token is added or
+    revoked (a leaked one) without a restart. The file's ``stat`` is looked at no more than once every
+    :data:`TOKEN_FILE_LOOK_SECONDS` (on the event loop's thread, where calls are checked). A replacement that does
+    not load (no tokens, a malformed line, unreadable) leaves the tokens before it in force: an empty file must not
+    lock every client out, nor a typo let anyone in. It is logged once per change of the file, as is one that loads."""
+
+    def __init__(self, path: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self._path, self._clock = path, clock
+        self._seen = _stamp((path,))  # before the read: a write meanwhile is read at the next look
+        self._digests = _digests(load_tokens(path))  # at start, a StartupError stops the server
+        self._looked = clock()
+
+    def digests(self) -> tuple[bytes, ...]:
+        now = self._clock()
+        if now - self._looked >= TOKEN_FILE_LOOK_SECONDS:
+            self._looked = now
+            self._reload_if_changed()
+        return self._digests
+
+    def _reload_if_changed(self) -> None:
+        stamp = _stamp((self._path,))
+        if stamp == self._seen:
+            return
+        self._seen = stamp
+        try:
+            digests = _digests(load_tokens(self._path))
+        except StartupError as exc:  # the message names the file and the line, never a token
+            event(log, "auth_tokens_reload_failed", level=logging.WARNING, error=str(exc),
+                  serving_tokens=len(self._digests))
+            return
+        if digests != self._digests:
+            self._digests = digests
+            event(log, "auth_tokens_reloaded", path=self._path, tokens=len(digests))
+
+
+TOKEN_FILE_LOOK_SECONDS = 1.0
+
+
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     """Refuses calls without a known bearer token with ``UNAUTHENTICATED``, before the request is even parsed.
 
     Tokens are kept and compared as SHA-256 digests with :func:`hmac.compare_digest`, against every known token, so
-    the time taken says nothing about a token's length, its prefix, or which token matched.
+    the time taken says nothing about a token's length, its prefix, or which token matched. ``tokens``: fixed, or a
+    :class:`TokenFile` whose changes count from the next call.
     """
 
-    def __init__(self, tokens: Iterable[str], metrics: Metrics, open_services: Iterable[str] = OPEN_SERVICES) -> None:
-        self._digests = tuple(_digest(t) for t in tokens)
+    def __init__(self, tokens: Iterable[str] | TokenFile, metrics: Metrics,
+                 open_services: Iterable[str] = OPEN_SERVICES) -> None:
+        self._file = tokens if isinstance(tokens, TokenFile) else None
+        self._digests = tokens.digests() if isinstance(tokens, TokenFile) else _digests(tokens)
         if not self._digests:
             raise ValueError("TokenAuthInterceptor needs at least one token")
         self._metrics = metrics
@@ -305,9 +348,14 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
             return "malformed authorization metadata: expected 'Bearer <token>'"
         presented = _digest(token.strip())
         known = False
-        for digest in self._digests:  # no early exit: all tokens are compared every time
+        digests = self._digests if self._file is None else self._file.digests()
+        for digest in digests:  # no early exit: all tokens are compared every time
             known |= hmac.compare_digest(presented, digest)
         return None if known else "invalid bearer token"
+
+
+def _digests(tokens: Iterable[str]) -> tuple[bytes, ...]:
+    return tuple(_digest(t) for t in tokens)
 
 
 def _digest(token: str) -> bytes:

@@ -109,12 +109,13 @@ class Settings:
                                "crashes (a fatal signal) writes its threads' stacks after them, as plain text.",
                                LOG_FORMATS)
     tls_cert: str = _setting("", "PEM certificate chain of the server; with tls_key the gRPC port speaks TLS only "
-                             "(empty: plaintext).")
+                             "(empty: plaintext). Renewed files serve new connections without a restart.")
     tls_key: str = _setting("", "PEM private key (unencrypted) of tls_cert; keep the file readable by the server only.")
     tls_client_ca: str = _setting("", "PEM CA certificate(s); when set, clients must present a certificate signed by "
                                   "one of them (mutual TLS). Needs tls_cert and tls_key.")
     auth_token_file: str = _setting("", "File of accepted bearer tokens, one per line ('#' starts a comment); "
-                                    "empty: no token needed. Health and reflection stay open.")
+                                    "empty: no token needed. Health and reflection stay open. Read again when it "
+                                    "changes.")
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -6,6 +6,7 @@ import asyncio
 import datetime
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -246,6 +247,33 @@ def test_right_token_works(token_server: RunningServer, token: str) -> None:
     response = token_server.stub.Translate(pb.TranslateRequest(texts=[TEXT], options=pb.DecodingOptions(beam_size=1)),
                                            timeout=60, metadata=(("authorization", f"bearer {token}"),))
     assert response.translations[0].hypotheses[0].text
+
+
+def test_a_token_revoked_in_the_file_is_refused_without_a_restart(models_dir: Path, tmp_path: Path) -> None:
+    """Before, the token file was read at start only: a leaked token stayed good until every replica restarted."""
+    path = tmp_path / "tokens"
+    path.write_text(f"{TOKEN}\n{OTHER_TOKEN}\n", encoding="ascii")
+    server = RunningServer(settings(models_dir, auth_token_file=str(path)), load=False)
+    try:
+        listing = pb.ListModelsRequest()
+        server.stub.ListModels(listing, timeout=10, metadata=_bearer(OTHER_TOKEN))
+        aside = tmp_path / ".tokens.new"
+        aside.write_text(f"{TOKEN}\n{WRONG_TOKEN}\n", encoding="ascii")
+        aside.replace(path)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the file is looked at once a second
+            try:
+                server.stub.ListModels(listing, timeout=10, metadata=_bearer(OTHER_TOKEN))
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the revoked token was still accepted after 30 s")
+        for token in (TOKEN, WRONG_TOKEN):  # the token kept, and the one added
+            server.stub.ListModels(listing, timeout=10, metadata=_bearer(token))
+    finally:
+        server.close()
 
 
 def test_health_and_reflection_need_no_token(token_server: RunningServer) -> None:

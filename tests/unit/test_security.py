@@ -26,6 +26,7 @@ from server.security import (
     OPEN_SERVICES,
     CertificateWatch,
     TokenAuthInterceptor,
+    TokenFile,
     load_tokens,
     parse_tokens,
     server_credentials,
@@ -97,6 +98,79 @@ def test_missing_or_wrong_tokens_are_refused(interceptor: TokenAuthInterceptor, 
     problem = interceptor.check(metadata)
     assert problem is not None and reason in problem
     assert TOKEN[:-1] not in problem  # the message never echoes what was sent
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def replace_file(path: Path, text: str) -> None:
+    """As a Secret's update or an editor's save does: written aside, then renamed over the file."""
+    aside = path.with_name(f".{path.name}.new")
+    aside.write_text(text, encoding="ascii")
+    os.replace(aside, path)
+
+
+def test_a_replaced_token_file_counts_from_the_next_look(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Before, the tokens were read at start only: revoking a leaked one needed a restart of every replica."""
+    path = tmp_path / "tokens"
+    path.write_text(f"{TOKEN}\nsecond\n", encoding="ascii")
+    clock = Clock()
+    interceptor = TokenAuthInterceptor(TokenFile(str(path), clock), Metrics(CollectorRegistry()))
+    bearer = lambda token: [("authorization", f"Bearer {token}")]  # noqa: E731
+    assert interceptor.check(bearer("second")) is None
+    replace_file(path, f"{TOKEN}\nthird\n")  # "second" revoked, "third" added
+    assert interceptor.check(bearer("second")) is None  # within the second after the last look: not looked at yet
+    clock.now += security.TOKEN_FILE_LOOK_SECONDS
+    with caplog.at_level(logging.INFO, logger="attn.security"):
+        assert interceptor.check(bearer("second")) == "invalid bearer token"
+        assert interceptor.check(bearer("third")) is None and interceptor.check(bearer(TOKEN)) is None
+    assert [r.getMessage() for r in caplog.records].count("auth_tokens_reloaded") == 1
+    assert not any("third" in r.getMessage() or "third" in str(r.__dict__) for r in caplog.records)
+
+
+@pytest.mark.parametrize(("text", "reason"), [("", "holds no tokens"), ("two words\n", "line 1"),
+                                              (None, "cannot read auth_token_file")])
+def test_a_token_file_that_does_not_load_leaves_the_tokens_before_it(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                                     text: str | None, reason: str) -> None:
+    """An emptied file must not lock every client out (nor a typo let anyone in); it is logged once, and the file
+    written right later is taken."""
+    path = tmp_path / "tokens"
+    path.write_text(f"{TOKEN}\n", encoding="ascii")
+    clock = Clock()
+    tokens = TokenFile(str(path), clock)
+    if text is None:
+        path.unlink()
+    else:
+        replace_file(path, text)
+    with caplog.at_level(logging.INFO, logger="attn.security"):
+        for _ in range(3):
+            clock.now += security.TOKEN_FILE_LOOK_SECONDS
+            assert tokens.digests() == (security._digest(TOKEN),)
+        failures = [r for r in caplog.records if r.getMessage() == "auth_tokens_reload_failed"]
+        assert len(failures) == 1 and reason in str(failures[0].__dict__)
+        replace_file(path, "fixed\n")
+        clock.now += security.TOKEN_FILE_LOOK_SECONDS
+        assert tokens.digests() == (security._digest("fixed"),)
+    assert [r.getMessage() for r in caplog.records].count("auth_tokens_reloaded") == 1
+
+
+def test_the_token_file_is_read_only_when_its_stat_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "tokens"
+    path.write_text(f"{TOKEN}\n", encoding="ascii")
+    clock = Clock()
+    tokens = TokenFile(str(path), clock)
+    reads: list[str] = []
+    load = security.load_tokens
+    monkeypatch.setattr(security, "load_tokens", lambda p: reads.append(p) or load(p))
+    for _ in range(50):
+        clock.now += security.TOKEN_FILE_LOOK_SECONDS
+        tokens.digests()
+    assert reads == []
 
 
 def test_interceptor_needs_a_token() -> None:
