@@ -185,6 +185,8 @@ def run_engine(settings: Settings, address: str, parent: int, status: Connection
                      registry.device.name))
     next_look = time.monotonic() + settings.reload_interval
     while not stop.wait(0.2):
+        if not thread.is_alive():  # the IPC thread failed (logged): exit, and the parent restarts this process
+            raise SystemExit(1)
         due = settings.reload_interval > 0 and time.monotonic() >= next_look
         if reload_now.is_set() or due:
             reload_now.clear()

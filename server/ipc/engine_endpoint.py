@@ -77,7 +77,15 @@ class EngineEndpoint:
 
     def run(self, stop: threading.Event) -> None:
         """Serves until ``stop`` is set, then sends the replies still in the outbox (set it after closing the
-        registry, which fails what is left)."""
+        registry, which fails what is left). A failure of this thread's own code ends it, logged: the engine
+        process then exits (:func:`server.processes.run_engine` watches it) and is restarted, where a process whose
+        engines no request could reach any more would hold every call it had until its deadline."""
+        try:
+            self._serve(stop)
+        except Exception:
+            event(log, "ipc_failed", level=logging.ERROR, exc_info=True)
+
+    def _serve(self, stop: threading.Event) -> None:
         while not stop.is_set():
             # Engine threads write a wake-up byte only while this thread sleeps in select: it is marked sleeping
             # before the outbox is looked at, so a reply appended after that look finds the mark and wakes it.
@@ -191,9 +199,14 @@ class EngineEndpoint:
             if front_end is None or future.cancelled():
                 continue  # the front-end cancelled it, or is gone, and expects nothing
             error = future.exception()
-            frames = records.done(request_id, future.result()) if error is None else records.failed(request_id, error)
             if error is not None and not isinstance(error, ServiceError):
                 event(log, "engine_request_failed", level=logging.ERROR, error=repr(error))
+            try:
+                frames = records.done(request_id, future.result()) if error is None else records.failed(request_id,
+                                                                                                        error)
+            except Exception as exc:  # a reply that cannot be packed (a bug): its request fails, not this thread
+                event(log, "engine_reply_failed", level=logging.ERROR, exc_info=True)
+                frames = records.failed(request_id, exc)
             self._send(front_end, frames)
 
     def _send(self, front_end: _FrontEnd, frames: records.Frames) -> None:

@@ -1,10 +1,11 @@
 """The engine process's end of the IPC (server/ipc/engine_endpoint.py) against a front-end played by this test on a
 plain socket: replies reach the connection that asked, whole even when they outgrow the socket's buffer, and a
-front-end that goes away has its requests cancelled, and each connection hears of a version's manifest and tokenizer
-once."""
+front-end that goes away has its requests cancelled, each connection hears of a version's manifest and tokenizer
+once, and a failure of the endpoint's own code fails one request, or ends its thread logged, never silently."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -18,7 +19,7 @@ import pytest
 
 from server.artifacts import Manifest
 from server.errors import Overloaded
-from server.ipc import framing, records
+from server.ipc import engine_endpoint, framing, records
 from server.ipc.engine_endpoint import EngineEndpoint
 from server.search import Hypothesis
 from server.translation import DecodeOptions, TranslationModel
@@ -162,3 +163,42 @@ def test_a_connection_hears_of_a_versions_manifest_and_tokenizer_once(
     registry.loaded = [TranslationModel(folder, Manifest.load(folder), None)]
     served.publish()
     assert announced(first) == [{"key": ("tiny-de-en", "1"), "described": True}]
+
+
+def test_a_reply_that_cannot_be_packed_fails_its_request_and_the_endpoint_goes_on(
+        endpoint: tuple[EngineEndpoint, FakeRegistry]) -> None:
+    """Before, the exception ended the socket's thread: no later reply left the engine process, and every call it
+    held waited for its deadline."""
+    served, registry = endpoint
+    front_end = FrontEnd(served.address)
+    front_end.send(_submit(1))
+    wait_until(lambda: len(registry.engine.submitted) == 1, "the first submit", seconds=10)
+    registry.engine.submitted[0].set_result([[object()]])  # not a hypothesis: a bug upstream of the packing
+    kind, header, _ = front_end.receive()
+    assert kind == records.FAILED and header["id"] == 1
+    assert isinstance(records.error_of(header), records.EngineError)
+    front_end.send(_submit(2))
+    wait_until(lambda: len(registry.engine.submitted) == 2, "the second submit", seconds=10)
+    registry.engine.submitted[1].set_result([[Hypothesis([9, 2], -2.0, -1.0, np.ones((2, 3), np.float32))]])
+    kind, header, arrays = front_end.receive()
+    assert kind == records.DONE and records.hypotheses(header, arrays)[0][0].tokens == [9, 2]
+
+
+def test_a_failure_of_the_socket_thread_is_logged_and_ends_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """The engine process watches the thread and exits when it ends (the parent restarts it): logged, not silent."""
+    served = EngineEndpoint(FakeRegistry(), str(tmp_path / "engine-0.sock"),  # type: ignore[arg-type]
+                            lambda: {"ready": True})
+
+    def broken() -> None:
+        raise RuntimeError("a bug in the socket's thread")
+
+    monkeypatch.setattr(served, "_accept", broken)
+    thread = threading.Thread(target=served.run, args=(threading.Event(),), daemon=True)
+    with caplog.at_level(logging.ERROR, logger=engine_endpoint.log.name):
+        thread.start()
+        FrontEnd(served.address)
+        thread.join(10)
+    assert not thread.is_alive()
+    assert [r.getMessage() for r in caplog.records] == ["ipc_failed"]
+    served.close()
