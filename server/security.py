@@ -264,6 +264,9 @@ def load_tokens(path: str) -> list[str]:
     return parse_tokens(text, f"auth_token_file {path}")
 
 
+TOKEN_FILE_LOOK_SECONDS = 1.0  # a revoked token is refused within this much of its line's removal
+
+
 class TokenFile:
     """The digests of the tokens in ``auth_token_file``, read again when the file changes, so that a token is added or
     revoked (a leaked one) without a restart. The file's ``stat`` is looked at no more than once every
@@ -298,9 +301,6 @@ class TokenFile:
         if digests != self._digests:
             self._digests = digests
             event(log, "auth_tokens_reloaded", path=self._path, tokens=len(digests))
-
-
-TOKEN_FILE_LOOK_SECONDS = 1.0
 
 
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
