@@ -48,7 +48,7 @@ class Hypothesis:
     log_prob: float  # sum of the tokens' log-probabilities, EOS included
     score: float  # log_prob / length_penalty(len(tokens))
     attention: np.ndarray  # (len(tokens), src_len): row i is the attention while token i was predicted
-    truncated: bool = False  # the length budget ran out and EOS was forced
+    truncated: bool = False  # EOS was forced: the length budget ran out (or, in beam search, nothing could follow)
 
 
 def length_penalty(length: int, alpha: float) -> float:
@@ -61,8 +61,9 @@ class Search:
 
     Among the ``2k`` best continuations of a sentence, those ending in EOS within the first ``k`` finish a
     hypothesis and the best ``k`` others stay alive; a sentence is done when it has ``k`` finished hypotheses or its
-    budget is used up (its last step may only emit EOS). ``banned`` ids are never generated. Ties between equal
-    scores go to the lower (beam, token).
+    budget is used up (its last step may only emit EOS). A sentence always ends with a hypothesis: one whose model
+    gives EOS no probability gets its live ones, EOS forced, as greedy search does at the budget. ``banned`` ids are
+    never generated. Ties between equal scores go to the lower (beam, token).
     """
 
     def __init__(self, k: int, eos: int, nbest: int = 1, alpha: float = 1.0, banned: Sequence[int] = ()) -> None:
@@ -267,11 +268,26 @@ class Beams:
             ))
         self.finished_count[slots] += finish.sum(axis=1)
         done = (self.finished_count[slots] >= k) | last | ~valid[:, 0]
+        for i in np.flatnonzero(done & (self.finished_count[slots] == 0)):
+            self._end_live(int(slots[i]), scores[i], candidates.eos[i * k : (i + 1) * k], int(t[i]))
         # The survivors' histories come from the rows they continue: written as back-pointers, followed at the end.
         self.scores[slots] = next_scores
         self.tokens[slots[:, None], np.arange(k), t[:, None]] = next_tokens
         self.parents[slots[:, None], np.arange(k), t[:, None]] = next_beam
         return (np.arange(n)[:, None] * k + next_beam).reshape(-1), next_tokens.reshape(-1), done
+
+    def _end_live(self, slot: int, scores: np.ndarray, eos: np.ndarray, t: int) -> None:
+        """Ends a sentence that would end with no hypothesis (its model gave EOS no probability whenever it could have
+        ended: at its budget, or when nothing else could follow) as greedy search ends a row at its budget: each live
+        row gets EOS forced at step ``t``, its log-probability added (-inf from such a model, as greedy's), flagged
+        truncated. The best live rows come first, among equal scores too (:meth:`results` sorts stably)."""
+        alpha, length = self.search.alpha, t + 1
+        for beam in np.argsort(-scores, kind="stable"):
+            if np.isfinite(scores[beam]):  # not a copy of the first step, nor a row that had no continuation
+                log_prob = float(scores[beam] + np.float64(eos[beam]))
+                self.finished[slot].append(Finished(log_prob, log_prob / length_penalty(length, alpha), int(beam), t,
+                                                    True))
+        self.finished_count[slot] = len(self.finished[slot])
 
     def results(self, slot: int) -> list[Hypothesis]:
         """The slot's ``nbest`` best finished hypotheses, best first."""

@@ -485,8 +485,8 @@ class Engine:
         """``request`` leaves the active set; the rows of its unfinished sentences are given back."""
         with self._lock:
             if self._active.pop(id(request), None) is not None:
-                # None, not empty: a sentence can end with no hypotheses (a model that never gives EOS any
-                # probability), and its rows were given back when it ended
+                # the sentences still decoding (None): a finished one, which always has hypotheses, gave its rows
+                # back when it ended
                 unfinished = [i for i, r in enumerate(request.results) if r is None]
                 self._rows -= request.search.k * len(unfinished)
                 self._tokens -= request.search.k * sum(request.costs[i] for i in unfinished)

@@ -537,8 +537,8 @@ def test_a_request_cancelled_mid_flight_leaves_its_lane_to_the_others(engines: l
 
 
 class NoEndModel(FakeModel):
-    """A decoder that gives end-of-sentence no probability at all (-inf): no beam hypothesis can end, so a sentence
-    finishes at its budget with no hypotheses."""
+    """A decoder that gives end-of-sentence no probability at all (-inf): no hypothesis can end before its budget,
+    where EOS is forced."""
 
     def step(self, tokens: np.ndarray, state: State, static: State) -> tuple[np.ndarray, np.ndarray, State]:
         log_probs, weights, new_state = super().step(tokens, state, static)
@@ -546,11 +546,30 @@ class NoEndModel(FakeModel):
         return log_probs, weights, new_state
 
 
-def test_a_sentence_that_ends_without_hypotheses_gives_its_rows_back_once(engines: list[Engine]) -> None:
+def test_a_sentence_whose_model_never_ends_gives_its_rows_back_once(engines: list[Engine]) -> None:
     engine = start(engines, NoEndModel())
     found = engine.submit([SOURCES[0], SOURCES[2]], Options(beam_size=2, nbest=2, max_steps=4)).result(timeout=30)
     assert len(found) == 2
     assert engine._rows == 0 and engine._tokens == 0  # given back before the answer: no wait needed
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+def test_a_sentence_whose_model_never_ends_gets_its_best_live_hypotheses_at_the_budget(engines: list[Engine],
+                                                                                      beam: int) -> None:
+    """Beam search ended such a sentence with no hypotheses at all; now, as greedy search, with its live ones of
+    budget length, EOS forced and flagged truncated, each with its own attention rows."""
+    model = NoEndModel()
+    engine = start(engines, model)
+    options = Options(beam_size=beam, nbest=beam, max_steps=5)
+    found = engine.submit([SOURCES[0], SOURCES[2]], options).result(timeout=30)
+    for source, hyps in zip([SOURCES[0], SOURCES[2]], found):
+        assert len(hyps) == beam
+        for hyp in hyps:
+            assert len(hyp.tokens) == 5 and hyp.tokens[-1] == EOS and EOS not in hyp.tokens[:-1] and hyp.truncated
+            assert hyp.attention.shape == (5, len(source))
+            assert hyp.log_prob == -np.inf  # EOS's own log-probability, as greedy search adds it at the budget
+        same(hyps, model.alone(source, options))
+    assert engine._rows == 0 and engine._tokens == 0
 
 
 @pytest.mark.parametrize("growing_state", [False, True])

@@ -131,6 +131,44 @@ def test_budget_forces_end_of_sentence_and_flags_truncation(beam: int) -> None:
             assert hyp.attention.shape == (budget, 3)
 
 
+@pytest.mark.parametrize("beam", [1, 4])
+def test_a_model_that_never_gives_eos_any_probability_still_gets_hypotheses_at_the_budget(beam: int) -> None:
+    """EOS at -inf at every step: beam search ended such a sentence with no hypotheses. Now it gets, as greedy search
+    does, its best live rows with EOS forced at the budget: budget length, flagged truncated, EOS's -inf added to the
+    log-probability, best first by the log-probability of the tokens before EOS, each with its own attention."""
+    toy = ToyDecoder(7)
+
+    def step(tokens: np.ndarray, state: State, static: State) -> tuple[np.ndarray, np.ndarray, State]:
+        log_probs, attention, new_state = toy.step(tokens, state, static)
+        log_probs[:, EOS] = -np.inf
+        return log_probs, attention, new_state
+
+    lengths, budgets = [3, 5, 2], [1, 4, 7]
+    state, static = toy.initial(lengths)
+    if beam == 1:
+        found = [[h] for h in greedy_search(step, state, static, bos=BOS, eos=EOS, max_steps=budgets,
+                                            src_lens=lengths)]
+    else:
+        found = beam_search(step, state, static, bos=BOS, eos=EOS, max_steps=budgets, beam_size=beam, nbest=beam,
+                            src_lens=lengths)
+    for i, (budget, hyps) in enumerate(zip(budgets, found)):
+        assert len(hyps) == min(beam, 6 ** (budget - 1)), f"sentence {i} has {len(hyps)} hypotheses"
+        state_i = {k: v[i : i + 1] for k, v in state.items()}
+        static_i = {k: v[i : i + 1] for k, v in static.items()}
+        before_eos = []
+        for hyp in hyps:
+            assert len(hyp.tokens) == budget and hyp.tokens[-1] == EOS and EOS not in hyp.tokens[:-1]
+            assert hyp.truncated and hyp.log_prob == hyp.score == -np.inf
+            [(_, rows)] = forced_decode(step, state_i, static_i, bos=BOS, targets=[hyp.tokens])
+            assert hyp.attention.shape == (budget, lengths[i])
+            np.testing.assert_allclose(hyp.attention, rows[:, : lengths[i]], atol=1e-6)
+            if budget > 1:
+                [(log_prob, _)] = forced_decode(step, state_i, static_i, bos=BOS, targets=[hyp.tokens[:-1]])
+                before_eos.append(log_prob)
+        assert before_eos == sorted(before_eos, reverse=True)
+        assert len({tuple(h.tokens) for h in hyps}) == len(hyps)
+
+
 def test_banned_tokens_are_never_generated() -> None:
     toy = ToyDecoder(2)
     state, static = toy.initial([5])
