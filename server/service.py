@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import Executor
@@ -29,6 +30,8 @@ from server.captioning import CaptionModel, CaptionResult
 from server.drain import Unanswered
 from server.errors import (
     AnswerTooLarge,
+    Cancelled,
+    DeadlineExceeded,
     FieldError,
     InvalidInput,
     ModelNotFound,
@@ -165,6 +168,22 @@ def _check_size(response: Any, limit: int, streamed: bool) -> None:
                              "WORDS or NONE; in V2 leave out the ATTENTION output)")
 
 
+class _Stages:
+    """The end of a Caption call (or V2 inference) as the threads that prepare its images see it: they are not
+    cancelled with the coroutine that waits for them, so they ask between their stages whether to go on."""
+
+    def __init__(self, deadline: float | None) -> None:
+        self.deadline = deadline  # time.monotonic()
+        self.ended = threading.Event()  # set when the waiting coroutine is cancelled
+
+    def check(self, before: str) -> None:
+        """Raises :class:`Cancelled` or :class:`DeadlineExceeded` if the call has ended, naming the stage not begun."""
+        if self.ended.is_set():
+            raise Cancelled(f"the call was cancelled before {before}")
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise DeadlineExceeded(f"the deadline passed before {before}")
+
+
 class AttentionServicer(pb_grpc.AttentionServiceServicer):
     def __init__(self, models: Models, pool: Executor, settings: Settings, metrics: Metrics,
                  shutting_down: Callable[[], bool], inflight: CallsInFlight | None = None) -> None:
@@ -281,10 +300,14 @@ class AttentionServicer(pb_grpc.AttentionServiceServicer):
         (INVALID_ARGUMENT) rather than one of its images "retry later". ``field`` names a refused image with its
         index (the V2 protocol's ``IMAGE[i]``); by default it is attention.v1's one ``image``."""
         started = time.monotonic()
+        stages = _Stages(None if timeout is None else started + timeout)
 
         async def pixels(index: int, job: codec.CaptionJob) -> tuple[tuple[int, int], np.ndarray]:
             try:
-                return await self.offload(self._pixels, model, job)
+                return await self.offload(self._pixels, model, job, stages)
+            except asyncio.CancelledError:  # the call ended (cancelled, deadline, another image refused)
+                stages.ended.set()
+                raise
             except FieldError as exc:
                 if field is None:
                     raise
@@ -300,16 +323,25 @@ class AttentionServicer(pb_grpc.AttentionServiceServicer):
                 for task in tasks:
                     task.cancel()
                 raise
+        stages.check("the image was encoded")  # its pixels are not sent to an engine to be refused there
         if timeout is not None:
             timeout -= time.monotonic() - started
         found = await self.models.decode(model, [item for _, item in decoded], jobs[0].options, timeout)
         return await self.offload(model.finish, [size for size, _ in decoded], found)
 
     @staticmethod
-    def _pixels(model: CaptionModel, job: codec.CaptionJob) -> tuple[tuple[int, int], np.ndarray]:
+    def _pixels(model: CaptionModel, job: codec.CaptionJob, stages: _Stages) -> tuple[tuple[int, int], np.ndarray]:
         """The image's (width, height) and the model's input: the decoded picture itself is dropped here, not held
-        while the caption waits for and goes through the engine (a 40M-pixel picture is 120 MB)."""
+        while the caption waits for and goes through the engine (a 40M-pixel picture is 120 MB).
+
+        A call that ends meanwhile does not stop this thread, so it checks between the stages: before decoding (the
+        job may have waited in the pool's queue past its deadline) and before the resize. A stage already running
+        runs to its end: Pillow's decoders and resize cannot be interrupted. What bounds them is what ``decode``
+        checks from the header before any pixel is decoded: max_image_bytes and max_image_pixels (and Pillow's own
+        decompression-bomb guard behind it); at the default 40M pixels, a few tenths of a second each."""
+        stages.check("the image was decoded")
         image = decode(job.image, job.limits)  # header and pixel limits before any pixel
+        stages.check("the image was resized")
         return (image.width, image.height), model.pixels(image)
 
     @rpc("ListModels")
