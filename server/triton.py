@@ -191,6 +191,8 @@ class TritonServicer(v2_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(self, request: v2.RepositoryIndexRequest, context: grpc.aio.ServicerContext,
                               call: Call) -> v2.RepositoryIndexResponse:
         state = "READY" if self.models.ready else "UNAVAILABLE"
+        if request.ready and state != "READY":  # the client asks for the models ready for inference only
+            return v2.RepositoryIndexResponse()
         return v2.RepositoryIndexResponse(models=[
             v2.RepositoryIndexResponse.ModelIndex(name=m.name, version=m.version, state=state)
             for m in self.models.models()

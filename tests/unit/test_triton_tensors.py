@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+from typing import Any
+
 import numpy as np
 import pytest
 from google.protobuf.json_format import MessageToDict
+from prometheus_client import CollectorRegistry
 
 from kserve_v2_pb import grpc_service_pb2 as v2
 from server.errors import FieldError, InvalidInput
 from server.imaging import ImageError
+from server.metrics import Metrics
+from server.service import AttentionServicer
 from server.settings import Settings
-from server.triton import version_policy
+from server.triton import TritonServicer, version_policy
 from server.v2_tensors import (
     Spec,
     array_tensor,
@@ -23,6 +31,7 @@ from server.v2_tensors import (
     time_limit,
     unpack_bytes,
 )
+from tests.unit.test_caption_service import CallContext
 
 VALUES = [b"Guten Morgen.", b"", "groß".encode(), bytes(range(256))]
 
@@ -205,3 +214,26 @@ def test_a_field_error_renamed_keeps_its_kind_and_problem() -> None:
     assert str(image) == "image is empty (0 bytes)"
     renamed = image.renamed("IMAGE", 1)
     assert type(renamed) is ImageError and str(renamed) == "IMAGE[1] is empty (0 bytes)"
+
+
+def test_repository_index_asked_for_ready_models_lists_none_while_the_server_loads() -> None:
+    """``ready: true`` asks for the models ready for inference only: while the server is still loading (its models
+    listed as UNAVAILABLE), there is none."""
+    class Loading:
+        ready, default_model = False, "m"
+
+        def models(self) -> list[SimpleNamespace]:
+            return [SimpleNamespace(name="m", version="1")]
+
+    with ThreadPoolExecutor(1) as pool:
+        core = AttentionServicer(Loading(), pool, Settings(), Metrics(CollectorRegistry()),  # type: ignore[arg-type]
+                                 lambda: False)
+        servicer = TritonServicer(core)
+        context: Any = CallContext(10)
+
+        async def index(ready: bool) -> v2.RepositoryIndexResponse:
+            return await servicer.RepositoryIndex(v2.RepositoryIndexRequest(ready=ready), context)
+
+        every, ready = asyncio.run(index(False)), asyncio.run(index(True))
+    assert [(m.name, m.version, m.state) for m in every.models] == [("m", "1", "UNAVAILABLE")]
+    assert list(ready.models) == []
