@@ -268,7 +268,7 @@ class TritonServicer(v2_grpc.GRPCInferenceServiceServicer):
                      call: Call) -> v2.ModelInferResponse:
         model = self.models.get(request.model_name, request.model_version)
         call.model, call.version = model.name, model.version
-        wanted = requested_outputs(request, outputs_for(model))
+        wanted = requested_outputs(request, outputs_for(model), model.name)
         timeout = time_limit(request.parameters, context.time_remaining())
         options = decoding_options(request.parameters, codec.FULL if "ATTENTION" in wanted else codec.NONE)
         async with self.core.admitted():
@@ -293,7 +293,7 @@ class TritonServicer(v2_grpc.GRPCInferenceServiceServicer):
                          timeout: float | None, call: Call) -> tuple[dict[str, Callable[[], Tensor]], bool]:
         """The output tensors, built when asked for, and whether to build them on the event loop (as Translate
         answers a call of the same size)."""
-        values, shape = read_input(request, "TEXT")
+        values, shape = read_input(request, "TEXT", model.name)
         texts = [text_of(v, i) for i, v in enumerate(values)]
         inline = self.core.inline_texts(texts)
         try:
@@ -322,7 +322,7 @@ class TritonServicer(v2_grpc.GRPCInferenceServiceServicer):
 
     async def _caption(self, model: CaptionModel, request: v2.ModelInferRequest, options: pb.DecodingOptions,
                        timeout: float | None, call: Call) -> dict[str, Callable[[], Tensor]]:
-        images, shape = read_input(request, "IMAGE")
+        images, shape = read_input(request, "IMAGE", model.name)
         if len(images) > self.settings.max_texts:
             raise InvalidInput(f"{len(images)} images in one request; the limit is {self.settings.max_texts} "
                                "(max_texts)")

@@ -103,11 +103,12 @@ def padded_attention(matrices: Sequence[np.ndarray], cols: int | None = None) ->
     return out
 
 
-def read_input(request: v2.ModelInferRequest, name: str) -> tuple[list[bytes], list[int]]:
-    """The elements and shape of the one BYTES input ``name``, from raw_input_contents or the typed contents."""
+def read_input(request: v2.ModelInferRequest, name: str, model: str) -> tuple[list[bytes], list[int]]:
+    """The elements and shape of the one BYTES input ``name`` of ``model`` (the model serving the request, which may
+    name none), from raw_input_contents or the typed contents."""
     names = [t.name for t in request.inputs]
     if names != [name]:
-        raise InvalidInput(f"model {echo(request.model_name)} takes one input {name} (BYTES, [batch, 1] or "
+        raise InvalidInput(f"model {echo(model)} takes one input {name} (BYTES, [batch, 1] or "
                            f"[batch]); the request has {echo(names)}")
     tensor = request.inputs[0]
     _refuse_shared_memory(tensor.parameters, f"input {name}")
@@ -130,14 +131,15 @@ def read_input(request: v2.ModelInferRequest, name: str) -> tuple[list[bytes], l
     return values, shape
 
 
-def requested_outputs(request: v2.ModelInferRequest, specs: Sequence[Spec]) -> list[str]:
+def requested_outputs(request: v2.ModelInferRequest, specs: Sequence[Spec], model: str) -> list[str]:
+    """The outputs of ``model`` (the one serving the request) to answer with, in the order asked for."""
     names = [s.name for s in specs]
     if not request.outputs:
         return [n for n in names if n != "ATTENTION"]
     wanted = [o.name for o in request.outputs]
     unknown = [n for n in wanted if n not in names]
     if unknown:
-        raise InvalidInput(f"model {echo(request.model_name)} has no output {cut(', '.join(unknown))}; it has {names}")
+        raise InvalidInput(f"model {echo(model)} has no output {cut(', '.join(unknown))}; it has {names}")
     if len(set(wanted)) != len(wanted):
         raise InvalidInput(f"an output is requested twice: {echo(wanted)}")
     # Only parameters that would change the answer are refused; others (KServe's binary_data, which a gRPC answer

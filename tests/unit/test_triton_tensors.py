@@ -77,7 +77,7 @@ def test_padding() -> None:
 @pytest.mark.parametrize("raw", [True, False])
 @pytest.mark.parametrize("shape", [[4], [4, 1]])
 def test_read_input_raw_or_typed(raw: bool, shape: list[int]) -> None:
-    assert read_input(request(VALUES, shape, raw), "TEXT") == (VALUES, shape)
+    assert read_input(request(VALUES, shape, raw), "TEXT", "m") == (VALUES, shape)
 
 
 @pytest.mark.parametrize(("req", "words"), [
@@ -88,33 +88,44 @@ def test_read_input_raw_or_typed(raw: bool, shape: list[int]) -> None:
 ])
 def test_read_input_refusals(req: v2.ModelInferRequest, words: str) -> None:
     with pytest.raises(InvalidInput, match=words):
-        read_input(req, "TEXT")
+        read_input(req, "TEXT", "m")
 
 
 def test_read_input_wants_bytes_and_one_kind_of_contents() -> None:
     req = request(VALUES, [4])
     req.inputs[0].datatype = "FP32"
     with pytest.raises(InvalidInput, match="BYTES"):
-        read_input(req, "TEXT")
+        read_input(req, "TEXT", "m")
     both = request(VALUES, [4])
     both.inputs[0].contents.bytes_contents.append(b"x")
     with pytest.raises(InvalidInput, match="not both"):
-        read_input(both, "TEXT")
+        read_input(both, "TEXT", "m")
     extra = request(VALUES, [4])
     extra.raw_input_contents.append(pack_bytes(VALUES))
     with pytest.raises(InvalidInput, match="2 raw_input_contents for 1 input"):
-        read_input(extra, "TEXT")
+        read_input(extra, "TEXT", "m")
+
+
+def test_a_refusal_names_the_model_that_serves_the_request_when_it_names_none() -> None:
+    """Before, it named the request's empty model_name: "model '' takes one input TEXT"."""
+    unnamed = request(VALUES, [4], name="IMAGE")
+    unnamed.model_name = ""  # the server's default model serves it
+    with pytest.raises(InvalidInput, match="model 'de-en' takes one input TEXT"):
+        read_input(unnamed, "TEXT", "de-en")
+    unnamed.outputs.add(name="LOGITS")
+    with pytest.raises(InvalidInput, match="model 'de-en' has no output LOGITS"):
+        requested_outputs(unnamed, [Spec("TRANSLATION", "BYTES", (1,))], "de-en")
 
 
 def test_requested_outputs() -> None:
     specs = [Spec("TRANSLATION", "BYTES", (1,)), Spec("ATTENTION", "FP32", (-1, -1))]
     req = v2.ModelInferRequest(model_name="m")
-    assert requested_outputs(req, specs) == ["TRANSLATION"]  # ATTENTION only when named
+    assert requested_outputs(req, specs, "m") == ["TRANSLATION"]  # ATTENTION only when named
     req.outputs.add(name="ATTENTION")
-    assert requested_outputs(req, specs) == ["ATTENTION"]
+    assert requested_outputs(req, specs, "m") == ["ATTENTION"]
     req.outputs.add(name="LOGITS")
     with pytest.raises(InvalidInput, match="no output LOGITS"):
-        requested_outputs(req, specs)
+        requested_outputs(req, specs, "m")
 
 
 def test_output_parameters_this_server_cannot_honour_are_refused_by_name() -> None:
@@ -123,19 +134,19 @@ def test_output_parameters_this_server_cannot_honour_are_refused_by_name() -> No
     specs = [Spec("TRANSLATION", "BYTES", (1,))]
     req = v2.ModelInferRequest(model_name="m")
     req.outputs.add(name="TRANSLATION").parameters["binary_data"].bool_param = True
-    assert requested_outputs(req, specs) == ["TRANSLATION"]
+    assert requested_outputs(req, specs, "m") == ["TRANSLATION"]
     for key, words in (("classification", "classification"), ("shared_memory_region", "shared memory")):
         refused = v2.ModelInferRequest(model_name="m")
         refused.outputs.add(name="TRANSLATION").parameters[key].string_param = "x"
         with pytest.raises(InvalidInput, match=f"output TRANSLATION.*{words}"):
-            requested_outputs(refused, specs)
+            requested_outputs(refused, specs, "m")
 
 
 def test_an_input_in_shared_memory_is_refused_as_such() -> None:
     req = request([], [1], raw=False)
     req.inputs[0].parameters["shared_memory_region"].string_param = "region"
     with pytest.raises(InvalidInput, match="input TEXT.*shared memory"):
-        read_input(req, "TEXT")
+        read_input(req, "TEXT", "m")
 
 
 def test_parameters_become_decoding_options() -> None:
