@@ -172,7 +172,7 @@ def decoding_options(parameters: Mapping[str, v2.InferParameter], detail: int) -
             except (TypeError, ValueError) as exc:
                 raise InvalidInput(f"parameter {key}={value} is out of range") from exc
         elif key == "length_penalty":
-            if kind not in ("double_param", "int64_param"):
+            if kind not in ("double_param", "int64_param", "uint64_param"):  # a whole number in either integer kind
                 raise InvalidInput("parameter length_penalty must be a number")
             options.length_penalty = float(value)  # type: ignore[arg-type]
         elif key == "timeout":

@@ -167,6 +167,9 @@ def test_parameters_become_decoding_options() -> None:
         setattr(bad[key], setter, "4" if setter == "string_param" else True)
         with pytest.raises(InvalidInput, match=key):
             decoding_options(bad, 1)
+    whole = v2.ModelInferRequest().parameters
+    whole["length_penalty"].uint64_param = 1  # as the integer options take either integer kind (refused before)
+    assert decoding_options(whole, 1).length_penalty == 1.0
     negative = v2.ModelInferRequest().parameters
     negative["beam_size"].int64_param = -1
     with pytest.raises(InvalidInput, match="out of range"):
