@@ -96,6 +96,7 @@ def health(args: argparse.Namespace, channel: grpc.Channel) -> int:
 
 # What a shell reports for a program that SIGPIPE ended, which is how `cat` or `grep` leave such a pipeline.
 EXIT_BROKEN_PIPE = 128 + 13
+EXIT_INTERRUPTED = 128 + 2  # and for one that Ctrl-C (SIGINT) ended, as `attn batch` reports it
 
 
 def _stop_writing_stdout() -> None:
@@ -115,6 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         _stop_writing_stdout()
         return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:  # Ctrl-C while the call waits on a server that does not answer: no traceback
+        print("attn: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def _run(argv: Sequence[str] | None) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -103,3 +105,20 @@ def test_a_reader_that_closed_the_pipe_ends_the_command_without_a_traceback(runn
         os.close(write_end)
     assert finished.stderr == ""
     assert finished.returncode == 141  # as a shell reports a program ended by SIGPIPE
+
+
+@pytest.mark.parametrize("command", [["models"], ["translate", TEXT], ["health"]])
+def test_ctrl_c_ends_the_command_with_one_line_and_status_130(command: list[str]) -> None:
+    # A server that accepts the connection and never answers: the call waits until Ctrl-C.
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        silent.settimeout(60)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "client.cli", *command, "--target", f"127.0.0.1:{silent.getsockname()[1]}"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            # a shell's background job ignores SIGINT, and a child inherits that: a terminal's Ctrl-C is not ignored
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        connection, _ = silent.accept()  # the call has started
+        with connection:
+            process.send_signal(signal.SIGINT)
+            out, err = process.communicate(timeout=60)
+    assert (process.returncode, out, err) == (130, "", "attn: interrupted\n")
