@@ -69,9 +69,10 @@ def translate(args: argparse.Namespace, stub: pb_grpc.AttentionServiceStub) -> i
     if args.heatmap:
         from client import heatmap
 
+        # A path without a name ("." or "/", a folder) is tried as it is, to be refused as a folder, not numbered.
+        numbered = len(response.translations) > 1 and args.heatmap.name
         for i, result in enumerate(response.translations):
-            path = args.heatmap if len(response.translations) == 1 else args.heatmap.with_stem(
-                f"{args.heatmap.stem}-{i + 1}")
+            path = args.heatmap.with_stem(f"{args.heatmap.stem}-{i + 1}") if numbered else args.heatmap
             heatmap.draw(result, result.hypotheses[0], path)
             print(f"heatmap written to {path}", file=sys.stderr)
     return 0

@@ -58,6 +58,17 @@ def test_heatmap(running: RunningServer, tmp_path: Path, capsys: pytest.CaptureF
     assert "heatmap written" in capsys.readouterr().err
 
 
+def test_a_heatmap_path_that_names_a_folder_is_refused_in_one_line(running: RunningServer, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # "." has no name to number: with several texts, its out-1.png, out-2.png cannot be made from it.
+    monkeypatch.chdir(tmp_path)
+    for texts in ([TEXT], [TEXT, "Guten Morgen."]):
+        with pytest.raises(SystemExit) as stopped:
+            main(["translate", *texts, "--heatmap", ".", *_target(running)])
+        assert stopped.value.code == "attn: cannot write .: Is a directory"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_models(running: RunningServer, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["models", *_target(running)]) == 0
     header, row = capsys.readouterr().out.splitlines()
