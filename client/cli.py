@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from attention_pb.v1 import attention_pb2 as pb
 from attention_pb.v1 import attention_pb2_grpc as pb_grpc
 from client import batch, caption, connection, render
-from client.options import add_decoding_arguments, decoding_options, text
+from client.options import add_decoding_arguments, decoding_options, seconds, text
 
 DETAILS = {"full": pb.ATTENTION_DETAIL_FULL, "words": pb.ATTENTION_DETAIL_WORDS, "none": pb.ATTENTION_DETAIL_NONE}
 MAX_MESSAGE_BYTES = 256 * 2**20
@@ -33,7 +33,7 @@ def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--target", default=os.environ.get("ATTN_TARGET", "localhost:50051"),
                         help="server host:port [ATTN_TARGET, default localhost:50051]")
-    common.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds (default 60)")
+    common.add_argument("--timeout", type=seconds, default=60.0, help="deadline in seconds (default 60)")
     connection.add_arguments(common)  # --tls, --tls-ca, --tls-cert/--tls-key, --tls-server-name, --token-file
     # Not for ``attn batch``, which writes JSONL whatever it is told: there --json would be accepted and do nothing.
     printing = argparse.ArgumentParser(add_help=False, parents=[common])

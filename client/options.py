@@ -25,6 +25,19 @@ def _bounded(low: int, high: int) -> Callable[[str], int]:
 UINT32, INT32 = _bounded(0, 2**32 - 1), _bounded(-(2**31), 2**31 - 1)
 
 
+MAX_SECONDS = 10**9  # about 31 years; gRPC's deadline (nanoseconds in 64 bits) overflows past about 7e9 from now
+
+
+def seconds(text: str) -> float:
+    """An argparse type: ``--timeout``, a deadline a call can meet. gRPC takes 0, a negative number, NaN, infinity
+    and any number past its range as a deadline already passed, and answers DEADLINE_EXCEEDED as if the server had
+    been too slow."""
+    value = float(text)
+    if not 0 < value <= MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds above 0 and at most {MAX_SECONDS}")
+    return value
+
+
 def text(value: str) -> str:
     """An argparse type: an argument sent as a request's text. An argument that is not UTF-8 reaches Python with
     its bytes escaped (PEP 383), which no protobuf string holds."""

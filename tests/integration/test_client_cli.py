@@ -90,6 +90,13 @@ def test_errors_are_reported_with_their_code(running: RunningServer, capsys: pyt
     # An argument that is not UTF-8 reaches Python with its bytes escaped (PEP 383): no request can hold it.
     (["translate", "Hallo \udcff Welt"], "argument texts: b'Hallo \\xff Welt' is not UTF-8 text"),
     (["translate", "Hallo", "--model", "m\udcff"], "argument --model: b'm\\xff' is not UTF-8 text"),
+    # A deadline gRPC takes as passed before the call starts: it would answer DEADLINE_EXCEEDED, blaming the server.
+    (["models", "--timeout", "0"], "argument --timeout: 0 is not a number of seconds above 0"),
+    (["health", "--timeout", "-5"], "argument --timeout: -5 is not a number of seconds above 0"),
+    (["translate", "Hallo", "--timeout", "nan"], "argument --timeout: nan is not a number of seconds above 0"),
+    (["caption", "x.png", "--timeout", "inf"], "argument --timeout: inf is not a number of seconds above 0"),
+    (["models", "--timeout", "1e10"], "--timeout: 1e10 is not a number of seconds above 0 and at most 1000000000"),
+    (["batch", "in.txt", "-o", "out.jsonl", "--timeout", "0"], "argument --timeout: 0 is not a number of seconds"),
 ])
 def test_options_a_request_cannot_hold_are_usage_errors(argv: list[str], message: str,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
