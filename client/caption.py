@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from attention_pb.v1 import attention_pb2 as pb
 from attention_pb.v1 import attention_pb2_grpc as pb_grpc
 from client import render
-from client.options import add_decoding_arguments, decoding_options
+from client.options import add_decoding_arguments, decoding_options, usage_error
 from client.picture_files import writing
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ def draw(image_bytes: bytes, response: pb.CaptionResponse, path: Path) -> None:
 
 def caption(args: argparse.Namespace, stub: pb_grpc.AttentionServiceStub, details: dict[str, Any]) -> int:
     if args.overlay and args.attention != "full":
-        raise SystemExit("attn: --overlay needs --attention full")
+        usage_error("--overlay needs --attention full")
     try:
         data = args.image.read_bytes()
     except OSError as exc:

@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from attention_pb.v1 import attention_pb2 as pb
 from attention_pb.v1 import attention_pb2_grpc as pb_grpc
 from client import batch, caption, connection, render
-from client.options import add_decoding_arguments, decoding_options, seconds, text
+from client.options import add_decoding_arguments, decoding_options, seconds, text, usage_error
 
 DETAILS = {"full": pb.ATTENTION_DETAIL_FULL, "words": pb.ATTENTION_DETAIL_WORDS, "none": pb.ATTENTION_DETAIL_NONE}
 MAX_MESSAGE_BYTES = 256 * 2**20
@@ -58,7 +58,7 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
 
 def translate(args: argparse.Namespace, stub: pb_grpc.AttentionServiceStub) -> int:
     if args.heatmap and args.attention != "full":
-        raise SystemExit("attn: --heatmap needs --attention full")
+        usage_error("--heatmap needs --attention full")
     options = decoding_options(args, DETAILS)
     request = pb.TranslateRequest(model=args.model, version=args.version, texts=args.texts, options=options)
     response = stub.Translate(request, timeout=args.timeout)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from attention_pb.v1 import attention_pb2 as pb
 
@@ -36,6 +37,13 @@ def seconds(text: str) -> float:
     if not 0 < value <= MAX_SECONDS:
         raise argparse.ArgumentTypeError(f"{text} is not a number of seconds above 0 and at most {MAX_SECONDS}")
     return value
+
+
+def usage_error(message: str) -> NoReturn:
+    """Ends the command as argparse ends one whose options it refuses (exit status 2), for the refusals it cannot
+    make itself: options that do not go together."""
+    print(f"attn: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def text(value: str) -> str:

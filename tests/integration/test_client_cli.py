@@ -97,6 +97,9 @@ def test_errors_are_reported_with_their_code(running: RunningServer, capsys: pyt
     (["caption", "x.png", "--timeout", "inf"], "argument --timeout: inf is not a number of seconds above 0"),
     (["models", "--timeout", "1e10"], "--timeout: 1e10 is not a number of seconds above 0 and at most 1000000000"),
     (["batch", "in.txt", "-o", "out.jsonl", "--timeout", "0"], "argument --timeout: 0 is not a number of seconds"),
+    # Options that do not go together (exit 1 before, as a failed call).
+    (["translate", "Hallo", "--heatmap", "h.png", "--attention", "words"], "--heatmap needs --attention full"),
+    (["caption", "x.png", "--overlay", "o.png", "--attention", "none"], "--overlay needs --attention full"),
 ])
 def test_options_a_request_cannot_hold_are_usage_errors(argv: list[str], message: str,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
