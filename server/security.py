@@ -118,15 +118,45 @@ def load_tls_files(settings: Settings) -> TlsFiles:
     return TlsFiles(cert, key, ca, str(dates.get("serialNumber", "")), str(dates.get("notAfter", "")))
 
 
-_Stamp = tuple[tuple[int, ...] | None, ...]
+class WatchedFiles:
+    """Files an operator replaces in place while the server runs (cert-manager rewrites a mounted Secret, certbot
+    renews, an editor saves): :meth:`changed` says, once per change, that they were rewritten or replaced, from their
+    ``stat`` (a Kubernetes Secret swaps a symlink: ``stat`` follows it), so that they are read only then."""
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        self._paths = tuple(paths)
+        # Taken before the caller first reads them: a write meanwhile changes it, and the next look reads them again.
+        self._seen: tuple[tuple[int, ...] | None, ...] | None = self._stamp()
+
+    def changed(self) -> bool:
+        """Whether the files changed since the last look that said so (each state of the files is judged once)."""
+        stamp = self._stamp()
+        if stamp == self._seen:
+            return False
+        self._seen = stamp
+        return True
+
+    def look_again(self) -> None:
+        """The next :meth:`changed` says so: what was read was still being written."""
+        self._seen = None
+
+    def _stamp(self) -> tuple[tuple[int, ...] | None, ...]:
+        stamps: list[tuple[int, ...] | None] = []
+        for path in self._paths:
+            try:
+                st = os.stat(path)
+            except OSError:
+                stamps.append(None)  # removed while being replaced: loading it says so
+                continue
+            stamps.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+        return tuple(stamps)
 
 
 class CertificateWatch:
     """The TLS files as gRPC's certificate fetcher: gRPC calls it at every new handshake, in its own threads, and
     existing connections keep the certificate they started with.
 
-    Operators replace the files in place (cert-manager rewrites a mounted Secret, certbot renews), so each call
-    compares the files' ``stat`` with the last one seen and reads them only when that changed. Files that do not load
+    Each call reads the files only when they changed (:class:`WatchedFiles`). Files that do not load
     (half written, a key that does not match the certificate, an expired certificate) leave the previous credentials
     in use, and are logged once per change of the files, not at every handshake; a later write that fixes them is
     taken and logged too. Nothing is ever raised into gRPC.
@@ -134,10 +164,8 @@ class CertificateWatch:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._paths = tuple(p for p in (settings.tls_cert, settings.tls_key, settings.tls_client_ca) if p)
+        self._watched = WatchedFiles([p for p in (settings.tls_cert, settings.tls_key, settings.tls_client_ca) if p])
         self._lock = threading.Lock()  # handshakes run in parallel; one of them reads changed files
-        # Taken before the files are read: a write meanwhile changes it, and the next handshake reads them again.
-        self._seen: _Stamp | None = _stamp(self._paths)
         self._files = load_tls_files(settings)  # at start, a StartupError stops the server
 
     def credentials(self) -> grpc.ServerCredentials:
@@ -158,10 +186,8 @@ class CertificateWatch:
             return None
 
     def _reload_if_changed(self) -> grpc.ServerCertificateConfiguration | None:
-        stamp = _stamp(self._paths)
-        if stamp == self._seen:
+        if not self._watched.changed():  # this state of the files is judged (and logged) once, whatever comes of it
             return None
-        self._seen = stamp  # this state of the files is judged (and logged) once, whatever comes of it
         try:
             files = load_tls_files(self._settings)
         except StartupError as exc:
@@ -171,7 +197,7 @@ class CertificateWatch:
         if files == self._files:  # touched, or written again with the same contents
             return None
         if not self._unchanged_since(files):  # the files checked were not quite the bytes read: still being written
-            self._seen = None
+            self._watched.look_again()
             return None
         self._files = files
         event(log, "tls_reloaded", cert=self._settings.tls_cert, serial=files.serial, not_after=files.not_after,
@@ -186,19 +212,6 @@ class CertificateWatch:
                     and (files.ca is None or Path(self._settings.tls_client_ca).read_bytes() == files.ca))
         except OSError:
             return False
-
-
-def _stamp(paths: Sequence[str]) -> _Stamp:
-    """What changes when a file is rewritten or replaced (a Kubernetes Secret swaps a symlink: ``stat`` follows it)."""
-    stamps: list[tuple[int, ...] | None] = []
-    for path in paths:
-        try:
-            st = os.stat(path)
-        except OSError:
-            stamps.append(None)  # removed while being replaced: loading it says so
-            continue
-        stamps.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
-    return tuple(stamps)
 
 
 def _check_not_expired(cert: str) -> dict[str, Any]:
@@ -269,14 +282,14 @@ TOKEN_FILE_LOOK_SECONDS = 1.0  # a revoked token is refused within this much of 
 
 class TokenFile:
     """The digests of the tokens in ``auth_token_file``, read again when the file changes, so that a token is added or
-    revoked (a leaked one) without a restart. The file's ``stat`` is looked at no more than once every
+    revoked (a leaked one) without a restart. The file (:class:`WatchedFiles`) is looked at no more than once every
     :data:`TOKEN_FILE_LOOK_SECONDS` (on the event loop's thread, where calls are checked). A replacement that does
     not load (no tokens, a malformed line, unreadable) leaves the tokens before it in force: an empty file must not
     lock every client out, nor a typo let anyone in. It is logged once per change of the file, as is one that loads."""
 
     def __init__(self, path: str, clock: Callable[[], float] = time.monotonic) -> None:
         self._path, self._clock = path, clock
-        self._seen = _stamp((path,))  # before the read: a write meanwhile is read at the next look
+        self._watched = WatchedFiles([path])
         self._digests = _digests(load_tokens(path))  # at start, a StartupError stops the server
         self._looked = clock()
 
@@ -288,10 +301,8 @@ class TokenFile:
         return self._digests
 
     def _reload_if_changed(self) -> None:
-        stamp = _stamp((self._path,))
-        if stamp == self._seen:
+        if not self._watched.changed():
             return
-        self._seen = stamp
         try:
             digests = _digests(load_tokens(self._path))
         except StartupError as exc:  # the message names the file and the line, never a token
