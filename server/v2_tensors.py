@@ -57,20 +57,31 @@ def outputs_for(model: Runtime) -> tuple[Spec, ...]:
             Spec("ATTENTION", "FP32", (-1, -1)))
 
 
-def unpack_bytes(raw: bytes) -> list[bytes]:
-    """The elements of a raw BYTES tensor: each a 4-byte little-endian length, then that many bytes."""
-    values, offset = [], 0
+def unpack_bytes(raw: bytes, count: int | None = None, tensor: str = "raw BYTES tensor") -> list[bytes]:
+    """The elements of the raw BYTES tensor ``tensor``: each a 4-byte little-endian length, then that many bytes.
+    With ``count``, the number of elements its shape says: a buffer holding more is refused as soon as the one too many
+    is reached, before the rest is read; one holding fewer, once it is read."""
+    values: list[bytes] = []
+    offset = 0
     while offset < len(raw):
+        if len(values) == count:
+            raise InvalidInput(f"{tensor} holds more than the {_elements(count)} its shape says ({len(raw) - offset} "
+                               "bytes follow)")
         if offset + 4 > len(raw):
-            raise InvalidInput(f"raw BYTES tensor is truncated: {len(raw) - offset} bytes where a 4-byte length "
-                               "was expected")
+            raise InvalidInput(f"{tensor} is truncated: {len(raw) - offset} bytes where a 4-byte length was expected")
         (size,) = struct.unpack_from("<I", raw, offset)
         offset += 4
         if offset + size > len(raw):
-            raise InvalidInput(f"raw BYTES tensor is truncated: an element of {size} bytes has {len(raw) - offset}")
+            raise InvalidInput(f"{tensor} is truncated: an element of {size} bytes has {len(raw) - offset}")
         values.append(bytes(raw[offset : offset + size]))
         offset += size
+    if count is not None and len(values) != count:
+        raise InvalidInput(f"{tensor} holds {_elements(len(values))}, not the {count} its shape says")
     return values
+
+
+def _elements(n: int) -> str:
+    return f"{n} element" if n == 1 else f"{n} elements"
 
 
 def pack_bytes(values: Iterable[bytes]) -> bytes:
@@ -123,12 +134,11 @@ def read_input(request: v2.ModelInferRequest, name: str, model: str) -> tuple[li
         if len(request.raw_input_contents) != len(request.inputs):
             raise InvalidInput(f"{len(request.raw_input_contents)} raw_input_contents for {len(request.inputs)} input: "
                                "send one per input, in the order of inputs")
-        values = unpack_bytes(request.raw_input_contents[0])
-    else:
-        values = list(tensor.contents.bytes_contents)
-    if len(values) != shape[0]:
-        raise InvalidInput(f"input {name} has shape {shape} but {len(values)} elements")
-    return values, shape
+        return unpack_bytes(request.raw_input_contents[0], shape[0], f"input {name}"), shape
+    contents = tensor.contents.bytes_contents
+    if len(contents) != shape[0]:
+        raise InvalidInput(f"input {name} holds {_elements(len(contents))}, not the {shape[0]} its shape says")
+    return list(contents), shape
 
 
 def requested_outputs(request: v2.ModelInferRequest, specs: Sequence[Spec], model: str) -> list[str]:

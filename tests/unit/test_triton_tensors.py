@@ -46,6 +46,13 @@ def request(values: list[bytes], shape: list[int], raw: bool = True, name: str =
     return req
 
 
+def request_of(raw: bytes, shape: list[int]) -> v2.ModelInferRequest:
+    """A TEXT input of ``shape`` whose raw contents are ``raw``, whatever it holds."""
+    req = request([], shape)
+    req.raw_input_contents[0] = raw
+    return req
+
+
 def test_bytes_round_trip_and_the_stock_clients_encoding() -> None:
     raw = pack_bytes(VALUES)
     assert unpack_bytes(raw) == VALUES
@@ -58,6 +65,22 @@ def test_bytes_round_trip_and_the_stock_clients_encoding() -> None:
 def test_truncated_bytes_are_invalid_input(raw: bytes) -> None:
     with pytest.raises(InvalidInput, match="truncated"):
         unpack_bytes(raw)
+
+
+def test_a_raw_buffer_of_more_elements_than_the_shape_is_refused_when_the_one_too_many_is_reached() -> None:
+    """The elements are counted as they are read: the buffer ends in a length that runs past its end, which reading
+    it all would report (as it did before, after listing 100,000 elements); the refusal names the count instead."""
+    raw = pack_bytes([b"Guten Morgen."] * 100_000) + b"\xff\xff\xff\x7f"
+    with pytest.raises(InvalidInput, match="input TEXT holds more than the 2 elements its shape says"):
+        read_input(request_of(raw, [2, 1]), "TEXT", "m")
+    with pytest.raises(InvalidInput, match="raw BYTES tensor holds more than the 2 elements"):
+        unpack_bytes(raw, 2)
+    assert unpack_bytes(pack_bytes(VALUES), len(VALUES)) == VALUES
+    with pytest.raises(InvalidInput, match="truncated"):  # a length past the end before the count is reached
+        unpack_bytes(pack_bytes([b"a"]) + b"\x05\x00\x00\x00ab", 2)
+    for packed in (True, False):  # and fewer, in either kind of contents
+        with pytest.raises(InvalidInput, match="input TEXT holds 4 elements, not the 5 its shape says"):
+            read_input(request(VALUES, [5], packed), "TEXT", "m")
 
 
 def test_padding() -> None:
@@ -82,7 +105,8 @@ def test_read_input_raw_or_typed(raw: bool, shape: list[int]) -> None:
 
 @pytest.mark.parametrize(("req", "words"), [
     (request(VALUES, [2, 2]), "shape"),
-    (request(VALUES, [3]), "4 elements"),
+    (request(VALUES, [3]), "more than the 3 elements"),
+    (request(VALUES, [3], raw=False), "4 elements, not the 3"),
     (request([], [0]), "batch >= 1"),
     (request(VALUES, [4], name="IMAGE"), "takes one input TEXT"),
 ])
