@@ -17,7 +17,14 @@ from server.errors import InvalidInput, cut, echo
 from server.registry import Runtime
 
 INT_OPTIONS = ("beam_size", "max_output_tokens", "attention_layer", "attention_head")
-PARAMETERS = (*INT_OPTIONS, "length_penalty", "timeout", "priority")  # priority: accepted, nothing to order
+# priority: accepted, nothing to order; content_type: MLServer's, see UTF8_TENSORS
+PARAMETERS = (*INT_OPTIONS, "length_penalty", "timeout", "priority", "content_type")
+# MLServer's content types (its codecs' names), which clients built on its codecs put in the parameters of a request,
+# its inputs and its requested outputs to say how a tensor's elements are read. Those that describe a tensor as this
+# server reads it are accepted and change nothing: 'np' (any tensor, as an array of its type), 'str' (UTF-8 text: the
+# tensors below), 'pd' (a whole request, as a table of its inputs). Any other is refused by name: 'base64' elements,
+# for one, would have to be decoded first. An unknown key is still refused: a misspelt option must not go unnoticed.
+UTF8_TENSORS = frozenset({"TEXT", "TRANSLATION", "CAPTION", "TOKENS", "SOURCE_TOKENS"})
 # The one key of Triton's reserved triton_* prefix that a client sends (tritonclient's enable_empty_final_response);
 # Triton refuses the others. Every answer here is final, so it changes nothing.
 TRITON_PARAMETERS = ("triton_enable_empty_final_response",)
@@ -123,6 +130,9 @@ def read_input(request: v2.ModelInferRequest, name: str, model: str) -> tuple[li
                            f"[batch]); the request has {echo(names)}")
     tensor = request.inputs[0]
     _refuse_shared_memory(tensor.parameters, f"input {name}")
+    # The request's content_type says how to read its inputs (MLServer's request codecs): checked with them.
+    _check_content_type(request.parameters, "the request", name, whole=True)
+    _check_content_type(tensor.parameters, f"input {name}", name)
     shape = list(tensor.shape)
     if tensor.datatype != "BYTES":
         raise InvalidInput(f"input {name} must be BYTES, not {echo(tensor.datatype) if tensor.datatype else 'unset'}")
@@ -159,6 +169,7 @@ def requested_outputs(request: v2.ModelInferRequest, specs: Sequence[Spec], mode
             raise InvalidInput(f"output {output.name} asks for classification results, which this server does not "
                                "give")
         _refuse_shared_memory(output.parameters, f"output {output.name}")
+        _check_content_type(output.parameters, f"output {output.name}", output.name)
     return wanted
 
 
@@ -166,6 +177,26 @@ def _refuse_shared_memory(parameters: Mapping[str, v2.InferParameter], tensor: s
     if any(key.startswith("shared_memory_") for key in parameters):
         raise InvalidInput(f"{tensor} names a shared memory region, which this server does not support: tensors "
                            "travel in the messages")
+
+
+def _check_content_type(parameters: Mapping[str, v2.InferParameter], where: str, tensor: str,
+                        whole: bool = False) -> None:
+    """MLServer's ``content_type`` in the parameters of ``where``: of the request (``whole``, whose one input is
+    ``tensor``), of the input ``tensor`` or of the output ``tensor``; refused unless it describes ``tensor`` as this
+    server reads it."""
+    if "content_type" not in parameters:
+        return
+    param = parameters["content_type"]
+    if param.WhichOneof("parameter_choice") != "string_param":
+        raise InvalidInput(f"{where}: parameter content_type must be a string")
+    value = param.string_param
+    fits = {"str": tensor in UTF8_TENSORS, "np": True, "pd": whole}
+    if not value or fits.get(value, False):  # empty: none, as MLServer reads it
+        return
+    why = {"str": f": {tensor} is not UTF-8 text", "pd": ": a table ('pd') is a whole request"}.get(value, "")
+    accepted = [repr(k) for k, ok in fits.items() if ok]
+    raise InvalidInput(f"{where} has content_type {echo(value)}, which this server cannot honour{why}; it takes "
+                       f"{', '.join(accepted)} or none")
 
 
 def decoding_options(parameters: Mapping[str, v2.InferParameter], detail: int) -> pb.DecodingOptions:
@@ -188,6 +219,8 @@ def decoding_options(parameters: Mapping[str, v2.InferParameter], detail: int) -
         elif key == "timeout":
             if kind not in ("int64_param", "uint64_param"):
                 raise InvalidInput("parameter timeout must be an integer (microseconds)")
+        elif key == "content_type":
+            pass  # MLServer's: how to read the inputs, checked with them (read_input)
         elif key == "priority" or key.startswith("triton_"):
             _check_reserved(key, param)
         elif key not in PARAMETERS:

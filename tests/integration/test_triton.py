@@ -238,6 +238,22 @@ def test_flat_batch_and_typed_contents(served: Served, client: Any) -> None:
     assert tc.InferResult(response).as_numpy("TRANSLATION").tolist() == flat.as_numpy("TRANSLATION").tolist()
 
 
+def test_a_request_as_mlserver_codecs_encode_it(served: Served, client: Any) -> None:
+    """MLServer's PandasCodec (Seldon's clients use it) marks the request as a table (``content_type: pd``) and a
+    column of strings as ``str``; a requested output may carry one too. Before, the request's was an unknown
+    parameter."""
+    request = v2.ModelInferRequest(model_name=TRANSLATOR, id="mlserver-1")
+    request.parameters["content_type"].string_param = "pd"
+    text = request.inputs.add(name="TEXT", datatype="BYTES", shape=[2, 1])
+    text.parameters["content_type"].string_param = "str"
+    text.contents.bytes_contents.extend([t.encode() for t in TEXTS[:2]])
+    request.outputs.add(name="TRANSLATION").parameters["content_type"].string_param = "str"
+    with grpc.insecure_channel(served.url) as channel:
+        response = v2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
+    expected = client.infer(TRANSLATOR, [text_input(TEXTS[:2])], outputs=outputs("TRANSLATION"))
+    assert tc.InferResult(response).as_numpy("TRANSLATION").tolist() == expected.as_numpy("TRANSLATION").tolist()
+
+
 def test_a_batch_beyond_the_inline_bounds_translates_as_small_ones(served: Served, client: Any) -> None:
     """More texts than a call answered on the event loop may hold (INLINE_HYPOTHESES): this batch goes through the
     worker pool, the small one stays on the loop; both give the same tensors."""
@@ -295,6 +311,8 @@ def test_triton_timeout_parameter_is_the_servers_deadline(client: Any) -> None:
      None, "INVALID_ARGUMENT", "takes one input TEXT"),
     (TRANSLATOR, lambda: [text_input(TEXTS)], {"nbest": 2}, "INVALID_ARGUMENT", "unknown parameter"),
     (TRANSLATOR, lambda: [text_input(TEXTS)], {"beam_size": 99}, "INVALID_ARGUMENT", "beam_size"),
+    (TRANSLATOR, lambda: [text_input(TEXTS)], {"content_type": "base64"}, "INVALID_ARGUMENT",
+     "the request has content_type 'base64', which this server cannot honour"),
     # An item of a batch is named as this protocol names it, not as attention.v1 does (texts[1], image).
     (TRANSLATOR, lambda: [text_input(["Guten Morgen.", " "])], None, "INVALID_ARGUMENT", "TEXT[1] is empty"),
     (TRANSLATOR, lambda: [text_input(["x" * 2001])], None, "INVALID_ARGUMENT", "TEXT[0] has 2001 characters"),
@@ -305,7 +323,7 @@ def test_triton_timeout_parameter_is_the_servers_deadline(client: Any) -> None:
     (CAPTIONER, lambda: [tc.InferInput("IMAGE", [2], "BYTES").set_data_from_numpy(
         np.array([scene_png(), b""], dtype=object))], None, "INVALID_ARGUMENT", "IMAGE[1] is empty"),
 ])
-def test_errors_carry_their_status(client: Any, model: str, make_inputs: Any, parameters: dict[str, int] | None,
+def test_errors_carry_their_status(client: Any, model: str, make_inputs: Any, parameters: dict[str, Any] | None,
                                    code: str, words: str) -> None:
     with pytest.raises(InferenceServerException) as error:
         client.infer(model, make_inputs(), parameters=parameters)

@@ -173,6 +173,69 @@ def test_an_input_in_shared_memory_is_refused_as_such() -> None:
         read_input(req, "TEXT", "m")
 
 
+def with_content_type(req: v2.ModelInferRequest, value: str, where: str = "request") -> v2.ModelInferRequest:
+    """``req`` with MLServer's ``content_type`` in the parameters of the request, its input or its first output."""
+    tensor = {"request": req, "input": req.inputs[0] if req.inputs else None,
+              "output": req.outputs[0] if req.outputs else None}[where]
+    assert tensor is not None
+    tensor.parameters["content_type"].string_param = value
+    return req
+
+
+@pytest.mark.parametrize(("where", "value"), [
+    ("request", "str"),  # MLServer's StringRequestCodec: the one input, as UTF-8 strings
+    ("request", "np"),  # NumpyRequestCodec: the one input, as an array
+    ("request", "pd"),  # PandasCodec: the inputs as the columns of a table
+    ("input", "str"),  # StringCodec, and PandasCodec's label of a column of strings
+    ("input", "np"),  # NumpyCodec
+    ("input", ""),  # none, as MLServer reads it
+])
+def test_mlserver_content_types_that_describe_the_text_input_are_accepted(where: str, value: str) -> None:
+    """Clients built on MLServer's codecs (Seldon's among them) send ``content_type``; before, the request's was
+    refused as an unknown parameter. It says how to read the elements, as this server reads them here."""
+    req = with_content_type(request(VALUES, [4, 1]), value, where)
+    assert read_input(req, "TEXT", "m") == (VALUES, [4, 1])
+    assert decoding_options(req.parameters, 1) == decoding_options(v2.ModelInferRequest().parameters, 1)
+
+
+def test_mlserver_content_types_of_outputs_that_describe_them_are_accepted() -> None:
+    specs = [Spec("TRANSLATION", "BYTES", (1,)), Spec("ATTENTION", "FP32", (-1, -1))]
+    req = v2.ModelInferRequest(model_name="m")
+    req.outputs.add(name="TRANSLATION").parameters["content_type"].string_param = "str"
+    req.outputs.add(name="ATTENTION").parameters["content_type"].string_param = "np"
+    assert requested_outputs(req, specs, "m") == ["TRANSLATION", "ATTENTION"]
+
+
+@pytest.mark.parametrize(("req", "words"), [
+    # Before, every one of these was read as if it had no content_type: base64 texts translated as they were.
+    (with_content_type(request(VALUES, [4]), "base64", "input"),
+     "input TEXT has content_type 'base64', which this server cannot honour; it takes 'str', 'np' or none"),
+    (with_content_type(request(VALUES, [4]), "datetime", "input"), "input TEXT has content_type 'datetime'"),
+    (with_content_type(request(VALUES, [4]), "pd", "input"), "input TEXT has content_type 'pd'.*a whole request"),
+    (with_content_type(request(VALUES, [4], name="IMAGE"), "str", "input"),
+     "input IMAGE has content_type 'str'.*IMAGE is not UTF-8 text; it takes 'np' or none"),
+    (with_content_type(request(VALUES, [4], name="IMAGE"), "str"),
+     "the request has content_type 'str'.*IMAGE is not UTF-8 text; it takes 'np', 'pd' or none"),
+    (with_content_type(request(VALUES, [4]), "pd_json"), "the request has content_type 'pd_json'"),
+], ids=["base64", "datetime", "pd-input", "str-image", "str-image-request", "pd_json-request"])
+def test_mlserver_content_types_this_server_cannot_honour_are_refused_by_name(req: v2.ModelInferRequest,
+                                                                              words: str) -> None:
+    with pytest.raises(InvalidInput, match=words):
+        read_input(req, req.inputs[0].name, "m")
+
+
+def test_content_type_is_a_string_and_an_outputs_must_describe_it() -> None:
+    number = request(VALUES, [4])
+    number.inputs[0].parameters["content_type"].int64_param = 1
+    with pytest.raises(InvalidInput, match="input TEXT: parameter content_type must be a string"):
+        read_input(number, "TEXT", "m")
+    specs = [Spec("TRANSLATION", "BYTES", (1,)), Spec("ATTENTION", "FP32", (-1, -1))]
+    req = v2.ModelInferRequest(model_name="m")
+    req.outputs.add(name="ATTENTION").parameters["content_type"].string_param = "str"
+    with pytest.raises(InvalidInput, match="output ATTENTION has content_type 'str'.*ATTENTION is not UTF-8 text"):
+        requested_outputs(req, specs, "m")
+
+
 def test_parameters_become_decoding_options() -> None:
     params = v2.ModelInferRequest().parameters
     params["beam_size"].int64_param = 3
