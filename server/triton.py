@@ -20,9 +20,11 @@ Row ``i`` of ``ATTENTION[b]`` is target token ``i``'s distribution over the colu
 ``SOURCE_LENGTHS[b]`` columns. ATTENTION is the one large output and the one that needs alignment work, so it is
 computed only when a request names it; a request naming no outputs gets every other one. Request parameters:
 ``beam_size``, ``max_output_tokens``, ``length_penalty``, ``attention_layer`` and ``attention_head`` mean what they mean
-in ``attention.v1.DecodingOptions``; Triton's ``timeout`` (microseconds) shortens the call's deadline. MLServer's
-``content_type`` (of the request, an input or an output) is taken where it describes the tensors as they are read here
-(``np``; ``str`` on text; ``pd`` on the request) and refused otherwise.
+in ``attention.v1.DecodingOptions``; Triton's ``timeout`` (microseconds) shortens the call's deadline, and its
+``sequence_id``, ``sequence_start`` and ``sequence_end`` are ignored, as Triton ignores them for a model without
+sequence batching (each request stands alone). MLServer's ``content_type`` (of the request, an input or an output) is
+taken where it describes the tensors as they are read here (``np``; ``str`` on text; ``pd`` on the request) and refused
+otherwise.
 
 ``ServerLive`` and ``ServerReady`` are probes (like ``grpc.health.v1``) and go unlogged; every other call goes through
 :func:`server.service.rpc` under its V2 name, ModelStreamInfer once per message. In a stream each answer carries

@@ -17,8 +17,11 @@ from server.errors import InvalidInput, cut, echo
 from server.registry import Runtime
 
 INT_OPTIONS = ("beam_size", "max_output_tokens", "attention_layer", "attention_head")
+# Triton's sequence of requests to one stateful model: it ignores them for a model without sequence batching, as every
+# model here is (each request stands alone), once it has checked their types.
+SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
 # priority: accepted, nothing to order; content_type: MLServer's, see UTF8_TENSORS
-PARAMETERS = (*INT_OPTIONS, "length_penalty", "timeout", "priority", "content_type")
+PARAMETERS = (*INT_OPTIONS, "length_penalty", "timeout", "priority", *SEQUENCE_PARAMETERS, "content_type")
 # MLServer's content types (its codecs' names), which clients built on its codecs put in the parameters of a request,
 # its inputs and its requested outputs to say how a tensor's elements are read. Those that describe a tensor as this
 # server reads it are accepted and change nothing: 'np' (any tensor, as an array of its type), 'str' (UTF-8 text: the
@@ -221,7 +224,7 @@ def decoding_options(parameters: Mapping[str, v2.InferParameter], detail: int) -
                 raise InvalidInput("parameter timeout must be an integer (microseconds)")
         elif key == "content_type":
             pass  # MLServer's: how to read the inputs, checked with them (read_input)
-        elif key == "priority" or key.startswith("triton_"):
+        elif key == "priority" or key in SEQUENCE_PARAMETERS or key.startswith("triton_"):
             _check_reserved(key, param)
         elif key not in PARAMETERS:
             raise InvalidInput(f"unknown parameter {echo(key)}; this server takes {', '.join(PARAMETERS)}")
@@ -235,6 +238,12 @@ def _check_reserved(key: str, param: v2.InferParameter) -> None:
     if key == "priority":
         if kind not in ("int64_param", "uint64_param") or param.int64_param < 0:
             raise InvalidInput("parameter priority must be an integer of 0 or more")
+    elif key == "sequence_id":
+        if kind not in ("int64_param", "string_param"):
+            raise InvalidInput("parameter sequence_id must be an int64 or a string")
+    elif key in SEQUENCE_PARAMETERS:
+        if kind != "bool_param":
+            raise InvalidInput(f"parameter {key} must be a bool")
     elif key not in TRITON_PARAMETERS:
         raise InvalidInput(f"parameter {echo(key)}: keys starting with 'triton_' are reserved; the one accepted is "
                            f"{', '.join(TRITON_PARAMETERS)}")

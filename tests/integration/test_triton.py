@@ -291,6 +291,15 @@ def test_caption_of_an_encoded_png(served: Served, client: Any) -> None:
 # -- errors ------------------------------------------------------------------------------------------------------
 
 
+def test_a_sequence_is_taken_and_ignored_as_triton_does_for_a_model_without_sequence_batching(client: Any) -> None:
+    """Each request stands alone here; before, tritonclient's sequence_id (with sequence_start and sequence_end) was
+    refused as an unknown parameter."""
+    result = client.infer(TRANSLATOR, [text_input(TEXTS[:1])], outputs=outputs("TRANSLATION"), sequence_id=7,
+                          sequence_start=True, sequence_end=True)
+    plain = client.infer(TRANSLATOR, [text_input(TEXTS[:1])], outputs=outputs("TRANSLATION"))
+    assert result.as_numpy("TRANSLATION").tolist() == plain.as_numpy("TRANSLATION").tolist()
+
+
 def test_too_short_client_timeout_is_deadline_exceeded(client: Any) -> None:
     with pytest.raises(InferenceServerException) as error:
         client.infer(TRANSLATOR, [text_input(TEXTS * 10)], parameters={"beam_size": 16}, client_timeout=0.001)

@@ -269,6 +269,10 @@ def test_parameters_become_decoding_options() -> None:
     ("priority", "double_param", 1.5),
     ("triton_enable_empty_final_response", "int64_param", 1),
     ("triton_something_else", "bool_param", True),
+    ("sequence_id", "uint64_param", 7),  # Triton: int64_param or string_param
+    ("sequence_id", "double_param", 7.0),
+    ("sequence_start", "int64_param", 1),
+    ("sequence_end", "string_param", "true"),
 ])
 def test_triton_reserved_parameters_are_checked_as_triton_checks_them(key: str, setter: str, value: object) -> None:
     params = v2.ModelInferRequest().parameters
@@ -281,6 +285,12 @@ def test_triton_reserved_parameters_are_checked_as_triton_checks_them(key: str, 
     ("priority", "uint64_param", 3),
     ("priority", "int64_param", 0),
     ("triton_enable_empty_final_response", "bool_param", False),
+    # Triton ignores a sequence for a model without sequence batching, as every model here is; before, each of these
+    # was refused as an unknown parameter.
+    ("sequence_id", "int64_param", 7),
+    ("sequence_id", "string_param", "conversation-7"),
+    ("sequence_start", "bool_param", True),
+    ("sequence_end", "bool_param", False),
 ])
 def test_triton_reserved_parameters_of_the_right_type_are_accepted(key: str, setter: str, value: object) -> None:
     params = v2.ModelInferRequest().parameters
