@@ -52,7 +52,7 @@ from kserve_v2_pb import grpc_service_pb2_grpc as v2_grpc
 from kserve_v2_pb import model_config_pb2 as mc
 from server import codec, wire
 from server.captioning import CaptionModel
-from server.errors import FieldError, InvalidInput, ModelNotFound, NotReady, Unimplemented
+from server.errors import FieldError, ModelNotFound, NotReady, Unimplemented
 from server.service import AttentionServicer, Call, rpc
 from server.settings import Settings, parse_pins
 from server.translation import TranslationModel
@@ -297,7 +297,7 @@ class TritonServicer(v2_grpc.GRPCInferenceServiceServicer):
                          timeout: float | None, call: Call) -> tuple[dict[str, Callable[[], Tensor]], bool]:
         """The output tensors, built when asked for, and whether to build them on the event loop (as Translate
         answers a call of the same size)."""
-        values, shape = read_input(request, "TEXT", model.name)
+        values, shape = read_input(request, "TEXT", model.name, self.settings.max_texts)
         texts = [text_of(v, i) for i, v in enumerate(values)]
         inline = self.core.inline_texts(texts)
         try:
@@ -326,10 +326,7 @@ class TritonServicer(v2_grpc.GRPCInferenceServiceServicer):
 
     async def _caption(self, model: CaptionModel, request: v2.ModelInferRequest, options: pb.DecodingOptions,
                        timeout: float | None, call: Call) -> dict[str, Callable[[], Tensor]]:
-        images, shape = read_input(request, "IMAGE", model.name)
-        if len(images) > self.settings.max_texts:
-            raise InvalidInput(f"{len(images)} images in one request; the limit is {self.settings.max_texts} "
-                               "(max_texts)")
+        images, shape = read_input(request, "IMAGE", model.name, self.settings.max_texts)
         jobs = []  # every image's options and size are checked before any is decoded
         for i, image in enumerate(images):
             try:

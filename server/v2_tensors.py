@@ -124,9 +124,12 @@ def padded_attention(matrices: Sequence[np.ndarray], cols: int | None = None) ->
     return out
 
 
-def read_input(request: v2.ModelInferRequest, name: str, model: str) -> tuple[list[bytes], list[int]]:
+def read_input(request: v2.ModelInferRequest, name: str, model: str,
+               most: int) -> tuple[list[bytes], list[int]]:
     """The elements and shape of the one BYTES input ``name`` of ``model`` (the model serving the request, which may
-    name none), from raw_input_contents or the typed contents."""
+    name none), from raw_input_contents or the typed contents. A batch of more than ``most`` (the server's
+    max_texts) is refused from its shape, before any element is read: a 16 MiB buffer of empty elements is 4 million
+    of them."""
     names = [t.name for t in request.inputs]
     if names != [name]:
         raise InvalidInput(f"model {echo(model)} takes one input {name} (BYTES, [batch, 1] or "
@@ -141,6 +144,8 @@ def read_input(request: v2.ModelInferRequest, name: str, model: str) -> tuple[li
         raise InvalidInput(f"input {name} must be BYTES, not {echo(tensor.datatype) if tensor.datatype else 'unset'}")
     if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1) or shape[0] < 1:
         raise InvalidInput(f"input {name} must have shape [batch, 1] or [batch] with batch >= 1, not {echo(shape)}")
+    if shape[0] > most:
+        raise InvalidInput(f"input {name} has a batch of {shape[0]}; the limit is {most} (max_texts)")
     if request.raw_input_contents:
         if tensor.HasField("contents"):
             raise InvalidInput("send every input either in raw_input_contents or in its contents, not both")

@@ -72,7 +72,7 @@ def test_a_raw_buffer_of_more_elements_than_the_shape_is_refused_when_the_one_to
     it all would report (as it did before, after listing 100,000 elements); the refusal names the count instead."""
     raw = pack_bytes([b"Guten Morgen."] * 100_000) + b"\xff\xff\xff\x7f"
     with pytest.raises(InvalidInput, match="input TEXT holds more than the 2 elements its shape says"):
-        read_input(request_of(raw, [2, 1]), "TEXT", "m")
+        read_input(request_of(raw, [2, 1]), "TEXT", "m", 32)
     with pytest.raises(InvalidInput, match="raw BYTES tensor holds more than the 2 elements"):
         unpack_bytes(raw, 2)
     assert unpack_bytes(pack_bytes(VALUES), len(VALUES)) == VALUES
@@ -80,7 +80,19 @@ def test_a_raw_buffer_of_more_elements_than_the_shape_is_refused_when_the_one_to
         unpack_bytes(pack_bytes([b"a"]) + b"\x05\x00\x00\x00ab", 2)
     for packed in (True, False):  # and fewer, in either kind of contents
         with pytest.raises(InvalidInput, match="input TEXT holds 4 elements, not the 5 its shape says"):
-            read_input(request(VALUES, [5], packed), "TEXT", "m")
+            read_input(request(VALUES, [5], packed), "TEXT", "m", 32)
+
+
+def test_a_batch_over_max_texts_is_refused_from_its_shape_before_any_element_is_read() -> None:
+    """Before, every element was listed first (4 million empty ones fit in 16 MiB, some 2 s of the event loop) and
+    the batch compared with max_texts only afterwards. The buffer here is not even well formed: reading it would
+    fail differently."""
+    with pytest.raises(InvalidInput, match=r"input TEXT has a batch of 4000000; the limit is 32 \(max_texts\)"):
+        read_input(request_of(b"\xff" * 5, [4_000_000]), "TEXT", "m", 32)
+    typed = request(VALUES, [4], raw=False)
+    with pytest.raises(InvalidInput, match="input TEXT has a batch of 4; the limit is 3"):
+        read_input(typed, "TEXT", "m", 3)
+    assert read_input(typed, "TEXT", "m", 4) == (VALUES, [4])
 
 
 def test_padding() -> None:
@@ -100,7 +112,7 @@ def test_padding() -> None:
 @pytest.mark.parametrize("raw", [True, False])
 @pytest.mark.parametrize("shape", [[4], [4, 1]])
 def test_read_input_raw_or_typed(raw: bool, shape: list[int]) -> None:
-    assert read_input(request(VALUES, shape, raw), "TEXT", "m") == (VALUES, shape)
+    assert read_input(request(VALUES, shape, raw), "TEXT", "m", 32) == (VALUES, shape)
 
 
 @pytest.mark.parametrize(("req", "words"), [
@@ -112,22 +124,22 @@ def test_read_input_raw_or_typed(raw: bool, shape: list[int]) -> None:
 ])
 def test_read_input_refusals(req: v2.ModelInferRequest, words: str) -> None:
     with pytest.raises(InvalidInput, match=words):
-        read_input(req, "TEXT", "m")
+        read_input(req, "TEXT", "m", 32)
 
 
 def test_read_input_wants_bytes_and_one_kind_of_contents() -> None:
     req = request(VALUES, [4])
     req.inputs[0].datatype = "FP32"
     with pytest.raises(InvalidInput, match="BYTES"):
-        read_input(req, "TEXT", "m")
+        read_input(req, "TEXT", "m", 32)
     both = request(VALUES, [4])
     both.inputs[0].contents.bytes_contents.append(b"x")
     with pytest.raises(InvalidInput, match="not both"):
-        read_input(both, "TEXT", "m")
+        read_input(both, "TEXT", "m", 32)
     extra = request(VALUES, [4])
     extra.raw_input_contents.append(pack_bytes(VALUES))
     with pytest.raises(InvalidInput, match="2 raw_input_contents for 1 input"):
-        read_input(extra, "TEXT", "m")
+        read_input(extra, "TEXT", "m", 32)
 
 
 def test_a_refusal_names_the_model_that_serves_the_request_when_it_names_none() -> None:
@@ -135,7 +147,7 @@ def test_a_refusal_names_the_model_that_serves_the_request_when_it_names_none() 
     unnamed = request(VALUES, [4], name="IMAGE")
     unnamed.model_name = ""  # the server's default model serves it
     with pytest.raises(InvalidInput, match="model 'de-en' takes one input TEXT"):
-        read_input(unnamed, "TEXT", "de-en")
+        read_input(unnamed, "TEXT", "de-en", 32)
     unnamed.outputs.add(name="LOGITS")
     with pytest.raises(InvalidInput, match="model 'de-en' has no output LOGITS"):
         requested_outputs(unnamed, [Spec("TRANSLATION", "BYTES", (1,))], "de-en")
@@ -170,7 +182,7 @@ def test_an_input_in_shared_memory_is_refused_as_such() -> None:
     req = request([], [1], raw=False)
     req.inputs[0].parameters["shared_memory_region"].string_param = "region"
     with pytest.raises(InvalidInput, match="input TEXT.*shared memory"):
-        read_input(req, "TEXT", "m")
+        read_input(req, "TEXT", "m", 32)
 
 
 def with_content_type(req: v2.ModelInferRequest, value: str, where: str = "request") -> v2.ModelInferRequest:
@@ -194,7 +206,7 @@ def test_mlserver_content_types_that_describe_the_text_input_are_accepted(where:
     """Clients built on MLServer's codecs (Seldon's among them) send ``content_type``; before, the request's was
     refused as an unknown parameter. It says how to read the elements, as this server reads them here."""
     req = with_content_type(request(VALUES, [4, 1]), value, where)
-    assert read_input(req, "TEXT", "m") == (VALUES, [4, 1])
+    assert read_input(req, "TEXT", "m", 32) == (VALUES, [4, 1])
     assert decoding_options(req.parameters, 1) == decoding_options(v2.ModelInferRequest().parameters, 1)
 
 
@@ -221,14 +233,14 @@ def test_mlserver_content_types_of_outputs_that_describe_them_are_accepted() -> 
 def test_mlserver_content_types_this_server_cannot_honour_are_refused_by_name(req: v2.ModelInferRequest,
                                                                               words: str) -> None:
     with pytest.raises(InvalidInput, match=words):
-        read_input(req, req.inputs[0].name, "m")
+        read_input(req, req.inputs[0].name, "m", 32)
 
 
 def test_content_type_is_a_string_and_an_outputs_must_describe_it() -> None:
     number = request(VALUES, [4])
     number.inputs[0].parameters["content_type"].int64_param = 1
     with pytest.raises(InvalidInput, match="input TEXT: parameter content_type must be a string"):
-        read_input(number, "TEXT", "m")
+        read_input(number, "TEXT", "m", 32)
     specs = [Spec("TRANSLATION", "BYTES", (1,)), Spec("ATTENTION", "FP32", (-1, -1))]
     req = v2.ModelInferRequest(model_name="m")
     req.outputs.add(name="ATTENTION").parameters["content_type"].string_param = "str"
