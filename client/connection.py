@@ -23,6 +23,8 @@ from typing import Any, NamedTuple
 
 import grpc
 
+from client.options import usage_error
+
 TOKEN_ENV = "ATTN_TOKEN"
 MAX_MESSAGE_BYTES = 256 * 2**20  # attention matrices make large responses
 # Once a server has asked a connection to move (its ATTN_MAX_CONNECTION_AGE), gRPC closes it as soon as the last
@@ -43,6 +45,10 @@ OWN_CONNECTION = ("grpc.use_local_subchannel_pool", 1)
 Options = Sequence[tuple[str, Any]]
 
 
+class OptionsError(ValueError):
+    """Options that do not go together: on the command line, a usage error (exit status 2), not a failed call."""
+
+
 @dataclass(frozen=True)
 class ChannelConfig:
     """Where the server is and how to talk to it; files are paths, read when a channel is made."""
@@ -57,7 +63,7 @@ class ChannelConfig:
 
     def __post_init__(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):
-            raise ValueError("--tls-cert and --tls-key go together (a client certificate and its private key)")
+            raise OptionsError("--tls-cert and --tls-key go together (a client certificate and its private key)")
         if self.token is not None:
             _check_token(self.token, "the token")
 
@@ -127,13 +133,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def from_args(args: argparse.Namespace, options: Options = ()) -> grpc.Channel:
-    """The channel the options of :func:`add_arguments` (and ``--target``) describe; exits with a message on a bad
-    option or an unreadable file."""
+    """The channel the options of :func:`add_arguments` (and ``--target``) describe; exits with a message on options
+    that do not go together (exit status 2, as argparse's own refusals), a bad token or an unreadable file (1)."""
     try:
         config = ChannelConfig.from_args(args)
         if config.token and not config.uses_tls and not _is_loopback(config.target):
             print(f"attn: warning: sending the bearer token without TLS to {config.target}", file=sys.stderr)
         return config.channel(options)
+    except OptionsError as exc:
+        usage_error(str(exc))
     except (OSError, ValueError) as exc:
         raise SystemExit(f"attn: {exc}") from exc
 

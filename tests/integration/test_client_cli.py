@@ -143,3 +143,17 @@ def test_ctrl_c_ends_the_command_with_one_line_and_status_130(command: list[str]
             process.send_signal(signal.SIGINT)
             out, err = process.communicate(timeout=60)
     assert (process.returncode, out, err) == (130, "", "attn: interrupted\n")
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["models", "--tls-cert", "me.pem"], "--tls-cert and --tls-key go together"),
+    (["translate", "Hallo", "--tls-key", "me.key"], "--tls-cert and --tls-key go together"),
+    (["batch", "in.txt", "-o", "out.jsonl", "--tls-ca", "ca.pem", "--tls-cert", "me.pem"],
+     "--tls-cert and --tls-key go together"),
+])
+def test_connection_options_no_channel_can_be_made_of_are_usage_errors_in_one_line(
+        argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stopped:  # before any channel: no server needed
+        main(argv)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.startswith(f"attn: {message}") and err.count("\n") == 1, err
