@@ -27,12 +27,12 @@ from client.options import add_decoding_arguments, decoding_options, seconds, te
 
 DETAILS = {"full": pb.ATTENTION_DETAIL_FULL, "words": pb.ATTENTION_DETAIL_WORDS, "none": pb.ATTENTION_DETAIL_NONE}
 MAX_MESSAGE_BYTES = 256 * 2**20
+DEFAULT_TARGET = "localhost:50051"
 
 
 def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--target", default=os.environ.get("ATTN_TARGET", "localhost:50051"),
-                        help="server host:port [ATTN_TARGET, default localhost:50051]")
+    common.add_argument("--target", help=f"server host:port [ATTN_TARGET, default {DEFAULT_TARGET}]")
     common.add_argument("--timeout", type=seconds, default=60.0, help="deadline in seconds (default 60)")
     connection.add_arguments(common)  # --tls, --tls-ca, --tls-cert/--tls-key, --tls-server-name, --token-file
     # Not for ``attn batch``, which writes JSONL whatever it is told: there --json would be accepted and do nothing.
@@ -49,6 +49,18 @@ def parser() -> argparse.ArgumentParser:
     commands.add_parser("models", parents=[printing], help="list the served models")
     commands.add_parser("health", parents=[printing], help="exit 0 if the server is SERVING, 1 otherwise")
     return top
+
+
+def _target(given: str | None) -> str:
+    """``--target``, else ``$ATTN_TARGET``, else :data:`DEFAULT_TARGET`. A target gRPC cannot use is a usage error
+    (exit status 2) that names where it came from, before gRPC fails on it late or wraps its port around."""
+    source, target = ("--target", given) if given is not None else ("ATTN_TARGET", os.environ.get("ATTN_TARGET"))
+    if target is None:
+        return DEFAULT_TARGET
+    problem = connection.target_problem(target)
+    if problem:
+        usage_error(f"{source} {target!r}: {problem}")
+    return target
 
 
 def _channel(args: argparse.Namespace) -> grpc.Channel:
@@ -124,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(argv: Sequence[str] | None) -> int:
     args = parser().parse_args(argv)
+    args.target = _target(args.target)
     with _channel(args) as channel:
         stub = pb_grpc.AttentionServiceStub(channel)
         try:

@@ -45,6 +45,12 @@ OWN_CONNECTION = ("grpc.use_local_subchannel_pool", 1)
 Options = Sequence[tuple[str, Any]]
 
 
+# The schemes of gRPC's resolvers. gRPC reads a target with another scheme, or none, as a DNS name: host[:port].
+SCHEMES = frozenset({"dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock", "xds", "google-c2p",
+                     "google-c2p-experimental"})
+MAX_PORT = 65535
+
+
 class OptionsError(ValueError):
     """Options that do not go together: on the command line, a usage error (exit status 2), not a failed call."""
 
@@ -156,6 +162,51 @@ def handshake_hint(args: argparse.Namespace, code: grpc.StatusCode, details: str
         return "if the server speaks TLS, add --tls-ca PEM (or --tls, for a certificate from a public CA)"
     if not args.tls_cert:
         return "if the server asks for a client certificate (mutual TLS), add --tls-cert PEM --tls-key PEM"
+    return None
+
+
+def target_problem(target: str) -> str | None:
+    """What is wrong with ``target``, or None: the mistakes gRPC finds only when it resolves or connects (after its
+    own log lines) or never (it wraps a port past 65535 around: 99999 is 34463). Only a DNS name's host and port are
+    checked, as gRPC splits them; the targets of its other schemes are its to judge. A host without a port is taken:
+    gRPC's port for it is 443."""
+    if not target.strip():
+        return "no server named"
+    scheme, colon, rest = target.partition(":")
+    if colon and scheme in SCHEMES:
+        if scheme != "dns":
+            return None if rest else f"no address after {scheme}:"
+        if rest.startswith("//"):  # dns://[DNS server]/host:port
+            _, slash, rest = rest[2:].partition("/")
+            if not slash:
+                return "dns:// is followed by the address of a DNS server, and no host: write dns:///HOST:PORT"
+        return _host_port_problem(rest)
+    if "://" in target:
+        return f"gRPC knows no {scheme}://: write HOST:PORT"
+    return _host_port_problem(target)
+
+
+def _host_port_problem(name: str) -> str | None:
+    if name.startswith("["):  # [IPv6 address]:port
+        host, closed, after = name[1:].partition("]")
+        if not closed or (after and not after.startswith(":")):
+            return "neither host:port nor [IPv6 address]:port"
+        port = after[1:] if after else None
+    elif name.count(":") > 1:  # gRPC reads it as an IPv6 address without a port
+        try:
+            ipaddress.IPv6Address(name)
+        except ValueError:
+            return "neither host:port nor an IPv6 address"
+        host, port = name, None
+    else:
+        host, colon, port_text = name.partition(":")
+        port = port_text if colon else None
+    if not host:
+        return "no host before the port"
+    if port == "":
+        return "no port after the ':'"
+    if port is not None and not (port.isascii() and port.isdigit() and 1 <= int(port) <= MAX_PORT):
+        return f"the port must be a number from 1 to {MAX_PORT}"
     return None
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from client import connection
 from client.cli import main
 from tests.integration.serving import RunningServer
 
@@ -150,6 +151,26 @@ def test_ctrl_c_ends_the_command_with_one_line_and_status_130(command: list[str]
     (["translate", "Hallo", "--tls-key", "me.key"], "--tls-cert and --tls-key go together"),
     (["batch", "in.txt", "-o", "out.jsonl", "--tls-ca", "ca.pem", "--tls-cert", "me.pem"],
      "--tls-cert and --tls-key go together"),
+    # Targets gRPC would fail on only after its resolver or connection did (with its own log lines), or wrap around:
+    # port 99999 was port 34463.
+    (["models", "--target", "127.0.0.1:99999"], "--target '127.0.0.1:99999': the port must be a number from 1 to"),
+    (["health", "--target", "[::1]:0"], "--target '[::1]:0': the port must be a number from 1 to 65535"),
+    (["translate", "Hallo", "--target", "dns:///localhost:65536"], "--target 'dns:///localhost:65536': the port must"),
+    (["batch", "in.txt", "-o", "out.jsonl", "--target", "attention:123456"], "--target 'attention:123456': the port"),
+    (["models", "--target", "localhost:abc"], "--target 'localhost:abc': the port must be a number from 1 to 65535"),
+    (["models", "--target", "localhost:-1"], "--target 'localhost:-1': the port must be a number from 1 to 65535"),
+    (["models", "--target", "localhost:50051/"], "--target 'localhost:50051/': the port must be a number from 1 to"),
+    (["models", "--target", "localhost:"], "--target 'localhost:': no port after the ':'"),
+    (["models", "--target", ""], "--target '': no server named"),
+    (["models", "--target", " "], "--target ' ': no server named"),
+    (["models", "--target", ":50051"], "--target ':50051': no host before the port"),
+    (["models", "--target", "[]:50051"], "--target '[]:50051': no host before the port"),
+    (["models", "--target", "[::1:50051"], "--target '[::1:50051': neither host:port nor [IPv6 address]:port"),
+    (["models", "--target", "localhost:50051:1"], "--target 'localhost:50051:1': neither host:port nor an IPv6"),
+    (["models", "--target", "http://localhost:50051"], "--target 'http://localhost:50051': gRPC knows no http://"),
+    (["models", "--target", "dns://localhost:50051"], "--target 'dns://localhost:50051': dns:// is followed by the "
+                                                      "address of a DNS server, and no host: write dns:///HOST:PORT"),
+    (["models", "--target", "unix:"], "--target 'unix:': no address after unix:"),
 ])
 def test_connection_options_no_channel_can_be_made_of_are_usage_errors_in_one_line(
         argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -157,3 +178,37 @@ def test_connection_options_no_channel_can_be_made_of_are_usage_errors_in_one_li
         main(argv)
     err = capsys.readouterr().err
     assert stopped.value.code == 2 and err.startswith(f"attn: {message}") and err.count("\n") == 1, err
+
+
+def test_a_target_from_the_environment_is_named_so_in_its_refusal(monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("ATTN_TARGET", "localhost:99999")
+    with pytest.raises(SystemExit) as stopped:
+        main(["models"])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err == "attn: ATTN_TARGET 'localhost:99999': the port must be a number from 1 to 65535\n"
+    monkeypatch.setenv("ATTN_TARGET", "")  # set, and empty: not the default
+    with pytest.raises(SystemExit) as stopped:
+        main(["health"])
+    assert stopped.value.code == 2 and capsys.readouterr().err == "attn: ATTN_TARGET '': no server named\n"
+
+
+@pytest.mark.parametrize("form", ["127.0.0.1:{port}", "localhost:{port}", "dns:///127.0.0.1:{port}",
+                                  "dns:localhost:{port}", "dns:///localhost:{port}", "ipv4:127.0.0.1:{port}"])
+def test_targets_in_the_forms_grpc_takes_reach_the_server(form: str, running: RunningServer,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("ATTN_TARGET", raising=False)
+    assert main(["health", "--target", form.format(port=running.port)]) == 0
+    assert capsys.readouterr().out == "SERVING\n"
+
+
+@pytest.mark.parametrize("target", [
+    "attention:50051", "[::1]:50051", "[fe80::1%eth0]:443", "attention", "::1", "[::1]", "fe80::1%eth0",
+    "unix:/run/attn.sock", "unix:///run/attn.sock", "unix-abstract:attn", "vsock:3:50051", "ipv6:[::1]:50051",
+    "ipv4:10.0.0.1:50051,10.0.0.2:50051", "dns://8.8.8.8/attention.example.com:443", "dns:attention",
+    "xds:///attention", "google-c2p:///attention",
+])
+def test_targets_in_the_forms_grpc_takes_are_not_refused(target: str) -> None:
+    # Forms no test server answers on: unix sockets, other schemes, hosts without a port (gRPC's 443).
+    assert connection.target_problem(target) is None
