@@ -9,6 +9,9 @@
 
 from __future__ import annotations
 
+from client import grpc_logs  # noqa: F401  (before grpc is imported: its C core logs nothing to stderr)
+
+# isort: split
 import argparse
 import json
 import os

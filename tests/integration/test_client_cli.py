@@ -9,13 +9,15 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from client import connection
 from client.cli import main
-from tests.integration.serving import RunningServer
+from tests.integration.serving import RunningServer, settings
+from tests.pki import Pki, make_pki
 
 TEXT = "Ich hoffe, es geht dir gut."
 
@@ -212,3 +214,44 @@ def test_targets_in_the_forms_grpc_takes_reach_the_server(form: str, running: Ru
 def test_targets_in_the_forms_grpc_takes_are_not_refused(target: str) -> None:
     # Forms no test server answers on: unix sockets, other schemes, hosts without a port (gRPC's 443).
     assert connection.target_problem(target) is None
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def tls_server(models_dir: Path, pki: Pki) -> Iterator[RunningServer]:
+    server = RunningServer(settings(models_dir, tls_cert=str(pki.server_cert), tls_key=str(pki.server_key)),
+                           load=False)
+    yield server
+    server.close()
+
+
+def _attn(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``attn`` in a process of its own: what gRPC's C core writes to stderr is that process's."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("GRPC_")}
+    return subprocess.run([sys.executable, "-m", "client.cli", *argv, "--timeout", "20"], capture_output=True,
+                          text=True, timeout=120, env={**environ, **(env or {})})
+
+
+def test_a_tls_mismatch_is_reported_in_the_clis_lines_only(running: RunningServer, tls_server: RunningServer,
+                                                          pki: Pki) -> None:
+    # gRPC's C core logged the failed handshake ("I1205 ... ssl_transport_security.cc:2563] Handshake failed with
+    # error SSL_ERROR_SSL ...") to stderr before the CLI's own lines.
+    tls_to_plaintext = _attn("health", "--target", f"localhost:{running.port}", "--tls-ca", str(pki.ca))
+    plaintext_to_tls = _attn("models", "--target", f"127.0.0.1:{tls_server.port}")
+    for finished in (tls_to_plaintext, plaintext_to_tls):
+        assert finished.returncode == 1 and finished.stdout == ""
+        lines = finished.stderr.splitlines()
+        assert lines[0].startswith("attn: UNAVAILABLE: ") and all(line.startswith("attn: ") for line in lines), \
+            finished.stderr
+    assert "add --tls-ca PEM" in plaintext_to_tls.stderr
+
+
+def test_grpc_verbosity_set_by_the_user_still_shows_grpcs_log(running: RunningServer, pki: Pki) -> None:
+    finished = _attn("health", "--target", f"localhost:{running.port}", "--tls-ca", str(pki.ca),
+                     env={"GRPC_VERBOSITY": "INFO"})
+    assert finished.returncode == 1 and "Handshake failed" in finished.stderr
+    assert finished.stderr.splitlines()[-1].startswith("attn: UNAVAILABLE: ")
