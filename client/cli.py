@@ -13,6 +13,8 @@ from client import grpc_logs  # noqa: F401  (before grpc is imported: its C core
 
 # isort: split
 import argparse
+import codecs
+import io
 import json
 import os
 import sys
@@ -122,7 +124,36 @@ def _stop_writing_stdout() -> None:
     os.close(devnull)
 
 
+ESCAPE = "attn.escape"
+
+
+def _escape(error: UnicodeError) -> tuple[str, int]:
+    """A codec error handler: each character the stream's encoding has no bytes for as JSON writes it, ``\\uXXXX``
+    (a surrogate pair above U+FFFF), so that ``--json`` stays JSON and the readable view readable."""
+    if not isinstance(error, UnicodeEncodeError):
+        raise error
+    escaped: list[str] = []
+    for char in error.object[error.start : error.end]:
+        code = ord(char)
+        units = [code] if code <= 0xFFFF else [0xD800 + ((code - 0x10000) >> 10), 0xDC00 + (code & 0x3FF)]
+        escaped.extend(f"\\u{unit:04x}" for unit in units)
+    return "".join(escaped), error.end
+
+
+def _escape_what_the_streams_cannot_encode() -> None:
+    """stdout (and stderr) whose encoding cannot write every character, ASCII (PYTHONIOENCODING=ascii, a C locale
+    without Python's UTF-8 mode) or Latin-1, and which raise on one they cannot (errors "strict" or
+    "surrogateescape"): such a character, "←" in an alignment, "→" in a models row, ended the command in a
+    UnicodeEncodeError traceback, half printed. It is written as an escape instead."""
+    codecs.register_error(ESCAPE, _escape)
+    for stream in (sys.stdout, sys.stderr):
+        if (isinstance(stream, io.TextIOWrapper) and stream.errors in ("strict", "surrogateescape")
+                and not codecs.lookup(stream.encoding).name.startswith("utf")):
+            stream.reconfigure(errors=ESCAPE)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _escape_what_the_streams_cannot_encode()
     # `attn models --json | head` closes the pipe before the answer is printed: the reader has what it wanted, so
     # that ends the command quietly rather than with a traceback.
     try:

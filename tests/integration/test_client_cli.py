@@ -230,10 +230,12 @@ def tls_server(models_dir: Path, pki: Pki) -> Iterator[RunningServer]:
 
 
 def _attn(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """``attn`` in a process of its own: what gRPC's C core writes to stderr is that process's."""
+    """``attn`` in a process of its own: what gRPC's C core writes to stderr is that process's, and its streams are
+    the ones ``env`` makes (read back in that encoding)."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("GRPC_")}
+    encoding = (env or {}).get("PYTHONIOENCODING", "utf-8")
     return subprocess.run([sys.executable, "-m", "client.cli", *argv, "--timeout", "20"], capture_output=True,
-                          text=True, timeout=120, env={**environ, **(env or {})})
+                          encoding=encoding, timeout=120, env={**environ, **(env or {})})
 
 
 def test_a_tls_mismatch_is_reported_in_the_clis_lines_only(running: RunningServer, tls_server: RunningServer,
@@ -255,3 +257,22 @@ def test_grpc_verbosity_set_by_the_user_still_shows_grpcs_log(running: RunningSe
                      env={"GRPC_VERBOSITY": "INFO"})
     assert finished.returncode == 1 and "Handshake failed" in finished.stderr
     assert finished.stderr.splitlines()[-1].startswith("attn: UNAVAILABLE: ")
+
+
+@pytest.mark.parametrize("env", [{"PYTHONIOENCODING": "ascii"}, {"PYTHONIOENCODING": "latin-1"},
+                                 {"LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}])
+def test_output_the_terminal_cannot_encode_is_escaped_not_a_traceback(env: dict[str, str],
+                                                                      running: RunningServer) -> None:
+    # "←" of the alignment, "→" of a models row, "▁" of a token's piece: a UnicodeEncodeError traceback ended the
+    # command (the answer half printed).
+    target = _target(running)
+    view = _attn("translate", TEXT, "--beam", "1", *target, env=env)
+    assert (view.returncode, view.stderr) == (0, ""), view.stderr
+    assert "  alignment (target word \\u2190 source words" in view.stdout
+    models = _attn("models", *target, env=env)
+    assert (models.returncode, models.stderr) == (0, "") and " de\\u2192en " in models.stdout, models.stderr
+    # --json stays JSON: a character the stream cannot take becomes a JSON escape, \\uXXXX (a pair above U+FFFF).
+    texts = [TEXT] if "LC_ALL" in env else [TEXT, "Schöne Grüße 😀"]
+    answer = _attn("translate", *texts, "--beam", "1", "--json", *target, env=env)
+    assert answer.returncode == 0 and answer.stdout.isascii() != (env.get("PYTHONIOENCODING") == "latin-1")
+    assert json.loads(answer.stdout) == json.loads(_attn("translate", *texts, "--beam", "1", "--json", *target).stdout)
