@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -47,12 +48,17 @@ def usage_error(message: str) -> NoReturn:
 
 
 def text(value: str) -> str:
-    """An argparse type: an argument sent as a request's text. An argument that is not UTF-8 reaches Python with
-    its bytes escaped (PEP 383), which no protobuf string holds."""
+    """An argparse type: an argument sent as a request's text. An argument its locale cannot decode reaches Python
+    with those bytes escaped (PEP 383), which no protobuf string holds: its bytes are read as UTF-8 (what a C locale
+    without Python's UTF-8 mode passes on as ASCII), and refused if they are not UTF-8 either."""
     try:
         value.encode()
     except UnicodeEncodeError:
-        raise argparse.ArgumentTypeError(f"{value.encode(errors='surrogateescape')!r} is not UTF-8 text") from None
+        raw = os.fsencode(value)
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            raise argparse.ArgumentTypeError(f"{raw!r} is not UTF-8 text") from None
     return value
 
 

@@ -276,3 +276,12 @@ def test_output_the_terminal_cannot_encode_is_escaped_not_a_traceback(env: dict[
     answer = _attn("translate", *texts, "--beam", "1", "--json", *target, env=env)
     assert answer.returncode == 0 and answer.stdout.isascii() != (env.get("PYTHONIOENCODING") == "latin-1")
     assert json.loads(answer.stdout) == json.loads(_attn("translate", *texts, "--beam", "1", "--json", *target).stdout)
+
+
+def test_utf8_arguments_in_an_ascii_locale_are_the_texts_they_spell(running: RunningServer) -> None:
+    # Without Python's UTF-8 mode a C locale decodes argv as ASCII, with each other byte escaped (PEP 383): the
+    # UTF-8 text "Schöne Grüße" was refused as "b'Sch\xc3\xb6ne Gr\xc3\xbc\xc3\x9fe' is not UTF-8 text".
+    env = {"LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    view = _attn("translate", "Schöne Grüße", "--beam", "1", *_target(running), env=env)
+    assert (view.returncode, view.stderr) == (0, ""), view.stderr
+    assert view.stdout.splitlines()[0] == "Sch\\u00f6ne Gr\\u00fc\\u00dfe"
