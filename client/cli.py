@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from attention_pb.v1 import attention_pb2 as pb
 from attention_pb.v1 import attention_pb2_grpc as pb_grpc
 from client import batch, caption, connection, render
-from client.options import add_decoding_arguments, decoding_options, seconds, text, usage_error
+from client.options import ArgumentParser, add_decoding_arguments, decoding_options, seconds, text, usage_error
 
 DETAILS = {"full": pb.ATTENTION_DETAIL_FULL, "words": pb.ATTENTION_DETAIL_WORDS, "none": pb.ATTENTION_DETAIL_NONE}
 MAX_MESSAGE_BYTES = 256 * 2**20
@@ -36,14 +36,14 @@ DEFAULT_TARGET = "localhost:50051"
 
 
 def parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = ArgumentParser(add_help=False)
     common.add_argument("--target", help=f"server host:port [ATTN_TARGET, default {DEFAULT_TARGET}]")
     common.add_argument("--timeout", type=seconds, default=60.0, help="deadline in seconds (default 60)")
     connection.add_arguments(common)  # --tls, --tls-ca, --tls-cert/--tls-key, --tls-server-name, --token-file
     # Not for ``attn batch``, which writes JSONL whatever it is told: there --json would be accepted and do nothing.
-    printing = argparse.ArgumentParser(add_help=False, parents=[common])
+    printing = ArgumentParser(add_help=False, parents=[common])
     printing.add_argument("--json", action="store_true", help="print the response as JSON")
-    top = argparse.ArgumentParser(prog="attn", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    top = ArgumentParser(prog="attn", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     commands = top.add_subparsers(dest="command", required=True)
     t = commands.add_parser("translate", parents=[printing], help="translate texts and show the alignment")
     t.add_argument("texts", nargs="+", type=text, help="texts to translate (one batch)")

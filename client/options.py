@@ -4,11 +4,30 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
 from attention_pb.v1 import attention_pb2 as pb
+
+# Any number float() reads, with a minus sign: -1, -.5, -1e3, -1_000.5, -inf, -Infinity, -nan.
+NEGATIVE_NUMBER = re.compile(r"-(?:(?:\d[\d_]*(?:\.[\d_]*)?|\.\d[\d_]*)(?:e[-+]?\d+)?|inf(?:inity)?|nan)\Z",
+                             re.IGNORECASE)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, taking any negative number after an option for its value: ``--length-penalty -inf``.
+    argparse reads an argument that starts with "-" as an option unless its negative-number pattern matches it, and
+    that pattern leaves out -inf and -nan, and before Python 3.14 -1e3 too (-1 and -.5 it has always matched): such a
+    value ended in "argument --length-penalty: expected one argument", and only ``--length-penalty=-inf`` worked.
+    The pattern is argparse's attribute ``_negative_number_matcher`` (every Python 3 has it; no parser of ``attn``
+    has an option that looks like a negative number, which would turn the matching off); subparsers are made of
+    this class too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = NEGATIVE_NUMBER
 
 
 def _bounded(low: int, high: int) -> Callable[[str], int]:

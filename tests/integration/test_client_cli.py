@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from client import connection
-from client.cli import main
+from client.cli import main, parser
 from tests.integration.serving import RunningServer, settings
 from tests.pki import Pki, make_pki
 
@@ -100,6 +101,9 @@ def test_errors_are_reported_with_their_code(running: RunningServer, capsys: pyt
     (["caption", "x.png", "--timeout", "inf"], "argument --timeout: inf is not a number of seconds above 0"),
     (["models", "--timeout", "1e10"], "--timeout: 1e10 is not a number of seconds above 0 and at most 1000000000"),
     (["batch", "in.txt", "-o", "out.jsonl", "--timeout", "0"], "argument --timeout: 0 is not a number of seconds"),
+    # Negative numbers argparse took for options of their own ("argument --timeout: expected one argument").
+    (["models", "--timeout", "-inf"], "argument --timeout: -inf is not a number of seconds above 0"),
+    (["health", "--timeout", "-1e3"], "argument --timeout: -1e3 is not a number of seconds above 0"),
     # Options that do not go together (exit 1 before, as a failed call).
     (["translate", "Hallo", "--heatmap", "h.png", "--attention", "words"], "--heatmap needs --attention full"),
     (["caption", "x.png", "--overlay", "o.png", "--attention", "none"], "--overlay needs --attention full"),
@@ -285,3 +289,32 @@ def test_utf8_arguments_in_an_ascii_locale_are_the_texts_they_spell(running: Run
     view = _attn("translate", "Schöne Grüße", "--beam", "1", *_target(running), env=env)
     assert (view.returncode, view.stderr) == (0, ""), view.stderr
     assert view.stdout.splitlines()[0] == "Sch\\u00f6ne Gr\\u00fc\\u00dfe"
+
+
+@pytest.mark.parametrize(("argv", "value"), [
+    (["translate", "Hallo", "--length-penalty", "-inf"], -math.inf),
+    (["translate", "Hallo", "--length-penalty", "-Infinity", "--beam", "2"], -math.inf),
+    (["translate", "Hallo", "--length-penalty", "-1e3"], -1000.0),
+    (["translate", "--length-penalty", "-1E-3", "Hallo"], -0.001),
+    (["caption", "x.png", "--length-penalty", "-.5"], -0.5),
+    (["caption", "x.png", "--length-penalty", "-2"], -2.0),
+    (["batch", "in.txt", "-o", "out.jsonl", "--length-penalty", "-1_000.5"], -1000.5),
+])
+def test_a_negative_number_is_the_value_of_the_option_before_it(argv: list[str], value: float) -> None:
+    # argparse took -inf and -1e3 (unlike -1 and -.5) for options of their own: "argument --length-penalty: expected
+    # one argument", and only --length-penalty=-inf worked.
+    assert parser().parse_args(argv).length_penalty == value
+
+
+def test_a_negative_length_penalty_reaches_the_server(running: RunningServer,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["translate", "Hallo", "--length-penalty", "-1e3", *_target(running)]) == 1
+    assert capsys.readouterr().err.startswith("attn: INVALID_ARGUMENT: length_penalty -1000.0 must be a finite number")
+
+
+def test_an_option_that_does_not_exist_is_still_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["models", "-x"], ["models", "-infinite"], ["translate", "Hallo", "--beam", "-b"]):
+        with pytest.raises(SystemExit) as stopped:
+            parser().parse_args(argv)
+        assert stopped.value.code == 2
+    assert "unrecognized arguments: -x" in capsys.readouterr().err
