@@ -86,8 +86,9 @@ def translate(args: argparse.Namespace, stub: pb_grpc.AttentionServiceStub) -> i
     if args.heatmap:
         from client import heatmap
 
-        # A path without a name ("." or "/", a folder) is tried as it is, to be refused as a folder, not numbered.
-        numbered = len(response.translations) > 1 and args.heatmap.name
+        # A folder ("." or "/", which have no name to number, or one that has) is tried as it is, to be refused as
+        # one text's is, not numbered into files beside it: --heatmap names a picture, not where to put pictures.
+        numbered = len(response.translations) > 1 and args.heatmap.name and not args.heatmap.is_dir()
         for i, result in enumerate(response.translations):
             path = args.heatmap.with_stem(f"{args.heatmap.stem}-{i + 1}") if numbered else args.heatmap
             heatmap.draw(result, result.hypotheses[0], path)

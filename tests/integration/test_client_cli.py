@@ -62,15 +62,20 @@ def test_heatmap(running: RunningServer, tmp_path: Path, capsys: pytest.CaptureF
     assert "heatmap written" in capsys.readouterr().err
 
 
-def test_a_heatmap_path_that_names_a_folder_is_refused_in_one_line(running: RunningServer, tmp_path: Path,
+@pytest.mark.parametrize("folder", [".", "plots", "plots/", "plots.d"])
+def test_a_heatmap_path_that_names_a_folder_is_refused_in_one_line(folder: str, running: RunningServer,
+                                                                   tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    # "." has no name to number: with several texts, its out-1.png, out-2.png cannot be made from it.
+    # "." has no name to number: with several texts, its out-1.png, out-2.png cannot be made from it. A folder that
+    # has a name is refused as "." is, with one text and with several: several texts wrote plots-1.png and
+    # plots-2.png beside it, and plots.d was refused for its extension ("Format 'd' is not supported").
     monkeypatch.chdir(tmp_path)
+    Path(folder).mkdir(exist_ok=True)
     for texts in ([TEXT], [TEXT, "Guten Morgen."]):
         with pytest.raises(SystemExit) as stopped:
-            main(["translate", *texts, "--heatmap", ".", *_target(running)])
-        assert stopped.value.code == "attn: cannot write .: Is a directory"
-    assert list(tmp_path.iterdir()) == []
+            main(["translate", *texts, "--heatmap", folder, *_target(running)])
+        assert stopped.value.code == f"attn: cannot write {Path(folder)}: Is a directory"
+    assert [p for p in tmp_path.rglob("*") if not p.is_dir()] == []
 
 
 def test_models(running: RunningServer, capsys: pytest.CaptureFixture[str]) -> None:
