@@ -15,6 +15,7 @@ import torch
 from training import checkpoint
 from training.caption_train import CaptionTrainConfig
 from training.config import InputError
+from training.loop import is_first_process
 from training.recipe import RunInterrupted
 from training.train import TrainConfig, model_config
 
@@ -132,7 +133,9 @@ def _run(args: argparse.Namespace, cfg: Any) -> int:
         from training.train import train as train_translator
 
         train = train_translator if args.command == "translation" else train_captioner
-        _report_best(train(cfg, args.resume, set(_given_fields(args.config, args))))
+        best = train(cfg, args.resume, set(_given_fields(args.config, args)))
+        if is_first_process():
+            _report_best(best)
         return 0
 
     if args.out:

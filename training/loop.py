@@ -109,6 +109,12 @@ def distributed() -> tuple[int, int]:
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
+def is_first_process() -> bool:
+    """Whether this process is rank 0 of a ``torchrun`` (or runs alone): the one that writes the checkpoints, and so
+    the one to name them."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def device_for(name: str, rank: int) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"

@@ -152,3 +152,5 @@ def test_two_process_torchrun_on_cpu(tmp_path: Path) -> None:
     assert payload["progress"]["step"] == 3
     assert payload["hardware"].startswith("2x cpu")
     assert payload["progress"]["batch_in_epoch"] == 6
+    # Rank 0 writes the checkpoints, so it alone names the best one.
+    assert result.stdout.count("best checkpoint") == 1, result.stdout

@@ -178,3 +178,5 @@ def test_two_process_torchrun_on_cpu(tmp_path: Path) -> None:
     assert payload["hardware"].startswith("2x cpu")
     # Each step consumed one batch per process.
     assert payload["progress"]["batch_in_epoch"] == 12
+    # Rank 0 writes the checkpoints, so it alone names the best one.
+    assert result.stdout.count("best checkpoint") == 1, result.stdout
