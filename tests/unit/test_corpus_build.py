@@ -3,6 +3,7 @@ import json
 import os
 import shutil
 import subprocess
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,63 @@ def test_ding_keeps_its_split_and_exact_duplicates_are_kept_once() -> None:
     assert splits == assemble(ding)  # Ding's splits are what they were without the other sources
     assert stats.conflicts["gettext"] == {"train": 1}
     assert stats.duplicates + sum(stats.conflicts["ddtp"].values()) == 1
+
+
+def without_punctuation(text: str) -> str:
+    return " ".join("".join(c for c in normalise(text) if not unicodedata.category(c).startswith("P")).split())
+
+
+def straddling(splits: dict[str, list[Pair]]) -> set[str]:
+    """Sources equal up to case, whitespace and punctuation, and targets of 3 words or more, in several splits."""
+    where: dict[str, set[str]] = {}
+    for name, members in splits.items():
+        for p in members:
+            target = without_punctuation(p.target)
+            for key in ["source:" + without_punctuation(p.source)] + (["target:" + target] * (len(target.split()) > 2)):
+                where.setdefault(key, set()).add(name)
+    return {key for key, names in where.items() if len(names) > 1}
+
+
+def ding_pairs_in(split_names: tuple[str, ...], source: str, target: str) -> list[Pair]:
+    """Ding sentences ``source`` (numbered) → ``target``, one that split_of puts in each of ``split_names``."""
+    out = []
+    for name in split_names:
+        out.append(next(p for i in range(10_000) if split_of(p := Pair(source.format(i), target, True)) == name
+                        and p not in out))
+    return out
+
+
+def test_near_duplicates_and_shared_sentence_targets_are_held_out_together() -> None:
+    train_pkg, test_pkg, valid_pkg = group_in("train"), group_in("test"), group_in("valid")
+    saved = Pair("Datei speichern unter", "Save file as", False, "gettext", train_pkg)
+    dots = Pair("Datei speichern unter...", "Save File As...", False, "gettext", test_pkg)  # punctuation only
+    quotes = [Pair("Der Drucker »%s« hat kein Papier mehr.", "Printer “%s” is out of paper.", True, "gettext", g)
+              for g in (train_pkg,)] + [Pair("Der Drucker „%s“ hat kein Papier mehr.",
+                                             "The printer “%s” is out of paper.", True, "gettext", valid_pkg)]
+    # Two German versions of one English sentence: the held-out one is the training one seen again.
+    wollen = Pair("Wollen Sie die Änderungen speichern?", "Do you want to save the changes?", True, "gettext",
+                  train_pkg)
+    moechten = Pair("Möchten Sie die Änderungen speichern?", "Do you want to save the changes?", True, "gettext",
+                    test_pkg)
+    # One-word targets are shared by different words, each a test of its own.
+    haus, gebaeude = Pair("Haus", "house", False, "ddtp", train_pkg), Pair("Gebäude", "house", False, "ddtp", test_pkg)
+    # Ding alone: two sources of one English sentence in two splits, the first one's split wins.
+    first, second = ding_pairs_in(("test", "train"), "Satz {} sagt dasselbe.", "The sentence says the same.")
+    # A package pair whose source Ding holds out and whose target Ding trains on fits in no split.
+    held, trained = ding_pairs_in(("test", "train"), "Beispiel {} hier.", "{} example here.")
+    trained = Pair(trained.source, "an example sentence that is trained on", True)
+    bridge = Pair(held.source, trained.target, True, "gettext", train_pkg)
+    ding = [first, second, held, trained]
+    packages = [saved, dots, *quotes, wollen, moechten, haus, gebaeude, bridge]
+    stats = build_module.AssembleStats()
+    splits = assemble(ding + packages, stats)
+
+    assert straddling(splits) == set()
+    kept = {p for members in splits.values() for p in members}
+    assert {saved, quotes[0], wollen, haus, gebaeude, first, held, trained} <= kept
+    assert not kept & {dots, quotes[1], moechten, second, bridge}
+    assert {name: [p for p in members if p.domain == "ding"] for name, members in splits.items()} == assemble(ding)
+    assert stats.conflicts["gettext"] == {"test": 2, "valid": 1, "train": 1} and stats.conflicts["ding"] == {"train": 1}
 
 
 def test_written_corpus_reads_back_as_the_same_splits(tmp_path: Path) -> None:

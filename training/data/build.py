@@ -24,6 +24,7 @@ archive's content: two builds from the same indexes and packages give the same f
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -34,6 +35,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -61,19 +63,114 @@ def log(message: str) -> None:
 @dataclass
 class AssembleStats:
     duplicates: int = 0
-    # Pairs dropped because their normalised source belongs to another split, per domain and the split they lost.
+    # Pairs dropped because their source or target belongs to another split, per domain and the split they lost.
     conflicts: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(Counter))
+
+
+@functools.cache
+def _punctuation() -> dict[int, None]:
+    """A str.translate table deleting every Unicode punctuation character (categories P*)."""
+    return dict.fromkeys(i for i in range(sys.maxunicode + 1) if unicodedata.category(chr(i)).startswith("P"))
+
+
+def near_key(text: str) -> str:
+    """The key under which two texts count as the same for the splits: :func:`normalise`'s, without punctuation.
+
+    Messages and descriptions come in versions that differ only in punctuation ("Datei speichern unter..." and
+    "Datei speichern unter", »%s« and „%s“, "Ziel:" and "Ziel", "Proxy-Einstellungen" and "Proxyeinstellungen"):
+    one in training and another held out is the same item seen twice. A text of punctuation only keeps its
+    normalised form.
+    """
+    normalised = normalise(text)
+    return " ".join(normalised.translate(_punctuation()).split()) or normalised
+
+
+# A target of at least this many words ties together the pairs that have it: two German versions of one English
+# sentence ("Wollen Sie …", "Möchten Sie die Änderungen speichern?") are one sentence to learn, and with one in
+# training the other is no test. Shorter targets ("house", "Cancel") are shared by different words, each its own test.
+SHARED_TARGET_WORDS = 3
+
+
+def leak_keys(pair: Pair) -> list[str]:
+    """The keys that may not appear in two splits: the pair's source, and its target if it has enough words."""
+    keys = ["source:" + near_key(pair.source)]
+    target = near_key(pair.target)
+    if len(target.split()) >= SHARED_TARGET_WORDS:
+        keys.append("target:" + target)
+    return keys
+
+
+class _Linked:
+    """Keys linked into items (union-find): the keys of one pair are one item, and so are items that share a key."""
+
+    def __init__(self) -> None:
+        self.parent: dict[str, str] = {}
+
+    def find(self, key: str) -> str:
+        root = self.parent.setdefault(key, key)
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[key] != root:  # path compression: items of a million keys stay cheap
+            self.parent[key], key = root, self.parent[key]
+        return root
+
+    def link(self, keys: list[str]) -> None:
+        first = self.find(keys[0])
+        for key in keys[1:]:
+            root = self.find(key)
+            if root != first:
+                self.parent[root] = first
+
+
+Item = tuple[Pair, str, list[str]]  # a pair, its split under split_of, its leak keys
+
+
+def _ding_splits(items: list[Item]) -> dict[str, str]:
+    """key → split for the keys of the Ding pairs, from Ding alone: each item takes the split of its first pair."""
+    linked = _Linked()
+    ding = [(name, keys) for p, name, keys in items if not p.group]
+    for _, keys in ding:
+        linked.link(keys)
+    first: dict[str, str] = {}
+    for name, keys in ding:
+        first.setdefault(linked.find(keys[0]), name)
+    return {key: first[linked.find(key)] for _, keys in ding for key in keys}
+
+
+def _item_splits(items: list[Item], ding: dict[str, str]) -> tuple[_Linked, dict[str, str | None]]:
+    """The items over all pairs and the split each one's package pairs go to: Ding's where Ding has its keys
+    (None where Ding has them in two splits: no split can take the package pairs that link them), else
+    ``train``, then ``test``, then ``valid``, whichever its pairs reach first."""
+    linked = _Linked()
+    for _, _, keys in items:
+        linked.link(keys)
+    ding_names: dict[str, set[str]] = defaultdict(set)
+    names: dict[str, set[str]] = defaultdict(set)
+    for _, name, keys in items:
+        root = linked.find(keys[0])
+        names[root].add(name)
+        ding_names[root].update(ding[key] for key in keys if key in ding)
+    winners: dict[str, str | None] = {}
+    for root, reached in names.items():
+        held = ding_names[root]
+        if held:
+            winners[root] = next(iter(held)) if len(held) == 1 else None
+        else:
+            winners[root] = next(s for s in ("train", "test", "valid") if s in reached)
+    return linked, winners
 
 
 def assemble(pairs: Iterable[Pair], stats: AssembleStats | None = None) -> dict[str, list[Pair]]:
     """The splits of the corpus: every pair in the split :func:`split_of` gives it, so that ``split(load_corpus())``
     at training time finds exactly these splits, minus pairs that would leak.
 
-    A normalised source ends in exactly one split. Where its pairs fall in several (the same message in a held-out
-    and a training package, or in a package and in Ding), one split wins and the pairs in the others are dropped:
+    No key of :func:`leak_keys` (the source up to case, whitespace and punctuation; a target of several words) is
+    in two splits. Pairs that share a key are one item, which ends in one split; its pairs in the others are
+    dropped:
 
-    * a source Ding has keeps Ding's split (Ding splits by source, so its held-out sets stay what they are without
-      the other sources);
+    * Ding's items are formed and split among Ding's pairs alone, each taking the split of its first pair, so
+      Ding's held-out sets are what they are without the other sources; an item that reaches Ding's keys takes
+      Ding's split;
     * otherwise ``train`` wins, then ``test``. Dropping the training copies instead would remove from training every
       message many packages share ("Abbrechen", "Datei"), since almost all of them are in some held-out package;
       the held-out sets measure messages the model has not seen, which is what a package split is for.
@@ -82,17 +179,13 @@ def assemble(pairs: Iterable[Pair], stats: AssembleStats | None = None) -> dict[
     given (the build gives Ding, then DDTP, then gettext).
     """
     stats = stats if stats is not None else AssembleStats()
-    items = [(p, split_of(p), normalise(p.source)) for p in pairs]
-    ding_split: dict[str, str] = {}
-    seen_splits: dict[str, set[str]] = defaultdict(set)
-    for p, name, key in items:
-        if not p.group:
-            ding_split.setdefault(key, name)
-        seen_splits[key].add(name)
+    items = [(p, split_of(p), leak_keys(p)) for p in pairs]
+    ding = _ding_splits(items)
+    linked, winners = _item_splits(items, ding)
     out: dict[str, list[Pair]] = {name: [] for name in SPLITS}
     seen: set[tuple[str, str]] = set()
-    for p, name, key in items:
-        winner = ding_split.get(key) or next(s for s in ("train", "test", "valid") if s in seen_splits[key])
+    for p, name, keys in items:
+        winner = ding[keys[0]] if not p.group else winners[linked.find(keys[0])]
         if name != winner:
             stats.conflicts[p.domain][name] += 1
             continue
@@ -541,6 +634,7 @@ def build(out: Path, cache: Path, package_list: Path = PACKAGE_LIST, offline: bo
             "split_conflicts": {d: dict(c) for d, c in stats.conflicts.items()},
         },
         "split_rule": "group (Debian source package without version suffix) when set, else the normalised source; "
+        "no source (up to case, whitespace and punctuation) nor target of 3 words or more in two splits; "
         "see training/data/corpus.py split_of and training/data/build.py assemble",
     }
     manifest = write_corpus(out, splits, extra)
