@@ -290,3 +290,17 @@ def test_offline_build_is_reproducible_and_tolerates_missing_sources(tmp_path: P
     third = build(tmp_path / "three", cache, package_list, offline=True)
     assert third["sources"]["ding"] == {"status": "missing"} and third["sources"]["ddtp"] == {"status": "missing"}
     assert third["pairs"]["train"] + third["pairs"]["valid"] + third["pairs"]["test"] == 3
+
+
+@pytest.mark.parametrize("option", ["--out", "--cache"])
+def test_a_folder_that_cannot_be_written_fails_in_one_line_before_the_build(tmp_path: Path, monkeypatch,
+                                                                              option: str) -> None:
+    def no_source(*args):
+        raise AssertionError("the build started")
+
+    monkeypatch.setattr(build_module, "ding_source", no_source)
+    (tmp_path / "a-file").write_text("")
+    folders = {"--out": tmp_path / "out", "--cache": tmp_path / "cache"}
+    folders[option] = tmp_path / "a-file" / "de-en"  # under a file: no user, root included, can make it
+    with pytest.raises(SystemExit, match=f"^python -m training.data.build: error: {option} .*a-file/de-en: Not a"):
+        build(folders["--out"], folders["--cache"], tmp_path / "packages.txt", offline=True)

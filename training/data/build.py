@@ -608,8 +608,21 @@ def _complete(path: Path, size: int) -> bool:
 # --- the build ---------------------------------------------------------------------------------------------------
 
 
+def writable_folder(path: Path, option: str) -> None:
+    """Makes ``path`` and writes a file in it: a folder that cannot take the build's files fails now, in one line,
+    not in a traceback after minutes of downloads."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise SystemExit(f"python -m training.data.build: error: {option} {path}: {exc.strerror or exc}") from None
+
+
 def build(out: Path, cache: Path, package_list: Path = PACKAGE_LIST, offline: bool = False) -> dict:
     start = time.monotonic()
+    writable_folder(out, "--out")
+    writable_folder(cache, "--cache")
     apt = Apt(cache / "apt")
     apt.write_sources()
     info: dict = {"index_bytes_fetched": 0}
