@@ -247,8 +247,9 @@ def test_only_german_catalogs_are_extracted(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "mo").iterdir()) == [".done", "app.mo"]
 
 
-@needs_dpkg
-def test_offline_build_is_reproducible_and_tolerates_missing_sources(tmp_path: Path, monkeypatch) -> None:
+def offline_cache(tmp_path: Path, monkeypatch) -> tuple[Path, Path, Path]:
+    """A cache holding the DDTP indexes, a Packages index and the .deb of the package ``app``, a package list
+    naming it, and the Ding sample as Ding: (cache, package list, the cached .deb)."""
     cache = tmp_path / "cache"
     lists = cache / "apt" / "lists"
     lists.mkdir(parents=True)
@@ -267,7 +268,13 @@ def test_offline_build_is_reproducible_and_tolerates_missing_sources(tmp_path: P
     package_list = tmp_path / "packages.txt"
     package_list.write_text("# comment\napp\nnot-in-the-archive\n")
     monkeypatch.setattr(ding_module, "DING_PATH", DING_SAMPLE)
+    return cache, package_list, cache / "debs" / deb.name
 
+
+@needs_dpkg
+def test_offline_build_is_reproducible_and_tolerates_missing_sources(tmp_path: Path, monkeypatch) -> None:
+    cache, package_list, _ = offline_cache(tmp_path, monkeypatch)
+    lists = cache / "apt" / "lists"
     first = build(tmp_path / "one", cache, package_list, offline=True)
     second = build(tmp_path / "two", cache, package_list, offline=True)
     assert first["hash"] == second["hash"]
@@ -304,3 +311,29 @@ def test_a_folder_that_cannot_be_written_fails_in_one_line_before_the_build(tmp_
     folders[option] = tmp_path / "a-file" / "de-en"  # under a file: no user, root included, can make it
     with pytest.raises(SystemExit, match=f"^python -m training.data.build: error: {option} .*a-file/de-en: Not a"):
         build(folders["--out"], folders["--cache"], tmp_path / "packages.txt", offline=True)
+
+
+@needs_dpkg
+def test_a_build_without_the_archive_says_what_it_lacks_and_fails(tmp_path: Path, monkeypatch, capsys) -> None:
+    cache, package_list, _ = offline_cache(tmp_path, monkeypatch)
+    args = ["--out", str(tmp_path / "out"), "--cache", str(cache), "--packages", str(package_list), "--offline"]
+    assert build_module.main(args) == 0  # everything cached (a package gone from the archive is no lack)
+
+    # An interrupted first build: a listed package the archive has, whose .deb was not fetched.
+    print_uris = build_module._print_uris
+    monkeypatch.setattr(build_module, "_print_uris", lambda apt, names: {
+        **print_uris(apt, names), "zeta": ("zeta_3_all.deb", 1000, "b" * 64)})
+    package_list.write_text(package_list.read_text() + "zeta\n")
+    assert build_module.main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"python -m training.data.build: error: {tmp_path / 'out'} is written without "
+                              "1 gettext packages (")
+    assert read_built(tmp_path / "out")  # what could be had is written, as the manifest says
+
+    # No network and an empty cache: neither indexes nor packages; the gettext packages are not called gone.
+    empty = tmp_path / "empty-cache"
+    assert build_module.main([*args[:3], str(empty), *args[4:]]) == 1
+    err = capsys.readouterr().err
+    assert "not in the archive's indexes" not in err
+    assert err.strip().splitlines()[-1].startswith(
+        f"python -m training.data.build: error: {tmp_path / 'out'} is written without ddtp and gettext (")

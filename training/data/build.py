@@ -540,6 +540,10 @@ def gettext_source(apt: Apt, cache: Path, package_list: Path, packages: dict[str
         log(f"gettext: {package_list} not found: left out")
         manifest["gettext"] = {"status": "missing"}
         return []
+    if not packages:  # no index to find them in: they are not gone from the archive, the archive is out of reach
+        log("gettext: no Packages index to fetch the listed packages with: left out")
+        manifest["gettext"] = {"status": "missing"}
+        return []
     wanted = read_package_list(package_list)
     debs, mo_root = cache / "debs", cache / "mo"
     debs.mkdir(parents=True, exist_ok=True)
@@ -547,7 +551,7 @@ def gettext_source(apt: Apt, cache: Path, package_list: Path, packages: dict[str
     if unknown:
         log(f"gettext: {len(unknown)} listed packages are not in the archive's indexes, left out: "
             + " ".join(unknown[:20]) + (" …" if len(unknown) > 20 else ""))
-    uris = _print_uris(apt, [n for n in wanted if n in packages]) if packages else {}
+    uris = _print_uris(apt, [n for n in wanted if n in packages])
     missing = [n for n, (f, size, _) in uris.items() if not _complete(debs / f, size)]
     fetched = 0
     if missing and not offline:
@@ -594,6 +598,8 @@ def gettext_source(apt: Apt, cache: Path, package_list: Path, packages: dict[str
         "listed": len(wanted),
         "packages": {n: unquote(used[n].split("_")[1]) for n in sorted(used)},
         "left_out": sorted(unknown + bad),
+        # In the archive but not had this time (offline, a failed download, a bad hash): a rebuild may get them.
+        "unavailable": sorted(bad),
         "pairs": len(pairs),
         "stats": asdict(stats),
     }
@@ -718,8 +724,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.choose_packages:
         choose_packages(args.cache, int(args.max_deb_mb * 1e6), args.packages)
     else:
-        build(args.out, args.cache, args.packages, args.offline)
+        missing = incomplete(build(args.out, args.cache, args.packages, args.offline))
+        if missing:
+            print(f"python -m training.data.build: error: {args.out} is written without {' and '.join(missing)} "
+                  "(see above; --data mixed would train without them): build again where the archive can be "
+                  "reached, the cache keeps what was fetched", file=sys.stderr)
+            return 1
     return 0
+
+
+def incomplete(manifest: dict) -> list[str]:
+    """What a written corpus lacks of what the build is for: the sources that could not be had, and the listed
+    packages the archive has but that could not be fetched (offline, a failed download). Packages gone from the
+    archive are not missing: the corpus is the archive's as it is now."""
+    sources = manifest["sources"]
+    missing = [name for name in DOMAINS if sources.get(name, {}).get("status") != "ok"]
+    unavailable = sources.get("gettext", {}).get("unavailable", [])
+    if unavailable:
+        missing.append(f"{len(unavailable)} gettext packages")
+    return missing
 
 
 if __name__ == "__main__":
