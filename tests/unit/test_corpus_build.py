@@ -1,6 +1,7 @@
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import unicodedata
@@ -176,6 +177,34 @@ def test_a_changed_corpus_file_is_refused(tmp_path: Path) -> None:
         read_built(tmp_path)
     with pytest.raises(FileNotFoundError, match="make data"):
         read_built(tmp_path / "absent")
+
+
+@pytest.mark.parametrize("row, complaint", [
+    (b"Haus\thouse\tding\t\tx", "the sentence column is 0 or 1, not 'x'"),
+    (b"Haus\thouse\tding\t\t", "the sentence column is 0 or 1, not ''"),
+    (b"Haus\thouse\tklingon\t\t0", "unknown domain 'klingon'"),
+    (b"\thouse\tding\t\t0", "an empty source or target"),
+    (b"Haus\thouse\tding\t0", "expected 5 fields"),
+    (b"Haus\thouse\xff\tding\t\t0", "not UTF-8 text (byte 0xff)"),
+    (b"", "expected 5 fields"),
+])
+def test_a_malformed_row_is_refused_with_its_line(tmp_path: Path, row: bytes, complaint: str) -> None:
+    write_corpus(tmp_path, assemble(grouped(group_in("train"), 3)))
+    train = tmp_path / "train.tsv"
+    lines = train.read_bytes().split(b"\n")
+    lines.insert(2, row)
+    train.write_bytes(b"\n".join(lines))
+    with pytest.raises(ValueError, match=f"^{train}:3: .*{re.escape(complaint)}"):
+        load_corpus(f"mixed:{tmp_path}")
+
+
+def test_built_files_with_windows_line_ends_still_read(tmp_path: Path) -> None:
+    splits = assemble(grouped(group_in("train"), 3) + [Pair("Das ist ein Satz.", "That is a sentence.", True)])
+    write_corpus(tmp_path, splits)
+    for name in ("train", "valid", "test"):
+        path = tmp_path / f"{name}.tsv"
+        path.write_bytes(path.read_bytes().replace(b"\n", b"\r\n"))
+    assert read_built(tmp_path) == splits["train"] + splits["valid"] + splits["test"]
 
 
 def test_debian_sources_keep_only_the_debian_archive_main() -> None:

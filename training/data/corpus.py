@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,25 +166,49 @@ def read_built(directory: Path = BUILT_DIR) -> list[Pair]:
     pairs: list[Pair] = []
     for name in SPLITS:
         path = directory / f"{name}.tsv"
-        with path.open(encoding="utf-8") as f:
-            header = f.readline().rstrip("\n").split("\t")
-            if tuple(header) != BUILT_COLUMNS:
-                raise InputError(f"{path}: expected the header {'<TAB>'.join(BUILT_COLUMNS)}, got {header}")
-            for number, line in enumerate(f, 2):
-                fields = line.rstrip("\n").split("\t")
-                if len(fields) != len(BUILT_COLUMNS):
-                    raise InputError(f"{path}:{number}: expected {len(BUILT_COLUMNS)} fields, got {line[:80]!r}")
-                source, target, domain, group, sentence = fields
-                pair = Pair(source, target, sentence == "1", domain, group)
-                if split_of(pair) != name:
-                    raise InputError(
-                        f"{path}:{number}: this pair belongs to {split_of(pair)!r} under the current split rule; "
-                        "rebuild the corpus with 'make data'"
-                    )
-                pairs.append(pair)
+        lines = _built_lines(path)
+        _, header = next(lines, (1, ""))
+        if tuple(header.split("\t")) != BUILT_COLUMNS:
+            raise InputError(f"{path}: expected the header {'<TAB>'.join(BUILT_COLUMNS)}, got {header[:80]!r}")
+        for number, line in lines:
+            pair = _built_pair(path, number, line)
+            if split_of(pair) != name:
+                raise InputError(
+                    f"{path}:{number}: this pair belongs to {split_of(pair)!r} under the current split rule; "
+                    "rebuild the corpus with 'make data'"
+                )
+            pairs.append(pair)
     if data_hash(pairs) != manifest["hash"]:
         raise InputError(f"{directory}: the pairs hash to {data_hash(pairs)}, the manifest says {manifest['hash']}")
     return pairs
+
+
+def _built_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """The numbered lines of a built TSV, read as a stream (the training file is large); bytes that are not UTF-8
+    are an error naming the line."""
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InputError(f"{path}:{number}: not UTF-8 text (byte {raw[exc.start]:#04x})") from None
+            yield number, line.removesuffix("\n").removesuffix("\r")
+
+
+def _built_pair(path: Path, number: int, line: str) -> Pair:
+    """One row of a built TSV. A row the build cannot have written is an error naming its line: the sentence flag
+    is not in the corpus hash, so a mistake there would otherwise pass unseen."""
+    fields = line.split("\t")
+    if len(fields) != len(BUILT_COLUMNS):
+        raise InputError(f"{path}:{number}: expected {len(BUILT_COLUMNS)} fields, got {line[:80]!r}")
+    source, target, domain, group, sentence = fields
+    if not source.strip() or not target.strip():
+        raise InputError(f"{path}:{number}: an empty source or target in {line[:80]!r}")
+    if domain not in DOMAINS:
+        raise InputError(f"{path}:{number}: unknown domain {domain!r} (the build writes {', '.join(DOMAINS)})")
+    if sentence not in ("0", "1"):
+        raise InputError(f"{path}:{number}: the sentence column is 0 or 1, not {sentence!r}")
+    return Pair(source, target, sentence == "1", domain, group)
 
 
 def held_out(pairs: Iterable[Pair], domain: str, split_name: str = "test") -> list[Pair]:
