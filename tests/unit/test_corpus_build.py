@@ -207,6 +207,17 @@ def test_built_files_with_windows_line_ends_still_read(tmp_path: Path) -> None:
     assert read_built(tmp_path) == splits["train"] + splits["valid"] + splits["test"]
 
 
+def test_a_rebuild_cut_short_leaves_no_corpus_to_train_on(tmp_path: Path) -> None:
+    write_corpus(tmp_path, assemble(grouped(group_in("train"), 3) + grouped(group_in("test"), 3)))
+    cut_short = assemble(grouped(group_in("train", 100), 3))
+    cut_short["valid"] = [Pair("a\tb", "c", False, "gettext", group_in("valid"))]  # the write stops at valid.tsv
+    with pytest.raises(ValueError, match="a tab or newline"):
+        write_corpus(tmp_path, cut_short)
+    # train.tsv is the new build's, valid.tsv and test.tsv the old one's: not a corpus, and said so.
+    with pytest.raises(ValueError, match="manifest.json not found: build the corpus with 'make data'"):
+        load_corpus(f"mixed:{tmp_path}")
+
+
 def test_debian_sources_keep_only_the_debian_archive_main() -> None:
     files = {
         "debian.sources": (

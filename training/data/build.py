@@ -198,8 +198,13 @@ def assemble(pairs: Iterable[Pair], stats: AssembleStats | None = None) -> dict[
 
 
 def write_corpus(out: Path, splits: dict[str, list[Pair]], extra: dict | None = None) -> dict:
-    """Writes the split TSVs and ``manifest.json`` (deterministic: sorted keys, no times) and returns the manifest."""
+    """Writes the split TSVs and ``manifest.json`` (deterministic: sorted keys, no times) and returns the manifest.
+
+    The manifest goes first and comes back last: a write cut short (Ctrl-C, a full disk) leaves a folder without one,
+    which ``load_corpus`` refuses as unbuilt, never new split files under the old manifest.
+    """
     out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").unlink(missing_ok=True)
     counts: dict[str, dict[str, int]] = {d: dict.fromkeys(SPLITS, 0) for d in DOMAINS}
     sentences: dict[str, dict[str, int]] = {d: dict.fromkeys(SPLITS, 0) for d in DOMAINS}
     groups: dict[str, dict[str, set[str]]] = {d: {s: set() for s in SPLITS} for d in DOMAINS}
@@ -228,7 +233,9 @@ def write_corpus(out: Path, splits: dict[str, list[Pair]], extra: dict | None = 
         "columns": list(BUILT_COLUMNS),
         **(extra or {}),
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    tmp = out / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    tmp.replace(out / "manifest.json")
     return manifest
 
 

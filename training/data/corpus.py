@@ -179,7 +179,8 @@ def read_built(directory: Path = BUILT_DIR) -> list[Pair]:
                 )
             pairs.append(pair)
     if data_hash(pairs) != manifest["hash"]:
-        raise InputError(f"{directory}: the pairs hash to {data_hash(pairs)}, the manifest says {manifest['hash']}")
+        raise InputError(f"{directory}: the pairs hash to {data_hash(pairs)}, the manifest says {manifest['hash']}: "
+                         "the files changed since the build; rebuild the corpus with 'make data'")
     return pairs
 
 
