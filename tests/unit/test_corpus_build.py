@@ -4,6 +4,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 import unicodedata
 from pathlib import Path
 
@@ -377,3 +378,34 @@ def test_a_build_without_the_archive_says_what_it_lacks_and_fails(tmp_path: Path
     assert "not in the archive's indexes" not in err
     assert err.strip().splitlines()[-1].startswith(
         f"python -m training.data.build: error: {tmp_path / 'out'} is written without ddtp and gettext (")
+
+
+def test_ctrl_c_ends_the_build_in_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build_module, "build", interrupted)
+    try:
+        status = build_module.main(["--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")])
+    except KeyboardInterrupt:
+        pytest.fail("the Ctrl-C escaped main as a traceback")
+    assert status == 130
+    assert capsys.readouterr().err.splitlines() == [
+        "python -m training.data.build: interrupted; the cache keeps what was fetched, and the next build goes on "
+        "from there"]
+
+
+def test_ctrl_c_while_unpacking_stops_at_the_packages_under_way(tmp_path: Path, monkeypatch) -> None:
+    unpacked = []
+
+    def unpack(deb: Path, dest: Path) -> None:
+        unpacked.append(deb)
+        if len(unpacked) == 1:
+            raise KeyboardInterrupt
+        time.sleep(0.01)  # a package takes a while: the interrupt reaches the pool before the queue is done
+
+    monkeypatch.setattr(build_module, "_try_extract", unpack)
+    todo = [(tmp_path / f"p{i}.deb", tmp_path / f"p{i}") for i in range(200)]
+    with pytest.raises(KeyboardInterrupt):
+        build_module.extract_all(todo)
+    assert len(unpacked) < 20  # those the other workers had begun, not the 199 queued

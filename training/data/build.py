@@ -532,6 +532,17 @@ def _try_extract(deb: Path, dest: Path) -> str | None:
     return None
 
 
+def extract_all(todo: list[tuple[Path, Path]]) -> list[str]:
+    """Unpacks each ``(deb, dest)`` in parallel; returns the failures. A Ctrl-C stops at the packages being unpacked
+    (each one whole or not at all), not after all the others queued."""
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        try:
+            return [e for e in pool.map(lambda job: _try_extract(*job), todo) if e]
+        except KeyboardInterrupt:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
 def gettext_pairs(catalogs: Iterable[tuple[str, Path]], group_of, stats: CatalogStats) -> list[Pair]:
     """The pairs of the ``.mo`` files in each ``(package, directory)``, in the order given, files by name."""
     pairs = []
@@ -589,8 +600,7 @@ def gettext_source(apt: Apt, cache: Path, package_list: Path, packages: dict[str
     todo = [(deb, dest) for deb, dest in todo if not (dest / ".done").exists()]
     if todo:
         log(f"gettext: extracting German catalogs from {len(todo)} packages")
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-            failed = [e for e in pool.map(lambda job: _try_extract(*job), todo) if e]
+        failed = extract_all(todo)
         if failed:
             log(f"gettext: {len(failed)} packages could not be unpacked, left out: " + "; ".join(failed[:5]))
     for name in list(used):
@@ -728,15 +738,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="rewrite the package list from the archive's Contents index instead of building")
     parser.add_argument("--max-deb-mb", type=float, default=3.0, help="with --choose-packages (default: %(default)s)")
     args = parser.parse_args(argv)
-    if args.choose_packages:
-        choose_packages(args.cache, int(args.max_deb_mb * 1e6), args.packages)
-    else:
+    try:
+        if args.choose_packages:
+            choose_packages(args.cache, int(args.max_deb_mb * 1e6), args.packages)
+            return 0
         missing = incomplete(build(args.out, args.cache, args.packages, args.offline))
-        if missing:
-            print(f"python -m training.data.build: error: {args.out} is written without {' and '.join(missing)} "
-                  "(see above; --data mixed would train without them): build again where the archive can be "
-                  "reached, the cache keeps what was fetched", file=sys.stderr)
-            return 1
+    except KeyboardInterrupt:  # Ctrl-C stops a long build on purpose: one line saying how it goes on, not a stack
+        print("python -m training.data.build: interrupted; the cache keeps what was fetched, and the next build goes "
+              "on from there", file=sys.stderr)
+        return 130
+    if missing:
+        print(f"python -m training.data.build: error: {args.out} is written without {' and '.join(missing)} "
+              "(see above; --data mixed would train without them): build again where the archive can be "
+              "reached, the cache keeps what was fetched", file=sys.stderr)
+        return 1
     return 0
 
 
