@@ -6,7 +6,10 @@
 service: the exported graphs, `TranslationModel.translate` with `beam_size` (the engine's search, length penalty 1),
 the best hypothesis. Sets are those of `training.evaluate` (the mixed corpus's test split: Ding full sentences, Ding
 phrases with their 1–3-word subset, DDTP, gettext with the placeholder share), each whole or a seeded sample of its
-sources. Results are printed and, with ``--out``, written as JSON. Nothing is asserted.
+sources. ``--unseen-by SPEC`` leaves out the test pairs whose source or sentence SPEC's training split holds in another
+punctuation or German wording (``training.data.corpus.unseen``): a model trained on a corpus built before the build
+kept those apart is then scored on what it has not seen. Results are printed and, with ``--out``, written as JSON.
+Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from server.artifacts import Manifest  # noqa: E402
 from server.device import CPU, Device  # noqa: E402
 from server.errors import InvalidInput  # noqa: E402
 from server.translation import DecodeOptions, TranslationModel  # noqa: E402
-from training.data.corpus import load_corpus, split  # noqa: E402
+from training.data.corpus import load_corpus, split, unseen  # noqa: E402
 from training.evaluate import EVAL_SETS, eval_sets, sample_sources, set_scores  # noqa: E402
 
 
@@ -51,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path, help="an exported model folder (NAME/VERSION)")
     parser.add_argument("--data", default="mixed", help="corpus whose test split is scored (default: %(default)s)")
+    parser.add_argument("--unseen-by", metavar="SPEC",
+                        help="the corpus the model was trained on: score only the test pairs its training split does "
+                        "not hold in another punctuation or wording")
     parser.add_argument("--sets", nargs="+", default=list(EVAL_SETS), choices=EVAL_SETS)
     parser.add_argument("--beams", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--sample", type=int, default=2000, help="sources per set, seeded; 0 = all")
@@ -61,9 +67,15 @@ def main(argv: list[str] | None = None) -> int:
 
     model = TranslationModel(args.model, Manifest.load(args.model), Device("cpu", [CPU], "decoding-quality"),
                              threads=args.threads)
-    sets = eval_sets(split(load_corpus(args.data))["test"])
+    test = split(load_corpus(args.data))["test"]
     results: dict[str, Any] = {"model": str(args.model), "data": args.data, "sample": args.sample,
                                "seed": args.seed, "sets": {}}
+    if args.unseen_by:
+        kept = unseen(test, split(load_corpus(args.unseen_by))["train"])
+        print(f"{len(kept)} of {len(test)} test pairs unseen by the training split of {args.unseen_by}", flush=True)
+        results.update(unseen_by=args.unseen_by, test_pairs=len(test), unseen_pairs=len(kept))
+        test = kept
+    sets = eval_sets(test)
     for name in args.sets:
         sources, references, is_sentence = sample_sources(sets[name], args.sample, args.seed)
         for beam in args.beams:

@@ -24,7 +24,7 @@ from training.data.build import (
     source_family,
     write_corpus,
 )
-from training.data.corpus import Pair, data_hash, held_out, load_corpus, normalise, read_built, split_of
+from training.data.corpus import Pair, data_hash, held_out, load_corpus, normalise, read_built, split_of, unseen
 
 DING_SAMPLE = Path(__file__).resolve().parents[1] / "fixtures" / "ding-sample.txt"
 
@@ -409,3 +409,14 @@ def test_ctrl_c_while_unpacking_stops_at_the_packages_under_way(tmp_path: Path, 
     with pytest.raises(KeyboardInterrupt):
         build_module.extract_all(todo)
     assert len(unpacked) < 20  # those the other workers had begun, not the 199 queued
+
+
+def test_unseen_keeps_the_held_out_pairs_training_has_in_no_other_punctuation_or_wording() -> None:
+    training = [Pair("Datei speichern unter...", "Save file as..."),
+                Pair("Wollen Sie die Änderungen speichern?", "Do you want to save the changes?"),
+                Pair("Haus", "house")]
+    held = [Pair("Datei speichern unter", "Save file as"),  # the source up to punctuation
+            Pair("Möchten Sie die Änderungen speichern?", "Do you want to save the changes?"),  # a shared sentence
+            Pair("Gebäude", "house"),  # a short target is shared by different words: still a test
+            Pair("Datei öffnen", "Open file")]
+    assert unseen(held, training) == held[2:]

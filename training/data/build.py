@@ -24,7 +24,6 @@ archive's content: two builds from the same indexes and packages give the same f
 from __future__ import annotations
 
 import argparse
-import functools
 import hashlib
 import json
 import os
@@ -35,7 +34,6 @@ import sys
 import tarfile
 import tempfile
 import time
-import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -44,7 +42,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from training.data import ddtp
-from training.data.corpus import BUILT_COLUMNS, DOMAINS, SPLITS, Pair, data_hash, normalise, split_of
+from training.data.corpus import BUILT_COLUMNS, DOMAINS, SPLITS, Pair, data_hash, leak_keys, split_of
 from training.data.gettext_catalogs import CatalogStats, catalog_pairs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,39 +63,6 @@ class AssembleStats:
     duplicates: int = 0
     # Pairs dropped because their source or target belongs to another split, per domain and the split they lost.
     conflicts: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(Counter))
-
-
-@functools.cache
-def _punctuation() -> dict[int, None]:
-    """A str.translate table deleting every Unicode punctuation character (categories P*)."""
-    return dict.fromkeys(i for i in range(sys.maxunicode + 1) if unicodedata.category(chr(i)).startswith("P"))
-
-
-def near_key(text: str) -> str:
-    """The key under which two texts count as the same for the splits: :func:`normalise`'s, without punctuation.
-
-    Messages and descriptions come in versions that differ only in punctuation ("Datei speichern unter..." and
-    "Datei speichern unter", »%s« and „%s“, "Ziel:" and "Ziel", "Proxy-Einstellungen" and "Proxyeinstellungen"):
-    one in training and another held out is the same item seen twice. A text of punctuation only keeps its
-    normalised form.
-    """
-    normalised = normalise(text)
-    return " ".join(normalised.translate(_punctuation()).split()) or normalised
-
-
-# A target of at least this many words ties together the pairs that have it: two German versions of one English
-# sentence ("Wollen Sie …", "Möchten Sie die Änderungen speichern?") are one sentence to learn, and with one in
-# training the other is no test. Shorter targets ("house", "Cancel") are shared by different words, each its own test.
-SHARED_TARGET_WORDS = 3
-
-
-def leak_keys(pair: Pair) -> list[str]:
-    """The keys that may not appear in two splits: the pair's source, and its target if it has enough words."""
-    keys = ["source:" + near_key(pair.source)]
-    target = near_key(pair.target)
-    if len(target.split()) >= SHARED_TARGET_WORDS:
-        keys.append("target:" + target)
-    return keys
 
 
 class _Linked:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import sys
 import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -35,6 +37,47 @@ class Pair:
 def normalise(text: str) -> str:
     """The key under which two sources count as the same: NFKC, case-folded, whitespace collapsed."""
     return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+@functools.cache
+def _punctuation() -> dict[int, None]:
+    """A str.translate table deleting every Unicode punctuation character (categories P*)."""
+    return dict.fromkeys(i for i in range(sys.maxunicode + 1) if unicodedata.category(chr(i)).startswith("P"))
+
+
+def near_key(text: str) -> str:
+    """The key under which two texts count as the same for the splits: :func:`normalise`'s, without punctuation.
+
+    Messages and descriptions come in versions that differ only in punctuation ("Datei speichern unter..." and
+    "Datei speichern unter", »%s« and „%s“, "Ziel:" and "Ziel", "Proxy-Einstellungen" and "Proxyeinstellungen"):
+    one in training and another held out is the same item seen twice. A text of punctuation only keeps its
+    normalised form.
+    """
+    normalised = normalise(text)
+    return " ".join(normalised.translate(_punctuation()).split()) or normalised
+
+
+# A target of at least this many words ties together the pairs that have it: two German versions of one English
+# sentence ("Wollen Sie …", "Möchten Sie die Änderungen speichern?") are one sentence to learn, and with one in
+# training the other is no test. Shorter targets ("house", "Cancel") are shared by different words, each its own test.
+SHARED_TARGET_WORDS = 3
+
+
+def leak_keys(pair: Pair) -> list[str]:
+    """The keys that may not appear in two splits: the pair's source, and its target if it has enough words."""
+    keys = ["source:" + near_key(pair.source)]
+    target = near_key(pair.target)
+    if len(target.split()) >= SHARED_TARGET_WORDS:
+        keys.append("target:" + target)
+    return keys
+
+
+def unseen(pairs: Iterable[Pair], training: Iterable[Pair]) -> list[Pair]:
+    """The pairs none of whose :func:`leak_keys` is a key of ``training``'s: held-out pairs a model trained on
+    ``training`` has not seen in another punctuation or German wording (a corpus built before the build kept them
+    apart, or another corpus the model was trained on)."""
+    seen = {key for p in training for key in leak_keys(p)}
+    return [p for p in pairs if seen.isdisjoint(leak_keys(p))]
 
 
 # Fractions (valid, test) in per mille. Full sentences are rare (~5% of the Ding pairs) but are what BLEU on
