@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.arguments import non_negative_int, positive_int  # noqa: E402
 from bench.variants_report import write_report  # noqa: E402
 from exporter.export import ExportOptions, export  # noqa: E402
 from exporter.parity import OnnxGreedy  # noqa: E402
@@ -235,27 +236,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default="ding", help="corpus spec, as for attn-train (default: the Ding dictionary)")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                         help=f"comma-separated, from {list(VARIANTS)}")
-    parser.add_argument("--budget-tokens", type=int, default=4_000_000, help="target tokens each variant trains on")
-    parser.add_argument("--vocab-size", type=int, default=8000)
-    parser.add_argument("--emb-dim", type=int, default=128, help="embedding size of the RNN variants")
-    parser.add_argument("--ref-hidden", type=int, default=256, help="hidden size of the Bahdanau reference; the "
-                        "other variants get the width that matches its parameter count")
-    parser.add_argument("--layers", type=int, default=3, help="Transformer encoder and decoder layers")
-    parser.add_argument("--heads", type=int, default=4, help="Transformer heads")
-    parser.add_argument("--window", type=int, default=5, help="local-m/local-p half-width D (in subword tokens)")
-    parser.add_argument("--max-tokens", type=int, default=3000, help="padded tokens per training batch")
+    parser.add_argument("--budget-tokens", type=positive_int, default=4_000_000,
+                        help="target tokens each variant trains on")
+    parser.add_argument("--vocab-size", type=positive_int, default=8000)
+    parser.add_argument("--emb-dim", type=positive_int, default=128, help="embedding size of the RNN variants")
+    parser.add_argument("--ref-hidden", type=positive_int, default=256,
+                        help="hidden size of the Bahdanau reference; the "
+                             "other variants get the width that matches its parameter count")
+    parser.add_argument("--layers", type=positive_int, default=3, help="Transformer encoder and decoder layers")
+    parser.add_argument("--heads", type=positive_int, default=4, help="Transformer heads")
+    parser.add_argument("--window", type=positive_int, default=5,
+                        help="local-m/local-p half-width D (in subword tokens)")
+    parser.add_argument("--max-tokens", type=positive_int, default=3000, help="padded tokens per training batch")
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup-steps", type=int, default=200)
+    parser.add_argument("--warmup-steps", type=non_negative_int, default=200)
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads for training (0: torch's default)")
-    parser.add_argument("--ort-threads", type=int, default=0, help="ONNX Runtime threads for decoding (0: all)")
-    parser.add_argument("--decode-batch", type=int, default=64)
-    parser.add_argument("--parity-sentences", type=int, default=200)
-    parser.add_argument("--eval-limit", type=int, default=0, help="only the first N test pairs (0: all)")
-    parser.add_argument("--eval-sample", type=int, default=0, help="on a corpus of several domains (mixed): up to N "
-                        "test sources of each evaluation set, drawn with --seed (0: all)")
-    parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the BLEU intervals")
+    parser.add_argument("--threads", type=non_negative_int, default=0,
+                        help="torch threads for training (0: torch's default)")
+    parser.add_argument("--ort-threads", type=non_negative_int, default=0,
+                        help="ONNX Runtime threads for decoding (0: all)")
+    parser.add_argument("--decode-batch", type=positive_int, default=64)
+    parser.add_argument("--parity-sentences", type=non_negative_int, default=200)
+    parser.add_argument("--eval-limit", type=non_negative_int, default=0, help="only the first N test pairs (0: all)")
+    parser.add_argument("--eval-sample", type=non_negative_int, default=0,
+                        help="on a corpus of several domains (mixed): up to N "
+                             "test sources of each evaluation set, drawn with --seed (0: all)")
+    parser.add_argument("--bootstrap", type=non_negative_int, default=200,
+                        help="bootstrap resamples for the BLEU intervals")
     parser.add_argument("--reference", default="",
                         help="an exported model of one variant trained longer (e.g. models/de-en-bahdanau/1), decoded "
                              "the same way: how the scores move with the budget")

@@ -23,6 +23,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.arguments import non_negative_int, positive_int  # noqa: E402
 from server.artifacts import Manifest  # noqa: E402
 from server.device import CPU, Device  # noqa: E402
 from server.errors import InvalidInput  # noqa: E402
@@ -58,10 +59,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="the corpus the model was trained on: score only the test pairs its training split does "
                         "not hold in another punctuation or wording")
     parser.add_argument("--sets", nargs="+", default=list(EVAL_SETS), choices=EVAL_SETS)
-    parser.add_argument("--beams", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--sample", type=int, default=2000, help="sources per set, seeded; 0 = all")
+    parser.add_argument("--beams", type=positive_int, nargs="+", default=[1, 4])
+    parser.add_argument("--sample", type=non_negative_int, default=2000, help="sources per set, seeded; 0 = all")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads")
+    parser.add_argument("--threads", type=non_negative_int, default=1, help="ONNX Runtime threads")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
 

@@ -34,6 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
+from bench.arguments import positive_float, positive_int  # noqa: E402
 from bench.loadgen import CLIENTS, ServerProcess, commit_of  # noqa: E402
 from bench.overhead import ding_sentences, fixture_sources, negligible_model  # noqa: E402
 from server.artifacts import Manifest  # noqa: E402
@@ -147,12 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, action="append",
                         help="a model version's folder (repeatable); default: the negligible model and the bundled")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--beam", type=int, default=1)
-    parser.add_argument("--submitters", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--window", type=int, default=64,
+    parser.add_argument("--beam", type=positive_int, default=1)
+    parser.add_argument("--submitters", type=positive_int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--window", type=positive_int, default=64,
                         help="requests in flight per submitter process (in all, keep them within the server's queue "
                              "limits: a refusal is counted and sent again)")
-    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--seconds", type=positive_float, default=6.0)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "engine_ceiling.json")
     args = parser.parse_args(argv)
 

@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prometheus_client import CollectorRegistry  # noqa: E402
 
+from bench.arguments import non_negative_int, positive_int  # noqa: E402
 from server.artifacts import Manifest  # noqa: E402
 from server.device import CPU, Device, choose  # noqa: E402
 from server.engine import Engine, Limits  # noqa: E402
@@ -216,19 +217,21 @@ def reductions(vocab: int = 8000, repeat: int = 20) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", default=["bundled", "tiny"], choices=["bundled", "tiny"])
-    parser.add_argument("--sentences", type=int, default=600, help="sentences per run (the tiny model: 4x as many)")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[64, 256])
-    parser.add_argument("--beams", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--sentences", type=positive_int, default=600,
+                        help="sentences per run (the tiny model: 4x as many)")
+    parser.add_argument("--concurrency", type=positive_int, nargs="+", default=[64, 256])
+    parser.add_argument("--beams", type=positive_int, nargs="+", default=[1, 4])
     parser.add_argument("--corpus", default="ding", help="ding (its test split's full sentences) or ding:PATH")
-    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: the server's)")
+    parser.add_argument("--threads", type=non_negative_int, default=0,
+                        help="ONNX Runtime intra-op threads (0: the server's)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--engine", default="server.engine",
                         help="the module whose Engine is measured (another implementation, to compare)")
-    parser.add_argument("--repeat", type=int, default=1, help="runs per setting; the fastest is reported")
-    parser.add_argument("--mixed-lane-rows", type=int, nargs="+",
+    parser.add_argument("--repeat", type=positive_int, default=1, help="runs per setting; the fastest is reported")
+    parser.add_argument("--mixed-lane-rows", type=non_negative_int, nargs="+",
                         help="the engine's Limits.mixed_lane_rows (0: lanes always by source length); several "
                              "take turns")
-    parser.add_argument("--max-batch-rows", type=int, default=Limits().max_batch_rows,
+    parser.add_argument("--max-batch-rows", type=positive_int, default=Limits().max_batch_rows,
                         help="the engine's Limits.max_batch_rows (ATTN_MAX_BATCH_ROWS): raise it with --concurrency "
                              "to see the engine's cost per sentence at the batches a GPU decodes")
     parser.add_argument("--reductions", action="store_true", help="also time the search's reductions alone")

@@ -59,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
 from bench import engine_ceiling  # noqa: E402
+from bench.arguments import non_negative_int, positive_float, positive_int  # noqa: E402
 from bench.loadgen import ServerProcess, commit_of, drive, drive_processes  # noqa: E402
 from bench.sections import replace_section  # noqa: E402
 
@@ -436,25 +437,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sentences", type=Path, help="one sentence per line (default: Ding's test split)")
     parser.add_argument("--write-sentences", type=Path, help="write the Ding test split's full sentences here "
                         "(to bring them to a machine without the corpus) and stop")
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 64, 256, 1024])
-    parser.add_argument("--beams", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--clients", type=positive_int, nargs="+", default=[1, 64, 256, 1024])
+    parser.add_argument("--beams", type=positive_int, nargs="+", default=[1, 4])
     parser.add_argument("--attention", nargs="+", default=["full", "none"], choices=list(ATTENTION))
     parser.add_argument("--variants", nargs="+", default=["fp32", "fp16"], choices=["fp32", "fp16"])
-    parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds per serving run")
-    parser.add_argument("--client-processes", type=int, default=max(1, min(4, (os.cpu_count() or 2) // 4)),
+    parser.add_argument("--seconds", type=positive_float, default=4.0, help="measured seconds per serving run")
+    parser.add_argument("--client-processes", type=positive_int, default=max(1, min(4, (os.cpu_count() or 2) // 4)),
                         help="load generator processes (16 cores: 4, beside the server's front-ends and engine)")
-    parser.add_argument("--batch-rows", type=int, nargs="*", default=[1024],
+    parser.add_argument("--batch-rows", type=positive_int, nargs="*", default=[1024],
                         help="ATTN_MAX_BATCH_ROWS settings to serve with besides the default, fp32, full attention, "
                              "at the largest client count")
-    parser.add_argument("--engines", type=int, nargs="*", default=[2, 4],
+    parser.add_argument("--engines", type=positive_int, nargs="*", default=[2, 4],
                         help="ATTN_ENGINES settings to serve with besides the default (one engine process), fp32, "
                              "full attention, at the largest client count")
-    parser.add_argument("--texts-per-call", type=int, default=16,
+    parser.add_argument("--texts-per-call", type=positive_int, default=16,
                         help=f"sentences in each call of the batch-job runs ({BATCH_CLIENTS} clients; 1: none)")
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 64, 256, 1024, 4096])
-    parser.add_argument("--steps", type=int, default=50, help="timed decoder steps per row count")
-    parser.add_argument("--compare", type=int, default=200, help="sentences compared with the CPU's outputs")
-    parser.add_argument("--caption-calls", type=int, default=30)
+    parser.add_argument("--rows", type=positive_int, nargs="+", default=[1, 64, 256, 1024, 4096])
+    parser.add_argument("--steps", type=positive_int, default=50, help="timed decoder steps per row count")
+    parser.add_argument("--compare", type=non_negative_int, default=200,
+                        help="sentences compared with the CPU's outputs")
+    parser.add_argument("--caption-calls", type=positive_int, default=30)
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-gpu")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "gpu-results",
                         help="writes OUT/gpu.json and OUT/gpu.md")

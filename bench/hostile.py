@@ -43,6 +43,7 @@ from PIL import Image  # noqa: E402
 
 from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
 from attention_pb.v1 import attention_pb2_grpc as pb_grpc  # noqa: E402
+from bench.arguments import non_negative_int, positive_float, positive_int  # noqa: E402
 from bench.loadgen import ServerProcess, commit_of, save_results  # noqa: E402
 from bench.overhead import design_name  # noqa: E402
 from bench.sections import replace_section  # noqa: E402
@@ -294,11 +295,11 @@ def design(settings: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models-dir", type=Path, default=ROOT / "models")
-    parser.add_argument("--seconds", type=float, default=60.0)
-    parser.add_argument("--clients", type=int, default=24)
-    parser.add_argument("--frontends", type=int, nargs="*", default=[2, 0],
+    parser.add_argument("--seconds", type=positive_float, default=60.0)
+    parser.add_argument("--clients", type=positive_int, default=24)
+    parser.add_argument("--frontends", type=non_negative_int, nargs="*", default=[2, 0],
                         help="a run per value (0: one process); default 2 and 0")
-    parser.add_argument("--engines", type=int, default=1)
+    parser.add_argument("--engines", type=positive_int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=ROOT / "docs" / "benchmarks" / "hostile.json")
     parser.add_argument("--report", type=Path, default=ROOT / "docs" / "benchmarks.md")

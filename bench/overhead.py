@@ -35,6 +35,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
+from bench.arguments import positive_float, positive_int  # noqa: E402
 from bench.loadgen import ServerProcess, commit_of, drive, drive_processes  # noqa: E402
 from bench.sections import replace_section  # noqa: E402
 
@@ -115,18 +116,19 @@ def design(models: Path, texts: list[str], settings: dict[str, Any], options: pb
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per run")
-    parser.add_argument("--client-processes", type=int, default=3)
-    parser.add_argument("--frontends", type=int, nargs="+", default=[1, 2],
+    parser.add_argument("--seconds", type=positive_float, default=10.0, help="measured seconds per run")
+    parser.add_argument("--client-processes", type=positive_int, default=3)
+    parser.add_argument("--frontends", type=positive_int, nargs="+", default=[1, 2],
                         help="front-end counts of the new design to measure (0, the old design, always runs)")
-    parser.add_argument("--engines", type=int, nargs="*", default=[],
+    parser.add_argument("--engines", type=positive_int, nargs="*", default=[],
                         help="engine process counts above 1 to measure as well, with the most front-ends")
     parser.add_argument("--baseline", type=Path, help="a checkout of an earlier commit, measured as the design "
                         "'before' (its server's default process layout)")
     parser.add_argument("--bundled", type=Path, default=ROOT / "models", help="folder holding de-en-bahdanau")
     parser.add_argument("--skip-bundled", action="store_true")
-    parser.add_argument("--texts-per-call", type=int, default=1, help="sentences in each Translate call; above 1 "
-                        "the results go to overhead-batched.json and a section of their own")
+    parser.add_argument("--texts-per-call", type=positive_int, default=1,
+                        help="sentences in each Translate call; above 1 "
+                             "the results go to overhead-batched.json and a section of their own")
     parser.add_argument("--out", type=Path, help="default: docs/benchmarks/overhead.json (overhead-batched.json "
                         "with --texts-per-call above 1)")
     parser.add_argument("--report", type=Path, default=ROOT / "docs" / "benchmarks.md")

@@ -33,6 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
+from bench.arguments import non_negative_int, positive_float, positive_int  # noqa: E402
 from bench.loadgen import Run, ServerProcess, drive, stability  # noqa: E402
 
 CONCURRENCY = [1, 4, 16, 64, 256]
@@ -259,9 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models-dir", type=Path, default=Path("models"))
     parser.add_argument("--model", default="de-en-bahdanau")
     parser.add_argument("--checkpoint", type=Path, default=Path("runs/de-en-bahdanau/best.pt"))
-    parser.add_argument("--seconds", type=float, default=12.0, help="measured seconds per run")
-    parser.add_argument("--sentences", type=int, default=0, help="test sentences to cycle through (0: all)")
-    parser.add_argument("--soak-requests", type=int, default=20_000)
+    parser.add_argument("--seconds", type=positive_float, default=12.0, help="measured seconds per run")
+    parser.add_argument("--sentences", type=non_negative_int, default=0,
+                        help="test sentences to cycle through (0: all)")
+    parser.add_argument("--soak-requests", type=positive_int, default=20_000)
     parser.add_argument("--out", type=Path, default=Path("docs"))
     args = parser.parse_args(argv)
 
@@ -305,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"p99 {summary['p99_ms']} ms", flush=True)
             if batching:  # a separate run under the profiler, so that its cost is in no measured number
                 with ThreadPoolExecutor(1) as spy:
-                    shares = spy.submit(profile, server.process.pid, args.seconds - 2, Path("runs/bench-profile.txt"))
+                    shares = spy.submit(profile, server.process.pid, max(args.seconds - 2, 1),
+                                       Path("runs/bench-profile.txt"))
                     drive(server.target, texts, 256, pb.DecodingOptions(beam_size=1), seconds=args.seconds)
                 results["profile_c256"] = shares.result()
             for beam in (1, 4):

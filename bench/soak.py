@@ -27,6 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
+from bench.arguments import positive_float, positive_int  # noqa: E402
 from bench.loadgen import ServerProcess, commit_of, drive, stability  # noqa: E402
 from bench.sections import replace_section  # noqa: E402
 from bench.serving import test_sentences  # noqa: E402
@@ -48,11 +49,12 @@ def warm_up(totals: list[float], band: float) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models-dir", type=Path, default=Path("models"))
-    parser.add_argument("--requests", type=int, default=40_000)
-    parser.add_argument("--chunk", type=int, default=2_000, help="requests between two readings")
-    parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--band", type=float, default=0.05, help="the warm-up ends when later readings stay within "
-                        "this fraction of their median")
+    parser.add_argument("--requests", type=positive_int, default=40_000)
+    parser.add_argument("--chunk", type=positive_int, default=2_000, help="requests between two readings")
+    parser.add_argument("--concurrency", type=positive_int, default=64)
+    parser.add_argument("--band", type=positive_float, default=0.05,
+                        help="the warm-up ends when later readings stay within "
+                             "this fraction of their median")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/soak.json"))
     parser.add_argument("--report", type=Path, default=Path("docs/benchmarks.md"))
     args = parser.parse_args(argv)

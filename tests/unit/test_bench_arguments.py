@@ -1,0 +1,70 @@
+"""The benchmarks refuse bad arguments as usage errors (one line, exit status 2) while parsing them, before any model
+is trained or server started: a run of no seconds or no clients would measure nothing or never end."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+
+class Parsed(Exception):
+    """Raised in place of the benchmark's work once its arguments are parsed: these tests never run one."""
+
+
+@pytest.fixture
+def parse_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    parse = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> Any:
+        parse(self, *args, **kwargs)
+        raise Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+
+
+def _main(tool: str) -> Any:
+    return importlib.import_module(f"bench.{tool}").main
+
+
+REFUSED = [
+    ("serving", ["--seconds", "0"]), ("serving", ["--sentences", "-1"]), ("serving", ["--soak-requests", "0"]),
+    ("overhead", ["--seconds", "0"]), ("overhead", ["--client-processes", "0"]), ("overhead", ["--frontends", "-1"]),
+    ("overhead", ["--texts-per-call", "0"]), ("one_client", ["--rounds", "0"]), ("one_client", ["--seconds", "-1"]),
+    ("first_call", ["--calls", "1"]), ("first_call", ["--starts", "0"]), ("grpc_floor", ["--concurrency", "0"]),
+    ("grpc_floor", ["--seconds", "nan"]), ("engine_ceiling", ["--window", "0"]),
+    ("engine_ceiling", ["--submitters", "2", "0"]), ("engine_micro", ["--concurrency", "0"]),
+    ("engine_micro", ["--repeat", "0"]), ("soak", ["--chunk", "0"]), ("soak", ["--requests", "-5"]),
+    ("soak", ["--concurrency", "0"]), ("connection_age", ["--seconds", "0"]), ("hostile", ["--clients", "0"]),
+    ("hostile", ["--seconds", "0"]), ("decoding_quality", ["models/de-en-mixed/2", "--beams", "0"]),
+    ("attention_variants", ["--budget-tokens", "0"]), ("gpu", ["--seconds", "0"]),
+    ("gpu", ["--client-processes", "0"]), ("gpu", ["--clients", "ten"]),
+]
+
+
+@pytest.mark.parametrize(("tool", "argv"), REFUSED, ids=[f"{t} {' '.join(a)}" for t, a in REFUSED])
+def test_a_count_or_duration_that_measures_nothing_is_a_usage_error(
+        tool: str, argv: list[str], parse_only: None, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        _main(tool)(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if "error:" in line] == [err.splitlines()[-1]], err
+    assert argv[-1] in err  # names the value it refuses
+
+
+@pytest.mark.parametrize(("tool", "argv"), [
+    ("overhead", ["--seconds", "0.5", "--client-processes", "1", "--frontends", "1", "2"]),
+    ("first_call", ["--calls", "2", "--starts", "1"]), ("soak", ["--requests", "10", "--chunk", "5"]),
+    ("engine_micro", ["--threads", "0", "--mixed-lane-rows", "0", "128"]), ("serving", ["--sentences", "0"]),
+])
+def test_the_smallest_values_that_measure_something_are_taken(tool: str, argv: list[str], parse_only: None) -> None:
+    with pytest.raises(Parsed):
+        _main(tool)(argv)
