@@ -341,9 +341,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"overload: {summary['codes']}", flush=True)
 
     with ServerProcess(args.models_dir) as server:  # every bundled model loaded
-        soak: dict[str, Any] = {"requests": args.soak_requests, "rss_mib": []}
+        chunk = max(args.soak_requests // 20, 1)  # 20 readings: the requests sent are a multiple of 20
+        soak: dict[str, Any] = {"requests": 20 * chunk, "rss_mib": []}
         soak["rss_mib_loaded"] = round(server.rss_bytes() / 2**20, 1)
-        chunk = max(args.soak_requests // 20, 1)
         codes: dict[str, int] = {}
         for _ in range(20):
             run = drive(server.target, texts, 64, pb.DecodingOptions(beam_size=1, attention=FULL), requests=chunk)
