@@ -5,6 +5,11 @@ a run that measures nothing (no clients, no seconds) or never ends (a chunk of n
 from __future__ import annotations
 
 import argparse
+import subprocess
+import tomllib
+from pathlib import Path
+
+PROJECT = "attention-serving"  # pyproject.toml's name: what makes a folder a checkout of this project
 
 
 def positive_int(text: str) -> int:
@@ -41,3 +46,22 @@ def _number(kind: type[int] | type[float], text: str, what: str) -> int | float:
         return kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be {what}, not {text!r}") from None
+
+
+def checkout(text: str) -> Path:
+    """A folder holding a git checkout of this project (``git worktree add /tmp/before REV``): the benchmark runs its
+    server as the design "before" and names its commit."""
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is not a folder (make one with: git worktree add {text} REV)")
+    try:
+        name = tomllib.loads((path / "pyproject.toml").read_text()).get("project", {}).get("name")
+    except (OSError, tomllib.TOMLDecodeError):
+        name = None
+    if name != PROJECT or not (path / "server" / "__main__.py").is_file():
+        raise argparse.ArgumentTypeError(f"{text} is not a checkout of {PROJECT} (no pyproject.toml naming it, or "
+                                         "no server/__main__.py)")
+    head = subprocess.run(["git", "-C", text, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a git checkout: its commit cannot be named")
+    return path

@@ -28,7 +28,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
-from bench.arguments import positive_float, positive_int  # noqa: E402
+from bench.arguments import checkout, positive_float, positive_int  # noqa: E402
 from bench.loadgen import ServerProcess, commit_of, save_results  # noqa: E402
 from bench.overhead import design_name, ding_sentences, measure  # noqa: E402
 from bench.sections import replace_section  # noqa: E402
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=positive_int, default=5)
     parser.add_argument("--seconds", type=positive_float, default=6.0, help="measured seconds per design and round")
     parser.add_argument("--frontends", type=positive_int, nargs="+", default=[1, 2])
-    parser.add_argument("--baseline", type=Path, help="a checkout of an earlier commit, measured as 'before'")
+    parser.add_argument("--baseline", type=checkout, help="a checkout of an earlier commit, measured as 'before'")
     parser.add_argument("--bundled", type=Path, default=ROOT / "models", help="folder holding de-en-bahdanau")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "one_client.json")
     parser.add_argument("--report", type=Path, default=ROOT / "docs" / "benchmarks.md")

@@ -35,7 +35,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
-from bench.arguments import positive_float, positive_int  # noqa: E402
+from bench.arguments import checkout, positive_float, positive_int  # noqa: E402
 from bench.loadgen import ServerProcess, commit_of, drive, drive_processes  # noqa: E402
 from bench.sections import replace_section  # noqa: E402
 
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="front-end counts of the new design to measure (0, the old design, always runs)")
     parser.add_argument("--engines", type=positive_int, nargs="*", default=[],
                         help="engine process counts above 1 to measure as well, with the most front-ends")
-    parser.add_argument("--baseline", type=Path, help="a checkout of an earlier commit, measured as the design "
+    parser.add_argument("--baseline", type=checkout, help="a checkout of an earlier commit, measured as the design "
                         "'before' (its server's default process layout)")
     parser.add_argument("--bundled", type=Path, default=ROOT / "models", help="folder holding de-en-bahdanau")
     parser.add_argument("--skip-bundled", action="store_true")

@@ -68,3 +68,27 @@ def test_a_count_or_duration_that_measures_nothing_is_a_usage_error(
 def test_the_smallest_values_that_measure_something_are_taken(tool: str, argv: list[str], parse_only: None) -> None:
     with pytest.raises(Parsed):
         _main(tool)(argv)
+
+
+def _not_a_checkout(tmp_path: Path) -> dict[str, Path]:
+    """Folders a --baseline could wrongly name: none there, another project, a copy of this one outside git."""
+    other, copy = tmp_path / "other", tmp_path / "copy"
+    for folder in (other, copy):
+        (folder / "server").mkdir(parents=True)
+        (folder / "server" / "__main__.py").write_text("")
+    (other / "pyproject.toml").write_text('[project]\nname = "something-else"\n')
+    (copy / "pyproject.toml").write_text('[project]\nname = "attention-serving"\n')
+    return {"not a folder": tmp_path / "missing", "is not a checkout of": other, "not a git checkout": copy}
+
+
+@pytest.mark.parametrize("tool", ["overhead", "one_client", "first_call", "connection_age"])
+def test_a_baseline_that_is_not_a_checkout_of_this_project_is_refused(
+        tool: str, tmp_path: Path, parse_only: None, capsys: pytest.CaptureFixture[str]) -> None:
+    for reason, folder in _not_a_checkout(tmp_path).items():
+        with pytest.raises(SystemExit) as exit_info:
+            _main(tool)(["--baseline", str(folder)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "Traceback" not in err, err
+        assert f"--baseline: {folder} " in err and reason in err, err
+    with pytest.raises(Parsed):  # this checkout is one
+        _main(tool)(["--baseline", str(Path(__file__).resolve().parents[2])])
