@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import subprocess
+import tempfile
 import tomllib
 from pathlib import Path
 
@@ -65,3 +66,33 @@ def checkout(text: str) -> Path:
     if head.returncode != 0:
         raise argparse.ArgumentTypeError(f"{text} is not a git checkout: its commit cannot be named")
     return path
+
+
+def writable_file(text: str) -> Path:
+    """A file the benchmark writes when it ends: its folder (made then if missing) must be one this process can write
+    in now, so that a typo does not cost the results of a long run."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder, not a file")
+    _check_writable(path.parent, text)
+    return path
+
+
+def writable_folder(text: str) -> Path:
+    """A folder the benchmark writes in (made then if missing)."""
+    path = Path(text)
+    _check_writable(path, text)
+    return path
+
+
+def _check_writable(folder: Path, text: str) -> None:
+    existing = folder.absolute()
+    while not existing.exists():  # the nearest folder already there: the rest will be made below it
+        existing = existing.parent
+    if not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {text}: {existing} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):  # the only sure test, whoever runs it (root passes os.access)
+            pass
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"cannot write {text}: {error.strerror or error}") from None

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.arguments import non_negative_int, positive_int  # noqa: E402
+from bench.arguments import non_negative_int, positive_int, writable_folder  # noqa: E402
 from bench.variants_report import write_report  # noqa: E402
 from exporter.export import ExportOptions, export  # noqa: E402
 from exporter.parity import OnnxGreedy  # noqa: E402
@@ -267,8 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference", default="",
                         help="an exported model of one variant trained longer (e.g. models/de-en-bahdanau/1), decoded "
                              "the same way: how the scores move with the budget")
-    parser.add_argument("--work", default="runs/variants", help="checkpoints, exported models, per-variant results")
-    parser.add_argument("--out", default="docs", help="writes OUT/attention-variants.md and OUT/attention-variants/")
+    parser.add_argument("--work", type=writable_folder, default="runs/variants",
+                        help="checkpoints, exported models, per-variant results")
+    parser.add_argument("--out", type=writable_folder, default="docs",
+                        help="writes OUT/attention-variants.md and OUT/attention-variants/")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]

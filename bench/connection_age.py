@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
 from attention_pb.v1 import attention_pb2_grpc as pb_grpc  # noqa: E402
-from bench.arguments import checkout, positive_float  # noqa: E402
+from bench.arguments import checkout, positive_float, writable_file  # noqa: E402
 from bench.loadgen import ServerProcess, commit_of, save_results  # noqa: E402
 from bench.overhead import negligible_model  # noqa: E402
 from bench.slow_reader import SlowReader, ban_end_of_sentence  # noqa: E402
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=positive_float, default=30.0, help="of calls per client and answer size")
     parser.add_argument("--age", type=positive_float, default=0.5, help="the server's max connection age, seconds")
     parser.add_argument("--baseline", type=checkout, help="a checkout of another commit, measured the same way first")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "connection_age.json")
+    parser.add_argument("--out", type=writable_file, default=ROOT / "docs" / "benchmarks" / "connection_age.json")
     args = parser.parse_args(argv)
 
     models = endless_models(ROOT / "runs" / "bench-overhead")

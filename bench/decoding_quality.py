@@ -23,7 +23,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.arguments import non_negative_int, positive_int  # noqa: E402
+from bench.arguments import non_negative_int, positive_int, writable_file  # noqa: E402
 from server.artifacts import Manifest  # noqa: E402
 from server.device import CPU, Device  # noqa: E402
 from server.errors import InvalidInput  # noqa: E402
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample", type=non_negative_int, default=2000, help="sources per set, seeded; 0 = all")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--threads", type=non_negative_int, default=1, help="ONNX Runtime threads")
-    parser.add_argument("--out", type=Path)
+    parser.add_argument("--out", type=writable_file)
     args = parser.parse_args(argv)
 
     model = TranslationModel(args.model, Manifest.load(args.model), Device("cpu", [CPU], "decoding-quality"),
@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             extra = {k: scores[k] for k in ("phrases_1-3", "placeholders") if k in scores}
             print(f"{name} beam {beam}: {scores['all']} {extra}, {refused} refused ({seconds:.0f} s)", flush=True)
     if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return 0
 

@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
-from bench.arguments import positive_float, positive_int  # noqa: E402
+from bench.arguments import positive_float, positive_int, writable_file  # noqa: E402
 from bench.loadgen import CLIENTS, ServerProcess, commit_of  # noqa: E402
 from bench.overhead import ding_sentences, fixture_sources, negligible_model  # noqa: E402
 from server.artifacts import Manifest  # noqa: E402
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="requests in flight per submitter process (in all, keep them within the server's queue "
                              "limits: a refusal is counted and sent again)")
     parser.add_argument("--seconds", type=positive_float, default=6.0)
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "engine_ceiling.json")
+    parser.add_argument("--out", type=writable_file, default=ROOT / "docs" / "benchmarks" / "engine_ceiling.json")
     args = parser.parse_args(argv)
 
     negligible = negligible_model(ROOT / "runs" / "bench-overhead") / "tiny8" / "1"

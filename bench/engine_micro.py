@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prometheus_client import CollectorRegistry  # noqa: E402
 
-from bench.arguments import non_negative_int, positive_int  # noqa: E402
+from bench.arguments import non_negative_int, positive_int, writable_file  # noqa: E402
 from server.artifacts import Manifest  # noqa: E402
 from server.device import CPU, Device, choose  # noqa: E402
 from server.engine import Engine, Limits  # noqa: E402
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus", default="ding", help="ding (its test split's full sentences) or ding:PATH")
     parser.add_argument("--threads", type=non_negative_int, default=0,
                         help="ONNX Runtime intra-op threads (0: the server's)")
-    parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--json", type=writable_file, help="also write the rows here")
     parser.add_argument("--engine", default="server.engine",
                         help="the module whose Engine is measured (another implementation, to compare)")
     parser.add_argument("--repeat", type=positive_int, default=1, help="runs per setting; the fastest is reported")
@@ -251,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += measure(build_tiny(), texts, args.concurrency, args.beams, 12, args.threads, engine_class,
                             args.repeat, device, args.mixed_lane_rows, args.max_batch_rows)
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0
 

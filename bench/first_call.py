@@ -27,7 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
-from bench.arguments import at_least_two, checkout, positive_int  # noqa: E402
+from bench.arguments import at_least_two, checkout, positive_int, writable_file  # noqa: E402
 from bench.loadgen import ServerProcess, commit_of, save_results  # noqa: E402
 from bench.sections import replace_section  # noqa: E402
 
@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frontends", type=positive_int, nargs="+", default=[2])
     parser.add_argument("--baseline", type=checkout, help="a checkout of an earlier commit, measured as 'before'")
     parser.add_argument("--models", type=Path, default=ROOT / "models")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "first_call.json")
-    parser.add_argument("--report", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--out", type=writable_file, default=ROOT / "docs" / "benchmarks" / "first_call.json")
+    parser.add_argument("--report", type=writable_file, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args(argv)
 
     designs: list[tuple[str, str, dict[str, Any], Path]] = [

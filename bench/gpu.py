@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
 from bench import engine_ceiling  # noqa: E402
-from bench.arguments import non_negative_int, positive_float, positive_int  # noqa: E402
+from bench.arguments import non_negative_int, positive_float, positive_int, writable_file, writable_folder  # noqa: E402
 from bench.loadgen import ServerProcess, commit_of, drive, drive_processes  # noqa: E402
 from bench.sections import replace_section  # noqa: E402
 
@@ -435,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "de-en-bahdanau" / "1")
     parser.add_argument("--captioner", type=Path, default=ROOT / "models" / "scenes-sat" / "1")
     parser.add_argument("--sentences", type=Path, help="one sentence per line (default: Ding's test split)")
-    parser.add_argument("--write-sentences", type=Path, help="write the Ding test split's full sentences here "
+    parser.add_argument("--write-sentences", type=writable_file, help="write the Ding test split's full sentences here "
                         "(to bring them to a machine without the corpus) and stop")
     parser.add_argument("--clients", type=positive_int, nargs="+", default=[1, 64, 256, 1024])
     parser.add_argument("--beams", type=positive_int, nargs="+", default=[1, 4])
@@ -457,8 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", type=non_negative_int, default=200,
                         help="sentences compared with the CPU's outputs")
     parser.add_argument("--caption-calls", type=positive_int, default=30)
-    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-gpu")
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "gpu-results",
+    parser.add_argument("--work", type=writable_folder, default=ROOT / "runs" / "bench-gpu")
+    parser.add_argument("--out", type=writable_folder, default=ROOT / "runs" / "gpu-results",
                         help="writes OUT/gpu.json and OUT/gpu.md")
     parser.add_argument("--parts", nargs="+", default=PARTS, choices=PARTS,
                         help="the parts to measure (a machine that limits each command's time can run them in two "
@@ -466,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, nargs="+",
                         help="measure nothing: write the section of these gpu.json files (the parts of one or more "
                              "runs) into --report")
-    parser.add_argument("--report", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--report", type=writable_file, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args(argv)
 
     if args.results:

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
 from attention_pb.v1 import attention_pb2_grpc as pb_grpc  # noqa: E402
-from bench.arguments import positive_float, positive_int  # noqa: E402
+from bench.arguments import positive_float, positive_int, writable_file  # noqa: E402
 from bench.loadgen import ServerProcess, drive, drive_processes, save_results, tree_cpu_seconds  # noqa: E402
 from bench.overhead import fixture_sources, negligible_model  # noqa: E402
 
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=positive_float, default=8.0)
     parser.add_argument("--concurrency", type=positive_int, default=256)
     parser.add_argument("--client-processes", type=positive_int, default=2)
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "grpc_floor.json")
+    parser.add_argument("--out", type=writable_file, default=ROOT / "docs" / "benchmarks" / "grpc_floor.json")
     args = parser.parse_args(argv)
 
     texts = fixture_sources()

@@ -43,7 +43,7 @@ from PIL import Image  # noqa: E402
 
 from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
 from attention_pb.v1 import attention_pb2_grpc as pb_grpc  # noqa: E402
-from bench.arguments import non_negative_int, positive_float, positive_int  # noqa: E402
+from bench.arguments import non_negative_int, positive_float, positive_int, writable_file  # noqa: E402
 from bench.loadgen import ServerProcess, commit_of, save_results  # noqa: E402
 from bench.overhead import design_name  # noqa: E402
 from bench.sections import replace_section  # noqa: E402
@@ -301,8 +301,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a run per value (0: one process); default 2 and 0")
     parser.add_argument("--engines", type=positive_int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=ROOT / "docs" / "benchmarks" / "hostile.json")
-    parser.add_argument("--report", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--json", type=writable_file, default=ROOT / "docs" / "benchmarks" / "hostile.json")
+    parser.add_argument("--report", type=writable_file, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args(argv)
     results = []
     for frontends in args.frontends:

@@ -28,7 +28,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
-from bench.arguments import checkout, positive_float, positive_int  # noqa: E402
+from bench.arguments import checkout, positive_float, positive_int, writable_file  # noqa: E402
 from bench.loadgen import ServerProcess, commit_of, save_results  # noqa: E402
 from bench.overhead import design_name, ding_sentences, measure  # noqa: E402
 from bench.sections import replace_section  # noqa: E402
@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frontends", type=positive_int, nargs="+", default=[1, 2])
     parser.add_argument("--baseline", type=checkout, help="a checkout of an earlier commit, measured as 'before'")
     parser.add_argument("--bundled", type=Path, default=ROOT / "models", help="folder holding de-en-bahdanau")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "one_client.json")
-    parser.add_argument("--report", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--out", type=writable_file, default=ROOT / "docs" / "benchmarks" / "one_client.json")
+    parser.add_argument("--report", type=writable_file, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args(argv)
 
     models = ROOT / "runs" / "bench-models"  # the bundled translator alone, as overhead.py serves it

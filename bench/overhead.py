@@ -35,7 +35,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
-from bench.arguments import checkout, positive_float, positive_int  # noqa: E402
+from bench.arguments import checkout, positive_float, positive_int, writable_file  # noqa: E402
 from bench.loadgen import ServerProcess, commit_of, drive, drive_processes  # noqa: E402
 from bench.sections import replace_section  # noqa: E402
 
@@ -129,9 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--texts-per-call", type=positive_int, default=1,
                         help="sentences in each Translate call; above 1 "
                              "the results go to overhead-batched.json and a section of their own")
-    parser.add_argument("--out", type=Path, help="default: docs/benchmarks/overhead.json (overhead-batched.json "
-                        "with --texts-per-call above 1)")
-    parser.add_argument("--report", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--out", type=writable_file,
+                        help="default: docs/benchmarks/overhead.json (overhead-batched.json with --texts-per-call "
+                             "above 1)")
+    parser.add_argument("--report", type=writable_file, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args(argv)
 
     batched = args.texts_per_call > 1

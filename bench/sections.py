@@ -14,4 +14,5 @@ def replace_section(report: Path, begin: str, end: str, lines: list[str]) -> Non
         text = text[: text.index(begin)] + "\n".join(lines) + text[text.index(end) + len(end):]
     else:
         text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + "\n".join(lines) + "\n"
+    report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(text)

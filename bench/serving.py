@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
-from bench.arguments import non_negative_int, positive_float, positive_int  # noqa: E402
+from bench.arguments import non_negative_int, positive_float, positive_int, writable_folder  # noqa: E402
 from bench.loadgen import Run, ServerProcess, drive, stability  # noqa: E402
 
 CONCURRENCY = [1, 4, 16, 64, 256]
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sentences", type=non_negative_int, default=0,
                         help="test sentences to cycle through (0: all)")
     parser.add_argument("--soak-requests", type=positive_int, default=20_000)
-    parser.add_argument("--out", type=Path, default=Path("docs"))
+    parser.add_argument("--out", type=writable_folder, default=Path("docs"))
     args = parser.parse_args(argv)
 
     texts = test_sentences(args.sentences)

@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
-from bench.arguments import positive_float, positive_int  # noqa: E402
+from bench.arguments import positive_float, positive_int, writable_file  # noqa: E402
 from bench.loadgen import ServerProcess, commit_of, drive, stability  # noqa: E402
 from bench.sections import replace_section  # noqa: E402
 from bench.serving import test_sentences  # noqa: E402
@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--band", type=positive_float, default=0.05,
                         help="the warm-up ends when later readings stay within "
                              "this fraction of their median")
-    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/soak.json"))
-    parser.add_argument("--report", type=Path, default=Path("docs/benchmarks.md"))
+    parser.add_argument("--out", type=writable_file, default=Path("docs/benchmarks/soak.json"))
+    parser.add_argument("--report", type=writable_file, default=Path("docs/benchmarks.md"))
     args = parser.parse_args(argv)
 
     texts = test_sentences(0)

@@ -92,3 +92,28 @@ def test_a_baseline_that_is_not_a_checkout_of_this_project_is_refused(
         assert f"--baseline: {folder} " in err and reason in err, err
     with pytest.raises(Parsed):  # this checkout is one
         _main(tool)(["--baseline", str(Path(__file__).resolve().parents[2])])
+
+
+OUTPUTS = [("serving", "--out", []), ("overhead", "--out", []), ("overhead", "--report", []),
+           ("one_client", "--out", []), ("one_client", "--report", []), ("first_call", "--out", []),
+           ("first_call", "--report", []), ("grpc_floor", "--out", []), ("engine_ceiling", "--out", []),
+           ("engine_micro", "--json", []), ("soak", "--out", []), ("soak", "--report", []),
+           ("connection_age", "--out", []), ("hostile", "--json", []), ("hostile", "--report", []),
+           ("decoding_quality", "--out", ["models/de-en-mixed/2"]), ("attention_variants", "--out", []),
+           ("attention_variants", "--work", []), ("gpu", "--out", []), ("gpu", "--report", []),
+           ("gpu", "--work", []), ("gpu", "--write-sentences", [])]
+
+
+@pytest.mark.parametrize(("tool", "flag", "argv"), OUTPUTS, ids=[f"{t} {f}" for t, f, _ in OUTPUTS])
+def test_an_output_that_cannot_be_written_is_refused_before_the_run(
+        tool: str, flag: str, argv: list[str], tmp_path: Path, parse_only: None,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "a-file").write_text("")
+    unwritable = tmp_path / "a-file" / "results"  # below a file: no one can make that folder, root included
+    with pytest.raises(SystemExit) as exit_info:
+        _main(tool)([*argv, flag, str(unwritable)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err, err
+    assert f"cannot write {unwritable}" in err and "is not a folder" in err, err
+    with pytest.raises(Parsed):  # a folder still to be made is fine
+        _main(tool)([*argv, flag, str(tmp_path / "new" / "results.json")])

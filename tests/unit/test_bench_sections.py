@@ -26,6 +26,12 @@ def test_a_section_is_replaced_in_place_and_the_others_stay(tmp_path: Path) -> N
     assert doc.read_text() == f"{A}\nsecond a\nmore\n{A_END}\n\n{B}\nb\n{B_END}\nwritten by hand\n"
 
 
+
+def test_a_report_in_a_folder_still_to_be_made_is_written(tmp_path: Path) -> None:
+    doc = tmp_path / "new" / "benchmarks.md"  # --report accepts it: the benchmark makes the folder when it ends
+    replace_section(doc, A, A_END, [A, "a", A_END])
+    assert doc.read_text() == f"{A}\na\n{A_END}\n"
+
 def test_the_warm_up_ends_where_every_later_reading_stays_in_the_band() -> None:
     totals = [300.0, 400.0, 460.0, 480.0, 470.0, 490.0, 482.0, 478.0]
     start = warm_up(totals, 0.05)
