@@ -31,8 +31,9 @@ from bench.arguments import non_negative_int, positive_int, writable_folder  # n
 from bench.variants_report import write_report  # noqa: E402
 from exporter.export import ExportOptions, export  # noqa: E402
 from exporter.parity import OnnxGreedy  # noqa: E402
-from server.artifacts import Manifest  # noqa: E402
+from server.artifacts import Manifest, ManifestError  # noqa: E402
 from training import checkpoint  # noqa: E402
+from training.config import InputError  # noqa: E402
 from training.data.corpus import Pair, load_corpus, split  # noqa: E402
 from training.evaluate import (  # noqa: E402
     attention_entropy,
@@ -284,8 +285,16 @@ def main(argv: list[str] | None = None) -> int:
         max_tokens=args.max_tokens, lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed, threads=args.threads,
         max_target_tokens=args.budget_tokens, epochs=10_000, valid_every=10**9, valid_bleu_sample=0,
     )
+    if args.reference:  # decoded after every variant has trained: a wrong path must not wait that long
+        try:
+            Manifest.load(Path(args.reference))
+        except ManifestError as error:
+            parser.error(f"--reference {args.reference}: {error}")
     target = parameters(base, args.vocab_size)
-    test = test_set(args.data, args.eval_limit, args.eval_sample, args.seed, (6, 12))
+    try:
+        test = test_set(args.data, args.eval_limit, args.eval_sample, args.seed, (6, 12))
+    except InputError as error:  # no such corpus, or not built yet: its one line (it says how to build it)
+        parser.error(f"--data {args.data}: {error}")
     log.info("reference: Bahdanau with %d parameters; %d test sources (%d full sentences)", target,
              len(test["sources"]), sum(test["is_sentence"]))
     results = []

@@ -24,11 +24,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.arguments import non_negative_int, positive_int, writable_file  # noqa: E402
-from server.artifacts import Manifest  # noqa: E402
+from server.artifacts import Manifest, ManifestError  # noqa: E402
 from server.device import CPU, Device  # noqa: E402
 from server.errors import InvalidInput  # noqa: E402
 from server.translation import DecodeOptions, TranslationModel  # noqa: E402
-from training.data.corpus import load_corpus, split, unseen  # noqa: E402
+from training.config import InputError  # noqa: E402
+from training.data.corpus import Pair, load_corpus, split, unseen  # noqa: E402
 from training.evaluate import EVAL_SETS, eval_sets, sample_sources, set_scores  # noqa: E402
 
 
@@ -51,6 +52,13 @@ def translate(model: TranslationModel, sources: list[str], beam: int, batch: int
     return out, refused
 
 
+def _corpus(parser: argparse.ArgumentParser, option: str, spec: str) -> list[Pair]:
+    try:
+        return load_corpus(spec)
+    except InputError as error:  # no such corpus, or not built yet: its one line (it says how to build it)
+        parser.error(f"{option} {spec}: {error}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path, help="an exported model folder (NAME/VERSION)")
@@ -66,13 +74,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=writable_file)
     args = parser.parse_args(argv)
 
-    model = TranslationModel(args.model, Manifest.load(args.model), Device("cpu", [CPU], "decoding-quality"),
-                             threads=args.threads)
-    test = split(load_corpus(args.data))["test"]
+    try:
+        manifest = Manifest.load(args.model)
+    except ManifestError as error:
+        parser.error(f"model {args.model}: {error}")
+    test = split(_corpus(parser, "--data", args.data))["test"]
+    training = split(_corpus(parser, "--unseen-by", args.unseen_by))["train"] if args.unseen_by else None
+    model = TranslationModel(args.model, manifest, Device("cpu", [CPU], "decoding-quality"), threads=args.threads)
     results: dict[str, Any] = {"model": str(args.model), "data": args.data, "sample": args.sample,
                                "seed": args.seed, "sets": {}}
-    if args.unseen_by:
-        kept = unseen(test, split(load_corpus(args.unseen_by))["train"])
+    if training is not None:
+        kept = unseen(test, training)
         print(f"{len(kept)} of {len(test)} test pairs unseen by the training split of {args.unseen_by}", flush=True)
         results.update(unseen_by=args.unseen_by, test_pairs=len(test), unseen_pairs=len(kept))
         test = kept

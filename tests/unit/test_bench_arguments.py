@@ -117,3 +117,30 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_run(
     assert f"cannot write {unwritable}" in err and "is not a folder" in err, err
     with pytest.raises(Parsed):  # a folder still to be made is fine
         _main(tool)([*argv, flag, str(tmp_path / "new" / "results.json")])
+
+
+def _one_line_usage_error(main: Any, argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err, err
+    return err.splitlines()[-1]
+
+
+def test_a_corpus_not_built_is_one_line_not_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = f"ding:{tmp_path / 'not-built.txt'}"  # as data/de-en is for --data mixed before 'make data'
+    line = _one_line_usage_error(_main("attention_variants"), [
+        "--data", missing, "--variants", "none", "--work", str(tmp_path / "work"), "--out", str(tmp_path)], capsys)
+    assert ": error: --data " in line and "not-built.txt not found" in line
+    line = _one_line_usage_error(_main("decoding_quality"), ["models/de-en-bahdanau/1", "--data", missing], capsys)
+    assert ": error: --data " in line and "not-built.txt not found" in line
+
+
+def test_a_model_folder_without_a_manifest_is_refused_before_the_work(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    line = _one_line_usage_error(_main("decoding_quality"), [str(tmp_path)], capsys)
+    assert ": error: model " in line and "manifest.json not found" in line
+    line = _one_line_usage_error(_main("attention_variants"), ["--reference", str(tmp_path), "--variants", "none",
+                                                              "--work", str(tmp_path / "work"), "--out", str(tmp_path)],
+                                 capsys)
+    assert ": error: --reference " in line and "manifest.json not found" in line
