@@ -1,6 +1,8 @@
 """What one request costs to cross between a front-end process and the engine process, by transport.
 
-    .venv/bin/python bench/ipc_roundtrip.py     # prints a table; docs/serving-processes.md quotes it
+    .venv/bin/python bench/ipc_roundtrip.py     # a table, and docs/benchmarks/ipc_roundtrip.json; quoted in
+                                                # docs/serving-processes.md
+    .venv/bin/python bench/ipc_roundtrip.py --round-trips 2000 --transports "unix socket"   # a short run
 
 A client process sends ``submit`` records (a 16-token source) and an echo process answers each with a ``done``
 record (a 14-token hypothesis and its 14×16 attention matrix), ``window`` requests in flight: 64, as a front-end
@@ -13,12 +15,17 @@ too), counted over the exchange only, not the start-up. Transports:
 - ZeroMQ ROUTER/DEALER over ``ipc://`` with the same records (the server's transport before; pyzmq from the dev
   extra);
 - ``multiprocessing`` pipes with pickled objects.
+
+``--round-trips`` are timed with 64 in flight and a quarter as many with one (each a round trip's latency).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import multiprocessing
+import os
+import platform
 import socket
 import sys
 import tempfile
@@ -32,6 +39,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.arguments import positive_int, writable_file  # noqa: E402
+from bench.loadgen import commit_of, save_results  # noqa: E402
 from server.ipc import framing, records  # noqa: E402
 from server.search import Hypothesis  # noqa: E402
 from server.translation import DecodeOptions  # noqa: E402
@@ -39,6 +48,8 @@ from server.translation import DecodeOptions  # noqa: E402
 SOURCE = np.arange(16, dtype=np.int64)
 ANSWER = [[Hypothesis(list(range(14)), -3.2, -2.1, np.full((14, 16), 1 / 16, dtype=np.float32))]]
 OPTIONS = DecodeOptions()
+ROOT = Path(__file__).resolve().parents[1]
+TRANSPORTS = ("unix socket", "zeromq", "pipe+pickle")
 
 
 def _submit(request_id: int) -> records.Frames:
@@ -189,15 +200,28 @@ def run(transport: str, count: int, window: int) -> dict[str, Any]:
             "engine_side_cpu_us": round(1e6 * echo_cpu / count, 1)}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--round-trips", type=positive_int, default=20_000,
+                        help="round trips per transport with 64 in flight (with one in flight: a quarter as many)")
+    parser.add_argument("--transports", nargs="+", choices=TRANSPORTS, default=list(TRANSPORTS),
+                        help="zeromq needs pyzmq (the dev extra)")
+    parser.add_argument("--out", type=writable_file, default=ROOT / "docs" / "benchmarks" / "ipc_roundtrip.json")
+    args = parser.parse_args(argv)
+
     print("| transport | in flight | round trips/s | µs per round trip | front-end CPU µs per request | "
           "engine-side CPU µs per request |")
     print("|---|---:|---:|---:|---:|---:|")
-    for window, count in ((64, 20_000), (1, 5_000)):
-        for transport in ("unix socket", "zeromq", "pipe+pickle"):
+    rows = []
+    for window, count in ((64, args.round_trips), (1, max(args.round_trips // 4, 1))):
+        for transport in args.transports:
             r = run(transport, count, window)
+            rows.append({**r, "round_trips": count})
             print(f"| {r['transport']} | {window} | {r['round_trips_per_s']:,} | {r['us_per_round_trip']} | "
-                  f"{r['client_cpu_us']} | {r['engine_side_cpu_us']} |")
+                  f"{r['client_cpu_us']} | {r['engine_side_cpu_us']} |", flush=True)
+    save_results(args.out, {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                            "commit": commit_of(ROOT), "rows": rows})
+    print(f"wrote {args.out}")
     return 0
 
 
