@@ -46,7 +46,16 @@ from server.translation import DecodeOptions, TranslationModel  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "models" / "de-en-bahdanau" / "1"
+NEGLIGIBLE_WORK = ROOT / "runs" / "bench-overhead"  # where bench/overhead.py's negligible_model builds it
+NEGLIGIBLE = NEGLIGIBLE_WORK / "models" / "tiny8" / "1"
 CAPPED = 12  # the negligible model's outputs, as bench/overhead.py caps them
+
+
+def is_negligible(directory: Path) -> bool:
+    """Whether ``directory`` is the negligible model's version folder, however the path is written (relative to the
+    current folder, through a link): its outputs are capped and it translates the fixture's sources, as
+    bench/overhead.py measures it."""
+    return directory.resolve() == NEGLIGIBLE.resolve()
 
 
 def requests(directory: Path, texts: list[str], options: pb.DecodingOptions) -> tuple[list[np.ndarray],
@@ -115,7 +124,8 @@ def measure(server: ServerProcess, directory: Path, items: list[np.ndarray], opt
     refused: Counter[str] = Counter()
     for part in parts:
         refused.update(part)
-    return {"model": manifest.name, "beam": options.beam_size, "submitters": submitters, "window": window,
+    return {"model": manifest.name, "beam": options.beam_size, "max_output_tokens": options.max_output_tokens,
+            "submitters": submitters, "window": window,
             "sentences_per_s": round(done / seconds, 1), "refused": dict(refused),
             "engine_cores": round(cpu / seconds, 2),
             "engine_cpu_ms_per_sentence": round(1000 * cpu / max(done, 1), 3),
@@ -138,9 +148,14 @@ def ceiling(directory: Path, texts: list[str], options: pb.DecodingOptions, subm
 def table(rows: list[dict[str, Any]]) -> list[str]:
     out = ["| model | beam | submitter processes × in flight | sentences/s | engine cores | engine CPU ms/sentence "
            "| rows per decoder call |", "|---|---:|---|---:|---:|---:|---:|"]
-    out += [f"| {r['model']} | {r['beam']} | {r['submitters']} × {r['window']} | {r['sentences_per_s']:,.0f} | "
-            f"{r['engine_cores']} | {r['engine_cpu_ms_per_sentence']} | {r['rows_per_decoder_call']} |" for r in rows]
+    out += [f"| {r['model']}{_cap(r)} | {r['beam']} | {r['submitters']} × {r['window']} | "
+            f"{r['sentences_per_s']:,.0f} | {r['engine_cores']} | {r['engine_cpu_ms_per_sentence']} | "
+            f"{r['rows_per_decoder_call']} |" for r in rows]
     return out
+
+
+def _cap(row: dict[str, Any]) -> str:
+    return f" (outputs ≤ {row['max_output_tokens']} tokens)" if row.get("max_output_tokens") else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,10 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=writable_file, default=ROOT / "docs" / "benchmarks" / "engine_ceiling.json")
     args = parser.parse_args(argv)
 
-    negligible = negligible_model(ROOT / "runs" / "bench-overhead") / "tiny8" / "1"
     rows: list[dict[str, Any]] = []
-    for directory in args.model or [negligible, BUNDLED]:
-        capped = directory == negligible
+    for directory in args.model or [negligible_model(NEGLIGIBLE_WORK) / "tiny8" / "1", BUNDLED]:
+        capped = is_negligible(directory)
         options = pb.DecodingOptions(beam_size=args.beam, max_output_tokens=CAPPED if capped else 0,
                                      attention=pb.ATTENTION_DETAIL_FULL)
         rows += ceiling(directory, fixture_sources() if capped else ding_sentences(), options, args.submitters,
