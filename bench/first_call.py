@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
 from bench.arguments import at_least_two, checkout, positive_int, writable_file  # noqa: E402
 from bench.loadgen import ServerProcess, commit_of, save_results  # noqa: E402
-from bench.sections import replace_section  # noqa: E402
+from bench.sections import command_line, replace_section, shown  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = ROOT / "docs" / "scenes-sat-example-1-input.png"
@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.baseline:
         designs.insert(0, ("before", f"commit {commit_of(args.baseline)} (before)", {}, args.baseline))
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-                               "commit": commit_of(ROOT), "starts": args.starts, "calls": args.calls, "designs": {}}
+                               "commit": commit_of(ROOT), "command": command_line("first_call.py", argv),
+                               "results_file": shown(args.out), "starts": args.starts, "calls": args.calls,
+                               "designs": {}}
     for _ in range(args.starts):  # the designs in turn, so that a slow minute does not fall on one of them
         for key, name, settings, root in designs:
             run = one_start(root, args.models, settings, args.calls)
@@ -101,7 +103,9 @@ def summary(starts: list[dict[str, list[float]]], rpc: str) -> tuple[float, floa
 
 def write_section(results: dict[str, Any], report: Path) -> None:
     lines = [BEGIN, "## A process's first calls", "",
-             f"Produced by `.venv/bin/python bench/first_call.py` at commit {results['commit']}: the bundled models, "
+             f"Produced by `{results.get('command', '.venv/bin/python bench/first_call.py')}` at commit "
+             f"{results['commit']}; raw numbers in `{results.get('results_file', 'docs/benchmarks/first_call.json')}`. "
+             "The bundled models, "
              f"{results['starts']} starts per design, {results['calls']} calls of each RPC per start (the server's "
              "own time from its `rpc` log lines; one client, default beam 4).", "",
              "| design | Caption: first call ms | later calls ms | Translate: first call ms | later calls ms |",

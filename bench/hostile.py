@@ -46,7 +46,7 @@ from attention_pb.v1 import attention_pb2_grpc as pb_grpc  # noqa: E402
 from bench.arguments import non_negative_int, positive_float, positive_int, writable_file  # noqa: E402
 from bench.loadgen import ServerProcess, commit_of, save_results  # noqa: E402
 from bench.overhead import design_name  # noqa: E402
-from bench.sections import replace_section  # noqa: E402
+from bench.sections import command_line, replace_section, shown  # noqa: E402
 from kserve_v2_pb import grpc_service_pb2 as v2  # noqa: E402
 from kserve_v2_pb import grpc_service_pb2_grpc as v2_grpc  # noqa: E402
 
@@ -268,10 +268,11 @@ def run(models_dir: Path, seconds: float, clients: int, seed: int = 0, **setting
             "exit_code": exit_code, "faults": faults}
 
 
-def report(results: list[dict[str, Any]], commit: str) -> list[str]:
+def report(results: list[dict[str, Any]], commit: str, command: str = ".venv/bin/python bench/hostile.py",
+           results_file: str = "docs/benchmarks/hostile.json") -> list[str]:
     lines = [BEGIN, "## Hostile calls", "",
-             f"Produced by `.venv/bin/python bench/hostile.py` at commit {commit}; raw numbers in "
-             "`docs/benchmarks/hostile.json`. What is sent and what fails the check: the script's docstring.", "",
+             f"Produced by `{command}` at commit {commit}; raw numbers in `{results_file}`. What is sent and what "
+             "fails the check: the script's docstring.", "",
              "| design | calls | codes | server log lines by level | statuses sent after the call ended | faults |",
              "|---|---|---|---|---|---|"]
     for result in results:
@@ -314,8 +315,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {key}: {count:,}")
         results.append(result)
     commit = commit_of()
-    save_results(args.json, {"commit": commit, "runs": results})
-    replace_section(args.report, BEGIN, END, report(results, commit))
+    command = command_line("hostile.py", argv)
+    save_results(args.json, {"commit": commit, "command": command, "runs": results})
+    replace_section(args.report, BEGIN, END, report(results, commit, command, shown(args.json)))
     return 1 if any(result["faults"] for result in results) else 0
 
 

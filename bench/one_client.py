@@ -31,7 +31,7 @@ from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
 from bench.arguments import checkout, positive_float, positive_int, writable_file  # noqa: E402
 from bench.loadgen import ServerProcess, commit_of, save_results  # noqa: E402
 from bench.overhead import design_name, ding_sentences, measure  # noqa: E402
-from bench.sections import replace_section  # noqa: E402
+from bench.sections import command_line, replace_section, shown  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- one-client: written by bench/one_client.py -->", "<!-- /one-client -->"
@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     texts = ding_sentences()
     greedy = pb.DecodingOptions(beam_size=1, attention=pb.ATTENTION_DETAIL_FULL)
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-                               "commit": commit_of(ROOT), "rounds": args.rounds, "seconds_per_run": args.seconds,
+                               "commit": commit_of(ROOT), "command": command_line("one_client.py", argv),
+                               "results_file": shown(args.out), "rounds": args.rounds, "seconds_per_run": args.seconds,
                                "runs": {key: [] for key, _, _ in designs}}
     if args.baseline:
         results["baseline"] = commit_of(args.baseline)
@@ -90,10 +91,12 @@ def write_section(results: dict[str, Any], report: Path) -> None:
     runs = results["runs"]
     base_key = "before" if "before" in runs else "0"
     base = summary(runs[base_key])
-    command = ".venv/bin/python bench/one_client.py" + (" --baseline /tmp/before" if "baseline" in results else "")
+    command = results.get("command", ".venv/bin/python bench/one_client.py"  # results from before it was recorded
+                          + (" --baseline /tmp/before" if "baseline" in results else ""))
     lines = [BEGIN, "## One client, the designs taking turns", "",
              f"Produced by `{command}` at commit {results['commit']} on {results['finished']}; raw numbers in "
-             f"`docs/benchmarks/one_client.json`. The bundled de-en-bahdanau, one client, one sentence per call, "
+             f"`{results.get('results_file', 'docs/benchmarks/one_client.json')}`. The bundled de-en-bahdanau, one "
+             "client, one sentence per call, "
              f"greedy, full attention; every server started once, then {results['rounds']} rounds of "
              f"{results['seconds_per_run']} s each, the designs in turn within a round.", "",
              "| design | p50 ms per round | median p50 ms | vs " + design_name(base_key, results)

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
 from bench.arguments import checkout, positive_float, positive_int, writable_file  # noqa: E402
 from bench.loadgen import ServerProcess, commit_of, drive, drive_processes  # noqa: E402
-from bench.sections import replace_section  # noqa: E402
+from bench.sections import command_line, replace_section, shown  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "ding-sample.txt"
@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or ROOT / "docs" / "benchmarks" / ("overhead-batched.json" if batched else "overhead.json")
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
                                "seconds_per_run": args.seconds, "client_processes": args.client_processes,
-                               "texts_per_call": args.texts_per_call, "commit": commit_of(ROOT)}
+                               "texts_per_call": args.texts_per_call, "commit": commit_of(ROOT),
+                               "command": command_line("overhead.py", argv), "results_file": shown(out)}
     designs: list[tuple[str, dict[str, int], Path]] = [(str(n), {"frontends": n}, ROOT) for n in [0, *args.frontends]]
     designs += [(f"{max(args.frontends)}x{n}", {"frontends": max(args.frontends), "engines": n}, ROOT)
                 for n in args.engines]
@@ -214,14 +215,15 @@ def write_section(results: dict[str, Any], report: Path) -> None:
     base = design_name("before" if "baseline" in results else "0", results)
     per_call = results.get("texts_per_call", 1)
     begin, end, title, raw = (BEGIN, END, "Front-end processes and an engine process", "overhead.json")
-    command = ".venv/bin/python bench/overhead.py"
+    command = ".venv/bin/python bench/overhead.py"  # of results written before the command was recorded
     if per_call > 1:
         begin, end = BEGIN.replace("overhead:", "overhead-batched:"), END.replace("overhead", "overhead-batched")
         title, raw = f"The same with {per_call} sentences per call", "overhead-batched.json"
         command += f" --texts-per-call {per_call}"
+    command, raw = results.get("command", command), results.get("results_file", f"docs/benchmarks/{raw}")
     lines = [begin, f"## {title}", "",
              f"Produced by `{command}` at commit {results.get('commit', '?')} on "
-             f"{results['finished']}; raw numbers in `docs/benchmarks/{raw}`. Machine: "
+             f"{results['finished']}; raw numbers in `{raw}`. Machine: "
              f"{results['machine']['cpus']} CPUs, no GPU; {results['seconds_per_run']} s per measured run; the "
              "load generator runs in separate processes on the same cores. Server CPU is the user + system time of "
              "the server's whole process tree over the run (from /proc), per sentence answered, and of it the engine "

@@ -3,7 +3,25 @@ several benchmarks write one document without overwriting each other."""
 
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """How ``bench/<script>`` was run, with ``argv`` (None: this process's own arguments): what a section quotes so
+    that its numbers can be reproduced, a baseline or a shorter run included."""
+    return shlex.join([".venv/bin/python", f"bench/{script}", *(sys.argv[1:] if argv is None else argv)])
+
+
+def shown(path: Path) -> str:
+    """``path`` as a section names the results file it was written beside: relative to the checkout when in it."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
 
 
 def replace_section(report: Path, begin: str, end: str, lines: list[str]) -> None:

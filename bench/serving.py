@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
 from bench.arguments import non_negative_int, positive_float, positive_int, writable_folder  # noqa: E402
 from bench.loadgen import Run, ServerProcess, drive, stability  # noqa: E402
+from bench.sections import command_line  # noqa: E402
 
 CONCURRENCY = [1, 4, 16, 64, 256]
 FULL, NONE = pb.ATTENTION_DETAIL_FULL, pb.ATTENTION_DETAIL_NONE
@@ -368,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench.serving_report import write_report
 
-    doc = write_report(results, args.out, " ".join([".venv/bin/python", "bench/serving.py", *(argv or sys.argv[1:])]))
+    doc = write_report(results, args.out, command_line("serving.py", argv))
     print(f"wrote {doc}")
     return 0
 

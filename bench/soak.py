@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
 from bench.arguments import positive_float, positive_int, writable_file  # noqa: E402
 from bench.loadgen import ServerProcess, commit_of, drive, stability  # noqa: E402
-from bench.sections import replace_section  # noqa: E402
+from bench.sections import command_line, replace_section, shown  # noqa: E402
 from bench.serving import test_sentences  # noqa: E402
 
 BEGIN, END = "<!-- soak: written by bench/soak.py -->", "<!-- /soak -->"
@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     start = warm_up(totals, args.band)
     commit = commit_of()
     results = {
-        "commit": commit, "finished": time.strftime("%Y-%m-%d %H:%M"),
+        "commit": commit, "finished": time.strftime("%Y-%m-%d %H:%M"), "command": command_line("soak.py", argv),
+        "results_file": shown(args.out),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "requests": args.requests, "chunk": args.chunk, "concurrency": args.concurrency, "band": args.band,
         "codes": codes, "loaded_mib": loaded, "readings": readings,
@@ -102,8 +103,10 @@ def write_section(results: dict[str, Any], report: Path) -> None:
     last = readings[-1]["processes"]
     every = max(len(readings) // 10, 1)
     lines = [BEGIN, "## Memory over a long soak", "",
-             f"Produced by `.venv/bin/python bench/soak.py` at commit {results['commit']} on {results['finished']}; "
-             f"raw numbers in `docs/benchmarks/soak.json`. Every bundled model loaded; {results['requests']:,} "
+             f"Produced by `{results.get('command', '.venv/bin/python bench/soak.py')}` at commit "
+             f"{results['commit']} on {results['finished']}; raw numbers in "
+             f"`{results.get('results_file', 'docs/benchmarks/soak.json')}`. Every bundled model loaded; "
+             f"{results['requests']:,} "
              f"Translate calls (greedy, full attention, {results['concurrency']} clients, answers "
              f"{results['codes']}), the RSS of each server process read every {results['chunk']:,}.", "",
              "| requests | whole tree (MiB) | " + " | ".join(last) + " |",

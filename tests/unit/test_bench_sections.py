@@ -59,3 +59,32 @@ def test_the_one_client_section_gives_each_design_its_median_against_the_baselin
         "| one process (`ATTN_FRONTENDS=0`) | 6.2, 6.1, 6.3 | 6.2 | 0.97× | 5.7 | 12.4 |",
         "| 1 front-end(s) + engine | 7.2, 6.4, 6.8 | 6.8 | 1.06× | 6.3 | 13.6 (3.3) |",  # the engine's apart
     ]
+
+
+def test_a_section_quotes_the_command_that_ran_and_the_file_it_wrote(tmp_path: Path) -> None:
+    from bench import first_call, hostile, overhead, soak
+    from bench.sections import command_line, shown
+
+    root = Path(__file__).resolve().parents[2]
+    command = command_line("overhead.py", ["--baseline", "/tmp/before", "--engines", "2", "--out", "/tmp/o k.json"])
+    assert command == ".venv/bin/python bench/overhead.py --baseline /tmp/before --engines 2 --out '/tmp/o k.json'"
+    assert shown(root / "docs" / "benchmarks" / "soak.json") == "docs/benchmarks/soak.json"
+    assert shown(tmp_path / "soak.json") == str(tmp_path / "soak.json")
+    ran = {"command": ".venv/bin/python bench/X.py --seconds 2", "results_file": "/tmp/results.json",
+           "commit": "abc1234", "finished": "today"}
+    reading = {"requests": 10, "total_mib": 400.0, "processes": {"server": 400.0}}
+    doc = tmp_path / "benchmarks.md"
+    overhead.write_section({**ran, "machine": {"cpus": 2}, "seconds_per_run": 2.0}, doc)
+    one_client_results = {**ran, "rounds": 1, "seconds_per_run": 1.0, "runs": {"0": [
+        {"p50_ms": 1.0, "server_cpu_ms_per_sentence": 1.0, "wakeups_per_sentence": {"engine": 0.0}}]}}
+    write_section(one_client_results, doc)
+    first_call.write_section({**ran, "starts": 1, "calls": 2, "designs": {}}, doc)
+    soak.write_section({**ran, "requests": 10, "concurrency": 1, "chunk": 10, "codes": {"OK": 10}, "band": 0.05,
+                        "loaded_mib": {"server": 390.0}, "readings": [reading], "warm_up_requests": 10,
+                        "median_mib": 400.0, "max_deviation": 0.0, "drift": 0.0}, doc)
+    replace_section(doc, hostile.BEGIN, hostile.END, hostile.report([], "abc1234", ran["command"], ran["results_file"]))
+    produced = [line for line in doc.read_text().splitlines() if line.startswith("Produced by")]
+    assert len(produced) == 5
+    for line in produced:
+        assert line.startswith(f"Produced by `{ran['command']}` at commit abc1234"), line
+        assert "raw numbers in `/tmp/results.json`" in line, line
