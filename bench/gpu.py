@@ -60,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
 from bench import engine_ceiling  # noqa: E402
 from bench.arguments import non_negative_int, positive_float, positive_int, writable_file, writable_folder  # noqa: E402
-from bench.loadgen import ServerProcess, commit_of, drive, drive_processes  # noqa: E402
+from bench.loadgen import ServerProcess, client_checks, commit_of, drive, drive_processes  # noqa: E402
 from bench.sections import replace_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -666,7 +666,8 @@ def _serving_table(rows: list[dict[str, Any]]) -> list[str]:
                      f"{r['server_cores']} | {r.get('engine_cores', '–')} | {r.get('frontend_cores', '–')} | "
                      f"{r.get('rows_per_decoder_call') or '–'} | {gpu} | "
                      f"{', '.join(f'{k} {v}' for k, v in r['codes'].items())} |")
-    return lines
+    checks = client_checks(rows)  # the (check) rows in words: did one client process more raise the figure?
+    return lines + (["", *(f"- {check}" for check in checks)] if checks else [])
 
 
 if __name__ == "__main__":

@@ -36,7 +36,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
 from attention_pb.v1 import attention_pb2_grpc as pb_grpc  # noqa: E402
 from bench.arguments import positive_float, positive_int, writable_file  # noqa: E402
-from bench.loadgen import ServerProcess, drive, drive_processes, save_results, tree_cpu_seconds  # noqa: E402
+from bench.loadgen import (  # noqa: E402
+    ServerProcess,
+    client_check,
+    drive,
+    drive_processes,
+    save_results,
+    tree_cpu_seconds,
+)
 from bench.overhead import fixture_sources, negligible_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = floor(payload, texts, args.concurrency, args.seconds, args.client_processes)
         more = floor(payload, texts, args.concurrency, args.seconds, args.client_processes + 1)
         results[f"{name}_one_client_process_more"] = more
-        print(name, json.dumps(results[name]), "| one client process more:", more["calls_per_s"], "calls/s",
-              flush=True)
+        results[f"{name}_client_check"] = client_check(results[name], more, "calls_per_s")
+        print(name, json.dumps(results[name]), flush=True)
+        print(f"{name}, {results[f'{name}_client_check']}", flush=True)
     save_results(args.out, results)
     print(f"wrote {args.out}")
     return 0

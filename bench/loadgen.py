@@ -37,6 +37,7 @@ from server.processes import process_cpu_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENTS_PER_CONNECTION = 8  # clients sharing one connection (the module's docstring says why not all of them)
+CHECK_TOLERANCE = 0.05  # a run with one client process more within this of the figure: the clients did not limit it
 
 
 class ServerProcess:
@@ -377,3 +378,30 @@ def drive_processes(target: str, texts: list[str], concurrency: int, options: pb
                                                                                / wall, 1),
             "p50_ms": round(float(np.percentile(latencies, 50)) * 1000, 2),
             "p99_ms": round(float(np.percentile(latencies, 99)) * 1000, 2), "codes": dict(codes)}
+
+
+def client_check(base: dict[str, Any], more: dict[str, Any], figure: str = "sentences_per_s") -> str:
+    """The load generator's own check in words: ``more`` is the run of ``base`` again with one client process more.
+    A figure that rises with it was the clients', not the server's: the sentence says so, with both figures."""
+    ratio = more[figure] / base[figure] if base[figure] else float("inf")
+    measured = (f"{more['client_processes']} client processes instead of {base['client_processes']} at "
+                f"{base['concurrency']} clients: {more[figure]:,} against {base[figure]:,} "
+                f"{figure.replace('_per_s', '/s').replace('_', ' ')} "
+                f"({ratio:.2f}×)")
+    if ratio <= 1 + CHECK_TOLERANCE:
+        return f"{measured}; adding a client process did not raise the figure: the load generator did not limit it."
+    return (f"{measured}; adding a client process raised the figure by more than {CHECK_TOLERANCE:.0%}: the load "
+            "generator may have limited it, so these rows are a floor, not the server's figure.")
+
+
+def client_checks(rows: list[dict[str, Any]], figure: str = "sentences_per_s") -> list[str]:
+    """:func:`client_check` of every row marked ``check`` against the nearest earlier row of the same concurrency
+    without the mark: the run it repeats with one client process more."""
+    checks = []
+    for i, row in enumerate(rows):
+        if row.get("check"):
+            base = next((r for r in reversed(rows[:i]) if r["concurrency"] == row["concurrency"]
+                         and not r.get("check")), None)
+            if base is not None:
+                checks.append(client_check(base, row, figure))
+    return checks

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
 from bench.arguments import checkout, positive_float, positive_int, writable_file  # noqa: E402
-from bench.loadgen import ServerProcess, commit_of, drive, drive_processes  # noqa: E402
+from bench.loadgen import ServerProcess, client_check, client_checks, commit_of, drive, drive_processes  # noqa: E402
 from bench.sections import command_line, replace_section, shown  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,6 +111,7 @@ def design(models: Path, texts: list[str], settings: dict[str, Any], options: pb
         more.update(settings, check="one client process more")
         runs.append(more)
         print(json.dumps(more), flush=True)
+        print(client_check(runs[-2], more), flush=True)
     return runs
 
 
@@ -241,6 +242,9 @@ def write_section(results: dict[str, Any], report: Path) -> None:
                 lines.append(f"- {concurrency} client(s), {design_name(design_key, results)}: {r['throughput']}× the "
                              f"throughput of {base}, {r['cpu_per_sentence']}× its CPU per sentence, {r['p50']}× "
                              "its p50 latency.")
+        lines.append("")
+        lines += [f"- {design_name(design_key, results)}, {check}"
+                  for design_key, rows in results[key].items() for check in client_checks(rows)]
         lines.append("")
     lines.append(end)
     replace_section(report, begin, end, lines)
