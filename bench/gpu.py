@@ -60,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
 from bench import engine_ceiling  # noqa: E402
 from bench.arguments import non_negative_int, positive_float, positive_int, writable_file, writable_folder  # noqa: E402
-from bench.loadgen import ServerProcess, client_checks, commit_of, drive, drive_processes  # noqa: E402
+from bench.loadgen import ServerProcess, client_checks, commit_of, drive, drive_processes, only_model  # noqa: E402
 from bench.sections import replace_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,12 +185,7 @@ def fp16_copy(source: Path, target: Path) -> Path:
 
 def models_dir(work: Path, name: str, model: Path) -> Path:
     """A models folder holding ``model`` alone (a link), so that a server loads and warms up nothing else."""
-    folder = work / name
-    folder.mkdir(parents=True, exist_ok=True)
-    link = folder / model.parent.name
-    if not link.exists():
-        link.symlink_to(model.parent.resolve())
-    return folder
+    return only_model(work / name, model.parent)
 
 
 def serving(models: Path, texts: list[str], device: str, variant: str, clients: list[int], beams: list[int],

@@ -207,6 +207,23 @@ def tree_cpu_seconds(root: int) -> float:
     return sum(process_cpu_seconds(pid) for pid in process_tree(root))
 
 
+def only_model(folder: Path, model: Path) -> Path:
+    """``folder`` as a models folder holding one model, ``model`` (a model's folder: NAME with its versions below),
+    through a link: a server started on it loads that model and nothing else. Links an earlier run left there, to
+    another copy of the model or to another model, are replaced: the run serves what its own arguments name."""
+    target = model.resolve()
+    if not target.is_dir():
+        raise FileNotFoundError(f"no model folder at {model}")
+    folder.mkdir(parents=True, exist_ok=True)
+    for link in folder.iterdir():
+        if link.is_symlink() and (link.name != model.name or link.resolve() != target):
+            link.unlink()
+    link = folder / model.name
+    if not link.is_symlink():
+        link.symlink_to(target)
+    return folder
+
+
 def save_results(path: Path, results: dict[str, Any]) -> None:
     """Stamps ``results`` with the time the benchmark finished and writes them to ``path`` as JSON."""
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")

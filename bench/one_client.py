@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
 from bench.arguments import checkout, positive_float, positive_int, writable_file  # noqa: E402
-from bench.loadgen import ServerProcess, commit_of, save_results  # noqa: E402
+from bench.loadgen import ServerProcess, commit_of, only_model, save_results  # noqa: E402
 from bench.overhead import design_name, ding_sentences, measure  # noqa: E402
 from bench.sections import command_line, replace_section, shown  # noqa: E402
 
@@ -48,10 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", type=writable_file, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args(argv)
 
-    models = ROOT / "runs" / "bench-models"  # the bundled translator alone, as overhead.py serves it
-    models.mkdir(parents=True, exist_ok=True)
-    if not (models / "de-en-bahdanau").exists():
-        (models / "de-en-bahdanau").symlink_to((args.bundled / "de-en-bahdanau").resolve())
+    if not (args.bundled / "de-en-bahdanau").is_dir():
+        parser.error(f"--bundled {args.bundled}: no de-en-bahdanau folder in it")
+    # the bundled translator alone, as overhead.py serves it
+    models = only_model(ROOT / "runs" / "bench-models", args.bundled / "de-en-bahdanau")
     designs: list[tuple[str, dict[str, Any], Path]] = [(str(n), {"frontends": n}, ROOT) for n in [0, *args.frontends]]
     if args.baseline:
         designs.insert(0, ("before", {}, args.baseline))

@@ -36,7 +36,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
 from bench.arguments import checkout, positive_float, positive_int, writable_file  # noqa: E402
-from bench.loadgen import ServerProcess, client_check, client_checks, commit_of, drive, drive_processes  # noqa: E402
+from bench.loadgen import (  # noqa: E402
+    ServerProcess,
+    client_check,
+    client_checks,
+    commit_of,
+    drive,
+    drive_processes,
+    only_model,
+)
 from bench.sections import command_line, replace_section, shown  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", type=writable_file, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args(argv)
 
+    if not args.skip_bundled and not (args.bundled / "de-en-bahdanau").is_dir():  # measured last: say so first
+        parser.error(f"--bundled {args.bundled}: no de-en-bahdanau folder in it (or --skip-bundled)")
     batched = args.texts_per_call > 1
     out = args.out or ROOT / "docs" / "benchmarks" / ("overhead-batched.json" if batched else "overhead.json")
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
@@ -156,10 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     capped = pb.DecodingOptions(beam_size=1, max_output_tokens=12, attention=pb.ATTENTION_DETAIL_FULL)
     results["negligible"] = measured(negligible_model(ROOT / "runs" / "bench-overhead"), fixture_sources(), capped)
     if not args.skip_bundled:
-        one = ROOT / "runs" / "bench-models"  # the bundled translator alone
-        one.mkdir(parents=True, exist_ok=True)
-        if not (one / "de-en-bahdanau").exists():
-            (one / "de-en-bahdanau").symlink_to((args.bundled / "de-en-bahdanau").resolve())
+        one = only_model(ROOT / "runs" / "bench-models", args.bundled / "de-en-bahdanau")  # the bundled translator
         greedy = pb.DecodingOptions(beam_size=1, attention=pb.ATTENTION_DETAIL_FULL)
         results["bundled"] = measured(one, ding_sentences(), greedy)
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")

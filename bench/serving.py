@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
 from bench.arguments import non_negative_int, positive_float, positive_int, writable_folder  # noqa: E402
-from bench.loadgen import Run, ServerProcess, drive, stability  # noqa: E402
+from bench.loadgen import Run, ServerProcess, drive, only_model, stability  # noqa: E402
 from bench.sections import command_line  # noqa: E402
 
 CONCURRENCY = [1, 4, 16, 64, 256]
@@ -291,11 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         results["a"] = None
         print(f"(a) skipped: no checkpoint at {args.checkpoint} (make models writes it)", flush=True)
 
-    one_model = Path("runs/bench-models")  # the benchmarked model alone, for (b) and (c)
-    one_model.mkdir(parents=True, exist_ok=True)
-    link = one_model / args.model
-    if not link.exists():
-        link.symlink_to(only.parent.resolve())
+    one_model = only_model(Path("runs/bench-models"), only.parent)  # the benchmarked model alone, for (b) and (c)
     for label, batching in (("b", False), ("c", True)):
         runs: list[dict[str, Any]] = []
         with ServerProcess(one_model, batching=batching) as server:
