@@ -219,7 +219,7 @@ def profile(pid: int, seconds: float, out: Path) -> dict[str, float] | None:
 
 
 def server_run(server: ServerProcess, texts: list[str], concurrency: int, options: pb.DecodingOptions,
-               seconds: float) -> tuple[dict[str, Any], Run]:
+               seconds: float, model: str = "de-en-bahdanau") -> tuple[dict[str, Any], Run]:
     """One measured run, with the server's own account of where its time went."""
     drive(server.target, texts, min(concurrency, 8), options, requests=min(concurrency, 8) * 2)  # warm-up
     before, cpu0 = server.metrics(), time.perf_counter()
@@ -233,10 +233,8 @@ def server_run(server: ServerProcess, texts: list[str], concurrency: int, option
     steps = delta("attn_batch_hypotheses_count")
     summary["server"] = {
         "cpu_seconds": round(delta("attn_process_cpu_seconds_total"), 2), "wall_seconds": round(wall, 2),
-        "decoder_seconds": round(delta('attn_compute_duration_seconds_sum{model="de-en-bahdanau",'
-                                       'stage="decoder"'), 2),
-        "encoder_seconds": round(delta('attn_compute_duration_seconds_sum{model="de-en-bahdanau",'
-                                       'stage="encoder"'), 2),
+        "decoder_seconds": round(delta(f'attn_compute_duration_seconds_sum{{model="{model}",stage="decoder"'), 2),
+        "encoder_seconds": round(delta(f'attn_compute_duration_seconds_sum{{model="{model}",stage="encoder"'), 2),
         "decoder_steps": int(steps),
         "mean_rows_per_step": round(delta("attn_batch_hypotheses_sum") / steps, 1) if steps else 0.0,
         "mean_requests_per_step": round(delta("attn_batch_requests_sum") / steps, 1) if steps else 0.0,
@@ -296,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         runs: list[dict[str, Any]] = []
         with ServerProcess(one_model, batching=batching) as server:
             for concurrency in CONCURRENCY:
-                summary, run = server_run(server, texts, concurrency, pb.DecodingOptions(beam_size=1), args.seconds)
+                summary, run = server_run(server, texts, concurrency, pb.DecodingOptions(beam_size=1), args.seconds,
+                                          args.model)
                 summary.update(beam=1, attention=True)
                 runs.append(summary)
                 outputs[f"{label}-greedy-{concurrency}"] = run.outputs
@@ -313,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                     if beam == 1 and attention:
                         continue  # measured in the sweep above
                     options = pb.DecodingOptions(beam_size=beam, attention=FULL if attention else NONE)
-                    summary, run = server_run(server, texts, 64, options, args.seconds)
+                    summary, run = server_run(server, texts, 64, options, args.seconds, args.model)
                     summary.update(beam=beam, attention=attention)
                     runs.append(summary)
                     outputs[f"{label}-beam{beam}-{'attn' if attention else 'noattn'}-64"] = run.outputs
@@ -328,12 +327,12 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     with ServerProcess(one_model, variant="int8") as server:  # the dynamically quantised graphs of the same model
-        summary, run = server_run(server, texts, 64, pb.DecodingOptions(beam_size=1), args.seconds)
+        summary, run = server_run(server, texts, 64, pb.DecodingOptions(beam_size=1), args.seconds, args.model)
         results["int8"] = {**summary, "identical_to_fp32": identical(run.outputs, outputs["c-greedy-64"])}
         print(f"int8 c=64: {summary['sentences_per_s']} sentences/s", flush=True)
 
     with ServerProcess(one_model, max_queue_requests=16) as server:
-        summary, _ = server_run(server, texts, 256, pb.DecodingOptions(beam_size=1), args.seconds)
+        summary, _ = server_run(server, texts, 256, pb.DecodingOptions(beam_size=1), args.seconds, args.model)
         results["overload"] = {**summary, "max_queue_requests": 16}
         print(f"overload: {summary['codes']}", flush=True)
 

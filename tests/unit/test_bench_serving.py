@@ -1,0 +1,39 @@
+"""bench/serving.py's account of where the server's time went is the benchmarked model's (--model), not the
+bundled one's."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
+from bench import serving  # noqa: E402
+from bench.loadgen import Run  # noqa: E402
+
+
+class _Server:
+    """Two scrapes of /metrics: before the measured run and after it."""
+
+    target = "127.0.0.1:0"
+
+    def __init__(self, model: str) -> None:
+        compute = 'attn_compute_duration_seconds_sum{{model="{}",stage="{}",version="1"}}'
+        self.scrapes = [{compute.format(model, "decoder"): 1.0, compute.format(model, "encoder"): 0.5},
+                        {compute.format(model, "decoder"): 4.0, compute.format(model, "encoder"): 1.5}]
+
+    def metrics(self) -> dict[str, float]:
+        return self.scrapes.pop(0)
+
+
+def test_the_compute_seconds_are_the_benchmarked_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    def drive(target: str, texts: list[str], concurrency: int, *args: Any, **kwargs: Any) -> Run:
+        return Run(concurrency, 1.0)
+
+    monkeypatch.setattr(serving, "drive", drive)
+    summary, _ = serving.server_run(_Server("de-en-mixed"), ["Hallo"], 4, pb.DecodingOptions(), 1.0, "de-en-mixed")
+    assert (summary["server"]["decoder_seconds"], summary["server"]["encoder_seconds"]) == (3.0, 1.0)
