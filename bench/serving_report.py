@@ -102,8 +102,8 @@ def _bounds_lines(results: dict[str, Any]) -> list[str]:
         "- **Where the rest goes.** Even at 256 clients the ONNX Runtime calls are well under half of the server's "
         "busy samples (profile below): gRPC, Python's share of building responses with word alignments, and the "
         "engine's copies of static rows when sentences join and leave take the rest, and the load generator needs "
-        "the same two cores. The largest single remaining cost inside the decoder is its vocabulary projection "
-        "(the first weight matrix below) and the log-softmax over its 8,000 outputs per row.",
+        f"the same {results['machine']['cpus']} cores. The largest single remaining cost inside the decoder is its "
+        "vocabulary projection (the first weight matrix below) and the log-softmax over its 8,000 outputs per row.",
         "",
     ]
     return lines
@@ -178,7 +178,8 @@ def write_report(results: dict[str, Any], out: Path, command: str) -> Path:
         f"Machine: {m['cpus']} CPUs, {m['platform']}, Python {m['python']}; no GPU. Model `{results['model']}` "
         f"(the bundled Bahdanau model), {results['sentences']} full sentences of the Ding test split, cycled; "
         f"{results['seconds_per_run']:.0f} s per measured run after a warm-up. The load generator runs in the "
-        "benchmark's process and shares the two cores with the server, as a client on the same host would.",
+        f"benchmark's process and shares the {m['cpus']} cores with the server, as a client on the same host "
+        "would.",
         "",
         "- **(a)** PyTorch eager greedy decoding of the same checkpoint, one sentence after another: "
         + (f"**{a['sentences_per_s']:.1f} sentences/s** ({a['target_tokens_per_s']:.0f} target tokens/s, "
@@ -226,9 +227,9 @@ def write_report(results: dict[str, Any], out: Path, command: str) -> Path:
         "",
         f"Of the {top['wall_seconds']:.1f} s, the decoder calls took {top['decoder_seconds']:.1f} s, the encoder "
         f"calls {top['encoder_seconds']:.1f} s, and {other:.1f} s went elsewhere: the search's numpy work between "
-        "steps, turning hypotheses into responses, gRPC, and the load generator itself, which shares the two cores "
-        f"(the server process used {top['cpu_seconds']:.1f} CPU-seconds of the "
-        f"{2 * top['wall_seconds']:.1f} available).",
+        "steps, turning hypotheses into responses, gRPC, and the load generator itself, which shares the "
+        f"{m['cpus']} cores (the server's processes used {top['cpu_seconds']:.1f} CPU-seconds of the "
+        f"{m['cpus'] * top['wall_seconds']:.1f} available on its {m['cpus']} cores).",
         "",
         *_profile_lines(results),
         "## GPU",

@@ -37,3 +37,17 @@ def test_the_compute_seconds_are_the_benchmarked_models(monkeypatch: pytest.Monk
     monkeypatch.setattr(serving, "drive", drive)
     summary, _ = serving.server_run(_Server("de-en-mixed"), ["Hallo"], 4, pb.DecodingOptions(), 1.0, "de-en-mixed")
     assert (summary["server"]["decoder_seconds"], summary["server"]["encoder_seconds"]) == (3.0, 1.0)
+
+
+def test_the_report_counts_the_cores_the_machine_has(tmp_path: Path) -> None:
+    import json
+
+    from bench.serving_report import write_report
+
+    root = Path(__file__).resolve().parents[2]
+    results = json.loads((root / "docs" / "benchmarks" / "serving.json").read_text())  # a full run's numbers
+    results["machine"]["cpus"] = 16
+    text = write_report(results, tmp_path, ".venv/bin/python bench/serving.py").read_text()
+    top = next(r for r in results["c"] if r["concurrency"] == 256)["server"]
+    assert f"CPU-seconds of the {16 * top['wall_seconds']:.1f} available on its 16 cores" in text
+    assert "two cores" not in text and "shares the 16 cores with the server" in text
