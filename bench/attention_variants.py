@@ -46,6 +46,7 @@ from training.evaluate import (  # noqa: E402
 from training.train import TrainConfig, model_config, train  # noqa: E402
 
 log = logging.getLogger("attn.bench.variants")
+ROOT = Path(__file__).resolve().parents[1]  # the defaults are this checkout's, from whatever folder it is run
 
 # name -> TrainConfig fields that make the variant
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -268,9 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference", default="",
                         help="an exported model of one variant trained longer (e.g. models/de-en-bahdanau/1), decoded "
                              "the same way: how the scores move with the budget")
-    parser.add_argument("--work", type=writable_folder, default="runs/variants",
+    parser.add_argument("--work", type=writable_folder, default=ROOT / "runs" / "variants",
                         help="checkpoints, exported models, per-variant results")
-    parser.add_argument("--out", type=writable_folder, default="docs",
+    parser.add_argument("--out", type=writable_folder, default=ROOT / "docs",
                         help="writes OUT/attention-variants.md and OUT/attention-variants/")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")

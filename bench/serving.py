@@ -37,6 +37,7 @@ from bench.arguments import non_negative_int, positive_float, positive_int, writ
 from bench.loadgen import Run, ServerProcess, drive, only_model, stability  # noqa: E402
 from bench.sections import command_line  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]  # the defaults are this checkout's, from whatever folder it is run
 CONCURRENCY = [1, 4, 16, 64, 256]
 FULL, NONE = pb.ATTENTION_DETAIL_FULL, pb.ATTENTION_DETAIL_NONE
 
@@ -256,14 +257,14 @@ def identical(a: dict[int, list[int]], b: dict[int, list[int]]) -> dict[str, int
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models-dir", type=Path, default=Path("models"))
+    parser.add_argument("--models-dir", type=Path, default=ROOT / "models")
     parser.add_argument("--model", default="de-en-bahdanau")
-    parser.add_argument("--checkpoint", type=Path, default=Path("runs/de-en-bahdanau/best.pt"))
+    parser.add_argument("--checkpoint", type=Path, default=ROOT / "runs" / "de-en-bahdanau" / "best.pt")
     parser.add_argument("--seconds", type=positive_float, default=12.0, help="measured seconds per run")
     parser.add_argument("--sentences", type=non_negative_int, default=0,
                         help="test sentences to cycle through (0: all)")
     parser.add_argument("--soak-requests", type=positive_int, default=20_000)
-    parser.add_argument("--out", type=writable_folder, default=Path("docs"))
+    parser.add_argument("--out", type=writable_folder, default=ROOT / "docs")
     args = parser.parse_args(argv)
 
     texts = test_sentences(args.sentences)
@@ -289,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         results["a"] = None
         print(f"(a) skipped: no checkpoint at {args.checkpoint} (make models writes it)", flush=True)
 
-    one_model = only_model(Path("runs/bench-models"), only.parent)  # the benchmarked model alone, for (b) and (c)
+    one_model = only_model(ROOT / "runs" / "bench-models", only.parent)  # the benchmarked model alone, for (b) and (c)
     for label, batching in (("b", False), ("c", True)):
         runs: list[dict[str, Any]] = []
         with ServerProcess(one_model, batching=batching) as server:
@@ -304,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             if batching:  # a separate run under the profiler, so that its cost is in no measured number
                 with ThreadPoolExecutor(1) as spy:
                     shares = spy.submit(profile, server.process.pid, max(args.seconds - 2, 1),
-                                       Path("runs/bench-profile.txt"))
+                                       ROOT / "runs" / "bench-profile.txt")
                     drive(server.target, texts, 256, pb.DecodingOptions(beam_size=1), seconds=args.seconds)
                 results["profile_c256"] = shares.result()
             for beam in (1, 4):

@@ -32,6 +32,7 @@ from bench.loadgen import ServerProcess, commit_of, drive, stability  # noqa: E4
 from bench.sections import command_line, replace_section, shown  # noqa: E402
 from bench.serving import test_sentences  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]  # the defaults are this checkout's, from whatever folder it is run
 BEGIN, END = "<!-- soak: written by bench/soak.py -->", "<!-- /soak -->"
 MIB = 2**20
 
@@ -48,15 +49,15 @@ def warm_up(totals: list[float], band: float) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models-dir", type=Path, default=Path("models"))
+    parser.add_argument("--models-dir", type=Path, default=ROOT / "models")
     parser.add_argument("--requests", type=positive_int, default=40_000)
     parser.add_argument("--chunk", type=positive_int, default=2_000, help="requests between two readings")
     parser.add_argument("--concurrency", type=positive_int, default=64)
     parser.add_argument("--band", type=positive_float, default=0.05,
                         help="the warm-up ends when later readings stay within "
                              "this fraction of their median")
-    parser.add_argument("--out", type=writable_file, default=Path("docs/benchmarks/soak.json"))
-    parser.add_argument("--report", type=writable_file, default=Path("docs/benchmarks.md"))
+    parser.add_argument("--out", type=writable_file, default=ROOT / "docs" / "benchmarks" / "soak.json")
+    parser.add_argument("--report", type=writable_file, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args(argv)
 
     texts = test_sentences(0)

@@ -144,3 +144,24 @@ def test_a_model_folder_without_a_manifest_is_refused_before_the_work(
                                                               "--work", str(tmp_path / "work"), "--out", str(tmp_path)],
                                  capsys)
     assert ": error: --reference " in line and "manifest.json not found" in line
+
+
+@pytest.mark.parametrize(("tool", "flags"), [
+    ("serving", ["models_dir", "checkpoint", "out"]), ("soak", ["models_dir", "out", "report"]),
+    ("attention_variants", ["work", "out"])])
+def test_the_default_paths_are_the_checkouts_from_any_folder(
+        tool: str, flags: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    parsed: list[argparse.Namespace] = []
+    parse = argparse.ArgumentParser.parse_args
+
+    def keep_then_stop(self: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> Any:
+        parsed.append(parse(self, *args, **kwargs))
+        raise Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", keep_then_stop)
+    monkeypatch.chdir(tmp_path)  # as `cd bench && python soak.py` would
+    with pytest.raises(Parsed):
+        _main(tool)([])
+    root = Path(__file__).resolve().parents[2]
+    for flag in flags:
+        assert Path(getattr(parsed[0], flag)).is_relative_to(root), (flag, getattr(parsed[0], flag))
