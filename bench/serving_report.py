@@ -4,10 +4,13 @@ against concurrency) and ``docs/benchmarks.md`` (the tables and every target wit
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
-from bench.sections import replace_section
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.sections import replace_section  # noqa: E402
 
 BEGIN, END = "<!-- serving: written by bench/serving.py -->", "<!-- /serving -->"
 
@@ -241,3 +244,11 @@ def write_report(results: dict[str, Any], out: Path, command: str) -> Path:
     doc = out / "benchmarks.md"
     replace_section(doc, BEGIN, END, [BEGIN, *lines, END])  # the other benchmarks' sections stay
     return doc
+
+if __name__ == "__main__":  # imported by the benchmarks; run on its own it says what it is and which to run
+    import argparse
+    import sys
+
+    module = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.parse_args()
+    module.error(f"{sys.argv[0]} is not a benchmark: bench/serving.py writes its report with it")
