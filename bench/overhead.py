@@ -11,7 +11,8 @@ processes beside an engine process (the new one):
 
 With ``--baseline DIR`` (a checkout of an earlier commit, e.g. ``git worktree add /tmp/before REV``), that
 commit's server runs the same load beside them as the design "before", and the ratios are taken against it;
-without, against ``ATTN_FRONTENDS=0`` of this commit.
+without, against ``ATTN_FRONTENDS=0`` of this commit. Every design's server is started first and each load is
+measured on the designs in turn, so that a slower minute of this shared machine does not fall on one design alone.
 
 At 1, 64 and 256 clients (greedy, full attention): sentences/s, target tokens/s, p50 latency, and the server's CPU
 milliseconds per sentence (the user + system time of the server's whole process tree, from /proc, over the run,
@@ -24,6 +25,7 @@ would (the call's own cost is then paid once per N sentences); its results have 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -103,23 +105,31 @@ def measure(server: ServerProcess, texts: list[str], concurrency: int, options: 
     return run
 
 
-def design(models: Path, texts: list[str], settings: dict[str, Any], options: pb.DecodingOptions, seconds: float,
-           processes: int, root: Path = ROOT, texts_per_call: int = 1) -> list[dict[str, Any]]:
-    """The runs of one design: the server in ``root`` with ``settings`` (``frontends``, ``engines``; none: that
-    server's defaults, for a commit that has no such settings)."""
-    runs = []
-    with ServerProcess(models, root=root, reload_interval=0, **settings) as server:
+def in_turns(models: Path, texts: list[str], designs: list[tuple[str, dict[str, Any], Path]],
+             options: pb.DecodingOptions, seconds: float, processes: int,
+             texts_per_call: int = 1) -> dict[str, list[dict[str, Any]]]:
+    """The runs of every design (key, settings, checkout: the server in that checkout with ``settings``,
+    ``frontends`` and ``engines``; none: that server's defaults, for a commit that has no such settings). Every
+    design's server is started first, then each load is measured on each design in turn, the check with one client
+    process more last: a slower minute on this shared machine falls on all of them alike, not on whichever design
+    had its turn then."""
+    runs: dict[str, list[dict[str, Any]]] = {key: [] for key, _, _ in designs}
+    with contextlib.ExitStack() as stack:
+        servers = {key: (stack.enter_context(ServerProcess(models, root=root, reload_interval=0, **settings)),
+                         settings) for key, settings, root in designs}
         for concurrency in CONCURRENCY:
-            run = measure(server, texts, concurrency, options, seconds, 1 if concurrency == 1 else processes,
-                          texts_per_call)
-            run.update(settings)
-            runs.append(run)
-            print(json.dumps(run), flush=True)
-        more = measure(server, texts, CONCURRENCY[-1], options, seconds, processes + 1, texts_per_call)
-        more.update(settings, check="one client process more")
-        runs.append(more)
-        print(json.dumps(more), flush=True)
-        print(client_check(runs[-2], more), flush=True)
+            for key, (server, settings) in servers.items():
+                run = measure(server, texts, concurrency, options, seconds, 1 if concurrency == 1 else processes,
+                              texts_per_call)
+                run.update(settings)
+                runs[key].append(run)
+                print(json.dumps({"design": key, **run}), flush=True)
+        for key, (server, settings) in servers.items():
+            more = measure(server, texts, CONCURRENCY[-1], options, seconds, processes + 1, texts_per_call)
+            more.update(settings, check="one client process more")
+            runs[key].append(more)
+            print(json.dumps({"design": key, **more}), flush=True)
+            print(f"{key}: {client_check(runs[key][-2], more)}", flush=True)
     return runs
 
 
@@ -152,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                                "seconds_per_run": args.seconds, "client_processes": args.client_processes,
                                "texts_per_call": args.texts_per_call, "commit": commit_of(ROOT),
                                "command": command_line("overhead.py", argv), "results_file": shown(out)}
-    designs: list[tuple[str, dict[str, int], Path]] = [(str(n), {"frontends": n}, ROOT) for n in [0, *args.frontends]]
+    designs: list[tuple[str, dict[str, Any], Path]] = [(str(n), {"frontends": n}, ROOT) for n in [0, *args.frontends]]
     designs += [(f"{max(args.frontends)}x{n}", {"frontends": max(args.frontends), "engines": n}, ROOT)
                 for n in args.engines]
     if args.baseline:
@@ -160,8 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         designs.insert(0, ("before", {}, args.baseline))
 
     def measured(models: Path, texts: list[str], options: pb.DecodingOptions) -> dict[str, list[dict[str, Any]]]:
-        return {key: design(models, texts, n, options, args.seconds, args.client_processes, root,
-                            args.texts_per_call) for key, n, root in designs}
+        return in_turns(models, texts, designs, options, args.seconds, args.client_processes, args.texts_per_call)
 
     capped = pb.DecodingOptions(beam_size=1, max_output_tokens=12, attention=pb.ATTENTION_DETAIL_FULL)
     results["negligible"] = measured(negligible_model(ROOT / "runs" / "bench-overhead"), fixture_sources(), capped)
@@ -236,7 +245,8 @@ def write_section(results: dict[str, Any], report: Path) -> None:
              "load generator runs in separate processes on the same cores. Server CPU is the user + system time of "
              "the server's whole process tree over the run (from /proc), per sentence answered, and of it the engine "
              "process's and the front-ends' (together) where the design has them; the clients share one connection "
-             "per 8 (`bench/loadgen.py`), so that the front-ends get even shares"
+             "per 8 (`bench/loadgen.py`), so that the front-ends get even shares; every design's server runs from the "
+             "start and each load is measured on the designs in turn"
              + (f"; each Translate call carries {per_call} sentences (a client counts as one call in flight)."
                 if per_call > 1 else "."), ""]
     for key, title in (("negligible", "A model of negligible compute (widths 8, outputs capped at 12 tokens): the "
