@@ -323,11 +323,12 @@ def drive(target: str, texts: list[str], concurrency: int, options: pb.DecodingO
 def _drive_part(args: tuple[str, list[str], int, bytes, float, float, int]) -> dict[str, Any]:
     target, texts, concurrency, options, seconds, start_at, texts_per_call = args
     time.sleep(max(0.0, start_at - time.time()))  # every part measures the same window
-    cpu = time.process_time()  # every thread of this client process, gRPC's included
+    cpu, began = time.process_time(), time.time()  # CPU: every thread of this client process, gRPC's included
     run = drive(target, texts, concurrency, pb.DecodingOptions.FromString(options), seconds=seconds,
                 texts_per_call=texts_per_call)
     return {"ok": run.sentences, "codes": dict(run.codes), "target_tokens": run.target_tokens,
-            "latencies": run.latencies, "seconds": run.seconds, "cpu_seconds": time.process_time() - cpu}
+            "latencies": run.latencies, "seconds": run.seconds, "cpu_seconds": time.process_time() - cpu,
+            "began": began, "ended": time.time()}
 
 
 class ClientProcesses:
@@ -379,7 +380,10 @@ def drive_processes(target: str, texts: list[str], concurrency: int, options: pb
     start_at = CLIENTS.start(processes)
     parts = CLIENTS.map_async(_drive_part, [(target, texts, share, options.SerializeToString(), seconds, start_at,
                                              texts_per_call) for share in shares]).get()
-    wall = max(p["seconds"] for p in parts)
+    # The window in which the counted answers came: from the first part's start to the last one's end. A part that
+    # started late (its process still importing when the others began) widens it rather than adding answers from
+    # outside it to a window of one part's length.
+    wall = max(p["ended"] for p in parts) - min(p["began"] for p in parts)
     latencies = np.array([x for p in parts for x in p["latencies"]] or [0.0])
     codes: Counter[str] = Counter()
     for p in parts:
@@ -388,7 +392,8 @@ def drive_processes(target: str, texts: list[str], concurrency: int, options: pb
     # The load generator's own CPU over the run: a client process near a whole core is what limits the figure
     # (the run with one client process more shows it from outside).
     return {"concurrency": concurrency, "client_processes": processes, "texts_per_call": texts_per_call,
-            "seconds": round(wall, 2), "ok": ok,
+            "seconds": round(wall, 2), "start_spread_s": round(max(p["began"] for p in parts)
+                                                                - min(p["began"] for p in parts), 2), "ok": ok,
             "client_cores": round(sum(p["cpu_seconds"] for p in parts) / wall, 2),
             "busiest_client_cores": round(max(p["cpu_seconds"] / p["seconds"] for p in parts), 2),
             "sentences_per_s": round(ok / wall, 1), "target_tokens_per_s": round(sum(p["target_tokens"] for p in parts)
