@@ -267,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=writable_folder, default=ROOT / "docs")
     args = parser.parse_args(argv)
 
+    started = time.monotonic()
     texts = test_sentences(args.sentences)
     only = args.models_dir / args.model / "1"
     results: dict[str, Any] = {
@@ -364,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
             results["saturation"][f"decoder_gflops_{key}"] / results["matmul_gflops"], 3)
 
     from bench.serving_report import write_report
+
+    results["minutes"] = round((time.monotonic() - started) / 60, 1)
 
     doc = write_report(results, args.out, command_line("serving.py", argv))
     print(f"wrote {doc}")

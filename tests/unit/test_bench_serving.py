@@ -51,3 +51,16 @@ def test_the_report_counts_the_cores_the_machine_has(tmp_path: Path) -> None:
     top = next(r for r in results["c"] if r["concurrency"] == 256)["server"]
     assert f"CPU-seconds of the {16 * top['wall_seconds']:.1f} available on its 16 cores" in text
     assert "two cores" not in text and "shares the 16 cores with the server" in text
+
+
+def test_the_report_names_the_results_file_it_wrote_and_how_long_the_run_took(tmp_path: Path) -> None:
+    import json
+
+    from bench.serving_report import write_report
+
+    root = Path(__file__).resolve().parents[2]
+    results = {**json.loads((root / "docs" / "benchmarks" / "serving.json").read_text()), "minutes": 1.4}
+    text = write_report(results, tmp_path, ".venv/bin/python bench/serving.py --seconds 1").read_text()
+    assert (f"Produced by `.venv/bin/python bench/serving.py --seconds 1` (1.4 minutes); raw numbers in "
+            f"`{tmp_path / 'benchmarks' / 'serving.json'}`.") in text
+    assert json.loads((tmp_path / "benchmarks" / "serving.json").read_text())["minutes"] == 1.4
