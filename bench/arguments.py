@@ -96,11 +96,3 @@ def _check_writable(folder: Path, text: str) -> None:
             pass
     except OSError as error:
         raise argparse.ArgumentTypeError(f"cannot write {text}: {error.strerror or error}") from None
-
-if __name__ == "__main__":  # imported by the benchmarks; run on its own it says what it is and which to run
-    import argparse
-    import sys
-
-    module = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    module.parse_args()
-    module.error(f"{sys.argv[0]} is not a benchmark: the benchmarks check their arguments with it")

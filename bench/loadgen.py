@@ -427,11 +427,3 @@ def client_checks(rows: list[dict[str, Any]], figure: str = "sentences_per_s") -
             if base is not None:
                 checks.append(client_check(base, row, figure))
     return checks
-
-if __name__ == "__main__":  # imported by the benchmarks; run on its own it says what it is and which to run
-    import argparse
-    import sys
-
-    module = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    module.parse_args()
-    module.error(f"{sys.argv[0]} is not a benchmark: bench/overhead.py and others drive servers with it")

@@ -34,11 +34,3 @@ def replace_section(report: Path, begin: str, end: str, lines: list[str]) -> Non
         text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + "\n".join(lines) + "\n"
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(text)
-
-if __name__ == "__main__":  # imported by the benchmarks; run on its own it says what it is and which to run
-    import argparse
-    import sys
-
-    module = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    module.parse_args()
-    module.error(f"{sys.argv[0]} is not a benchmark: the benchmarks that write docs/benchmarks.md use it")

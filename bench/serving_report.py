@@ -4,13 +4,10 @@ against concurrency) and ``docs/benchmarks.md`` (the tables and every target wit
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.sections import replace_section, shown  # noqa: E402
+from bench.sections import replace_section, shown
 
 BEGIN, END = "<!-- serving: written by bench/serving.py -->", "<!-- /serving -->"
 
@@ -245,11 +242,3 @@ def write_report(results: dict[str, Any], out: Path, command: str) -> Path:
     doc = out / "benchmarks.md"
     replace_section(doc, BEGIN, END, [BEGIN, *lines, END])  # the other benchmarks' sections stay
     return doc
-
-if __name__ == "__main__":  # imported by the benchmarks; run on its own it says what it is and which to run
-    import argparse
-    import sys
-
-    module = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    module.parse_args()
-    module.error(f"{sys.argv[0]} is not a benchmark: bench/serving.py writes its report with it")

@@ -82,11 +82,3 @@ class SlowReader:
             with contextlib.suppress(OSError):
                 end.shutdown(socket.SHUT_RDWR)
             end.close()
-
-if __name__ == "__main__":  # imported by the benchmarks; run on its own it says what it is and which to run
-    import argparse
-    import sys
-
-    module = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    module.parse_args()
-    module.error(f"{sys.argv[0]} is not a benchmark: bench/connection_age.py measures with it")

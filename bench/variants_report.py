@@ -400,11 +400,3 @@ def write_report(results: list[dict[str, Any]], test: dict[str, Any], out: Path,
     doc = out / "attention-variants.md"
     doc.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return doc
-
-if __name__ == "__main__":  # imported by the benchmarks; run on its own it says what it is and which to run
-    import argparse
-    import sys
-
-    module = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    module.parse_args()
-    module.error(f"{sys.argv[0]} is not a benchmark: bench/attention_variants.py writes its report with it")
