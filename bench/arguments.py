@@ -8,8 +8,11 @@ import argparse
 import subprocess
 import tempfile
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
+Number = TypeVar("Number", int, float)
 PROJECT = "attention-serving"  # pyproject.toml's name: what makes a folder a checkout of this project
 
 
@@ -42,7 +45,7 @@ def positive_float(text: str) -> float:
     return value
 
 
-def _number(kind: type[int] | type[float], text: str, what: str) -> int | float:
+def _number(kind: Callable[[str], Number], text: str, what: str) -> Number:
     try:
         return kind(text)
     except ValueError:
