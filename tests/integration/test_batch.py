@@ -382,21 +382,18 @@ def test_an_output_that_cannot_be_written_stops_the_job_with_its_reason_and_a_su
     # A full disk (here: a file size limit, which Python turns into EFBIG) ended the job with a traceback and no
     # summary; it stops as any early end does (exit 1, the reason, the summary), and a rerun resumes from its last
     # commit.
-    import resource
-
     _, port = fake
     source, out, summary = tmp_path / "in.txt", tmp_path / "out.jsonl", tmp_path / "summary.json"
     source.write_text("".join(f"satz {i}\n" for i in range(1000)), encoding="utf-8")
-    command = [sys.executable, "-m", "client.cli", "batch", str(source), "-o", str(out), "--checkpoint-every", "40",
-               "--summary", str(summary), "--quiet", *_target(port)]
     limit = 20_000  # bytes: some 130 lines
-
-    def small_files() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
+    # The limit is set by the child itself, not in a preexec_fn: Python run between fork and exec, in a process
+    # whose gRPC threads (the fake server's) may hold a lock at the fork, can hang the child.
+    small_files = (f"import resource, runpy; resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+                   "runpy.run_module('client.cli', run_name='__main__', alter_sys=True)")
+    command = [sys.executable, "-c", small_files, "batch", str(source), "-o", str(out), "--checkpoint-every", "40",
+               "--summary", str(summary), "--quiet", *_target(port)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run(command, cwd=REPO, env=env, preexec_fn=small_files, capture_output=True, text=True,
-                          timeout=60)
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert f"stopped: {out}: File too large" in done.stderr
     report = json.loads(summary.read_text())

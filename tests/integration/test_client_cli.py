@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -140,16 +141,27 @@ def test_a_reader_that_closed_the_pipe_ends_the_command_without_a_traceback(runn
     assert finished.returncode == 141  # as a shell reports a program ended by SIGPIPE
 
 
+@contextlib.contextmanager
+def _interruptible_children() -> Iterator[None]:
+    """Children started meanwhile take SIGINT as a terminal's Ctrl-C finds it. A shell's background job (as CI runs
+    the tests) ignores SIGINT, and a child inherits an ignored signal; one handled here is reset to its default in
+    the child. Set here rather than in a ``preexec_fn``: Python run between fork and exec, in a process whose gRPC
+    threads may hold a lock at the fork, can hang the child before it ever runs the command."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 @pytest.mark.parametrize("command", [["models"], ["translate", TEXT], ["health"]])
 def test_ctrl_c_ends_the_command_with_one_line_and_status_130(command: list[str]) -> None:
     # A server that accepts the connection and never answers: the call waits until Ctrl-C.
-    with socket.create_server(("127.0.0.1", 0)) as silent:
+    with socket.create_server(("127.0.0.1", 0)) as silent, _interruptible_children():
         silent.settimeout(60)
         process = subprocess.Popen(
             [sys.executable, "-m", "client.cli", *command, "--target", f"127.0.0.1:{silent.getsockname()[1]}"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            # a shell's background job ignores SIGINT, and a child inherits that: a terminal's Ctrl-C is not ignored
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         connection, _ = silent.accept()  # the call has started
         with connection:
             process.send_signal(signal.SIGINT)
