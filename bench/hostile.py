@@ -213,6 +213,7 @@ def run(models_dir: Path, seconds: float, clients: int, seed: int = 0, **setting
     """Starts the server with ``settings`` (``ATTN_*`` names without the prefix), sends hostile calls, stops it;
     returns what happened, with ``faults`` listing every reason the check fails (empty when it passes)."""
     codes: Counter[tuple[str, str]] = Counter()
+    stopped: list[str] = []  # clients that ended before their time on an error of their own
     lock = threading.Lock()
     with tempfile.TemporaryDirectory() as scratch:
         log_path = Path(scratch) / "server.log"
@@ -227,11 +228,16 @@ def run(models_dir: Path, seconds: float, clients: int, seed: int = 0, **setting
 
             def client(number: int) -> None:
                 caller, end = Caller(server.target, models, seed * 1000 + number), time.monotonic() + seconds
-                while time.monotonic() < end:
-                    outcome = caller.one()
+                try:
+                    while time.monotonic() < end:
+                        outcome = caller.one()
+                        with lock:
+                            codes[outcome] += 1
+                except Exception as error:  # this script's fault, not the server's: a check without its calls fails
                     with lock:
-                        codes[outcome] += 1
-                caller.channel.close()
+                        stopped.append(f"client {number} stopped early: {error!r}")
+                finally:
+                    caller.channel.close()
 
             threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
             for thread in threads:
@@ -259,6 +265,7 @@ def run(models_dir: Path, seconds: float, clients: int, seed: int = 0, **setting
               if code in SERVER_FAULTS]
     faults += [f"the server logged at error level: {line.get('event')}" for line in errors[:10]]
     faults += [f"process {name} was gone at the end" for name in gone]
+    faults += stopped
     faults += [f"a plain Translate afterwards {plain_call}"] if plain_call != "OK" else []
     faults += [f"the server exited {exit_code} on SIGTERM"] if exit_code != 0 else []
     return {"seconds": seconds, "clients": clients, "settings": settings, "models": models,
