@@ -103,8 +103,8 @@ def summary(starts: list[dict[str, list[float]]], rpc: str) -> tuple[float, floa
 
 def write_section(results: dict[str, Any], report: Path) -> None:
     lines = [BEGIN, "## A process's first calls", "",
-             f"Produced by `{results.get('command', '.venv/bin/python bench/first_call.py')}` at commit "
-             f"{results['commit']}; raw numbers in `{results.get('results_file', 'docs/benchmarks/first_call.json')}`. "
+             f"Produced by `{results['command']}` at commit {results['commit']}; raw numbers in "
+             f"`{results['results_file']}`. "
              "The bundled models, "
              f"{results['starts']} starts per design, {results['calls']} calls of each RPC per start (the server's "
              "own time from its `rpc` log lines; one client, default beam 4).", "",

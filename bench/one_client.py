@@ -91,11 +91,9 @@ def write_section(results: dict[str, Any], report: Path) -> None:
     runs = results["runs"]
     base_key = "before" if "before" in runs else "0"
     base = summary(runs[base_key])
-    command = results.get("command", ".venv/bin/python bench/one_client.py"  # results from before it was recorded
-                          + (" --baseline /tmp/before" if "baseline" in results else ""))
     lines = [BEGIN, "## One client, the designs taking turns", "",
-             f"Produced by `{command}` at commit {results['commit']} on {results['finished']}; raw numbers in "
-             f"`{results.get('results_file', 'docs/benchmarks/one_client.json')}`. The bundled de-en-bahdanau, one "
+             f"Produced by `{results['command']}` at commit {results['commit']} on {results['finished']}; raw numbers "
+             f"in `{results['results_file']}`. The bundled de-en-bahdanau, one "
              "client, one sentence per call, "
              f"greedy, full attention; every server started once, then {results['rounds']} rounds of "
              f"{results['seconds_per_run']} s each, the designs in turn within a round.", "",

@@ -231,16 +231,13 @@ def write_section(results: dict[str, Any], report: Path) -> None:
     sentences per call, a section of its own."""
     base = design_name("before" if "baseline" in results else "0", results)
     per_call = results.get("texts_per_call", 1)
-    begin, end, title, raw = (BEGIN, END, "Front-end processes and an engine process", "overhead.json")
-    command = ".venv/bin/python bench/overhead.py"  # of results written before the command was recorded
+    begin, end, title = BEGIN, END, "Front-end processes and an engine process"
     if per_call > 1:
         begin, end = BEGIN.replace("overhead:", "overhead-batched:"), END.replace("overhead", "overhead-batched")
-        title, raw = f"The same with {per_call} sentences per call", "overhead-batched.json"
-        command += f" --texts-per-call {per_call}"
-    command, raw = results.get("command", command), results.get("results_file", f"docs/benchmarks/{raw}")
+        title = f"The same with {per_call} sentences per call"
     lines = [begin, f"## {title}", "",
-             f"Produced by `{command}` at commit {results.get('commit', '?')} on "
-             f"{results['finished']}; raw numbers in `{raw}`. Machine: "
+             f"Produced by `{results['command']}` at commit {results['commit']} on "
+             f"{results['finished']}; raw numbers in `{results['results_file']}`. Machine: "
              f"{results['machine']['cpus']} CPUs, no GPU; {results['seconds_per_run']} s per measured run; the "
              "load generator runs in separate processes on the same cores. Server CPU is the user + system time of "
              "the server's whole process tree over the run (from /proc), per sentence answered, and of it the engine "

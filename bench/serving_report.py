@@ -169,13 +169,12 @@ def write_report(results: dict[str, Any], out: Path, command: str) -> Path:
     (folder / "serving.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     plot(results, folder / "serving.png")
     a, sat, m = results["a"], results["saturation"], results["machine"]
-    took = f"{results['minutes']} minutes" if "minutes" in results else "about 15 minutes"  # older results: a guess
     top = results["c"][[r["concurrency"] for r in results["c"]].index(256)]["server"]
     other = max(top["wall_seconds"] - top["decoder_seconds"] - top["encoder_seconds"], 0.0)
     lines = [
         "# Serving benchmark",
         "",
-        f"Produced by `{command}` ({took}); raw numbers in `{shown(folder / 'serving.json')}`.",
+        f"Produced by `{command}` ({results['minutes']} minutes); raw numbers in `{shown(folder / 'serving.json')}`.",
         f"Machine: {m['cpus']} CPUs, {m['platform']}, Python {m['python']}; no GPU. Model `{results['model']}` "
         f"(the bundled Bahdanau model), {results['sentences']} full sentences of the Ding test split, cycled; "
         f"{results['seconds_per_run']:.0f} s per measured run after a warm-up. The load generator runs in the "

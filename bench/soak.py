@@ -104,9 +104,8 @@ def write_section(results: dict[str, Any], report: Path) -> None:
     last = readings[-1]["processes"]
     every = max(len(readings) // 10, 1)
     lines = [BEGIN, "## Memory over a long soak", "",
-             f"Produced by `{results.get('command', '.venv/bin/python bench/soak.py')}` at commit "
-             f"{results['commit']} on {results['finished']}; raw numbers in "
-             f"`{results.get('results_file', 'docs/benchmarks/soak.json')}`. Every bundled model loaded; "
+             f"Produced by `{results['command']}` at commit {results['commit']} on {results['finished']}; raw numbers "
+             f"in `{results['results_file']}`. Every bundled model loaded; "
              f"{results['requests']:,} "
              f"Translate calls (greedy, full attention, {results['concurrency']} clients, answers "
              f"{results['codes']}), the RSS of each server process read every {results['chunk']:,}.", "",

@@ -46,7 +46,8 @@ def test_the_overhead_and_gpu_sections_say_what_the_check_found(tmp_path: Path) 
     for r in runs:
         r.update(server_cpu_ms_per_sentence=1.0, server_cores=1.0, engine_cpu_ms_per_sentence=0.5,
                  frontend_cpu_ms_per_sentence=0.5, rows_per_decoder_call=4.0)
-    overhead.write_section({"machine": {"cpus": 2}, "seconds_per_run": 2.0, "finished": "today",
+    overhead.write_section({"machine": {"cpus": 2}, "seconds_per_run": 2.0, "finished": "today", "commit": "abc1234",
+                            "command": ".venv/bin/python bench/overhead.py", "results_file": "overhead.json",
                             "negligible": {"0": runs}}, doc)
     assert ("- one process (`ATTN_FRONTENDS=0`), 4 client processes instead of 3 at 256 clients: 1,300.0 against "
             "1,000.0 sentences/s (1.30×); adding a client process raised the figure") in doc.read_text()

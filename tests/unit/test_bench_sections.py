@@ -49,6 +49,8 @@ def test_the_one_client_section_gives_each_design_its_median_against_the_baselin
                                           "frontends": 2 * p - engine if engine else 0.0}} for p in p50]
 
     results = {"commit": "abc1234", "baseline": "ace5a15", "finished": "today", "rounds": 3, "seconds_per_run": 6.0,
+               "command": ".venv/bin/python bench/one_client.py --baseline /tmp/before",
+               "results_file": "docs/benchmarks/one_client.json",
                "runs": {"before": rounds(6.0, 9.0, 6.4), "0": rounds(6.2, 6.1, 6.3),
                         "1": rounds(7.2, 6.4, 6.8, engine=3.3)}}
     doc = tmp_path / "benchmarks.md"
