@@ -130,11 +130,14 @@ class ServerProcess:
         does: with one request at a time the server pays every one of them on each request."""
         return self._by_role(process_wakeups)
 
+    def roles(self) -> dict[int, str]:
+        """pid -> role of every live process of the server's tree, as :meth:`cpu_seconds_by_role` names them."""
+        return {pid: ("engine" if name.startswith("attn-engine") else "frontends"
+                      if name.startswith("attn-frontend") else "parent") for pid, name in self.processes().items()}
+
     def _by_role(self, count: Callable[[int], float]) -> dict[str, float]:
         roles = {"parent": 0.0, "engine": 0.0, "frontends": 0.0}
-        for pid, name in self.processes().items():
-            role = ("engine" if name.startswith("attn-engine") else "frontends" if name.startswith("attn-frontend")
-                    else "parent")
+        for pid, role in self.roles().items():
             roles[role] += count(pid)
         return roles
 
@@ -274,7 +277,7 @@ class Run:
 
 
 async def _drive(target: str, texts: list[str], concurrency: int, options: pb.DecodingOptions,
-                 seconds: float, requests: int, deadline: float, texts_per_call: int = 1) -> Run:
+                 seconds: float, requests: int, deadline: float, texts_per_call: int = 1, start: int = 0) -> Run:
     run = Run(concurrency, 0.0)
     counter = iter(range(10**9))
     channels = [grpc.aio.insecure_channel(target, options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -288,7 +291,7 @@ async def _drive(target: str, texts: list[str], concurrency: int, options: pb.De
             n = next(counter)
             if requests and n >= requests:
                 return
-            first = n * texts_per_call
+            first = start + n * texts_per_call
             chosen = [(first + j) % len(texts) for j in range(texts_per_call)]
             sent = time.perf_counter()
             try:
@@ -314,21 +317,21 @@ async def _drive(target: str, texts: list[str], concurrency: int, options: pb.De
 
 
 def drive(target: str, texts: list[str], concurrency: int, options: pb.DecodingOptions, *, seconds: float = 0.0,
-          requests: int = 0, deadline: float = 120.0, texts_per_call: int = 1) -> Run:
-    """``concurrency`` clients sending sentences of ``texts`` in turn, ``texts_per_call`` in each Translate call,
-    for ``seconds`` or ``requests`` calls in all."""
-    return asyncio.run(_drive(target, texts, concurrency, options, seconds, requests, deadline, texts_per_call))
+          requests: int = 0, deadline: float = 120.0, texts_per_call: int = 1, start: int = 0) -> Run:
+    """``concurrency`` clients sending sentences of ``texts`` in turn from the one at ``start``, ``texts_per_call``
+    in each Translate call, for ``seconds`` or ``requests`` calls in all."""
+    return asyncio.run(_drive(target, texts, concurrency, options, seconds, requests, deadline, texts_per_call, start))
 
 
-def _drive_part(args: tuple[str, list[str], int, bytes, float, float, int]) -> dict[str, Any]:
-    target, texts, concurrency, options, seconds, start_at, texts_per_call = args
+def _drive_part(args: tuple[str, list[str], int, bytes, float, float, int, int, bool]) -> dict[str, Any]:
+    target, texts, concurrency, options, seconds, start_at, texts_per_call, start, outputs = args
     time.sleep(max(0.0, start_at - time.time()))  # every part measures the same window
     cpu, began = time.process_time(), time.time()  # CPU: every thread of this client process, gRPC's included
     run = drive(target, texts, concurrency, pb.DecodingOptions.FromString(options), seconds=seconds,
-                texts_per_call=texts_per_call)
+                texts_per_call=texts_per_call, start=start)
     return {"ok": run.sentences, "codes": dict(run.codes), "target_tokens": run.target_tokens,
             "latencies": run.latencies, "seconds": run.seconds, "cpu_seconds": time.process_time() - cpu,
-            "began": began, "ended": time.time()}
+            "began": began, "ended": time.time(), **({"outputs": run.outputs} if outputs else {})}
 
 
 class ClientProcesses:
@@ -371,15 +374,18 @@ atexit.register(CLIENTS.close)
 
 
 def drive_processes(target: str, texts: list[str], concurrency: int, options: pb.DecodingOptions, *,
-                    seconds: float, processes: int, texts_per_call: int = 1) -> dict[str, Any]:
+                    seconds: float, processes: int, texts_per_call: int = 1, outputs: bool = False) -> dict[str, Any]:
     """:func:`drive` split over ``processes`` client processes (``concurrency`` clients in all), so that the load
-    generator's own Python is not what limits the figure; the parts' counts are summed. The processes stay for the
-    next run (:data:`CLIENTS`)."""
+    generator's own Python is not what limits the figure; the parts' counts are summed. Each part starts at its own
+    place in ``texts``, so that together they send the same mix as one process would, not the first sentences
+    several times over. With ``outputs``, the best hypothesis's ids by sentence index, as :attr:`Run.outputs`. The
+    processes stay for the next run (:data:`CLIENTS`)."""
     processes = max(1, min(processes, concurrency))
     shares = [concurrency // processes + (1 if i < concurrency % processes else 0) for i in range(processes)]
     start_at = CLIENTS.start(processes)
     parts = CLIENTS.map_async(_drive_part, [(target, texts, share, options.SerializeToString(), seconds, start_at,
-                                             texts_per_call) for share in shares]).get()
+                                             texts_per_call, i * len(texts) // processes, outputs)
+                                            for i, share in enumerate(shares)]).get()
     # The window in which the counted answers came: from the first part's start to the last one's end. A part that
     # started late (its process still importing when the others began) widens it rather than adding answers from
     # outside it to a window of one part's length.
@@ -399,7 +405,9 @@ def drive_processes(target: str, texts: list[str], concurrency: int, options: pb
             "sentences_per_s": round(ok / wall, 1), "target_tokens_per_s": round(sum(p["target_tokens"] for p in parts)
                                                                                / wall, 1),
             "p50_ms": round(float(np.percentile(latencies, 50)) * 1000, 2),
-            "p99_ms": round(float(np.percentile(latencies, 99)) * 1000, 2), "codes": dict(codes)}
+            "p95_ms": round(float(np.percentile(latencies, 95)) * 1000, 2),
+            "p99_ms": round(float(np.percentile(latencies, 99)) * 1000, 2), "codes": dict(codes),
+            **({"outputs": {i: ids for p in parts for i, ids in p["outputs"].items()}} if outputs else {})}
 
 
 def client_check(base: dict[str, Any], more: dict[str, Any], figure: str = "sentences_per_s") -> str:

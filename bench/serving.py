@@ -12,8 +12,10 @@ In one run, on the test split's full sentences of the Ding dictionary and the bu
 over concurrency 1, 4, 16, 64, 256 (greedy, full attention), and at concurrency 64 greedy and beam 4, with and
 without attention in the responses. Then: the overload case (concurrency 256 against a queue of 16), the server's
 RSS over 20,000 requests with every bundled model loaded, the machine's matrix-multiply rate and the decoder's
-achieved rate at the highest concurrency, and where the server's time went (its own metrics). The load generator
-(:mod:`bench.loadgen`) runs in this process, the server in a child process.
+achieved rate at the highest concurrency, and where the server's time went (its own metrics). The server runs in a
+child process; the load generator (:func:`bench.loadgen.drive_processes`) in ``--client-processes`` processes of its
+own, and (c) at 256 clients runs once more with one process more, to show that the clients did not limit the figure.
+The RSS soak, which counts requests rather than timing them, sends them from this process.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attention_pb.v1 import attention_pb2 as pb  # noqa: E402
 from bench.arguments import non_negative_int, positive_float, positive_int, writable_folder  # noqa: E402
-from bench.loadgen import Run, ServerProcess, drive, only_model, stability  # noqa: E402
+from bench.loadgen import ServerProcess, client_check, drive, drive_processes, only_model, stability  # noqa: E402
 from bench.sections import command_line  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]  # the defaults are this checkout's, from whatever folder it is run
@@ -175,65 +177,86 @@ def decoder_weights(decoder: Path) -> list[dict[str, Any]]:
 
 # Where a server thread's samples land, by the innermost frame of the server's own code (ONNX Runtime's native
 # work shows as the line that called it).
+ENTRY = ("server/cli.py", "server/__main__.py", "server/app.py", "server/processes.py")  # below all a process runs
+
+
 def _category(frames: list[str]) -> str:
-    entry = ("server/cli.py", "server/__main__.py", "server/app.py")  # below everything the event loop runs
-    own = [f for f in frames if ("(server/" in f or "/server/" in f) and not any(e in f for e in entry)]
-    leaf = own[-1] if own else ""
-    if "run_step (" in leaf or ".encode (" in leaf:
+    """What a working sample was doing: ONNX Runtime's calls wherever they are, else the innermost of the server's
+    own frames below its entry points."""
+    if any("Session.run (onnxruntime" in f for f in frames):
         return "ONNX Runtime calls (encoder and decoder)"
-    if "search.py" in leaf:
-        return "search between steps (server/search.py)"
-    if "engine.py" in leaf:
-        return "engine bookkeeping: joins, row gathers (server/engine.py)"
+    own = [f for f in frames if "(server/" in f and not any(e in f for e in ENTRY)]
+    leaf = own[-1] if own else ""
+    if "(server/ipc/" in leaf:
+        return "records to and from the engine (server/ipc/)"
+    if any(m in leaf for m in ("(server/search.py", "(server/reductions.py", "(server/engine/lanes.py")):
+        return "search and lanes between steps"
+    if "(server/engine/" in leaf:
+        return "scheduling: joins, finishes (server/engine/core.py)"
     if any(m in leaf for m in ("translation.py", "codec.py", "artifacts/", "captioning.py")):
-        return "responses: detokenizing, alignments, protobuf"
+        return "tokenizing and building responses"
     if "logs.py" in leaf:
         return "log lines (server/logs.py)"
     if leaf:
-        return "RPC handlers and metrics (server/service.py)"
+        return "RPC handlers and metrics"
     if any(m in f for f in frames for m in ("grpc", "asyncio", "selectors.py")):
         return "gRPC and the event loop"
     return "other"
 
 
-def profile(pid: int, seconds: float, out: Path) -> dict[str, float] | None:
-    """Samples the server with py-spy (when installed) and sorts the working threads' samples by :func:`_category`."""
+def profile(server: ServerProcess, seconds: float, out: Path) -> dict[str, float] | None:
+    """Samples every process of the server with py-spy (the dev extra installs it): :func:`sample_shares`."""
     import shutil
     import subprocess
 
-    if shutil.which("py-spy") is None:
+    spy = Path(sys.executable).parent / "py-spy"  # the virtual environment's, whether or not it is on PATH
+    found = str(spy) if spy.exists() else shutil.which("py-spy")
+    if found is None:
         return None
-    done = subprocess.run(["py-spy", "record", "-p", str(pid), "-d", str(int(seconds)), "-f", "raw", "-o",
-                           str(out), "--nonblocking"], capture_output=True)
+    roles = server.roles()
+    done = subprocess.run([found, "record", "-p", str(server.process.pid), "-d", str(int(seconds)), "-f", "raw",
+                           "-o", str(out), "--nonblocking", "--subprocesses"], capture_output=True)
     if done.returncode != 0 or not out.exists():
         return None
+    return sample_shares(out.read_text(), roles)
+
+
+def sample_shares(raw: str, roles: dict[int, str]) -> dict[str, float]:
+    """py-spy's raw samples (``--subprocesses``: one line per stack and count) as shares of the working samples by
+    "role: :func:`_category`", the process's role from ``roles`` (pid -> role; the parent's where it is missing)."""
     counts: dict[str, int] = {}
-    for line in out.read_text().splitlines():
+    for line in raw.splitlines():
         stack, _, n = line.rpartition(" ")
         frames = stack.split(";")
         if any(idle in frames[-1] for idle in ("select (selectors.py", "wait (threading.py", "_worker (concurrent")):
             continue  # a thread waiting for work
-        category = _category(frames)
-        counts[category] = counts.get(category, 0) + int(n)
+        # With --subprocesses a stack starts with its process and the processes above it: "process PID:cmdline"
+        process = next((f for f in reversed(frames) if f.startswith("process ")), "process 0:")
+        role = roles.get(int(process.split()[1].split(":")[0]), "parent")
+        key = f"{role.replace('frontends', 'front-ends')}: {_category(frames)}"
+        counts[key] = counts.get(key, 0) + int(n)
     total = sum(counts.values()) or 1
     return {k: round(v / total, 3) for k, v in sorted(counts.items(), key=lambda kv: -kv[1])}
 
 
 def server_run(server: ServerProcess, texts: list[str], concurrency: int, options: pb.DecodingOptions,
-               seconds: float, model: str = "de-en-bahdanau") -> tuple[dict[str, Any], Run]:
-    """One measured run, with the server's own account of where its time went."""
+               seconds: float, processes: int, model: str = "de-en-bahdanau") -> tuple[dict[str, Any],
+                                                                                   dict[int, list[int]]]:
+    """One measured run from ``processes`` client processes, with the server's own account of where its time went;
+    and the best hypothesis's ids by sentence index."""
     drive(server.target, texts, min(concurrency, 8), options, requests=min(concurrency, 8) * 2)  # warm-up
-    before, cpu0 = server.metrics(), time.perf_counter()
-    run = drive(server.target, texts, concurrency, options, seconds=seconds)
-    after, wall = server.metrics(), time.perf_counter() - cpu0
+    before = server.metrics()
+    summary = drive_processes(server.target, texts, concurrency, options, seconds=seconds, processes=processes,
+                              outputs=True)
+    after = server.metrics()  # the scrapes also cover the client processes' start: the server idles in it
 
     def delta(prefix: str) -> float:
         return sum(v - before.get(k, 0.0) for k, v in after.items() if k.startswith(prefix))
 
-    summary = run.summary()
+    outputs = summary.pop("outputs")
     steps = delta("attn_batch_hypotheses_count")
     summary["server"] = {
-        "cpu_seconds": round(delta("attn_process_cpu_seconds_total"), 2), "wall_seconds": round(wall, 2),
+        "cpu_seconds": round(delta("attn_process_cpu_seconds_total"), 2), "wall_seconds": summary["seconds"],
         "decoder_seconds": round(delta(f'attn_compute_duration_seconds_sum{{model="{model}",stage="decoder"'), 2),
         "encoder_seconds": round(delta(f'attn_compute_duration_seconds_sum{{model="{model}",stage="encoder"'), 2),
         "decoder_steps": int(steps),
@@ -241,7 +264,7 @@ def server_run(server: ServerProcess, texts: list[str], concurrency: int, option
         "mean_requests_per_step": round(delta("attn_batch_requests_sum") / steps, 1) if steps else 0.0,
         "rows_decoded": int(delta("attn_batch_hypotheses_sum")),
     }
-    return summary, run
+    return summary, outputs
 
 
 def rss_stability(rss: list[float]) -> dict[str, float]:
@@ -263,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=positive_float, default=12.0, help="measured seconds per run")
     parser.add_argument("--sentences", type=non_negative_int, default=0,
                         help="test sentences to cycle through (0: all)")
+    parser.add_argument("--client-processes", type=positive_int, default=3,
+                        help="processes the load generator runs in (at most one per client)")
     parser.add_argument("--soak-requests", type=positive_int, default=20_000)
     parser.add_argument("--out", type=writable_folder, default=ROOT / "docs")
     args = parser.parse_args(argv)
@@ -273,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "sentences": len(texts), "seconds_per_run": args.seconds, "model": args.model,
+        "client_processes": args.client_processes,
     }
     print(f"{len(texts)} test sentences; {args.seconds:.0f} s per run", flush=True)
     results["matmul_rates"] = matmul_gflops()
@@ -296,28 +322,34 @@ def main(argv: list[str] | None = None) -> int:
         runs: list[dict[str, Any]] = []
         with ServerProcess(one_model, batching=batching) as server:
             for concurrency in CONCURRENCY:
-                summary, run = server_run(server, texts, concurrency, pb.DecodingOptions(beam_size=1), args.seconds,
-                                          args.model)
+                summary, outputs[f"{label}-greedy-{concurrency}"] = server_run(
+                    server, texts, concurrency, pb.DecodingOptions(beam_size=1), args.seconds, args.client_processes,
+                    args.model)
                 summary.update(beam=1, attention=True)
                 runs.append(summary)
-                outputs[f"{label}-greedy-{concurrency}"] = run.outputs
                 print(f"({label}) c={concurrency}: {summary['sentences_per_s']} sentences/s, "
                       f"p99 {summary['p99_ms']} ms", flush=True)
-            if batching:  # a separate run under the profiler, so that its cost is in no measured number
-                with ThreadPoolExecutor(1) as spy:
-                    shares = spy.submit(profile, server.process.pid, max(args.seconds - 2, 1),
+            if batching:
+                highest = max(CONCURRENCY)
+                more, _ = server_run(server, texts, highest, pb.DecodingOptions(beam_size=1), args.seconds,
+                                     args.client_processes + 1, args.model)
+                results["c_more_clients"] = {**more, "beam": 1, "attention": True}
+                print(f"({label}) {client_check(runs[-1], more)}", flush=True)
+                with ThreadPoolExecutor(1) as spy:  # a separate run under the profiler: its cost is in no number
+                    shares = spy.submit(profile, server, max(args.seconds - 2, 1),
                                        ROOT / "runs" / "bench-profile.txt")
-                    drive(server.target, texts, 256, pb.DecodingOptions(beam_size=1), seconds=args.seconds)
+                    drive_processes(server.target, texts, highest, pb.DecodingOptions(beam_size=1),
+                                    seconds=args.seconds, processes=args.client_processes)
                 results["profile_c256"] = shares.result()
             for beam in (1, 4):
                 for attention in (True, False):
                     if beam == 1 and attention:
                         continue  # measured in the sweep above
                     options = pb.DecodingOptions(beam_size=beam, attention=FULL if attention else NONE)
-                    summary, run = server_run(server, texts, 64, options, args.seconds, args.model)
+                    summary, outputs[f"{label}-beam{beam}-{'attn' if attention else 'noattn'}-64"] = server_run(
+                        server, texts, 64, options, args.seconds, args.client_processes, args.model)
                     summary.update(beam=beam, attention=attention)
                     runs.append(summary)
-                    outputs[f"{label}-beam{beam}-{'attn' if attention else 'noattn'}-64"] = run.outputs
                     print(f"({label}) c=64 beam {beam} attention {attention}: {summary['sentences_per_s']} "
                           "sentences/s", flush=True)
         results[label] = runs
@@ -329,12 +361,14 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     with ServerProcess(one_model, variant="int8") as server:  # the dynamically quantised graphs of the same model
-        summary, run = server_run(server, texts, 64, pb.DecodingOptions(beam_size=1), args.seconds, args.model)
-        results["int8"] = {**summary, "identical_to_fp32": identical(run.outputs, outputs["c-greedy-64"])}
+        summary, int8_outputs = server_run(server, texts, 64, pb.DecodingOptions(beam_size=1), args.seconds,
+                                           args.client_processes, args.model)
+        results["int8"] = {**summary, "identical_to_fp32": identical(int8_outputs, outputs["c-greedy-64"])}
         print(f"int8 c=64: {summary['sentences_per_s']} sentences/s", flush=True)
 
     with ServerProcess(one_model, max_queue_requests=16) as server:
-        summary, _ = server_run(server, texts, 256, pb.DecodingOptions(beam_size=1), args.seconds, args.model)
+        summary, _ = server_run(server, texts, 256, pb.DecodingOptions(beam_size=1), args.seconds,
+                                args.client_processes, args.model)
         results["overload"] = {**summary, "max_queue_requests": 16}
         print(f"overload: {summary['codes']}", flush=True)
 

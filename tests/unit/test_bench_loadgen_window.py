@@ -23,11 +23,13 @@ def _part(began: float, seconds: float, ok: int) -> dict[str, Any]:
 class _Clients:
     def __init__(self, parts: list[dict[str, Any]]) -> None:
         self.parts = parts
+        self.tasks: list[Any] = []
 
     def start(self, processes: int) -> float:
         return 0.0
 
     def map_async(self, fn: Any, tasks: list[Any]) -> Any:
+        self.tasks = tasks
         parts = self.parts[: len(tasks)]
 
         class Done:
@@ -49,3 +51,18 @@ def test_parts_that_started_together_keep_their_window(monkeypatch: pytest.Monke
     monkeypatch.setattr(loadgen, "CLIENTS", _Clients([_part(100.0, 4.1, 400), _part(100.0, 4.0, 300)]))
     run = loadgen.drive_processes("127.0.0.1:1", ["Hallo"], 8, pb.DecodingOptions(), seconds=4.0, processes=2)
     assert run["seconds"] == 4.1 and run["sentences_per_s"] == round(700 / 4.1, 1) and run["start_spread_s"] == 0.0
+
+
+def test_each_part_starts_at_its_own_sentence_and_their_outputs_are_joined(monkeypatch: pytest.MonkeyPatch) -> None:
+    parts = [{**_part(100.0, 4.0, 2), "outputs": {0: [4], 1: [5]}}, {**_part(100.0, 4.0, 2), "outputs": {3: [6]}},
+             {**_part(100.0, 4.0, 2), "outputs": {6: [7]}}]
+    clients = _Clients(parts)
+    monkeypatch.setattr(loadgen, "CLIENTS", clients)
+    texts = [f"Satz {i}" for i in range(9)]
+    run = loadgen.drive_processes("127.0.0.1:1", texts, 6, pb.DecodingOptions(), seconds=4.0, processes=3,
+                                  outputs=True)
+    # three parts, a third of the texts apart: together they send the mix one process would, not its start thrice
+    assert [task[7] for task in clients.tasks] == [0, 3, 6] and all(task[8] for task in clients.tasks)
+    assert run["outputs"] == {0: [4], 1: [5], 3: [6], 6: [7]}
+    assert "outputs" not in loadgen.drive_processes("127.0.0.1:1", texts, 6, pb.DecodingOptions(), seconds=4.0,
+                                                    processes=3)
