@@ -175,8 +175,6 @@ def decoder_weights(decoder: Path) -> list[dict[str, Any]]:
             for name, shape in sorted(found, key=lambda f: -f[1][0] * f[1][1])]
 
 
-# Where a server thread's samples land, by the innermost frame of the server's own code (ONNX Runtime's native
-# work shows as the line that called it).
 ENTRY = ("server/cli.py", "server/__main__.py", "server/app.py", "server/processes.py")  # below all a process runs
 
 
