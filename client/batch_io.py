@@ -259,6 +259,10 @@ class Writer:
             raise BatchError(f"{path} has {size} bytes, its checkpoint says {checkpoint.output_bytes} were "
                              "committed; use --restart to start over")
         self.file = path.open("r+b" if path.exists() else "wb")
+        # The checkpoint this run starts from goes to disk before the output is cut to it: starting over (--restart,
+        # or an output without its checkpoint) leaves no older checkpoint beside the new lines, whose length a resume
+        # would cut them at, mid-line, before going on after an old line.
+        checkpoint.save(self.state_path)
         self.file.truncate(checkpoint.output_bytes)  # what a killed run wrote after its last commit goes
         self.file.seek(checkpoint.output_bytes)
         self.committed, self.pending = checkpoint, replace(checkpoint)

@@ -142,7 +142,7 @@ def test_the_writer_commits_in_chunks_and_a_reopen_drops_the_uncommitted_tail(tm
     out, source = tmp_path / "out.jsonl", _write(tmp_path, "in.txt", "x" * 40)
     writer = Writer(out, Checkpoint({"k": 1}), every=2, digest=InputDigest(source))
     writer.write(Item(1, 10), [{"line": 1}])
-    assert not checkpoint_path(out).exists()  # one line: not yet committed
+    assert Checkpoint.load(checkpoint_path(out)) == Checkpoint({"k": 1})  # one line: not yet committed
     writer.write(Item(3, 30), [{"line": 2}, {"line": 3, "error": {"code": "X", "message": ""}}])
     state = Checkpoint.load(checkpoint_path(out))
     assert state is not None and (state.line, state.offset, state.records, state.failed) == (3, 30, 3, 1)
@@ -156,6 +156,26 @@ def test_the_writer_commits_in_chunks_and_a_reopen_drops_the_uncommitted_tail(tm
     resumed.close()
     assert [json.loads(line)["line"] for line in out.read_text().splitlines()] == [1, 2, 3, 4]
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_starting_over_replaces_the_old_checkpoint_before_the_output_is_rewritten(tmp_path: Path) -> None:
+    """``--restart`` (or a first run over an old output) truncates the output and writes new lines in its place: the
+    checkpoint on disk must no longer speak of the old lines by then. A run killed before its first commit left the
+    old checkpoint beside new bytes; the next resume cut those at the old length, mid-line, and went on after the old
+    line: a torn JSON line, a lost line, and a summary saying complete."""
+    out, source = tmp_path / "out.jsonl", _write(tmp_path, "in.txt", "eins\nzwei\ndrei\nvier\n")
+    old = Writer(out, Checkpoint({"k": 1}), every=1, digest=InputDigest(source))
+    old.write(Item(1, 5), [{"line": 1, "translation": "ONE"}])
+    old.close()
+    restarted = Writer(out, Checkpoint({"k": 1}), every=1000, digest=InputDigest(source))
+    restarted.write(Item(2, 10), [{"line": 1, "translation": "one, from a newer model"}, {"line": 2}])
+    restarted.file.flush()  # the buffer reached the disk, the commit did not come: killed here
+    state = Checkpoint.load(checkpoint_path(out))
+    assert state is not None and (state.line, state.output_bytes, state.records) == (0, 0, 0)
+    resumed = Writer(out, state, every=1000, digest=InputDigest(source))
+    resumed.write(Item(4, 20), [{"line": n} for n in (1, 2, 3, 4)])
+    resumed.close()
+    assert [json.loads(line)["line"] for line in out.read_text().splitlines()] == [1, 2, 3, 4]
 
 
 def test_a_checkpoint_that_points_past_the_output_is_refused(tmp_path: Path) -> None:
