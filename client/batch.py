@@ -415,6 +415,8 @@ def _run(args: argparse.Namespace, channel: grpc.Channel, details: dict[str, Any
     _make_folder(output, str(output))
     settings = _settings(args, fmt, options)
     checkpoint = None if args.restart else Checkpoint.load(checkpoint_path(output))
+    if checkpoint is not None and not checkpoint.records:
+        checkpoint = None  # no line written under its settings: a corrected command (--model, say) goes on
     if checkpoint is not None and checkpoint.job != settings:
         raise BatchError(f"{output} was started with other settings ({checkpoint.job}); use the same ones to "
                          "resume, or --restart")

@@ -113,6 +113,24 @@ def test_an_unknown_model_stops_the_job_instead_of_failing_every_line(running: R
     assert not report["complete"] and report["error"].startswith("NOT_FOUND")
 
 
+def test_a_job_that_stopped_before_its_first_line_resumes_with_corrected_settings(
+        fake: tuple[RefusingTranslator, int], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The stop says "run the same command again to resume" once the problem is fixed; when the problem was the
+    # command (a misspelt --model), the fixed command was refused (exit 2: other settings) though no line had been
+    # written under the old ones, and only --restart went on.
+    servicer, port = fake
+    servicer.refusals = [grpc.StatusCode.NOT_FOUND]
+    source, out = tmp_path / "in.txt", tmp_path / "out.jsonl"
+    source.write_text("eins\nzwei\n", encoding="utf-8")
+    assert _batch(port, str(source), "-o", str(out), "--model", "tiny-de-nu") == 1
+    assert "NOT_FOUND" in capsys.readouterr().err and out.read_text() == ""
+    assert _batch(port, str(source), "-o", str(out), "--model", "tiny-de-en") == 0
+    assert [r["translation"] for r in _records(out)] == ["EINS", "ZWEI"]
+    assert json.loads((tmp_path / "out.jsonl.checkpoint.json").read_text())["job"]["model"] == "tiny-de-en"
+    # Once lines are written, other settings are refused as before.
+    assert _batch(port, str(source), "-o", str(out), "--model", "tiny-de-nu") == 2
+
+
 def test_two_shards_cover_the_file_exactly_once(running: RunningServer, tmp_path: Path) -> None:
     texts = _sentences(41)
     source = tmp_path / "in.tsv"
