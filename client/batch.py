@@ -401,9 +401,18 @@ def _check_apart(files: dict[str, Path | None]) -> None:
                 raise BatchError(f"{what} {path} is the same file as {other} {earlier}; nothing was written")
 
 
+def _not_a_file(path: Path) -> str:
+    if path.is_dir():
+        return f"{path}: is a folder, not a file"
+    if path.exists():  # a pipe: `attn batch <(zcat in.txt.gz)`, a FIFO, a device
+        return (f"{path}: not a regular file (a pipe?): the job reads its input more than once and resumes at a byte "
+                "offset; write it to a file first")
+    return f"{path}: no such file"
+
+
 def _run(args: argparse.Namespace, channel: grpc.Channel, details: dict[str, Any]) -> int:
     if not args.input.is_file():
-        raise BatchError(f"{args.input}: no such file")
+        raise BatchError(_not_a_file(args.input))
     output = shard_path(args.output, args.shard)
     summary = shard_path(args.summary, args.shard) if args.summary else None  # shards side by side: one each
     _check_apart({"the input": args.input, "the output": output, "its checkpoint": checkpoint_path(output),

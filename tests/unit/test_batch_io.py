@@ -264,3 +264,25 @@ def test_an_output_or_summary_that_is_the_input_is_refused_before_anything_is_wr
         assert "is the same file as" in capsys.readouterr().err
         assert source.read_text() == "Hallo\n"
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_an_input_that_is_no_regular_file_is_refused_for_what_it_is(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A pipe (``attn batch <(zcat in.txt.gz)``, a FIFO) or a folder was refused as "no such file": the user looks for
+    a typo in a path that exists. The job reads its input more than once and resumes at a byte offset, so it needs a
+    regular file, and says so."""
+    import os
+
+    from client.cli import main
+
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+    nowhere = ["-o", str(tmp_path / "out.jsonl"), "--target", "127.0.0.1:1", "--max-retries", "0", "--quiet"]
+    assert main(["batch", str(fifo), *nowhere]) == 2
+    assert capsys.readouterr().err == (f"attn batch: {fifo}: not a regular file (a pipe?): the job reads its input "
+                                       "more than once and resumes at a byte offset; write it to a file first\n")
+    assert main(["batch", str(tmp_path), *nowhere]) == 2
+    assert capsys.readouterr().err == f"attn batch: {tmp_path}: is a folder, not a file\n"
+    assert main(["batch", str(tmp_path / "missing.txt"), *nowhere]) == 2
+    assert capsys.readouterr().err == f"attn batch: {tmp_path / 'missing.txt'}: no such file\n"
+    assert not (tmp_path / "out.jsonl").exists()
