@@ -75,6 +75,10 @@ PROGRESS_SECONDS = 10.0  # between progress lines when stderr is a log rather th
 class Abort(Exception):
     """Stops the job after committing what is written: retries exhausted, a job-level error, or an interrupt."""
 
+    def __init__(self, message: str, status: tuple[grpc.StatusCode, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status  # the call's code and details, when a call's error stopped the job
+
 
 def _count(text: str) -> int:
     value = int(text)
@@ -248,7 +252,7 @@ def call_with_retries(job: Job, texts: list[str]) -> pb.TranslateResponse:
                                          and any(reason in message for reason in TOO_LARGE)):
                 raise
             if attempt == job.max_retries:
-                raise Abort(f"{code.name} after {attempt + 1} attempts: {message}") from None
+                raise Abort(f"{code.name} after {attempt + 1} attempts: {message}", (code, message)) from None
         job.count_retry()
         if job.stop.wait(backoff(attempt)):
             raise Abort("stopped")
@@ -261,7 +265,7 @@ def _translate(job: Job, items: list[Item]) -> dict[int, Record]:
     except grpc.RpcError as exc:
         code, message = _status(exc)
         if code in FATAL:
-            raise Abort(f"{code.name}: {message}") from None
+            raise Abort(f"{code.name}: {message}", (code, message)) from None
         if len(items) > 1:
             # One bad text (INVALID_ARGUMENT, say) must not fail the others: retry the halves, down to single texts
             # where the error is. Halves, not single texts at once: a --batch-size over the server's ATTN_MAX_TEXTS
@@ -442,7 +446,7 @@ def _run(args: argparse.Namespace, channel: grpc.Channel, details: dict[str, Any
         writer = Writer(output, checkpoint, args.checkpoint_every, digest)
     except OSError as exc:
         raise BatchError(f"{output}: cannot write: {exc.strerror or exc}") from None
-    status, error = 0, ""
+    status, error, hint = 0, "", None
     # SIGTERM stops the job as Ctrl-C does: what is written is committed and the summary says where it stopped
     # (by default the signal would end the process at once, the lines since the last commit to be translated again).
     on_main_thread = threading.current_thread() is threading.main_thread()
@@ -451,6 +455,7 @@ def _run(args: argparse.Namespace, channel: grpc.Channel, details: dict[str, Any
         pipeline(job, batches(items, args.batch_size), writer, progress, args.concurrency)
     except Abort as exc:
         status, error = 1, str(exc)
+        hint = connection.handshake_hint(args, *exc.status) if exc.status else None  # as the other commands say
     except KeyboardInterrupt:
         status, error = 130, "interrupted"
     except Terminated:
@@ -468,7 +473,7 @@ def _run(args: argparse.Namespace, channel: grpc.Channel, details: dict[str, Any
         progress.finish()
         for extra in own:
             extra.close()
-    report(args, output, summary, progress, writer.committed, job.retries, error)
+    report(args, output, summary, progress, writer.committed, job.retries, error, hint)
     return status
 
 
@@ -477,7 +482,7 @@ def _os_error(exc: OSError, output: Path) -> str:
 
 
 def report(args: argparse.Namespace, output: Path, summary_path: Path | None, progress: Progress,
-           committed: Checkpoint, retries: int, error: str) -> None:
+           committed: Checkpoint, retries: int, error: str, hint: str | None = None) -> None:
     seconds = time.monotonic() - progress.started
     rate = progress.done / seconds if seconds > 0 else 0.0
     summary = {"input": str(args.input), "output": str(output), "shard": "/".join(map(str, args.shard)),
@@ -490,6 +495,8 @@ def report(args: argparse.Namespace, output: Path, summary_path: Path | None, pr
               f"already done, {seconds:.1f} s, {rate:.1f} lines/s → {output}", file=sys.stderr)
     if error:
         print(f"attn batch: stopped: {error}; run the same command again to resume", file=sys.stderr)
+    if hint:
+        print(f"attn batch: {hint}", file=sys.stderr)
     if summary_path:
         try:
             summary_path.write_text(json.dumps(summary) + "\n")

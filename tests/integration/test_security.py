@@ -115,6 +115,18 @@ def test_the_cli_says_to_use_tls_when_a_tls_server_closes_its_plaintext_connecti
     assert "CERTIFICATE_VERIFY_FAILED" in err and "attn: if" not in err
 
 
+def test_the_batch_job_says_to_use_tls_when_a_tls_server_closes_its_plaintext_connection(
+        tls_token_server: RunningServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``attn batch`` stopped with 'Socket closed' and 'run the same command again to resume', which fails again."""
+    source = tmp_path / "in.txt"
+    source.write_text(f"{TEXT}\n", encoding="utf-8")
+    assert main(["batch", str(source), "-o", str(tmp_path / "out.jsonl"), "--target",
+                 f"127.0.0.1:{tls_token_server.port}", "--max-retries", "0", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "attn batch: stopped: UNAVAILABLE" in err
+    assert "attn batch: if the server speaks TLS, add --tls-ca PEM" in err
+
+
 def test_a_client_that_does_not_trust_the_ca_refuses_the_server(tls_token_server: RunningServer, pki: Pki) -> None:
     credentials = grpc.ssl_channel_credentials(root_certificates=pki.read(pki.rogue_cert))
     with grpc.secure_channel(f"127.0.0.1:{tls_token_server.port}", credentials) as channel:
