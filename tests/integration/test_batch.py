@@ -148,6 +148,11 @@ def test_two_shards_cover_the_file_exactly_once(running: RunningServer, tmp_path
     merged = sorted(parts[0] + parts[1], key=lambda r: r["line"])
     assert [r["line"] for r in merged] == list(range(2, 43))  # line 1 is the header
     assert [(r["id"], r["text"]) for r in merged] == [(f"k{i}", t) for i, t in enumerate(texts)]
+    # The README's merge, which streams (jq -s held a whole job's output in memory).
+    files = [str(tmp_path / f"out.shard-{i}-of-2.jsonl") for i in range(2)]
+    streamed = subprocess.run(["sort", "-m", "-k2,2n", *files], env={**os.environ, "LC_ALL": "C"},
+                              capture_output=True, text=True, check=True).stdout
+    assert [json.loads(line) for line in streamed.splitlines()] == merged
 
 
 @pytest.fixture()
