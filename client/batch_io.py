@@ -129,6 +129,16 @@ def _lines(f: IO[bytes], line: int, offset: int, shard: tuple[int, int]) -> Iter
             yield line, offset, content
 
 
+def _rest_of_line(f: IO[bytes], offset: int) -> bytes:
+    """Seeks past what follows ``offset`` on the line that ``offset`` ends, and returns it: nothing after a line end,
+    but a line that had none when it was read (the input's last, in a file still being written, say) may have gone
+    on since, with the line end alone or with more text."""
+    f.seek(max(offset - 1, 0))
+    if offset == 0 or f.read(1) == b"\n":
+        return b""
+    return f.readline()
+
+
 def read_items(path: Path, fmt: str, column: str | None = None, id_column: str = "id",
                shard: tuple[int, int] = (0, 1), start: tuple[int, int] = (0, 0)) -> Iterator[Item]:
     """The inputs of ``shard`` after ``start`` = (line number, byte offset) of the last line already done.
@@ -136,8 +146,8 @@ def read_items(path: Path, fmt: str, column: str | None = None, id_column: str =
     with path.open("rb") as f:
         parse, line, offset = _parser(f, fmt, column, id_column)
         if start[1] > offset:
-            f.seek(start[1])
             line, offset = start
+            offset += len(_rest_of_line(f, offset))  # the line end of a last line that had none then: no line
         for number, end, content in _lines(f, line, offset, shard):
             try:
                 text = content.decode("utf-8")
@@ -245,6 +255,12 @@ def check_unchanged(digest: InputDigest, checkpoint: Checkpoint, output: Path) -
     if checkpoint.input_sha256 and digest.up_to(checkpoint.offset) != checkpoint.input_sha256:
         raise BatchError(f"{digest.path} changed before line {checkpoint.line} since {output} was checkpointed "
                          "(its output would no longer match the input's lines); use --restart to start over")
+    with digest.path.open("rb") as f:
+        rest = _rest_of_line(f, checkpoint.offset)
+    if rest.rstrip(b"\r\n"):
+        raise BatchError(f"{digest.path} changed at line {checkpoint.line} since {output} was checkpointed (the line "
+                         "had no line end then, and it goes on now: its output is of part of it); use --restart to "
+                         "start over")
 
 
 class Writer:

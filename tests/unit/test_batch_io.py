@@ -286,3 +286,31 @@ def test_an_input_that_is_no_regular_file_is_refused_for_what_it_is(tmp_path: Pa
     assert main(["batch", str(tmp_path / "missing.txt"), *nowhere]) == 2
     assert capsys.readouterr().err == f"attn batch: {tmp_path / 'missing.txt'}: no such file\n"
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_resume_after_a_last_line_without_its_line_end_keeps_the_line_numbers(tmp_path: Path) -> None:
+    # The checkpoint of a job over "eins\nzwei" (no line end: a file still being written, or one edited without one)
+    # ends at "zwei"'s last byte. Once the input goes on ("\ndrei\n" appended), the "\n" that ends line 2 was read as
+    # a line of its own: "drei" came out as line 4, and with --shard in the shard of the wrong worker.
+    path = _write(tmp_path, "in.txt", "eins\nzwei")
+    first, second = read_items(path, "text")
+    assert (second.line, second.end) == (2, 9)
+    with path.open("ab") as f:
+        f.write(b"\ndrei\nvier\n")
+    resumed = list(read_items(path, "text", start=(second.line, second.end)))
+    assert [(i.line, i.text) for i in resumed] == [(3, "drei"), (4, "vier")]
+    assert [i.line for i in read_items(path, "text", shard=(1, 2), start=(second.line, second.end))] == [3]
+    assert [(i.line, i.text) for i in read_items(path, "text")][2:] == [(i.line, i.text) for i in resumed]
+
+
+def test_a_last_line_without_its_line_end_that_grew_since_its_checkpoint_is_a_changed_input(tmp_path: Path) -> None:
+    # "zwei" was translated while the file ended there; had it gone on ("zweimal\n"), the output would hold the
+    # translation of a line that is no longer in the input.
+    source = _write(tmp_path, "in.txt", "eins\nzwei")
+    state = Checkpoint({}, line=2, offset=9, input_sha256=hashlib.sha256(b"eins\nzwei").hexdigest())
+    out = tmp_path / "out.jsonl"
+    source.write_bytes(b"eins\nzwei\r\ndrei\n")  # only its line end added: resumes
+    check_unchanged(InputDigest(source), state, out)
+    source.write_bytes(b"eins\nzweimal\ndrei\n")
+    with pytest.raises(BatchError, match="changed at line 2 .*--restart"):
+        check_unchanged(InputDigest(source), state, out)
