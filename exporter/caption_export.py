@@ -90,13 +90,7 @@ def check(model: ShowAttendTell, onnx_model: OnnxCaptioner, images: np.ndarray, 
         torch_tokens, torch_rows = model.greedy(batch, MAX_CAPTION_TOKENS)
         onnx_tokens, onnx_rows = onnx_model(batch.numpy())
         for i, (a, b) in enumerate(zip(torch_tokens, onnx_tokens)):
-            report.sentences += 1
-            if a == b:
-                report.identical_tokens += 1
-                diff = float(np.abs(torch_rows[i].numpy() - onnx_rows[i]).max())
-                report.max_attention_diff = max(report.max_attention_diff, diff)
-            elif len(report.mismatches) < 5:
-                report.mismatches.append({"image": start + i, "torch": a, "onnx": b})
+            report.add(a, b, torch_rows[i].numpy(), onnx_rows[i], {"image": start + i})
     return report
 
 

@@ -107,6 +107,21 @@ class ParityReport:
         return (self.sentences > 0 and self.identical_tokens >= self.agreement * self.sentences
                 and self.max_attention_diff <= self.tolerance)
 
+    def add(self, torch_tokens: list[int], onnx_tokens: list[int], torch_rows: np.ndarray, onnx_rows: np.ndarray,
+            mismatch: dict[str, object]) -> None:
+        """One decoded input of the check: its greedy tokens and attention rows both ways; ``mismatch`` says which
+        input it was, for the report of one whose tokens differ."""
+        self.sentences += 1
+        if torch_tokens != onnx_tokens:
+            if len(self.mismatches) < 5:
+                self.mismatches.append({**mismatch, "torch": torch_tokens, "onnx": onnx_tokens})
+            return
+        self.identical_tokens += 1
+        # Rows of another shape are no parity, though numpy would broadcast one column against every source token.
+        diff = float(np.abs(torch_rows - onnx_rows).max()) if torch_rows.shape == onnx_rows.shape else np.inf
+        # NaN attention is no alignment at all; and max(0.0, nan) is 0.0, which would pass it silently.
+        self.max_attention_diff = max(self.max_attention_diff, np.inf if np.isnan(diff) else diff)
+
     def as_dict(self) -> dict[str, object]:
         report: dict[str, object] = {
             "sentences": self.sentences,
@@ -135,13 +150,5 @@ def check(
         torch_tokens, torch_rows = model.greedy(src, lengths, max_target_len(src.size(1)))
         onnx_tokens, onnx_rows = onnx(batch)
         for i, (a, b) in enumerate(zip(torch_tokens, onnx_tokens)):
-            report.sentences += 1
-            if a == b:
-                report.identical_tokens += 1
-                diff = float(np.abs(torch_rows[i][:, : len(batch[i])].numpy() - onnx_rows[i]).max())
-                # NaN attention is no alignment at all; and max(0.0, nan) is 0.0, which would pass it silently.
-                diff = np.inf if np.isnan(diff) else diff
-                report.max_attention_diff = max(report.max_attention_diff, diff)
-            elif len(report.mismatches) < 5:
-                report.mismatches.append({"source_ids": list(batch[i]), "torch": a, "onnx": b})
+            report.add(a, b, torch_rows[i][:, : len(batch[i])].numpy(), onnx_rows[i], {"source_ids": list(batch[i])})
     return report
