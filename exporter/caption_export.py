@@ -142,10 +142,17 @@ class CaptionExporter(ModelExporter[ShowAttendTell]):
 
     def run(self, out: Path) -> Manifest:
         self.pictures = {}
+        overlays = getattr(self.options, "overlays", None)
+        if overlays is not None:  # before the export, not once the model is in place
+            check_overlays_folder(Path(overlays))
         manifest = super().run(out)
-        for path, picture in self.pictures.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            picture.save(path)
+        try:
+            for path, picture in self.pictures.items():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                picture.save(path)
+        except OSError as exc:  # the model is served already; say so, and which pictures its card lacks
+            raise ValueError(f"{out} was exported, but its overlays could not be written to {overlays}: "
+                             f"{exc.strerror or exc} ({exc.filename}); its card links to them") from exc
         return manifest
 
     def read_held_out(self) -> None:
@@ -220,6 +227,17 @@ class CaptionExporter(ModelExporter[ShowAttendTell]):
                 example["input"] = os.path.relpath(folder / f"{stem}-input.png", out)
             examples.append(example)
         return examples
+
+
+def check_overlays_folder(folder: Path) -> None:
+    """ValueError unless ``folder`` is a folder this process can write into, or can be made in one."""
+    existing = Path(os.path.abspath(folder))
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--overlays {folder} cannot be written: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--overlays {folder} cannot be written: no permission to write in {existing}")
 
 
 def export_captioner(checkpoint_path: Path, out: Path, options: ExportOptions) -> Manifest:

@@ -124,3 +124,31 @@ def test_the_cli_reports_what_the_int8_variant_costs_in_bleu(tiny_checkpoint: Pa
     printed = capsys.readouterr().out.splitlines()
     assert printed[-1] == (f"int8 variant: BLEU {metrics['parity_bleu_int8']} vs fp32 {metrics['parity_bleu_fp32']} "
                            f"on the parity sentences ({metrics['int8_bleu_delta']:+})")
+
+
+def test_an_overlays_folder_that_cannot_be_written_is_refused_before_the_export(
+    tiny_captioner: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(caption_export, "export_graphs", _never)
+    (tmp_path / "notes.txt").write_text("mine")
+    out = tmp_path / "models" / "m" / "1"
+    assert cli.main([str(tiny_captioner), "--out", str(out), "--overlays", str(tmp_path / "notes.txt" / "docs")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("attn-export: --overlays ") and "is not a folder" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "models").exists()
+
+
+def test_overlays_that_fail_to_save_say_the_model_was_exported(
+    tiny_captioner: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def disk_full(self: object, path: object, *args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(caption_export.Image.Image, "save", disk_full)
+    out = tmp_path / "models" / "m" / "1"
+    assert cli.main([str(tiny_captioner), "--out", str(out), "--parity-sentences", "4", "--overlays",
+                     str(tmp_path / "docs")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err, err
+    assert f"{out} was exported" in err
+    assert Manifest.load(out).name == "m"
