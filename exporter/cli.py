@@ -73,16 +73,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     name, version = model_folder(parser, args)
-    # Everything the arguments name is checked before the (minutes-long) export: the folder it may replace, the
-    # metrics file for the card, the checkpoint.
     try:
-        check_replaceable(args.out, args.force)
-        if args.metrics is not None:
-            read_metrics(args.metrics)
-        # load names the file when it is missing, unreadable or not a checkpoint of attn-train (a ValueError)
-        captioning = checkpoint.load(args.checkpoint, kind=None)["kind"] == "captioning"
-    except (FileExistsError, ValueError) as exc:
+        return _export(args, name, version, argv)
+    except (ParityError, FileExistsError, ValueError) as exc:
         return _failed(exc)
+    except OSError as exc:  # a disk that fills, a folder that turns unwritable: the staging folder is gone
+        return _failed(f"{args.out} was not written: {exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename
+                                                                            else ""))
+    except KeyboardInterrupt:  # the staging folder is gone (exporter/template.py) and the target untouched
+        print(f"attn-export: interrupted; {args.out} was not written", file=sys.stderr)
+        return 130
+
+
+def _export(args: argparse.Namespace, name: str, version: str, argv: list[str] | None) -> int:
+    # Everything the arguments name is checked before the (minutes-long) export: the folder it may replace, the
+    # metrics file for the card, the checkpoint (load names the file when it is missing, unreadable or not a
+    # checkpoint of attn-train: a ValueError).
+    check_replaceable(args.out, args.force)
+    if args.metrics is not None:
+        read_metrics(args.metrics)
+    captioning = checkpoint.load(args.checkpoint, kind=None)["kind"] == "captioning"
     if args.overlays is not None and not captioning:  # refused, as --int8 for a captioner is, not silently skipped
         return _failed(f"--overlays draws a captioning model's attention; {args.checkpoint} is a translation "
                        "checkpoint (its model card shows its alignments)")
@@ -101,16 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if isinstance(options, CaptionExportOptions):
         options.overlays = args.overlays
-    try:
-        if captioning:
-            manifest = export_captioner(args.checkpoint, args.out, options)
-        else:
-            manifest = export(args.checkpoint, args.out, options)
-    except (ParityError, FileExistsError, ValueError) as exc:
-        return _failed(exc)
-    except KeyboardInterrupt:  # the staging folder is gone (exporter/template.py) and the target untouched
-        print(f"attn-export: interrupted; {args.out} was not written", file=sys.stderr)
-        return 130
+    if captioning:
+        manifest = export_captioner(args.checkpoint, args.out, options)
+    else:
+        manifest = export(args.checkpoint, args.out, options)
     print(f"exported {manifest.name}/{manifest.version} to {args.out}: parity {manifest.parity}")
     for line in variant_bleu_lines(manifest.metrics):
         print(line)

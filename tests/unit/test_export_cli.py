@@ -109,6 +109,28 @@ def test_ctrl_c_during_an_export_says_the_folder_was_not_written(workdir: Path, 
     assert capsys.readouterr().err == "attn-export: interrupted; models/m/1 was not written\n"
 
 
+def test_ctrl_c_while_the_checkpoint_loads_is_one_line_too(workdir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    def interrupted(*_: object, **__: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.checkpoint, "load", interrupted)
+    assert cli.main(["run/best.pt", "--out", "models/m/1"]) == 130
+    assert capsys.readouterr().err == "attn-export: interrupted; models/m/1 was not written\n"
+
+
+def test_a_disk_that_fills_during_the_export_is_a_one_line_error(workdir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    def disk_full(*_: object) -> None:
+        raise OSError(28, "No space left on device", "models/m/.1.staging/encoder.onnx")
+
+    monkeypatch.setattr(cli.checkpoint, "load", lambda *_, **__: {"kind": "translation"})
+    monkeypatch.setattr(cli, "export", disk_full)
+    err = _failure(["run/best.pt", "--out", "models/m/1"], capsys)
+    assert err == ("attn-export: models/m/1 was not written: No space left on device "
+                   "(models/m/.1.staging/encoder.onnx)\n")
+
+
 def test_staging_refuses_to_replace_a_folder_without_a_manifest_even_with_force(tmp_path: Path) -> None:
     out = tmp_path / "home" / "user"
     out.mkdir(parents=True)
