@@ -142,6 +142,7 @@ def staged(out: Path, force: bool) -> Iterator[Path]:
     replaced = out.parent / f".{out.name}.replaced"  # hidden, as the staging folder is: no server loads it
     created = _missing_folders(out.parent)  # models/NAME, when this export is the model's first
     shutil.rmtree(staging, ignore_errors=True)
+    aside = False  # whether the version being replaced is renamed to ``replaced``
     try:
         try:
             staging.mkdir(parents=True)
@@ -155,9 +156,14 @@ def staged(out: Path, force: bool) -> Iterator[Path]:
             # Renamed aside, not removed, before the new folder takes its name: removing a large model's files takes
             # a while, and a server looking at the folder meanwhile would find the version gone and retire it.
             out.rename(replaced)
+            aside = True
         staging.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if aside and not os.path.lexists(out):
+            # The new folder did not take the name (an error, or Ctrl-C between the two renames): the old version
+            # gets it back rather than going with the new one.
+            replaced.rename(out)
         shutil.rmtree(replaced, ignore_errors=True)
         # Still empty only when the export failed: a server scanning the models folder would find a model NAME
         # with no versions. rmdir, not rmtree: a folder another export has written into meanwhile stays.

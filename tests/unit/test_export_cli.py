@@ -177,6 +177,29 @@ def test_a_replaced_version_is_removed_only_once_the_new_one_holds_its_name(tmp_
     assert seen and set(seen) == {'{"new": true}'}, seen
 
 
+@pytest.mark.parametrize("failure", [OSError(16, "Device or resource busy"), KeyboardInterrupt()])
+def test_a_version_whose_replacement_fails_to_take_its_name_keeps_the_old_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: BaseException
+) -> None:
+    """The old version is renamed aside before the new one takes its name: when that second rename fails (or
+    Ctrl-C lands between the two), the old one gets its name back instead of being removed with the new one."""
+    out = tmp_path / "m" / "1"
+    out.mkdir(parents=True)
+    (out / "manifest.json").write_text('{"old": true}')
+    rename = Path.rename
+
+    def failing(self: Path, target: Path) -> Path:
+        if self.name == ".1.staging":
+            raise failure
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing)
+    with pytest.raises(type(failure)), staged(out, force=True) as staging:
+        (staging / "manifest.json").write_text('{"new": true}')
+    assert (out / "manifest.json").read_text() == '{"old": true}'
+    assert sorted(p.name for p in out.parent.iterdir()) == ["1"]  # no staging or replaced folder left
+
+
 class _ExportFailed(Exception):
     pass
 
