@@ -152,3 +152,19 @@ def test_overlays_that_fail_to_save_say_the_model_was_exported(
     assert err.count("\n") == 1 and "No space left on device" in err, err
     assert f"{out} was exported" in err
     assert Manifest.load(out).name == "m"
+
+
+def test_a_held_out_sentence_longer_than_the_source_limit_gets_its_card_example(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parity and the card's examples decode the first 127 tokens of a source (the manifest's 128 with EOS); the
+    example's word alignment must read the same tokens, not the whole sentence's."""
+    from training.data.corpus import Pair
+
+    long = " ".join(["Der Hund schläft im Haus und die Katze schläft im Garten."] * 20)
+    pairs = [Pair(long, "The dog sleeps.", sentence=True), Pair("Guten Morgen.", "Good morning.", sentence=True)]
+    monkeypatch.setattr(export_module, "held_out_pairs", lambda payload, count: pairs)
+    out = tmp_path / "m" / "1"
+    export(tiny_checkpoint, out, ExportOptions(name="m", parity_sentences=2))
+    card = (out / "README.md").read_text()
+    assert f"- **{long}** → " in card and "- **Guten Morgen.** → " in card
