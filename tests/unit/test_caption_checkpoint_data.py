@@ -106,3 +106,40 @@ def test_exporting_a_captioner_whose_test_split_is_empty_says_so(
     assert "Traceback" not in err
     assert "attn-export: parity check had nothing to check: no held-out images (test split)" in err
     assert not (tmp_path / "models" / "m" / "1").exists()
+
+
+def test_caption_files_may_start_with_a_byte_order_mark(tmp_path: Path) -> None:
+    """A BOM (as Excel or Notepad write UTF-8) is not part of the text: it hid the CSV's header ("expected a header
+    line 'image,caption', found ['\\ufeffimage', 'caption']"), took the first image of a split list out of its split
+    and made COCO JSON "not JSON"."""
+    plain = flickr_folder(tmp_path / "plain", images=30)
+    names = sorted(p.name for p in (plain / "Images").iterdir())
+    for name, part in (("train", names[:20]), ("dev", names[20:25]), ("test", names[25:])):
+        (plain / f"Flickr_8k.{name}Images.txt").write_text("\n".join(part) + "\n", encoding="utf-8")
+    bom = tmp_path / "bom"
+    bom.mkdir()
+    (bom / "Images").symlink_to(plain / "Images")
+    for f in plain.glob("*.txt"):
+        (bom / f.name).write_text(f.read_text(encoding="utf-8"), encoding="utf-8-sig")
+    expected = load_caption_data(f"flickr8k:{plain}", 16, {})
+    found = load_caption_data(f"flickr8k:{bom}", 16, {})
+    assert {n: s.captions for n, s in found.items()} == {n: s.captions for n, s in expected.items()}
+    assert [len(found[n]) for n in ("train", "valid", "test")] == [20, 5, 5]
+
+    token = tmp_path / "token"
+    token.mkdir()
+    (token / "Images").symlink_to(plain / "Images")
+    (token / "Flickr8k.token.txt").write_text("img000.png#0\tA red picture.\nimg001.png#0\tA blue picture.\n",
+                                             encoding="utf-8-sig")
+    captions = {p.name: refs for s in load_caption_data(f"flickr8k:{token}", 16, {}).values()
+                for p, refs in zip(s.paths, s.captions)}
+    assert captions == {"img000.png": ["a red picture"], "img001.png": ["a blue picture"]}
+
+    images = ", ".join(f'{{"id": {i}, "file_name": "{name}"}}' for i, name in enumerate(names))
+    annotations = ", ".join(f'{{"image_id": {i}, "caption": "Picture {i}."}}' for i in range(len(names)))
+    text = f'{{"images": [{images}], "annotations": [{annotations}]}}'
+    (tmp_path / "coco.json").write_text(text, encoding="utf-8")
+    (tmp_path / "coco-bom.json").write_text(text, encoding="utf-8-sig")
+    expected = load_caption_data(f"coco:{tmp_path / 'coco.json'}:{plain / 'Images'}", 16, {})
+    found = load_caption_data(f"coco:{tmp_path / 'coco-bom.json'}:{plain / 'Images'}", 16, {})
+    assert {n: s.captions for n, s in found.items()} == {n: s.captions for n, s in expected.items()}

@@ -11,7 +11,9 @@
   ``id``/``file_name``, ``annotations`` with ``image_id``/``caption``); images default to the folder of the JSON.
 
 Without official split lists an image's split is a hash of its file name (5% valid, 5% test), so it never moves
-when images are added. Real images are read lazily and prepared exactly as the server prepares them.
+when images are added. Real images are read lazily and prepared exactly as the server prepares them. Text files are
+UTF-8, with or without a leading byte-order mark (which Windows tools such as Excel and Notepad write): it would
+otherwise hide the CSV's header, the first name of a split list or the start of the JSON.
 
 A checkpoint records its data with absolute paths (:func:`absolute_spec`) and the hash of every split
 (:func:`data_hash`); :func:`checkpoint_split` reads a split back for ``evaluate`` and the export and refuses data
@@ -109,14 +111,14 @@ def _flickr_captions(directory: Path) -> dict[str, list[str]]:
     captions: dict[str, list[str]] = {}
     csv_file, token_file = directory / "captions.txt", directory / "Flickr8k.token.txt"
     if csv_file.is_file():
-        with csv_file.open(encoding="utf-8", newline="") as f:
+        with csv_file.open(encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f)
             if not {"image", "caption"} <= set(reader.fieldnames or ()):
                 raise InputError(f"{csv_file}: expected a header line 'image,caption', found {reader.fieldnames}")
             for row in reader:
                 captions.setdefault(row["image"].strip(), []).append(row["caption"])
     elif token_file.is_file():
-        for line in token_file.read_text(encoding="utf-8").splitlines():
+        for line in token_file.read_text(encoding="utf-8-sig").splitlines():
             if "\t" in line:
                 key, caption = line.split("\t", 1)
                 captions.setdefault(key.split("#")[0].strip(), []).append(caption)
@@ -136,7 +138,7 @@ def _flickr8k(directory: Path, image_size: int) -> dict[str, CaptionSet]:
     assigned: dict[str, str] = {}
     if all(f.is_file() for f in official.values()):
         for name, f in official.items():
-            for line in f.read_text(encoding="utf-8").split():
+            for line in f.read_text(encoding="utf-8-sig").split():
                 assigned[line.strip()] = name
     return _assemble(captions, images, image_size, assigned)
 
@@ -145,7 +147,7 @@ def _coco(spec: str, image_size: int) -> dict[str, CaptionSet]:
     annotations, _, folder = spec.partition(":")
     path = Path(annotations)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}: not JSON ({exc.msg}, line {exc.lineno})") from None
     try:
