@@ -23,7 +23,7 @@ from torch import nn
 
 from training.batching import pad
 from training.caption_eval import MAX_CAPTION_TOKENS, bleu, caption_images, teacher_forced_correctness
-from training.config import DEVICES, check, option
+from training.config import DEVICES, InputError, check, option
 from training.data.captions import CaptionSet, absolute_spec, data_hash, load_caption_data
 from training.loop import Step
 from training.models.caption import ShowAttendTell, ShowAttendTellConfig, doubly_stochastic_penalty, normalise
@@ -212,7 +212,10 @@ class CaptionRecipe(Recipe):
         self.train_examples = _examples(self.splits["train"], sp)
         self.valid_examples = _examples(self.splits["valid"], sp)
         if not self.train_examples:
-            raise ValueError(f"no training captions in {self.cfg.data!r}")
+            captions = sum(len(refs) for refs in self.splits["train"].captions)
+            raise InputError(f"no training captions left from {self.cfg.data!r}: each of its {captions} training "
+                             f"captions is empty or longer than {MAX_CAPTION_TOKENS - 1} tokens, the most a caption "
+                             "is decoded to")
         return len(self.train_examples)
 
     def build_model(self, vocab_size: int) -> tuple[nn.Module, dict[str, Any]]:

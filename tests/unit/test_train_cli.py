@@ -153,9 +153,20 @@ def test_training_mistakes_are_one_line_errors(argv: list[str], message: str, tm
     ("coco:{tmp}/other.json", "other.json: not COCO captions (KeyError: 'annotations'"),
     ("coco:{tmp}/latin1.json", "not UTF-8 text (byte 0xe4)"),
     ("coco:{tmp}/lost.json", "1 of the captioned images are not in {tmp} (the first: lost.jpg)"),
+    # Each caption longer than the decoding budget: there is nothing to train on (a ValueError's traceback before).
+    ("flickr8k:{tmp}/long", "no training captions left from 'flickr8k:{tmp}/long': each of its 37 training captions "
+                            "is empty or longer than 31 tokens"),  # 37 of the 40 images are in the train split
 ])
 def test_captioning_data_mistakes_are_one_line_errors(data: str, message: str, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from PIL import Image
+
+    (tmp_path / "long" / "Images").mkdir(parents=True)
+    lines = ["image,caption"]
+    for i in range(40):
+        Image.new("RGB", (8, 8), "red").save(tmp_path / "long" / "Images" / f"{i}.png")
+        lines.append(f"{i}.png," + " ".join(["a red square"] * 11))  # 33 words
+    (tmp_path / "long" / "captions.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (tmp_path / "wrong-header").mkdir()
     (tmp_path / "wrong-header" / "captions.txt").write_text("file,text\na.jpg,a cat\n", encoding="utf-8")
     (tmp_path / "notes.json").write_text("not json", encoding="utf-8")
