@@ -79,6 +79,11 @@ def test_evaluate_and_export_refuse_a_captioning_checkpoints_changed_data(
     capsys.readouterr()
     assert train_cli.main(["evaluate", "last.pt", "--split", "valid"]) == 0
     assert '"images":' in capsys.readouterr().out
+    for data in ("flickr8k", "flickr8k:", "f8k"):  # data given anew that names no data set: one line, no traceback
+        assert train_cli.main(["evaluate", "last.pt", "--data", data]) == 1
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        assert err.startswith(f"attn-train: error: unknown captioning data '{data}': use scenes, flickr8k:DIR or coco:")
     captions = tmp_path / "f8k" / "captions.txt"
     captions.write_text(captions.read_text(encoding="utf-8").replace("a plain", "a flat"), encoding="utf-8")
     assert train_cli.main(["evaluate", "last.pt", "--split", "valid"]) == 1

@@ -198,7 +198,9 @@ def load_caption_data(
         raise InputError(f"captioning data {spec!r}: {exc.strerror or exc}: {exc.filename}") from None
     except UnicodeDecodeError as exc:
         raise InputError(f"captioning data {spec!r}: not UTF-8 text (byte {exc.object[exc.start]:#04x})") from None
-    raise ValueError(f"unknown captioning data {spec!r}: use scenes, flickr8k:DIR or coco:ANNOTATIONS.json[:IMAGES]")
+    # An InputError: ``attn-train evaluate --data`` reaches here with what the user typed (training's config refuses
+    # it first, as a usage error).
+    raise InputError(f"unknown captioning data {spec!r}: use scenes, flickr8k:DIR or coco:ANNOTATIONS.json[:IMAGES]")
 
 
 def data_hash(sets: dict[str, CaptionSet]) -> str:
