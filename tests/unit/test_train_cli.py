@@ -147,6 +147,8 @@ def test_training_mistakes_are_one_line_errors(argv: list[str], message: str, tm
 
 @pytest.mark.parametrize(("data", "message"), [
     ("flickr8k:{tmp}/nowhere", "{tmp}/nowhere has neither captions.txt nor Flickr8k.token.txt (there is no such"),
+    ("flickr8k:{tmp}/notes.json", "notes.json has neither captions.txt nor Flickr8k.token.txt (it is a file: give "
+                                  "the folder that holds the captions and images)"),  # it said "no such folder"
     ("flickr8k:{tmp}/wrong-header", "captions.txt: expected a header line 'image,caption'"),
     ("coco:{tmp}/missing.json", "captioning data 'coco:{tmp}/missing.json': No such file or directory"),
     ("coco:{tmp}/notes.json", "notes.json: not JSON"),

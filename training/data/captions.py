@@ -123,8 +123,9 @@ def _flickr_captions(directory: Path) -> dict[str, list[str]]:
                 key, caption = line.split("\t", 1)
                 captions.setdefault(key.split("#")[0].strip(), []).append(caption)
     else:
-        raise InputError(f"{directory} has neither captions.txt nor Flickr8k.token.txt"
-                         + ("" if directory.is_dir() else " (there is no such folder)"))
+        where = ("" if directory.is_dir() else " (it is a file: give the folder that holds the captions and images)"
+                 if directory.exists() else " (there is no such folder)")
+        raise InputError(f"{directory} has neither captions.txt nor Flickr8k.token.txt{where}")
     return captions
 
 
