@@ -104,6 +104,10 @@ class CaptionTrainConfig:
         kind, _, rest = self.data.partition(":")
         if kind not in ("scenes", "flickr8k", "coco") or (kind != "scenes" and not rest):
             raise ValueError(f"--data {self.data!r}: use scenes, flickr8k:DIR or coco:ANNOTATIONS.json[:IMAGES]")
+        if self.best_by == "valid_attention_correctness" and kind != "scenes":
+            # Without the scenes' object boxes validation has no such metric, and best.pt followed every validation.
+            raise ValueError("--best-by valid_attention_correctness needs --data scenes (it is measured against the "
+                             "generated scenes' object boxes): choose valid_loss or valid_bleu4")
         if self.backbone == "resnet-small" and self.image_size < 2**self.stages:
             raise ValueError(f"--image-size {self.image_size} leaves no grid cell after --stages {self.stages} "
                              f"(the grid is image_size / 2**stages = {self.image_size / 2**self.stages:g} cells a "

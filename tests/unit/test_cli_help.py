@@ -81,6 +81,9 @@ def test_invalid_translation_values_are_usage_errors(argv: list[str], message: s
     (["--backbone", "vgg"], "--backbone 'vgg'"),
     (["--data", "flickr8k"], "--data 'flickr8k'"),
     (["--context-dropout", "1"], "--context-dropout must be in [0, 1)"),
+    # Real data has no object boxes: best.pt was silently the last validation's
+    (["--data", "flickr8k:f8k", "--best-by", "valid_attention_correctness"],
+     "--best-by valid_attention_correctness needs --data scenes"),
 ])
 def test_invalid_caption_values_are_usage_errors(argv: list[str], message: str, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
