@@ -11,10 +11,11 @@ project's :class:`BahdanauAttention`) gives the context ``ẑ_t = β_t Σ_i α_t
 ``p(y_t) ∝ exp(L_o(E y_{t-1} + L_h h_t + L_z ẑ_t))``. The initial state is ``tanh(f_init(mean_i a_i))`` as in the
 paper, or (``init_state="learned"``) a learned constant.
 
-Both are the paper's model by default. The bundled scenes captioner turns two of them off (``lstm_reads_context=False``,
-``init_state="learned"``): then nothing of the image reaches a word except through that word's own attention, and a
-word cannot be said from what an earlier glance left in the LSTM's memory. With the paper's wiring the model looks at
-an object once (at its colour) and spends the other words' attention elsewhere (docs/captioning.md has the numbers).
+Both are the paper's model by default. The bundled scenes captioner turns one of them off (``lstm_reads_context=False``;
+its initial state is the paper's, from the mean annotation): then a word cannot be said from what an earlier glance
+left in the LSTM's memory, and each object word attends to its object. ``init_state="learned"`` also keeps the image out
+of the initial state (tried on the scenes: no better). With the paper's wiring the model looks at an object once (at
+its colour) and spends the other words' attention elsewhere (docs/captioning.md has the numbers).
 
 The attention of step t is the one that produced word y_t. :meth:`ShowAttendTell.step` is the only decoding step:
 training (through :meth:`ShowAttendTell.forward`), greedy evaluation and the ONNX export all call it.
