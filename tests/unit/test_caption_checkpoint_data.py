@@ -148,3 +148,21 @@ def test_caption_files_may_start_with_a_byte_order_mark(tmp_path: Path) -> None:
     expected = load_caption_data(f"coco:{tmp_path / 'coco.json'}:{plain / 'Images'}", 16, {})
     found = load_caption_data(f"coco:{tmp_path / 'coco-bom.json'}:{plain / 'Images'}", 16, {})
     assert {n: s.captions for n, s in found.items()} == {n: s.captions for n, s in expected.items()}
+
+
+def test_a_captions_unquoted_commas_are_part_of_it(tmp_path: Path) -> None:
+    """captions.txt by hand: `name,A dog, running` is one caption whose commas are not quoted. The fields after the
+    header's two were dropped, and the caption silently cut at its first comma ("a dog")."""
+    folder = flickr_folder(tmp_path / "f8k", images=40)
+    lines = ["image,caption"]
+    for i in range(40):
+        lines += [f"img{i:03d}.png,A brown dog, running on the grass, jumps.", f'img{i:03d}.png,"A dog, quoted."']
+    (folder / "captions.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    splits = load_caption_data(f"flickr8k:{folder}", 16, {})
+    assert {tuple(refs) for s in splits.values() for refs in s.captions} == {
+        ("a brown dog, running on the grass, jumps", "a dog, quoted")}
+    # Where the caption is not the last column, the extra fields are not its own.
+    (folder / "captions.txt").write_text("caption,image\n" + "".join(f"A cat,img{i:03d}.png,x\n" for i in range(40)),
+                                         encoding="utf-8")
+    splits = load_caption_data(f"flickr8k:{folder}", 16, {})
+    assert {tuple(refs) for s in splits.values() for refs in s.captions} == {("a cat",)}

@@ -4,9 +4,9 @@
 
 * ``scenes`` — :mod:`training.data.scenes`, with the split sizes and seed of the run's config;
 * ``flickr8k:DIR`` — a Flickr8k-style folder: images in ``DIR/Images`` (or ``DIR/Flicker8k_Dataset``, or ``DIR``)
-  and captions in ``DIR/captions.txt`` (``image,caption`` CSV, the Kaggle layout) or ``DIR/Flickr8k.token.txt``
-  (``name.jpg#k<TAB>caption``). The official ``Flickr_8k.{train,dev,test}Images.txt`` lists decide the splits when
-  they are there;
+  and captions in ``DIR/captions.txt`` (``image,caption`` CSV, the Kaggle layout; a caption's commas need no
+  quotes) or ``DIR/Flickr8k.token.txt`` (``name.jpg#k<TAB>caption``). The official
+  ``Flickr_8k.{train,dev,test}Images.txt`` lists decide the splits when they are there;
 * ``coco:ANNOTATIONS.json`` or ``coco:ANNOTATIONS.json:IMAGES_DIR`` — COCO captions JSON (``images`` with
   ``id``/``file_name``, ``annotations`` with ``image_id``/``caption``); images default to the folder of the JSON.
 
@@ -115,8 +115,12 @@ def _flickr_captions(directory: Path) -> dict[str, list[str]]:
             reader = csv.DictReader(f)
             if not {"image", "caption"} <= set(reader.fieldnames or ()):
                 raise InputError(f"{csv_file}: expected a header line 'image,caption', found {reader.fieldnames}")
+            # A caption with commas that is not quoted, as a hand-written file has it, is split into more fields than
+            # the header names: when the caption is the last column, they are the rest of it, not to be dropped.
+            rest = reader.fieldnames[-1] == "caption"
             for row in reader:
-                captions.setdefault(row["image"].strip(), []).append(row["caption"])
+                extra = row.get(None) if rest else None
+                captions.setdefault(row["image"].strip(), []).append(",".join([row["caption"], *(extra or [])]))
     elif token_file.is_file():
         for line in token_file.read_text(encoding="utf-8-sig").splitlines():
             if "\t" in line:
