@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import argparse
 import subprocess
-import tempfile
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
+
+from training.folders import why_unwritable
 
 Number = TypeVar("Number", int, float)
 PROJECT = "attention-serving"  # pyproject.toml's name: what makes a folder a checkout of this project
@@ -89,13 +90,6 @@ def writable_folder(text: str) -> Path:
 
 
 def _check_writable(folder: Path, text: str) -> None:
-    existing = folder.absolute()
-    while not existing.exists():  # the nearest folder already there: the rest will be made below it
-        existing = existing.parent
-    if not existing.is_dir():
-        raise argparse.ArgumentTypeError(f"cannot write {text}: {existing} is not a folder")
-    try:
-        with tempfile.TemporaryFile(dir=existing):  # the only sure test, whoever runs it (root passes os.access)
-            pass
-    except OSError as error:
-        raise argparse.ArgumentTypeError(f"cannot write {text}: {error.strerror or error}") from None
+    reason = why_unwritable(folder)
+    if reason is not None:
+        raise argparse.ArgumentTypeError(f"cannot write {text}: {reason}")

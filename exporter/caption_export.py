@@ -39,6 +39,7 @@ from training.caption_eval import MAX_CAPTION_TOKENS
 from training.caption_train import CaptionTrainConfig
 from training.data.captions import CaptionSet, checkpoint_split
 from training.data.corpus import RESTORE_DATA
+from training.folders import why_unwritable
 from training.models.caption import ShowAttendTell, normalise
 
 
@@ -230,14 +231,10 @@ class CaptionExporter(ModelExporter[ShowAttendTell]):
 
 
 def check_overlays_folder(folder: Path) -> None:
-    """ValueError unless ``folder`` is a folder this process can write into, or can be made in one."""
-    existing = Path(os.path.abspath(folder))
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ValueError(f"--overlays {folder} cannot be written: {existing} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--overlays {folder} cannot be written: no permission to write in {existing}")
+    """ValueError unless the pictures can be written in ``folder`` (made if missing)."""
+    reason = why_unwritable(folder)
+    if reason is not None:
+        raise ValueError(f"--overlays {folder} cannot be written: {reason}")
 
 
 def export_captioner(checkpoint_path: Path, out: Path, options: ExportOptions) -> Manifest:

@@ -44,6 +44,7 @@ from urllib.parse import unquote
 from training.data import ddtp
 from training.data.corpus import BUILT_COLUMNS, DOMAINS, SPLITS, Pair, data_hash, leak_keys, split_of
 from training.data.gettext_catalogs import CatalogStats, catalog_pairs
+from training.folders import why_unwritable
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE_LIST = Path(__file__).resolve().parent / "gettext_packages.txt"
@@ -601,10 +602,11 @@ def writable_folder(path: Path, option: str) -> None:
     not in a traceback after minutes of downloads."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
     except OSError as exc:
         raise SystemExit(f"python -m training.data.build: error: {option} {path}: {exc.strerror or exc}") from None
+    reason = why_unwritable(path)
+    if reason is not None:
+        raise SystemExit(f"python -m training.data.build: error: {option} {path}: {reason}")
 
 
 def build(out: Path, cache: Path, package_list: Path = PACKAGE_LIST, offline: bool = False) -> dict:
