@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from multiprocessing import reduction
+from multiprocessing import reduction, resource_tracker
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -127,8 +127,24 @@ def restart_delay(quick: int) -> float:
     return 0.0 if quick < 2 else min(RESTART_DELAY_SECONDS * 2 ** (quick - 2), RESTART_DELAY_MAX_SECONDS)
 
 
+def start_with_signals_held(process: BaseProcess) -> None:
+    """Starts ``process`` with :data:`HANDLED_SIGNALS` blocked; it inherits the mask and lets them in once it has
+    handlers (:func:`handle_signals`).
+
+    multiprocessing starts its resource tracker with the first child, blocking SIGINT and SIGTERM around the
+    tracker's start and then unblocking them in this process (not restoring the mask it found). Inside the window
+    below that let the first child (the engine) start with SIGTERM open: one sent in its first half second, while it
+    imported, killed it, and the server stopped with exit 1 instead of draining. So the tracker is started first."""
+    resource_tracker.ensure_running()
+    masked = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+    try:
+        process.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, masked)
+
+
 def handle_signals() -> None:
-    """Lets the signals in that the parent's :meth:`Supervisor._start` blocked: call it once they have handlers."""
+    """Lets the signals in that :func:`start_with_signals_held` blocked: call it once they have handlers."""
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
 
 
@@ -361,11 +377,7 @@ class Supervisor:
         else:
             args = (settings, self.addresses, CallsInFlight(self.inflight, index), *args)
         process = self.context.Process(target=target, args=args, name=f"attn-{role}-{index}", daemon=False)
-        masked = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)  # the child inherits the mask
-        try:
-            process.start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, masked)
+        start_with_signals_held(process)
         send.close()
         event(log, "process_started", role=role, index=index, pid=process.pid)
         return Child(role, index, process, receive, time.monotonic())

@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import signal
 import socket
+import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -224,3 +226,26 @@ def test_the_servers_cpu_counter_never_goes_down_when_a_child_exits_during_a_scr
     supervisor.children.clear()  # the supervisor has seen it go
     totals.append(registry.get_sample_value("attn_process_cpu_seconds_total"))
     assert totals == sorted(totals) and totals[0] == 6.0, totals
+
+
+_FIRST_CHILD = """
+import multiprocessing, signal
+from server.processes import start_with_signals_held
+
+if __name__ == "__main__":
+    # A fresh interpreter: no resource tracker runs yet, so this child is the one multiprocessing starts it with.
+    child = multiprocessing.get_context("spawn").Process(target=signal.raise_signal, args=(signal.SIGTERM,))
+    start_with_signals_held(child)
+    child.join(60)
+    print(child.exitcode)
+"""
+
+
+def test_a_processs_first_child_starts_with_the_handled_signals_blocked() -> None:
+    """The child raises SIGTERM at once: blocked, it stays pending and the child exits 0; open, it kills the child
+    (-15). It failed for the first child of a process, whose start also started multiprocessing's resource
+    tracker."""
+    result = subprocess.run([sys.executable, "-c", _FIRST_CHILD], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[2])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0"]
