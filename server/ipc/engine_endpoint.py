@@ -101,7 +101,9 @@ class EngineEndpoint:
                 elif key.data.number in self._front_ends:  # not disconnected earlier in this loop
                     if mask & selectors.EVENT_WRITE:
                         self._write(key.data)
-                    if mask & selectors.EVENT_READ:
+                    # A front-end gone while replies to it wait is readable and writable at once (epoll's HUP), and
+                    # the failed write has disconnected it.
+                    if mask & selectors.EVENT_READ and key.data.number in self._front_ends:
                         self._receive(key.data)
             if self._publish.is_set():
                 self._publish.clear()
@@ -149,6 +151,8 @@ class EngineEndpoint:
             self._disconnect(front_end, "broken stream")
             return
         for frames in messages:
+            if front_end.number not in self._front_ends:  # a reply to it failed to send: what is left has no reader
+                return
             try:
                 kind, header, arrays = records.unpack(frames)
             except Exception:  # noqa: BLE001 - a broken record is logged and dropped; the engine goes on

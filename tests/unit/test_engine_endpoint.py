@@ -131,6 +131,30 @@ def test_a_front_end_that_goes_away_has_its_requests_cancelled(
     wait_until(lambda: all(f.cancelled() for f in registry.engine.submitted), "the cancel record", seconds=10)
 
 
+def test_a_front_end_gone_while_replies_to_it_wait_leaves_the_others_served(
+        endpoint: tuple[EngineEndpoint, FakeRegistry], caplog: pytest.LogCaptureFixture) -> None:
+    """Its socket is then readable and writable at once: the write failed and disconnected it, and the read that
+    followed disconnected it again, a KeyError that ended the socket's thread, so the engine process exited (and
+    every call of the other front-ends failed) whenever a front-end went away behind on its replies; seen as an
+    ``ipc_failed`` traceback when the server was stopped just as it became ready."""
+    served, registry = endpoint
+    leaving, staying = FrontEnd(served.address), FrontEnd(served.address)
+    leaving.send(_submit(1))
+    staying.send(_submit(1))
+    wait_until(lambda: len(registry.engine.submitted) == 2, "both submits", seconds=10)
+    with caplog.at_level(logging.INFO, logger=engine_endpoint.log.name):
+        # Several megabytes that the leaving front-end never reads: the endpoint holds most of them, unsent.
+        attention = np.zeros((2000, 1000), dtype=np.float32)
+        registry.engine.submitted[0].set_result([[Hypothesis([7, 2], -1.0, -0.5, attention)]])
+        wait_until(lambda: any(f.unsent for f in served._front_ends.values()), "replies waiting", seconds=10)
+        leaving.socket.close()
+        wait_until(lambda: len(served._front_ends) == 1, "the leaving front-end disconnected", seconds=10)
+        registry.engine.submitted[1].set_result([[Hypothesis([9, 2], -2.0, -1.0, attention[:2, :3])]])
+        kind, header, arrays = staying.receive()
+    assert kind == records.DONE and records.hypotheses(header, arrays)[0][0].tokens == [9, 2]
+    assert "ipc_failed" not in [r.getMessage() for r in caplog.records]
+
+
 def test_a_connection_hears_of_a_versions_manifest_and_tokenizer_once(
         endpoint: tuple[EngineEndpoint, FakeRegistry], models_dir: Path) -> None:
     """What a front-end builds its view from travels with the first models record that names the version on each
