@@ -1,5 +1,5 @@
-"""The parent of the server's processes: the port it holds for the front-ends, how many front-ends it starts, and
-the engines' share of the cores."""
+"""The parent of the server's processes: the port it holds for the front-ends, how many front-ends it starts, the
+engines' share of the cores, and the signals a child starts with blocked."""
 
 from __future__ import annotations
 
