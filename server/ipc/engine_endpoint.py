@@ -196,11 +196,13 @@ class EngineEndpoint:
             pass
 
     def _flush(self) -> None:
+        # A front-end's replies leave in one write: a step that finishes many requests (a GPU's batches of hundreds
+        # of rows) costs one send and one wake-up of each front-end, not one of each per request.
+        replies: dict[int, list[bytes]] = {}
         while self._outbox:
             (number, request_id), future = self._outbox.popleft()
             self._pending.pop((number, request_id), None)
-            front_end = self._front_ends.get(number)
-            if front_end is None or future.cancelled():
+            if number not in self._front_ends or future.cancelled():
                 continue  # the front-end cancelled it, or is gone, and expects nothing
             error = future.exception()
             if error is not None and not isinstance(error, ServiceError):
@@ -211,10 +213,15 @@ class EngineEndpoint:
             except Exception as exc:  # a reply that cannot be packed (a bug): its request fails, not this thread
                 event(log, "engine_reply_failed", level=logging.ERROR, exc_info=True)
                 frames = records.failed(request_id, exc)
-            self._send(front_end, frames)
+            replies.setdefault(number, []).append(framing.encode(frames))
+        for number, messages in replies.items():
+            self._transmit(self._front_ends[number], messages[0] if len(messages) == 1 else b"".join(messages))
 
     def _send(self, front_end: _FrontEnd, frames: records.Frames) -> None:
-        message = framing.encode(frames)
+        self._transmit(front_end, framing.encode(frames))
+
+    def _transmit(self, front_end: _FrontEnd, message: bytes) -> None:
+        """Writes what it can of ``message`` now; the rest waits in ``unsent`` for the socket to take it."""
         if front_end.unsent:  # behind what waits: keep the order
             front_end.unsent += message
         else:

@@ -1,7 +1,8 @@
 """The engine process's end of the IPC (server/ipc/engine_endpoint.py) against a front-end played by this test on a
-plain socket: replies reach the connection that asked, whole even when they outgrow the socket's buffer, and a
-front-end that goes away has its requests cancelled, each connection hears of a version's manifest and tokenizer
-once, and a failure of the endpoint's own code fails one request, or ends its thread logged, never silently."""
+plain socket: replies reach the connection that asked, whole even when they outgrow the socket's buffer, those
+finished together in one write per connection, and a front-end that goes away has its requests cancelled, each
+connection hears of a version's manifest and tokenizer once, and a failure of the endpoint's own code fails one
+request, or ends its thread logged, never silently."""
 
 from __future__ import annotations
 
@@ -115,6 +116,39 @@ def test_each_reply_reaches_the_front_end_that_asked_whole(endpoint: tuple[Engin
     kind, header, _ = first.receive()
     assert kind == records.FAILED and header["id"] == 3
     assert isinstance(records.error_of(header), Overloaded)
+
+
+def test_replies_finished_together_leave_in_one_write_for_each_front_end(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step that finishes many requests (a GPU's batches of hundreds of rows) costs one send, and one wake-up of
+    each front-end, not one of each per request: the engine process's Python is what caps the server there. This
+    test drives the endpoint's parts itself, its thread not running."""
+    served = EngineEndpoint(FakeRegistry(), str(tmp_path / "engine-0.sock"),  # type: ignore[arg-type]
+                            lambda: {"ready": True})
+    connections: dict[int, FrontEnd] = {}
+    for _ in range(2):  # connected and accepted one at a time: each one's number is known
+        front_end = FrontEnd(served.address)
+        wait_until(lambda: served._accept() or len(served._front_ends) > len(connections), "the connection",
+                   seconds=10)
+        connections[max(served._front_ends)] = front_end
+    writes: list[int] = []
+    transmit = served._transmit
+    monkeypatch.setattr(served, "_transmit", lambda front_end, message: (writes.append(front_end.number),
+                                                                         transmit(front_end, message)))
+    first, second = connections
+    finishing = [(first, 1), (second, 2), (first, 3), (second, 4), (first, 5)]  # in one step, interleaved
+    for number, request_id in finishing:
+        finished: Future[Any] = Future()
+        finished.set_result([[Hypothesis([request_id, 2], -1.0, -0.5, np.ones((2, 3), np.float32))]])
+        served._outbox.append(((number, request_id), finished))
+    served._flush()
+    assert sorted(writes) == [first, second]
+    for number, front_end in connections.items():  # each connection's records whole, in the order they finished
+        expected = [request_id for n, request_id in finishing if n == number]
+        received = [front_end.receive() for _ in expected]
+        assert [header["id"] for _, header, _ in received] == expected
+        assert [records.hypotheses(header, arrays)[0][0].tokens[0] for _, header, arrays in received] == expected
+    served.close()
 
 
 def test_a_front_end_that_goes_away_has_its_requests_cancelled(
