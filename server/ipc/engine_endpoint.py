@@ -168,7 +168,8 @@ class EngineEndpoint:
                 self._send_models(front_end)
 
     def _send_models(self, front_end: _FrontEnd) -> None:
-        self._send(front_end, records.models(self.state(), self.registry.models(), front_end.described))
+        self._send(front_end, framing.encode(records.models(self.state(), self.registry.models(),
+                                                            front_end.described)))
 
     def _submit(self, number: int, header: dict[str, Any], items: list[Any]) -> None:
         key = (number, int(header["id"]))
@@ -215,12 +216,9 @@ class EngineEndpoint:
                 frames = records.failed(request_id, exc)
             replies.setdefault(number, []).append(framing.encode(frames))
         for number, messages in replies.items():
-            self._transmit(self._front_ends[number], messages[0] if len(messages) == 1 else b"".join(messages))
+            self._send(self._front_ends[number], messages[0] if len(messages) == 1 else b"".join(messages))
 
-    def _send(self, front_end: _FrontEnd, frames: records.Frames) -> None:
-        self._transmit(front_end, framing.encode(frames))
-
-    def _transmit(self, front_end: _FrontEnd, message: bytes) -> None:
+    def _send(self, front_end: _FrontEnd, message: bytes) -> None:
         """Writes what it can of ``message`` now; the rest waits in ``unsent`` for the socket to take it."""
         if front_end.unsent:  # behind what waits: keep the order
             front_end.unsent += message

@@ -132,9 +132,9 @@ def test_replies_finished_together_leave_in_one_write_for_each_front_end(tmp_pat
                    seconds=10)
         connections[max(served._front_ends)] = front_end
     writes: list[int] = []
-    transmit = served._transmit
-    monkeypatch.setattr(served, "_transmit", lambda front_end, message: (writes.append(front_end.number),
-                                                                         transmit(front_end, message)))
+    send = served._send
+    monkeypatch.setattr(served, "_send", lambda front_end, message: (writes.append(front_end.number),
+                                                                     send(front_end, message)))
     first, second = connections
     finishing = [(first, 1), (second, 2), (first, 3), (second, 4), (first, 5)]  # in one step, interleaved
     for number, request_id in finishing:
